@@ -1,0 +1,153 @@
+"""Every message on the bus: msgspec Structs, tagged and versioned, with shared codecs.
+
+Schemas evolve only by adding fields with defaults at the end; a changed meaning is a new ``v2``
+Struct. Hot-path messages travel as msgpack; events for people and analytics as JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+StateKind = Literal["attn_kv", "linear_state"]
+Tier = Literal["device", "host", "disk"]
+Role = Literal["prefill", "decode"]
+
+
+class _Msg(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
+    """Base of all bus messages (tagged by the ``type`` field)."""
+
+
+class ErrorReply(_Msg, tag="error.v1"):
+    """A typed error answered instead of a reply (``code`` from ``libs.common.errors``)."""
+
+    code: str
+    message: str
+
+
+# --- KV events (producers: gateways and engine adapters; consumer: kv_index) -------------
+
+
+class BlocksStored(_Msg, tag="kv.stored.v1"):
+    """Blocks now held by the instance, in prefix order, for one state kind and tier."""
+
+    block_hashes: list[int]
+    kind: StateKind = "attn_kv"
+    tier: Tier = "device"
+    parent_hash: int | None = None
+
+
+class BlocksEvicted(_Msg, tag="kv.evicted.v1"):
+    """Blocks no longer held by the instance in that kind and tier."""
+
+    block_hashes: list[int]
+    kind: StateKind = "attn_kv"
+    tier: Tier = "device"
+
+
+class AllBlocksCleared(_Msg, tag="kv.cleared.v1"):
+    """The instance dropped its whole cache (a known-empty state: clears staleness)."""
+
+
+class KvSnapshot(_Msg, tag="kv.snapshot.v1"):
+    """Everything the instance holds; replaces what the index knew and clears staleness."""
+
+    stored: list[BlocksStored]
+
+
+KvEvent = BlocksStored | BlocksEvicted | AllBlocksCleared | KvSnapshot
+
+
+class KvEventBatch(_Msg, tag="kv.batch.v1"):
+    """Events of one instance, numbered by a per-instance sequence (gaps mark it stale)."""
+
+    site: str
+    instance: str
+    seq: int
+    ts: float
+    events: list[KvEvent]
+
+
+class KvSnapshotRequest(_Msg, tag="kv.snapshot_request.v1"):
+    """The index asks an instance for a snapshot because it saw a sequence gap."""
+
+    site: str
+    instance: str
+    expected_seq: int
+    received_seq: int
+
+
+# --- KV lookup (request/reply on ``subjects.KV_LOOKUP``) -----------------------------------
+
+
+class KvLookupRequest(_Msg, tag="kv.lookup.v1"):
+    """Where does the prefix named by these block hashes (in prompt order) live?"""
+
+    block_hashes: list[int]
+    hybrid: bool = True
+    sites: list[str] | None = None
+
+
+class InstancePrefix(msgspec.Struct, kw_only=True, frozen=True):
+    """Prefix held by one instance, counted in blocks from the start of the prompt."""
+
+    site: str
+    instance: str
+    attn_kv_blocks: int
+    linear_state_blocks: int
+    usable_blocks: int
+
+
+class SitePrefix(msgspec.Struct, kw_only=True, frozen=True):
+    """Best prefix among a site's instances (``instance`` is the one that holds it)."""
+
+    site: str
+    instance: str
+    usable_blocks: int
+    attn_kv_blocks: int
+    linear_state_blocks: int
+
+
+class KvLookupReply(_Msg, tag="kv.lookup_reply.v1"):
+    """Usable prefix per instance and per site; instances holding nothing are left out."""
+
+    blocks_total: int
+    instances: list[InstancePrefix]
+    sites: list[SitePrefix]
+
+
+KvLookupResult = KvLookupReply | ErrorReply
+
+
+# --- Load heartbeats (liveness for the index; queue depths for the router) ----------------
+
+
+class InstanceLoad(_Msg, tag="load.v1"):
+    """Periodic heartbeat of one instance with its load."""
+
+    site: str
+    instance: str
+    role: Role
+    cluster: str = ""
+    queue_depth: int = 0
+    expected_wait_s: float = 0.0
+    free_decode_slots: int = 0
+    ts: float = 0.0
+
+
+# --- Codecs, built once ---------------------------------------------------------------------
+
+msgpack_encoder = msgspec.msgpack.Encoder()
+json_encoder = msgspec.json.Encoder()
+
+kv_event_batch_decoder = msgspec.msgpack.Decoder(KvEventBatch)
+kv_lookup_request_decoder = msgspec.msgpack.Decoder(KvLookupRequest)
+kv_lookup_result_decoder = msgspec.msgpack.Decoder(KvLookupResult)
+kv_snapshot_request_decoder = msgspec.msgpack.Decoder(KvSnapshotRequest)
+instance_load_decoder = msgspec.msgpack.Decoder(InstanceLoad)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """Encode a bus message as msgpack."""
+    return msgpack_encoder.encode(msg)

