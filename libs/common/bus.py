@@ -51,7 +51,7 @@ async def connect(
             disconnected_cb=_disconnected_cb,
             reconnected_cb=_reconnected_cb,
         )
-    except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError, nats.errors.NoServersError) as e:
         raise UpstreamTimeout(f"cannot connect to NATS at {', '.join(servers)}: {e!r}") from e
 
 

@@ -1,0 +1,3 @@
+from services.kv_index.service import main
+
+main()

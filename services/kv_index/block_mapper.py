@@ -1,0 +1,161 @@
+"""Map an engine's block chain (often 16-token blocks) onto ours (e.g. 64-token blocks).
+
+Each engine block is remembered with the state of our chain after its tokens: our last
+complete block hash and the tokens pending since that boundary. A stored engine block extends
+its parent's state with its own tokens; every time that fills one of our blocks, our hash is
+computed from the tokens (``libs.common.hashing.block_hash``), so it equals what a router
+computes for the same prompt. An engine eviction evicts each of our blocks that the evicted
+engine block is part of. A ``linear_state`` checkpoint exists for one of our blocks only when
+an engine block ends exactly at its boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from libs.common.hashing import ROOT_HASH, block_hash
+from libs.common.messages import StateKind, Tier
+from services.kv_index.engine_events import (
+    EngineAllCleared,
+    EngineBlockRemoved,
+    EngineBlockStored,
+    EngineEvent,
+    EngineHash,
+)
+
+Key = tuple[StateKind, Tier]
+
+
+@dataclass
+class _Node:
+    """What we know of one engine block."""
+
+    parent: EngineHash | None
+    our_parent: int  # our last complete block before the pending tokens
+    pending: tuple[int, ...]  # tokens after that boundary, up to the end of this engine block
+    covers: list[int] = field(default_factory=list)  # our blocks this engine block is part of
+    crossed_boundary: bool = False  # it completed at least one of our blocks
+    ends_at_boundary: bool = False
+    present: set[Key] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class MappedChange:
+    """One change in our block space: ``stored`` or ``evicted`` blocks, or ``cleared``."""
+
+    op: str
+    kind: StateKind = "attn_kv"
+    tier: Tier = "device"
+    block_hashes: tuple[int, ...] = ()
+
+
+class BlockMapper:
+    """Translate one engine instance's events into changes of our block hashes."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._nodes: dict[EngineHash, _Node] = {}
+        self._announced: dict[Key, set[int]] = {}
+        self.unmapped_blocks = 0
+        self.skipped_lora_blocks = 0
+
+    def apply(self, events: list[EngineEvent]) -> list[MappedChange]:
+        """Our changes for one batch of engine events, in order."""
+        out: list[MappedChange] = []
+        for event in events:
+            if isinstance(event, EngineBlockStored):
+                out += self._stored(event)
+            elif isinstance(event, EngineBlockRemoved):
+                out += self._removed(event)
+            elif isinstance(event, EngineAllCleared):
+                self._nodes.clear()
+                self._announced.clear()
+                out.append(MappedChange("cleared"))
+        return out
+
+    def _stored(self, event: EngineBlockStored) -> list[MappedChange]:
+        if event.lora_id is not None:  # adapter caches are named differently from base prompts
+            self.skipped_lora_blocks += len(event.block_hashes)
+            return []
+        key: Key = (event.kind, event.tier)
+        announced = self._announced.setdefault(key, set())
+        parent = event.parent_block_hash
+        if parent is None:
+            our_parent, pending = ROOT_HASH, ()
+        elif parent in self._nodes:
+            node = self._nodes[parent]
+            our_parent, pending = node.our_parent, node.pending
+        else:
+            self.unmapped_blocks += len(event.block_hashes)
+            return []
+        new: list[int] = []
+        size = event.block_size
+        for i, engine_hash in enumerate(event.block_hashes):
+            tokens = pending + tuple(event.token_ids[i * size : (i + 1) * size])
+            completed: list[int] = []
+            while len(tokens) >= self.block_size:
+                our_parent = block_hash(our_parent, tokens[: self.block_size])
+                completed.append(our_parent)
+                tokens = tokens[self.block_size :]
+            node = self._nodes.get(engine_hash)
+            if node is None:
+                node = _Node(parent=parent, our_parent=our_parent, pending=tokens)
+                self._nodes[engine_hash] = node
+                node.covers = list(completed)
+                node.crossed_boundary = bool(completed)
+                node.ends_at_boundary = bool(completed) and not tokens
+                if completed:
+                    self._cover_ancestors(parent, completed[0])
+            node.present.add(key)
+            for ours in completed:
+                if ours in announced:
+                    continue
+                if event.kind == "linear_state":
+                    if node.ends_at_boundary and ours == completed[-1]:
+                        announced.add(ours)
+                        new.append(ours)
+                elif self._all_present(engine_hash, ours, key):
+                    announced.add(ours)
+                    new.append(ours)
+            parent, pending = engine_hash, tokens
+        return [MappedChange("stored", event.kind, event.tier, tuple(new))] if new else []
+
+    def _cover_ancestors(self, parent: EngineHash | None, ours: int) -> None:
+        """Record ``ours`` in the engine blocks before ``parent``'s boundary that it contains."""
+        while parent is not None:
+            node = self._nodes.get(parent)
+            if node is None or not node.pending:
+                return
+            node.covers.append(ours)
+            if node.crossed_boundary:
+                return
+            parent = node.parent
+
+    def _all_present(self, engine_hash: EngineHash, ours: int, key: Key) -> bool:
+        """True if every engine block that makes up our block ``ours`` is present under ``key``."""
+        current: EngineHash | None = engine_hash
+        while current is not None:
+            node = self._nodes.get(current)
+            if node is None or ours not in node.covers:
+                return True
+            if key not in node.present:
+                return False
+            current = node.parent
+        return True
+
+    def _removed(self, event: EngineBlockRemoved) -> list[MappedChange]:
+        key: Key = (event.kind, event.tier)
+        announced = self._announced.setdefault(key, set())
+        gone: list[int] = []
+        for engine_hash in event.block_hashes:
+            node = self._nodes.get(engine_hash)
+            if node is None:
+                continue
+            node.present.discard(key)
+            for ours in node.covers:
+                if ours in announced:
+                    announced.discard(ours)
+                    gone.append(ours)
+            if not node.present:
+                del self._nodes[engine_hash]
+        return [MappedChange("evicted", event.kind, event.tier, tuple(gone))] if gone else []

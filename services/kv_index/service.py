@@ -1,0 +1,287 @@
+"""The KV index service: durable ingest of KV events into Redis, lookups over NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import nats.errors
+import redis.asyncio as aioredis
+import redis.exceptions
+import zmq.asyncio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import NotFoundError
+from prometheus_client import CollectorRegistry
+
+from libs.common import subjects
+from libs.common.bus import connect, ensure_consumer, ensure_stream
+from libs.common.errors import BadRequest
+from libs.common.messages import KvSnapshotRequest, encode
+from libs.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from services.kv_index.config import KvIndexConfig
+from services.kv_index.handlers import handle_kv_batch, handle_load, handle_lookup
+from services.kv_index.metrics import KvIndexMetrics
+from services.kv_index.store import RedisKvStore
+from services.kv_index.zmq_ingest import ZmqIngest
+
+log = logging.getLogger(__name__)
+
+QUEUE_GROUP = "kv-index"
+
+
+class _StoreReset(Exception):
+    """Redis came back without our data: rebuild it by replaying the event stream."""
+
+
+class KvIndexService:
+    """Consumes KV events (JetStream, durable) into Redis and answers lookups on NATS."""
+
+    store_errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        redis_client: aioredis.Redis,
+        config: KvIndexConfig,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.config = config
+        self.store = RedisKvStore(redis_client, config.key_prefix)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = KvIndexMetrics(self.registry)
+        self._subs = []
+        self._tasks: set[asyncio.Task] = set()
+        self._lookup_slots = asyncio.Semaphore(config.max_concurrent_lookups)
+        self._snapshot_requested_at: dict[tuple[str, str], float] = {}
+        self._zmq_context: zmq.asyncio.Context | None = None
+        self._started = False
+
+    async def __aenter__(self) -> KvIndexService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Ensure the event stream, subscribe, and start ingest tasks."""
+        if self._started:
+            return
+        self._started = True
+        await ensure_stream(
+            self.js,
+            api.StreamConfig(
+                name=self.config.stream,
+                subjects=[subjects.KV_EVENTS_ALL],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=self.config.stream_max_age_s,
+                duplicate_window=120.0,
+            ),
+        )
+        self._subs.append(await self.nc.subscribe(subjects.KV_LOOKUP, queue=QUEUE_GROUP, cb=self._on_lookup))
+        self._subs.append(await self.nc.subscribe(subjects.LOAD_ALL, queue=QUEUE_GROUP, cb=self._on_load))
+        self._spawn(self._supervise("ingest", self._ingest))
+        if self.config.zmq_endpoints:
+            self._zmq_context = zmq.asyncio.Context()
+            for endpoint in self.config.zmq_endpoints:
+                ingest = ZmqIngest(
+                    self.nc,
+                    endpoint,
+                    block_size=self.config.block_size,
+                    heartbeat_s=self.config.zmq_heartbeat_s,
+                    publish_timeout_s=self.config.lookup_timeout_s * 4,
+                    metrics=self.metrics,
+                    context=self._zmq_context,
+                )
+                self._spawn(self._supervise(f"zmq {endpoint.url}", ingest.run))
+        log.info("kv_index started", extra={"stream": self.config.stream, "zmq_endpoints": len(self.config.zmq_endpoints)})
+
+    async def stop(self) -> None:
+        """Stop intake, drain subscriptions, cancel and await owned tasks (idempotent)."""
+        if not self._started:
+            return
+        self._started = False
+        for sub in self._subs:
+            try:
+                await sub.drain()
+            except nats.errors.Error:
+                pass
+        self._subs.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._zmq_context is not None:
+            self._zmq_context.term()
+            self._zmq_context = None
+
+    def _spawn(self, coro: Awaitable) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run ``run()`` forever, restarting it with backoff after unexpected failures."""
+        backoff = 0.05
+        while True:
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("task %s failed (%r); restarting in %.2fs", name, e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.retry_backoff_max_s)
+
+    # --- ingest -------------------------------------------------------------------------
+
+    async def _ingest(self) -> None:
+        """Consume the event stream; rebuild from its start whenever Redis lost its data."""
+        replay = False
+        while True:
+            psub = await self._open_consumer(replay)
+            try:
+                await self._consume(psub)
+            except _StoreReset:
+                self.metrics.replays.inc()
+                log.warning("redis lost the index; replaying the event stream")
+                replay = True
+            finally:
+                try:
+                    await psub.unsubscribe()
+                except nats.errors.Error:
+                    pass
+
+    async def _open_consumer(self, replay: bool):
+        """Bind to the durable consumer; recreate it from the stream's start if the store is new."""
+        fresh = await self._until_store(self.store.ensure_generation)
+        if fresh or replay:
+            try:
+                await self.js.delete_consumer(self.config.stream, self.config.durable)
+            except NotFoundError:
+                pass
+        await ensure_consumer(
+            self.js,
+            self.config.stream,
+            api.ConsumerConfig(
+                durable_name=self.config.durable,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=30.0,
+                max_ack_pending=self.config.fetch_batch * 4,
+            ),
+        )
+        return await self.js.pull_subscribe_bind(durable=self.config.durable, stream=self.config.stream)
+
+    async def _until_store(self, op: Callable[[], Awaitable]):
+        """Run a store operation, waiting with backoff while Redis is unreachable."""
+        backoff = 0.05
+        while True:
+            try:
+                return await op()
+            except self.store_errors:
+                self.metrics.store_errors.labels("ingest").inc()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.retry_backoff_max_s)
+
+    async def _consume(self, psub) -> None:
+        while True:
+            try:
+                msgs = await psub.fetch(self.config.fetch_batch, timeout=self.config.fetch_timeout_s)
+            except nats.errors.TimeoutError:
+                msgs = []
+            # Once per fetch (also when idle): did Redis restart without our data?
+            if await self._until_store(self.store.ensure_generation):
+                raise _StoreReset
+            for msg in msgs:
+                await self._apply(msg)
+
+    async def _apply(self, msg: Msg) -> None:
+        """Apply one stream message, retrying while Redis is down; ack only once applied."""
+        backoff = 0.05
+        while True:
+            try:
+                await handle_kv_batch(self, msg.data)
+                await msg.ack()
+                return
+            except BadRequest as e:
+                self.metrics.bad_messages.labels("event").inc()
+                log.warning("malformed KV event batch dropped", extra={"subject": msg.subject, "error": e.message})
+                await msg.term()
+                return
+            except self.store_errors as e:
+                self.metrics.store_errors.labels("apply").inc()
+                log.debug("store unavailable; retrying", extra={"error": repr(e)})
+            await msg.in_progress()
+            # Before retrying, make sure Redis still holds the index (it may have restarted empty).
+            if await self._until_store(self.store.ensure_generation):
+                raise _StoreReset
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.config.retry_backoff_max_s)
+
+    async def request_snapshot(self, req: KvSnapshotRequest) -> None:
+        """Ask an instance for a snapshot, at most once per ``snapshot_request_interval_s``."""
+        key = (req.site, req.instance)
+        now = time.monotonic()
+        if now - self._snapshot_requested_at.get(key, -1e9) < self.config.snapshot_request_interval_s:
+            return
+        self._snapshot_requested_at[key] = now
+        await self.nc.publish(subjects.kv_snapshot_request(req.site, req.instance), encode(req))
+
+    # --- subscriptions --------------------------------------------------------------------
+
+    async def _on_lookup(self, msg: Msg) -> None:
+        self._spawn(self._lookup(msg))
+
+    async def _lookup(self, msg: Msg) -> None:
+        async with self._lookup_slots:
+            await handle_lookup(self, msg)
+
+    async def _on_load(self, msg: Msg) -> None:
+        await handle_load(self, msg)
+
+
+async def run(config: KvIndexConfig, stop: asyncio.Event) -> None:
+    """Connect, serve until ``stop`` is set, then drain."""
+    nc = await connect(config.nats_url, name="kv_index")
+    redis_client = aioredis.Redis.from_url(
+        config.redis_url,
+        socket_timeout=config.redis_timeout_s,
+        socket_connect_timeout=config.redis_timeout_s,
+        retry=None,
+    )
+    try:
+        service = KvIndexService(nc, redis_client, config)
+        if config.metrics_port:
+            start_metrics_server(config.metrics_port, registry=service.registry)
+        async with service:
+            await stop.wait()
+    finally:
+        await nc.drain()
+        await redis_client.aclose()
+
+
+def main() -> None:
+    """Entry point: ``python -m services.kv_index``."""
+    config = KvIndexConfig.from_env()
+    setup_logging(config.log_level)
+    setup_tracing("kv_index")
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run(config, stop)
+
+    asyncio.run(_main())
