@@ -136,6 +136,71 @@ class InstanceLoad(_Msg, tag="load.v1"):
     ts: float = 0.0
 
 
+# --- Routing decisions (libs/policy) --------------------------------------------------------
+
+
+class RouteCandidate(msgspec.Struct, kw_only=True, frozen=True):
+    """One option the policy scored: where prefill would run and its predicted timings."""
+
+    option: str  # "local", "remote" or "local-remote-prefix" (ship a prefix cached at another site)
+    site: str
+    instance: str
+    cached_tokens: int
+    queue_s: float
+    prefill_s: float
+    transfer_s: float  # transfer time left exposed after layer-wise overlap (incl. RTT)
+    ttft_s: float
+    score: float  # what the policy minimised (predicted TTFT plus penalties); lower is better
+    feasible: bool = True
+    note: str = ""
+
+
+class RouteSignals(msgspec.Struct, kw_only=True, frozen=True):
+    """The live signals a decision read."""
+
+    prompt_tokens: int
+    incremental_tokens: int  # uncached length the offload rule compared with the threshold
+    cached_local_tokens: int  # best usable prefix at the decode (PD) site
+    cached_remote_tokens: int  # best usable prefix at a PrfaaS site
+    threshold_tokens: int
+    effective_threshold_tokens: int  # after the adaptive raise (== threshold otherwise)
+    kv_bytes: int  # KV/state of the whole prompt
+    link_capacity_gbps: float
+    link_goodput_gbps: float
+    link_utilization: float
+    link_rtt_s: float
+    prfaas_wait_s: float  # least expected wait among PrfaaS prefill instances
+    local_wait_s: float  # least expected wait among local prefill instances
+    decode_free_slots: int
+    bandwidth: str  # "plentiful" or "scarce"
+
+
+class RouteDecision(_Msg, tag="route.decision.v1"):
+    """Where one request is prefilled and decoded, why, and the predicted timings (JSON event)."""
+
+    request_id: str
+    policy: str
+    ts: float
+    choice: str  # "local" or "remote"
+    prefill_site: str
+    prefill_instance: str
+    decode_site: str
+    decode_instance: str
+    transport: str  # "none" when prefill and decode share the site
+    reason: str
+    predicted_queue_s: float
+    predicted_prefill_s: float
+    predicted_transfer_s: float
+    predicted_ttft_s: float
+    transfer_bytes: int  # KV bytes sent between sites for this request
+    reused_prefix_tokens: int = 0
+    prefix_source_site: str = ""
+    shipped_prefix_bytes: int = 0  # cached prefix shipped between sites before prefill
+    candidates: list[RouteCandidate] = []
+    signals: RouteSignals | None = None
+    fallback_of: str = ""  # set when this decision replaces a failed one (names the failure)
+
+
 # --- Codecs, built once ---------------------------------------------------------------------
 
 msgpack_encoder = msgspec.msgpack.Encoder()
