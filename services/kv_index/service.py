@@ -198,7 +198,7 @@ class KvIndexService:
         while True:
             try:
                 msgs = await psub.fetch(self.config.fetch_batch, timeout=self.config.fetch_timeout_s)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 msgs = []
             # Once per fetch (also when idle): did Redis restart without our data?
             if await self._until_store(self.store.ensure_generation):

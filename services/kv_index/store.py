@@ -124,8 +124,9 @@ class RedisKvStore:
 
     async def lookup(self, packed_hashes: bytes, now_s: float, hybrid: bool) -> list[SlotPrefix]:
         """Longest prefixes of live, non-stale instances for the packed block hashes."""
-        flat = await self._lookup(args=[self.p, packed_hashes, repr(now_s), 1 if hybrid else 0])
-        return [SlotPrefix(*map(int, flat[i : i + 4])) for i in range(0, len(flat), 4)]
+        raw = await self._lookup(args=[self.p, packed_hashes, repr(now_s), 1 if hybrid else 0])
+        flat = [int(x) for x in raw.split(b",")] if raw else []
+        return [SlotPrefix(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
 
     async def instance_state(self, slot: int) -> dict[str, str]:
         """The bookkeeping hash of one slot (site, instance, last_seq, stale, gaps)."""
