@@ -1,0 +1,38 @@
+"""Pure scheduling decisions (no I/O): offload rule, cost model, instance choice, the view they read.
+
+Usage: ``policy = make_policy("adaptive", PolicyConfig(threshold_tokens=19_400))`` then
+``policy.decide(view, request, now=now, rng=rng)`` returns a ``RouteDecision``.
+"""
+
+from __future__ import annotations
+
+from libs.common.errors import BadRequest
+from libs.policy.config import PolicyConfig
+from libs.policy.cost import CostModel
+from libs.policy.decision import Policy
+from libs.policy.offload import Adaptive, LocalOnly, RemoteOnly, StaticThreshold
+from libs.policy.view import ClusterView, InstanceView, LinkView, RouteRequest
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (StaticThreshold, Adaptive, CostModel, LocalOnly, RemoteOnly)
+}
+
+
+def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
+    """The policy called ``name`` (BadRequest lists the known names)."""
+    try:
+        return POLICIES[name](config)
+    except KeyError:
+        raise BadRequest(f"unknown policy {name!r}; known: {', '.join(POLICIES)}") from None
+
+
+__all__ = [
+    "POLICIES",
+    "ClusterView",
+    "InstanceView",
+    "LinkView",
+    "Policy",
+    "PolicyConfig",
+    "RouteRequest",
+    "make_policy",
+]

@@ -1,0 +1,131 @@
+"""The policy interface and the RouteDecision every policy returns."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from libs.common.messages import RouteCandidate, RouteDecision, RouteSignals
+from libs.policy.config import PolicyConfig
+from libs.policy.evaluate import LOCAL, Evaluation, Option, evaluate
+from libs.policy.view import ClusterView, RouteRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """What a policy picked and why, with the threshold facts it used."""
+
+    option: Option
+    reason: str
+    incremental_tokens: int
+    effective_threshold_tokens: int
+    bandwidth: str = "plentiful"
+
+
+class Policy:
+    """Base of the routing policies: evaluate the options, let the subclass choose, report it all."""
+
+    name = "policy"
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        self.config = config or PolicyConfig()
+
+    def decide(self, view: ClusterView, request: RouteRequest, *, now: float, rng: random.Random) -> RouteDecision:
+        """Place ``request`` on ``view``: a RouteDecision with candidates, signals and predictions."""
+        evaluation = evaluate(view, request, rng, self.config)
+        choice = self.choose(view, request, evaluation)
+        return _decision(self.name, self.config, view, request, evaluation, choice, now)
+
+    def choose(self, view: ClusterView, request: RouteRequest, evaluation: Evaluation) -> Choice:
+        """Pick one of ``evaluation``'s options (implemented by each policy)."""
+        raise NotImplementedError
+
+
+def describe(option: Option) -> str:
+    """A short human description of where an option runs."""
+    inst = option.chosen.instance
+    where = f"{inst.site}/{inst.name} ({inst.hardware.name})"
+    if option.kind == LOCAL:
+        return f"prefill locally on {where}"
+    if option.shipped_prefix_bytes:
+        return f"ship {option.chosen.cached_tokens:,}-token prefix from {option.prefix_source_site}, prefill on {where}"
+    return f"prefill remotely on {where}, stream {option.transfer_bytes / 1e9:.2f} GB of KV"
+
+
+def _candidates(evaluation: Evaluation, limit: int) -> list[RouteCandidate]:
+    rows = []
+    for option in evaluation.options():
+        extra = option.ttft_s - option.chosen.finish_s  # transfer, decode wait and first step
+        for s in option.scored:
+            rows.append((s.finish_s + extra, option, s))
+    rows.sort(key=lambda row: row[0])
+    return [
+        RouteCandidate(
+            option=option.kind,
+            site=s.instance.site,
+            instance=s.instance.name,
+            cached_tokens=s.cached_tokens,
+            queue_s=s.queue_s,
+            prefill_s=s.prefill_s,
+            transfer_s=option.transfer_s,
+            ttft_s=score,
+            score=score,
+        )
+        for score, option, s in rows[:limit]
+    ]
+
+
+def _decision(
+    policy: str,
+    config: PolicyConfig,
+    view: ClusterView,
+    request: RouteRequest,
+    evaluation: Evaluation,
+    choice: Choice,
+    now: float,
+) -> RouteDecision:
+    option = choice.option
+    remote = evaluation.remote
+    link = remote.link if remote is not None else None
+    local_wait = min((i.expected_wait_s for i in view.local_prefill), default=0.0)
+    remote_wait = min((s.queue_s for s in remote.scored), default=0.0) if remote is not None else 0.0
+    signals = RouteSignals(
+        prompt_tokens=request.prompt_tokens,
+        incremental_tokens=choice.incremental_tokens,
+        cached_local_tokens=evaluation.cached_local_tokens,
+        cached_remote_tokens=evaluation.cached_remote_tokens,
+        threshold_tokens=config.threshold_tokens,
+        effective_threshold_tokens=choice.effective_threshold_tokens,
+        kv_bytes=evaluation.kv_bytes,
+        link_capacity_gbps=link.capacity_gbps if link else 0.0,
+        link_goodput_gbps=link.effective_gbps if link else 0.0,
+        link_utilization=link.utilization if link else 0.0,
+        link_rtt_s=link.rtt_s if link else 0.0,
+        prfaas_wait_s=remote_wait,
+        local_wait_s=local_wait,
+        decode_free_slots=evaluation.decode.free_decode_slots,
+        bandwidth=choice.bandwidth,
+    )
+    inst = option.chosen.instance
+    return RouteDecision(
+        request_id=request.request_id,
+        policy=policy,
+        ts=now,
+        choice=LOCAL if option.site == view.decode_site else "remote",
+        prefill_site=inst.site,
+        prefill_instance=inst.name,
+        decode_site=view.decode_site,
+        decode_instance=evaluation.decode.name,
+        transport="none" if option.transfer_bytes == 0 and option.shipped_prefix_bytes == 0 else config.transport,
+        reason=f"{choice.reason}: {describe(option)}",
+        predicted_queue_s=max(option.queue_s, 0.0),
+        predicted_prefill_s=option.prefill_s,
+        predicted_transfer_s=option.transfer_s,
+        predicted_ttft_s=option.ttft_s,
+        transfer_bytes=option.transfer_bytes,
+        reused_prefix_tokens=option.chosen.cached_tokens,
+        prefix_source_site=option.prefix_source_site if option.chosen.cached_tokens else "",
+        shipped_prefix_bytes=option.shipped_prefix_bytes,
+        candidates=_candidates(evaluation, config.max_candidates),
+        signals=signals,
+    )

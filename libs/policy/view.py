@@ -1,0 +1,139 @@
+"""What a router knows when it decides: instances, links and the model; and the request itself.
+
+Everything here is an immutable snapshot. The live router builds one from heartbeats, link
+telemetry and a KV-index lookup; the simulator builds one from its own state. Instance names are
+unique across sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from libs.common.messages import InstanceLoad, KvLookupReply, Role
+from libs.engine.profiles import HardwareProfile, ModelProfile, hardware_profile
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """One instance: where it is, what it does, on which hardware, and how loaded it is."""
+
+    name: str
+    site: str
+    role: Role
+    hardware: HardwareProfile
+    queue_depth: int = 0
+    expected_wait_s: float = 0.0  # until a new job would start (prefill) or get a slot (decode)
+    free_decode_slots: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkView:
+    """One direction of an inter-site link: capacity and the latest telemetry."""
+
+    src_site: str
+    dst_site: str
+    capacity_gbps: float
+    goodput_gbps: float | None = None  # measured; None means "as provisioned" (= capacity)
+    utilization: float = 0.0  # fraction of goodput in use now
+    rtt_s: float = 0.0
+    bytes_in_flight: int = 0  # queued or in transit on this link, not yet delivered
+
+    @property
+    def effective_gbps(self) -> float:
+        """Bandwidth a planner can count on: measured goodput, else capacity (never below 1 Mbps)."""
+        gbps = self.capacity_gbps if self.goodput_gbps is None else min(self.goodput_gbps, self.capacity_gbps)
+        return max(gbps, 1e-3)
+
+    @property
+    def backlog_s(self) -> float:
+        """Seconds the link needs to deliver what is already in flight."""
+        return self.bytes_in_flight * 8 / (self.effective_gbps * 1e9)
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """A snapshot of the clusters one router serves, indexed for fast decisions."""
+
+    model: ModelProfile
+    decode_site: str  # the PD cluster's site: every request decodes here
+    instances: tuple[InstanceView, ...]
+    links: tuple[LinkView, ...] = ()
+    local_prefill: tuple[InstanceView, ...] = field(init=False)
+    remote_prefill: Mapping[str, tuple[InstanceView, ...]] = field(init=False)
+    decode: tuple[InstanceView, ...] = field(init=False)
+    _links: Mapping[tuple[str, str], LinkView] = field(init=False, repr=False)
+    _max_batch: dict[str, int] = field(init=False, repr=False, default_factory=dict)  # memo per hardware
+
+    def __post_init__(self) -> None:
+        remote: dict[str, list[InstanceView]] = {}
+        local: list[InstanceView] = []
+        decode: list[InstanceView] = []
+        for inst in self.instances:
+            if inst.role == "decode":
+                if inst.site == self.decode_site:
+                    decode.append(inst)
+            elif inst.site == self.decode_site:
+                local.append(inst)
+            else:
+                remote.setdefault(inst.site, []).append(inst)
+        object.__setattr__(self, "local_prefill", tuple(local))
+        object.__setattr__(self, "remote_prefill", MappingProxyType({s: tuple(v) for s, v in remote.items()}))
+        object.__setattr__(self, "decode", tuple(decode))
+        object.__setattr__(self, "_links", MappingProxyType({(ln.src_site, ln.dst_site): ln for ln in self.links}))
+
+    def link(self, src_site: str, dst_site: str) -> LinkView | None:
+        """The link from ``src_site`` to ``dst_site``, if the view knows one."""
+        return self._links.get((src_site, dst_site))
+
+    def first_step_s(self, decode: InstanceView) -> float:
+        """Predicted time of a new request's first decode step on ``decode`` (its batch plus one)."""
+        hw = decode.hardware
+        max_batch = self._max_batch.get(hw.name)
+        if max_batch is None:
+            max_batch = self._max_batch[hw.name] = self.model.max_batch(hw)
+        return self.model.decode_step_s(max(1, max_batch - decode.free_decode_slots + 1), hw)
+
+    @classmethod
+    def from_loads(
+        cls,
+        model: ModelProfile,
+        decode_site: str,
+        loads: Iterable[InstanceLoad],
+        hardware_of: Mapping[str, str],
+        links: Iterable[LinkView] = (),
+    ) -> ClusterView:
+        """Build a view from load heartbeats; ``hardware_of`` maps instance name to hardware profile name."""
+        instances = tuple(
+            InstanceView(
+                name=load.instance,
+                site=load.site,
+                role=load.role,
+                hardware=hardware_profile(hardware_of[load.instance]),
+                queue_depth=load.queue_depth,
+                expected_wait_s=load.expected_wait_s,
+                free_decode_slots=load.free_decode_slots,
+            )
+            for load in loads
+            if load.instance in hardware_of
+        )
+        return cls(model=model, decode_site=decode_site, instances=instances, links=tuple(links))
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """One request to place: its length, and the usable cached prefix per instance (tokens)."""
+
+    request_id: str
+    prompt_tokens: int
+    output_tokens: int = 1024
+    cached_tokens: Mapping[str, int] = field(default_factory=dict)  # instance name -> usable prefix tokens
+
+    @classmethod
+    def from_lookup(
+        cls, request_id: str, prompt_tokens: int, reply: KvLookupReply, block_size: int, output_tokens: int = 1024
+    ) -> RouteRequest:
+        """Build a request from a KV-index lookup reply (usable blocks times the block size)."""
+        cached = {p.instance: min(prompt_tokens, p.usable_blocks * block_size) for p in reply.instances}
+        return cls(request_id, prompt_tokens, output_tokens, MappingProxyType(cached))
