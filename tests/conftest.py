@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from libs.common.telemetry import setup_tracing
 from libs.lab.servers import NatsServer, RedisServer, Supercluster
+from tests.otlp_receiver import OtlpReceiver
 
 TWO_SITES = ("dc-prfaas", "dc-pd")
 
@@ -52,3 +54,18 @@ def supercluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Superclus
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def otlp() -> Iterator[tuple[OtlpReceiver, object]]:
+    """An OTLP/HTTP receiver and the process-wide tracer provider exporting to it (set once per process).
+
+    Call ``provider.force_flush`` from a thread (``asyncio.to_thread``), then ``receiver.take()``.
+    """
+    receiver = OtlpReceiver().start()
+    provider = setup_tracing("prfaas-tests", env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint})
+    try:
+        yield receiver, provider
+    finally:
+        provider.shutdown()
+        receiver.stop()
