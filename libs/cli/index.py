@@ -51,7 +51,7 @@ def run_lookup(args: argparse.Namespace) -> int:
     sites = [s for s in args.sites.split(",") if s] if args.sites else None
 
     async def ask():
-        nc = await connect(args.nats, name="prfaas-cli", connect_timeout_s=args.timeout_s, max_reconnect_attempts=0)
+        nc = await connect(args.nats, name="prfaas-cli", connect_timeout_s=args.timeout_s)
         try:
             return await KvIndexClient(nc, args.timeout_s).lookup(hashes, hybrid=not args.no_hybrid, sites=sites)
         finally:

@@ -27,10 +27,17 @@ async def connect(
     reconnect_wait_s: float = 0.5,
     max_reconnect_attempts: int = -1,
 ) -> NatsClient:
-    """Connect to NATS with reconnects forever (by default) and a bounded first connect."""
+    """Connect to NATS: the first connection must succeed within ``connect_timeout_s`` (retrying
+    meanwhile); later disconnections reconnect ``max_reconnect_attempts`` times (-1: forever)."""
+    servers = [url] if isinstance(url, str) else list(url)
+    connected = False
+    first_errors: list[Exception] = []
 
     async def _error_cb(exc: Exception) -> None:
-        log.warning("nats error", extra={"client": name, "error": repr(exc)})
+        if connected:
+            log.warning("nats error", extra={"client": name, "error": repr(exc)})
+        else:
+            first_errors.append(exc)
 
     async def _disconnected_cb() -> None:
         log.info("nats disconnected", extra={"client": name})
@@ -38,21 +45,24 @@ async def connect(
     async def _reconnected_cb() -> None:
         log.info("nats reconnected", extra={"client": name})
 
-    servers = [url] if isinstance(url, str) else list(url)
     try:
-        return await nats.connect(
-            servers=servers,
-            name=name,
-            connect_timeout=connect_timeout_s,
-            reconnect_time_wait=reconnect_wait_s,
-            max_reconnect_attempts=max_reconnect_attempts,
-            allow_reconnect=True,
-            error_cb=_error_cb,
-            disconnected_cb=_disconnected_cb,
-            reconnected_cb=_reconnected_cb,
-        )
-    except (TimeoutError, OSError, nats.errors.NoServersError) as e:
-        raise UpstreamTimeout(f"cannot connect to NATS at {', '.join(servers)}: {e!r}") from e
+        async with asyncio.timeout(connect_timeout_s):
+            nc = await nats.connect(
+                servers=servers,
+                name=name,
+                connect_timeout=min(2.0, connect_timeout_s),
+                reconnect_time_wait=reconnect_wait_s,
+                max_reconnect_attempts=max_reconnect_attempts,
+                allow_reconnect=True,
+                error_cb=_error_cb,
+                disconnected_cb=_disconnected_cb,
+                reconnected_cb=_reconnected_cb,
+            )
+    except (OSError, nats.errors.Error, TimeoutError) as e:
+        cause = first_errors[-1] if first_errors else e
+        raise UpstreamTimeout(f"cannot connect to NATS at {', '.join(servers)} within {connect_timeout_s}s: {cause!r}") from e
+    connected = True
+    return nc
 
 
 async def _retry(what: str, deadline_s: float, op):
