@@ -125,7 +125,11 @@ async def _bench(args: argparse.Namespace, nats_url: str) -> dict:
         await _drained(nc, deadline_s=600)
         ingest_s = time.perf_counter() - start
         _log(f"ingested {events:,} block events in {ingest_s:.1f}s; timing {args.lookups} lookups ...")
-        reply = None
+        visible_end = time.monotonic() + 10
+        reply = await client.lookup(prompt)
+        while len(reply.instances) < args.instances and time.monotonic() < visible_end:
+            await asyncio.sleep(0.1)  # heartbeats arrive every second
+            reply = await client.lookup(prompt)
         for _ in range(20):
             reply = await client.lookup(prompt)
         latencies = []

@@ -1,0 +1,71 @@
+"""The operator commands: `prfaas lab` with its demo instance, `prfaas index lookup`, `prfaas bench kvindex`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from libs.lab.cli import DEMO_PROMPT
+from libs.lab.servers import free_port
+
+PRFAAS = [sys.executable, "-m", "libs.cli"]
+
+
+def _lookup(nats_url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*PRFAAS, "index", "lookup", "--nats", nats_url, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_lab_serves_the_demo_prefix_to_index_lookup(tmp_path):
+    """`prfaas lab` starts servers and the index; `prfaas index lookup` then finds the demo prefix as JSON."""
+    nats_port, redis_port = free_port(), free_port()
+    lab = subprocess.Popen(
+        [*PRFAAS, "lab", "--nats-port", str(nats_port), "--redis-port", str(redis_port), "--workdir", str(tmp_path), "--duration-s", "60"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"nats://127.0.0.1:{nats_port}"
+    try:
+        end = time.monotonic() + 45
+        out = None
+        while time.monotonic() < end:
+            result = _lookup(url, "--text", DEMO_PROMPT + " and then a question", "--timeout-s", "1")
+            if result.returncode == 0 and json.loads(result.stdout)["instances"]:
+                out = json.loads(result.stdout)
+                break
+            time.sleep(0.3)
+        assert out is not None, "demo prefix never became visible"
+        (inst,) = out["instances"]
+        assert (inst["site"], inst["instance"]) == ("dc-pd", "demo-0")
+        full_blocks = (len(DEMO_PROMPT.encode()) + 1) // 64  # BOS + bytes, whole blocks only
+        assert inst["attn_kv_blocks"] == full_blocks
+        assert inst["usable_tokens"] == inst["usable_blocks"] * 64 > 0
+        bad = _lookup(url, "--tokens", "1,2,x")
+        assert bad.returncode == 2 and "--tokens must be comma-separated integers" in bad.stderr
+    finally:
+        lab.terminate()
+        lab.wait(20)
+    assert lab.returncode == 0
+
+
+def test_lookup_without_a_server_is_a_clear_error():
+    """No NATS at the URL: exit code 2 and a message naming the URL, within the deadline."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    result = _lookup(url, "--tokens", "1,2,3", "--timeout-s", "0.5")
+    assert result.returncode == 2 and url in result.stderr
+
+
+def test_kvindex_benchmark_prints_its_figures_as_json():
+    """A tiny run of the benchmark prints the three figures the issue names."""
+    result = subprocess.run(
+        [*PRFAAS, "bench", "kvindex", "--blocks", "4096", "--instances", "4", "--prompt-blocks", "64", "--lookups", "20", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["lookup_p50_ms"] > 0 and figures["lookup_p99_ms"] >= figures["lookup_p50_ms"]
+    assert figures["ingest_events_per_s"] > 0
+    assert figures["instances_holding_prompt"] == 4 and figures["best_usable_blocks"] == 64
