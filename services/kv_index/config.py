@@ -50,6 +50,7 @@ class KvIndexConfig:
     lookup_timeout_s: float = 0.5
     redis_timeout_s: float = 0.5
     instance_ttl_s: float = 10.0
+    forget_after_s: float = 3600.0
     fetch_batch: int = 256
     fetch_timeout_s: float = 0.5
     retry_backoff_max_s: float = 1.0
@@ -76,6 +77,7 @@ class KvIndexConfig:
             lookup_timeout_s=r.float("LOOKUP_TIMEOUT_S", d.lookup_timeout_s, minimum=0.01),
             redis_timeout_s=r.float("REDIS_TIMEOUT_S", d.redis_timeout_s, minimum=0.01),
             instance_ttl_s=r.float("INSTANCE_TTL_S", d.instance_ttl_s, minimum=0.1),
+            forget_after_s=r.float("FORGET_AFTER_S", d.forget_after_s, minimum=1.0),
             fetch_batch=r.int("FETCH_BATCH", d.fetch_batch, minimum=1),
             fetch_timeout_s=r.float("FETCH_TIMEOUT_S", d.fetch_timeout_s, minimum=0.01),
             retry_backoff_max_s=r.float("RETRY_BACKOFF_MAX_S", d.retry_backoff_max_s, minimum=0.01),

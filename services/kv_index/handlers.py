@@ -95,6 +95,7 @@ async def handle_kv_batch(svc: KvIndexService, data: bytes) -> str:
     elif status == "gap":
         svc.metrics.sequence_gaps.inc()
         log.warning("sequence gap: instance stale until snapshot", extra={"site": batch.site, "instance": batch.instance, "expected_seq": last + 1, "seq": batch.seq})
+    if status in ("gap", "stale"):
         await svc.request_snapshot(KvSnapshotRequest(site=batch.site, instance=batch.instance, expected_seq=last + 1, received_seq=batch.seq))
     return status
 

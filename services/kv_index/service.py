@@ -89,6 +89,7 @@ class KvIndexService:
         self._subs.append(await self.nc.subscribe(subjects.KV_LOOKUP, queue=QUEUE_GROUP, cb=self._on_lookup))
         self._subs.append(await self.nc.subscribe(subjects.LOAD_ALL, queue=QUEUE_GROUP, cb=self._on_load))
         self._spawn(self._supervise("ingest", self._ingest))
+        self._spawn(self._supervise("forget", self._forget_silent))
         if self.config.zmq_endpoints:
             self._zmq_context = zmq.asyncio.Context()
             for endpoint in self.config.zmq_endpoints:
@@ -228,6 +229,17 @@ class KvIndexService:
                 raise _StoreReset
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.retry_backoff_max_s)
+
+    async def _forget_silent(self) -> None:
+        """Periodically drop the blocks of instances silent for ``forget_after_s``."""
+        while True:
+            await asyncio.sleep(min(60.0, self.config.forget_after_s / 4))
+            try:
+                forgotten = await self.store.forget_silent(time.time() - self.config.forget_after_s)
+            except self.store_errors:
+                continue
+            if forgotten:
+                log.info("forgot silent instances", extra={"slots": forgotten})
 
     async def request_snapshot(self, req: KvSnapshotRequest) -> None:
         """Ask an instance for a snapshot, at most once per ``snapshot_request_interval_s``."""

@@ -73,6 +73,7 @@ class RedisKvStore:
         self.p = prefix
         self._apply = client.register_script(_script("apply"))
         self._lookup = client.register_script(_script("lookup"))
+        self._forget = client.register_script(_script("forget"))
         self._allocate = client.register_script(_ALLOCATE)
         self._slots: dict[str, int] = {}
         self._names: dict[int, tuple[str, str]] = {}
@@ -127,6 +128,10 @@ class RedisKvStore:
         raw = await self._lookup(args=[self.p, packed_hashes, repr(now_s), 1 if hybrid else 0])
         flat = [int(x) for x in raw.split(b",")] if raw else []
         return [SlotPrefix(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+
+    async def forget_silent(self, cutoff_s: float) -> list[int]:
+        """Drop the blocks of instances silent since before ``cutoff_s``; they turn stale."""
+        return [int(s) for s in await self._forget(args=[self.p, repr(cutoff_s)])]
 
     async def instance_state(self, slot: int) -> dict[str, str]:
         """The bookkeeping hash of one slot (site, instance, last_seq, stale, gaps)."""

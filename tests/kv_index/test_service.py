@@ -214,3 +214,32 @@ async def test_bad_lookup_gets_typed_error_and_service_keeps_answering(index, nc
     ok = await client.lookup(PROMPT)
     assert ok.blocks_total == len(PROMPT)
     assert index.metrics.lookups.labels("bad_request")._value.get() == 2
+
+
+async def test_long_silent_instance_is_forgotten_and_asked_for_a_snapshot_on_return(nats_url, redis_url, nc, client):
+    """After forget_after_s of silence an instance's blocks are dropped; when it returns it must resend a snapshot."""
+    service, close = await start_index(index_config(nats_url, redis_url, instance_ttl_s=0.3, forget_after_s=1.0))
+    requests: list[KvSnapshotRequest] = []
+
+    async def on_request(msg) -> None:
+        requests.append(kv_snapshot_request_decoder.decode(msg.data))
+
+    sub = await nc.subscribe(subjects.kv_snapshot_request("dc-a", "p0"), cb=on_request)
+    try:
+        p = Producer(nc, "dc-a", "p0")
+        await p.heartbeat()
+        await p.send(BlocksStored(block_hashes=PROMPT[:10]))
+        await eventually(lambda: _usable_is(client, 10), what="applied")
+        owned = f"{service.config.key_prefix}own:{await service.store.slot_for('dc-a', 'p0')}:attn"
+
+        async def forgotten():
+            return await service.store.r.scard(owned) == 0
+
+        await eventually(forgotten, timeout_s=5, what="blocks of the silent instance dropped")
+        await p.heartbeat()
+        await p.send(BlocksStored(block_hashes=PROMPT[10:12]))
+        await eventually(_async(lambda: len(requests) >= 1), what="returning instance asked for a snapshot")
+        assert prefix_of(await client.lookup(PROMPT, hybrid=False), "dc-a", "p0") is None
+    finally:
+        await sub.unsubscribe()
+        await close()

@@ -20,20 +20,11 @@ if not resets then
   if stale then return {'stale', last} end
 end
 
-local function clear_kind(kind)
-  local own = P .. 'own:' .. slot .. ':' .. kind
-  local key = P .. 'b:' .. kind
-  local members = redis.call('SMEMBERS', own)
-  for i = 1, #members do remove_member(key, members[i], slot, 0) end
-  redis.call('DEL', own)
-end
-
 local i = 5
 while i <= #ARGV do
   local op, kind, bit, packed = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   if op == 'C' then
-    clear_kind('attn')
-    clear_kind('lin')
+    clear_slot(slot)
   else
     local key = P .. 'b:' .. kind
     local own = P .. 'own:' .. slot .. ':' .. kind

@@ -41,3 +41,13 @@ local function remove_member(key, h, slot, bit)
   if nv == ',' then redis.call('HDEL', key, h) else redis.call('HSET', key, h, nv) end
   return left == 0
 end
+
+-- Drop every block a slot holds, in both state kinds.
+local function clear_slot(slot)
+  for _, kind in ipairs({'attn', 'lin'}) do
+    local own = P .. 'own:' .. slot .. ':' .. kind
+    local key = P .. 'b:' .. kind
+    for _, h in ipairs(redis.call('SMEMBERS', own)) do remove_member(key, h, slot, 0) end
+    redis.call('DEL', own)
+  end
+end
