@@ -1,0 +1,66 @@
+"""Causal grouped-query attention with bounded scores: tiled prefill and single-token decode.
+
+Queries and keys are unit vectors and queries are scaled by ``qk_scale`` (at most 80), so every
+score lies in [-qk_scale, qk_scale] and ``exp`` cannot overflow: the softmax needs no running
+maximum, key tiles simply add up, and the denominator comes out of the same matmul as the
+numerator by appending a column of ones to V.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Tile sizes (measured best of 64..512 x 512..4096 on a 2-core AVX-512 VM): a score tile of
+# 2 kv heads x (2 x 512) query rows x 512 keys is 4 MiB.
+QUERY_TILE = 512
+KEY_TILE = 512
+
+
+def causal_prefill(q: np.ndarray, k_all: np.ndarray, v_all: np.ndarray) -> np.ndarray:
+    """Attention outputs (T, H * d) for the last T positions of a sequence of length L.
+
+    ``q``: (T, H, d), unit rows times the score scale; ``k_all``: (L, n_kv, d), unit rows;
+    ``v_all``: (L, n_kv, d). Query ``i`` sits at position ``L - T + i`` and sees keys ``<=`` it.
+    """
+    t_new, n_heads, d = q.shape
+    length, n_kv, _ = k_all.shape
+    group = n_heads // n_kv
+    start = length - t_new
+    qg = np.ascontiguousarray(q.reshape(t_new, n_kv, group, d).transpose(1, 0, 2, 3))  # (n_kv, T, g, d)
+    kt = np.ascontiguousarray(k_all.transpose(1, 2, 0))  # (n_kv, d, L)
+    v1 = np.ones((n_kv, length, d + 1), dtype=np.float32)
+    v1[..., :d] = v_all.transpose(1, 0, 2)
+    out = np.empty((t_new, n_kv, group, d), dtype=np.float32)
+    key_pos = np.arange(length)
+    for i0 in range(0, t_new, QUERY_TILE):
+        i1 = min(i0 + QUERY_TILE, t_new)
+        rows = i1 - i0
+        qb = qg[:, i0:i1].reshape(n_kv, rows * group, d)
+        first_q, last_q = start + i0, start + i1 - 1
+        acc = None
+        for j0 in range(0, last_q + 1, KEY_TILE):
+            j1 = min(j0 + KEY_TILE, last_q + 1)
+            s = np.matmul(qb, kt[:, :, j0:j1])  # (n_kv, rows * g, keys)
+            np.exp(s, out=s)
+            if j1 - 1 > first_q:  # the tile reaches past the first query: mask the future
+                visible = key_pos[None, j0:j1] <= np.arange(first_q, last_q + 1)[:, None]
+                s.reshape(n_kv, rows, group, j1 - j0)[...] *= visible[:, None, :]
+            part = np.matmul(s, v1[:, j0:j1])
+            if acc is None:
+                acc = part
+            else:
+                acc += part
+        o = acc[..., :d] / acc[..., d:]
+        out[i0:i1] = o.reshape(n_kv, rows, group, d).transpose(1, 0, 2, 3)
+    return out.reshape(t_new, n_heads * d)
+
+
+def decode_one(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Attention output (H * d,) of one new query (H, d) over all n keys and values (n, n_kv, d)."""
+    n_heads, d = q.shape
+    n_kv = k.shape[1]
+    s = np.matmul(q.reshape(n_kv, n_heads // n_kv, d), k.transpose(1, 2, 0))  # (n_kv, g, n)
+    np.exp(s, out=s)
+    o = np.matmul(s, v.transpose(1, 0, 2))
+    o /= s.sum(axis=-1, keepdims=True)
+    return o.reshape(n_heads * d)

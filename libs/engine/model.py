@@ -1,0 +1,219 @@
+"""The reference hybrid-attention model: layer-wise prefill that streams state, and batched decode steps.
+
+Each layer is ``x += mixer(rms(x)); x += reglu(rms(x))`` (ReGLU: ``relu(x W_g) * (x W_u)``). Mixers are gated delta-rule linear
+attention (per-channel decay, KDA-like; see ``delta_rule``) in 3 of every 4 layers and causal GQA
+full attention without positional encoding (like Kimi Linear's MLA layers; see ``attention``) in
+the others. Logits come from an untied output head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from libs.common.errors import BadRequest
+from libs.common.state_parts import StatePart
+from libs.engine import attention, delta_rule
+from libs.engine.batch import DecodeBatch, DecodeSequence
+from libs.engine.reference_config import ReferenceConfig
+from libs.engine.sampling import Sampling
+from libs.engine.state import RequestState
+from libs.engine.tokenizer import ByteTokenizer
+from libs.engine.weights import AttentionWeights, LayerWeights, LinearMixerWeights, ReferenceWeights, init_weights
+
+_EPS = 1e-6
+_MLP_ROWS = 512  # MLP row tile: the (512, 2 * d_ff) hidden activations (2 MiB) stay in L2
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One finished layer of a prefill: its transfer parts and, for linear layers, block checkpoints.
+
+    ``checkpoints`` holds the linear state after block ``b`` as part ``ckpt.<b>`` for every block
+    boundary the prefill crossed (views, no copies). The head (``layer == n_layers``) carries the
+    tokens and the last logits.
+    """
+
+    layer: int
+    parts: list[StatePart]
+    checkpoints: list[StatePart]
+
+
+def _rms(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` scaled to unit root-mean-square."""
+    ms = np.einsum("td,td->t", x, x) / np.float32(x.shape[1])
+    return x * (1.0 / np.sqrt(ms + np.float32(_EPS)))[:, None]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Vectors along the last axis scaled to unit length."""
+    norm = np.sqrt(np.einsum("...d,...d->...", x, x) + np.float32(_EPS))
+    return x / norm[..., None]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class ReferenceModel:
+    """A small hybrid model (numpy float32) whose state has both kinds PrfaaS moves: KV and linear state."""
+
+    def __init__(self, config: ReferenceConfig | None = None, weights: ReferenceWeights | None = None) -> None:
+        self.config = config or ReferenceConfig()
+        self.weights = weights or init_weights(self.config)
+        self.tokenizer = ByteTokenizer()
+
+    # --- prefill ------------------------------------------------------------------------------
+
+    def prefill(self, tokens: Sequence[int] | np.ndarray, prefix_state: RequestState | None = None) -> Iterator[LayerResult]:
+        """Run the prompt layer by layer, yielding each layer's state as soon as it is done, then the head.
+
+        ``prefix_state`` (from cached blocks) covers the first ``k * block_size`` tokens of
+        ``tokens``; only the rest is computed.
+        """
+        cfg = self.config
+        toks = self.check_tokens(tokens)
+        start = 0 if prefix_state is None else self._check_prefix(toks, prefix_state)
+        x = self.weights.embedding[toks[start:]]
+        for layer, lw in enumerate(self.weights.layers):
+            if isinstance(lw.mixer, AttentionWeights):
+                prefix_kv = None if prefix_state is None else (prefix_state.keys[layer].view, prefix_state.values[layer].view)
+                result = self._attention_prefill(layer, lw.mixer, x, prefix_kv)
+            else:
+                state0 = None if prefix_state is None else prefix_state.linear[layer]
+                result = self._linear_prefill(layer, lw.mixer, x, state0, start)
+            self._mlp(x, lw)
+            yield result
+        logits = (_rms(x[-1:]) @ self.weights.unembedding)[0] + self.weights.output_bias
+        head = cfg.n_layers
+        yield LayerResult(
+            head,
+            [StatePart(head, "attn_kv", "tokens", toks), StatePart(head, "linear_state", "logits", logits)],
+            [],
+        )
+
+    def prefill_state(self, tokens: Sequence[int] | np.ndarray, prefix_state: RequestState | None = None) -> RequestState:
+        """Run the whole prefill and return the request state decode starts from."""
+        parts = [p for result in self.prefill(tokens, prefix_state) for p in result.parts]
+        return RequestState.from_parts(self.config, parts)
+
+    def check_tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The prompt as a contiguous int32 array, or ``BadRequest`` if it is empty or out of vocabulary."""
+        toks = np.asarray(tokens)
+        if toks.ndim != 1 or toks.size == 0:
+            raise BadRequest("a prompt needs at least one token")
+        if toks.dtype.kind not in "iu" or int(toks.min()) < 0 or int(toks.max()) >= self.config.vocab_size:
+            raise BadRequest(f"token ids must be integers in [0, {self.config.vocab_size})")
+        return np.ascontiguousarray(toks, dtype=np.int32)
+
+    def _check_prefix(self, toks: np.ndarray, prefix: RequestState) -> int:
+        start = prefix.n_tokens
+        if start % self.config.block_size or start >= len(toks):
+            raise BadRequest(f"a prefix of {start} tokens is not a whole number of blocks shorter than the prompt")
+        if not np.array_equal(prefix.tokens.view, toks[:start]):
+            raise BadRequest("the prefix state belongs to other tokens")
+        return start
+
+    def _attention_prefill(
+        self, layer: int, w: AttentionWeights, x: np.ndarray, prefix_kv: tuple[np.ndarray, np.ndarray] | None
+    ) -> LayerResult:
+        q, k, v = self._qkv(_rms(x) @ w.w_qkv, len(x))
+        if prefix_kv is not None:
+            k = np.concatenate([prefix_kv[0], k])
+            v = np.concatenate([prefix_kv[1], v])
+        x += attention.causal_prefill(q, k, v) @ w.w_out
+        return LayerResult(layer, [StatePart(layer, "attn_kv", "k", k), StatePart(layer, "attn_kv", "v", v)], [])
+
+    def _qkv(self, proj: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Split a fused projection into scaled unit queries, unit keys and values."""
+        cfg = self.config
+        hd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q = _unit(proj[:, :hd].reshape(rows, cfg.n_heads, cfg.head_dim)) * np.float32(cfg.qk_scale)
+        k = _unit(proj[:, hd : hd + kvd].reshape(rows, cfg.n_kv_heads, cfg.head_dim))
+        v = np.ascontiguousarray(proj[:, hd + kvd :].reshape(rows, cfg.n_kv_heads, cfg.head_dim))
+        return q, k, v
+
+    def _linear_inputs(self, w: LinearMixerWeights, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        """q, k (unit), v, log decay g and beta of a gated delta-rule layer, each (rows, heads, ...)."""
+        cfg = self.config
+        rows, h, d = len(x), cfg.n_heads, cfg.head_dim
+        proj = _rms(x) @ w.w_in
+        hd = h * d
+        q = _unit(proj[:, :hd].reshape(rows, h, d))
+        k = _unit(proj[:, hd : 2 * hd].reshape(rows, h, d))
+        v = np.ascontiguousarray(proj[:, 2 * hd : 3 * hd].reshape(rows, h, d))
+        g = (_sigmoid(proj[:, 3 * hd : 4 * hd] + w.b_decay) * np.float32(-cfg.max_log_decay)).reshape(rows, h, d)
+        beta = _sigmoid(proj[:, 4 * hd :] + w.b_beta)
+        return q, k, v, g, beta
+
+    def _linear_prefill(
+        self, layer: int, w: LinearMixerWeights, x: np.ndarray, state0: np.ndarray | None, start: int
+    ) -> LayerResult:
+        cfg = self.config
+        q, k, v, g, beta = self._linear_inputs(w, x)
+        if state0 is None:
+            state0 = np.zeros((cfg.n_heads, cfg.head_dim, cfg.head_dim), dtype=np.float32)
+        out, states = delta_rule.chunked_prefill(q, k, v, g, beta, state0, cfg.chunk_size)
+        x += out.reshape(len(x), -1) @ w.w_out
+        bs, c = cfg.block_size, cfg.chunk_size
+        end = start + len(x)
+        checkpoints = [
+            StatePart(layer, "linear_state", f"ckpt.{b}", states[(b * bs - start) // c])
+            for b in range(start // bs + 1, end // bs + 1)
+        ]
+        return LayerResult(layer, [StatePart(layer, "linear_state", "state", states[-1])], checkpoints)
+
+    def _mlp(self, x: np.ndarray, w: LayerWeights) -> None:
+        """ReGLU MLP with residual, in place, one row tile at a time."""
+        f = self.config.d_ff
+        for r0 in range(0, len(x), _MLP_ROWS):
+            xs = x[r0 : r0 + _MLP_ROWS]
+            gate_up = _rms(xs) @ w.w_gate_up
+            gate = gate_up[:, :f]
+            np.maximum(gate, 0.0, out=gate)
+            gate *= gate_up[:, f:]
+            xs += gate @ w.w_down
+
+    # --- decode -------------------------------------------------------------------------------
+
+    def forward_step(self, states: list[RequestState], token_ids: Sequence[int]) -> None:
+        """Feed one token to each state (a batch), appending KV and updating linear states and logits."""
+        cfg = self.config
+        toks = np.asarray(token_ids, dtype=np.int32)
+        x = self.weights.embedding[toks]
+        batch = len(states)
+        for layer, lw in enumerate(self.weights.layers):
+            if isinstance(lw.mixer, AttentionWeights):
+                q, k, v = self._qkv(_rms(x) @ lw.mixer.w_qkv, batch)
+                out = np.empty((batch, cfg.n_heads * cfg.head_dim), dtype=np.float32)
+                for i, st in enumerate(states):
+                    st.keys[layer].append(k[i])
+                    st.values[layer].append(v[i])
+                    out[i] = attention.decode_one(q[i], st.keys[layer].view, st.values[layer].view)
+            else:
+                q, k, v, g, beta = self._linear_inputs(lw.mixer, x)
+                s = np.stack([st.linear[layer] for st in states])
+                out, s = delta_rule.recurrent_step(q, k, v, g, beta, s)
+                for i, st in enumerate(states):
+                    st.linear[layer] = s[i]
+                out = out.reshape(batch, -1)
+            x += out @ lw.mixer.w_out
+            self._mlp(x, lw)
+        logits = _rms(x) @ self.weights.unembedding + self.weights.output_bias
+        for i, st in enumerate(states):
+            st.tokens.append(toks[i])
+            st.logits = logits[i]
+
+    def decode(self, state: RequestState, max_tokens: int, sampling: Sampling | None = None) -> Iterator[int]:
+        """Generate tokens from a prefilled state (greedy by default), honouring EOS and stop rules."""
+        batch = DecodeBatch(self)
+        batch.add(DecodeSequence("decode", state, max_tokens, sampling or Sampling(), self.config.eos_id))
+        while batch.sequences:
+            for out in batch.step().values():
+                yield from out.token_ids
+
+    def generate(self, tokens: Sequence[int] | np.ndarray, max_tokens: int, sampling: Sampling | None = None) -> list[int]:
+        """Prefill then decode in this process (the monolithic path)."""
+        return list(self.decode(self.prefill_state(tokens), max_tokens, sampling))

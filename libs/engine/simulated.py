@@ -1,0 +1,230 @@
+"""A modelled chip behind the backend interface: profile timings, modelled KV sizes, checkable bytes.
+
+``time_scale`` multiplies every modelled duration and ``byte_scale`` every modelled size, so a
+2-core machine can run a scaled copy of a large cluster with every ratio kept (for example
+``time_scale=0.01`` and ``byte_scale=0.001``). Part contents are a pure function of (request id,
+part key, byte offset), so a receiver checks any chunk with :func:`verify_chunk` without having
+seen the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from libs.common.errors import BadRequest, TransferFailed
+from libs.common.hashing import DEFAULT_BLOCK_SIZE, hash_list
+from libs.common.state_parts import StatePart
+from libs.engine.backends import DEFAULT_CACHE_BYTES, BackendLoad
+from libs.engine.cache import PrefixCache
+from libs.engine.sampling import DecodeOutput, Sampling, StopRules
+from libs.engine.scheduler import DecodeLoop, run_ahead
+from libs.engine.state import PartSpec
+
+if TYPE_CHECKING:
+    from libs.engine.profiles import HardwareProfile, ModelProfile
+
+_TEXT = b"Prefill-as-a-Service ships the KV cache of hybrid models between datacenters. "
+_EOS_NEVER = -1  # simulated decode never samples EOS
+_THREAD_BYTES = 1 << 20  # generate or check more than this off the event loop
+_M1, _M2, _GOLD = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x9E3779B97F4A7C15
+
+
+def _seed(request_id: str, key: str) -> int:
+    digest = hashlib.blake2b(f"{request_id}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def synthetic_bytes(request_id: str, key: str, offset: int, nbytes: int) -> np.ndarray:
+    """Bytes ``offset .. offset + nbytes`` of the part ``key`` of a request (uint8 array).
+
+    Word ``i`` (bytes ``8i .. 8i+7``, little-endian) is MurmurHash3's fmix64 of ``seed ^ (i * K)``
+    with ``seed`` the first 8 bytes of BLAKE2b(request id, NUL, key).
+    """
+    first, last = offset // 8, (offset + nbytes + 7) // 8
+    x = np.arange(first, last, dtype=np.uint64) * np.uint64(_GOLD)
+    x ^= np.uint64(_seed(request_id, key))
+    for mult in (_M1, _M2):
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(mult)
+    x ^= x >> np.uint64(33)
+    start = offset - 8 * first
+    return x.astype("<u8", copy=False).view(np.uint8)[start : start + nbytes]
+
+
+def verify_chunk(request_id: str, key: str, offset: int, data: bytes | memoryview | np.ndarray) -> bool:
+    """True if ``data`` is exactly what a simulated prefill emitted at ``offset`` of part ``key``."""
+    got = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+    return bool(np.array_equal(got, synthetic_bytes(request_id, key, offset, got.size)))
+
+
+def verify_part(request_id: str, part: StatePart) -> bool:
+    """True if a whole simulated part has the content its request id and key imply."""
+    return verify_chunk(request_id, part.key, 0, part.array)
+
+
+class SimulatedBackend:
+    """A chip from a hardware profile running a model from a model profile, scaled in time and bytes."""
+
+    def __init__(
+        self,
+        hardware: str | HardwareProfile,
+        model: str | ModelProfile,
+        time_scale: float = 1.0,
+        byte_scale: float = 1.0,
+        *,
+        cache_capacity_bytes: int = DEFAULT_CACHE_BYTES,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        verify: bool = True,
+    ) -> None:
+        from libs.engine import profiles  # profiles are plain data; imported here to keep the model light
+
+        self.hardware = profiles.hardware_profile(hardware) if isinstance(hardware, str) else hardware
+        self.model = profiles.model_profile(model) if isinstance(model, str) else model
+        if time_scale < 0 or byte_scale <= 0:
+            raise BadRequest(f"time_scale must be >= 0 and byte_scale > 0, got {time_scale}, {byte_scale}")
+        self.name = f"sim:{self.model.name}@{self.hardware.name}"
+        self.time_scale = time_scale
+        self.byte_scale = byte_scale
+        self.block_size = block_size
+        self.verify = verify
+        kinds = [k for k, n in (("attn_kv", self.model.n_full_layers), ("linear_state", self.model.n_linear_layers)) if n]
+        self.cache = PrefixCache(cache_capacity_bytes, kinds)
+        self._prefill_lock = asyncio.Lock()
+        self._prefill_queue = 0
+        max_batch = self.model.max_batch(self.hardware)
+        if max_batch < 1:
+            raise BadRequest(f"model {self.model.name} does not fit on {self.hardware.name} for decode")
+        self._decoder = DecodeLoop(self._step, max_batch)
+
+    async def __aenter__(self) -> SimulatedBackend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _scaled(self, nbytes: float) -> int:
+        return int(round(nbytes * self.byte_scale))
+
+    def plan_parts(self, n_tokens: int) -> list[PartSpec]:
+        """Every part a prefill of ``n_tokens`` tokens emits: one per layer (modelled size), then the tokens."""
+        specs = []
+        for layer in range(self.model.n_layers):
+            size = self._scaled(self.model.layer_state_bytes(layer, n_tokens))
+            if self.model.is_full_attention(layer):
+                specs.append(PartSpec(layer=layer, kind="attn_kv", name="kv", shape=(size,), dtype="uint8"))
+            else:
+                specs.append(PartSpec(layer=layer, kind="linear_state", name="state", shape=(size,), dtype="uint8"))
+        head = self.model.n_layers
+        specs.append(PartSpec(layer=head, kind="attn_kv", name="tokens", shape=(n_tokens,), dtype="int32"))
+        return specs
+
+    async def prefill(
+        self, request_id: str, tokens: Sequence[int], *, use_cache: bool = True
+    ) -> AsyncIterator[list[StatePart]]:
+        """Each layer's parts at its modelled finish time, then the tokens; cached blocks shorten the wait."""
+        toks = np.ascontiguousarray(tokens, dtype=np.int32)
+        if toks.ndim != 1 or toks.size == 0:
+            raise BadRequest("a prompt needs at least one token")
+        async for parts in run_ahead(self._prefill(request_id, toks, use_cache)):
+            yield parts
+
+    async def _prefill(self, request_id: str, tokens: np.ndarray, use_cache: bool) -> AsyncIterator[list[StatePart]]:
+        self._prefill_queue += 1
+        try:
+            async with self._prefill_lock:
+                n, bs = len(tokens), self.block_size
+                hashes = hash_list(tokens, bs)
+                cached = min(self.cache.usable_blocks(hashes), (n - 1) // bs) if use_cache else 0
+                if cached:
+                    self.cache.take_prefix(hashes, cached)
+                total_s = self.model.prefill_time_s(n, self.hardware)
+                if cached:  # the cached prefix's own work is skipped; attention over it is still paid
+                    total_s -= self.model.prefill_time_s(cached * bs, self.hardware)
+                layer_s = max(0.0, total_s) * self.time_scale / self.model.n_layers
+                start = time.monotonic()
+                specs = self.plan_parts(n)
+                for layer, spec in enumerate(specs[:-1]):
+                    part = await self._make_part(request_id, spec)
+                    await asyncio.sleep(max(0.0, start + (layer + 1) * layer_s - time.monotonic()))
+                    yield [part]
+                yield [StatePart(self.model.n_layers, "attn_kv", "tokens", tokens)]
+                if use_cache and len(hashes) > cached:
+                    self._store_blocks(hashes, cached)
+        finally:
+            self._prefill_queue -= 1
+
+    async def _make_part(self, request_id: str, spec: PartSpec) -> StatePart:
+        if spec.nbytes > _THREAD_BYTES:
+            data = await asyncio.to_thread(synthetic_bytes, request_id, spec.key, 0, spec.nbytes)
+        else:
+            data = synthetic_bytes(request_id, spec.key, 0, spec.nbytes)
+        return StatePart(spec.layer, spec.kind, spec.name, data)
+
+    def _store_blocks(self, hashes: list[int], first: int) -> None:
+        """Record the new blocks with their modelled (scaled) sizes; simulated blocks carry no payload."""
+        new = hashes[first:]
+        parent = hashes[first - 1] if first else None
+        sizes = {
+            "attn_kv": self._scaled(self.model.attn_kv_bytes_per_token * self.block_size),
+            "linear_state": self._scaled(self.model.linear_state_bytes),
+        }
+        for kind in self.cache.kinds:
+            self.cache.store(kind, new, [None] * len(new), [sizes[kind]] * len(new), parent)
+
+    async def decode(
+        self, request_id: str, parts: Sequence[StatePart], max_tokens: int, sampling: Sampling | None = None
+    ) -> AsyncIterator[DecodeOutput]:
+        """Deterministic text tokens at the modelled step time of the current batch size."""
+        await self._check_parts(request_id, parts)
+        sequence = _SimSequence(request_id, StopRules(sampling or Sampling(), max_tokens, _EOS_NEVER))
+        async for out in self._decoder.run(sequence):
+            yield out
+
+    async def _check_parts(self, request_id: str, parts: Sequence[StatePart]) -> None:
+        """Every planned part is present with its size and (if ``verify``) its content."""
+        by_key = {p.key: p for p in parts}
+        tokens = by_key.get(f"{self.model.n_layers}/attn_kv/tokens")
+        if tokens is None:
+            raise BadRequest("the state has no tokens part")
+        specs = self.plan_parts(len(tokens.array))
+        for spec in specs:
+            part = by_key.get(spec.key)
+            if part is None or part.nbytes != spec.nbytes:
+                raise BadRequest(f"state part {spec.key} is missing or has the wrong size")
+        if self.verify:
+            payload = [by_key[s.key] for s in specs[:-1]]
+            ok = await asyncio.to_thread(lambda: all(verify_part(request_id, p) for p in payload))
+            if not ok:
+                raise TransferFailed(f"request {request_id}: a state part does not match its expected content")
+
+    async def _step(self, sequences: list[_SimSequence]) -> list[DecodeOutput]:
+        await asyncio.sleep(self.model.decode_step_s(len(sequences), self.hardware) * self.time_scale)
+        return [seq.next() for seq in sequences]
+
+    def load(self) -> BackendLoad:
+        """Current queue depths."""
+        d = self._decoder
+        return BackendLoad(self._prefill_queue, d.active, d.waiting, d.max_batch)
+
+    async def close(self) -> None:
+        """Stop the decode loop; idempotent."""
+        await self._decoder.close()
+
+
+class _SimSequence:
+    """A simulated request: its tokens cycle through a fixed text from an offset set by its id."""
+
+    def __init__(self, request_id: str, rules: StopRules) -> None:
+        self.rules = rules
+        self._pos = _seed(request_id, "decode") % len(_TEXT)
+
+    def next(self) -> DecodeOutput:
+        token = _TEXT[self._pos % len(_TEXT)]
+        self._pos += 1
+        return self.rules.accept(token)
