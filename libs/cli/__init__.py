@@ -14,6 +14,7 @@ _COMMAND_MODULES = (
     "libs.cli.index",
     "libs.cli.bench",
     "libs.planner.cli_plan",
+    "libs.planner.cli_sim",
 )
 
 

@@ -5,10 +5,11 @@ KV streamed layer by layer to the decode site) and ``local-remote-prefix`` (ship
 cached at a PrfaaS site to the PD site, then prefill the rest locally). TTFT of an option is
 ``max(queue + prefill + exposed transfer, decode-slot wait) + one decode step``.
 
-Transfer with layer-wise overlap: the KV of layer i leaves as soon as layer i is computed, so the
-link finishes at the latest of (prefill end + last layer's share), (backlog + this KV) / goodput,
-and (prefill start + this KV / goodput); what sticks out past the prefill end, plus the RTT, is the
-exposed transfer time.
+Transfer with layer-wise overlap: the KV of layer i leaves as soon as layer i is computed, at the
+bandwidth a new transfer can expect (the idle part of the link, or at least an equal share among
+the active transfers). The link finishes at the latest of (prefill end + last layer), (prefill
+start + whole KV) and (current backlog drained + whole KV); what sticks out past the prefill end,
+plus the RTT, is the exposed transfer time.
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ class Evaluation:
 
 def _link_finish_s(link: LinkView, kv_bytes: int, start_s: float, prefill_s: float, n_layers: int) -> float:
     """Seconds from now until the link has delivered ``kv_bytes`` streamed during the prefill."""
-    bytes_per_s = link.effective_gbps * 1e9 / 8
+    share = link.share_bytes_per_s()
     return max(
-        start_s + prefill_s + kv_bytes / n_layers / bytes_per_s,
-        (link.bytes_in_flight + kv_bytes) / bytes_per_s,
-        start_s + kv_bytes / bytes_per_s,
+        start_s + prefill_s + kv_bytes / n_layers / share,  # the last layer leaves after the prefill
+        start_s + kv_bytes / share,  # the link, not the prefill, is the bottleneck
+        link.backlog_s + kv_bytes / share,  # queued bytes of other transfers slow this one
     )
 
 
@@ -155,7 +156,7 @@ def _ship_prefix_option(
 ) -> Option:
     """Ship ``prefix_tokens`` of cached KV from ``site`` to the PD site, then prefill the rest locally."""
     prefix_bytes = view.model.kv_bytes(prefix_tokens)
-    ship_s = (link.bytes_in_flight + prefix_bytes) * 8 / (link.effective_gbps * 1e9) + link.rtt_s
+    ship_s = link.backlog_s + prefix_bytes / link.share_bytes_per_s() + link.rtt_s
     scored = [
         ScoredInstance(s.instance, s.cached_tokens, max(s.queue_s, ship_s), s.prefill_s)
         for s in score_prefill(view, view.local_prefill, request, reuse_tokens=prefix_tokens)

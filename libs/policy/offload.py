@@ -63,14 +63,18 @@ class Adaptive(Policy):
     name = "adaptive"
 
     def pressure(self, link: LinkView, prfaas_wait_s: float, local_wait_s: float) -> float:
-        """0 (no pressure) .. 1 (at the limit) from link utilisation, link backlog and PrfaaS queue."""
+        """0 (no pressure) .. 1 (at the limit) from link utilisation, link backlog and PrfaaS queue.
+
+        A local prefill queue longer than the PrfaaS one relieves the pressure by the same measure,
+        so raising t never piles more work onto a local cluster that is already the busier one.
+        """
         cfg = self.config
         by_util = (link.utilization - cfg.raise_start_utilization) / (
             cfg.raise_full_utilization - cfg.raise_start_utilization
         )
         by_backlog = link.backlog_s / cfg.backlog_limit_s
         by_queue = (prfaas_wait_s - local_wait_s) / cfg.queue_limit_s
-        return _clip01(max(by_util, by_backlog, by_queue))
+        return _clip01(max(by_util, by_backlog, by_queue) + min(0.0, by_queue))
 
     def effective_threshold(self, pressure: float) -> int:
         """t raised geometrically towards ``max_threshold_tokens`` as pressure goes from 0 to 1."""

@@ -38,13 +38,20 @@ class LinkView:
     goodput_gbps: float | None = None  # measured; None means "as provisioned" (= capacity)
     utilization: float = 0.0  # fraction of goodput in use now
     rtt_s: float = 0.0
-    bytes_in_flight: int = 0  # queued or in transit on this link, not yet delivered
+    bytes_in_flight: int = 0  # produced by prefills but not yet delivered (the link's backlog)
+    active_transfers: int = 0  # KV transfers currently streaming on this link
 
     @property
     def effective_gbps(self) -> float:
         """Bandwidth a planner can count on: measured goodput, else capacity (never below 1 Mbps)."""
         gbps = self.capacity_gbps if self.goodput_gbps is None else min(self.goodput_gbps, self.capacity_gbps)
         return max(gbps, 1e-3)
+
+    def share_bytes_per_s(self) -> float:
+        """Bandwidth a new transfer can expect: the idle part, or at least an equal share."""
+        bytes_per_s = self.effective_gbps * 1e9 / 8
+        idle = bytes_per_s * max(0.0, 1.0 - self.utilization)
+        return max(idle, bytes_per_s / (self.active_transfers + 1))
 
     @property
     def backlog_s(self) -> float:

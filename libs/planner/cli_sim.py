@@ -1,0 +1,163 @@
+"""``prfaas sim``: the discrete-event simulator on the planner's configurations and scenarios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from libs.common.errors import BadRequest
+from libs.planner.cli_common import CONFIG_NAMES, PAPER, add_deployment_arguments, describe_inputs, inputs_from_args
+from libs.planner.progress import ProgressBar
+from libs.planner.scenarios import Degradation, case_study, link_degradation
+from libs.planner.simulator import SimRun
+
+DEFAULT_RATE_RPS = 1.0  # light load: the paper's TTFT figures are queue-free prefill + transfer times
+DEFAULT_DURATION_S = 3600.0
+SCENARIOS = ("link-degradation",)
+
+
+def add_parser(subparsers) -> None:
+    """Register ``sim``."""
+    parser = subparsers.add_parser(
+        "sim",
+        help="simulate the planned configurations (same policy code as the router)",
+        description="Discrete-event simulation of PrfaaS-PD, homogeneous PD and naive heterogeneous deployments.",
+    )
+    add_deployment_arguments(parser)
+    parser.add_argument("--rate", type=float, help=f"arrival rate in req/s (default {DEFAULT_RATE_RPS:g}; "
+                        f"{Degradation.rate_rps:g} for --scenario link-degradation)")  # fmt: skip
+    parser.add_argument("--duration", type=float, help=f"simulated seconds per run (default {DEFAULT_DURATION_S:g}; "
+                        f"{Degradation.duration_s:g} for the scenario)")  # fmt: skip
+    parser.add_argument("--scenario", choices=SCENARIOS, help="run a scenario instead of the three configurations")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--plot", metavar="FILE.png", help="TTFT CDFs (configurations) or TTFT timeline (scenario)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.set_defaults(func=run)
+
+
+def _progress(args: argparse.Namespace):
+    if args.no_progress:
+        return None
+    return lambda label, total_s: ProgressBar(label, total_s) if total_s >= 600 else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _case_study_table(doc: dict) -> str:
+    configs = doc["configs"]
+    rows = [
+        ("Lambda_max (model)", "lambda_max", ".3f"),
+        ("saturation (sim)", "saturation_rps", ".3f"),
+        ("  sim vs model", "saturation_vs_lambda_max", "+.1%"),
+        ("throughput (req/s)", "throughput_rps", ".3f"),
+        ("TTFT mean (s)", "ttft_mean_s", ".2f"),
+        ("TTFT P50 (s)", "ttft_p50_s", ".2f"),
+        ("TTFT P90 (s)", "ttft_p90_s", ".2f"),
+        ("TTFT P99 (s)", "ttft_p99_s", ".2f"),
+        ("TPOT mean (ms)", "tpot_mean_s", ".1f"),
+        ("offload fraction", "offload_fraction", ".3f"),
+        ("link utilization", "link_utilization", ".3f"),
+        ("lost requests", "lost_requests", "d"),
+    ]
+    lines = [f"{'':22}" + "".join(f"{n:>22}" for n in CONFIG_NAMES)]
+    for label, key, spec in rows:
+        cells = []
+        for n in CONFIG_NAMES:
+            value = configs[n][key]
+            cells.append(_fmt(value * 1000 if key == "tpot_mean_s" and value is not None else value, spec))
+        lines.append(f"{label:22}" + "".join(f"{c:>22}" for c in cells))
+    if doc.get("paper"):
+        for label, key in (("paper TTFT mean (s)", "ttft_mean_s"), ("paper TTFT P90 (s)", "ttft_p90_s")):
+            lines.append(f"{label:22}" + "".join(f"{PAPER[n][key]:>22.2f}" for n in CONFIG_NAMES))
+    lines.append(f"\nrate {doc['rate_rps']:g} req/s for {doc['duration_s']:g} simulated s per configuration; "
+                 f"saturation runs offer 1.3x Lambda_max")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _scenario_table(doc: dict) -> str:
+    rows = [
+        ("throughput (req/s)", "throughput_rps", ".3f"),
+        ("TTFT P90 degraded (s)", "ttft_p90_degraded_s", ".2f"),
+        ("  vs static-threshold", "p90_degraded_vs_static", ".2f"),
+        ("TTFT mean degraded (s)", "ttft_mean_degraded_s", ".2f"),
+        ("offload while degraded", "offload_fraction_degraded", ".3f"),
+        ("lost requests", "lost_requests", "d"),
+        ("link overload (s)", "link_overload_s", ".0f"),
+    ]
+    names = list(doc["policies"])
+    lines = [f"{'':24}" + "".join(f"{n:>22}" for n in names)]
+    for label, key, spec in rows:
+        lines.append(f"{label:24}" + "".join(f"{_fmt(doc['policies'][n][key], spec):>22}" for n in names))
+    s = doc["settings"]
+    lines.append(f"\nlink {doc['inputs']['link_gbps']:g} -> {s['degraded_gbps']:g} Gbps in [{s['start_s']:g}, {s['end_s']:g}) s "
+                 f"of {s['duration_s']:g} s at {s['rate_rps']:g} req/s; adaptive and cost-model re-plan t and N_p/N_d "
+                 f"every {s['replan_interval_s']:g} s (the *-fast-only columns do not)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _plot(args: argparse.Namespace, doc: dict, runs: dict[str, SimRun]) -> None:
+    from libs.planner.plots import plot_timeline, plot_ttft
+
+    if args.scenario:
+        series = {n: ([r.arrival_s for r in run.requests if r.first_token_s >= 0],
+                      [r.ttft_s for r in run.requests if r.first_token_s >= 0])
+                  for n, run in runs.items() if not n.endswith("fast-only")}  # fmt: skip
+        s = doc["settings"]
+        gbps = doc["inputs"]["link_gbps"]
+        capacity = ([0, s["start_s"], s["end_s"], s["duration_s"]], [gbps, s["degraded_gbps"], gbps, gbps])
+        plot_timeline(series, capacity, args.plot, "link degradation: TTFT by arrival time")
+    else:
+        cdfs = {n: np.array([r.ttft_s for r in run.requests if r.first_token_s >= 0]) for n, run in runs.items()}
+        plot_ttft(cdfs, args.plot, f"TTFT at {doc['rate_rps']:g} req/s")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the simulation(s) and print a table or JSON."""
+    inputs = inputs_from_args(args)
+    runs: dict[str, SimRun] = {}
+    if args.scenario == "link-degradation":
+        defaults = Degradation()
+        duration = args.duration or defaults.duration_s
+        if duration <= 0:
+            raise BadRequest(f"--duration must be positive, got {duration}")
+        scenario = Degradation(
+            rate_rps=args.rate or defaults.rate_rps,
+            duration_s=duration,
+            start_s=duration / 3,
+            end_s=2 * duration / 3,
+            seed=args.seed,
+        )
+        policies = link_degradation(inputs, scenario, _progress(args), runs)
+        doc = {"scenario": args.scenario, "policies": policies, "settings": scenario.__dict__,
+               "inputs": describe_inputs(inputs)}  # fmt: skip
+    else:
+        rate = args.rate or DEFAULT_RATE_RPS
+        duration = args.duration or DEFAULT_DURATION_S
+        if rate <= 0 or duration <= 0:
+            raise BadRequest(f"--rate and --duration must be positive, got {rate} and {duration}")
+        configs = case_study(inputs, rate, duration, args.seed, _progress(args), runs)
+        is_paper = args.case_study and describe_inputs(inputs) == describe_inputs(inputs_from_args(_case_only()))
+        paper = {n: {k: PAPER[n][k] for k in ("ttft_mean_s", "ttft_p90_s", "lambda_max")} for n in CONFIG_NAMES}
+        doc = {"configs": configs, "rate_rps": rate, "duration_s": duration, "paper": paper if is_paper else None,
+               "inputs": describe_inputs(inputs)}  # fmt: skip
+    if args.plot:
+        _plot(args, doc, runs)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(_scenario_table(doc) if args.scenario else _case_study_table(doc))
+        if args.plot:
+            print(f"plot written to {args.plot}", file=sys.stdout)
+    return 0
+
+
+def _case_only() -> argparse.Namespace:
+    """The flags of a bare ``--case-study`` (to tell whether the inputs were overridden)."""
+    keys = ("model", "prfaas_hw", "n_prfaas", "pd_hw", "n_pd", "link_gbps", "workload", "output_tokens")
+    return argparse.Namespace(case_study=True, **dict.fromkeys(keys))

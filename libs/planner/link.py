@@ -1,0 +1,135 @@
+"""A fluid model of one inter-site link shared by concurrent layer-wise KV transfers.
+
+Each transfer (flow) produces its bytes at a steady rate while its prefill runs (layer by layer,
+approximated as continuous) and can send only what has been produced. The link's capacity is
+shared max-min fairly: a flow that has caught up with its prefill is capped at its production
+rate, every other flow takes an equal share of what is left. Rates change only at events (a flow
+starts, catches up, its prefill ends, it completes, or the capacity changes), so the simulator
+asks :meth:`FluidLink.next_event_s` and calls :meth:`FluidLink.advance` there.
+"""
+
+from __future__ import annotations
+
+_EPS_BYTES = 1.0
+_INF = float("inf")
+
+
+class Flow:
+    """One request's KV transfer over the link."""
+
+    __slots__ = ("key", "total_bytes", "sent_bytes", "start_s", "end_s", "production_bps", "rate_bps")
+
+    def __init__(self, key: object, total_bytes: float, start_s: float, end_s: float) -> None:
+        self.key = key
+        self.total_bytes = float(total_bytes)
+        self.sent_bytes = 0.0
+        self.start_s = start_s
+        self.end_s = end_s  # prefill end: everything is produced by then
+        self.production_bps = self.total_bytes / max(end_s - start_s, 1e-9)  # bytes/s
+        self.rate_bps = 0.0  # bytes/s currently granted
+
+    def produced_bytes(self, now: float) -> float:
+        """Bytes the prefill has produced by ``now``."""
+        if now >= self.end_s:
+            return self.total_bytes
+        return self.production_bps * max(0.0, now - self.start_s)
+
+    def caught_up(self, now: float) -> bool:
+        """True while producing and everything produced has been sent."""
+        return now < self.end_s and self.produced_bytes(now) - self.sent_bytes <= _EPS_BYTES
+
+
+class FluidLink:
+    """Max-min fair sharing of a (time-varying) capacity among layer-wise flows."""
+
+    def __init__(self, capacity_gbps: float, schedule: tuple[tuple[float, float], ...] = ()) -> None:
+        self.capacity_gbps = capacity_gbps
+        self._schedule = sorted(schedule)  # (time_s, new capacity_gbps)
+        self._next_change = 0
+        self.flows: list[Flow] = []
+        self.now = 0.0
+        self.busy_bit_s = 0.0  # integral of the sending rate (bits)
+        self.capacity_bit_s = 0.0  # integral of the capacity (bits)
+        self.overload_s = 0.0  # time spent with demand above capacity (produced bytes queueing)
+
+    @property
+    def capacity_bps(self) -> float:
+        """Current capacity in bytes/s."""
+        return self.capacity_gbps * 1e9 / 8
+
+    def utilization(self) -> float:
+        """Fraction of the current capacity in use."""
+        return sum(f.rate_bps for f in self.flows) / max(self.capacity_bps, 1e-9)
+
+    def backlog_bytes(self, now: float) -> float:
+        """Bytes produced but not yet sent, over all flows."""
+        return sum(f.produced_bytes(now) - f.sent_bytes for f in self.flows)
+
+    def add(self, flow: Flow, now: float) -> list[Flow]:
+        """Start a flow; returns flows completed while advancing to ``now``."""
+        done = self.advance(now)
+        self.flows.append(flow)
+        self._reallocate(now)
+        return done
+
+    def advance(self, now: float) -> list[Flow]:
+        """Move to ``now`` (applying capacity changes on the way); returns the flows that completed."""
+        done: list[Flow] = []
+        while self._next_change < len(self._schedule) and self._schedule[self._next_change][0] <= now:
+            at, gbps = self._schedule[self._next_change]
+            done += self._progress(max(at, self.now))
+            self.capacity_gbps = gbps
+            self._next_change += 1
+            self._reallocate(self.now)
+        done += self._progress(now)
+        if done or self.flows:
+            self._reallocate(now)
+        return done
+
+    def _progress(self, now: float) -> list[Flow]:
+        dt = now - self.now
+        if dt <= 0:
+            return []
+        overloaded = bool(self.flows) and self.backlog_bytes(self.now + dt / 2) > 1e6
+        sending = 0.0
+        for f in self.flows:
+            f.sent_bytes = min(f.total_bytes, f.sent_bytes + f.rate_bps * dt)
+            sending += f.rate_bps
+        self.busy_bit_s += sending * 8 * dt
+        self.capacity_bit_s += self.capacity_bps * 8 * dt
+        if overloaded and sending >= 0.999 * self.capacity_bps:
+            self.overload_s += dt
+        self.now = now
+        done = [f for f in self.flows if f.total_bytes - f.sent_bytes <= _EPS_BYTES]
+        if done:
+            self.flows = [f for f in self.flows if f.total_bytes - f.sent_bytes > _EPS_BYTES]
+        return done
+
+    def _reallocate(self, now: float) -> None:
+        """Water-filling: caught-up flows want their production rate, the others want all they can get."""
+        flows = sorted(self.flows, key=lambda f: f.production_bps if f.caught_up(now) else _INF)
+        remaining = self.capacity_bps
+        for i, f in enumerate(flows):
+            share = remaining / (len(flows) - i)
+            want = f.production_bps if f.caught_up(now) else _INF
+            if want <= share:
+                f.rate_bps = want
+                remaining -= want
+            else:
+                for g in flows[i:]:
+                    g.rate_bps = share
+                break
+
+    def next_event_s(self) -> float:
+        """When rates next change: a completion, a catch-up, a prefill end or a capacity change."""
+        t = self._schedule[self._next_change][0] if self._next_change < len(self._schedule) else _INF
+        now = self.now
+        for f in self.flows:
+            if f.end_s > now:
+                t = min(t, f.end_s)
+                behind = f.produced_bytes(now) - f.sent_bytes
+                if behind > _EPS_BYTES and f.rate_bps > f.production_bps:
+                    t = min(t, now + behind / (f.rate_bps - f.production_bps))
+            elif f.rate_bps > 0:
+                t = min(t, now + (f.total_bytes - f.sent_bytes) / f.rate_bps)
+        return t
