@@ -144,7 +144,8 @@ class SimulatedBackend:
                 if cached:
                     self.cache.take_prefix(hashes, cached)
                 total_s = self.model.prefill_time_s(n, self.hardware)
-                if cached:  # the cached prefix's own work is skipped; attention over it is still paid
+                if cached:  # skip the prefix's own work; pay the fixed overhead and attention over it
+                    total_s += self.model.prefill_time_s(0, self.hardware)
                     total_s -= self.model.prefill_time_s(cached * bs, self.hardware)
                 layer_s = max(0.0, total_s) * self.time_scale / self.model.n_layers
                 start = time.monotonic()
