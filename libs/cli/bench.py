@@ -8,6 +8,7 @@ import importlib
 # name -> module defining ``add_arguments(parser)`` and ``run(args) -> int``; imported only when run.
 BENCHES = {
     "kvindex": "libs.lab.bench_kvindex",
+    "engine": "libs.engine.bench",
 }
 
 

@@ -1,0 +1,142 @@
+"""Reference engine benchmark: prefill tokens/s at 1K/4K/16K, decode tokens/s at batch 1/16, vs numpy GEMM.
+
+Target: a 4K-token prefill reaches >= 30% of this machine's float32 GEMM rate (a square
+``--gemm-size`` matmul, best of the same number of tries, measured in the same run and interleaved
+with the 4K prefills so both see the same load), counted in model FLOPs:
+
+- dense matmuls: 2 x (mixer projection + MLP weights) per token in every layer, plus the output
+  head for the last position only (prefill needs no other logits);
+- full attention, causal: q.k and p.v over the visible keys, 4 * heads * head_dim * T(T+1)/2 per
+  full-attention layer (the masked half is not counted);
+- linear attention, counted in its recurrent form (the lower bound; the chunkwise form does more):
+  7 * d_k * d_v per head and token (read S^T(a*k), decay S, rank-1 write, read S^T q).
+Norms, activations, exp and the chunkwise form's extra work are executed but not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from libs.engine.batch import DecodeBatch, DecodeSequence
+from libs.engine.model import ReferenceModel
+from libs.engine.reference_config import ReferenceConfig
+from libs.engine.sampling import Sampling
+from libs.engine.state import RequestState
+from libs.engine.weights import AttentionWeights, ReferenceWeights
+
+TARGET_GEMM_FRACTION = 0.30
+_FOUR_K = 4096
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Benchmark options."""
+    parser.add_argument("--lengths", default="1024,4096,16384", help="prefill lengths in tokens (default %(default)s)")
+    parser.add_argument("--batches", default="1,16", help="decode batch sizes (default %(default)s)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="timed decode steps (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="tries per figure, best kept (default %(default)s)")
+    parser.add_argument("--gemm-size", type=int, default=2048, help="square GEMM size for the baseline (default %(default)s)")
+
+
+def prefill_flops(config: ReferenceConfig, weights: ReferenceWeights, n_tokens: int) -> int:
+    """Model FLOPs of one prefill of ``n_tokens`` tokens from scratch (the count in the module docstring)."""
+    dense_params = 0
+    for layer in weights.layers:
+        mixer = layer.mixer
+        mats = (mixer.w_qkv, mixer.w_out) if isinstance(mixer, AttentionWeights) else (mixer.w_in, mixer.w_out)
+        dense_params += sum(m.size for m in (*mats, layer.w_gate_up, layer.w_down))
+    attention = len(config.full_layers) * 4 * config.n_heads * config.head_dim * n_tokens * (n_tokens + 1) // 2
+    linear = len(config.linear_layers) * 7 * config.n_heads * config.head_dim**2 * n_tokens
+    return 2 * dense_params * n_tokens + attention + linear + 2 * weights.unembedding.size
+
+
+def _best_s(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _prompt(n_tokens: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([[256], rng.integers(32, 127, n_tokens - 1)]).astype(np.int32)
+
+
+def _decode_tokens_per_s(model: ReferenceModel, batch_size: int, steps: int, repeats: int) -> float:
+    """Tokens/s of ``batch_size`` requests (1K-token prompts) decoding ``steps`` tokens together."""
+    prompts = [_prompt(1024, seed) for seed in range(batch_size)]
+    states = [model.prefill_state(p) for p in prompts]
+    best = float("inf")
+    for _ in range(repeats):
+        batch = DecodeBatch(model)
+        for i, state in enumerate(states):
+            fresh = RequestState.from_parts(model.config, state.to_parts())
+            batch.add(DecodeSequence(str(i), fresh, steps, Sampling(ignore_eos=True), model.config.eos_id))
+        start = time.perf_counter()
+        while batch.sequences:
+            batch.step()
+        best = min(best, time.perf_counter() - start)
+    return batch_size * steps / best
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure, print the figures (text or JSON), return 0 if the 4K target is met, else 1."""
+    lengths = sorted({int(x) for x in args.lengths.split(",")} | {_FOUR_K})
+    batches = [int(x) for x in args.batches.split(",")]
+    model = ReferenceModel()
+    gemm = np.random.default_rng(0).standard_normal((args.gemm_size, args.gemm_size)).astype(np.float32)
+    gemm_flops = 2 * args.gemm_size**3
+    model.prefill_state(_prompt(256, 0))  # warm up
+    gemm @ gemm
+
+    prefill_s: dict[int, float] = {}
+    gemm_s = float("inf")
+    for n in lengths:
+        print(f"prefill {n} tokens ...", file=sys.stderr, flush=True)
+        tokens = _prompt(n, n)
+        repeats = args.repeats if n <= _FOUR_K else max(1, args.repeats // 2)
+        best = float("inf")
+        for _ in range(repeats):
+            if n == _FOUR_K:  # interleave the baseline with the 4K prefills
+                gemm_s = min(gemm_s, _best_s(lambda: gemm @ gemm, 2))
+            best = min(best, _best_s(lambda t=tokens: model.prefill_state(t), 1))
+        prefill_s[n] = best
+    decode = {}
+    for b in batches:
+        print(f"decode batch {b} ...", file=sys.stderr, flush=True)
+        decode[b] = _decode_tokens_per_s(model, b, args.decode_tokens, args.repeats)
+
+    gemm_gflops = gemm_flops / gemm_s / 1e9
+    flops_4k = prefill_flops(model.config, model.weights, _FOUR_K)
+    prefill_4k_gflops = flops_4k / prefill_s[_FOUR_K] / 1e9
+    figures = {
+        "prefill_tokens_per_s": {str(n): n / s for n, s in prefill_s.items()},
+        "decode_tokens_per_s": {str(b): v for b, v in decode.items()},
+        "gemm_gflops": gemm_gflops,
+        "prefill_4k_gflops": prefill_4k_gflops,
+        "prefill_4k_gemm_fraction": prefill_4k_gflops / gemm_gflops,
+        "prefill_4k_model_gflop": flops_4k / 1e9,
+        "target_gemm_fraction": TARGET_GEMM_FRACTION,
+    }
+    met = figures["prefill_4k_gemm_fraction"] >= TARGET_GEMM_FRACTION
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for n, v in figures["prefill_tokens_per_s"].items():
+            print(f"prefill {int(n):>6} tokens   {v:>10,.0f} tokens/s   ({prefill_s[int(n)] * 1e3:,.1f} ms)")
+        for b, v in figures["decode_tokens_per_s"].items():
+            print(f"decode  batch {int(b):>3}       {v:>10,.0f} tokens/s")
+        print(f"numpy float32 GEMM ({args.gemm_size}^3)  {gemm_gflops:>8.1f} GFLOP/s")
+        print(
+            f"4K prefill: {figures['prefill_4k_model_gflop']:.2f} model GFLOP at {prefill_4k_gflops:.1f} GFLOP/s"
+            f" = {figures['prefill_4k_gemm_fraction']:.1%} of GEMM"
+            f" (target >= {TARGET_GEMM_FRACTION:.0%}: {'met' if met else 'NOT met'})"
+        )
+    return 0 if met else 1
