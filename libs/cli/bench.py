@@ -9,6 +9,7 @@ import importlib
 BENCHES = {
     "kvindex": "libs.lab.bench_kvindex",
     "engine": "libs.engine.bench",
+    "policy": "libs.policy.bench",
 }
 
 

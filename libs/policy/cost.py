@@ -32,6 +32,7 @@ class CostModel(Policy):
     """Pick the fastest option that keeps the link under budget and the prefill paths balanced."""
 
     name = "cost-model"
+    ships_prefixes = True
 
     def choose(self, view: ClusterView, request: RouteRequest, evaluation: Evaluation) -> Choice:
         """Start from the threshold rule's option; take a faster one that passes both guards."""

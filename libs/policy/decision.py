@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from operator import itemgetter
 
 from libs.common.messages import RouteCandidate, RouteDecision, RouteSignals
 from libs.policy.config import PolicyConfig
 from libs.policy.evaluate import LOCAL, Evaluation, Option, evaluate
 from libs.policy.view import ClusterView, RouteRequest
+
+_FIRST = itemgetter(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,13 +29,14 @@ class Policy:
     """Base of the routing policies: evaluate the options, let the subclass choose, report it all."""
 
     name = "policy"
+    ships_prefixes = False  # True for policies that may ship a cached prefix between sites
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         self.config = config or PolicyConfig()
 
     def decide(self, view: ClusterView, request: RouteRequest, *, now: float, rng: random.Random) -> RouteDecision:
         """Place ``request`` on ``view``: a RouteDecision with candidates, signals and predictions."""
-        evaluation = evaluate(view, request, rng, self.config)
+        evaluation = evaluate(view, request, rng, self.config, self.ships_prefixes)
         choice = self.choose(view, request, evaluation)
         return _decision(self.name, self.config, view, request, evaluation, choice, now)
 
@@ -56,22 +60,23 @@ def _candidates(evaluation: Evaluation, limit: int) -> list[RouteCandidate]:
     rows = []
     for option in evaluation.options():
         extra = option.ttft_s - option.chosen.finish_s  # transfer, decode wait and first step
-        for s in option.scored:
-            rows.append((s.finish_s + extra, option, s))
-    rows.sort(key=lambda row: row[0])
+        rows += [
+            (finish + extra, option, queue, prefill, hit, inst)
+            for finish, queue, prefill, hit, inst in option.scored.rows
+        ]
     return [
         RouteCandidate(
             option=option.kind,
-            site=s.instance.site,
-            instance=s.instance.name,
-            cached_tokens=s.cached_tokens,
-            queue_s=s.queue_s,
-            prefill_s=s.prefill_s,
+            site=inst.site,
+            instance=inst.name,
+            cached_tokens=hit,
+            queue_s=queue,
+            prefill_s=prefill,
             transfer_s=option.transfer_s,
             ttft_s=score,
             score=score,
         )
-        for score, option, s in rows[:limit]
+        for score, option, queue, prefill, hit, inst in sorted(rows, key=_FIRST)[:limit]
     ]
 
 
@@ -87,8 +92,8 @@ def _decision(
     option = choice.option
     remote = evaluation.remote
     link = remote.link if remote is not None else None
-    local_wait = min((i.expected_wait_s for i in view.local_prefill), default=0.0)
-    remote_wait = min((s.queue_s for s in remote.scored), default=0.0) if remote is not None else 0.0
+    local_wait = evaluation.local.scored.least_wait_s if evaluation.local is not None else 0.0
+    remote_wait = remote.scored.least_wait_s if remote is not None else 0.0
     signals = RouteSignals(
         prompt_tokens=request.prompt_tokens,
         incremental_tokens=choice.incremental_tokens,

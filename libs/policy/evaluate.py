@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from libs.common.errors import NoCapacity
 from libs.policy.config import PolicyConfig
-from libs.policy.placement import ScoredInstance, best_cached, pick, pick_decode, score_prefill
+from libs.policy.placement import PoolScores, ScoredInstance, pick, pick_decode, score_prefill
 from libs.policy.view import ClusterView, InstanceView, LinkView, RouteRequest
 
 LOCAL = "local"
@@ -35,7 +35,7 @@ class Option:
     kind: str
     site: str
     chosen: ScoredInstance
-    scored: list[ScoredInstance]
+    scored: PoolScores  # every instance of the pool
     transfer_s: float  # exposed transfer time (incl. RTT and any prefix shipping)
     transfer_bytes: int
     shipped_prefix_bytes: int
@@ -88,8 +88,13 @@ def _ttft(finish_s: float, transfer_s: float, decode_wait_s: float, first_step_s
     return max(finish_s + transfer_s, decode_wait_s) + first_step_s
 
 
-def evaluate(view: ClusterView, request: RouteRequest, rng: random.Random, config: PolicyConfig) -> Evaluation:
-    """Score every option for ``request`` on ``view`` (raises NoCapacity if it cannot be served)."""
+def evaluate(
+    view: ClusterView, request: RouteRequest, rng: random.Random, config: PolicyConfig, ship_prefixes: bool = True
+) -> Evaluation:
+    """Score every option for ``request`` on ``view`` (raises NoCapacity if it cannot be served).
+
+    ``ship_prefixes=False`` skips the ``local-remote-prefix`` option (for policies that never ship).
+    """
     model = view.model
     placed = pick_decode(view, rng)
     if placed is None:
@@ -102,7 +107,7 @@ def evaluate(view: ClusterView, request: RouteRequest, rng: random.Random, confi
     cached_local = 0
     if view.local_prefill:
         scored = score_prefill(view, view.local_prefill, request)
-        cached_local = best_cached(scored)
+        cached_local = scored.best_cached_tokens
         chosen = pick(scored, rng, config)
         ttft = _ttft(chosen.finish_s, 0.0, decode_wait_s, first_step_s)
         local = Option(LOCAL, view.decode_site, chosen, scored, 0.0, 0, 0, view.decode_site, None, 0.0, ttft)
@@ -115,7 +120,7 @@ def evaluate(view: ClusterView, request: RouteRequest, rng: random.Random, confi
         if link is None or not pool:
             continue
         scored = score_prefill(view, pool, request)
-        site_cached = best_cached(scored)
+        site_cached = scored.best_cached_tokens
         chosen = pick(scored, rng, config)
         finish_link = _link_finish_s(link, kv_bytes, chosen.queue_s, chosen.prefill_s, model.n_layers)
         transfer_s = finish_link - chosen.finish_s + link.rtt_s
@@ -126,7 +131,7 @@ def evaluate(view: ClusterView, request: RouteRequest, rng: random.Random, confi
             remote = option
         if site_cached > cached_remote:
             cached_remote = site_cached
-            if view.local_prefill and site_cached >= cached_local + _MIN_PREFIX_GAIN_TOKENS:
+            if ship_prefixes and view.local_prefill and site_cached >= cached_local + _MIN_PREFIX_GAIN_TOKENS:
                 remote_prefix = _ship_prefix_option(view, request, site, link, site_cached, rng, config)
                 remote_prefix.ttft_s = _ttft(remote_prefix.chosen.finish_s, 0.0, decode_wait_s, first_step_s)
 
@@ -157,10 +162,10 @@ def _ship_prefix_option(
     """Ship ``prefix_tokens`` of cached KV from ``site`` to the PD site, then prefill the rest locally."""
     prefix_bytes = view.model.kv_bytes(prefix_tokens)
     ship_s = link.backlog_s + prefix_bytes / link.share_bytes_per_s() + link.rtt_s
-    scored = [
-        ScoredInstance(s.instance, s.cached_tokens, max(s.queue_s, ship_s), s.prefill_s)
-        for s in score_prefill(view, view.local_prefill, request, reuse_tokens=prefix_tokens)
-    ]
+    local = score_prefill(view, view.local_prefill, request, reuse_tokens=prefix_tokens)
+    rows = [(max(q, ship_s) + p, max(q, ship_s), p, hit, inst) for _, q, p, hit, inst in local.rows]
+    best_finish = min(r[0] for r in rows)
+    scored = PoolScores(rows, best_finish, local.best_cached_tokens, max(local.least_wait_s, ship_s))
     chosen = pick(scored, rng, config)
     # The shipment is a burst at full link speed; count it as spread over the request's time to prefill.
     added = min(1.0, prefix_bytes * 8 / (max(chosen.finish_s, 1e-3) * link.effective_gbps * 1e9))

@@ -61,6 +61,7 @@ class Adaptive(Policy):
     """The paper's fast timescale: raise t as PrfaaS egress or queue nears its limit; cache-aware."""
 
     name = "adaptive"
+    ships_prefixes = True
 
     def pressure(self, link: LinkView, prfaas_wait_s: float, local_wait_s: float) -> float:
         """0 (no pressure) .. 1 (at the limit) from link utilisation, link backlog and PrfaaS queue.
@@ -93,8 +94,8 @@ class Adaptive(Policy):
             why = "no PrfaaS site reachable" if remote is None else "no local prefill instance"
             return Choice(only, why, prompt - cached_local, cfg.threshold_tokens)
         link = remote.link
-        local_wait = min(s.queue_s for s in local.scored)
-        remote_wait = min(s.queue_s for s in remote.scored)
+        local_wait = local.scored.least_wait_s
+        remote_wait = remote.scored.least_wait_s
         pressure = self.pressure(link, remote_wait, local_wait)
         t_eff = self.effective_threshold(pressure)
         scarce = link.utilization >= cfg.scarce_utilization or link.backlog_s >= cfg.backlog_limit_s / 2

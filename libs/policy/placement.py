@@ -13,29 +13,43 @@ import random
 from libs.policy.config import PolicyConfig
 from libs.policy.view import ClusterView, InstanceView, RouteRequest
 
+# One scored instance, as a plain tuple (cheap to build for every instance of a pool):
+# (finish_s, queue_s, prefill_s, cached_tokens, instance); finish_s = queue_s + prefill_s.
+Score = tuple[float, float, float, int, InstanceView]
+
 
 class ScoredInstance:
-    """A prefill instance with its predicted wait, prefill time and finish for one request."""
+    """The chosen prefill instance with its predicted wait, prefill time and finish for one request."""
 
-    __slots__ = ("instance", "cached_tokens", "queue_s", "prefill_s", "finish_s")
+    __slots__ = ("finish_s", "queue_s", "prefill_s", "cached_tokens", "instance")
 
-    def __init__(self, instance: InstanceView, cached_tokens: int, queue_s: float, prefill_s: float) -> None:
-        self.instance = instance
-        self.cached_tokens = cached_tokens
-        self.queue_s = queue_s
-        self.prefill_s = prefill_s
-        self.finish_s = queue_s + prefill_s  # seconds from now until the prefill would finish
+    def __init__(self, score: Score) -> None:
+        self.finish_s, self.queue_s, self.prefill_s, self.cached_tokens, self.instance = score
+
+
+class PoolScores:
+    """Every instance of one pool scored for one request, with the pool's best figures."""
+
+    __slots__ = ("rows", "best_finish_s", "best_cached_tokens", "least_wait_s")
+
+    def __init__(self, rows: list[Score], best_finish_s: float, best_cached_tokens: int, least_wait_s: float) -> None:
+        self.rows = rows
+        self.best_finish_s = best_finish_s
+        self.best_cached_tokens = best_cached_tokens
+        self.least_wait_s = least_wait_s
 
 
 def score_prefill(
     view: ClusterView, pool: tuple[InstanceView, ...], request: RouteRequest, reuse_tokens: int = 0
-) -> list[ScoredInstance]:
+) -> PoolScores:
     """Score every instance of ``pool``; ``reuse_tokens`` is a prefix shipped in from elsewhere."""
     model = view.model
     cached = request.cached_tokens
     prompt = request.prompt_tokens
     times: dict[tuple[str, int], float] = {}  # equal hardware and hit -> equal prefill time
-    out = []
+    rows = []
+    best_finish = best_wait = float("inf")
+    best_hit = 0
     for inst in pool:
         hit = cached.get(inst.name, 0) if cached else 0
         if reuse_tokens > hit:
@@ -46,42 +60,31 @@ def score_prefill(
         prefill_s = times.get(key)
         if prefill_s is None:
             prefill_s = times[key] = model.prefill_time_s(prompt - hit, inst.hardware)
-        out.append(ScoredInstance(inst, hit, inst.expected_wait_s, prefill_s))
-    return out
+        wait = inst.expected_wait_s
+        finish = wait + prefill_s
+        rows.append((finish, wait, prefill_s, hit, inst))
+        if finish < best_finish:
+            best_finish = finish
+        if wait < best_wait:
+            best_wait = wait
+        if hit > best_hit:
+            best_hit = hit
+    return PoolScores(rows, best_finish, best_hit, best_wait)
 
 
-def pick(scored: list[ScoredInstance], rng: random.Random, config: PolicyConfig) -> ScoredInstance:
+def pick(scores: PoolScores, rng: random.Random, config: PolicyConfig) -> ScoredInstance:
     """The instance finishing first, a random one among those within the tie tolerance."""
-    best = scored[0].finish_s
-    for s in scored:
-        if s.finish_s < best:
-            best = s.finish_s
+    best = scores.best_finish_s
     tolerance = config.tie_tolerance_rel * best
     limit = best + (tolerance if tolerance > config.tie_tolerance_s else config.tie_tolerance_s)
-    ties = [s for s in scored if s.finish_s <= limit]
-    return ties[0] if len(ties) == 1 else ties[int(rng.random() * len(ties))]
-
-
-def best_cached(scored: list[ScoredInstance]) -> int:
-    """The longest prefix any scored instance reuses."""
-    best = 0
-    for s in scored:
-        if s.cached_tokens > best:
-            best = s.cached_tokens
-    return best
+    ties = [s for s in scores.rows if s[0] <= limit]
+    return ScoredInstance(ties[0] if len(ties) == 1 else ties[int(rng.random() * len(ties))])
 
 
 def pick_decode(view: ClusterView, rng: random.Random) -> tuple[InstanceView, float] | None:
     """The decode instance with the most free slots (random among near-equals) and its wait for a slot."""
-    pool = view.decode
-    if not pool:
+    ties = view.decode_ties()
+    if not ties:
         return None
-    most_free = max(inst.free_decode_slots for inst in pool)
-    if most_free > 0:
-        floor = most_free - max(1, most_free // 10)
-        ties = [inst for inst in pool if inst.free_decode_slots > floor]
-        return ties[int(rng.random() * len(ties))], 0.0
-    least_wait = min(inst.expected_wait_s for inst in pool)
-    ties = [inst for inst in pool if inst.expected_wait_s <= least_wait * 1.05 + 1e-3]
     chosen = ties[int(rng.random() * len(ties))]
-    return chosen, chosen.expected_wait_s
+    return chosen, 0.0 if chosen.free_decode_slots > 0 else chosen.expected_wait_s

@@ -72,6 +72,7 @@ class ClusterView:
     decode: tuple[InstanceView, ...] = field(init=False)
     _links: Mapping[tuple[str, str], LinkView] = field(init=False, repr=False)
     _max_batch: dict[str, int] = field(init=False, repr=False, default_factory=dict)  # memo per hardware
+    _decode_ties: list[tuple[InstanceView, ...]] = field(init=False, repr=False, default_factory=list)  # memo
 
     def __post_init__(self) -> None:
         remote: dict[str, list[InstanceView]] = {}
@@ -93,6 +94,20 @@ class ClusterView:
     def link(self, src_site: str, dst_site: str) -> LinkView | None:
         """The link from ``src_site`` to ``dst_site``, if the view knows one."""
         return self._links.get((src_site, dst_site))
+
+    def decode_ties(self) -> tuple[InstanceView, ...]:
+        """Decode instances with (nearly) the most free slots, or else the (nearly) shortest wait."""
+        if not self._decode_ties:
+            pool = self.decode
+            most_free = max((inst.free_decode_slots for inst in pool), default=0)
+            if most_free > 0:
+                floor = most_free - max(1, most_free // 10)
+                ties = tuple(inst for inst in pool if inst.free_decode_slots > floor)
+            else:
+                least = min((inst.expected_wait_s for inst in pool), default=0.0)
+                ties = tuple(inst for inst in pool if inst.expected_wait_s <= least * 1.05 + 1e-3)
+            self._decode_ties.append(ties)
+        return self._decode_ties[0]
 
     def first_step_s(self, decode: InstanceView) -> float:
         """Predicted time of a new request's first decode step on ``decode`` (its batch plus one)."""
