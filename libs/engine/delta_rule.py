@@ -71,12 +71,11 @@ def chunked_prefill(
     np.multiply(vc, bc, out=rhs[..., d_k:])
     wu = np.matmul(unit_lower_inverse(a), rhs)  # [W | U], (H, n, C, d_k + d_v)
 
-    last = cum[:, :, -1:, :]  # G at the chunk end, (H, n, 1, d_k)
-    k_end_t = np.empty((n_heads, n, d_k, c), dtype=np.float32)  # (k_j e^{G_end - G_j})^T
-    np.multiply(kc.swapaxes(-1, -2), np.exp(last - cum).swapaxes(-1, -2), out=k_end_t)
-    mb = np.matmul(k_end_t, wu)  # [K_end^T W | K_end^T U], (H, n, d_k, d_k + d_v)
+    end_decay = decay[:, :, -1, :, None]  # e^{G_end} per key channel, (H, n, d_k, 1)
+    mb = np.matmul(k_minus_t, wu)  # K_end = e^{G_end} K-, so [K_end^T W | K_end^T U] = e^{G_end} (K-^T [W | U])
+    mb *= end_decay
     m = -mb[..., :d_k]
-    m += np.exp(last).swapaxes(-1, -2) * np.eye(d_k, dtype=np.float32)
+    m += end_decay * np.eye(d_k, dtype=np.float32)
     m = np.ascontiguousarray(m.swapaxes(0, 1))  # chunk-major for the sequential loop
     b = np.ascontiguousarray(mb[..., d_k:].swapaxes(0, 1))
 
@@ -115,7 +114,9 @@ def unit_lower_inverse(strict: np.ndarray) -> np.ndarray:
         raise ValueError(f"chunk size must be a power of two, got {c}")
     inv = np.zeros_like(strict)
     inv[..., np.arange(c), np.arange(c)] = 1.0
-    size = 1
+    if c > 1:  # 1x1 diagonal blocks are 1: the first round is a negation
+        np.negative(_diagonal_blocks(strict, 1, 1, 0), out=_diagonal_blocks(inv, 1, 1, 0))
+    size = 2
     while size < c:
         a_inv = _diagonal_blocks(inv, size, 0, 0)
         d_inv = _diagonal_blocks(inv, size, size, size)

@@ -143,10 +143,14 @@ class ReferenceModel:
         hd = h * d
         q = _unit(proj[:, :hd].reshape(rows, h, d))
         k = _unit(proj[:, hd : 2 * hd].reshape(rows, h, d))
-        v = np.ascontiguousarray(proj[:, 2 * hd : 3 * hd].reshape(rows, h, d))
-        g = (_sigmoid(proj[:, 3 * hd : 4 * hd] + w.b_decay) * np.float32(-cfg.max_log_decay)).reshape(rows, h, d)
+        v = proj[:, 2 * hd : 3 * hd].reshape(rows, h, d)
+        g = proj[:, 3 * hd : 4 * hd] + w.b_decay  # g = -max_log_decay * sigmoid(.), in place
+        np.negative(g, out=g)
+        np.exp(g, out=g)
+        g += 1.0
+        np.divide(np.float32(-cfg.max_log_decay), g, out=g)
         beta = _sigmoid(proj[:, 4 * hd :] + w.b_beta)
-        return q, k, v, g, beta
+        return q, k, v, g.reshape(rows, h, d), beta
 
     def _linear_prefill(
         self, layer: int, w: LinearMixerWeights, x: np.ndarray, state0: np.ndarray | None, start: int
