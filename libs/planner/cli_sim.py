@@ -96,8 +96,8 @@ def _scenario_table(doc: dict) -> str:
         lines.append(f"{label:24}" + "".join(f"{_fmt(doc['policies'][n][key], spec):>22}" for n in names))
     s = doc["settings"]
     lines.append(f"\nlink {doc['inputs']['link_gbps']:g} -> {s['degraded_gbps']:g} Gbps in [{s['start_s']:g}, {s['end_s']:g}) s "
-                 f"of {s['duration_s']:g} s at {s['rate_rps']:g} req/s; adaptive and cost-model re-plan t and N_p/N_d "
-                 f"every {s['replan_interval_s']:g} s (the *-fast-only columns do not)")  # fmt: skip
+                 f"of {s['duration_s']:g} s at {s['rate_rps']:g} req/s; the +slow columns also re-plan t and N_p/N_d "
+                 f"every {s['replan_interval_s']:g} s")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -107,7 +107,7 @@ def _plot(args: argparse.Namespace, doc: dict, runs: dict[str, SimRun]) -> None:
     if args.scenario:
         series = {n: ([r.arrival_s for r in run.requests if r.first_token_s >= 0],
                       [r.ttft_s for r in run.requests if r.first_token_s >= 0])
-                  for n, run in runs.items() if not n.endswith("fast-only")}  # fmt: skip
+                  for n, run in runs.items() if not n.endswith("+slow")}  # fmt: skip
         s = doc["settings"]
         gbps = doc["inputs"]["link_gbps"]
         capacity = ([0, s["start_s"], s["end_s"], s["duration_s"]], [gbps, s["degraded_gbps"], gbps, gbps])

@@ -14,9 +14,9 @@ class PolicyConfig:
     threshold_tokens: int = 19_400  # t: offload iff the uncached length exceeds it (paper: 19.4K)
     link_budget: float = 0.9  # cost-model: plan at most this fraction of link goodput
     scarce_utilization: float = 0.5  # adaptive: link busier than this -> bandwidth is scarce
-    raise_start_utilization: float = 0.5  # adaptive: start raising t at this link utilisation
-    raise_full_utilization: float = 0.9  # adaptive: t at its maximum at this utilisation
-    backlog_limit_s: float = 2.0  # adaptive: link backlog (seconds to drain) counted as full pressure
+    raise_start_utilization: float = 0.8  # adaptive: start raising t at this (smoothed) link utilisation
+    raise_full_utilization: float = 1.0  # adaptive: t at its maximum at this utilisation
+    backlog_limit_s: float = 4.0  # adaptive: link backlog (seconds to drain) counted as full pressure
     queue_limit_s: float = 8.0  # adaptive: PrfaaS wait beyond the local wait counted as full pressure
     max_threshold_tokens: int = 131_072  # adaptive: the highest effective threshold
     tie_tolerance_s: float = 0.05  # instance scores this close (absolute) are ties ...
