@@ -8,6 +8,7 @@ prefix-block cache whose ``drain_events()`` the gateway publishes as KV events.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,6 +25,7 @@ from libs.engine.scheduler import DecodeLoop, run_ahead
 from libs.engine.state import PartSpec, RequestState, plan_parts
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,10 @@ class ReferenceBackend:
         self, request_id: str, tokens: Sequence[int], *, use_cache: bool = True
     ) -> AsyncIterator[list[StatePart]]:
         """Each layer's parts as soon as the layer is done, then the head; resumes from cached blocks."""
-        async for parts in run_ahead(self._prefill(self.model.check_tokens(tokens), use_cache)):
+        async for parts in run_ahead(self._prefill(request_id, self.model.check_tokens(tokens), use_cache)):
             yield parts
 
-    async def _prefill(self, tokens: np.ndarray, use_cache: bool) -> AsyncIterator[list[StatePart]]:
+    async def _prefill(self, request_id: str, tokens: np.ndarray, use_cache: bool) -> AsyncIterator[list[StatePart]]:
         self._prefill_queue += 1
         try:
             async with self._prefill_lock:
@@ -119,17 +121,20 @@ class ReferenceBackend:
                     cached = min(self.cache.usable_blocks(hashes), (len(tokens) - 1) // bs)
                     if cached:
                         attn, linear = self.cache.take_prefix(hashes, cached)
-                        prefix = self._prefix_state(tokens[: cached * bs], attn, linear)
+                        prefix = await asyncio.to_thread(self._prefix_state, tokens[: cached * bs], attn, linear)
+                log.debug("prefill", extra={"request_id": request_id, "tokens": len(tokens), "cached_blocks": cached})
                 layers = self.model.prefill(tokens, prefix)
                 results = []
                 while (result := await asyncio.to_thread(next, layers, None)) is not None:
                     results.append(result)
-                    yield result.parts
-                if use_cache and len(hashes) > cached:
+                    if result.layer < self.config.n_layers:
+                        yield result.parts
+                if use_cache and len(hashes) > cached:  # before the head, so a finished prefill has cached
                     blocks = await asyncio.to_thread(self._new_blocks, results, cached, len(hashes))
                     parent = hashes[cached - 1] if cached else None
                     for kind, payloads, size in blocks:
                         self.cache.store(kind, hashes[cached:], payloads, [size] * len(payloads), parent)
+                yield results[-1].parts
         finally:
             self._prefill_queue -= 1
 

@@ -154,9 +154,9 @@ class SimulatedBackend:
                     part = await self._make_part(request_id, spec)
                     await asyncio.sleep(max(0.0, start + (layer + 1) * layer_s - time.monotonic()))
                     yield [part]
-                yield [StatePart(self.model.n_layers, "attn_kv", "tokens", tokens)]
-                if use_cache and len(hashes) > cached:
+                if use_cache and len(hashes) > cached:  # before the head, so a finished prefill has cached
                     self._store_blocks(hashes, cached)
+                yield [StatePart(self.model.n_layers, "attn_kv", "tokens", tokens)]
         finally:
             self._prefill_queue -= 1
 

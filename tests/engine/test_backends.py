@@ -157,3 +157,14 @@ async def test_bad_prompt_is_a_bad_request() -> None:
             await _prefill(backend, [1, 2, 100_000])
         with pytest.raises(BadRequest):
             await _decode(backend, "r", [], 4)
+
+
+async def test_blocks_are_cached_by_the_time_the_head_arrives() -> None:
+    """A consumer that stops right after the head part still leaves the prompt's blocks cached."""
+    async with ReferenceBackend() as backend:
+        stream = backend.prefill("r", PROMPT)
+        async for parts in stream:
+            if parts[0].layer == backend.config.n_layers:
+                break
+        await stream.aclose()
+        assert backend.cache.usable_blocks(hash_list(PROMPT)) == len(PROMPT) // 64
