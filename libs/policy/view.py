@@ -51,7 +51,9 @@ class LinkView:
         """Bandwidth a new transfer can expect: the idle part, or at least an equal share."""
         bytes_per_s = self.effective_gbps * 1e9 / 8
         idle = bytes_per_s * max(0.0, 1.0 - self.utilization)
-        return max(idle, bytes_per_s / (self.active_transfers + 1))
+        # Telemetry without a transfer count: a busy link has at least one transfer on it.
+        active = self.active_transfers or (1 if self.utilization > 0.05 or self.bytes_in_flight else 0)
+        return max(idle, bytes_per_s / (active + 1))
 
     @property
     def backlog_s(self) -> float:

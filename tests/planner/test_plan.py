@@ -1,0 +1,101 @@
+"""The planner reproduces the paper's case study and accounts for a binding link."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from libs.cli import main
+from libs.engine.profiles import HARDWARE, MODELS
+from libs.planner.search import PlanInputs, homogeneous, naive_heterogeneous, search_prfaas_pd
+from libs.planner.workloads import CASE_STUDY_WORKLOAD
+
+CONFIG_KEYS = {
+    "threshold_tokens", "offload_fraction", "n_prfaas", "n_p", "n_d", "theta_prfaas", "theta_pdp", "theta_pdd",
+    "lambda_max", "egress_gbps",
+}  # fmt: skip
+
+
+def case_study(link_gbps: float = 100.0) -> PlanInputs:
+    """The paper's inputs (optionally with another link)."""
+    return PlanInputs(
+        MODELS["kimi-linear-1t"], HARDWARE["h200"], 4, HARDWARE["h20"], 8, link_gbps, CASE_STUDY_WORKLOAD, 1024
+    )
+
+
+def run_cli(capsys, *argv: str) -> dict:
+    """Run ``prfaas`` with ``argv`` and parse its JSON output."""
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_case_study_reproduces_the_paper_table(capsys):
+    """plan --case-study: Lambda_max 3.24/2.11/2.45 (3%), t 19.4K (5%), N_p/N_d 3/5 and 9/3, egress 11-14 Gbps."""
+    doc = run_cli(capsys, "plan", "--case-study", "--json")
+    pd, homo, naive = doc["prfaas_pd"], doc["homogeneous"], doc["naive_heterogeneous"]
+    for name in ("prfaas_pd", "homogeneous", "naive_heterogeneous"):
+        assert CONFIG_KEYS <= set(doc[name])
+    assert pd["lambda_max"] == pytest.approx(3.24, rel=0.03)
+    assert homo["lambda_max"] == pytest.approx(2.11, rel=0.03)
+    assert naive["lambda_max"] == pytest.approx(2.45, rel=0.03)
+    assert pd["threshold_tokens"] == pytest.approx(19_400, rel=0.05)
+    assert pd["offload_fraction"] == pytest.approx(0.496, abs=0.01)
+    assert (pd["n_prfaas"], pd["n_p"], pd["n_d"]) == (4, 3, 5)
+    assert (homo["n_p"], homo["n_d"]) == (9, 3)
+    assert (naive["n_prfaas"], naive["n_p"], naive["n_d"]) == (4, 0, 8)
+    assert 11.0 <= pd["egress_gbps"] <= 14.0
+    assert pd["theta_prfaas"] == pytest.approx(1.61, rel=0.03) and pd["theta_pdp"] == pytest.approx(1.64, rel=0.03)
+    assert doc["ratios"]["prfaas_pd"] == pytest.approx(1.54, rel=0.03)
+    assert doc["ratios"]["naive_heterogeneous"] == pytest.approx(1.16, rel=0.03)
+
+
+def test_cost_normalized_gain_is_about_fifteen_percent(capsys):
+    """At equal hardware cost PrfaaS-PD gains ~15% over homogeneous PD (H200 priced at 2x H20)."""
+    doc = run_cli(capsys, "plan", "--case-study", "--json", "--cost-normalized")
+    gain = doc["cost_normalized"]["prfaas_pd"]["gain_vs_homogeneous"]
+    assert gain == pytest.approx(1.15, abs=0.03)
+    assert doc["cost_normalized"]["homogeneous"]["gain_vs_homogeneous"] == pytest.approx(1.0)
+
+
+def test_a_narrow_link_binds_and_moves_the_threshold():
+    """At 5 Gbps the search keeps egress within the link, raises t and gives more instances to local prefill."""
+    wide, narrow = search_prfaas_pd(case_study()).throughput, search_prfaas_pd(case_study(5.0)).throughput
+    assert narrow.egress_gbps <= 5.0 + 1e-6
+    assert narrow.egress_gbps == pytest.approx(5.0, rel=0.02)  # the link is the bound it saturates
+    assert narrow.threshold_tokens > 1.5 * wide.threshold_tokens
+    assert narrow.n_p > wide.n_p
+    assert narrow.lambda_max < wide.lambda_max
+    assert naive_heterogeneous(case_study(5.0)).throughput.lambda_max < 1.0  # everything over 5 Gbps
+    assert homogeneous(case_study(5.0)).throughput.lambda_max == pytest.approx(2.11, rel=0.03)  # no link used
+
+
+def test_general_use_other_model_hardware_and_workload(capsys, tmp_path):
+    """plan works for any profile, hardware, budget, link and an empirical workload, with the same JSON shape."""
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("\n".join(str(n) for n in [2000, 4000, 8000, 16000, 32000, 64000, 100000] * 20))
+    doc = run_cli(
+        capsys, "plan", "--model", "qwen3.5-397b", "--prfaas-hw", "rubin-cpx", "--n-prfaas", "2", "--pd-hw", "h200",
+        "--n-pd", "6", "--link-gbps", "50", "--workload", f"file:{lengths}", "--output-tokens", "512", "--json",
+    )  # fmt: skip
+    pd = doc["prfaas_pd"]
+    assert CONFIG_KEYS <= set(pd)
+    assert pd["n_p"] + pd["n_d"] == 6 and pd["n_prfaas"] == 2
+    assert pd["lambda_max"] >= max(doc["homogeneous"]["lambda_max"], doc["naive_heterogeneous"]["lambda_max"]) - 1e-9
+    assert doc["inputs"]["workload"]["kind"] == "empirical"
+
+
+def test_bad_inputs_are_reported(capsys):
+    """Missing flags or an unknown workload spec exit with code 2 and a message naming the problem."""
+    assert main(["plan", "--model", "kimi-linear-1t"]) == 2
+    assert "--prfaas-hw" in capsys.readouterr().err
+    assert main(["plan", "--case-study", "--workload", "zipf:1"]) == 2
+    assert "workload" in capsys.readouterr().err
+
+
+def test_plot_is_written(tmp_path, capsys):
+    """--plot writes a PNG of the bounds against t and N_p."""
+    out = tmp_path / "plan.png"
+    assert main(["plan", "--case-study", "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Lambda_max" in capsys.readouterr().out
