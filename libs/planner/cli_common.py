@@ -82,3 +82,12 @@ def describe_inputs(inputs: PlanInputs) -> dict:
         "workload": inputs.workload.describe(),
         "output_tokens": inputs.output_tokens,
     }
+
+
+def is_paper_case_study(args: argparse.Namespace, inputs: PlanInputs) -> bool:
+    """True when the inputs are exactly the paper's case study (so its figures can be shown beside ours)."""
+    if not args.case_study:
+        return False
+    keys = (*_CASE_STUDY, "workload")
+    bare = argparse.Namespace(case_study=True, **dict.fromkeys(keys))
+    return describe_inputs(inputs) == describe_inputs(inputs_from_args(bare))

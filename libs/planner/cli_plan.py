@@ -12,6 +12,7 @@ from libs.planner.cli_common import (
     add_deployment_arguments,
     describe_inputs,
     inputs_from_args,
+    is_paper_case_study,
 )
 from libs.planner.search import PlanInputs, Result, homogeneous, naive_heterogeneous, search_prfaas_pd
 
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(_table(doc, args.case_study))
+        print(_table(doc, is_paper_case_study(args, inputs)))
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0

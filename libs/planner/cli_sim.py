@@ -9,7 +9,14 @@ import sys
 import numpy as np
 
 from libs.common.errors import BadRequest
-from libs.planner.cli_common import CONFIG_NAMES, PAPER, add_deployment_arguments, describe_inputs, inputs_from_args
+from libs.planner.cli_common import (
+    CONFIG_NAMES,
+    PAPER,
+    add_deployment_arguments,
+    describe_inputs,
+    inputs_from_args,
+    is_paper_case_study,
+)
 from libs.planner.progress import ProgressBar
 from libs.planner.scenarios import Degradation, case_study, link_degradation
 from libs.planner.simulator import SimRun
@@ -142,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         if rate <= 0 or duration <= 0:
             raise BadRequest(f"--rate and --duration must be positive, got {rate} and {duration}")
         configs = case_study(inputs, rate, duration, args.seed, _progress(args), runs)
-        is_paper = args.case_study and describe_inputs(inputs) == describe_inputs(inputs_from_args(_case_only()))
+        is_paper = is_paper_case_study(args, inputs)
         paper = {n: {k: PAPER[n][k] for k in ("ttft_mean_s", "ttft_p90_s", "lambda_max")} for n in CONFIG_NAMES}
         doc = {"configs": configs, "rate_rps": rate, "duration_s": duration, "paper": paper if is_paper else None,
                "inputs": describe_inputs(inputs)}  # fmt: skip
@@ -155,9 +162,3 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"plot written to {args.plot}", file=sys.stdout)
     return 0
-
-
-def _case_only() -> argparse.Namespace:
-    """The flags of a bare ``--case-study`` (to tell whether the inputs were overridden)."""
-    keys = ("model", "prfaas_hw", "n_prfaas", "pd_hw", "n_pd", "link_gbps", "workload", "output_tokens")
-    return argparse.Namespace(case_study=True, **dict.fromkeys(keys))
