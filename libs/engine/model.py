@@ -25,6 +25,7 @@ from libs.engine.weights import AttentionWeights, LayerWeights, LinearMixerWeigh
 
 _EPS = 1e-6
 _MLP_ROWS = 512  # MLP row tile: the (512, 2 * d_ff) hidden activations (2 MiB) stay in L2
+_SLAB_ROWS = 512  # linear-layer slab: its chunked work arrays stay in cache (~20% faster than whole prompts)
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,10 @@ class ReferenceModel:
         for layer, lw in enumerate(self.weights.layers):
             if isinstance(lw.mixer, AttentionWeights):
                 prefix_kv = None if prefix_state is None else (prefix_state.keys[layer].view, prefix_state.values[layer].view)
-                result = self._attention_prefill(layer, lw.mixer, x, prefix_kv)
+                yield self._attention_prefill(layer, lw, x, prefix_kv)
             else:
                 state0 = None if prefix_state is None else prefix_state.linear[layer]
-                result = self._linear_prefill(layer, lw.mixer, x, state0, start)
-            self._mlp(x, lw)
-            yield result
+                yield self._linear_prefill(layer, lw, x, state0, start)
         logits = (_rms(x[-1:]) @ self.weights.unembedding)[0] + self.weights.output_bias
         head = cfg.n_layers
         yield LayerResult(
@@ -117,13 +116,15 @@ class ReferenceModel:
         return start
 
     def _attention_prefill(
-        self, layer: int, w: AttentionWeights, x: np.ndarray, prefix_kv: tuple[np.ndarray, np.ndarray] | None
+        self, layer: int, lw: LayerWeights, x: np.ndarray, prefix_kv: tuple[np.ndarray, np.ndarray] | None
     ) -> LayerResult:
-        q, k, v = self._qkv(_rms(x) @ w.w_qkv, len(x))
+        """A full-attention layer over all rows of ``x`` (in place), keys and values after any prefix."""
+        q, k, v = self._qkv(_rms(x) @ lw.mixer.w_qkv, len(x))
         if prefix_kv is not None:
             k = np.concatenate([prefix_kv[0], k])
             v = np.concatenate([prefix_kv[1], v])
-        x += attention.causal_prefill(q, k, v) @ w.w_out
+        x += attention.causal_prefill(q, k, v) @ lw.mixer.w_out
+        self._mlp(x, lw)
         return LayerResult(layer, [StatePart(layer, "attn_kv", "k", k), StatePart(layer, "attn_kv", "v", v)], [])
 
     def _qkv(self, proj: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,15 +154,26 @@ class ReferenceModel:
         return q, k, v, g.reshape(rows, h, d), beta
 
     def _linear_prefill(
-        self, layer: int, w: LinearMixerWeights, x: np.ndarray, state0: np.ndarray | None, start: int
+        self, layer: int, lw: LayerWeights, x: np.ndarray, state0: np.ndarray | None, start: int
     ) -> LayerResult:
+        """A gated delta-rule layer (in place), one slab of rows at a time with the state carried across.
+
+        Every row's mixer and MLP depend only on that row and the carried state, so a slab runs
+        the whole layer while its work arrays stay in cache.
+        """
         cfg = self.config
-        q, k, v, g, beta = self._linear_inputs(w, x)
-        if state0 is None:
-            state0 = np.zeros((cfg.n_heads, cfg.head_dim, cfg.head_dim), dtype=np.float32)
-        out, states = delta_rule.chunked_prefill(q, k, v, g, beta, state0, cfg.chunk_size)
-        x += out.reshape(len(x), -1) @ w.w_out
-        bs, c = cfg.block_size, cfg.chunk_size
+        c = cfg.chunk_size
+        states = np.empty((-(-len(x) // c) + 1, cfg.n_heads, cfg.head_dim, cfg.head_dim), dtype=np.float32)
+        states[0] = 0.0 if state0 is None else state0
+        slab = max(c, _SLAB_ROWS // c * c)
+        for r0 in range(0, len(x), slab):
+            xs = x[r0 : r0 + slab]
+            q, k, v, g, beta = self._linear_inputs(lw.mixer, xs)
+            out, slab_states = delta_rule.chunked_prefill(q, k, v, g, beta, states[r0 // c], c)
+            states[r0 // c + 1 : r0 // c + len(slab_states)] = slab_states[1:]
+            xs += out.reshape(len(xs), -1) @ lw.mixer.w_out
+            self._mlp(xs, lw)
+        bs = cfg.block_size
         end = start + len(x)
         checkpoints = [
             StatePart(layer, "linear_state", f"ckpt.{b}", states[(b * bs - start) // c])

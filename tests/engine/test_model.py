@@ -239,3 +239,16 @@ def test_bad_requests_are_typed(model: ReferenceModel) -> None:
         Sampling(temperature=-1.0)
     with pytest.raises(BadRequest):
         model.generate([1, 2], 0)
+
+
+def test_long_prompts_carry_state_across_slabs(model: ReferenceModel) -> None:
+    """Past one slab of rows, prefill still equals decode-step continuation and resumption at an odd block."""
+    rng = np.random.default_rng(0)
+    tokens = [model.config.bos_id, *rng.integers(32, 127, 1400).tolist()]
+    results = list(model.prefill(tokens))
+    full = results[-1].parts[1].array
+    state = model.prefill_state(tokens[:-1])
+    model.forward_step([state], [tokens[-1]])
+    assert np.abs(state.logits - full).max() / np.abs(full).max() <= 1e-4
+    resumed = model.prefill_state(tokens, _prefix_from(model, tokens, results, 9))  # 576 tokens: mid-slab
+    assert np.abs(resumed.logits - full).max() / np.abs(full).max() <= 1e-4
