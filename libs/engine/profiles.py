@@ -103,11 +103,6 @@ class ModelProfile:
         full = tuple(round((j + 1) * self.n_layers / self.n_full_layers) - 1 for j in range(self.n_full_layers))
         object.__setattr__(self, "full_layer_indices", full)
 
-    @property
-    def is_hybrid(self) -> bool:
-        """True when the model has both fixed-size state and per-token attention KV."""
-        return self.n_linear_layers > 0 and self.n_full_layers > 0
-
     def kv_bytes(self, tokens: int) -> int:
         """Bytes of KV/state after prefilling ``tokens``: fixed linear state + per-token attention KV."""
         return self.linear_state_bytes + self.attn_kv_bytes_per_token * int(tokens)

@@ -28,7 +28,6 @@ class SimRequest:
         "prefill_s",
         "prefill_start_s",
         "prefill_end_s",
-        "kv_arrival_s",
         "first_token_s",
         "done_s",
         "admit_s",
@@ -45,7 +44,7 @@ class SimRequest:
         self.prefill: PrefillServer | None = None
         self.decode: DecodeServer | None = None
         self.prefill_s = 0.0
-        self.prefill_start_s = self.prefill_end_s = self.kv_arrival_s = -1.0
+        self.prefill_start_s = self.prefill_end_s = -1.0
         self.first_token_s = self.done_s = self.admit_s = -1.0
         self.target = 0.0
 
@@ -66,7 +65,6 @@ class PrefillServer:
         self.queued_work_s = 0.0
         self.current: SimRequest | None = None
         self.busy_until_s = 0.0
-        self.busy_s = 0.0
 
     def view(self, now: float) -> InstanceView:
         """What a router would know about this instance now."""
@@ -91,7 +89,6 @@ class PrefillServer:
         req.prefill_start_s = now
         req.prefill_end_s = now + req.prefill_s
         self.busy_until_s = req.prefill_end_s
-        self.busy_s += req.prefill_s
         return req
 
 

@@ -293,10 +293,8 @@ class Simulator:
                     self._link_done(self.link.advance(now), now)
                     self._reschedule_link()
             elif kind == _KV_ARRIVE:
-                req = payload
-                req.kv_arrival_s = now
-                req.decode.arrive(req, now)
-                self._reschedule_decode(req.decode)
+                payload.decode.arrive(payload, now)
+                self._reschedule_decode(payload.decode)
             elif kind == _DECODE:
                 if version == payload.version:
                     payload.complete(now)
