@@ -201,6 +201,145 @@ class RouteDecision(_Msg, tag="route.decision.v1"):
     fallback_of: str = ""  # set when this decision replaces a failed one (names the failure)
 
 
+# --- KV transfer (libs/kvwire) --------------------------------------------------------------
+# A transfer is a manifest (``KvBegin``), chunks, then an end marker, each acknowledged. On TCP a
+# frame is a little-endian u32 header length, the msgpack header, then (chunks only) the raw
+# payload; over JetStream a chunk's header travels in a NATS header and its payload as the data.
+
+Codec = Literal["raw", "zstd", "int8"]
+ChecksumAlgo = Literal["crc32", "crc32c"]
+
+
+class KvPartSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """One array the decode side needs: which layer and state, its dtype/shape, and its codec."""
+
+    layer: int
+    kind: StateKind
+    name: str
+    dtype: str  # numpy dtype string, e.g. "<f2"
+    shape: list[int]
+    nbytes: int  # decoded array bytes
+    codec: Codec = "raw"
+
+
+class KvManifest(msgspec.Struct, kw_only=True, frozen=True):
+    """Everything a transfer carries, listed before the first chunk (a part is addressed by index)."""
+
+    transfer_id: str
+    src_site: str
+    dst_site: str
+    model: str
+    block_size: int
+    num_tokens: int
+    parts: list[KvPartSpec]
+    chunk_bytes: int
+    checksum: ChecksumAlgo = "crc32"
+    skipped_block_hashes: list[int] = []  # cached prefix blocks the decode site already holds
+    request_id: str = ""
+
+
+class KvBegin(_Msg, tag="kv.begin.v1"):
+    """Open (or resume) a transfer: the receiver reserves memory or refuses with an ErrorReply."""
+
+    manifest: KvManifest
+    conn: int = 0
+
+
+class KvJoin(_Msg, tag="kv.join.v1"):
+    """Attach one more TCP connection to a transfer already begun."""
+
+    transfer_id: str
+    conn: int
+
+
+class KvChunk(_Msg, tag="kv.chunk.v1"):
+    """Header of one chunk of a part's wire bytes; ``length`` payload bytes follow it."""
+
+    transfer_id: str
+    part: int
+    offset: int
+    length: int
+    checksum: int
+    part_wire_bytes: int  # encoded length of the whole part
+    attempt: int = 0  # > 0 for a resend (distinct JetStream message id)
+
+
+class KvChunkAck(_Msg, tag="kv.chunk_ack.v1"):
+    """The receiver verified (``ok``) or rejected (checksum mismatch: resend it) one chunk."""
+
+    transfer_id: str
+    part: int
+    offset: int
+    ok: bool
+
+
+class KvEnd(_Msg, tag="kv.end.v1"):
+    """Every chunk was sent; ``digests[i]`` is part i's digest over its chunk checksums."""
+
+    transfer_id: str
+    digests: list[int]
+    round: int = 0
+
+
+class KvAbort(_Msg, tag="kv.abort.v1"):
+    """Give up on a transfer: the receiver frees its buffers and refuses further chunks."""
+
+    transfer_id: str
+    reason: str = ""
+
+
+class KvStatusRequest(_Msg, tag="kv.status.v1"):
+    """Ask what the receiver holds; waits up to ``wait_s`` for completion or for end ``round``."""
+
+    transfer_id: str
+    round: int = 0
+    wait_s: float = 0.0
+
+
+class KvPartHeld(msgspec.Struct, kw_only=True, frozen=True):
+    """Verified chunks of one part as a little-endian bitmap (bit i = chunk i)."""
+
+    part: int
+    chunks: bytes
+
+
+class KvResumeState(_Msg, tag="kv.resume.v1"):
+    """What the receiver holds: a resuming sender sends only the rest."""
+
+    transfer_id: str
+    complete: bool
+    held: list[KvPartHeld] = []
+    end_round: int = -1  # last end marker processed (-1: none yet)
+
+
+KvSenderFrame = KvBegin | KvJoin | KvChunk | KvEnd | KvAbort
+KvReceiverFrame = KvResumeState | KvChunkAck | ErrorReply
+KvControlRequest = KvBegin | KvStatusRequest | KvAbort
+KvControlReply = KvResumeState | ErrorReply
+
+
+class LinkStats(_Msg, tag="link.stats.v1"):
+    """KV traffic from one site to another over the last interval, published every second."""
+
+    src_site: str
+    dst_site: str
+    ts: float
+    interval_s: float
+    budget_gbps: float  # pacing budget (0: unpaced)
+    goodput_gbps: float  # acknowledged payload over the interval
+    busy_goodput_gbps: float  # acknowledged payload over the time transfers were active
+    utilization: float  # goodput / budget (0 when unpaced)
+    rtt_s: float  # smoothed ack round trip (0: no sample yet)
+    min_rtt_s: float  # least round trip seen in the interval
+    bytes_in_flight: int
+    active_transfers: int
+    acked_bytes_total: int
+    retransmitted_bytes_total: int
+    retransmitted_chunks_total: int
+    transfers_completed_total: int
+    transfers_failed_total: int
+
+
 # --- Codecs, built once ---------------------------------------------------------------------
 
 msgpack_encoder = msgspec.msgpack.Encoder()
@@ -211,6 +350,13 @@ kv_lookup_request_decoder = msgspec.msgpack.Decoder(KvLookupRequest)
 kv_lookup_result_decoder = msgspec.msgpack.Decoder(KvLookupResult)
 kv_snapshot_request_decoder = msgspec.msgpack.Decoder(KvSnapshotRequest)
 instance_load_decoder = msgspec.msgpack.Decoder(InstanceLoad)
+kv_sender_frame_decoder = msgspec.msgpack.Decoder(KvSenderFrame)
+kv_receiver_frame_decoder = msgspec.msgpack.Decoder(KvReceiverFrame)
+kv_control_request_decoder = msgspec.msgpack.Decoder(KvControlRequest)
+kv_control_reply_decoder = msgspec.msgpack.Decoder(KvControlReply)
+kv_chunk_decoder = msgspec.msgpack.Decoder(KvChunk)
+kv_end_decoder = msgspec.msgpack.Decoder(KvEnd)
+link_stats_decoder = msgspec.msgpack.Decoder(LinkStats)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

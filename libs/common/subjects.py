@@ -54,3 +54,25 @@ def link(src_site: str, dst_site: str) -> str:
 def decisions(site: str) -> str:
     """Subject of routing decision events (JSON) made by routers at ``site``."""
     return f"{PREFIX}.decisions.{token(site, 'site')}"
+
+
+# KV transfer over JetStream: one stream per destination site (placed there), one subject per
+# transfer, and a request/reply control subject per decode instance (begin, status, abort).
+def kv_transfer_stream(site: str) -> str:
+    """Name of the JetStream stream holding KV chunks bound for ``site``."""
+    return f"PRFAAS_KV_{token(site, 'site')}"
+
+
+def kv_transfer_all(site: str) -> str:
+    """Subjects captured by ``site``'s KV transfer stream."""
+    return f"{PREFIX}.kvx.{token(site, 'site')}.>"
+
+
+def kv_transfer(site: str, instance: str, transfer_id: str) -> str:
+    """Subject carrying one transfer's chunks and end markers to ``site/instance``."""
+    return f"{PREFIX}.kvx.{token(site, 'site')}.{token(instance, 'instance')}.{token(transfer_id, 'transfer id')}"
+
+
+def kv_control(site: str, instance: str) -> str:
+    """Request/reply subject on which ``site/instance`` answers KV transfer begin/status/abort."""
+    return f"{PREFIX}.kvctl.{token(site, 'site')}.{token(instance, 'instance')}"

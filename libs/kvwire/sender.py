@@ -1,0 +1,305 @@
+"""The prefill side: stream a transfer's parts as they are produced, resuming after failures.
+
+The manifest (every part's spec) goes first; then each part, as the engine yields it, is encoded
+and checksummed in a worker thread and its chunks handed to the transport, paced by the site
+pair's shared bucket. A broken connection reopens the session: the receiver reports what it holds
+and only the rest is sent (also after a sender restart with the same manifest). ``send`` returns
+once the receiver has verified every part. It never aborts by itself: a transfer left unfinished
+can be resumed until the receiver's deadline frees it; ``abort`` ends it explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from libs.common.errors import BadRequest, TransferFailed, UpstreamTimeout
+from libs.common.messages import KvManifest
+from libs.common.state_parts import StatePart
+from libs.kvwire.codecs import encode
+from libs.kvwire.format import chunk_checksums, chunk_count, part_digest, part_key, unpack_bitmap
+from libs.kvwire.linkstats import KvLinks, Link
+
+log = logging.getLogger(__name__)
+
+
+class TransportBroken(Exception):
+    """A session lost its connection or timed out; reopening it and resuming may succeed."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a decode instance receives: its site and name (JetStream), host and port (TCP)."""
+
+    site: str
+    instance: str = ""
+    host: str = ""
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class OutChunk:
+    """One chunk to send: a slice of a part's wire bytes and its checksum."""
+
+    part: int
+    offset: int
+    payload: memoryview
+    checksum: int
+    part_wire_bytes: int
+
+
+@dataclass(frozen=True)
+class EncodedPart:
+    """A part's wire bytes cut into chunks, with every chunk's checksum and the part digest."""
+
+    index: int
+    wire: memoryview
+    checksums: list[int]
+    digest: int
+    source: np.ndarray  # keeps the array alive while its raw bytes are being sent
+
+    def chunks(self, chunk_bytes: int) -> Iterator[OutChunk]:
+        """All chunks, in order."""
+        for i, checksum in enumerate(self.checksums):
+            offset = i * chunk_bytes
+            yield OutChunk(self.index, offset, self.wire[offset : offset + chunk_bytes], checksum, len(self.wire))
+
+
+MissingChunks = Callable[[dict[int, bytes]], list[OutChunk]]
+
+
+class SendSession(Protocol):
+    """One open attempt of a transfer on a transport."""
+
+    held: dict[int, bytes]  # what the receiver held when the session opened (part -> bitmap)
+    complete: bool  # the receiver already holds the whole transfer
+    sent_chunks: int
+    sent_bytes: int
+    resent_chunks: int
+
+    async def send(self, chunk: OutChunk) -> None:
+        """Queue a chunk (waits for window space); ``TransportBroken`` if the session broke."""
+
+    async def end(self, digests: list[int], missing: MissingChunks) -> None:
+        """Deliver the end marker and return once the receiver verified every part."""
+
+    async def close(self) -> None:
+        """Release connections and threads (idempotent)."""
+
+
+class SendTransport(Protocol):
+    """A way to reach decode instances (direct TCP, JetStream)."""
+
+    chunk_bytes: int
+
+    async def open(self, manifest: KvManifest, dest: Destination, link: Link) -> SendSession:
+        """Begin (or resume) a transfer; typed errors when the receiver refuses it."""
+
+    async def abort(self, transfer_id: str, dest: Destination, reason: str) -> None:
+        """Tell the receiver to drop the transfer and free its memory."""
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """Retry policy and deadlines of a sender."""
+
+    max_attempts: int = 4  # session opens per transfer: the first one and the resumes
+    retry_backoff_s: float = 0.2
+    transfer_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class SendReport:
+    """What one ``send`` did."""
+
+    transfer_id: str
+    payload_bytes: int  # decoded bytes of every part
+    wire_bytes: int  # encoded bytes of every part
+    sent_bytes: int  # wire bytes put on the wire (resends included)
+    skipped_bytes: int  # wire bytes never sent because the receiver already held them (resume)
+    chunks_sent: int
+    chunks_resent: int
+    attempts: int
+    duration_s: float
+
+    @property
+    def goodput_gbps(self) -> float:
+        """Payload bits per second over the whole send."""
+        return self.payload_bytes * 8 / max(self.duration_s, 1e-9) / 1e9
+
+
+def encode_part(index: int, part: StatePart, manifest: KvManifest) -> EncodedPart:
+    """Encode and checksum one part (CPU-bound: call it in a worker thread)."""
+    spec = manifest.parts[index]
+    array = part.array
+    if array.dtype.str != spec.dtype or list(array.shape) != spec.shape:
+        raise BadRequest(f"part {part.key}: got {array.dtype.str}{list(array.shape)}, manifest says "
+                         f"{spec.dtype}{spec.shape}")
+    wire = encode(array, spec.codec)
+    checksums = chunk_checksums(wire, manifest.chunk_bytes, manifest.checksum)
+    return EncodedPart(index, wire, checksums, part_digest(checksums, manifest.checksum), array)
+
+
+async def _aiter(parts: AsyncIterable[StatePart] | Iterable[StatePart]):
+    if isinstance(parts, AsyncIterable):
+        async for part in parts:
+            yield part
+    else:
+        for part in parts:
+            yield part
+
+
+class KvSender:
+    """Sends transfers over one transport, paced and counted per site pair by ``links``."""
+
+    def __init__(self, transport: SendTransport, links: KvLinks, config: SenderConfig | None = None) -> None:
+        self.transport = transport
+        self.links = links
+        self.config = config or SenderConfig()
+
+    async def send(
+        self,
+        manifest: KvManifest,
+        parts: AsyncIterable[StatePart] | Iterable[StatePart],
+        dest: Destination,
+    ) -> SendReport:
+        """Send every part of ``manifest`` (yielded in any order, e.g. layer by layer) to ``dest``."""
+        if manifest.chunk_bytes != self.transport.chunk_bytes:
+            raise BadRequest(f"manifest chunk_bytes {manifest.chunk_bytes} != transport's {self.transport.chunk_bytes}")
+        link = self.links.link(manifest.dst_site)
+        run = _Run(self, manifest, dest, link)
+        link.counters.transfer_started()
+        ok = False
+        try:
+            async with asyncio.timeout(self.config.transfer_timeout_s):
+                report = await run.execute(parts)
+            ok = True
+            return report
+        except TimeoutError as e:
+            raise UpstreamTimeout(f"transfer {manifest.transfer_id}: not done after "
+                                  f"{self.config.transfer_timeout_s:.0f}s") from e
+        finally:
+            await run.close()
+            link.counters.transfer_ended(ok)
+
+    async def abort(self, transfer_id: str, dest: Destination, reason: str = "aborted by sender") -> None:
+        """Make the receiver drop a transfer and free its memory."""
+        await self.transport.abort(transfer_id, dest, reason)
+
+
+class _Run:
+    """State of one ``send`` across session attempts."""
+
+    def __init__(self, sender: KvSender, manifest: KvManifest, dest: Destination, link: Link) -> None:
+        self.sender = sender
+        self.manifest = manifest
+        self.dest = dest
+        self.link = link
+        self.keys = {part_key(spec): i for i, spec in enumerate(manifest.parts)}
+        self.encoded: dict[int, EncodedPart] = {}
+        self.session: SendSession | None = None
+        self.attempts = 0
+        self.sent_keys: dict[tuple[int, int], int] = {}  # chunks this run sent at least once -> size
+        self.totals = [0, 0, 0]  # chunks sent, bytes sent, chunks resent, of closed sessions
+
+    async def execute(self, parts: AsyncIterable[StatePart] | Iterable[StatePart]) -> SendReport:
+        started = time.monotonic()
+        await self._reopen(None)
+        async for part in _aiter(parts):
+            index = self.keys.get(part.key)
+            if index is None:
+                raise BadRequest(f"part {part.key} is not in the manifest of {self.manifest.transfer_id}")
+            if index in self.encoded:
+                raise BadRequest(f"part {part.key} given twice")
+            encoded = await asyncio.to_thread(encode_part, index, part, self.manifest)
+            self.encoded[index] = encoded
+            await self._push([encoded])
+        if len(self.encoded) != len(self.manifest.parts):
+            missing = [part_key(s) for i, s in enumerate(self.manifest.parts) if i not in self.encoded]
+            raise BadRequest(f"parts never given: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        digests = [self.encoded[i].digest for i in range(len(self.manifest.parts))]
+        while True:
+            try:
+                await self._session().end(digests, self._missing)
+                break
+            except TransportBroken as e:
+                await self._reopen(e)
+                await self._push(list(self.encoded.values()))
+        return self._report(time.monotonic() - started)
+
+    def _session(self) -> SendSession:
+        if self.session is None:
+            raise TransferFailed(f"transfer {self.manifest.transfer_id}: no open session")
+        return self.session
+
+    def _missing(self, held: dict[int, bytes]) -> list[OutChunk]:
+        """Chunks of every encoded part that ``held`` lacks."""
+        return list(self._lacking(list(self.encoded.values()), held))
+
+    def _lacking(self, encoded: list[EncodedPart], held: dict[int, bytes]) -> Iterator[OutChunk]:
+        step = self.manifest.chunk_bytes
+        for enc in encoded:
+            have = unpack_bitmap(held.get(enc.index, b""), chunk_count(len(enc.wire), step))
+            for chunk, h in zip(enc.chunks(step), have, strict=True):
+                if not h:
+                    self.sent_keys[(chunk.part, chunk.offset)] = len(chunk.payload)
+                    yield chunk
+
+    async def _push(self, encoded: list[EncodedPart]) -> None:
+        """Send the chunks of ``encoded`` the receiver lacks, reopening the session when it breaks."""
+        while True:
+            session = self._session()
+            if session.complete:
+                return
+            try:
+                for chunk in self._lacking(encoded, session.held):
+                    await session.send(chunk)
+                return
+            except TransportBroken as e:
+                await self._reopen(e)
+                encoded = list(self.encoded.values())
+
+    async def _reopen(self, cause: Exception | None) -> None:
+        await self.close()
+        while True:
+            if self.attempts >= self.sender.config.max_attempts:
+                raise TransferFailed(f"transfer {self.manifest.transfer_id}: gave up after {self.attempts} "
+                                     f"attempts: {cause!r}") from cause
+            if self.attempts:
+                log.warning("transfer resuming", extra={"transfer_id": self.manifest.transfer_id,
+                                                        "attempt": self.attempts + 1, "cause": repr(cause)})
+                await asyncio.sleep(self.sender.config.retry_backoff_s * self.attempts)
+            self.attempts += 1
+            try:
+                self.session = await self.sender.transport.open(self.manifest, self.dest, self.link)
+                return
+            except TransportBroken as e:
+                cause = e
+
+    async def close(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+            self.totals[0] += session.sent_chunks
+            self.totals[1] += session.sent_bytes
+            self.totals[2] += session.resent_chunks
+
+    def _report(self, duration_s: float) -> SendReport:
+        session = self._session()
+        return SendReport(
+            transfer_id=self.manifest.transfer_id,
+            payload_bytes=sum(spec.nbytes for spec in self.manifest.parts),
+            wire_bytes=sum(len(e.wire) for e in self.encoded.values()),
+            sent_bytes=self.totals[1] + session.sent_bytes,
+            skipped_bytes=sum(len(e.wire) for e in self.encoded.values()) - sum(self.sent_keys.values()),
+            chunks_sent=self.totals[0] + session.sent_chunks,
+            chunks_resent=self.totals[2] + session.resent_chunks,
+            attempts=self.attempts,
+            duration_s=duration_s,
+        )

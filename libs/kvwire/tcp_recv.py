@@ -1,0 +1,190 @@
+"""Direct TCP, decode side: accept connections and write chunks straight into receiver memory.
+
+Each connection is served by one thread with a blocking socket: it reads a frame header, asks
+the transfer where the payload goes, ``recv_into`` that memory (``MSG_WAITALL``: one system call
+per chunk), verifies the checksum in place and answers with a ``KvChunkAck``. Blocking sockets in
+threads move several GB/s on loopback where asyncio streams move a fraction of that; checksums
+and socket copies release the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+
+import msgspec
+
+from libs.common.errors import BadRequest, PrfaasError
+from libs.common.messages import (
+    ErrorReply,
+    KvAbort,
+    KvBegin,
+    KvChunk,
+    KvChunkAck,
+    KvEnd,
+    KvJoin,
+    encode,
+    kv_sender_frame_decoder,
+)
+from libs.kvwire.assembly import TransferAssembly
+from libs.kvwire.format import FRAME_PREFIX, frame
+from libs.kvwire.receiver import KvReceiver
+from libs.kvwire.sockets import Closed, read_frame, recv_exact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TcpServerConfig:
+    """Where the decode gateway listens for KV, and how long a connection may stall."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (see ``TcpReceiverServer.address``)
+    io_timeout_s: float = 60.0  # a connection silent this long is dropped
+    backlog: int = 64
+
+
+class TcpReceiverServer:
+    """Listens for senders and feeds their chunks to a ``KvReceiver``."""
+
+    def __init__(self, receiver: KvReceiver, config: TcpServerConfig | None = None) -> None:
+        self.receiver = receiver
+        self.config = config or TcpServerConfig()
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+        self._conns: dict[socket.socket, threading.Thread] = {}
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) the server listens on."""
+        if self._listener is None:
+            raise RuntimeError("server not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        """Bind, listen and start accepting."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.config.host, self.config.port))
+        listener.listen(self.config.backlog)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accept_task = asyncio.create_task(self._accept_loop(listener), name="kv-tcp-accept")
+
+    async def stop(self) -> None:
+        """Stop accepting, drop every connection and join their threads (idempotent)."""
+        task, self._accept_task = self._accept_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            conns = dict(self._conns)
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in conns.values():
+            await asyncio.to_thread(thread.join)
+
+    async def __aenter__(self) -> TcpReceiverServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, peer = await loop.sock_accept(listener)
+            sock.setblocking(True)
+            sock.settimeout(self.config.io_timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            thread = threading.Thread(target=self._serve, args=(sock, peer), name=f"kv-tcp-{peer[1]}", daemon=True)
+            with self._lock:
+                self._conns[sock] = thread
+            thread.start()
+
+    def _serve(self, sock: socket.socket, peer: tuple) -> None:
+        """One connection's loop (in its own thread)."""
+        conn = _Connection(self.receiver, sock)
+        try:
+            conn.run()
+        except (Closed, OSError) as e:
+            log.debug("kv connection closed", extra={"peer": peer, "error": repr(e)})
+        except PrfaasError as e:
+            log.info("kv connection refused", extra={"peer": peer, "error": str(e)})
+            with contextlib.suppress(OSError):
+                sock.sendall(frame(encode(ErrorReply(code=e.code, message=e.message))))
+        finally:
+            sock.close()
+            with self._lock:
+                self._conns.pop(sock, None)
+
+
+class _Connection:
+    """Frame handling of one connection (bound to one transfer by its begin or join)."""
+
+    def __init__(self, receiver: KvReceiver, sock: socket.socket) -> None:
+        self.receiver = receiver
+        self.sock = sock
+        self.prefix = bytearray(FRAME_PREFIX.size)
+        self.assembly: TransferAssembly | None = None
+        self.scratch = bytearray()
+
+    def reply(self, msg: msgspec.Struct) -> None:
+        self.sock.sendall(frame(encode(msg)))
+
+    def run(self) -> None:
+        while True:
+            msg = read_frame(self.sock, self.prefix, kv_sender_frame_decoder)
+            if isinstance(msg, KvChunk):
+                self.chunk(msg)
+            elif isinstance(msg, KvBegin):
+                state = self.receiver.begin(msg.manifest)
+                self.assembly = self.receiver.assembly(msg.manifest.transfer_id) if not state.complete else None
+                self.reply(state)
+            elif isinstance(msg, KvJoin):
+                self.assembly = self.receiver.assembly(msg.transfer_id)
+                self.reply(self.receiver.status(msg.transfer_id))
+            elif isinstance(msg, KvEnd):
+                self.reply(self.receiver.end(msg))
+            elif isinstance(msg, KvAbort):
+                self.receiver.abort(msg.transfer_id, msg.reason or "aborted by sender")
+                return
+
+    def chunk(self, header: KvChunk) -> None:
+        assembly = self.assembly
+        if assembly is None or header.transfer_id != assembly.manifest.transfer_id:
+            self.discard(header.length)
+            raise BadRequest(f"chunk of {header.transfer_id} on a connection not joined to it")
+        target = assembly.target(header)
+        if isinstance(target, bool):  # held already (ok), or being written by another connection (resend)
+            self.discard(header.length)
+            ok = target
+        else:
+            try:
+                recv_exact(self.sock, target)
+            except BaseException:
+                assembly.abandon(header)
+                raise
+            ok = assembly.commit(header, target)
+        self.reply(KvChunkAck(transfer_id=header.transfer_id, part=header.part, offset=header.offset, ok=ok))
+
+    def discard(self, nbytes: int) -> None:
+        """Read and drop ``nbytes`` of payload."""
+        if len(self.scratch) < min(nbytes, 4 << 20):
+            self.scratch = bytearray(min(nbytes, 4 << 20))
+        view = memoryview(self.scratch)
+        while nbytes:
+            step = min(nbytes, len(view))
+            recv_exact(self.sock, view[:step])
+            nbytes -= step
