@@ -58,11 +58,19 @@ def causal_prefill(q: np.ndarray, k_all: np.ndarray, v_all: np.ndarray) -> np.nd
 
 
 def decode_one(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Attention output (H * d,) of one new query (H, d) over all n keys and values (n, n_kv, d)."""
+    """Attention output (H * d,) of one new query (H, d) over all n keys and values (n, n_kv, d).
+
+    The queries go into a block-diagonal (n_kv * d, H) matrix, so one matmul over the contiguous
+    (n, n_kv * d) keys scores every head against its own kv head, and one more gathers the values.
+    """
     n_heads, d = q.shape
-    n_kv = k.shape[1]
-    s = np.matmul(q.reshape(n_kv, n_heads // n_kv, d) * _LOG2_E, k.transpose(1, 2, 0))  # (n_kv, g, n)
+    n, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    heads = np.arange(n_kv)
+    q_block = np.zeros((n_kv, d, n_kv, group), dtype=np.float32)
+    q_block[heads, :, heads, :] = (q.reshape(n_kv, group, d) * _LOG2_E).transpose(0, 2, 1)
+    s = k.reshape(n, n_kv * d) @ q_block.reshape(n_kv * d, n_heads)  # (n, H)
     np.exp2(s, out=s)
-    o = np.matmul(s, v.transpose(1, 0, 2))
-    o /= s.sum(axis=-1, keepdims=True)
+    o = (s.T @ v.reshape(n, n_kv * d)).reshape(n_kv, group, n_kv, d)[heads, :, heads, :]  # (n_kv, g, d)
+    o /= s.sum(axis=0).reshape(n_kv, group, 1)
     return o.reshape(n_heads * d)
