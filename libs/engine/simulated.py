@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from libs.common.errors import BadRequest, TransferFailed
+from libs.common.errors import BadRequest, NoCapacity, TransferFailed
 from libs.common.hashing import DEFAULT_BLOCK_SIZE, hash_list
 from libs.common.state_parts import StatePart
 from libs.engine.backends import DEFAULT_CACHE_BYTES, BackendLoad
@@ -97,10 +97,11 @@ class SimulatedBackend:
         self.cache = PrefixCache(cache_capacity_bytes, kinds)
         self._prefill_lock = asyncio.Lock()
         self._prefill_queue = 0
-        max_batch = self.model.max_batch(self.hardware)
-        if max_batch < 1:
-            raise BadRequest(f"model {self.model.name} does not fit on {self.hardware.name} for decode")
-        self._decoder = DecodeLoop(self._step, max_batch)
+        self.max_batch = self.model.max_batch(self.hardware)  # 0: the model cannot decode on this chip
+        self._decoder = DecodeLoop(self._step, max(1, self.max_batch))
+        n_full, n_layers = self.model.n_full_layers, self.model.n_layers
+        # Full-attention layers spread evenly with the last layer full (3:1 over 8 layers -> 3, 7).
+        self.full_layers = {round((j + 1) * n_layers / n_full) - 1 for j in range(n_full)}
 
     async def __aenter__(self) -> SimulatedBackend:
         return self
@@ -113,12 +114,14 @@ class SimulatedBackend:
 
     def plan_parts(self, n_tokens: int) -> list[PartSpec]:
         """Every part a prefill of ``n_tokens`` tokens emits: one per layer (modelled size), then the tokens."""
+        m = self.model
         specs = []
-        for layer in range(self.model.n_layers):
-            size = self._scaled(self.model.layer_state_bytes(layer, n_tokens))
-            if self.model.is_full_attention(layer):
+        for layer in range(m.n_layers):
+            if layer in self.full_layers:
+                size = self._scaled(m.attn_kv_bytes_per_token / m.n_full_layers * n_tokens)
                 specs.append(PartSpec(layer=layer, kind="attn_kv", name="kv", shape=(size,), dtype="uint8"))
             else:
+                size = self._scaled(m.linear_state_bytes / m.n_linear_layers)
                 specs.append(PartSpec(layer=layer, kind="linear_state", name="state", shape=(size,), dtype="uint8"))
         head = self.model.n_layers
         specs.append(PartSpec(layer=head, kind="attn_kv", name="tokens", shape=(n_tokens,), dtype="int32"))
@@ -182,6 +185,8 @@ class SimulatedBackend:
         self, request_id: str, parts: Sequence[StatePart], max_tokens: int, sampling: Sampling | None = None
     ) -> AsyncIterator[DecodeOutput]:
         """Deterministic text tokens at the modelled step time of the current batch size."""
+        if self.max_batch < 1:
+            raise NoCapacity(f"{self.model.name} does not fit on {self.hardware.name} for decode")
         await self._check_parts(request_id, parts)
         sequence = _SimSequence(request_id, StopRules(sampling or Sampling(), max_tokens, _EOS_NEVER))
         async for out in self._decoder.run(sequence):
@@ -211,7 +216,7 @@ class SimulatedBackend:
     def load(self) -> BackendLoad:
         """Current queue depths."""
         d = self._decoder
-        return BackendLoad(self._prefill_queue, d.active, d.waiting, d.max_batch)
+        return BackendLoad(self._prefill_queue, d.active, d.waiting, self.max_batch)
 
     async def close(self) -> None:
         """Stop the decode loop; idempotent."""

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from libs.common.errors import BadRequest, TransferFailed
+from libs.common.errors import BadRequest, NoCapacity, TransferFailed
 from libs.common.state_parts import StatePart
 from libs.engine.profiles import hardware_profile, model_profile
 from libs.engine.simulated import SimulatedBackend, synthetic_bytes, verify_chunk, verify_part
@@ -49,7 +49,7 @@ async def test_parts_have_the_modelled_sizes_and_checkable_content() -> None:
     layer_bytes = sum(p.nbytes for p in parts[:-1])
     assert abs(layer_bytes - sim.model.kv_bytes(len(TOKENS)) * byte_scale) <= sim.model.n_layers
     kinds = {p.layer: p.kind for p in parts[:-1]}
-    assert [layer for layer, kind in kinds.items() if kind == "attn_kv"] == list(sim.model.full_layer_indices)
+    assert [layer for layer, kind in kinds.items() if kind == "attn_kv"] == list(range(3, 60, 4))  # 3:1 interleave
     assert all(verify_part("r1", p) for p in parts[:-1])
     assert not verify_part("r2", parts[0])
     corrupt = parts[3].array.copy()
@@ -140,3 +140,12 @@ def test_unknown_profiles_are_bad_requests() -> None:
         SimulatedBackend("tpu-v9", "kimi-linear-1t")
     with pytest.raises(BadRequest):
         SimulatedBackend("h200", "gpt-17")
+
+
+async def test_prefill_only_chip_refuses_decode() -> None:
+    """A model that does not fit a chip for decode still prefills there; decode is NoCapacity."""
+    async with SimulatedBackend("rubin-cpx", "ring-2.5-1t", time_scale=0.0, byte_scale=1e-6) as sim:
+        assert sim.load().free_decode_slots == 0
+        parts, _ = await _prefill(sim, "r", TOKENS[:200])
+        with pytest.raises(NoCapacity):
+            await _collect(sim, "r", parts)
