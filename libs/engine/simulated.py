@@ -101,7 +101,7 @@ class SimulatedBackend:
         self._decoder = DecodeLoop(self._step, max(1, self.max_batch))
         n_full, n_layers = self.model.n_full_layers, self.model.n_layers
         # Full-attention layers spread evenly with the last layer full (3:1 over 8 layers -> 3, 7).
-        self.full_layers = {round((j + 1) * n_layers / n_full) - 1 for j in range(n_full)}
+        self.full_layers = tuple(round((j + 1) * n_layers / n_full) - 1 for j in range(n_full))
 
     async def __aenter__(self) -> SimulatedBackend:
         return self
@@ -131,9 +131,10 @@ class SimulatedBackend:
         self, request_id: str, tokens: Sequence[int], *, use_cache: bool = True
     ) -> AsyncIterator[list[StatePart]]:
         """Each layer's parts at its modelled finish time, then the tokens; cached blocks shorten the wait."""
-        toks = np.ascontiguousarray(tokens, dtype=np.int32)
-        if toks.ndim != 1 or toks.size == 0:
-            raise BadRequest("a prompt needs at least one token")
+        toks = np.asarray(tokens)
+        if toks.ndim != 1 or toks.size == 0 or toks.dtype.kind not in "iu" or toks.min() < 0 or toks.max() >= 2**31:
+            raise BadRequest("a prompt needs at least one token, every id an integer in [0, 2**31)")
+        toks = np.ascontiguousarray(toks, dtype=np.int32)
         async for parts in run_ahead(self._prefill(request_id, toks, use_cache)):
             yield parts
 
