@@ -1,6 +1,6 @@
 """Causal grouped-query attention with bounded scores: tiled prefill and single-token decode.
 
-Queries and keys are unit vectors and queries are scaled by ``qk_scale`` (at most 80), so every
+Queries and keys are unit vectors and queries are scaled by ``qk_scale`` (at most 64), so every
 score lies in [-qk_scale, qk_scale] and ``exp`` cannot overflow: the softmax needs no running
 maximum, key tiles simply add up, and the denominator comes out of the same matmul as the
 numerator by appending a column of ones to V. Scores are computed in base 2 (``exp2``).

@@ -24,19 +24,19 @@ class ReferenceConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     seed: int = 1234
     dtype_bytes: int = 4  # float32
-    chunk_size: int = 64  # linear-attention prefill chunk; must divide block_size
+    chunk_size: int = 64  # linear-attention prefill chunk; a power of two dividing block_size
     qk_scale: float = 8.0  # full attention scores are qk_scale * cos(q, k), so |score| <= qk_scale
     max_log_decay: float = 1.0  # per-token log decay of the linear state lies in (-max_log_decay, 0)
 
     def __post_init__(self) -> None:
-        if self.block_size % self.chunk_size:
-            raise ConfigError(f"chunk_size={self.chunk_size} must divide block_size={self.block_size}")
+        if self.block_size % self.chunk_size or self.chunk_size & (self.chunk_size - 1):
+            raise ConfigError(f"chunk_size={self.chunk_size} must be a power of two dividing block_size={self.block_size}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.chunk_size * self.max_log_decay > 80:  # exp(+-80) stays inside float32
             raise ConfigError(f"chunk_size * max_log_decay = {self.chunk_size * self.max_log_decay} exceeds 80")
-        if not 0 < self.qk_scale <= 80:  # exp(qk_scale) must not overflow float32 sums
-            raise ConfigError(f"qk_scale={self.qk_scale} must lie in (0, 80]")
+        if not 0 < self.qk_scale <= 64:  # a sum of a million exp(qk_scale) stays inside float32
+            raise ConfigError(f"qk_scale={self.qk_scale} must lie in (0, 64]")
 
     @property
     def bos_id(self) -> int:
@@ -47,11 +47,6 @@ class ReferenceConfig:
     def eos_id(self) -> int:
         """Token id of end-of-sequence."""
         return EOS_ID
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head in the full-attention layers (GQA)."""
-        return self.n_heads // self.n_kv_heads
 
     def is_full_attention(self, layer: int) -> bool:
         """True for the full-attention layers (every ``linear_per_full + 1``-th layer)."""

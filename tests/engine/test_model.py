@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from libs.common.errors import BadRequest
+from libs.common.errors import BadRequest, ConfigError
 from libs.engine.batch import DecodeBatch, DecodeSequence
 from libs.engine.model import ReferenceModel
 from libs.engine.reference_config import ReferenceConfig
@@ -252,3 +252,10 @@ def test_long_prompts_carry_state_across_slabs(model: ReferenceModel) -> None:
     assert np.abs(state.logits - full).max() / np.abs(full).max() <= 1e-4
     resumed = model.prefill_state(tokens, _prefix_from(model, tokens, results, 9))  # 576 tokens: mid-slab
     assert np.abs(resumed.logits - full).max() / np.abs(full).max() <= 1e-4
+
+
+def test_config_rejects_unsafe_numerics() -> None:
+    """Chunks that are not powers of two dividing a block, or exponents that could overflow, are ConfigErrors."""
+    for bad in ({"chunk_size": 48}, {"chunk_size": 128}, {"max_log_decay": 2.0}, {"qk_scale": 100.0}):
+        with pytest.raises(ConfigError):
+            ReferenceConfig(**bad)
