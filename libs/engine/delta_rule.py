@@ -17,8 +17,9 @@ The exponents stay inside float32 because ``C * max_log_decay <= 80`` (checked b
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 
 def chunked_prefill(
@@ -30,98 +31,121 @@ def chunked_prefill(
     state0: np.ndarray,
     chunk_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Outputs (T, H, d_v) and the states at every chunk boundary (n_chunks + 1, H, d_k, d_v).
+    """Outputs (T, H, d_v), C-contiguous, and the states at every chunk boundary (n_chunks + 1, H, d_k, d_v).
 
     ``q``, ``k``, ``g``: (T, H, d_k); ``v``: (T, H, d_v); ``beta``: (T, H); ``state0``: (H, d_k, d_v).
     Boundary ``n`` is the state after ``n * chunk_size`` tokens; the last boundary is the state
     after all T tokens (a partial last chunk is padded with identity steps: no write, no decay).
-    Work arrays are head-major, (H, n_chunks, C, d), so each head's chunks are one contiguous run.
+    Inputs stay token-major (strided views are fine, nothing is transposed): each (head, chunk)
+    matrix is a strided view that the batched matmuls read in place.
     """
     t_len, n_heads, d_k = k.shape
     d_v = v.shape[2]
     c = chunk_size
     n = -(-t_len // c)
+    q, k, v, g, beta = (_padded(x, n * c) for x in (q, k, v, g, beta))
 
-    def chunks(x: np.ndarray) -> np.ndarray:
-        """(T, H, ...) -> (H, n, C, ...), zero-padded, contiguous."""
-        out = np.empty((n_heads, n * c, *x.shape[2:]), dtype=np.float32)
-        out[:, :t_len] = x.swapaxes(0, 1)
-        out[:, t_len:] = 0.0
-        return out.reshape(n_heads, n, c, *x.shape[2:])
+    def heads(x: np.ndarray) -> np.ndarray:
+        """(n * C, H, d) -> (H, n, C, d) view."""
+        return x.reshape(n, c, n_heads, -1).transpose(2, 0, 1, 3)
 
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    bc = chunks(beta)[..., None]  # (H, n, C, 1)
-    cum = np.matmul(np.tril(np.ones((c, c), dtype=np.float32)), chunks(g))  # G_t inside each chunk
-    decay = np.exp(cum)
+    qh, kh, vh = heads(q), heads(k), heads(v)
+    bh = heads(beta[..., None])  # (H, n, C, 1)
+    cum = np.matmul(_tril(c, 0), g.reshape(n, c, n_heads * d_k))  # G_t inside each chunk, (n, C, H * d_k)
+    decay = np.exp(cum).reshape(n, c, n_heads, d_k)  # e^{G}
+    np.negative(cum, out=cum)
+    inv_decay = heads(np.exp(cum, out=cum))  # e^{-G}
+    dh = heads(decay)
 
-    # Rows 0..C-1: beta_t k_t e^{G_t} (the UT transform's left factor); rows C..2C-1: q_t e^{G_t}.
-    kq = np.empty((n_heads, n, 2 * c, d_k), dtype=np.float32)
-    np.multiply(kc, decay, out=kq[:, :, :c])
-    kq[:, :, :c] *= bc
-    np.multiply(qc, decay, out=kq[:, :, c:])
-    k_minus_t = np.empty((n_heads, n, d_k, c), dtype=np.float32)  # (k_j e^{-G_j})^T
-    np.divide(kc.swapaxes(-1, -2), decay.swapaxes(-1, -2), out=k_minus_t)
-    scores = np.matmul(kq, k_minus_t)  # (H, n, 2C, C): A above, P below
-    a, p = scores[:, :, :c], scores[:, :, c:]
-    a *= np.tril(np.ones((c, c), dtype=np.float32), -1)
-    p *= np.tril(np.ones((c, c), dtype=np.float32))
+    kv = np.empty((n_heads, n, c, d_k + d_v), dtype=np.float32)  # [beta k e^{G} | beta v]
+    kb = kv[..., :d_k]
+    np.multiply(kh, dh, out=kb)
+    kb *= bh
+    np.multiply(vh, bh, out=kv[..., d_k:])
+    qd = np.multiply(qh, dh, out=np.empty((n_heads, n, c, d_k), dtype=np.float32))  # q e^{G}
+    k_minus = np.multiply(kh, inv_decay, out=np.empty((n_heads, n, c, d_k), dtype=np.float32))  # k e^{-G}
+    k_minus_t = k_minus.swapaxes(-1, -2)
+    p = np.matmul(qd, k_minus_t)
+    p *= _tril(c, 0)
+    wu = np.matmul(unit_lower_inverse(np.matmul(kb, k_minus_t)), kv)  # [W | U], (H, n, C, d_k + d_v)
 
-    rhs = np.empty((n_heads, n, c, d_k + d_v), dtype=np.float32)
-    rhs[..., :d_k] = kq[:, :, :c]
-    np.multiply(vc, bc, out=rhs[..., d_k:])
-    wu = np.matmul(unit_lower_inverse(a), rhs)  # [W | U], (H, n, C, d_k + d_v)
-
-    end_decay = decay[:, :, -1, :, None]  # e^{G_end} per key channel, (H, n, d_k, 1)
-    mb = np.matmul(k_minus_t, wu)  # K_end = e^{G_end} K-, so [K_end^T W | K_end^T U] = e^{G_end} (K-^T [W | U])
-    mb *= end_decay
-    m = -mb[..., :d_k]
-    m += end_decay * np.eye(d_k, dtype=np.float32)
-    m = np.ascontiguousarray(m.swapaxes(0, 1))  # chunk-major for the sequential loop
-    b = np.ascontiguousarray(mb[..., d_k:].swapaxes(0, 1))
+    # Chunk-major [M | B] with S_{n+1} = M S_n + B: K_end = e^{G_end} K-, so
+    # [K_end^T W | K_end^T U] = e^{G_end} (K-^T [W | U]) and M = e^{G_end} - K_end^T W.
+    mb = np.empty((n, n_heads, d_k, d_k + d_v), dtype=np.float32)
+    np.matmul(k_minus_t, wu, out=mb.transpose(1, 0, 2, 3))
+    end_decay = decay[:, -1]  # (n, H, d_k)
+    mb *= end_decay[..., None]
+    np.negative(mb[..., :d_k], out=mb[..., :d_k])
+    mb.reshape(n, n_heads, -1)[..., :: d_k + d_v + 1] += end_decay  # the diagonal of M
 
     states = np.empty((n + 1, n_heads, d_k, d_v), dtype=np.float32)
     states[0] = state0
     for i in range(n):
-        np.matmul(m[i], states[i], out=states[i + 1])
-        states[i + 1] += b[i]
+        np.matmul(mb[i, ..., :d_k], states[i], out=states[i + 1])
+        states[i + 1] += mb[i, ..., d_k:]
 
     pwu = np.matmul(p, wu)  # [P W | P U]
-    q_eff = kq[:, :, c:] - pwu[..., :d_k]
-    out = np.matmul(q_eff, states[:-1].swapaxes(0, 1))
-    out += pwu[..., d_k:]  # (H, n, C, d_v)
-    return out.reshape(n_heads, n * c, d_v)[:, :t_len].swapaxes(0, 1), states
+    np.subtract(qd, pwu[..., :d_k], out=qd)
+    out = np.empty((n * c, n_heads, d_v), dtype=np.float32)
+    out_h = heads(out)
+    np.matmul(qd, states[:-1].swapaxes(0, 1), out=out_h)
+    out_h += pwu[..., d_k:]
+    return out[:t_len], states
+
+
+def _padded(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` itself if it has ``rows`` rows, else a copy zero-padded to ``rows`` rows."""
+    if len(x) == rows:
+        return x
+    out = np.zeros((rows, *x.shape[1:]), dtype=np.float32)
+    out[: len(x)] = x
+    return out
+
+
+@functools.cache
+def _tril(c: int, k: int) -> np.ndarray:
+    """Read-only (C, C) float32 mask of ones on and below diagonal ``k``."""
+    mask = np.tri(c, c, k, dtype=np.float32)
+    mask.flags.writeable = False
+    return mask
+
+
+@functools.cache
+def _eye(c: int) -> np.ndarray:
+    """Read-only (C, C) float32 identity."""
+    eye = np.eye(c, dtype=np.float32)
+    eye.flags.writeable = False
+    return eye
 
 
 def _diagonal_blocks(m: np.ndarray, size: int, row: int, col: int) -> np.ndarray:
-    """View of the (size x size) blocks at (row + 2*size*j, col + 2*size*j) of square matrices ``m``."""
+    """View of the (size x size) blocks at (row + 2*size*j, col + 2*size*j) of contiguous square matrices ``m``."""
     c, item = m.shape[-1], m.itemsize
-    return as_strided(
-        m[..., row:, col:],
-        shape=(*m.shape[:-2], c // (2 * size), size, size),
-        strides=(*m.strides[:-2], 2 * size * (c + 1) * item, c * item, item),
-    )
+    shape = (*m.shape[:-2], c // (2 * size), size, size)
+    strides = (*m.strides[:-2], 2 * size * (c + 1) * item, c * item, item)
+    return np.ndarray(shape, m.dtype, m, (row * c + col) * item, strides)
 
 
 def unit_lower_inverse(strict: np.ndarray) -> np.ndarray:
-    """Inverse of ``I + strict`` for stacked strictly lower-triangular (C, C) matrices, C a power of two.
+    """Inverse of ``I + L`` for stacked (C, C) matrices, C a power of two, L the strictly lower part of ``strict``.
 
-    Recursive doubling over diagonal blocks, ``[[A, 0], [X, D]]^-1 = [[A^-1, 0], [-D^-1 X A^-1, D^-1]]``:
-    log2(C) rounds of batched matmuls, exact like forward substitution and ~10x faster than
-    ``np.linalg.solve`` on many small systems.
+    The diagonal and upper part of ``strict`` are ignored. Recursive doubling over diagonal blocks,
+    ``[[A, 0], [X, D]]^-1 = [[A^-1, 0], [-D^-1 X A^-1, D^-1]]``: log2(C) rounds of batched
+    matmuls, exact like forward substitution and ~10x faster than ``np.linalg.solve`` on many small systems.
     """
     c = strict.shape[-1]
     if c & (c - 1):
         raise ValueError(f"chunk size must be a power of two, got {c}")
-    inv = np.zeros_like(strict)
-    inv[..., np.arange(c), np.arange(c)] = 1.0
+    strict = np.ascontiguousarray(strict)
+    inv = np.empty(strict.shape, dtype=np.float32)
+    np.copyto(inv, _eye(c))
     if c > 1:  # 1x1 diagonal blocks are 1: the first round is a negation
         np.negative(_diagonal_blocks(strict, 1, 1, 0), out=_diagonal_blocks(inv, 1, 1, 0))
     size = 2
     while size < c:
-        a_inv = _diagonal_blocks(inv, size, 0, 0)
-        d_inv = _diagonal_blocks(inv, size, size, size)
-        lower = _diagonal_blocks(strict, size, size, 0)
-        _diagonal_blocks(inv, size, size, 0)[...] = -np.matmul(d_inv, np.matmul(lower, a_inv))
+        x = np.matmul(_diagonal_blocks(strict, size, size, 0), _diagonal_blocks(inv, size, 0, 0))
+        np.negative(x, out=x)
+        np.matmul(_diagonal_blocks(inv, size, size, size), x, out=_diagonal_blocks(inv, size, size, 0))
         size *= 2
     return inv
 
