@@ -46,34 +46,30 @@ def chunked_prefill(
     q, k, v, g, beta = (_padded(x, n * c) for x in (q, k, v, g, beta))
 
     def heads(x: np.ndarray) -> np.ndarray:
-        """(n * C, H, d) -> (H, n, C, d) view."""
+        """(n * C, H, d) token-major -> (H, n, C, d) view."""
         return x.reshape(n, c, n_heads, -1).transpose(2, 0, 1, 3)
 
-    qh, kh, vh = heads(q), heads(k), heads(v)
-    bh = heads(beta[..., None])  # (H, n, C, 1)
-    cum = np.matmul(_tril(c, 0), g.reshape(n, c, n_heads * d_k))  # G_t inside each chunk, (n, C, H * d_k)
-    decay = np.exp(cum).reshape(n, c, n_heads, d_k)  # e^{G}
+    # Elementwise work stays token-major (contiguous, fast); only matmuls read per-head views.
+    cum = np.matmul(_tril(c, 0), g.reshape(n, c, n_heads * d_k)).reshape(n * c, n_heads, d_k)  # G inside each chunk
+    decay = np.exp(cum)  # e^{G}
     np.negative(cum, out=cum)
-    inv_decay = heads(np.exp(cum, out=cum))  # e^{-G}
-    dh = heads(decay)
-
-    kv = np.empty((n_heads, n, c, d_k + d_v), dtype=np.float32)  # [beta k e^{G} | beta v]
-    kb = kv[..., :d_k]
-    np.multiply(kh, dh, out=kb)
-    kb *= bh
-    np.multiply(vh, bh, out=kv[..., d_k:])
-    qd = np.multiply(qh, dh, out=np.empty((n_heads, n, c, d_k), dtype=np.float32))  # q e^{G}
-    k_minus = np.multiply(kh, inv_decay, out=np.empty((n_heads, n, c, d_k), dtype=np.float32))  # k e^{-G}
-    k_minus_t = k_minus.swapaxes(-1, -2)
+    k_minus_t = heads(np.multiply(k, np.exp(cum, out=cum), out=cum)).swapaxes(-1, -2)  # (k e^{-G})^T
+    kb = np.multiply(k, decay)
+    kb *= beta[..., None]  # beta k e^{G}
+    vb = np.multiply(v, beta[..., None])
+    qd = heads(np.multiply(q, decay))  # q e^{G}
     p = np.matmul(qd, k_minus_t)
     p *= _tril(c, 0)
-    wu = np.matmul(unit_lower_inverse(np.matmul(kb, k_minus_t)), kv)  # [W | U], (H, n, C, d_k + d_v)
+    inv = unit_lower_inverse(np.matmul(heads(kb), k_minus_t))
+    wu = np.empty((n_heads, n, c, d_k + d_v), dtype=np.float32)  # [W | U]
+    np.matmul(inv, heads(kb), out=wu[..., :d_k])
+    np.matmul(inv, heads(vb), out=wu[..., d_k:])
 
     # Chunk-major [M | B] with S_{n+1} = M S_n + B: K_end = e^{G_end} K-, so
     # [K_end^T W | K_end^T U] = e^{G_end} (K-^T [W | U]) and M = e^{G_end} - K_end^T W.
     mb = np.empty((n, n_heads, d_k, d_k + d_v), dtype=np.float32)
     np.matmul(k_minus_t, wu, out=mb.transpose(1, 0, 2, 3))
-    end_decay = decay[:, -1]  # (n, H, d_k)
+    end_decay = decay.reshape(n, c, n_heads, d_k)[:, -1]  # (n, H, d_k)
     mb *= end_decay[..., None]
     np.negative(mb[..., :d_k], out=mb[..., :d_k])
     mb.reshape(n, n_heads, -1)[..., :: d_k + d_v + 1] += end_decay  # the diagonal of M
@@ -84,12 +80,14 @@ def chunked_prefill(
         np.matmul(mb[i, ..., :d_k], states[i], out=states[i + 1])
         states[i + 1] += mb[i, ..., d_k:]
 
-    pwu = np.matmul(p, wu)  # [P W | P U]
-    np.subtract(qd, pwu[..., :d_k], out=qd)
+    # O = Q+ S_n + P Delta with the written values Delta = U - W S_n, both terms written token-major.
+    s_n = states[:-1].swapaxes(0, 1)
+    delta = np.matmul(wu[..., :d_k], s_n)
+    np.subtract(wu[..., d_k:], delta, out=delta)
     out = np.empty((n * c, n_heads, d_v), dtype=np.float32)
-    out_h = heads(out)
-    np.matmul(qd, states[:-1].swapaxes(0, 1), out=out_h)
-    out_h += pwu[..., d_k:]
+    np.matmul(qd, s_n, out=heads(out))
+    np.matmul(p, delta, out=heads(vb))  # vb is free again
+    out += vb
     return out[:t_len], states
 
 

@@ -54,6 +54,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / norm[..., None]
 
 
+def _unit_inplace(x: np.ndarray) -> np.ndarray:
+    """``x`` with its vectors along the last axis scaled to unit length in place (``_unit`` without a copy)."""
+    norm = np.sqrt(np.einsum("...d,...d->...", x, x) + np.float32(_EPS))
+    x /= norm[..., None]
+    return x
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -137,21 +144,24 @@ class ReferenceModel:
         return q, k, v
 
     def _linear_inputs(self, w: LinearMixerWeights, x: np.ndarray) -> tuple[np.ndarray, ...]:
-        """q, k (unit), v, log decay g and beta of a gated delta-rule layer, each (rows, heads, ...)."""
+        """q, k (unit), v, log decay g and beta of a gated delta-rule layer, each (rows, heads, ...), C-contiguous.
+
+        q, k, v and the decay logits come out of one matmul against the four column blocks of
+        ``w_in`` stacked, so each is its own contiguous array and the elementwise work runs at full speed.
+        """
         cfg = self.config
         rows, h, d = len(x), cfg.n_heads, cfg.head_dim
-        proj = _rms(x) @ w.w_in
         hd = h * d
-        q = _unit(proj[:, :hd].reshape(rows, h, d))
-        k = _unit(proj[:, hd : 2 * hd].reshape(rows, h, d))
-        v = proj[:, 2 * hd : 3 * hd].reshape(rows, h, d)
-        g = proj[:, 3 * hd : 4 * hd] + w.b_decay  # g = -max_log_decay * sigmoid(.), in place
+        xr = _rms(x)
+        q, k, v, g = np.matmul(xr, w.w_in[:, : 4 * hd].reshape(-1, 4, hd).transpose(1, 0, 2))
+        g += w.b_decay  # g = -max_log_decay * sigmoid(.), in place
         np.negative(g, out=g)
         np.exp(g, out=g)
         g += 1.0
         np.divide(np.float32(-cfg.max_log_decay), g, out=g)
-        beta = _sigmoid(proj[:, 4 * hd :] + w.b_beta)
-        return q, k, v, g.reshape(rows, h, d), beta
+        beta = _sigmoid(xr @ w.w_in[:, 4 * hd :] + w.b_beta)
+        shape = (rows, h, d)
+        return _unit_inplace(q.reshape(shape)), _unit_inplace(k.reshape(shape)), v.reshape(shape), g.reshape(shape), beta
 
     def _linear_prefill(
         self, layer: int, lw: LayerWeights, x: np.ndarray, state0: np.ndarray | None, start: int
@@ -183,13 +193,12 @@ class ReferenceModel:
 
     def _mlp(self, x: np.ndarray, w: LayerWeights) -> None:
         """ReGLU MLP with residual, in place, one row tile at a time."""
-        f = self.config.d_ff
+        gate_up = w.w_gate_up.reshape(len(w.w_gate_up), 2, -1).transpose(1, 0, 2)  # gate and up come out contiguous
         for r0 in range(0, len(x), _MLP_ROWS):
             xs = x[r0 : r0 + _MLP_ROWS]
-            gate_up = _rms(xs) @ w.w_gate_up
-            gate = gate_up[:, :f]
+            gate, up = np.matmul(_rms(xs), gate_up)
             np.maximum(gate, 0.0, out=gate)
-            gate *= gate_up[:, f:]
+            gate *= up
             xs += gate @ w.w_down
 
     # --- decode -------------------------------------------------------------------------------
