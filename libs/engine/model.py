@@ -193,13 +193,14 @@ class ReferenceModel:
 
     def _mlp(self, x: np.ndarray, w: LayerWeights) -> None:
         """ReGLU MLP with residual, in place, one row tile at a time."""
-        gate_up = w.w_gate_up.reshape(len(w.w_gate_up), 2, -1).transpose(1, 0, 2)  # gate and up come out contiguous
+        f = self.config.d_ff
         for r0 in range(0, len(x), _MLP_ROWS):
             xs = x[r0 : r0 + _MLP_ROWS]
-            gate, up = np.matmul(_rms(xs), gate_up)
+            gate_up = w.w_gate_up.T @ _rms(xs).T  # transposed, (2 * d_ff, rows): gate and up each contiguous
+            gate = gate_up[:f]
             np.maximum(gate, 0.0, out=gate)
-            gate *= up
-            xs += gate @ w.w_down
+            gate *= gate_up[f:]
+            xs += gate.T @ w.w_down
 
     # --- decode -------------------------------------------------------------------------------
 
