@@ -48,10 +48,10 @@ def _rms(x: np.ndarray) -> np.ndarray:
     return x * (1.0 / np.sqrt(ms + np.float32(_EPS)))[:, None]
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Vectors along the last axis scaled to unit length."""
+def _unit(x: np.ndarray, length: float = 1.0) -> np.ndarray:
+    """Vectors along the last axis scaled to ``length`` (a new array)."""
     norm = np.sqrt(np.einsum("...d,...d->...", x, x) + np.float32(_EPS))
-    return x / norm[..., None]
+    return x * (np.float32(length) / norm)[..., None]
 
 
 def _unit_inplace(x: np.ndarray) -> np.ndarray:
@@ -138,7 +138,7 @@ class ReferenceModel:
         """Split a fused projection into scaled unit queries, unit keys and values."""
         cfg = self.config
         hd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        q = _unit(proj[:, :hd].reshape(rows, cfg.n_heads, cfg.head_dim)) * np.float32(cfg.qk_scale)
+        q = _unit(proj[:, :hd].reshape(rows, cfg.n_heads, cfg.head_dim), cfg.qk_scale)
         k = _unit(proj[:, hd : hd + kvd].reshape(rows, cfg.n_kv_heads, cfg.head_dim))
         v = np.ascontiguousarray(proj[:, hd + kvd :].reshape(rows, cfg.n_kv_heads, cfg.head_dim))
         return q, k, v
