@@ -60,7 +60,7 @@ def chunked_prefill(
     qd = heads(np.multiply(q, decay))  # q e^{G}
     p = np.matmul(qd, k_minus_t)
     p *= _tril(c, 0)
-    inv = unit_lower_inverse(np.matmul(heads(kb), k_minus_t))
+    inv = unit_lower_inverse(np.matmul(heads(kb), k_minus_t, out=np.empty((n_heads, n, c, c), dtype=np.float32)))
     wu = np.empty((n_heads, n, c, d_k + d_v), dtype=np.float32)  # [W | U]
     np.matmul(inv, heads(kb), out=wu[..., :d_k])
     np.matmul(inv, heads(vb), out=wu[..., d_k:])
@@ -116,6 +116,15 @@ def _eye(c: int) -> np.ndarray:
     return eye
 
 
+@functools.cache
+def _upper(c: int) -> np.ndarray:
+    """Read-only (C, C) boolean mask of the diagonal and above."""
+    mask = np.tri(c, c, -1, dtype=bool)
+    np.logical_not(mask, out=mask)
+    mask.flags.writeable = False
+    return mask
+
+
 def _diagonal_blocks(m: np.ndarray, size: int, row: int, col: int) -> np.ndarray:
     """View of the (size x size) blocks at (row + 2*size*j, col + 2*size*j) of contiguous square matrices ``m``."""
     c, item = m.shape[-1], m.itemsize
@@ -124,28 +133,30 @@ def _diagonal_blocks(m: np.ndarray, size: int, row: int, col: int) -> np.ndarray
     return np.ndarray(shape, m.dtype, m, (row * c + col) * item, strides)
 
 
-def unit_lower_inverse(strict: np.ndarray) -> np.ndarray:
-    """Inverse of ``I + L`` for stacked (C, C) matrices, C a power of two, L the strictly lower part of ``strict``.
+def unit_lower_inverse(m: np.ndarray) -> np.ndarray:
+    """Overwrite stacked contiguous (C, C) matrices ``m`` with ``(I + L)^-1``, L the strictly lower part of ``m``.
 
-    The diagonal and upper part of ``strict`` are ignored. Recursive doubling over diagonal blocks,
-    ``[[A, 0], [X, D]]^-1 = [[A^-1, 0], [-D^-1 X A^-1, D^-1]]``: log2(C) rounds of batched
-    matmuls, exact like forward substitution and ~10x faster than ``np.linalg.solve`` on many small systems.
+    C is a power of two; the diagonal and upper part of ``m`` are ignored. Recursive doubling over
+    diagonal blocks, ``[[A, 0], [X, D]]^-1 = [[A^-1, 0], [-D^-1 X A^-1, D^-1]]``: log2(C) rounds of
+    batched matmuls, exact like forward substitution and ~10x faster than ``np.linalg.solve`` on
+    many small systems. Each round reads the blocks X of L that it then replaces, so no copy is needed.
     """
-    c = strict.shape[-1]
+    c = m.shape[-1]
     if c & (c - 1):
         raise ValueError(f"chunk size must be a power of two, got {c}")
-    strict = np.ascontiguousarray(strict)
-    inv = np.empty(strict.shape, dtype=np.float32)
-    np.copyto(inv, _eye(c))
+    if not m.flags.c_contiguous:
+        raise ValueError("unit_lower_inverse works in place on C-contiguous matrices")
+    np.copyto(m, _eye(c), where=_upper(c))
     if c > 1:  # 1x1 diagonal blocks are 1: the first round is a negation
-        np.negative(_diagonal_blocks(strict, 1, 1, 0), out=_diagonal_blocks(inv, 1, 1, 0))
+        np.negative(_diagonal_blocks(m, 1, 1, 0), out=_diagonal_blocks(m, 1, 1, 0))
     size = 2
     while size < c:
-        x = np.matmul(_diagonal_blocks(strict, size, size, 0), _diagonal_blocks(inv, size, 0, 0))
+        lower = _diagonal_blocks(m, size, size, 0)
+        x = np.matmul(lower, _diagonal_blocks(m, size, 0, 0))
         np.negative(x, out=x)
-        np.matmul(_diagonal_blocks(inv, size, size, size), x, out=_diagonal_blocks(inv, size, size, 0))
+        np.matmul(_diagonal_blocks(m, size, size, size), x, out=lower)
         size *= 2
-    return inv
+    return m
 
 
 def recurrent_step(

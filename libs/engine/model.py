@@ -153,15 +153,15 @@ class ReferenceModel:
         rows, h, d = len(x), cfg.n_heads, cfg.head_dim
         hd = h * d
         xr = _rms(x)
-        q, k, v, g = np.matmul(xr, w.w_in[:, : 4 * hd].reshape(-1, 4, hd).transpose(1, 0, 2))
-        g += w.b_decay  # g = -max_log_decay * sigmoid(.), in place
-        np.negative(g, out=g)
+        qkvg = np.matmul(xr, w.w_in[:, : 4 * hd].reshape(-1, 4, hd).transpose(1, 0, 2))
+        _unit_inplace(qkvg[:2].reshape(2, rows, h, d))
+        q, k, v, g = (part.reshape(rows, h, d) for part in qkvg)
+        np.subtract(-w.b_decay.reshape(h, d), g, out=g)  # g = -max_log_decay * sigmoid(.), in place
         np.exp(g, out=g)
         g += 1.0
         np.divide(np.float32(-cfg.max_log_decay), g, out=g)
         beta = _sigmoid(xr @ w.w_in[:, 4 * hd :] + w.b_beta)
-        shape = (rows, h, d)
-        return _unit_inplace(q.reshape(shape)), _unit_inplace(k.reshape(shape)), v.reshape(shape), g.reshape(shape), beta
+        return q, k, v, g, beta
 
     def _linear_prefill(
         self, layer: int, lw: LayerWeights, x: np.ndarray, state0: np.ndarray | None, start: int

@@ -86,7 +86,7 @@ def test_unit_lower_inverse() -> None:
     """The recursive-doubling inverse of I + strictly-lower equals numpy's general inverse."""
     rng = np.random.default_rng(11)
     strict = np.tril(rng.standard_normal((3, 64, 64)).astype(np.float32) * 0.2, -1)
-    inv = delta_rule.unit_lower_inverse(strict)
+    inv = delta_rule.unit_lower_inverse(strict.copy())
     np.testing.assert_allclose(inv, np.linalg.inv(strict + np.eye(64)), atol=1e-4)
 
 
