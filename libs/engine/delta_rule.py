@@ -52,8 +52,7 @@ def chunked_prefill(
     # Elementwise work stays token-major (contiguous, fast); only matmuls read per-head views.
     cum = np.matmul(_tril(c, 0), g.reshape(n, c, n_heads * d_k)).reshape(n * c, n_heads, d_k)  # G inside each chunk
     decay = np.exp(cum)  # e^{G}
-    np.negative(cum, out=cum)
-    k_minus_t = heads(np.multiply(k, np.exp(cum, out=cum), out=cum)).swapaxes(-1, -2)  # (k e^{-G})^T
+    k_minus_t = heads(np.divide(k, decay, out=cum)).swapaxes(-1, -2)  # (k e^{-G})^T
     kb = np.multiply(k, decay)
     kb *= beta[..., None]  # beta k e^{G}
     vb = np.multiply(v, beta[..., None])
