@@ -11,7 +11,7 @@ unit lower-triangular system ``(I + A) Delta = beta (V - K+ S_0)`` with
 ``A_tj = beta_t (k_t e^{G_t}) . (k_j e^{-G_j})`` for j < t (the UT/WY transform). Solving it once
 for all chunks gives ``W`` and ``U`` with ``Delta = U - W S_0``, so the chunk-to-chunk recurrence
 is one small matmul per chunk, ``S_{n+1} = M_n S_n + B_n``, and every output follows in batched
-matmuls: ``O = (Q+ - P W) S_n + P U`` with ``P_tj = (q_t e^{G_t}) . (k_j e^{-G_j})`` for j <= t.
+matmuls: ``O = Q+ S_n + P (U - W S_n)`` with ``P_tj = (q_t e^{G_t}) . (k_j e^{-G_j})`` for j <= t.
 The exponents stay inside float32 because ``C * max_log_decay <= 80`` (checked by the config).
 """
 
@@ -50,7 +50,7 @@ def chunked_prefill(
         return x.reshape(n, c, n_heads, -1).transpose(2, 0, 1, 3)
 
     # Elementwise work stays token-major (contiguous, fast); only matmuls read per-head views.
-    cum = np.matmul(_tril(c, 0), g.reshape(n, c, n_heads * d_k)).reshape(n * c, n_heads, d_k)  # G inside each chunk
+    cum = np.matmul(_tril(c), g.reshape(n, c, n_heads * d_k)).reshape(n * c, n_heads, d_k)  # G inside each chunk
     decay = np.exp(cum)  # e^{G}
     k_minus_t = heads(np.divide(k, decay, out=cum)).swapaxes(-1, -2)  # (k e^{-G})^T
     kb = np.multiply(k, decay)
@@ -58,7 +58,7 @@ def chunked_prefill(
     vb = np.multiply(v, beta[..., None])
     qd = heads(np.multiply(q, decay))  # q e^{G}
     p = np.matmul(qd, k_minus_t)
-    p *= _tril(c, 0)
+    p *= _tril(c)
     inv = unit_lower_inverse(np.matmul(heads(kb), k_minus_t, out=np.empty((n_heads, n, c, c), dtype=np.float32)))
     wu = np.empty((n_heads, n, c, d_k + d_v), dtype=np.float32)  # [W | U]
     np.matmul(inv, heads(kb), out=wu[..., :d_k])
@@ -100,9 +100,9 @@ def _padded(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 @functools.cache
-def _tril(c: int, k: int) -> np.ndarray:
-    """Read-only (C, C) float32 mask of ones on and below diagonal ``k``."""
-    mask = np.tri(c, c, k, dtype=np.float32)
+def _tril(c: int) -> np.ndarray:
+    """Read-only (C, C) float32 mask of ones on and below the diagonal."""
+    mask = np.tri(c, c, dtype=np.float32)
     mask.flags.writeable = False
     return mask
 
