@@ -10,6 +10,7 @@ BENCHES = {
     "kvindex": "libs.lab.bench_kvindex",
     "engine": "libs.engine.bench",
     "policy": "libs.policy.bench",
+    "kv": "libs.kvwire.bench",
 }
 
 

@@ -4,8 +4,8 @@ The receiver creates its site's stream through its own (destination-site) connec
 stream lives where the KV is consumed. Senders ``begin`` a transfer by request/reply on the
 instance's control subject (memory is reserved there, or the transfer is refused); the receiver
 then reads the transfer's subject with a pull consumer, keeping two pull requests outstanding so
-the stream never waits for the next request. A finished or aborted transfer's messages are purged
-and its consumer deleted.
+the stream never waits for the next request. Consumed messages are purged as it goes, and a
+finished or aborted transfer's messages and consumer are removed.
 """
 
 from __future__ import annotations
@@ -51,13 +51,16 @@ CHUNK_HEADER = "Kv-Chunk"  # NATS header carrying a chunk's msgpack KvChunk (bas
 class JetStreamReceiverConfig:
     """Stream settings and pull sizing of the decode side."""
 
-    storage: Literal["file", "memory"] = "file"
+    # The stream is a delivery buffer, not the record: the sender keeps every part until the
+    # receiver verified it, so memory storage (a third cheaper than file here) loses nothing.
+    storage: Literal["file", "memory"] = "memory"
     placement_cluster: str = ""  # "": the cluster this connection's server belongs to
-    max_stream_bytes: int = 8 << 30
+    max_stream_bytes: int = 512 << 20  # full: publishes are refused and retried (back-pressure)
     duplicate_window_s: float = 120.0
-    pull_batch: int = 16  # messages per pull request (two requests outstanding)
+    pull_batch: int = 8  # messages per pull request (two requests outstanding)
     pull_max_bytes: int = 16 << 20  # bytes per pull request (well under the server's 64 MB client buffer)
     pull_expires_s: float = 5.0
+    trim_bytes: int = 16 << 20  # purge consumed messages from the stream after this many bytes
     setup_timeout_s: float = 15.0
     api_timeout_s: float = 5.0
 
@@ -96,6 +99,7 @@ class JetStreamReceiver:
                 subjects=[subjects.kv_transfer_all(self.site)],
                 storage=api.StorageType.FILE if cfg.storage == "file" else api.StorageType.MEMORY,
                 retention=api.RetentionPolicy.LIMITS,
+                discard=api.DiscardPolicy.NEW,
                 max_bytes=cfg.max_stream_bytes,
                 duplicate_window=cfg.duplicate_window_s,
                 placement=placement,
@@ -200,6 +204,7 @@ class JetStreamReceiver:
         ).encode()
         next_subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{self.stream}.{self._consumer(tid)}"
         outstanding = 0
+        consumed_bytes = 0
         try:
             while True:
                 while outstanding <= cfg.pull_batch:
@@ -222,6 +227,10 @@ class JetStreamReceiver:
                 outstanding -= 1
                 if self._on_message(tid, msg):
                     return
+                consumed_bytes += len(msg.data)
+                if consumed_bytes >= cfg.trim_bytes:
+                    consumed_bytes = 0
+                    await self._trim(tid, msg)
         except TransferFailed as e:
             log.info("transfer pull stopped", extra={"transfer_id": tid, "reason": e.message})
         finally:
@@ -253,6 +262,15 @@ class JetStreamReceiver:
             target[:] = payload
             assembly.commit(header, target)
         return False
+
+    async def _trim(self, tid: str, msg: Msg) -> None:
+        """Purge the transfer's messages up to ``msg`` (consumed): the stream holds only what is in flight."""
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self.js.purge_stream(
+                self.stream,
+                subject=subjects.kv_transfer(self.site, self.instance, tid),
+                seq=msg.metadata.sequence.stream + 1,
+            )
 
     def _pulse(self, tid: str) -> None:
         event = self._progress.get(tid)

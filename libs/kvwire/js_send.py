@@ -50,14 +50,14 @@ _PUBLISH_ERRORS = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError
 class JetStreamConfig:
     """Chunking, ack window and deadlines of JetStream transfers."""
 
-    chunk_bytes: int = 1 << 20  # well under the server's max_payload with headers
-    window: int = 32  # publish acks outstanding per transfer
+    chunk_bytes: int = 2 << 20  # well under the server's max_payload with headers
+    window: int = 16  # publish acks outstanding per transfer
     request_timeout_s: float = 5.0  # one control request
     ready_timeout_s: float = 15.0  # keep retrying begin while the receiver is not reachable yet
     ack_timeout_s: float = 30.0  # no publish ack for this long breaks the session
     status_wait_s: float = 2.0  # long-poll of the receiver's status after the end marker
     max_end_rounds: int = 4
-    max_chunk_attempts: int = 5
+    max_chunk_attempts: int = 8  # publishes refused (stream full, no interest yet) retried with backoff
 
 
 class JetStreamTransport:
@@ -190,7 +190,8 @@ class _JsSession:
     async def _republish_failed(self) -> None:
         while self._failed:
             failed, self._failed = self._failed, []
-            await asyncio.sleep(0.05)  # e.g. the stream's interest is still crossing the gateway
+            # The stream is full, or its interest is still crossing the gateway: back off.
+            await asyncio.sleep(0.05 * 2 ** min(max(a for _, a in failed), 6))
             for chunk, attempt in failed:
                 await self._publish(chunk, attempt)
 

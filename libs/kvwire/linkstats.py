@@ -34,8 +34,11 @@ class LinkConfig:
 
     budgets_gbps: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     default_budget_gbps: float = 0.0
-    burst_s: float = 0.005  # bucket depth as seconds of budget
-    min_burst_bytes: int = 64 << 10
+    # Bucket depth in seconds of budget: enough to absorb a sender's scheduling hiccups (an event
+    # loop or a thread a few ms late keeps its tokens), small enough that no one-second window
+    # carries more than ~2% over the budget.
+    burst_s: float = 0.02
+    min_burst_bytes: int = 256 << 10
     publish_interval_s: float = 1.0
     rtt_gain: float = 0.125  # EWMA gain of the smoothed RTT (as TCP's SRTT)
 

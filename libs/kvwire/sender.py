@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +23,15 @@ from libs.common.errors import BadRequest, TransferFailed, UpstreamTimeout
 from libs.common.messages import KvManifest
 from libs.common.state_parts import StatePart
 from libs.kvwire.codecs import encode
-from libs.kvwire.format import chunk_checksums, chunk_count, part_digest, part_key, unpack_bitmap
+from libs.kvwire.format import (
+    PartSpec,
+    build_manifest,
+    chunk_checksums,
+    chunk_count,
+    part_digest,
+    part_key,
+    unpack_bitmap,
+)
 from libs.kvwire.linkstats import KvLinks, Link
 
 log = logging.getLogger(__name__)
@@ -96,7 +104,7 @@ class SendSession(Protocol):
 class SendTransport(Protocol):
     """A way to reach decode instances (direct TCP, JetStream)."""
 
-    chunk_bytes: int
+    chunk_bytes: int  # the largest chunk it carries
 
     async def open(self, manifest: KvManifest, dest: Destination, link: Link) -> SendSession:
         """Begin (or resume) a transfer; typed errors when the receiver refuses it."""
@@ -112,6 +120,8 @@ class SenderConfig:
     max_attempts: int = 4  # session opens per transfer: the first one and the resumes
     retry_backoff_s: float = 0.2
     transfer_timeout_s: float = 300.0
+    paced_chunk_s: float = 0.01  # on a paced link, chunks of at most this much budget (smooth traffic)
+    min_chunk_bytes: int = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,41 @@ class KvSender:
         self.links = links
         self.config = config or SenderConfig()
 
+    def chunk_bytes(self, dst_site: str) -> int:
+        """Chunk size towards ``dst_site``: the transport's, or less on a paced link (a power of two)."""
+        bucket = self.links.link(dst_site).bucket
+        if bucket.unlimited:
+            return self.transport.chunk_bytes
+        quantum = int(bucket.rate_gbps * 1e9 / 8 * self.config.paced_chunk_s)
+        size = 1 << (max(quantum, 1).bit_length() - 1)
+        return max(self.config.min_chunk_bytes, min(size, self.transport.chunk_bytes))
+
+    def manifest(
+        self,
+        *,
+        transfer_id: str,
+        dst_site: str,
+        model: str,
+        block_size: int,
+        num_tokens: int,
+        specs: Iterable[PartSpec],
+        skipped_block_hashes: Sequence[int] = (),
+        request_id: str = "",
+    ) -> KvManifest:
+        """A manifest from this sender's site to ``dst_site``, chunked for that link."""
+        return build_manifest(
+            transfer_id=transfer_id,
+            src_site=self.links.src_site,
+            dst_site=dst_site,
+            model=model,
+            block_size=block_size,
+            num_tokens=num_tokens,
+            specs=specs,
+            chunk_bytes=self.chunk_bytes(dst_site),
+            skipped_block_hashes=skipped_block_hashes,
+            request_id=request_id,
+        )
+
     async def send(
         self,
         manifest: KvManifest,
@@ -170,8 +215,8 @@ class KvSender:
         dest: Destination,
     ) -> SendReport:
         """Send every part of ``manifest`` (yielded in any order, e.g. layer by layer) to ``dest``."""
-        if manifest.chunk_bytes != self.transport.chunk_bytes:
-            raise BadRequest(f"manifest chunk_bytes {manifest.chunk_bytes} != transport's {self.transport.chunk_bytes}")
+        if manifest.chunk_bytes > self.transport.chunk_bytes:
+            raise BadRequest(f"manifest chunk_bytes {manifest.chunk_bytes} over the transport's {self.transport.chunk_bytes}")
         link = self.links.link(manifest.dst_site)
         run = _Run(self, manifest, dest, link)
         link.counters.transfer_started()
