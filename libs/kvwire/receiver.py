@@ -61,6 +61,18 @@ class ReceivedTransfer:
 
 
 @dataclass
+class ReceiverTotals:
+    """Counters over every transfer this receiver has closed (completed and released, or aborted)."""
+
+    transfers_completed: int = 0
+    transfers_aborted: int = 0
+    transfers_refused: int = 0
+    received_bytes: int = 0
+    duplicate_chunks: int = 0  # chunks received again although verified (a resend of held data)
+    bad_chunks: int = 0  # chunks whose checksum did not match (asked again)
+
+
+@dataclass
 class _Entry:
     assembly: TransferAssembly
     started: float
@@ -80,6 +92,7 @@ class KvReceiver:
         self._waiters: dict[str, asyncio.Future[ReceivedTransfer]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self.totals = ReceiverTotals()
 
     @property
     def used_bytes(self) -> int:
@@ -133,10 +146,12 @@ class KvReceiver:
                 return self._finished_state(tid)
             need = required_bytes(manifest)
             if need > self.config.max_transfer_bytes:
+                self.totals.transfers_refused += 1
                 raise NoCapacity(f"transfer {tid} needs {need} bytes, over the per-transfer limit "
                                  f"{self.config.max_transfer_bytes}")
             region = self.arena.allocate(need)
             if region is None:
+                self.totals.transfers_refused += 1
                 raise NoCapacity(f"transfer {tid} needs {need} bytes; receiver holds {self.arena.used_bytes} of "
                                  f"{self.arena.capacity_bytes} (largest free {self.arena.largest_free_bytes})")
             assembly = TransferAssembly(manifest, self.arena, region, lambda: self.arena.free(region))
@@ -184,6 +199,8 @@ class KvReceiver:
             if entry is None and transfer_id in self._finished:
                 return
             self._remember(transfer_id, reason or "aborted")
+            if entry is not None:
+                self._count(entry.assembly, completed=False)
         if entry is not None:
             entry.assembly.close()
             log.info("transfer aborted", extra={"transfer_id": transfer_id, "reason": reason})
@@ -225,6 +242,17 @@ class KvReceiver:
         self._finished.move_to_end(tid)
         while len(self._finished) > self.config.remember_ids:
             self._finished.popitem(last=False)
+
+    def _count(self, assembly: TransferAssembly, completed: bool) -> None:
+        """Fold a closing transfer's counters into the totals (under the lock)."""
+        totals = self.totals
+        if completed:
+            totals.transfers_completed += 1
+        else:
+            totals.transfers_aborted += 1
+        totals.received_bytes += assembly.received_bytes
+        totals.duplicate_chunks += assembly.duplicate_chunks
+        totals.bad_chunks += assembly.bad_chunks
 
     def _completed(self, tid: str) -> None:
         with self._lock:
@@ -270,6 +298,7 @@ class KvReceiver:
             entry = self._active.pop(tid, None)
             if entry is not None:
                 self._remember(tid, "")
+                self._count(entry.assembly, completed=True)
         if entry is not None:
             entry.assembly.close()
 
