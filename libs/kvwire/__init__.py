@@ -1,0 +1,50 @@
+"""KV transfer between sites: manifest and chunks, codecs, direct TCP and JetStream, pacing, resume.
+
+Prefill side (one ``KvLinks`` per process, shared by every transfer)::
+
+    links = KvLinks("dc-prfaas", LinkConfig(budgets_gbps={"dc-pd": 10.0}), nc=nc)   # publishes LinkStats
+    sender = KvSender(TcpTransport(), links)            # or JetStreamTransport(nc)
+    manifest = sender.manifest(transfer_id=..., dst_site="dc-pd", model=..., block_size=64,
+                               num_tokens=n, specs=[PartSpec(layer, kind, name, dtype, shape, codec), ...])
+    report = await sender.send(manifest, engine_parts_async_iterator, Destination("dc-pd", "decode-0", host, port))
+
+Decode side::
+
+    receiver = KvReceiver(ReceiverConfig(max_total_bytes=...))
+    async with receiver, TcpReceiverServer(receiver), JetStreamReceiver(nc, receiver, "dc-pd", "decode-0"):
+        with await receiver.wait(transfer_id, timeout_s=30) as transfer:   # every part verified
+            use(transfer.parts)                                            # then the memory is freed
+
+Routers read ``LinkStats`` on ``subjects.LINK_ALL`` with ``messages.link_stats_decoder``.
+"""
+
+from libs.kvwire.format import PartSpec, build_manifest
+from libs.kvwire.js_recv import JetStreamReceiver, JetStreamReceiverConfig
+from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
+from libs.kvwire.linkstats import KvLinks, LinkConfig
+from libs.kvwire.receiver import KvReceiver, ReceivedTransfer, ReceiverConfig
+from libs.kvwire.sender import Destination, KvSender, SenderConfig, SendReport
+from libs.kvwire.tcp_recv import TcpReceiverServer, TcpServerConfig
+from libs.kvwire.tcp_send import TcpConfig, TcpTransport
+
+__all__ = [
+    "Destination",
+    "JetStreamConfig",
+    "JetStreamReceiver",
+    "JetStreamReceiverConfig",
+    "JetStreamTransport",
+    "KvLinks",
+    "KvReceiver",
+    "KvSender",
+    "LinkConfig",
+    "PartSpec",
+    "ReceivedTransfer",
+    "ReceiverConfig",
+    "SendReport",
+    "SenderConfig",
+    "TcpConfig",
+    "TcpReceiverServer",
+    "TcpServerConfig",
+    "TcpTransport",
+    "build_manifest",
+]

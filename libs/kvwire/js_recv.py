@@ -28,7 +28,7 @@ from nats.js import api
 
 from libs.common import subjects
 from libs.common.bus import ensure_stream
-from libs.common.errors import PrfaasError, TransferFailed
+from libs.common.errors import BadRequest, PrfaasError, TransferFailed
 from libs.common.messages import (
     ErrorReply,
     KvAbort,
@@ -146,6 +146,9 @@ class JetStreamReceiver:
     async def _handle(self, request: KvBegin | KvStatusRequest | KvAbort) -> KvResumeState:
         if isinstance(request, KvBegin):
             tid = request.manifest.transfer_id
+            if request.manifest.chunk_bytes > self.config.pull_max_bytes:
+                raise BadRequest(f"chunk_bytes {request.manifest.chunk_bytes} over the pull size "
+                                 f"{self.config.pull_max_bytes}")
             state = self.receiver.begin(request.manifest)
             if not state.complete and tid not in self._pulls:
                 self._progress[tid] = asyncio.Event()
@@ -225,7 +228,7 @@ class JetStreamReceiver:
                         outstanding = 0
                     continue
                 outstanding -= 1
-                if self._on_message(tid, msg):
+                if await self._on_message(tid, msg):
                     return
                 consumed_bytes += len(msg.data)
                 if consumed_bytes >= cfg.trim_bytes:
@@ -240,13 +243,13 @@ class JetStreamReceiver:
                 del self._pulls[tid]
                 await self._finish(tid)
 
-    def _on_message(self, tid: str, msg: Msg) -> bool:
+    async def _on_message(self, tid: str, msg: Msg) -> bool:
         """Apply one stream message; True once the transfer is complete."""
         encoded = msg.headers.get(CHUNK_HEADER) if msg.headers else None
         if encoded is None:
             end = kv_end_decoder.decode(msg.data)
             try:
-                state = self.receiver.end(end)
+                state = await asyncio.to_thread(self.receiver.end, end)  # verifies and decodes: CPU-bound
             finally:
                 self._end_round[tid] = max(self._end_round.get(tid, -1), end.round)
                 self._pulse(tid)
@@ -259,7 +262,7 @@ class JetStreamReceiver:
             if len(payload) != header.length:
                 assembly.abandon(header)
                 return False
-            target[:] = payload
+            target[:] = payload  # one chunk: a copy and a checksum, well under a millisecond
             assembly.commit(header, target)
         return False
 

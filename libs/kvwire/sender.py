@@ -251,7 +251,7 @@ class _Run:
         self.session: SendSession | None = None
         self.attempts = 0
         self.sent_keys: dict[tuple[int, int], int] = {}  # chunks this run sent at least once -> size
-        self.totals = [0, 0, 0]  # chunks sent, bytes sent, chunks resent, of closed sessions
+        self.closed_chunks = self.closed_bytes = self.closed_resent = 0  # of sessions already closed
 
     async def execute(self, parts: AsyncIterable[StatePart] | Iterable[StatePart]) -> SendReport:
         started = time.monotonic()
@@ -331,9 +331,9 @@ class _Run:
         session, self.session = self.session, None
         if session is not None:
             await session.close()
-            self.totals[0] += session.sent_chunks
-            self.totals[1] += session.sent_bytes
-            self.totals[2] += session.resent_chunks
+            self.closed_chunks += session.sent_chunks
+            self.closed_bytes += session.sent_bytes
+            self.closed_resent += session.resent_chunks
 
     def _report(self, duration_s: float) -> SendReport:
         session = self._session()
@@ -341,10 +341,10 @@ class _Run:
             transfer_id=self.manifest.transfer_id,
             payload_bytes=sum(spec.nbytes for spec in self.manifest.parts),
             wire_bytes=sum(len(e.wire) for e in self.encoded.values()),
-            sent_bytes=self.totals[1] + session.sent_bytes,
+            sent_bytes=self.closed_bytes + session.sent_bytes,
             skipped_bytes=sum(len(e.wire) for e in self.encoded.values()) - sum(self.sent_keys.values()),
-            chunks_sent=self.totals[0] + session.sent_chunks,
-            chunks_resent=self.totals[2] + session.resent_chunks,
+            chunks_sent=self.closed_chunks + session.sent_chunks,
+            chunks_resent=self.closed_resent + session.resent_chunks,
             attempts=self.attempts,
             duration_s=duration_s,
         )
