@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -60,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=TcpConfig.connections, help="TCP connections")
     parser.add_argument("--chunk", type=parse_size, default=None, help="chunk size (transport default)")
     parser.add_argument("--codec", choices=("raw", "zstd", "int8"), default="raw", help="codec of attn_kv parts")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of baseline + transfer; the best of each counts")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of baseline + transfer; the best of each counts")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,11 +73,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"transport          {figures['transport']}  ({figures['size_bytes'] / 2**20:.0f} MiB, "
           f"codec {figures['codec']}, verified {figures['verified']})")
-    print(f"goodput            {figures['goodput_gbps']:8.2f} Gbps  ({figures['duration_s']:.2f} s)")
-    print(f"raw loopback       {figures['raw_gbps']:8.2f} Gbps  ratio {figures['ratio']:.2f}")
+    print(f"goodput            {figures['goodput_gbps']:8.2f} Gbps  ({figures['duration_s']:.2f} s; best of "
+          f"{len(figures['goodput_runs_gbps'])}: {', '.join(f'{g:.2f}' for g in figures['goodput_runs_gbps'])})")
+    print(f"raw loopback       {figures['raw_gbps']:8.2f} Gbps  ratio {figures['ratio']:.2f} "
+          f"(medians: {figures['ratio_median']:.2f})")
     if "nats_core_gbps" in figures:
         print(f"plain NATS core    {figures['nats_core_gbps']:8.2f} Gbps  jetstream/core "
-              f"{figures['jetstream_vs_core']:.2f}")
+              f"{figures['jetstream_vs_core']:.2f} (medians: {figures['jetstream_vs_core_median']:.2f})")
     if "budget_gbps" in figures:
         print(f"budget             {figures['budget_gbps']:8.2f} Gbps  achieved "
               f"{figures['goodput_gbps'] / figures['budget_gbps']:.3f}, max 1 s window "
@@ -113,6 +117,20 @@ async def _bench(args: argparse.Namespace) -> dict:
             await asyncio.to_thread(cluster.stop)
 
 
+async def _guard(child, coro):
+    """Run ``coro`` while watching the receiver process (``TransferFailed`` if it dies meanwhile)."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            return task.result()
+        if not child.is_alive():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise TransferFailed(f"receiver process exited with code {child.exitcode}")
+
+
 async def _recv(pipe, child, timeout_s: float):
     """The receiver process's next message (``TransferFailed`` if it dies or stays silent)."""
     deadline = time.monotonic() + timeout_s
@@ -148,8 +166,11 @@ async def _measure(args, specs, parts, payload_bytes, pipe, child, port, cluster
             if core_payload is not None:
                 _progress("plain NATS publish/subscribe across the gateway ...")
                 pipe.send(("core", "prfaas.bench.core", payload_bytes))
-                core.append(await core_nats_source(nc, "prfaas.bench.core", core_payload, sender.chunk_bytes(DST_SITE),
-                                                   JetStreamConfig.window))
+                core_chunk = sender.chunk_bytes(DST_SITE)
+                # Credits in bytes like the stream's pull size: the server cuts off a client owed over 64 MB.
+                window = max(1, min(JetStreamConfig.window, (32 << 20) // core_chunk))
+                core.append(await _guard(child, core_nats_source(nc, "prfaas.bench.core", core_payload, core_chunk,
+                                                                 window)))
                 await _recv(pipe, child, 60.0)
             manifest = sender.manifest(transfer_id=f"bench-kv-{round_}", dst_site=DST_SITE, model="synthetic",
                                        block_size=64, num_tokens=parts[-1].array.shape[0], specs=specs)
@@ -158,7 +179,7 @@ async def _measure(args, specs, parts, payload_bytes, pipe, child, port, cluster
             _progress(f"sending {payload_bytes / 2**20:.0f} MiB over {args.transport} ...")
             sampler = asyncio.create_task(_sample(links, payload_bytes))
             try:
-                report = await sender.send(manifest, parts, dest)
+                report = await _guard(child, sender.send(manifest, parts, dest))
             finally:
                 sampler.cancel()
                 samples = await sampler
@@ -169,14 +190,17 @@ async def _measure(args, specs, parts, payload_bytes, pipe, child, port, cluster
         report, max_window = max(runs, key=lambda run: run[0].goodput_gbps)
         verified = None if args.codec == "int8" else True  # lossy int8 cannot be compared byte for byte
         figures = _figures(args, report, verified)
-        figures["goodput_runs_gbps"] = [r.goodput_gbps for r, _ in runs]
+        goodputs = [r.goodput_gbps for r, _ in runs]
+        figures["goodput_runs_gbps"] = goodputs
         figures["raw_gbps"] = max(raw)
         figures["raw_runs_gbps"] = raw
         figures["ratio"] = figures["goodput_gbps"] / figures["raw_gbps"]
+        figures["ratio_median"] = statistics.median(goodputs) / statistics.median(raw)
         if core:
             figures["nats_core_gbps"] = max(core)
             figures["nats_core_runs_gbps"] = core
             figures["jetstream_vs_core"] = figures["goodput_gbps"] / figures["nats_core_gbps"]
+            figures["jetstream_vs_core_median"] = statistics.median(goodputs) / statistics.median(core)
         if args.budget_gbps > 0:
             figures["budget_gbps"] = args.budget_gbps
             figures["max_window_gbps"] = max(w for _, w in runs)

@@ -28,7 +28,7 @@ ATTN_LAYERS = 8
 LINEAR_STATE_SHAPE = (8, 128, 128)  # float32 recurrent state per linear layer (512 KiB)
 KV_HEADS, HEAD_DIM = 8, 128  # float16 K and V per attention layer and token
 CORE_CREDIT_EVERY = 8  # the core-NATS sink grants credit every this many messages
-DEADLINE_S = 300.0
+DEADLINE_S = 120.0
 
 
 def synthetic_parts(size_bytes: int, codec: str) -> tuple[list[PartSpec], list[StatePart]]:
