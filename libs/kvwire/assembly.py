@@ -47,6 +47,7 @@ class _Part:
         self.held = 0
 
     def ensure_layout(self, wire_bytes: int, chunk_bytes: int) -> None:
+        """Fix the part's wire size on its first chunk (every chunk must agree)."""
         if self.wire_bytes is None:
             if wire_bytes > len(self.wire):
                 raise BadRequest(f"part {part_key(self.spec)}: {wire_bytes} wire bytes exceed the codec bound")
@@ -58,6 +59,7 @@ class _Part:
 
     @property
     def complete(self) -> bool:
+        """Every chunk verified."""
         return bool(self.checksums) and self.held == len(self.checksums)
 
 

@@ -151,9 +151,13 @@ class JetStreamReceiver:
                                  f"{self.config.pull_max_bytes}")
             state = self.receiver.begin(request.manifest)
             if not state.complete and tid not in self._pulls:
+                try:
+                    await self._create_consumer(tid)
+                except TransferFailed as e:
+                    self.receiver.abort(tid, e.message)  # free the memory just reserved
+                    raise
                 self._progress[tid] = asyncio.Event()
                 self._end_round.setdefault(tid, -1)
-                await self._create_consumer(tid)
                 self._pulls[tid] = asyncio.create_task(self._pull(tid), name=f"kv-pull-{tid}")
             return self._state(tid)
         if isinstance(request, KvStatusRequest):

@@ -60,6 +60,11 @@ class JetStreamConfig:
     max_chunk_attempts: int = 8  # publishes refused (stream full, no interest yet) retried with backoff
 
 
+def message_id(transfer_id: str, part: int, offset: int, attempt: int) -> str:
+    """``Nats-Msg-Id`` of one chunk publish: a resend (``attempt`` > 0) is a new message."""
+    return f"{transfer_id}.{part}.{offset}.{attempt}"
+
+
 class JetStreamTransport:
     """Sends transfers to ``JetStreamReceiver``s (a destination's ``site``/``instance``)."""
 
@@ -154,7 +159,7 @@ class _JsSession:
             attempt=attempt,
         )
         headers = {
-            "Nats-Msg-Id": f"{self.manifest.transfer_id}.{chunk.part}.{chunk.offset}.{attempt}",
+            "Nats-Msg-Id": message_id(self.manifest.transfer_id, chunk.part, chunk.offset, attempt),
             CHUNK_HEADER: base64.b64encode(encode(header)).decode(),
         }
         size = len(chunk.payload)

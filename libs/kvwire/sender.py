@@ -254,6 +254,7 @@ class _Run:
         self.closed_chunks = self.closed_bytes = self.closed_resent = 0  # of sessions already closed
 
     async def execute(self, parts: AsyncIterable[StatePart] | Iterable[StatePart]) -> SendReport:
+        """Open, stream every part as it comes, end, resume whenever the session breaks."""
         started = time.monotonic()
         await self._reopen(None)
         async for part in _aiter(parts):
@@ -328,6 +329,7 @@ class _Run:
                 cause = e
 
     async def close(self) -> None:
+        """Close the current session, keeping its counts."""
         session, self.session = self.session, None
         if session is not None:
             await session.close()

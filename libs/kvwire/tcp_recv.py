@@ -141,9 +141,11 @@ class _Connection:
         self.scratch = bytearray()
 
     def reply(self, msg: msgspec.Struct) -> None:
+        """Send one frame back to the sender."""
         self.sock.sendall(frame(encode(msg)))
 
     def run(self) -> None:
+        """Serve frames until the peer closes or aborts."""
         while True:
             msg = read_frame(self.sock, self.prefix, kv_sender_frame_decoder)
             if isinstance(msg, KvChunk):
@@ -162,6 +164,7 @@ class _Connection:
                 return
 
     def chunk(self, header: KvChunk) -> None:
+        """Receive one chunk's payload in place, verify it and acknowledge it."""
         assembly = self.assembly
         if assembly is None or header.transfer_id != assembly.manifest.transfer_id:
             self.discard(header.length)

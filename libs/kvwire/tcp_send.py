@@ -181,12 +181,14 @@ class _Conn:
                 self.session.loop.call_soon_threadsafe(self.session.on_frame, msg)
 
     def stop(self) -> None:
+        """Ask both threads to end and unblock their socket calls."""
         self.stopping.set()
         self.queue.put(None)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def join(self) -> None:
+        """Wait for both threads (blocking: call it in a worker thread) and close the socket."""
         for thread in self.threads:
             thread.join()
         self.sock.close()
@@ -223,6 +225,7 @@ class _TcpSession:
         self._closed = False
 
     def start(self) -> None:
+        """Start every connection's threads."""
         for conn in self._conns:
             for thread in conn.threads:
                 thread.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 
 import pytest
@@ -10,12 +11,12 @@ import pytest
 from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.errors import NoCapacity, TransferFailed
-from libs.common.messages import link_stats_decoder
-from libs.kvwire.js_recv import JetStreamReceiver
-from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
+from libs.common.messages import KvChunk, encode, link_stats_decoder
+from libs.kvwire.js_recv import CHUNK_HEADER, JetStreamReceiver
+from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport, message_id
 from libs.kvwire.linkstats import KvLinks, LinkConfig
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
-from libs.kvwire.sender import Destination, KvSender
+from libs.kvwire.sender import Destination, KvSender, encode_part
 from tests.kvwire.support import DST, SRC, assert_restored, eventually, hybrid_parts, specs_of
 
 CHUNK = 256 << 10
@@ -77,6 +78,33 @@ async def test_transfer_across_two_sites_through_a_stream_at_the_destination(sup
             return await _stream_messages(js_receiver, manifest.transfer_id) == 0
 
         await eventually(purged)
+
+
+async def test_corrupt_chunk_in_the_stream_is_detected_and_resent(supercluster):
+    """A stored chunk that fails its checksum is not held; the end round reports it and the sender resends it."""
+    parts = hybrid_parts(seed=23, tokens=1024)
+    async with _sites(supercluster, "decode-js-bad") as (receiver, _, nc_src, _dst), KvLinks(SRC) as links:
+        sender = KvSender(JetStreamTransport(nc_src, JetStreamConfig(chunk_bytes=CHUNK)), links)
+        manifest = sender.manifest(transfer_id="t-js-bad", dst_site=DST, model="ref", block_size=64,
+                                   num_tokens=1024, specs=specs_of(parts))
+        # A corrupted copy of part 2's first chunk takes the sender's message id: the stream keeps it and
+        # drops the sender's good copy as a duplicate.
+        good = next(encode_part(2, parts[2], manifest).chunks(manifest.chunk_bytes))
+        bad = bytearray(good.payload)
+        bad[1234] ^= 0x01
+        header = KvChunk(transfer_id=manifest.transfer_id, part=2, offset=0, length=len(bad), checksum=good.checksum,
+                         part_wire_bytes=good.part_wire_bytes)
+        await nc_src.jetstream().publish(
+            subjects.kv_transfer(DST, "decode-js-bad", manifest.transfer_id), bytes(bad),
+            headers={"Nats-Msg-Id": message_id(manifest.transfer_id, 2, 0, 0),
+                     CHUNK_HEADER: base64.b64encode(encode(header)).decode()},
+        )
+        waiter = asyncio.create_task(receiver.wait(manifest.transfer_id, timeout_s=20))
+        report = await sender.send(manifest, parts, Destination(DST, "decode-js-bad"))
+        with await waiter as done:
+            assert_restored(parts, done.parts, ["raw"] * len(parts))
+        assert report.chunks_resent == 1 and report.attempts == 1
+        assert receiver.totals.bad_chunks == 1
 
 
 async def test_abort_over_jetstream_frees_memory_and_purges(supercluster):
