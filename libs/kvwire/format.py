@@ -135,6 +135,8 @@ def validate_manifest(manifest: KvManifest) -> None:
     """Reject a manifest that is inconsistent (``BadRequest`` naming the problem)."""
     try:
         subjects.token(manifest.transfer_id, "transfer id")
+        subjects.token(manifest.src_site, "site")
+        subjects.token(manifest.dst_site, "site")
     except ValueError as e:
         raise BadRequest(str(e)) from None
     if manifest.chunk_bytes < 4096 or manifest.chunk_bytes > 64 << 20:

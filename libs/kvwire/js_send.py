@@ -90,6 +90,10 @@ class JetStreamTransport:
         """Begin (or resume) the transfer, retrying while the receiver is not reachable yet."""
         if dest.site != manifest.dst_site:
             raise BadRequest(f"destination site {dest.site} differs from the manifest's {manifest.dst_site}")
+        try:
+            subjects.token(dest.instance, "instance")
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         deadline = time.monotonic() + self.config.ready_timeout_s
         delay = 0.05
         while True:
