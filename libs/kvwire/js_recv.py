@@ -240,6 +240,11 @@ class JetStreamReceiver:
                     await self._trim(tid, msg)
         except TransferFailed as e:
             log.info("transfer pull stopped", extra={"transfer_id": tid, "reason": e.message})
+        except (PrfaasError, msgspec.DecodeError, ValueError) as e:
+            log.warning("bad message in a transfer stream", extra={"transfer_id": tid, "error": repr(e)})
+            self.receiver.abort(tid, f"bad message in the stream: {e}")
+        except nats.errors.Error as e:  # the connection failed: a resuming sender's begin pulls again
+            log.warning("transfer pull interrupted", extra={"transfer_id": tid, "error": repr(e)})
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
