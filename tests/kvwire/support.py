@@ -125,6 +125,10 @@ class Proxy:
                 client, _ = self._listener.accept()
             except TimeoutError:
                 continue
+            except OSError:
+                if self._stop.is_set():  # close() closed the listener under us
+                    return
+                raise
             server = socket.create_connection(self.upstream)
             with self._lock:
                 self._socks += [client, server]
