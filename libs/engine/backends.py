@@ -16,13 +16,13 @@ from typing import Protocol
 import numpy as np
 
 from libs.common.hashing import hash_list
-from libs.common.state_parts import StatePart
+from libs.common.state_parts import PartSpec, StatePart
 from libs.engine.batch import DecodeSequence, decode_step
 from libs.engine.cache import PrefixCache
 from libs.engine.model import LayerResult, ReferenceModel
 from libs.engine.sampling import DecodeOutput, Sampling
 from libs.engine.scheduler import DecodeLoop, run_ahead
-from libs.engine.state import PartSpec, RequestState, plan_parts
+from libs.engine.state import RequestState, plan_parts
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
 log = logging.getLogger(__name__)

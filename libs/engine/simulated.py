@@ -19,12 +19,11 @@ import numpy as np
 
 from libs.common.errors import BadRequest, NoCapacity, TransferFailed
 from libs.common.hashing import DEFAULT_BLOCK_SIZE, hash_list
-from libs.common.state_parts import StatePart
+from libs.common.state_parts import PartSpec, StatePart
 from libs.engine.backends import DEFAULT_CACHE_BYTES, BackendLoad
 from libs.engine.cache import PrefixCache
 from libs.engine.sampling import DecodeOutput, Sampling, StopRules
 from libs.engine.scheduler import DecodeLoop, run_ahead
-from libs.engine.state import PartSpec
 
 if TYPE_CHECKING:
     from libs.engine.profiles import HardwareProfile, ModelProfile

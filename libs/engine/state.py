@@ -16,33 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import msgspec
 import numpy as np
 
 from libs.common.errors import BadRequest
-from libs.common.messages import StateKind
-from libs.common.state_parts import StatePart
+from libs.common.state_parts import PartSpec, StatePart
 from libs.engine.reference_config import ReferenceConfig
-
-
-class PartSpec(msgspec.Struct, kw_only=True, frozen=True):
-    """Shape and dtype of one part, known before the part exists (what a manifest lists)."""
-
-    layer: int
-    kind: StateKind
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def key(self) -> str:
-        """Same key as the StatePart it describes: ``<layer>/<kind>/<name>``."""
-        return f"{self.layer}/{self.kind}/{self.name}"
-
-    @property
-    def nbytes(self) -> int:
-        """Payload size in bytes."""
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
 def plan_parts(config: ReferenceConfig, n_tokens: int) -> list[PartSpec]:

@@ -5,7 +5,7 @@ Prefill side (one ``KvLinks`` per process, shared by every transfer)::
     links = KvLinks("dc-prfaas", LinkConfig(budgets_gbps={"dc-pd": 10.0}), nc=nc)   # publishes LinkStats
     sender = KvSender(TcpTransport(), links)            # or JetStreamTransport(nc)
     manifest = sender.manifest(transfer_id=..., dst_site="dc-pd", model=..., block_size=64,
-                               num_tokens=n, specs=[PartSpec(layer, kind, name, dtype, shape, codec), ...])
+                               num_tokens=n, specs=backend.plan_parts(n))   # PartSpecs; set codec per part
     report = await sender.send(manifest, engine_parts_async_iterator, Destination("dc-pd", "decode-0", host, port))
 
 Decode side::
@@ -18,7 +18,8 @@ Decode side::
 Routers read ``LinkStats`` on ``subjects.LINK_ALL`` with ``messages.link_stats_decoder``.
 """
 
-from libs.kvwire.format import PartSpec, build_manifest
+from libs.common.state_parts import PartSpec
+from libs.kvwire.format import build_manifest
 from libs.kvwire.js_recv import JetStreamReceiver, JetStreamReceiverConfig
 from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
 from libs.kvwire.linkstats import KvLinks, LinkConfig

@@ -218,6 +218,7 @@ def _payload_view(parts) -> memoryview:
 async def _sample(links: KvLinks, total_bytes: int) -> list[tuple[float, int]]:
     """(time, bytes acknowledged) every ``SAMPLE_S``; progress on stderr every second."""
     counters = links.link(DST_SITE).counters
+    start_bytes = counters.acked_bytes_total  # the link's counters span every round
     samples: list[tuple[float, int]] = []
     last_print = time.monotonic()
     try:
@@ -226,7 +227,8 @@ async def _sample(links: KvLinks, total_bytes: int) -> list[tuple[float, int]]:
             samples.append((now, counters.acked_bytes_total))
             if now - last_print >= 1.0:
                 last_print = now
-                _progress(f"  {counters.acked_bytes_total / 2**20:8.0f} / {total_bytes / 2**20:.0f} MiB acknowledged")
+                done = counters.acked_bytes_total - start_bytes
+                _progress(f"  {done / 2**20:8.0f} / {total_bytes / 2**20:.0f} MiB acknowledged")
             await asyncio.sleep(SAMPLE_S)
     except asyncio.CancelledError:
         samples.append((time.monotonic(), counters.acked_bytes_total))

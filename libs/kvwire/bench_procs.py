@@ -17,8 +17,8 @@ import nats
 import numpy as np
 
 from libs.common.bus import connect
-from libs.common.state_parts import StatePart
-from libs.kvwire.format import PartSpec, checksum_fn
+from libs.common.state_parts import PartSpec, StatePart
+from libs.kvwire.format import checksum_fn
 from libs.kvwire.js_recv import JetStreamReceiver
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
 from libs.kvwire.tcp_recv import TcpReceiverServer

@@ -16,14 +16,13 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from libs.common import subjects
 from libs.common.errors import BadRequest
-from libs.common.messages import ChecksumAlgo, Codec, KvManifest, KvPartHeld, KvPartSpec, StateKind
-from libs.common.state_parts import StatePart
+from libs.common.messages import ChecksumAlgo, KvManifest, KvPartHeld, KvPartSpec
+from libs.common.state_parts import PartSpec
 from libs.kvwire.codecs import check_codec
 
 FRAME_PREFIX = struct.Struct("<I")
@@ -52,28 +51,6 @@ def checksum_fn(algo: str) -> Callable[..., int]:
         return CHECKSUMS[algo]
     except KeyError:
         raise BadRequest(f"checksum {algo!r} is not available here (have {sorted(CHECKSUMS)})") from None
-
-
-@dataclass(frozen=True)
-class PartSpec:
-    """What the engine knows about a part before it exists: its identity, dtype, shape and codec."""
-
-    layer: int
-    kind: StateKind
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    codec: Codec = "raw"
-
-    @classmethod
-    def of(cls, part: StatePart, codec: Codec = "raw") -> PartSpec:
-        """The spec of an existing part."""
-        return cls(part.layer, part.kind, part.name, part.array.dtype.str, tuple(part.array.shape), codec)
-
-    @property
-    def key(self) -> str:
-        """Same key as ``StatePart.key``."""
-        return f"{self.layer}/{self.kind}/{self.name}"
 
 
 def part_key(spec: KvPartSpec) -> str:

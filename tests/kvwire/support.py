@@ -11,9 +11,8 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
-from libs.common.state_parts import StatePart
+from libs.common.state_parts import PartSpec, StatePart
 from libs.kvwire.codecs import INT8_GROUP_ELEMS
-from libs.kvwire.format import PartSpec
 from libs.kvwire.linkstats import KvLinks
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
 from libs.kvwire.sender import Destination, KvSender

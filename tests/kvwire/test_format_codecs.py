@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from libs.common.errors import BadRequest, TransferFailed
 from libs.common.messages import KvChunk
-from libs.common.state_parts import StatePart
+from libs.common.state_parts import PartSpec, StatePart
 from libs.kvwire.arena import Arena
 from libs.kvwire.assembly import TransferAssembly, required_bytes
-from libs.kvwire.format import CHECKSUMS, PartSpec, bitmap, build_manifest, unpack_bitmap
+from libs.kvwire.format import CHECKSUMS, bitmap, build_manifest, unpack_bitmap
 from libs.kvwire.sender import OutChunk, encode_part
 from tests.kvwire.support import assert_restored
 
@@ -126,11 +126,11 @@ def test_lossy_codec_is_refused_for_linear_state_and_integers():
     """int8 is for attn_kv floats only: linear state and integer arrays are refused up front."""
     common = dict(transfer_id="t", src_site="a", dst_site="b", model="m", block_size=64, num_tokens=1)
     with pytest.raises(BadRequest, match="attn_kv only"):
-        build_manifest(**common, specs=[PartSpec(0, "linear_state", "state", "<f4", (4, 4), "int8")])
+        build_manifest(**common, specs=[PartSpec(layer=0, kind="linear_state", name="state", dtype="<f4", shape=(4, 4), codec="int8")])
     with pytest.raises(BadRequest, match="float"):
-        build_manifest(**common, specs=[PartSpec(1, "attn_kv", "k", "<i4", (4, 4), "int8")])
+        build_manifest(**common, specs=[PartSpec(layer=1, kind="attn_kv", name="k", dtype="<i4", shape=(4, 4), codec="int8")])
     with pytest.raises(BadRequest, match="twice"):
-        build_manifest(**common, specs=[PartSpec(1, "attn_kv", "k", "<f2", (4,))] * 2)
+        build_manifest(**common, specs=[PartSpec(layer=1, kind="attn_kv", name="k", dtype="<f2", shape=(4,))] * 2)
 
 
 def test_chunk_outside_the_part_layout_is_a_bad_request():
