@@ -26,7 +26,6 @@ from libs.common.messages import (
     ErrorReply,
     KvAbort,
     KvBegin,
-    KvChunk,
     KvControlRequest,
     KvEnd,
     KvManifest,
@@ -153,15 +152,7 @@ class _JsSession:
         except TimeoutError as e:
             raise TransportBroken(f"transfer {self.manifest.transfer_id}: no publish ack for "
                                   f"{self.config.ack_timeout_s:.0f}s") from e
-        header = KvChunk(
-            transfer_id=self.manifest.transfer_id,
-            part=chunk.part,
-            offset=chunk.offset,
-            length=len(chunk.payload),
-            checksum=chunk.checksum,
-            part_wire_bytes=chunk.part_wire_bytes,
-            attempt=attempt,
-        )
+        header = chunk.header(self.manifest.transfer_id, attempt)
         headers = {
             "Nats-Msg-Id": message_id(self.manifest.transfer_id, chunk.part, chunk.offset, attempt),
             CHUNK_HEADER: base64.b64encode(encode(header)).decode(),

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from libs.common.errors import BadRequest, TransferFailed, UpstreamTimeout
-from libs.common.messages import KvManifest
+from libs.common.messages import KvChunk, KvManifest
 from libs.common.state_parts import StatePart
 from libs.kvwire.codecs import encode
 from libs.kvwire.format import (
@@ -60,6 +60,18 @@ class OutChunk:
     payload: memoryview
     checksum: int
     part_wire_bytes: int
+
+    def header(self, transfer_id: str, attempt: int) -> KvChunk:
+        """The chunk header that travels before the payload."""
+        return KvChunk(
+            transfer_id=transfer_id,
+            part=self.part,
+            offset=self.offset,
+            length=len(self.payload),
+            checksum=self.checksum,
+            part_wire_bytes=self.part_wire_bytes,
+            attempt=attempt,
+        )
 
 
 @dataclass(frozen=True)

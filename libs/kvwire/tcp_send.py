@@ -23,7 +23,6 @@ from libs.common.messages import (
     ErrorReply,
     KvAbort,
     KvBegin,
-    KvChunk,
     KvChunkAck,
     KvEnd,
     KvJoin,
@@ -256,15 +255,7 @@ class _TcpSession:
         self._dispatch(chunk, 0)
 
     def _dispatch(self, chunk: OutChunk, attempt: int) -> None:
-        header = KvChunk(
-            transfer_id=self.manifest.transfer_id,
-            part=chunk.part,
-            offset=chunk.offset,
-            length=len(chunk.payload),
-            checksum=chunk.checksum,
-            part_wire_bytes=chunk.part_wire_bytes,
-            attempt=attempt,
-        )
+        header = chunk.header(self.manifest.transfer_id, attempt)
         flight = _Flight(chunk, frame(encode(header)), attempt)
         size = len(chunk.payload)
         self._flights[(chunk.part, chunk.offset)] = flight
