@@ -8,6 +8,7 @@ function of t accepts a numpy array so the grid search is vectorised.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,23 +24,23 @@ def _phi(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.asarray(_erf(np.asarray(z, dtype=float) / math.sqrt(2.0)), dtype=float))
 
 
-class Workload:
+class Workload(ABC):
     """Distribution of request input lengths (tokens)."""
 
     min_tokens: int
     max_tokens: int
 
+    @abstractmethod
     def cdf(self, t: np.ndarray | float) -> np.ndarray:
         """P(L <= t)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def partial_mean(self, t: np.ndarray | float) -> np.ndarray:
         """E[L ; L <= t] (the mean restricted to lengths up to t, times their probability)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` lengths drawn from the distribution (int64)."""
-        raise NotImplementedError
 
     def describe(self) -> dict:
         """The parameters, for JSON output."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -25,7 +26,7 @@ class Choice:
     bandwidth: str = "plentiful"
 
 
-class Policy:
+class Policy(ABC):
     """Base of the routing policies: evaluate the options, let the subclass choose, report it all."""
 
     name = "policy"
@@ -40,9 +41,9 @@ class Policy:
         choice = self.choose(view, request, evaluation)
         return _decision(self.name, self.config, view, request, evaluation, choice, now)
 
+    @abstractmethod
     def choose(self, view: ClusterView, request: RouteRequest, evaluation: Evaluation) -> Choice:
         """Pick one of ``evaluation``'s options (implemented by each policy)."""
-        raise NotImplementedError
 
 
 def describe(option: Option) -> str:
