@@ -22,7 +22,7 @@ import numpy as np
 
 from libs.common import subjects
 from libs.common.bus import connect
-from libs.common.errors import PrfaasError, UpstreamTimeout
+from libs.common.errors import BadRequest, PrfaasError, UpstreamTimeout
 from libs.common.hashing import hash_list
 from libs.common.messages import BlocksStored, InstanceLoad, KvEventBatch, encode
 from libs.lab.servers import NatsServer, RedisServer
@@ -157,8 +157,8 @@ async def _bench(args: argparse.Namespace, nats_url: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Start servers and the service, run the benchmark, print the figures."""
-    if args.instances < 1 or args.blocks < args.instances * args.prompt_blocks // args.instances:
-        raise PrfaasError("--blocks must be large enough to hold the prompt prefixes", code="bad_request")
+    if args.instances < 1 or args.prompt_blocks < 1 or args.blocks < args.prompt_blocks:
+        raise BadRequest("need --instances >= 1, --prompt-blocks >= 1 and --blocks >= --prompt-blocks")
     workdir = Path(tempfile.mkdtemp(prefix="prfaas-bench-kvindex-"))
     nats_server = NatsServer(workdir=workdir / "nats").start()
     redis_server = RedisServer(workdir=workdir / "redis").start()

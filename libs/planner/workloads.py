@@ -42,9 +42,9 @@ class Workload(ABC):
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` lengths drawn from the distribution (int64)."""
 
+    @abstractmethod
     def describe(self) -> dict:
         """The parameters, for JSON output."""
-        raise NotImplementedError
 
     @property
     def mean_tokens(self) -> float:

@@ -96,11 +96,6 @@ class RedisKvStore:
             self._names[slot] = (site, instance)
         return slot
 
-    def forget_cached_slots(self) -> None:
-        """Drop the in-process slot cache (after Redis lost its data)."""
-        self._slots.clear()
-        self._names.clear()
-
     async def names(self, slots: list[int]) -> dict[int, tuple[str, str]]:
         """``slot -> (site, instance)`` for the given slots."""
         missing = [s for s in slots if s not in self._names]
@@ -132,8 +127,3 @@ class RedisKvStore:
     async def forget_silent(self, cutoff_s: float) -> list[int]:
         """Drop the blocks of instances silent since before ``cutoff_s``; they turn stale."""
         return [int(s) for s in await self._forget(args=[self.p, repr(cutoff_s)])]
-
-    async def instance_state(self, slot: int) -> dict[str, str]:
-        """The bookkeeping hash of one slot (site, instance, last_seq, stale, gaps)."""
-        raw = await self.r.hgetall(f"{self.p}inst:{slot}")
-        return {k.decode(): v.decode() for k, v in raw.items()}

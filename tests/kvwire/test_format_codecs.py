@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -44,8 +45,8 @@ def part_sets(draw):
 
 
 def _header(manifest, chunk: OutChunk, flip: bool = False) -> KvChunk:
-    return KvChunk(transfer_id=manifest.transfer_id, part=chunk.part, offset=chunk.offset, length=len(chunk.payload),
-                   checksum=chunk.checksum ^ (1 if flip else 0), part_wire_bytes=chunk.part_wire_bytes)
+    header = chunk.header(manifest.transfer_id, attempt=0)
+    return msgspec.structs.replace(header, checksum=header.checksum ^ 1) if flip else header
 
 
 def _assembly(manifest) -> tuple[TransferAssembly, Arena, list[bool]]:
