@@ -7,10 +7,10 @@ import importlib
 
 # name -> module defining ``add_arguments(parser)`` and ``run(args) -> int``; imported only when run.
 BENCHES = {
-    "kvindex": "libs.lab.bench_kvindex",
-    "engine": "libs.engine.bench",
-    "policy": "libs.policy.bench",
-    "kv": "libs.kvwire.bench",
+    "kvindex": "libs.bench.kvindex",
+    "engine": "libs.bench.engine",
+    "policy": "libs.bench.policy",
+    "kv": "libs.bench.kv",
 }
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from libs.common.bus import connect
 from libs.common.errors import TransferFailed
-from libs.kvwire.bench_procs import (
+from libs.bench.kv_procs import (
     core_nats_source,
     part_checksums,
     raw_loopback_gbps,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from libs.cli import main
-from libs.engine.bench import prefill_flops
+from libs.bench.engine import prefill_flops
 from libs.engine.model import ReferenceModel
 
 
