@@ -1,11 +1,13 @@
-"""``prfaas bench engine``: a tiny run prints every figure the issue names."""
+"""``prfaas bench engine``: a tiny run prints every figure, medians with their range."""
 
 from __future__ import annotations
 
 import json
 
-from libs.cli import main
+import pytest
+
 from libs.bench.engine import prefill_flops
+from libs.cli import main
 from libs.engine.model import ReferenceModel
 
 
@@ -16,9 +18,39 @@ def test_engine_benchmark_prints_its_figures_as_json(capsys) -> None:
     figures = json.loads(capsys.readouterr().out)
     assert set(figures["prefill_tokens_per_s"]) == {"256", "4096"}
     assert set(figures["decode_tokens_per_s"]) == {"1", "2"}
-    assert figures["gemm_gflops"] > 0 and figures["prefill_4k_gflops"] > 0
-    fraction = figures["prefill_4k_gflops"] / figures["gemm_gflops"]
-    assert abs(figures["prefill_4k_gemm_fraction"] - fraction) < 1e-9
+    assert figures["gemm_gflops"]["median"] > 0 and figures["prefill_4k_gflops"]["median"] > 0
+    fraction = figures["prefill_4k_gflops"]["median"] / figures["gemm_gflops"]["median"]
+    assert abs(figures["prefill_4k_gemm_fraction"]["median"] - fraction) < 1e-9  # one try: one ratio
+
+
+def test_engine_benchmark_reports_medians_with_their_range(capsys) -> None:
+    """Each figure is the median of its tries with min <= median <= max."""
+    argv = ["bench", "engine", "--json", "--lengths", "128", "--batches", "1", "--decode-tokens", "2"]
+    assert main([*argv, "--repeats", "3", "--gemm-size", "128"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    for fig in (figures["prefill_tokens_per_s"]["128"], figures["decode_tokens_per_s"]["1"], figures["gemm_gflops"]):
+        assert 0 < fig["min"] <= fig["median"] <= fig["max"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--lengths", "abc", "--lengths: expected comma-separated integers, got 'abc'"),
+     ("--lengths", "0", "--lengths: 0 is outside"),
+     ("--batches", "-3", "--batches: -3 is outside")],
+)  # fmt: skip
+def test_bad_lists_are_one_clear_line(capsys, flag: str, value: str, message: str) -> None:
+    """A malformed list exits 2 with one line naming the flag, before any measuring."""
+    assert main(["bench", "engine", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_bad_counts_are_usage_errors(capsys) -> None:
+    """``--repeats 0`` is refused by the argument parser (exit 2, names the flag)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "engine", "--repeats", "0"])
+    assert exc.value.code == 2
+    assert "--repeats: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_flop_count_grows_linearly_plus_causal_attention() -> None:
