@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from libs.common.hashing import hash_list
 from libs.common.messages import BlocksStored, InstanceLoad, KvEventBatch, encode
 from libs.common.telemetry import setup_logging
 from libs.engine.tokenizer import ByteTokenizer
-from libs.lab.servers import NatsServer, RedisServer
+from libs.lab.servers import NatsServer, RedisServer, free_port
 from services.kv_index.config import KvIndexConfig
 from services.kv_index.service import KvIndexService
 
@@ -36,9 +38,11 @@ DEMO_PROMPT = (
 def add_parser(subparsers) -> None:
     """Register ``lab``."""
     lab = subparsers.add_parser("lab", help="run NATS, Redis and the services natively until Ctrl-C")
-    lab.add_argument("--nats-port", type=int, default=4222, help="client port of the NATS server (default %(default)s)")
-    lab.add_argument("--redis-port", type=int, default=6379, help="port of the Redis server (default %(default)s)")
-    lab.add_argument("--workdir", type=Path, help="where servers keep data and logs (default: a new temp dir)")
+    lab.add_argument("--nats-port", type=int, help="client port of the NATS server (default: a free port)")
+    lab.add_argument("--redis-port", type=int, help="port of the Redis server (default: a free port)")
+    lab.add_argument("--workdir", type=Path, help="where servers keep data and logs, kept afterwards "
+                     "(default: a temp dir removed at exit unless the lab failed or --keep-logs)")  # fmt: skip
+    lab.add_argument("--keep-logs", action="store_true", help="keep the temp work dir (logs) after a clean exit")
     lab.add_argument("--no-demo", action="store_true", help="do not publish the demo instance's cached prefix")
     lab.add_argument("--duration-s", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
     lab.add_argument("--log-level", default="WARNING", help="service log level (default %(default)s)")
@@ -48,16 +52,26 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start the servers, then the services, print how to use them, run until stopped."""
     setup_logging(args.log_level)
+    temporary = args.workdir is None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prfaas-lab-"))
-    nats_server = NatsServer(name="dc-pd", workdir=workdir / "nats", port=args.nats_port)
-    redis_server = RedisServer(workdir=workdir / "redis", port=args.redis_port)
-    with contextlib.ExitStack() as stack:
-        print(f"starting nats-server on {nats_server.url} and redis-server on {redis_server.url} ...", file=sys.stderr)
-        stack.callback(nats_server.stop)
-        nats_server.start()
-        stack.callback(redis_server.stop)
-        redis_server.start()
-        asyncio.run(_serve(args, nats_server.url, redis_server.url))
+    nats_server = NatsServer(name="dc-pd", workdir=workdir / "nats", port=args.nats_port or free_port())
+    redis_server = RedisServer(workdir=workdir / "redis", port=args.redis_port or free_port())
+    clean = False
+    try:
+        with contextlib.ExitStack() as stack:
+            print(f"starting nats-server on {nats_server.url} and redis-server on {redis_server.url} "
+                  f"(logs in {workdir}) ...", file=sys.stderr)  # fmt: skip
+            stack.callback(nats_server.stop)
+            nats_server.start()
+            stack.callback(redis_server.stop)
+            redis_server.start()
+            asyncio.run(_serve(args, nats_server.url, redis_server.url))
+        clean = True
+    finally:
+        if temporary and clean and not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"lab logs kept in {workdir}", file=sys.stderr)
     return 0
 
 
@@ -76,7 +90,7 @@ async def _serve(args: argparse.Namespace, nats_url: str, redis_url: str) -> Non
             demo = None if args.no_demo else asyncio.create_task(_demo_instance(nc, stop))
             print(f"kv_index is up (NATS {nats_url}, Redis {redis_url}); Ctrl-C stops the lab.", file=sys.stderr)
             if demo is not None:
-                print(f'try: prfaas index lookup --nats {nats_url} --text "{DEMO_PROMPT[:160]}"', file=sys.stderr)
+                print(f"try: prfaas index lookup --nats {nats_url} --text {shlex.quote(DEMO_PROMPT)}", file=sys.stderr)
             await stop.wait()
             if demo is not None:
                 demo.cancel()

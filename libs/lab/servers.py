@@ -24,7 +24,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.common.errors import MissingBinary, UpstreamTimeout
+from libs.common.errors import ConfigError, MissingBinary, UpstreamTimeout
 
 _PR_SET_PDEATHSIG = 1
 _LIVE: weakref.WeakSet[_Process] = weakref.WeakSet()
@@ -35,6 +35,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ensure_port_free(port: int, what: str) -> None:
+    """Raise ``ConfigError`` if ``port`` on 127.0.0.1 is taken (so a server never attaches to a stranger's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ConfigError(
+                f"{what}: port {port} is already in use (another lab or server?); choose another port"
+            ) from None
 
 
 def _die_with_parent() -> None:
@@ -198,6 +209,11 @@ class NatsServer:
 
     def launch(self) -> None:
         """Write the config and start the process without waiting."""
+        ports = {"client": self.port, "monitoring": self.http_port}
+        if self.gateways:
+            ports |= {"cluster": self.cluster_port, "gateway": self.gateway_port}
+        for what, port in ports.items():
+            ensure_port_free(port, f"nats-server {self.name} {what}")
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / f"{self.name}.conf"
         conf.write_text(self.config_text())
@@ -291,7 +307,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 15.0) -> RedisServer:
-        """Start the process and wait until it answers PING."""
+        """Start the process and wait until it answers PING as that process (not another server)."""
+        ensure_port_free(self.port, "redis-server")
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [
             find_redis_server(),
@@ -304,10 +321,13 @@ class RedisServer:
         self._process = _Process("redis", argv, self.workdir / "redis.log")
         self._process.start()
 
+        pid = self._process.proc.pid
+
         def pong() -> bool:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                info = s.recv(65536)
+                return f"process_id:{pid}\r\n".encode() in info
 
         _wait_until(pong, "redis-server", timeout_s, self._process)
         return self
