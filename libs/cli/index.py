@@ -46,6 +46,8 @@ def run_lookup(args: argparse.Namespace) -> int:
     """Hash the prompt, ask the index, print JSON."""
     if args.block_size <= 0:
         raise BadRequest(f"--block-size must be positive, got {args.block_size}")
+    if not args.timeout_s > 0:
+        raise BadRequest(f"--timeout-s must be positive, got {args.timeout_s}")
     tokens = ByteTokenizer().encode(args.text) if args.text is not None else parse_tokens(args.tokens)
     hashes = hash_list(tokens, args.block_size)
     sites = [s for s in args.sites.split(",") if s] if args.sites else None
