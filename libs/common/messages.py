@@ -10,6 +10,8 @@ from typing import Literal
 
 import msgspec
 
+from libs.common.errors import BadRequest
+
 StateKind = Literal["attn_kv", "linear_state"]
 Tier = Literal["device", "host", "disk"]
 Role = Literal["prefill", "decode"]
@@ -124,16 +126,26 @@ KvLookupResult = KvLookupReply | ErrorReply
 
 
 class InstanceLoad(_Msg, tag="load.v1"):
-    """Periodic heartbeat of one instance with its load."""
+    """Periodic heartbeat of one instance with its load and what a router needs to reach it."""
 
     site: str
     instance: str
     role: Role
     cluster: str = ""
-    queue_depth: int = 0
-    expected_wait_s: float = 0.0
-    free_decode_slots: int = 0
+    queue_depth: int = 0  # prefill: jobs running or queued; decode: requests reserved, receiving or decoding
+    expected_wait_s: float = 0.0  # prefill: until a new job would start; decode: until a slot frees
+    free_decode_slots: int = 0  # decode: slots a new job could reserve now (reservations counted)
     ts: float = 0.0
+    hardware: str = ""  # hardware profile name ("reference" for the reference model)
+    model: str = ""
+    max_batch: int = 0  # decode batch limit
+    reserved: int = 0  # decode: reservations whose KV has not fully arrived
+    decode_active: int = 0
+    tcp_host: str = ""  # decode: where the direct-TCP KV receiver listens
+    tcp_port: int = 0
+    block_size: int = 0
+    max_prompt_tokens: int = 0
+    free_kv_bytes: int = 0  # decode: receiver memory not held by transfers or reservations
 
 
 # --- Routing decisions (libs/policy) --------------------------------------------------------
@@ -199,6 +211,154 @@ class RouteDecision(_Msg, tag="route.decision.v1"):
     candidates: list[RouteCandidate] = []
     signals: RouteSignals | None = None
     fallback_of: str = ""  # set when this decision replaces a failed one (names the failure)
+
+
+# --- Jobs: router -> decode gateway (reservation) -> prefill gateway -> KV -> tokens --------
+
+
+class Sampling(msgspec.Struct, kw_only=True, frozen=True):
+    """How to pick tokens: greedy when ``temperature`` is 0, else temperature and top-p from ``seed``."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop sequences (text); the matched text is not returned
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (not returned), like EOS
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise BadRequest(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise BadRequest(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if any(s == "" for s in self.stop):
+            raise BadRequest("sampling.stop must not contain an empty string")
+
+
+Transport = Literal["tcp", "jetstream"]
+
+
+class KvDestination(msgspec.Struct, kw_only=True, frozen=True):
+    """Where a decode instance receives KV: its site and name (JetStream), host and port (TCP)."""
+
+    site: str
+    instance: str
+    transport: Transport = "tcp"
+    host: str = ""
+    port: int = 0
+
+
+class DecodeJob(_Msg, tag="decode.job.v1"):
+    """Decode one request on this instance once its KV arrives; answered with a reservation at once."""
+
+    request_id: str
+    transfer_id: str
+    model: str
+    prompt_tokens: list[int]
+    max_tokens: int
+    reply_subject: str  # TokenChunk messages, then DecodeFinished or ErrorReply
+    prefill_site: str  # where the KV comes from
+    transport: Transport = "tcp"
+    sampling: Sampling = Sampling()
+    timeout_s: float = 120.0  # from receipt to the last token; the gateway's clock
+    lease_s: float = 0.0  # how long the reservation waits for KV progress (0: the gateway's default)
+
+
+class DecodeReservation(_Msg, tag="decode.reservation.v1"):
+    """A batch slot and receiver memory held for a job, under a lease renewed by transfer progress."""
+
+    request_id: str
+    transfer_id: str
+    destination: KvDestination
+    held_blocks: int  # leading attn_kv blocks this instance already holds (pinned): not to be sent
+    reserved_bytes: int
+    lease_s: float
+
+
+class PrefillJob(_Msg, tag="prefill.job.v1"):
+    """Prefill one request and stream its KV to ``destination`` (whose reservation is already held)."""
+
+    request_id: str
+    transfer_id: str
+    model: str
+    prompt_tokens: list[int]
+    destination: KvDestination
+    skip_blocks: int = 0  # leading attn_kv blocks the destination holds: not sent
+    status_subject: str = ""  # PrefillFinished or ErrorReply when the job ends ("": none)
+    codec: Codec | None = None  # attn_kv codec (None: the gateway's default)
+    timeout_s: float = 120.0  # from receipt to the transfer's end; the gateway's clock
+
+
+class PrefillAccepted(_Msg, tag="prefill.accepted.v1"):
+    """A prefill gateway took the job (a refusal is an ErrorReply: no_capacity, bad_request)."""
+
+    request_id: str
+    site: str
+    instance: str
+    queue_position: int  # jobs ahead of it on the instance
+    expected_wait_s: float
+    cached_blocks: int  # leading blocks the instance reuses from its own prefix cache
+
+
+class PrefillFinished(_Msg, tag="prefill.finished.v1"):
+    """A prefill job's KV was delivered and verified: where the time went and how many bytes moved."""
+
+    request_id: str
+    transfer_id: str
+    site: str
+    instance: str
+    queue_s: float  # receipt to start of compute
+    prefill_s: float  # compute, first layer to last
+    transfer_s: float  # manifest to verified end (overlaps the prefill)
+    transfer_exposed_s: float  # end of compute to verified end
+    cached_tokens: int  # prompt tokens not recomputed (the instance's own prefix cache)
+    payload_bytes: int
+    sent_bytes: int
+
+
+class TokenChunk(_Msg, tag="decode.tokens.v1"):
+    """Tokens released by one decode step (``index`` counts chunks of the request from 0)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+
+
+class DecodeTimings(msgspec.Struct, kw_only=True, frozen=True):
+    """Where a decode job's time went, on the decode gateway's clock, from the reservation."""
+
+    kv_wait_s: float  # reservation to the transfer's first byte (prefill queue and first layer)
+    transfer_s: float  # first byte to a complete, verified state
+    queue_s: float  # complete state to a decode slot
+    first_token_s: float  # reservation to the first token
+    total_s: float
+
+
+class DecodeFinished(_Msg, tag="decode.finished.v1"):
+    """The last message of a request's token stream: why it ended, usage, timings."""
+
+    request_id: str
+    site: str
+    instance: str
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    held_tokens: int  # prompt tokens whose KV the instance already held (not transferred)
+    received_bytes: int
+    timings: DecodeTimings
+
+
+class JobCancel(_Msg, tag="job.cancel.v1"):
+    """Stop a request wherever it runs (prefill, transfer, decode) and free what it holds."""
+
+    request_id: str
+    reason: str = ""
+
+
+DecodeJobReply = DecodeReservation | ErrorReply
+PrefillJobReply = PrefillAccepted | ErrorReply
+DecodeStreamMessage = TokenChunk | DecodeFinished | ErrorReply
+PrefillStatus = PrefillFinished | ErrorReply
 
 
 # --- KV transfer (libs/kvwire) --------------------------------------------------------------
@@ -357,6 +517,13 @@ kv_control_reply_decoder = msgspec.msgpack.Decoder(KvControlReply)
 kv_chunk_decoder = msgspec.msgpack.Decoder(KvChunk)
 kv_end_decoder = msgspec.msgpack.Decoder(KvEnd)
 link_stats_decoder = msgspec.msgpack.Decoder(LinkStats)
+decode_job_decoder = msgspec.msgpack.Decoder(DecodeJob)
+decode_job_reply_decoder = msgspec.msgpack.Decoder(DecodeJobReply)
+prefill_job_decoder = msgspec.msgpack.Decoder(PrefillJob)
+prefill_job_reply_decoder = msgspec.msgpack.Decoder(PrefillJobReply)
+decode_stream_decoder = msgspec.msgpack.Decoder(DecodeStreamMessage)
+prefill_status_decoder = msgspec.msgpack.Decoder(PrefillStatus)
+job_cancel_decoder = msgspec.msgpack.Decoder(JobCancel)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -51,9 +51,40 @@ def link(src_site: str, dst_site: str) -> str:
     return f"{PREFIX}.link.{token(src_site, 'site')}.{token(dst_site, 'site')}"
 
 
+# Jobs: the router sends a DecodeJob to one decode instance (request/reply: a reservation), then a
+# PrefillJob to a prefill cluster (queue group) or to one of its instances. Cancellations go to
+# every gateway on one subject; each acts only on the requests it holds.
+def decode_jobs(site: str, instance: str) -> str:
+    """Request/reply subject of ``site/instance``'s decode jobs."""
+    return f"{PREFIX}.decode.{token(site, 'site')}.{token(instance, 'instance')}"
+
+
+def prefill_jobs(site: str, cluster: str) -> str:
+    """Request/reply subject of ``site/cluster``'s prefill jobs (served by a queue group)."""
+    return f"{PREFIX}.prefill.{token(site, 'site')}.{token(cluster, 'cluster')}"
+
+
+def prefill_queue_group(cluster: str) -> str:
+    """Queue group of a prefill cluster's gateways."""
+    return f"prefill-{token(cluster, 'cluster')}"
+
+
+def prefill_instance_jobs(site: str, cluster: str, instance: str) -> str:
+    """Request/reply subject of one prefill instance (when the router picked it, e.g. for its cache)."""
+    return f"{prefill_jobs(site, cluster)}.{token(instance, 'instance')}"
+
+
+JOB_CANCEL = f"{PREFIX}.jobs.cancel"
+
+
 def decisions(site: str) -> str:
     """Subject of routing decision events (JSON) made by routers at ``site``."""
     return f"{PREFIX}.decisions.{token(site, 'site')}"
+
+
+def outcomes(site: str) -> str:
+    """Subject of request outcome events (JSON) of routers at ``site``."""
+    return f"{PREFIX}.outcomes.{token(site, 'site')}"
 
 
 # KV transfer over JetStream: one stream per destination site (placed there), one subject per

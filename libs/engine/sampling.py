@@ -5,32 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import msgspec
 import numpy as np
 
 from libs.common.errors import BadRequest
+from libs.common.messages import Sampling
 from libs.engine.tokenizer import ByteTokenizer
 
 FinishReason = Literal["stop", "length"]
-
-
-class Sampling(msgspec.Struct, kw_only=True, frozen=True):
-    """How to pick tokens: greedy when ``temperature`` is 0, else temperature and top-p from ``seed``."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop sequences (text); the matched text is not returned
-    stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (not returned), like EOS
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise BadRequest(f"sampling.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise BadRequest(f"sampling.top_p must be in (0, 1], got {self.top_p}")
-        if any(s == "" for s in self.stop):
-            raise BadRequest("sampling.stop must not contain an empty string")
 
 
 @dataclass(frozen=True)
