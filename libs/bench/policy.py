@@ -15,9 +15,11 @@ import time
 
 import numpy as np
 
+from libs.common.errors import BadRequest
 from libs.engine.profiles import HARDWARE, MODELS
+from libs.planner.search import PlanInputs, planned_threshold
 from libs.planner.workloads import CASE_STUDY_WORKLOAD
-from libs.policy import POLICIES, ClusterView, InstanceView, LinkView, RouteRequest, make_policy
+from libs.policy import POLICIES, ClusterView, InstanceView, LinkView, PolicyConfig, RouteRequest, make_policy
 
 TARGET_P50_US = 50.0
 
@@ -41,7 +43,9 @@ def build_view(rng: random.Random) -> ClusterView:
     instances += [
         InstanceView(f"pd-d{i}", "dc-pd", "decode", h20, free_decode_slots=rng.randint(0, 20)) for i in range(16)
     ]
-    link = LinkView("dc-prfaas", "dc-pd", 100.0, utilization=rng.uniform(0, 0.6), rtt_s=0.005, active_transfers=3)
+    util = rng.uniform(0, 0.6)
+    link = LinkView("dc-prfaas", "dc-pd", 100.0, goodput_gbps=100.0 * util, utilization=util, rtt_s=0.005,
+                    active_transfers=3)  # fmt: skip
     return ClusterView(MODELS["kimi-linear-1t"], "dc-pd", tuple(instances), (link,))
 
 
@@ -58,9 +62,18 @@ def build_requests(rng: random.Random, view: ClusterView, n: int) -> list[RouteR
     return out
 
 
-def measure(policy_name: str, view: ClusterView, requests: list[RouteRequest], seed: int) -> np.ndarray:
+def case_study_config() -> PolicyConfig:
+    """Policy knobs with the threshold the planner derives for the paper's case study."""
+    inputs = PlanInputs(MODELS["kimi-linear-1t"], HARDWARE["h200"], 4, HARDWARE["h20"], 8, 100.0,
+                        CASE_STUDY_WORKLOAD, 1024)  # fmt: skip
+    return PolicyConfig(threshold_tokens=planned_threshold(inputs))
+
+
+def measure(
+    policy_name: str, config: PolicyConfig, view: ClusterView, requests: list[RouteRequest], seed: int
+) -> np.ndarray:
     """Seconds per decision for each request."""
-    policy = make_policy(policy_name)
+    policy = make_policy(policy_name, config)
     rng = random.Random(seed)
     for req in requests[:200]:  # warm up
         policy.decide(view, req, now=0.0, rng=rng)
@@ -75,10 +88,13 @@ def measure(policy_name: str, view: ClusterView, requests: list[RouteRequest], s
 
 def run(args: argparse.Namespace) -> int:
     """Time every policy and print p50/p99 (microseconds)."""
+    if args.decisions < 1:
+        raise BadRequest(f"--decisions must be at least 1, got {args.decisions}")
     rng = random.Random(args.seed)
     view = build_view(rng)
     requests = build_requests(rng, view, args.decisions)
-    per_policy = {name: measure(name, view, requests, args.seed) * 1e6 for name in POLICIES}
+    config = case_study_config()
+    per_policy = {name: measure(name, config, view, requests, args.seed) * 1e6 for name in POLICIES}
     pooled = np.concatenate(list(per_policy.values()))
     doc = {
         "decision_p50_us": float(np.percentile(pooled, 50)),

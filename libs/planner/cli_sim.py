@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         policies = link_degradation(inputs, scenario, _progress(args), runs)
-        doc = {"scenario": args.scenario, "policies": policies, "settings": scenario.__dict__,
+        doc = {"scenario": args.scenario, "policies": policies, "settings": scenario.to_json(),
                "inputs": describe_inputs(inputs)}  # fmt: skip
     else:
         rate = args.rate or DEFAULT_RATE_RPS

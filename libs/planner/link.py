@@ -17,10 +17,11 @@ _INF = float("inf")
 class Flow:
     """One request's KV transfer over the link."""
 
-    __slots__ = ("key", "total_bytes", "sent_bytes", "start_s", "end_s", "production_bps", "rate_bps")
+    __slots__ = ("key", "owner", "total_bytes", "sent_bytes", "start_s", "end_s", "production_bps", "rate_bps")
 
-    def __init__(self, key: object, total_bytes: float, start_s: float, end_s: float) -> None:
+    def __init__(self, key: object, total_bytes: float, start_s: float, end_s: float, owner: str = "") -> None:
         self.key = key
+        self.owner = owner  # the sending process (its counters are published as one LinkStats)
         self.total_bytes = float(total_bytes)
         self.sent_bytes = 0.0
         self.start_s = start_s
@@ -51,6 +52,9 @@ class FluidLink:
         self.busy_bit_s = 0.0  # integral of the sending rate (bits)
         self.capacity_bit_s = 0.0  # integral of the capacity (bits)
         self.overload_s = 0.0  # time spent with demand above capacity (produced bytes queueing)
+        self.delivered_bytes: dict[str, float] = {}  # per owner, since time zero
+        self.busy_s: dict[str, float] = {}  # per owner: time with at least one of its flows on the link
+        self.completed: dict[str, int] = {}  # per owner: flows delivered in full
 
     @property
     def capacity_bps(self) -> float:
@@ -92,9 +96,16 @@ class FluidLink:
             return []
         overloaded = bool(self.flows) and self.backlog_bytes(self.now + dt / 2) > 1e6
         sending = 0.0
+        delivered, busy = self.delivered_bytes, self.busy_s
+        owners = set()
         for f in self.flows:
-            f.sent_bytes = min(f.total_bytes, f.sent_bytes + f.rate_bps * dt)
+            step = min(f.total_bytes - f.sent_bytes, f.rate_bps * dt)
+            f.sent_bytes += step
             sending += f.rate_bps
+            delivered[f.owner] = delivered.get(f.owner, 0.0) + step
+            owners.add(f.owner)
+        for owner in owners:
+            busy[owner] = busy.get(owner, 0.0) + dt
         self.busy_bit_s += sending * 8 * dt
         self.capacity_bit_s += self.capacity_bps * 8 * dt
         if overloaded and sending >= 0.999 * self.capacity_bps:
@@ -103,6 +114,8 @@ class FluidLink:
         done = [f for f in self.flows if f.total_bytes - f.sent_bytes <= _EPS_BYTES]
         if done:
             self.flows = [f for f in self.flows if f.total_bytes - f.sent_bytes > _EPS_BYTES]
+            for f in done:
+                self.completed[f.owner] = self.completed.get(f.owner, 0) + 1
         return done
 
     def _reallocate(self, now: float) -> None:

@@ -1,9 +1,10 @@
 """The paper's slow timescale in the simulator: re-optimise t and N_p/N_d every few minutes.
 
-From the lengths observed recently (an empirical histogram) and the link goodput measured now,
-it runs the same configuration search as ``prfaas plan`` and proposes a new threshold and local
-split when that raises the modelled Lambda_max by more than ``min_gain`` (hysteresis, so the roles
-do not flap on noise).
+From the lengths observed recently (an empirical histogram) and the bandwidth the link telemetry
+says it delivers now (``LinkView.effective_gbps``: the measured deliverable bandwidth, or the budget
+when nothing shows less), it runs the same configuration search as ``prfaas plan`` and proposes a
+new threshold and local split when that raises the modelled Lambda_max by more than ``min_gain``
+(hysteresis, so the roles do not flap on noise).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ MIN_OBSERVED = 500  # below this many observed lengths, plan with the configured
 
 
 class SlowTimescale:
-    """Proposes (t, N_p) from observed lengths and measured goodput."""
+    """Proposes (t, N_p) from observed lengths and the measured deliverable bandwidth."""
 
     def __init__(self, inputs: PlanInputs, history: int = 2000, min_gain: float = 0.02) -> None:
         self.inputs = inputs
@@ -37,7 +38,7 @@ class SlowTimescale:
         return Empirical(lengths=np.fromiter(self.lengths, dtype=np.int64), source="observed")
 
     def propose(self, link_gbps: float, threshold_tokens: int, n_p: int) -> tuple[int, int] | None:
-        """A better (t, N_p) for the link as measured now, or None to keep the current plan."""
+        """A better (t, N_p) for a link measured to deliver ``link_gbps``, or None to keep the current plan."""
         base = self.inputs
         inputs = PlanInputs(
             model=base.model,

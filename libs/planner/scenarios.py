@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from libs.planner.metrics import lost, saturation_rps, summarize, ttfts
 from libs.planner.search import PlanInputs, Result, homogeneous, naive_heterogeneous, search_prfaas_pd
+from libs.planner.sim_telemetry import TelemetrySettings
 from libs.planner.simulator import SimRun, SimSpec, Simulator
 from libs.policy import PolicyConfig
 
@@ -102,7 +103,12 @@ class Degradation:
     end_s: float = 1200.0
     degraded_gbps: float = 10.0
     replan_interval_s: float = 60.0  # slow timescale of the "+slow" variants
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     seed: int = 0
+
+    def to_json(self) -> dict:
+        """The settings, for the scenario's JSON."""
+        return asdict(self)
 
 
 def link_degradation(
@@ -137,6 +143,7 @@ def link_degradation(
             scenario.seed,
             link_schedule=schedule,
             replan_interval_s=replan,
+            telemetry=scenario.telemetry,
         )
         run = _run(spec, name, progress)
         if runs is not None:

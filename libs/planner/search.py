@@ -95,6 +95,11 @@ def search_prfaas_pd(inputs: PlanInputs) -> Result:
     return Result(deployment, at_threshold(deployment, inputs.workload, t))
 
 
+def planned_threshold(inputs: PlanInputs) -> int:
+    """The threshold t ``prfaas plan`` recommends for these inputs (what a router's PolicyConfig should use)."""
+    return int(search_prfaas_pd(inputs).throughput.threshold_tokens)
+
+
 def homogeneous(inputs: PlanInputs) -> Result:
     """All accelerators of the PD kind (same count), all prefill local; best N_p/N_d."""
     gpus = inputs.n_prfaas * inputs.prfaas_hw.gpus_per_instance + inputs.n_pd * inputs.pd_hw.gpus_per_instance

@@ -5,13 +5,17 @@ from the simulated state, prefill instances serve FIFO, remote KV streams layer-
 link (:mod:`libs.planner.link`) shared by concurrent transfers, and decode instances batch
 continuously up to the profile's max batch (:mod:`libs.planner.sim_cluster`). Local KV moves
 inside the PD site at ``intra_dc_gbps`` without contention.
+
+The policy sees the link only as a live router does: the LinkStats each sending process publishes
+(:mod:`libs.planner.sim_telemetry`), delivered after a lag and combined by
+:class:`libs.policy.LinkTelemetry`; the slow timescale re-plans from that view too.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -22,13 +26,14 @@ from libs.planner.link import Flow, FluidLink
 from libs.planner.replan import SlowTimescale
 from libs.planner.search import PlanInputs
 from libs.planner.sim_cluster import DecodeServer, PrefillServer, SimRequest
+from libs.planner.sim_telemetry import LinkSampler, TelemetrySettings
 from libs.planner.workloads import Workload
-from libs.policy import ClusterView, LinkView, PolicyConfig, RouteRequest, make_policy
+from libs.policy import ClusterView, LinkTelemetry, LinkView, PolicyConfig, RouteRequest, make_policy
 
 PRFAAS_SITE = "prfaas"
 PD_SITE = "pd"
-TELEMETRY_TAU_S = 5.0  # assumed smoothing of the link utilisation that gateways publish
-_ARRIVAL, _PREFILL_END, _LINK, _KV_ARRIVE, _DECODE, _MARK, _REPLAN = range(7)
+CACHE_SENDER = "prfaas-cache"  # the PrfaaS cache pool's process: it sends shipped prefixes
+_ARRIVAL, _PREFILL_END, _LINK, _KV_ARRIVE, _DECODE, _MARK, _REPLAN, _SAMPLE = range(8)
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,8 @@ class SimSpec:
     output_tokens: int
     rate_rps: float
     duration_s: float
+    policy_config: PolicyConfig
     policy: str = "static-threshold"
-    policy_config: PolicyConfig = field(default_factory=PolicyConfig)
     warmup_s: float = 0.0
     link_rtt_s: float = 0.005  # assumed: same-region datacenters
     link_schedule: tuple[tuple[float, float], ...] = ()  # (time_s, capacity_gbps) changes
@@ -57,7 +62,13 @@ class SimSpec:
     intra_dc_gbps: float = 400.0  # assumed RDMA inside the PD site
     drain: bool = True  # after the last arrival, run until every request finishes
     replan_interval_s: float | None = None  # slow timescale: re-plan t and N_p/N_d this often (None: off)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     seed: int = 0
+
+    @property
+    def budget_gbps(self) -> float:
+        """The pacing budget of the PrfaaS -> PD pair."""
+        return self.telemetry.budget_gbps or self.link_gbps
 
 
 @dataclass
@@ -92,12 +103,17 @@ class Simulator:
             inputs = PlanInputs(spec.model, spec.prfaas_hw, spec.n_prfaas, spec.pd_hw, spec.n_p + spec.n_d,
                                 spec.link_gbps, spec.workload, spec.output_tokens)  # fmt: skip
             self.slow = SlowTimescale(inputs)
-        self.link = FluidLink(spec.link_gbps, spec.link_schedule)
+        budget = spec.budget_gbps  # paced senders never send faster than the budget
+        schedule = tuple((at, min(gbps, budget)) for at, gbps in spec.link_schedule)
+        self.link = FluidLink(min(spec.link_gbps, budget), schedule)
+        tel = spec.telemetry
+        self.senders = [s.name for s in self.prefill if s.site == PRFAAS_SITE] + [CACHE_SENDER]
+        self.sampler = LinkSampler(self.link, PRFAAS_SITE, PD_SITE, budget, spec.link_rtt_s, tel.window_bytes)
+        self.telemetry = LinkTelemetry(tel.router, {(PRFAAS_SITE, PD_SITE): budget})
+        self._in_transit: deque[tuple[float, str, object]] = deque()  # (received at, sender, LinkStats)
         self._events: list[tuple[float, int, int, object, int]] = []
         self._seq = 0
         self._link_version = 0
-        self._util = 0.0
-        self._util_at = 0.0
         self.decisions: dict[str, int] = {}
 
     # --- event plumbing -------------------------------------------------------------------
@@ -128,23 +144,25 @@ class Simulator:
 
     # --- the live view the policy reads ---------------------------------------------------
 
+    def _sample(self, index: int, now: float) -> None:
+        """Sender ``index`` publishes its LinkStats; the router has them ``lag_s`` later."""
+        self._link_done(self.link.advance(now), now)
+        self._reschedule_link()
+        sender = self.senders[index]
+        self._in_transit.append((now + self.spec.telemetry.lag_s, sender, self.sampler.sample(sender, now)))
+
+    def _link_view(self, now: float) -> LinkView:
+        """The link as the router knows it at ``now``: the LinkStats received so far."""
+        transit = self._in_transit
+        while transit and transit[0][0] <= now:
+            received_at, sender, stats = transit.popleft()
+            self.telemetry.ingest(stats, received_at, sender)
+        return self.telemetry.view(PRFAAS_SITE, PD_SITE, now)
+
     def _view(self, now: float) -> ClusterView:
         self._link_done(self.link.advance(now), now)
         self._reschedule_link()
-        # Telemetry as a gateway would publish it: utilisation smoothed over ~TELEMETRY_TAU_S.
-        weight = math.exp(-(now - self._util_at) / TELEMETRY_TAU_S)
-        self._util = weight * self._util + (1 - weight) * self.link.utilization()
-        self._util_at = now
-        link = LinkView(
-            src_site=PRFAAS_SITE,
-            dst_site=PD_SITE,
-            capacity_gbps=self.link.capacity_gbps,
-            goodput_gbps=self.link.capacity_gbps,
-            utilization=self._util,
-            rtt_s=self.spec.link_rtt_s,
-            bytes_in_flight=int(self.link.backlog_bytes(now)),
-            active_transfers=len(self.link.flows),
-        )
+        link = self._link_view(now)
         servers = [s for s in self.prefill + self.decode if s.name not in self.draining]
         instances = tuple(s.view(now) for s in servers)
         return ClusterView(model=self.spec.model, decode_site=PD_SITE, instances=instances, links=(link,))
@@ -164,7 +182,7 @@ class Simulator:
         uncached = req.prompt_tokens - decision.reused_prefix_tokens
         req.prefill_s = spec.model.prefill_time_s(uncached, server.hardware)
         if decision.shipped_prefix_bytes:
-            flow = Flow((req, True), decision.shipped_prefix_bytes, now, now)
+            flow = Flow((req, True), decision.shipped_prefix_bytes, now, now, CACHE_SENDER)
             self._link_done(self.link.add(flow, now), now)
             self._reschedule_link()
         else:
@@ -178,7 +196,8 @@ class Simulator:
     def _prefill_started(self, req: SimRequest, now: float) -> None:
         self._push(req.prefill_end_s, _PREFILL_END, req.prefill)
         if req.remote:
-            flow = Flow((req, False), self.spec.model.kv_bytes(req.prompt_tokens), now, req.prefill_end_s)
+            kv_bytes = self.spec.model.kv_bytes(req.prompt_tokens)
+            flow = Flow((req, False), kv_bytes, now, req.prefill_end_s, req.prefill.name)
             self._link_done(self.link.add(flow, now), now)
             self._reschedule_link()
 
@@ -201,7 +220,8 @@ class Simulator:
         self._link_done(self.link.advance(now), now)  # apply any capacity change due by now
         self._reschedule_link()
         local_p = [s for s in self.prefill if s.site == PD_SITE]
-        proposal = self.slow.propose(self.link.capacity_gbps, self.policy.config.threshold_tokens, len(local_p))
+        measured_gbps = self._link_view(now).effective_gbps
+        proposal = self.slow.propose(measured_gbps, self.policy.config.threshold_tokens, len(local_p))
         if proposal is None:
             return
         threshold, n_p = proposal
@@ -262,6 +282,9 @@ class Simulator:
         self._push(spec.duration_s, _MARK)
         if spec.replan_interval_s:
             self._push(spec.replan_interval_s, _REPLAN)
+        interval = spec.telemetry.interval_s
+        for i in range(len(self.senders)):
+            self._push(interval * (1 + i / len(self.senders)), _SAMPLE, i)
         next_arrival = 0
         if len(times):
             self._push(float(times[0]), _ARRIVAL)
@@ -305,6 +328,10 @@ class Simulator:
                 self._replan(now)
                 if now + spec.replan_interval_s < spec.duration_s:
                     self._push(now + spec.replan_interval_s, _REPLAN)
+            elif kind == _SAMPLE:
+                self._sample(payload, now)
+                if len(self._events) >= len(self.senders):  # something besides the other senders' samples
+                    self._push(now + spec.telemetry.interval_s, _SAMPLE, payload)
             elif kind == _MARK:
                 self._link_done(self.link.advance(now), now)
                 self._reschedule_link()

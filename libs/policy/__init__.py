@@ -1,7 +1,9 @@
 """Pure scheduling decisions (no I/O): offload rule, cost model, instance choice, the view they read.
 
-Usage: ``policy = make_policy("adaptive", PolicyConfig(threshold_tokens=19_400))`` then
-``policy.decide(view, request, now=now, rng=rng)`` returns a ``RouteDecision``.
+Usage: ``policy = make_policy("adaptive", PolicyConfig(threshold_tokens=t))`` (t from
+``libs.planner.search.planned_threshold``) then ``policy.decide(view, request, now=now, rng=rng)``
+returns a ``RouteDecision``. The router's link view comes from :class:`LinkTelemetry`, fed with the
+LinkStats it receives.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from libs.policy.config import PolicyConfig
 from libs.policy.cost import CostModel
 from libs.policy.decision import Policy
 from libs.policy.offload import Adaptive, LocalOnly, RemoteOnly, StaticThreshold
+from libs.policy.telemetry import LinkTelemetry, TelemetryConfig
 from libs.policy.view import ClusterView, InstanceView, LinkView, RouteRequest
 
 POLICIES: dict[str, type[Policy]] = {
@@ -18,7 +21,7 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
+def make_policy(name: str, config: PolicyConfig) -> Policy:
     """The policy called ``name`` (BadRequest lists the known names)."""
     try:
         return POLICIES[name](config)
@@ -30,9 +33,11 @@ __all__ = [
     "POLICIES",
     "ClusterView",
     "InstanceView",
+    "LinkTelemetry",
     "LinkView",
     "Policy",
     "PolicyConfig",
     "RouteRequest",
+    "TelemetryConfig",
     "make_policy",
 ]

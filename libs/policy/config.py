@@ -9,9 +9,14 @@ from libs.common.errors import ConfigError
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Thresholds and limits shared by every policy; defaults are the paper's case study."""
+    """Thresholds and limits shared by every policy.
 
-    threshold_tokens: int = 19_400  # t: offload iff the uncached length exceeds it (paper: 19.4K)
+    ``threshold_tokens`` has no default: it depends on the deployment (model, hardware, instance
+    counts, link, workload). ``libs.planner.search.planned_threshold`` derives it as ``prfaas plan``
+    does (19,392 for the paper's case study).
+    """
+
+    threshold_tokens: int  # t: offload iff the uncached length exceeds it
     link_budget: float = 0.9  # cost-model: plan at most this fraction of link goodput
     scarce_utilization: float = 0.5  # adaptive: link busier than this -> bandwidth is scarce
     raise_start_utilization: float = 0.8  # adaptive: start raising t at this (smoothed) link utilisation

@@ -32,8 +32,8 @@ class Policy(ABC):
     name = "policy"
     ships_prefixes = False  # True for policies that may ship a cached prefix between sites
 
-    def __init__(self, config: PolicyConfig | None = None) -> None:
-        self.config = config or PolicyConfig()
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
 
     def decide(self, view: ClusterView, request: RouteRequest, *, now: float, rng: random.Random) -> RouteDecision:
         """Place ``request`` on ``view``: a RouteDecision with candidates, signals and predictions."""

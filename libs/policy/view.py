@@ -30,21 +30,30 @@ class InstanceView:
 
 @dataclass(frozen=True, slots=True)
 class LinkView:
-    """One direction of an inter-site link: capacity and the latest telemetry."""
+    """One direction of an inter-site link as a router knows it (:class:`LinkTelemetry` builds it from LinkStats).
+
+    ``capacity_gbps`` is what the pair is provisioned or paced to: a paced sender never delivers
+    more, so goodput cannot reveal a higher capacity. ``deliverable_gbps`` is the estimate of what
+    the link delivers now when telemetry shows it below capacity (a degraded path); ``None`` means
+    nothing suggests less than the capacity.
+    """
 
     src_site: str
     dst_site: str
     capacity_gbps: float
-    goodput_gbps: float | None = None  # measured; None means "as provisioned" (= capacity)
-    utilization: float = 0.0  # fraction of goodput in use now
+    deliverable_gbps: float | None = None
+    goodput_gbps: float = 0.0  # smoothed goodput being delivered now
+    utilization: float = 0.0  # goodput over effective_gbps (smoothed)
     rtt_s: float = 0.0
-    bytes_in_flight: int = 0  # produced by prefills but not yet delivered (the link's backlog)
-    active_transfers: int = 0  # KV transfers currently streaming on this link
+    queue_delay_s: float = 0.0  # round trip above the path's base RTT: time KV waits in the senders' windows
+    bytes_in_flight: int = 0  # sent and not yet acknowledged, summed over the senders
+    active_transfers: int = 0  # KV transfers currently using this link
+    age_s: float = 0.0  # since the newest telemetry sample (inf: never heard from)
 
     @property
     def effective_gbps(self) -> float:
-        """Bandwidth a planner can count on: measured goodput, else capacity (never below 1 Mbps)."""
-        gbps = self.capacity_gbps if self.goodput_gbps is None else min(self.goodput_gbps, self.capacity_gbps)
+        """Bandwidth a planner can count on: the deliverable estimate, else capacity (never below 1 Mbps)."""
+        gbps = self.capacity_gbps if self.deliverable_gbps is None else min(self.deliverable_gbps, self.capacity_gbps)
         return max(gbps, 1e-3)
 
     def share_bytes_per_s(self) -> float:
@@ -57,8 +66,8 @@ class LinkView:
 
     @property
     def backlog_s(self) -> float:
-        """Seconds the link needs to deliver what is already in flight."""
-        return self.bytes_in_flight * 8 / (self.effective_gbps * 1e9)
+        """Seconds KV already handed to the link waits before delivery: queueing delay, or in-flight bytes / rate."""
+        return max(self.queue_delay_s, self.bytes_in_flight * 8 / (self.effective_gbps * 1e9))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from libs.planner.search import PlanInputs
 from libs.planner.sim_cluster import DecodeServer, SimRequest
 from libs.planner.simulator import SimSpec, Simulator
 from libs.planner.workloads import CASE_STUDY_WORKLOAD, Empirical
+from libs.policy import PolicyConfig
 
 MODEL, H200, H20 = MODELS["kimi-linear-1t"], HARDWARE["h200"], HARDWARE["h20"]
 INPUTS = PlanInputs(MODEL, H200, 4, H20, 8, 100.0, CASE_STUDY_WORKLOAD, 1024)
@@ -97,7 +98,8 @@ def test_decode_server_runs_at_the_profiles_capacity():
 def test_trace_free_run_is_reproducible_and_drains():
     """The same spec and seed give the same run; with drain every request gets its tokens."""
     spec = SimSpec(
-        MODEL, H200, 4, H20, 3, 5, 100.0, Empirical(lengths=[5000, 40000]), 256, rate_rps=2.0, duration_s=120.0
+        MODEL, H200, 4, H20, 3, 5, 100.0, Empirical(lengths=[5000, 40000]), 256, rate_rps=2.0, duration_s=120.0,
+        policy_config=PolicyConfig(threshold_tokens=19_400),
     )
     a, b = Simulator(spec).run(), Simulator(spec).run()
     assert [r.ttft_s for r in a.requests] == [r.ttft_s for r in b.requests]

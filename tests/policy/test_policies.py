@@ -37,9 +37,8 @@ def view(
     instances += [
         InstanceView(f"pdd-{i}", "dc-pd", "decode", H20, free_decode_slots=f) for i, f in enumerate(decode_free)
     ]
-    link = LinkView(
-        "dc-prfaas", "dc-pd", link_gbps, utilization=utilization, rtt_s=0.005, bytes_in_flight=backlog_bytes
-    )
+    link = LinkView("dc-prfaas", "dc-pd", link_gbps, goodput_gbps=utilization * link_gbps, utilization=utilization,
+                    rtt_s=0.005, bytes_in_flight=backlog_bytes)  # fmt: skip
     return ClusterView(MODEL, "dc-pd", tuple(instances), (link,))
 
 
@@ -189,7 +188,7 @@ def test_decision_event_round_trips_as_json_with_consistent_predictions(name):
     assert d.policy == name
     assert d.predicted_ttft_s >= d.predicted_queue_s + d.predicted_prefill_s
     scores = [c.score for c in d.candidates]
-    assert scores == sorted(scores) and 1 <= len(scores) <= PolicyConfig().max_candidates
+    assert scores == sorted(scores) and 1 <= len(scores) <= PolicyConfig(threshold_tokens=T).max_candidates
     assert any(c.instance == d.prefill_instance for c in d.candidates) or d.shipped_prefix_bytes
     assert d.reason
 
@@ -206,9 +205,9 @@ def test_remote_transfer_prediction_grows_with_link_congestion():
 def test_errors():
     """Unknown policy names and bad config are typed errors; a view without decode is NoCapacity."""
     with pytest.raises(BadRequest, match="static-threshold"):
-        make_policy("round-robin")
+        make_policy("round-robin", PolicyConfig(threshold_tokens=T))
     with pytest.raises(ConfigError, match="link_budget"):
-        PolicyConfig(link_budget=1.5)
+        PolicyConfig(threshold_tokens=T, link_budget=1.5)
     with pytest.raises(NoCapacity):
         decide("static-threshold", view(decode_free=()), 1000)
 
@@ -235,5 +234,5 @@ def test_view_and_request_from_bus_messages():
     )
     req = RouteRequest.from_lookup("r9", 6400, reply, block_size=64)
     assert req.cached_tokens == {"l0": 3200}
-    d = make_policy("static-threshold").decide(v, req, now=0.0, rng=random.Random(0))
+    d = make_policy("static-threshold", PolicyConfig(threshold_tokens=T)).decide(v, req, now=0.0, rng=random.Random(0))
     assert (d.choice, d.prefill_instance, d.reused_prefix_tokens) == ("local", "l0", 3200)

@@ -1,0 +1,114 @@
+"""LinkStats as the simulated senders publish them, with the semantics of ``libs/kvwire/linkstats.py``.
+
+Each sending process (one per PrfaaS prefill instance, plus the PrfaaS cache pool that ships
+prefixes) publishes every ``interval_s``, at its own phase, a sample of its own flows on the fluid
+link: goodput = bytes delivered in the interval / interval; busy goodput = the same bytes / the time
+it had a transfer on the link (a transfer starts with its prefill, as a layer-wise send does);
+utilisation = goodput / budget; bytes in flight = per transfer, what is produced and not yet
+acknowledged, capped by the sender's window (``window_bytes``; the rest waits in the sender and is
+not visible); RTT = base RTT, or in-flight bytes / sending rate when the window holds a queue
+(Little's law). The router receives each sample ``lag_s`` after it was taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from libs.common.errors import BadRequest
+from libs.common.messages import LinkStats
+from libs.planner.link import FluidLink
+from libs.policy import TelemetryConfig
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """How the simulated senders publish LinkStats, and how the simulated router reads them."""
+
+    interval_s: float = 1.0  # publish period of every sender (kvwire: LinkConfig.publish_interval_s)
+    lag_s: float = 0.25  # from the end of a sample's interval to the router using it
+    window_bytes: int = 64 << 20  # unacknowledged bytes per transfer (kvwire TCP: window_bytes)
+    budget_gbps: float | None = None  # the pair's pacing budget (None: the planned link bandwidth)
+    router: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def __post_init__(self) -> None:
+        checks = {"interval_s": self.interval_s > 0, "lag_s": self.lag_s >= 0, "window_bytes": self.window_bytes > 0,
+                  "budget_gbps": self.budget_gbps is None or self.budget_gbps > 0}  # fmt: skip
+        for key, ok in checks.items():
+            if not ok:
+                raise BadRequest(f"telemetry {key} must be positive, got {getattr(self, key)!r}")
+
+    def to_json(self) -> dict:
+        """The settings, for a scenario's JSON."""
+        return asdict(self)
+
+
+class _SenderState:
+    __slots__ = ("delivered", "busy_s", "at", "srtt_s", "rtt_s")
+
+    def __init__(self) -> None:
+        self.delivered = 0.0
+        self.busy_s = 0.0
+        self.at = 0.0
+        self.srtt_s = 0.0
+        self.rtt_s = 0.0
+
+
+class LinkSampler:
+    """Takes the LinkStats of one sender from the fluid link (counters since its previous sample)."""
+
+    def __init__(self, link: FluidLink, src_site: str, dst_site: str, budget_gbps: float, base_rtt_s: float,
+                 window_bytes: int) -> None:  # fmt: skip
+        self.link = link
+        self.src_site, self.dst_site = src_site, dst_site
+        self.budget_gbps = budget_gbps
+        self.base_rtt_s = base_rtt_s
+        self.window_bytes = window_bytes
+        self._senders: dict[str, _SenderState] = {}
+
+    def sample(self, sender: str, now: float) -> LinkStats:
+        """``sender``'s statistics over (its previous sample, ``now``]; the link must be advanced to ``now``."""
+        state = self._senders.get(sender)
+        if state is None:
+            state = self._senders[sender] = _SenderState()
+        link = self.link
+        delivered = link.delivered_bytes.get(sender, 0.0)
+        busy_s = link.busy_s.get(sender, 0.0)
+        interval_s = max(now - state.at, 1e-9)
+        bits = (delivered - state.delivered) * 8
+        busy = busy_s - state.busy_s
+        in_flight = sending = 0.0
+        active = 0
+        for f in link.flows:
+            if f.owner == sender:
+                active += 1
+                sending += f.rate_bps
+                in_flight += min(self.window_bytes, f.produced_bytes(now) - f.sent_bytes + f.rate_bps * self.base_rtt_s)
+        rtt = max(self.base_rtt_s, in_flight / sending) if sending > 0 else 0.0
+        min_rtt = 0.0
+        if bits > 0:  # acks arrived in the interval: RTT samples between the interval's start and now
+            seen = [r for r in (state.rtt_s, rtt) if r > 0] or [self.base_rtt_s]
+            min_rtt = min(seen)
+            state.srtt_s = seen[-1]  # the smoothed RTT follows the latest acks
+        state.rtt_s = rtt
+        goodput = bits / interval_s / 1e9
+        stats = LinkStats(
+            src_site=self.src_site,
+            dst_site=self.dst_site,
+            ts=now,
+            interval_s=interval_s,
+            budget_gbps=self.budget_gbps,
+            goodput_gbps=goodput,
+            busy_goodput_gbps=bits / busy / 1e9 if busy > 0 else 0.0,
+            utilization=goodput / self.budget_gbps,
+            rtt_s=state.srtt_s,
+            min_rtt_s=min_rtt,
+            bytes_in_flight=int(in_flight),
+            active_transfers=active,
+            acked_bytes_total=int(delivered),
+            retransmitted_bytes_total=0,
+            retransmitted_chunks_total=0,
+            transfers_completed_total=link.completed.get(sender, 0),
+            transfers_failed_total=0,
+        )
+        state.delivered, state.busy_s, state.at = delivered, busy_s, now
+        return stats

@@ -1,0 +1,187 @@
+"""Link telemetry as a router knows it: the LinkStats senders publish, combined into one LinkView per site pair.
+
+Every prefill gateway process publishes a ``LinkStats`` per destination site once a second
+(``libs/kvwire/linkstats.py``): goodput over the interval, busy goodput (over the time a transfer
+was active), utilisation against its pacing budget, smoothed ack RTT, bytes in flight, active
+transfers. What that can and cannot tell:
+
+- A paced sender never delivers more than its budget and an idle link delivers nothing, so goodput
+  says what the link carries, not what it could: the capacity is the pair's budget (or, unpaced,
+  its provisioned figure).
+- A link that delivers less than the senders offer keeps their windows full, so the ack round trip
+  rises above its base: the queueing delay. While it is above ``congestion_delay_s``, busy goodput
+  is what the link delivers: the ``deliverable_gbps`` estimate. The estimate is trusted for
+  ``hold_s``, then grows back towards the capacity by ``probe_per_s`` per second (a link that is
+  still degraded shows queueing again once traffic is routed past its rate; a recovered one does not).
+- Several processes may publish for one pair: goodput, bytes in flight and active transfers are
+  summed over them; busy goodput is their acknowledged bytes over the longest busy time among them;
+  the budget is the pair's, shared by them.
+- A sender silent for ``stale_after_s`` no longer counts. With none left the view carries no load
+  figures, keeps the bandwidth estimate, and ``age_s`` says how old the newest sample is.
+
+Pure: the caller passes the time a sample was received and the time a view is wanted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from libs.common.errors import ConfigError
+from libs.common.messages import LinkStats
+from libs.policy.view import LinkView
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """How a router smooths and interprets LinkStats."""
+
+    smoothing_s: float = 5.0  # time constant of the goodput average
+    stale_after_s: float = 3.5  # a sender silent this long no longer counts
+    congestion_delay_s: float = 0.02  # queueing delay (RTT above base) meaning the link limits delivery
+    hold_s: float = 30.0  # a measured deliverable bandwidth is trusted this long ...
+    probe_per_s: float = 0.05  # ... then grows back towards capacity by this fraction per second
+    base_rtt_window_s: float = 120.0  # the base RTT is the least one seen over this window
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"telemetry {f.name} must be a positive number, got {value!r}")
+
+
+class _Pair:
+    """What is known of one site pair."""
+
+    __slots__ = ("senders", "goodput_gbps", "queue_delay_s", "rtt_s", "bytes_in_flight", "active_transfers",
+                 "budget_gbps", "peak_gbps", "updated_at", "bottleneck_gbps", "bottleneck_at", "base_rtts")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.senders: dict[str, tuple[LinkStats, float]] = {}  # sender -> (latest sample, received at)
+        self.goodput_gbps = 0.0
+        self.queue_delay_s = 0.0
+        self.rtt_s = 0.0
+        self.bytes_in_flight = 0
+        self.active_transfers = 0
+        self.budget_gbps = 0.0
+        self.peak_gbps = 0.0  # highest busy goodput seen (the capacity of an unpaced, unprovisioned pair)
+        self.updated_at: float | None = None
+        self.bottleneck_gbps: float | None = None
+        self.bottleneck_at = 0.0
+        self.base_rtts: deque[tuple[float, float]] = deque()  # (received at, RTT), RTTs increasing: front is least
+
+
+def _push_min(window: deque[tuple[float, float]], at: float, rtt_s: float) -> None:
+    """Append to a sliding-window minimum (drops entries that can no longer be the least)."""
+    while window and window[-1][1] >= rtt_s:
+        window.pop()
+    window.append((at, rtt_s))
+
+
+class LinkTelemetry:
+    """Accumulates LinkStats (from any number of senders) and answers the LinkView of a pair at ``now``."""
+
+    def __init__(
+        self,
+        config: TelemetryConfig | None = None,
+        capacity_gbps: Mapping[tuple[str, str], float] | None = None,
+        default_capacity_gbps: float | None = None,
+    ) -> None:
+        self.config = config or TelemetryConfig()
+        self._capacity = dict(capacity_gbps or {})  # provisioned figure of unpaced pairs
+        self._default_capacity = default_capacity_gbps
+        self._pairs: dict[tuple[str, str], _Pair] = {}
+
+    def ingest(self, stats: LinkStats, received_at: float, sender: str = "") -> None:
+        """Take one sample; ``sender`` names the publishing process (samples of one sender replace each other)."""
+        key = (stats.src_site, stats.dst_site)
+        pair = self._pairs.get(key)
+        if pair is None:
+            pair = self._pairs[key] = _Pair()
+        pair.senders[sender] = (stats, received_at)
+        self._fold(pair, received_at)
+
+    def _fold(self, pair: _Pair, now: float) -> None:
+        cfg = self.config
+        live = [(s, at) for s, at in pair.senders.values() if now - at <= cfg.stale_after_s]
+        pair.senders = {name: entry for name, entry in pair.senders.items() if now - entry[1] <= cfg.stale_after_s}
+        goodput = acked_gbit = longest_busy_s = rtt = 0.0
+        in_flight = active = 0
+        budget = 0.0
+        for s, at in live:
+            goodput += s.goodput_gbps
+            acked = s.goodput_gbps * s.interval_s
+            acked_gbit += acked
+            if s.busy_goodput_gbps > 0:
+                longest_busy_s = max(longest_busy_s, acked / s.busy_goodput_gbps)
+            in_flight += s.bytes_in_flight
+            active += s.active_transfers
+            budget = max(budget, s.budget_gbps)
+            if s.active_transfers or s.goodput_gbps > 0:
+                rtt = max(rtt, s.rtt_s)
+            if s.min_rtt_s > 0:
+                _push_min(pair.base_rtts, at, s.min_rtt_s)
+        while pair.base_rtts and pair.base_rtts[0][0] < now - cfg.base_rtt_window_s:
+            pair.base_rtts.popleft()
+        base = pair.base_rtts[0][1] if pair.base_rtts else rtt
+        queue_delay = max(0.0, rtt - base) if rtt > 0 else 0.0
+        busy_goodput = acked_gbit / longest_busy_s if longest_busy_s > 0 else 0.0
+        weight = 1.0 if pair.updated_at is None else 1.0 - math.exp(-max(0.0, now - pair.updated_at) / cfg.smoothing_s)
+        pair.goodput_gbps += weight * (goodput - pair.goodput_gbps)
+        pair.updated_at = now
+        pair.queue_delay_s, pair.rtt_s = queue_delay, rtt
+        pair.bytes_in_flight, pair.active_transfers = in_flight, active
+        pair.budget_gbps = budget
+        pair.peak_gbps = max(pair.peak_gbps, busy_goodput)
+        if active and queue_delay > cfg.congestion_delay_s and busy_goodput > 0:
+            pair.bottleneck_gbps, pair.bottleneck_at = busy_goodput, now
+
+    def _capacity_of(self, key: tuple[str, str], pair: _Pair | None) -> float | None:
+        if pair is not None and pair.budget_gbps > 0:
+            return pair.budget_gbps
+        configured = self._capacity.get(key, self._default_capacity)
+        if configured is not None:
+            return configured
+        return pair.peak_gbps if pair is not None and pair.peak_gbps > 0 else None
+
+    def view(self, src_site: str, dst_site: str, now: float) -> LinkView | None:
+        """The pair's LinkView at ``now`` (None if neither telemetry nor a configured capacity is known)."""
+        key = (src_site, dst_site)
+        pair = self._pairs.get(key)
+        capacity = self._capacity_of(key, pair)
+        if capacity is None:
+            return None
+        if pair is None or pair.updated_at is None:
+            return LinkView(src_site, dst_site, capacity, age_s=math.inf)
+        cfg = self.config
+        deliverable = None
+        if pair.bottleneck_gbps is not None:
+            probing_s = now - pair.bottleneck_at - cfg.hold_s
+            estimate = pair.bottleneck_gbps * (math.exp(cfg.probe_per_s * probing_s) if probing_s > 0 else 1.0)
+            estimate = max(estimate, pair.goodput_gbps)  # carrying more than the estimate proves more
+            deliverable = estimate if estimate < capacity else None
+        newest = max(at for _, at in pair.senders.values()) if pair.senders else pair.updated_at
+        age = max(0.0, now - newest)
+        if age > cfg.stale_after_s:
+            return LinkView(src_site, dst_site, capacity, deliverable, age_s=age)
+        effective = max(min(deliverable or capacity, capacity), 1e-3)
+        return LinkView(
+            src_site=src_site,
+            dst_site=dst_site,
+            capacity_gbps=capacity,
+            deliverable_gbps=deliverable,
+            goodput_gbps=pair.goodput_gbps,
+            utilization=pair.goodput_gbps / effective,
+            rtt_s=pair.rtt_s,
+            queue_delay_s=pair.queue_delay_s,
+            bytes_in_flight=pair.bytes_in_flight,
+            active_transfers=pair.active_transfers,
+            age_s=age,
+        )
+
+    def views(self, now: float) -> tuple[LinkView, ...]:
+        """The LinkView of every pair heard from."""
+        found = (self.view(src, dst, now) for src, dst in self._pairs)
+        return tuple(v for v in found if v is not None)
