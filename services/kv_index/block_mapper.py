@@ -7,10 +7,17 @@ computed from the tokens (``libs.common.hashing.block_hash``), so it equals what
 computes for the same prompt. An engine eviction evicts each of our blocks that the evicted
 engine block is part of. A ``linear_state`` checkpoint exists for one of our blocks only when
 an engine block ends exactly at its boundary.
+
+Blocks whose engine hash covers more than their tokens (a LoRA adapter, images, a cache salt)
+are never ours, nor are their descendants: they are remembered as *foreign* so that their
+children are recognised and skipped too. Blocks another node holds (``locality`` REMOTE) are
+skipped, and so are their removals. A removal names a group, not a state kind, in current vLLM: the kind of
+each group is learned from its stores.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from libs.common.hashing import ROOT_HASH, block_hash
@@ -33,6 +40,7 @@ class _Node:
     parent: EngineHash | None
     our_parent: int  # our last complete block before the pending tokens
     pending: tuple[int, ...]  # tokens after that boundary, up to the end of this engine block
+    foreign: bool = False  # named by more than its tokens: neither it nor its descendants are ours
     covers: list[int] = field(default_factory=list)  # our blocks this engine block is part of
     crossed_boundary: bool = False  # it completed at least one of our blocks
     ends_at_boundary: bool = False
@@ -56,8 +64,18 @@ class BlockMapper:
         self.block_size = block_size
         self._nodes: dict[EngineHash, _Node] = {}
         self._announced: dict[Key, set[int]] = {}
+        self._group_kinds: dict[int | None, StateKind] = {}
         self.unmapped_blocks = 0
-        self.skipped_lora_blocks = 0
+        self.skipped_blocks: Counter[str] = Counter()
+
+    def reset(self) -> None:
+        """Forget every engine block and every block announced (the index was told to drop them)."""
+        self._nodes.clear()
+        self._announced.clear()
+
+    def held(self) -> dict[Key, list[int]]:
+        """Our blocks announced and not evicted since the last reset, per state kind and tier."""
+        return {key: sorted(hashes) for key, hashes in self._announced.items() if hashes}
 
     def apply(self, events: list[EngineEvent]) -> list[MappedChange]:
         """Our changes for one batch of engine events, in order."""
@@ -68,29 +86,46 @@ class BlockMapper:
             elif isinstance(event, EngineBlockRemoved):
                 out += self._removed(event)
             elif isinstance(event, EngineAllCleared):
-                self._nodes.clear()
-                self._announced.clear()
+                self.reset()
                 out.append(MappedChange("cleared"))
         return out
 
+    def _kind_of(self, kind: StateKind | None, group: int | None) -> StateKind:
+        if kind is not None:
+            self._group_kinds[group] = kind
+            return kind
+        return self._group_kinds.get(group, "attn_kv")
+
     def _stored(self, event: EngineBlockStored) -> list[MappedChange]:
-        if event.lora_id is not None:  # adapter caches are named differently from base prompts
-            self.skipped_lora_blocks += len(event.block_hashes)
+        kind = self._kind_of(event.kind, event.group)
+        key: Key = (kind, event.tier)
+        size = event.block_size
+        if event.skip == "remote":  # held by another node: neither ours nor this instance's
+            self.skipped_blocks["remote"] += len(event.block_hashes)
             return []
-        key: Key = (event.kind, event.tier)
-        announced = self._announced.setdefault(key, set())
+        if len(event.token_ids) != len(event.block_hashes) * size:
+            self.unmapped_blocks += len(event.block_hashes)  # e.g. a snapshot entry without its tokens
+            return []
         parent = event.parent_block_hash
         if parent is None:
-            our_parent, pending = ROOT_HASH, ()
+            our_parent, pending, foreign = ROOT_HASH, (), False
         elif parent in self._nodes:
             node = self._nodes[parent]
-            our_parent, pending = node.our_parent, node.pending
+            our_parent, pending, foreign = node.our_parent, node.pending, node.foreign
         else:
             self.unmapped_blocks += len(event.block_hashes)
             return []
+        announced = self._announced.setdefault(key, set())
         new: list[int] = []
-        size = event.block_size
         for i, engine_hash in enumerate(event.block_hashes):
+            if not foreign and (event.skip == "lora" or (event.keyed_from is not None and i >= event.keyed_from)):
+                foreign = True
+            if foreign:
+                self.skipped_blocks[event.skip or ("extra_keys" if event.keyed_from is not None else "foreign_parent")] += 1
+                node = self._nodes.setdefault(engine_hash, _Node(parent=parent, our_parent=ROOT_HASH, pending=(), foreign=True))
+                node.present.add(key)
+                parent = engine_hash
+                continue
             tokens = pending + tuple(event.token_ids[i * size : (i + 1) * size])
             completed: list[int] = []
             while len(tokens) >= self.block_size:
@@ -110,7 +145,7 @@ class BlockMapper:
             for ours in completed:
                 if ours in announced:
                     continue
-                if event.kind == "linear_state":
+                if kind == "linear_state":
                     if node.ends_at_boundary and ours == completed[-1]:
                         announced.add(ours)
                         new.append(ours)
@@ -118,7 +153,7 @@ class BlockMapper:
                     announced.add(ours)
                     new.append(ours)
             parent, pending = engine_hash, tokens
-        return [MappedChange("stored", event.kind, event.tier, tuple(new))] if new else []
+        return [MappedChange("stored", kind, event.tier, tuple(new))] if new else []
 
     def _cover_ancestors(self, parent: EngineHash | None, ours: int) -> None:
         """Record ``ours`` in the engine blocks before ``parent``'s boundary that it contains."""
@@ -144,7 +179,10 @@ class BlockMapper:
         return True
 
     def _removed(self, event: EngineBlockRemoved) -> list[MappedChange]:
-        key: Key = (event.kind, event.tier)
+        if event.remote:
+            return []
+        kind = self._kind_of(event.kind, event.group)
+        key: Key = (kind, event.tier)
         announced = self._announced.setdefault(key, set())
         gone: list[int] = []
         for engine_hash in event.block_hashes:
@@ -158,4 +196,4 @@ class BlockMapper:
                     gone.append(ours)
             if not node.present:
                 del self._nodes[engine_hash]
-        return [MappedChange("evicted", event.kind, event.tier, tuple(gone))] if gone else []
+        return [MappedChange("evicted", kind, event.tier, tuple(gone))] if gone else []

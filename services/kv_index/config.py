@@ -11,29 +11,54 @@ from libs.common.config import EnvReader
 from libs.common.errors import ConfigError
 from libs.common.hashing import DEFAULT_BLOCK_SIZE
 
+_ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
 
 @dataclass(frozen=True)
 class ZmqEndpoint:
-    """An engine's KV event publisher and the instance it belongs to."""
+    """An engine's KV event publisher, its replay socket if any, and the instance it belongs to."""
 
     url: str
     site: str
     instance: str
+    replay_url: str | None = None
 
 
 def parse_zmq_endpoints(raw: tuple[str, ...], key: str = "KV_INDEX_ZMQ_ENDPOINTS") -> tuple[ZmqEndpoint, ...]:
-    """Parse ``tcp://host:port=site/instance`` items."""
+    """Parse ``tcp://host:port[|tcp://host:replay_port]=site/instance`` items."""
     endpoints = []
+    seen: set[tuple[str, str]] = set()
     for item in raw:
-        url, sep, who = item.rpartition("=")
+        urls, sep, who = item.rpartition("=")
         site, slash, instance = who.partition("/")
-        if not sep or not slash or not url.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ConfigError(f"{key}: {item!r} is not of the form tcp://host:port=site/instance")
+        url, bar, replay_url = urls.partition("|")
+        if not sep or not slash or not url.startswith(_ZMQ_SCHEMES) or (bar and not replay_url.startswith(_ZMQ_SCHEMES)):
+            raise ConfigError(f"{key}: {item!r} is not of the form tcp://host:port[|tcp://host:replay_port]=site/instance")
         try:
-            endpoints.append(ZmqEndpoint(url, subjects.token(site, "site"), subjects.token(instance, "instance")))
+            endpoint = ZmqEndpoint(url, subjects.token(site, "site"), subjects.token(instance, "instance"), replay_url or None)
         except ValueError as e:
             raise ConfigError(f"{key}: {item!r}: {e}") from None
+        if (endpoint.site, endpoint.instance) in seen:
+            raise ConfigError(f"{key}: {item!r}: {site}/{instance} is named twice")
+        seen.add((endpoint.site, endpoint.instance))
+        endpoints.append(endpoint)
     return tuple(endpoints)
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _url(key: str, value: str, schemes: tuple[str, ...]) -> str:
+    """The URL, if it starts with one of ``schemes`` (a comma-separated list of them for NATS)."""
+    if not all(part.strip().startswith(schemes) for part in value.split(",")):
+        raise ConfigError(f"KV_INDEX_{key}={value!r}: expected a URL starting with {' or '.join(schemes)}")
+    return value
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in _LOG_LEVELS:
+        raise ConfigError(f"KV_INDEX_LOG_LEVEL={value!r}: expected one of {', '.join(_LOG_LEVELS)}")
+    return value.upper()
 
 
 @dataclass(frozen=True)
@@ -57,6 +82,8 @@ class KvIndexConfig:
     snapshot_request_interval_s: float = 5.0
     zmq_endpoints: tuple[ZmqEndpoint, ...] = ()
     zmq_heartbeat_s: float = 2.0
+    zmq_replay_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0
     max_concurrent_lookups: int = 64
     metrics_port: int = 0
     log_level: str = "INFO"
@@ -67,8 +94,8 @@ class KvIndexConfig:
         r = EnvReader("KV_INDEX_", os.environ if env is None else env)
         d = cls()
         return cls(
-            nats_url=r.str("NATS_URL", d.nats_url),
-            redis_url=r.str("REDIS_URL", d.redis_url),
+            nats_url=_url("NATS_URL", r.str("NATS_URL", d.nats_url), ("nats://", "tls://", "ws://", "wss://")),
+            redis_url=_url("REDIS_URL", r.str("REDIS_URL", d.redis_url), ("redis://", "rediss://", "unix://")),
             key_prefix=r.str("KEY_PREFIX", d.key_prefix),
             stream=r.str("STREAM", d.stream),
             durable=r.str("DURABLE", d.durable),
@@ -84,7 +111,9 @@ class KvIndexConfig:
             snapshot_request_interval_s=r.float("SNAPSHOT_REQUEST_INTERVAL_S", d.snapshot_request_interval_s, minimum=0.0),
             zmq_endpoints=parse_zmq_endpoints(r.list("ZMQ_ENDPOINTS")),
             zmq_heartbeat_s=r.float("ZMQ_HEARTBEAT_S", d.zmq_heartbeat_s, minimum=0.05),
+            zmq_replay_timeout_s=r.float("ZMQ_REPLAY_TIMEOUT_S", d.zmq_replay_timeout_s, minimum=0.01),
+            connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
             max_concurrent_lookups=r.int("MAX_CONCURRENT_LOOKUPS", d.max_concurrent_lookups, minimum=1),
             metrics_port=r.int("METRICS_PORT", d.metrics_port, minimum=0),
-            log_level=r.str("LOG_LEVEL", d.log_level),
+            log_level=_log_level(r.str("LOG_LEVEL", d.log_level)),
         )

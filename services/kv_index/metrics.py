@@ -23,5 +23,32 @@ class KvIndexMetrics:
             registry=registry,
         )
         self.engine_unmapped = Counter(
-            "prfaas_kv_index_engine_unmapped_blocks", "Engine blocks whose parent was unknown", ["instance"], registry=registry
+            "prfaas_kv_index_engine_unmapped_blocks", "Engine blocks whose parent or tokens were unknown", ["instance"], registry=registry
+        )
+        self.engine_skipped = Counter(
+            "prfaas_kv_index_engine_skipped_blocks",
+            "Engine blocks that are not ours (LoRA, extra keys, held remotely)",
+            ["instance", "reason"],
+            registry=registry,
+        )
+        self.engine_ignored_events = Counter(
+            "prfaas_kv_index_engine_ignored_events", "Engine events of types the bridge does not know", ["instance"], registry=registry
+        )
+        self.engine_baselines = Counter(
+            "prfaas_kv_index_engine_baselines",
+            "Engine event streams taken as a new baseline (first contact, reconnect, engine restart)",
+            ["instance", "reason"],
+            registry=registry,
+        )
+        self.engine_gaps_repaired = Counter(
+            "prfaas_kv_index_engine_gaps_repaired", "Engine sequence gaps repaired from the replay socket", ["instance"], registry=registry
+        )
+        self.engine_replayed_batches = Counter(
+            "prfaas_kv_index_engine_replayed_batches", "Engine batches received from replay sockets", ["instance"], registry=registry
+        )
+        self.engine_resets = Counter(
+            "prfaas_kv_index_engine_resets",
+            "Unrepairable engine sequence gaps: the instance's blocks were dropped",
+            ["instance", "reason"],
+            registry=registry,
         )

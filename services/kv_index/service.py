@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -20,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
 from libs.common.bus import connect, ensure_consumer, ensure_stream
-from libs.common.errors import BadRequest
+from libs.common.errors import BadRequest, PrfaasError, UpstreamTimeout
 from libs.common.messages import KvSnapshotRequest, encode
 from libs.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from services.kv_index.config import KvIndexConfig
@@ -96,11 +98,15 @@ class KvIndexService:
                 ingest = ZmqIngest(
                     self.nc,
                     endpoint,
+                    stream=self.config.stream,
                     block_size=self.config.block_size,
                     heartbeat_s=self.config.zmq_heartbeat_s,
                     publish_timeout_s=self.config.lookup_timeout_s * 4,
+                    replay_timeout_s=self.config.zmq_replay_timeout_s,
+                    retry_backoff_max_s=self.config.retry_backoff_max_s,
                     metrics=self.metrics,
                     context=self._zmq_context,
+                    applied_seq=functools.partial(self._applied_seq, endpoint.site, endpoint.instance),
                 )
                 self._spawn(self._supervise(f"zmq {endpoint.url}", ingest.run))
         log.info("kv_index started", extra={"stream": self.config.stream, "zmq_endpoints": len(self.config.zmq_endpoints)})
@@ -241,6 +247,11 @@ class KvIndexService:
             if forgotten:
                 log.info("forgot silent instances", extra={"slots": forgotten})
 
+    async def _applied_seq(self, site: str, instance: str) -> int:
+        """The sequence number of the instance's last batch in the store, waiting while Redis is down."""
+        slot = await self._until_store(lambda: self.store.slot_for(site, instance))
+        return await self._until_store(lambda: self.store.last_seq(slot))
+
     async def request_snapshot(self, req: KvSnapshotRequest) -> None:
         """Ask an instance for a snapshot, at most once per ``snapshot_request_interval_s``."""
         key = (req.site, req.instance)
@@ -263,9 +274,21 @@ class KvIndexService:
         await handle_load(self, msg)
 
 
+async def _wait_for_redis(client: aioredis.Redis, config: KvIndexConfig) -> None:
+    """Return once Redis answers a PING; ``UpstreamTimeout`` if it does not within ``connect_timeout_s``."""
+    end = time.monotonic() + config.connect_timeout_s
+    while True:
+        try:
+            await client.ping()
+            return
+        except KvIndexService.store_errors as e:
+            if time.monotonic() >= end:
+                raise UpstreamTimeout(f"cannot reach Redis at {config.redis_url} within {config.connect_timeout_s}s: {e}") from None
+        await asyncio.sleep(0.1)
+
+
 async def run(config: KvIndexConfig, stop: asyncio.Event) -> None:
-    """Connect, serve until ``stop`` is set, then drain."""
-    nc = await connect(config.nats_url, name="kv_index")
+    """Connect (Redis, then NATS), serve until ``stop`` is set, then drain."""
     redis_client = aioredis.Redis.from_url(
         config.redis_url,
         socket_timeout=config.redis_timeout_s,
@@ -273,27 +296,37 @@ async def run(config: KvIndexConfig, stop: asyncio.Event) -> None:
         retry=None,
     )
     try:
-        service = KvIndexService(nc, redis_client, config)
-        if config.metrics_port:
-            start_metrics_server(config.metrics_port, registry=service.registry)
-        async with service:
-            await stop.wait()
+        await _wait_for_redis(redis_client, config)
+        nc = await connect(config.nats_url, name="kv_index", connect_timeout_s=config.connect_timeout_s)
+        try:
+            service = KvIndexService(nc, redis_client, config)
+            if config.metrics_port:
+                start_metrics_server(config.metrics_port, registry=service.registry)
+            async with service:
+                await stop.wait()
+        finally:
+            await nc.drain()
     finally:
-        await nc.drain()
         await redis_client.aclose()
 
 
+async def _serve(config: KvIndexConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run(config, stop)
+
+
 def main() -> None:
-    """Entry point: ``python -m services.kv_index``."""
-    config = KvIndexConfig.from_env()
-    setup_logging(config.log_level)
-    setup_tracing("kv_index")
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run(config, stop)
-
-    asyncio.run(_main())
+    """Entry point: ``python -m services.kv_index``; bad config or an unreachable dependency is one line on stderr."""
+    try:
+        config = KvIndexConfig.from_env()
+        setup_logging(config.log_level)
+        setup_tracing("kv_index")
+        asyncio.run(_serve(config))
+    except (PrfaasError, OSError) as e:
+        sys.stderr.write(f"kv_index: {e}\n")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -106,6 +106,10 @@ class RedisKvStore:
                 self._slots[key.decode()] = int(slot)
         return {s: self._names[s] for s in slots if s in self._names}
 
+    async def last_seq(self, slot: int) -> int:
+        """The sequence number of the slot's last applied batch (0: none yet)."""
+        return int(await self.r.hget(f"{self.p}inst:{slot}", "last_seq") or 0)
+
     async def heartbeat(self, slot: int, expires_at_s: float) -> None:
         """Keep the slot in answers until ``expires_at_s`` (unix seconds)."""
         await self.r.zadd(self.p + "alive", {str(slot): expires_at_s})

@@ -1,8 +1,23 @@
 """Bridge an engine's ZMQ KV events (vLLM / SGLang) into our KV event stream on JetStream.
 
-Each engine batch becomes one ``KvEventBatch`` (seq = engine seq + 1) in our block space, so
-the index applies engine events and our own gateways' events through one durable path. While
-the ZMQ connection is up, heartbeats are published for the engine's instance.
+An engine numbers its batches from 0 as soon as it serves, and a new ZMQ subscription misses
+the first messages, so the bridge cannot expect to see sequence 0. The rules, per engine:
+
+- **Baseline.** The first batch after the bridge starts, after a reconnect, or after the engine
+  restarted (its sequence went back) drops what the index holds for the instance and trusts from
+  there: our batch starts with ``AllBlocksCleared``. With a replay socket, the engine's whole
+  replay buffer is applied first, so blocks stored before the bridge connected are found too;
+  without one, blocks stored before first contact stay unknown (they only cost cache hits).
+- **Gap.** A missing engine sequence is asked of the replay socket. If the answer covers it the
+  gap is repaired; otherwise (no replay socket, buffer moved on, malformed batch) evictions may
+  have been missed, so the instance's blocks are dropped and the bridge starts again from what it
+  has: a counted, logged reset, carried by ``AllBlocksCleared`` like a baseline.
+- **Snapshot requests** from the index (the instance went stale) are answered with the blocks the
+  bridge knows the engine holds, after ``AllBlocksCleared``.
+
+Everything reaches the index as ``KvEventBatch`` messages of our own per-instance numbering
+(``bridge_stream``), so an index replaying the stream reaches the same state. While the ZMQ
+connection is up, the bridge heartbeats for the engine.
 """
 
 from __future__ import annotations
@@ -10,27 +25,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+import msgspec
 import zmq
 import zmq.asyncio
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from zmq.utils.monitor import parse_monitor_message
 
 from libs.common import subjects
-from libs.common.errors import BadRequest
+from libs.common.errors import BadRequest, UpstreamTimeout
 from libs.common.messages import (
     AllBlocksCleared,
     BlocksEvicted,
     BlocksStored,
     InstanceLoad,
     KvEvent,
-    KvEventBatch,
     encode,
+    kv_snapshot_request_decoder,
 )
 from services.kv_index.block_mapper import BlockMapper, MappedChange
+from services.kv_index.bridge_stream import BridgeStream
 from services.kv_index.config import ZmqEndpoint
-from services.kv_index.engine_events import decode_frames
+from services.kv_index.engine_events import EngineBatch, decode_payload, split_pub_frames
 from services.kv_index.metrics import KvIndexMetrics
+from services.kv_index.zmq_replay import fetch_replay
 
 log = logging.getLogger(__name__)
 
@@ -56,61 +76,196 @@ class ZmqIngest:
         nc: NatsClient,
         endpoint: ZmqEndpoint,
         *,
+        stream: str,
         block_size: int,
         heartbeat_s: float,
         publish_timeout_s: float,
+        replay_timeout_s: float,
+        retry_backoff_max_s: float,
         metrics: KvIndexMetrics,
         context: zmq.asyncio.Context,
+        applied_seq: Callable[[], Awaitable[int]],
     ) -> None:
         self.nc = nc
-        self.js = nc.jetstream(timeout=publish_timeout_s)
         self.endpoint = endpoint
+        self.out = BridgeStream(
+            nc.jetstream(timeout=publish_timeout_s),
+            stream,
+            endpoint.site,
+            endpoint.instance,
+            timeout_s=publish_timeout_s,
+            retry_backoff_max_s=retry_backoff_max_s,
+            applied_seq=applied_seq,
+        )
         self.mapper = BlockMapper(block_size)
         self.heartbeat_s = heartbeat_s
+        self.replay_timeout_s = replay_timeout_s
         self.metrics = metrics
         self.context = context
         self.connected = asyncio.Event()
+        self._label = f"{endpoint.site}/{endpoint.instance}"
+        self._next: int | None = None  # next engine sequence expected; None until (re)contact
+        self._live_last: int | None = None  # last sequence seen on the PUB socket
+        self._contact = "first contact"
+        self._lock = asyncio.Lock()  # one batch of ours at a time, in order
 
     async def run(self) -> None:
         """Receive, translate and publish until cancelled."""
+        await self.out.resume()
+        async with self._lock:
+            await self._drop_all("bridge started")
         sock = self.context.socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.LINGER, 0)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint.url)
+        snapshot_sub = await self.nc.subscribe(
+            subjects.kv_snapshot_request(self.endpoint.site, self.endpoint.instance), cb=self._on_snapshot_request
+        )
         watch = asyncio.create_task(self._watch(monitor))
         beat = asyncio.create_task(self._heartbeats())
         try:
             while True:
                 frames = await sock.recv_multipart()
-                await self._forward(frames)
+                async with self._lock:
+                    await self._on_frames(frames)
         finally:
             for task in (watch, beat):
                 task.cancel()
             await asyncio.gather(watch, beat, return_exceptions=True)
+            await snapshot_sub.unsubscribe()
             sock.disable_monitor()
             monitor.close(linger=0)
             sock.close(linger=0)
 
-    async def _forward(self, frames: list[bytes]) -> None:
-        ep = self.endpoint
+    # --- engine batches ----------------------------------------------------------------------
+
+    async def _on_frames(self, frames: list[bytes]) -> None:
         try:
-            engine_batch = decode_frames(frames)
+            seq, payload = split_pub_frames(frames)
         except BadRequest as e:
-            self.metrics.bad_messages.labels("zmq").inc()
-            log.warning("malformed engine KV event", extra={"endpoint": ep.url, "error": e.message})
+            self._count_bad(e)
             return
-        before = self.mapper.unmapped_blocks
-        events = to_events(self.mapper.apply(engine_batch.events))
-        if self.mapper.unmapped_blocks > before:
-            self.metrics.engine_unmapped.labels(f"{ep.site}/{ep.instance}").inc(self.mapper.unmapped_blocks - before)
-        seq = engine_batch.seq + 1
-        batch = KvEventBatch(site=ep.site, instance=ep.instance, seq=seq, ts=engine_batch.ts, events=events)
-        await self.js.publish(
-            subjects.kv_events(ep.site, ep.instance),
-            encode(batch),
-            headers={"Nats-Msg-Id": f"zmq/{ep.site}/{ep.instance}/{seq}"},
-        )
+        restarted = self._live_last is not None and seq <= self._live_last
+        self._live_last = seq
+        if self._next is None or restarted:
+            await self._resync(0, seq, payload, baseline="engine restarted" if restarted else self._contact)
+        elif seq < self._next:
+            return  # already applied from a replay
+        elif seq > self._next:
+            await self._resync(self._next, seq, payload)
+        else:
+            batch = self._decoded(payload)
+            if batch is None:
+                self._count_reset("malformed batch", {"site": self.endpoint.site, "instance": self.endpoint.instance, "seq": seq})
+                await self._restart(seq, [])
+            else:
+                await self._publish(self._map(batch))
+                self._next = seq + 1
+
+    async def _resync(self, start: int, seq: int, payload: bytes, baseline: str = "") -> None:
+        """Catch up from engine sequence ``start`` to the live batch ``seq``: replay, or restart."""
+        batches, failure = await self._replayed(start)
+        batches[seq] = self._decoded(payload)
+        run = _contiguous_tail(batches)
+        where = {"site": self.endpoint.site, "instance": self.endpoint.instance, "expected_seq": start, "seq": seq}
+        if baseline:
+            self.metrics.engine_baselines.labels(self._label, baseline).inc()
+            log.info("engine baseline (%s) from %d batches", baseline, len(run), extra=where)
+        elif run and run[0][0] == start:
+            self.metrics.engine_gaps_repaired.labels(self._label).inc()
+            log.info("engine sequence gap repaired from %d replayed batches", len(run), extra=where)
+            changes: list[MappedChange] = []
+            for _, batch in run:
+                changes += self._map(batch)
+            await self._publish(changes)
+            self._next = run[-1][0] + 1
+            return
+        else:
+            reason = failure or ("replay buffer moved on" if self.endpoint.replay_url else "no replay socket")
+            self._count_reset(reason, where)
+        await self._restart(seq, run)
+
+    async def _restart(self, seq: int, run: list[tuple[int, EngineBatch]]) -> None:
+        """Drop the instance's blocks and start again from ``run`` (or after ``seq`` if it is empty)."""
+        self.mapper.reset()
+        changes = [MappedChange("cleared")]
+        for _, batch in run:
+            changes += self._map(batch)
+        await self._publish(changes)
+        self._next = (run[-1][0] if run else seq) + 1
+
+    def _count_reset(self, reason: str, where: dict) -> None:
+        self.metrics.engine_resets.labels(self._label, reason).inc()
+        log.warning("engine KV events lost (%s): the instance's blocks are dropped and rebuilt from the next batch", reason, extra=where)
+
+    async def _replayed(self, start: int) -> tuple[dict[int, EngineBatch | None], str]:
+        """The engine's buffered batches from ``start`` (decoded; None if malformed), and why none if so."""
+        url = self.endpoint.replay_url
+        if url is None:
+            return {}, ""
+        try:
+            raw = await fetch_replay(self.context, url, start, self.replay_timeout_s)
+        except (UpstreamTimeout, BadRequest) as e:
+            log.warning("engine replay failed", extra={"site": self.endpoint.site, "instance": self.endpoint.instance, "error": e.message})
+            return {}, "replay failed"
+        self.metrics.engine_replayed_batches.labels(self._label).inc(len(raw))
+        return {seq: self._decoded(payload) for seq, payload in raw if seq >= start}, ""
+
+    def _decoded(self, payload: bytes) -> EngineBatch | None:
+        try:
+            return decode_payload(payload)
+        except BadRequest as e:
+            self._count_bad(e)
+            return None
+
+    def _count_bad(self, e: BadRequest) -> None:
+        self.metrics.bad_messages.labels("zmq").inc()
+        log.warning("malformed engine KV event", extra={"endpoint": self.endpoint.url, "error": e.message})
+
+    def _map(self, batch: EngineBatch) -> list[MappedChange]:
+        mapper = self.mapper
+        unmapped, skipped = mapper.unmapped_blocks, dict(mapper.skipped_blocks)
+        changes = mapper.apply(batch.events)
+        if mapper.unmapped_blocks > unmapped:
+            self.metrics.engine_unmapped.labels(self._label).inc(mapper.unmapped_blocks - unmapped)
+        for reason, count in mapper.skipped_blocks.items():
+            if count > skipped.get(reason, 0):
+                self.metrics.engine_skipped.labels(self._label, reason).inc(count - skipped.get(reason, 0))
+        if batch.ignored_events:
+            self.metrics.engine_ignored_events.labels(self._label).inc(batch.ignored_events)
+        return changes
+
+    async def _publish(self, changes: list[MappedChange]) -> None:
+        if changes:
+            await self.out.publish(to_events(changes))
+
+    async def _drop_all(self, why: str) -> None:
+        """Tell the index to drop the instance's blocks; the next engine batch is a baseline."""
+        log.info("engine blocks dropped until the next baseline", extra={"site": self.endpoint.site,
+                                                                         "instance": self.endpoint.instance, "reason": why})
+        self.mapper.reset()
+        self._next = None
+        self._live_last = None
+        await self._publish([MappedChange("cleared")])
+
+    # --- index requests, connection, heartbeats -------------------------------------------------
+
+    async def _on_snapshot_request(self, msg: Msg) -> None:
+        """Answer the index's snapshot request with the blocks the bridge knows the engine holds."""
+        try:
+            kv_snapshot_request_decoder.decode(msg.data)
+        except msgspec.DecodeError as e:
+            self.metrics.bad_messages.labels("snapshot_request").inc()
+            log.warning("malformed snapshot request", extra={"subject": msg.subject, "error": str(e)})
+            return
+        async with self._lock:
+            held = self.mapper.held()
+            log.info("answering snapshot request", extra={"site": self.endpoint.site, "instance": self.endpoint.instance,
+                                                          "blocks": sum(len(h) for h in held.values())})
+            events: list[KvEvent] = [AllBlocksCleared()]
+            events += [BlocksStored(block_hashes=hashes, kind=kind, tier=tier) for (kind, tier), hashes in held.items()]
+            await self.out.publish(events)
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         while True:
@@ -119,6 +274,9 @@ class ZmqIngest:
                 self.connected.set()
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected.clear()
+                async with self._lock:
+                    self._contact = "reconnect"
+                    await self._drop_all("engine disconnected")
 
     async def _heartbeats(self) -> None:
         ep = self.endpoint
@@ -127,3 +285,15 @@ class ZmqIngest:
             load = InstanceLoad(site=ep.site, instance=ep.instance, role="prefill", ts=time.time())
             await self.nc.publish(subjects.load(ep.site, ep.instance), encode(load))
             await asyncio.sleep(self.heartbeat_s)
+
+
+def _contiguous_tail(batches: dict[int, EngineBatch | None]) -> list[tuple[int, EngineBatch]]:
+    """The newest run of consecutive, well-formed batches, oldest first."""
+    run: list[tuple[int, EngineBatch]] = []
+    for seq in sorted(batches, reverse=True):
+        batch = batches[seq]
+        if batch is None or (run and seq != run[-1][0] - 1):
+            break
+        run.append((seq, batch))
+    run.reverse()
+    return run
