@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-blocks", type=int, default=2048, help="blocks in the looked-up prompt (default %(default)s)")
     parser.add_argument("--lookups", type=int, default=500, help="timed lookups (default %(default)s)")
     parser.add_argument("--batch-blocks", type=int, default=512, help="block hashes per event (default %(default)s)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the work dir (server and index logs) after success")
 
 
 def _log(msg: str) -> None:
@@ -159,13 +161,31 @@ def run(args: argparse.Namespace) -> int:
     """Start servers and the service, run the benchmark, print the figures."""
     if args.instances < 1 or args.prompt_blocks < 1 or args.blocks < args.prompt_blocks:
         raise BadRequest("need --instances >= 1, --prompt-blocks >= 1 and --blocks >= --prompt-blocks")
+    if args.lookups < 1 or args.batch_blocks < 1:
+        raise BadRequest(f"--lookups and --batch-blocks must be >= 1, got {args.lookups} and {args.batch_blocks}")
     workdir = Path(tempfile.mkdtemp(prefix="prfaas-bench-kvindex-"))
+    ok = False
+    try:
+        figures = _run_servers_and_bench(args, workdir)
+        ok = True
+    finally:
+        if ok and not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            _log(f"logs kept in {workdir}")
+    _print(args, figures)
+    return 0
+
+
+def _run_servers_and_bench(args: argparse.Namespace, workdir: Path) -> dict:
+    """NATS, Redis and the index in its own process (log in ``workdir``), then the measurement."""
     nats_server = NatsServer(workdir=workdir / "nats").start()
     redis_server = RedisServer(workdir=workdir / "redis").start()
     env = dict(os.environ, KV_INDEX_NATS_URL=nats_server.url, KV_INDEX_REDIS_URL=redis_server.url, KV_INDEX_LOG_LEVEL="WARNING")
-    service = subprocess.Popen([sys.executable, "-m", "services.kv_index"], env=env)
+    with open(workdir / "kv_index.log", "wb") as log:
+        service = subprocess.Popen([sys.executable, "-m", "services.kv_index"], env=env, stdout=log, stderr=log)
     try:
-        figures = asyncio.run(_bench(args, nats_server.url))
+        return asyncio.run(_bench(args, nats_server.url))
     finally:
         service.terminate()
         try:
@@ -174,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
             service.kill()
         nats_server.stop()
         redis_server.stop()
+
+
+def _print(args: argparse.Namespace, figures: dict) -> None:
     if args.json:
         print(json.dumps(figures))
     else:
@@ -182,4 +205,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"{key:22s} {figures[key]:>12,.3f}   target {'>=' if key.startswith('ingest') else '<='} {TARGETS[key]:,}  {verdict}")
         print(f"index: {figures['index_blocks']:,} blocks over {figures['instances']} instances; "
               f"prompt {figures['prompt_blocks']} blocks held (in part) by {figures['instances_holding_prompt']} instances")
-    return 0
