@@ -35,5 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except PrfaasError as e:
         print(f"prfaas: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or port the user named: one line, not a traceback
+        print(f"prfaas: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -1,4 +1,4 @@
-"""``prfaas index lookup`` answers bad arguments with one clear line before touching the network."""
+"""The `prfaas` command answers bad arguments and unusable paths with one clear line."""
 
 from __future__ import annotations
 
@@ -19,3 +19,9 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv: list[str], message: st
     assert main(["index", "lookup", "--nats", "nats://127.0.0.1:1", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"prfaas: bad_request: {message}"]
+
+
+def test_an_unwritable_output_path_is_one_line(capsys) -> None:
+    """A file the user named that cannot be written ends the command with one line naming it."""
+    assert main(["plan", "--case-study", "--plot", "/nonexistent-dir/p.png"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["prfaas: No such file or directory: /nonexistent-dir/p.png"]
