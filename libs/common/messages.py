@@ -213,6 +213,73 @@ class RouteDecision(_Msg, tag="route.decision.v1"):
     fallback_of: str = ""  # set when this decision replaces a failed one (names the failure)
 
 
+class DecisionEvent(_Msg, tag="route.decision_event.v1"):
+    """What a router decided for one request attempt, with what it knew (JSON on ``decisions.<site>``)."""
+
+    request_id: str
+    ts: float
+    site: str  # the router's (decode) site
+    router: str  # which router process decided
+    model: str
+    prompt_tokens: int
+    cached_tokens: dict[str, int]  # best usable cached prefix per site (tokens)
+    incremental_tokens: int  # uncached length the offload rule compared with the threshold
+    policy: str
+    threshold_tokens: int
+    route: str  # "remote", "local" or "fallback" (a replacement for a failed attempt)
+    attempt: int  # 0 for the first decision of the request
+    index: str  # "ok", or why the KV index could not be used (routed without cache knowledge)
+    decision: RouteDecision
+    ttft_slo_s: float | None = None  # the client's TTFT target, if any
+    slo_met: bool | None = None  # whether the predicted TTFT meets it
+
+
+class OutcomeEvent(_Msg, tag="route.outcome.v1"):
+    """How a request ended, observed by its router (JSON on ``outcomes.<site>``); times in seconds."""
+
+    request_id: str
+    ts: float
+    site: str
+    router: str
+    model: str
+    route: str  # route of the last attempt ("remote", "local" or "fallback")
+    attempts: int
+    status: str  # "ok", "cancelled" (client gone) or "error"
+    error: str = ""  # "<code>: <message>" when status is "error"
+    finish_reason: str = ""
+    prefill_site: str = ""
+    prefill_instance: str = ""
+    decode_instance: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens not recomputed (prefill cache) or not sent (decode-held)
+    queue_s: float | None = None  # prefill queue (prefill gateway's clock)
+    prefill_s: float | None = None
+    transfer_s: float | None = None  # transfer time left exposed after the prefill
+    ttft_s: float | None = None  # request arrival at the router to the first token there
+    tpot_s: float | None = None  # mean time per output token after the first
+    bytes_moved: int = 0  # KV bytes sent to the decode instance
+    predicted_ttft_s: float | None = None  # the last decision's prediction, for prediction error
+
+
+class ThresholdChanged(_Msg, tag="route.threshold.v1"):
+    """The slow timescale re-planned the offload threshold t (JSON on ``plans.<site>``)."""
+
+    site: str
+    router: str
+    ts: float
+    policy: str
+    old_threshold_tokens: int
+    threshold_tokens: int
+    link_gbps: float  # deliverable bandwidth the plan used
+    observed_requests: int  # lengths the plan's workload was built from
+    n_p: int  # local prefill instances now
+    proposed_n_p: int  # local prefill instances the plan would use (role changes are the operator's)
+
+
+AnalyticsEvent = DecisionEvent | OutcomeEvent | ThresholdChanged
+
+
 # --- Jobs: router -> decode gateway (reservation) -> prefill gateway -> KV -> tokens --------
 
 
@@ -524,6 +591,7 @@ prefill_job_reply_decoder = msgspec.msgpack.Decoder(PrefillJobReply)
 decode_stream_decoder = msgspec.msgpack.Decoder(DecodeStreamMessage)
 prefill_status_decoder = msgspec.msgpack.Decoder(PrefillStatus)
 job_cancel_decoder = msgspec.msgpack.Decoder(JobCancel)
+analytics_event_decoder = msgspec.json.Decoder(AnalyticsEvent)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -87,6 +87,18 @@ def outcomes(site: str) -> str:
     return f"{PREFIX}.outcomes.{token(site, 'site')}"
 
 
+def plans(site: str) -> str:
+    """Subject of threshold re-plans (JSON) made by routers at ``site``."""
+    return f"{PREFIX}.plans.{token(site, 'site')}"
+
+
+# Decision, outcome and plan events of every site, kept for replay by analytics.
+DECISIONS_STREAM = "PRFAAS_DECISIONS"
+DECISIONS_ALL = f"{PREFIX}.decisions.>"
+OUTCOMES_ALL = f"{PREFIX}.outcomes.>"
+PLANS_ALL = f"{PREFIX}.plans.>"
+
+
 # KV transfer over JetStream: one stream per destination site (placed there), one subject per
 # transfer, and a request/reply control subject per decode instance (begin, status, abort).
 def kv_transfer_stream(site: str) -> str:
