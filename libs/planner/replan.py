@@ -1,8 +1,8 @@
 """The paper's slow timescale in the simulator: re-optimise t and N_p/N_d every few minutes.
 
 From the lengths observed recently (an empirical histogram) and the bandwidth the link telemetry
-says it delivers now (``LinkView.effective_gbps``: the measured deliverable bandwidth, or the budget
-when nothing shows less), it runs the same configuration search as ``prfaas plan`` and proposes a
+said it delivers since the last re-plan (the median of ``LinkView.effective_gbps``: the measured
+deliverable bandwidth, or the budget when nothing shows less), it runs the same configuration search as ``prfaas plan`` and proposes a
 new threshold and local split when that raises the modelled Lambda_max by more than ``min_gain``
 (hysteresis, so the roles do not flap on noise).
 """
@@ -27,19 +27,30 @@ class SlowTimescale:
         self.inputs = inputs
         self.lengths: deque[int] = deque(maxlen=history)
         self.min_gain = min_gain
+        self.bandwidths: list[float] = []  # effective link Gbps seen since the last proposal
 
     def observe(self, prompt_tokens: int) -> None:
         """Record one arriving request's uncached length."""
         self.lengths.append(prompt_tokens)
+
+    def observe_link(self, effective_gbps: float) -> None:
+        """Record the link's effective bandwidth as the router sees it now."""
+        self.bandwidths.append(effective_gbps)
 
     def _workload(self) -> Workload:
         if len(self.lengths) < MIN_OBSERVED:
             return self.inputs.workload
         return Empirical(lengths=np.fromiter(self.lengths, dtype=np.int64), source="observed")
 
-    def propose(self, link_gbps: float, threshold_tokens: int, n_p: int) -> tuple[int, int] | None:
-        """A better (t, N_p) for a link measured to deliver ``link_gbps``, or None to keep the current plan."""
+    def propose(self, threshold_tokens: int, n_p: int) -> tuple[int, int] | None:
+        """A better (t, N_p) for the link as measured since the last call, or None to keep the current plan.
+
+        The link figure is the median of the effective bandwidths observed (a transient does not
+        re-plan the roles); with none observed, the planned link bandwidth.
+        """
         base = self.inputs
+        link_gbps = float(np.median(self.bandwidths)) if self.bandwidths else base.link_gbps
+        self.bandwidths.clear()
         inputs = PlanInputs(
             model=base.model,
             prfaas_hw=base.prfaas_hw,

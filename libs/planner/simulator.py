@@ -163,6 +163,8 @@ class Simulator:
         self._link_done(self.link.advance(now), now)
         self._reschedule_link()
         link = self._link_view(now)
+        if self.slow is not None:
+            self.slow.observe_link(link.effective_gbps)
         servers = [s for s in self.prefill + self.decode if s.name not in self.draining]
         instances = tuple(s.view(now) for s in servers)
         return ClusterView(model=self.spec.model, decode_site=PD_SITE, instances=instances, links=(link,))
@@ -217,11 +219,8 @@ class Simulator:
     def _replan(self, now: float) -> None:
         if self.draining:
             return  # a role change is still in progress
-        self._link_done(self.link.advance(now), now)  # apply any capacity change due by now
-        self._reschedule_link()
         local_p = [s for s in self.prefill if s.site == PD_SITE]
-        measured_gbps = self._link_view(now).effective_gbps
-        proposal = self.slow.propose(measured_gbps, self.policy.config.threshold_tokens, len(local_p))
+        proposal = self.slow.propose(self.policy.config.threshold_tokens, len(local_p))
         if proposal is None:
             return
         threshold, n_p = proposal

@@ -63,18 +63,19 @@ class Adaptive(Policy):
     name = "adaptive"
     ships_prefixes = True
 
-    def pressure(self, link: LinkView, prfaas_wait_s: float, local_wait_s: float) -> float:
-        """0 (no pressure) .. 1 (at the limit) from link utilisation, link backlog and PrfaaS queue.
+    def pressure(self, link: LinkView, link_delay_s: float, remote_wait_s: float, local_wait_s: float) -> float:
+        """0 (no pressure) .. 1 (at the limit) from link utilisation, link backlog and the remote path's wait.
 
-        A local prefill queue longer than the PrfaaS one relieves the pressure by the same measure,
-        so raising t never piles more work onto a local cluster that is already the busier one.
+        The remote path's wait is the PrfaaS queue plus the link's backlog. A local prefill queue
+        longer than that relieves the pressure by the same measure, so raising t never piles more
+        work onto a local cluster that is already the busier path.
         """
         cfg = self.config
         by_util = (link.utilization - cfg.raise_start_utilization) / (
             cfg.raise_full_utilization - cfg.raise_start_utilization
         )
-        by_backlog = link.backlog_s / cfg.backlog_limit_s
-        by_queue = (prfaas_wait_s - local_wait_s) / cfg.queue_limit_s
+        by_backlog = link_delay_s / cfg.backlog_limit_s
+        by_queue = (remote_wait_s - local_wait_s) / cfg.queue_limit_s
         return _clip01(max(by_util, by_backlog, by_queue) + min(0.0, by_queue))
 
     def effective_threshold(self, pressure: float) -> int:
@@ -95,10 +96,12 @@ class Adaptive(Policy):
             return Choice(only, why, prompt - cached_local, cfg.threshold_tokens)
         link = remote.link
         local_wait = local.scored.least_wait_s
-        remote_wait = remote.scored.least_wait_s
-        pressure = self.pressure(link, remote_wait, local_wait)
+        prefilling = sum(1 for row in remote.scored.rows if row[4].queue_depth > 0)
+        link_delay = link.delay_s(prefilling)
+        # The remote path's wait: the PrfaaS queue plus the link's backlog.
+        pressure = self.pressure(link, link_delay, remote.scored.least_wait_s + link_delay, local_wait)
         t_eff = self.effective_threshold(pressure)
-        scarce = link.utilization >= cfg.scarce_utilization or link.backlog_s >= cfg.backlog_limit_s / 2
+        scarce = link.utilization >= cfg.scarce_utilization or link_delay >= cfg.backlog_limit_s / 2
         raised = f"t raised {cfg.threshold_tokens:,}->{t_eff:,} (pressure {pressure:.2f})" if pressure > 0 else ""
         if scarce:
             # Each cluster's cache is judged on its own; nothing is shipped between clusters.

@@ -41,9 +41,11 @@ class TelemetryConfig:
     smoothing_s: float = 5.0  # time constant of the goodput average
     stale_after_s: float = 3.5  # a sender silent this long no longer counts
     congestion_delay_s: float = 0.02  # queueing delay (RTT above base) meaning the link limits delivery
-    hold_s: float = 30.0  # a measured deliverable bandwidth is trusted this long ...
+    bottleneck_window_s: float = 10.0  # the deliverable bandwidth is the best busy goodput of congested samples ...
+    hold_s: float = 30.0  # ... trusted this long after the last congestion ...
     probe_per_s: float = 0.05  # ... then grows back towards capacity by this fraction per second
     base_rtt_window_s: float = 120.0  # the base RTT is the least one seen over this window
+    transfer_size_gain: float = 1 / 32  # weight of each completed transfer in the mean transfer size
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -56,7 +58,8 @@ class _Pair:
     """What is known of one site pair."""
 
     __slots__ = ("senders", "goodput_gbps", "queue_delay_s", "rtt_s", "bytes_in_flight", "active_transfers",
-                 "budget_gbps", "peak_gbps", "updated_at", "bottleneck_gbps", "bottleneck_at", "base_rtts")  # fmt: skip
+                 "budget_gbps", "peak_gbps", "updated_at", "bottlenecks", "bottleneck_at", "base_rtts",
+                 "mean_transfer_bytes")  # fmt: skip
 
     def __init__(self) -> None:
         self.senders: dict[str, tuple[LinkStats, float]] = {}  # sender -> (latest sample, received at)
@@ -68,16 +71,24 @@ class _Pair:
         self.budget_gbps = 0.0
         self.peak_gbps = 0.0  # highest busy goodput seen (the capacity of an unpaced, unprovisioned pair)
         self.updated_at: float | None = None
-        self.bottleneck_gbps: float | None = None
-        self.bottleneck_at = 0.0
+        self.bottlenecks: deque[tuple[float, float]] = deque()  # (received at, busy goodput) when congested
+        self.bottleneck_at = 0.0  # when the link last showed congestion
         self.base_rtts: deque[tuple[float, float]] = deque()  # (received at, RTT), RTTs increasing: front is least
+        self.mean_transfer_bytes = 0.0  # acknowledged bytes per completed transfer (0: none completed yet)
 
 
-def _push_min(window: deque[tuple[float, float]], at: float, rtt_s: float) -> None:
+def _push_min(window: deque[tuple[float, float]], at: float, value: float) -> None:
     """Append to a sliding-window minimum (drops entries that can no longer be the least)."""
-    while window and window[-1][1] >= rtt_s:
+    while window and window[-1][1] >= value:
         window.pop()
-    window.append((at, rtt_s))
+    window.append((at, value))
+
+
+def _push_max(window: deque[tuple[float, float]], at: float, value: float) -> None:
+    """Append to a sliding-window maximum (drops entries that can no longer be the greatest)."""
+    while window and window[-1][1] <= value:
+        window.pop()
+    window.append((at, value))
 
 
 class LinkTelemetry:
@@ -100,8 +111,24 @@ class LinkTelemetry:
         pair = self._pairs.get(key)
         if pair is None:
             pair = self._pairs[key] = _Pair()
+        previous = pair.senders.get(sender)
+        if previous is not None:
+            self._count_transfers(pair, previous[0], stats)
         pair.senders[sender] = (stats, received_at)
         self._fold(pair, received_at)
+
+    def _count_transfers(self, pair: _Pair, before: LinkStats, after: LinkStats) -> None:
+        """Fold a sender's completions since its previous sample into the mean transfer size."""
+        completed = after.transfers_completed_total - before.transfers_completed_total
+        acked = after.acked_bytes_total - before.acked_bytes_total
+        if completed <= 0 or acked <= 0:
+            return  # nothing completed, or the sender restarted (its totals went back)
+        size = acked / completed
+        if pair.mean_transfer_bytes == 0:
+            pair.mean_transfer_bytes = size
+        else:
+            weight = 1.0 - (1.0 - self.config.transfer_size_gain) ** completed
+            pair.mean_transfer_bytes += weight * (size - pair.mean_transfer_bytes)
 
     def _fold(self, pair: _Pair, now: float) -> None:
         cfg = self.config
@@ -136,7 +163,11 @@ class LinkTelemetry:
         pair.budget_gbps = budget
         pair.peak_gbps = max(pair.peak_gbps, busy_goodput)
         if active and queue_delay > cfg.congestion_delay_s and busy_goodput > 0:
-            pair.bottleneck_gbps, pair.bottleneck_at = busy_goodput, now
+            # A sample whose interval was only partly congested understates the link: keep the best recent one.
+            _push_max(pair.bottlenecks, now, busy_goodput)
+            pair.bottleneck_at = now
+        while pair.bottlenecks and pair.bottlenecks[0][0] < pair.bottleneck_at - cfg.bottleneck_window_s:
+            pair.bottlenecks.popleft()
 
     def _capacity_of(self, key: tuple[str, str], pair: _Pair | None) -> float | None:
         if pair is not None and pair.budget_gbps > 0:
@@ -157,15 +188,16 @@ class LinkTelemetry:
             return LinkView(src_site, dst_site, capacity, age_s=math.inf)
         cfg = self.config
         deliverable = None
-        if pair.bottleneck_gbps is not None:
+        if pair.bottlenecks:
             probing_s = now - pair.bottleneck_at - cfg.hold_s
-            estimate = pair.bottleneck_gbps * (math.exp(cfg.probe_per_s * probing_s) if probing_s > 0 else 1.0)
+            estimate = pair.bottlenecks[0][1] * (math.exp(cfg.probe_per_s * probing_s) if probing_s > 0 else 1.0)
             estimate = max(estimate, pair.goodput_gbps)  # carrying more than the estimate proves more
             deliverable = estimate if estimate < capacity else None
         newest = max(at for _, at in pair.senders.values()) if pair.senders else pair.updated_at
         age = max(0.0, now - newest)
         if age > cfg.stale_after_s:
-            return LinkView(src_site, dst_site, capacity, deliverable, age_s=age)
+            return LinkView(src_site, dst_site, capacity, deliverable, mean_transfer_bytes=int(pair.mean_transfer_bytes),
+                            age_s=age)  # fmt: skip
         effective = max(min(deliverable or capacity, capacity), 1e-3)
         return LinkView(
             src_site=src_site,
@@ -178,6 +210,7 @@ class LinkTelemetry:
             queue_delay_s=pair.queue_delay_s,
             bytes_in_flight=pair.bytes_in_flight,
             active_transfers=pair.active_transfers,
+            mean_transfer_bytes=int(pair.mean_transfer_bytes),
             age_s=age,
         )
 

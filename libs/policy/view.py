@@ -48,6 +48,7 @@ class LinkView:
     queue_delay_s: float = 0.0  # round trip above the path's base RTT: time KV waits in the senders' windows
     bytes_in_flight: int = 0  # sent and not yet acknowledged, summed over the senders
     active_transfers: int = 0  # KV transfers currently using this link
+    mean_transfer_bytes: int = 0  # bytes per completed transfer, recently (0: unknown)
     age_s: float = 0.0  # since the newest telemetry sample (inf: never heard from)
 
     @property
@@ -68,6 +69,18 @@ class LinkView:
     def backlog_s(self) -> float:
         """Seconds KV already handed to the link waits before delivery: queueing delay, or in-flight bytes / rate."""
         return max(self.queue_delay_s, self.bytes_in_flight * 8 / (self.effective_gbps * 1e9))
+
+    def delay_s(self, prefilling: int) -> float:
+        """Seconds a new transfer waits behind the link's backlog (an estimate from what telemetry shows).
+
+        Senders hold KV beyond their window, so in-flight bytes show only part of a backlog. Active
+        transfers beyond the ``prefilling`` ones (their prefill is over, their KV is still on the
+        wire) each count for half a mean transfer at the deliverable rate, on top of ``backlog_s``.
+        """
+        lagging = self.active_transfers - prefilling
+        if lagging <= 0 or self.mean_transfer_bytes <= 0:
+            return self.backlog_s
+        return self.backlog_s + lagging * self.mean_transfer_bytes * 4 / (self.effective_gbps * 1e9)
 
 
 @dataclass(frozen=True)
