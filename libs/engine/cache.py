@@ -5,6 +5,8 @@ full-attention KV of its tokens; a ``linear_state`` block holds the linear state
 its end. A prompt can resume after ``k`` blocks when every ``attn_kv`` block ``0..k-1`` and the
 ``linear_state`` block ``k-1`` are held. Using a prefix marks its blocks recently used from the
 last to the first, so the tail of a chain is evicted before its root (which more prompts share).
+A pinned block (a decode instance holding a request's prefix until the request ends) is never
+evicted; pins are counted, so two requests may pin the same block.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class _Entry:
     payload: Any
     nbytes: int
     parent: int | None
+    pins: int = 0
 
 
 class PrefixCache:
@@ -43,11 +46,35 @@ class PrefixCache:
         """True if the block of that kind is cached."""
         return (kind, block_hash) in self._entries
 
+    def leading_blocks(self, kind: StateKind, hashes: Sequence[int]) -> int:
+        """How many leading blocks of a prompt are held in ``kind`` (without a linear checkpoint)."""
+        if kind not in self.kinds:
+            return 0
+        return next((i for i, h in enumerate(hashes) if (kind, h) not in self._entries), len(hashes))
+
+    def pin(self, kind: StateKind, hashes: Sequence[int]) -> None:
+        """Keep these held blocks from eviction until ``unpin`` (``KeyError`` if one is not held)."""
+        entries = [self._entries[(kind, h)] for h in hashes]
+        for entry in entries:
+            entry.pins += 1
+
+    def unpin(self, kind: StateKind, hashes: Sequence[int]) -> None:
+        """Release one pin of each block (evictable again once no pin is left)."""
+        for h in hashes:
+            entry = self._entries.get((kind, h))
+            if entry is not None and entry.pins:
+                entry.pins -= 1
+
+    def payloads(self, kind: StateKind, hashes: Sequence[int]) -> list[Any]:
+        """Payloads of held blocks, in order, marked used tail first (``KeyError`` if one is not held)."""
+        found = [self._entries[(kind, h)].payload for h in hashes]
+        for h in reversed(hashes):
+            self._entries.move_to_end((kind, h))
+        return found
+
     def usable_blocks(self, hashes: Sequence[int]) -> int:
         """How many leading blocks of a prompt (its chained hashes) can be skipped by prefill."""
-        k = len(hashes)
-        if "attn_kv" in self.kinds:
-            k = next((i for i, h in enumerate(hashes) if ("attn_kv", h) not in self._entries), len(hashes))
+        k = self.leading_blocks("attn_kv", hashes) if "attn_kv" in self.kinds else len(hashes)
         if "linear_state" in self.kinds:
             while k and ("linear_state", hashes[k - 1]) not in self._entries:
                 k -= 1
@@ -103,11 +130,21 @@ class PrefixCache:
                 self._events.append(BlocksEvicted(block_hashes=old, kind=ev_kind))
 
     def _evict(self) -> dict[str, list[int]]:
+        """Drop least recently used unpinned blocks until the cache fits its capacity."""
         evicted: dict[str, list[int]] = defaultdict(list)
-        while self.used_bytes > self.capacity_bytes and self._entries:
-            (kind, h), entry = self._entries.popitem(last=False)
-            self.used_bytes -= entry.nbytes
-            evicted[kind].append(h)
+        if self.used_bytes <= self.capacity_bytes:
+            return evicted
+        victims = []
+        excess = self.used_bytes - self.capacity_bytes
+        for key, entry in self._entries.items():
+            if excess <= 0:
+                break
+            if not entry.pins:
+                victims.append(key)
+                excess -= entry.nbytes
+        for key in victims:
+            self.used_bytes -= self._entries.pop(key).nbytes
+            evicted[key[0]].append(key[1])
         return evicted
 
     def clear(self) -> None:

@@ -42,6 +42,7 @@ class HardwareProfile:
     decode_overhead_s: float  # per decode step: collectives, launches (assumed)
     decode_bw_efficiency: float  # achieved fraction of peak memory bandwidth in decode
     usable_memory_fraction: float = 0.9  # rest: activations, fragmentation (assumed)
+    prefill_only: bool = False  # a chip built for prefill (no decode instances on it)
     source: str = ""
 
     @property
@@ -89,6 +90,7 @@ class ModelProfile:
     decode_context_tokens: int = 32768  # context length assumed for KV reads and KV memory
     tpot_slo_s: float = 0.025  # per-step latency target that caps the batch (assumed)
     max_running_requests: int = 256  # engine cap on a decode batch (assumed, SGLang-like)
+    max_prompt_tokens: int = 131072  # longest prompt served (the paper's 128K profile column)
     source: str = ""
     full_layer_indices: tuple[int, ...] = field(init=False)
 
@@ -249,6 +251,7 @@ HARDWARE: dict[str, HardwareProfile] = {
             prefill_attention_factor=0.15,  # estimated: announced 3x attention vs GB300 (~2.3x H200)
             decode_overhead_s=_GPU_STEP_OVERHEAD_S,
             decode_bw_efficiency=_HOPPER_DECODE_EFFICIENCY,
+            prefill_only=True,  # announced as a context (prefill) accelerator beside Rubin GPUs that decode
             source="NVIDIA announcement (30 PFLOPS NVFP4, 128 GB GDDR7, 3x attention vs GB300); "
             "bandwidth, price and achieved speed estimated",
         ),
@@ -387,6 +390,7 @@ def _reference_model() -> ModelProfile:
         decode_weight_bytes=weight_bytes,
         decode_bytes_per_seq=0,
         decode_context_tokens=4096,
+        max_prompt_tokens=cfg.max_prompt_tokens,
         source="libs.engine.reference_config.ReferenceConfig (sizes exact); times estimated from FLOPs",
     )
 

@@ -27,6 +27,7 @@ class ReferenceConfig:
     chunk_size: int = 64  # linear-attention prefill chunk; a power of two dividing block_size
     qk_scale: float = 8.0  # full attention scores are qk_scale * cos(q, k), so |score| <= qk_scale
     max_log_decay: float = 1.0  # per-token log decay of the linear state lies in (-max_log_decay, 0)
+    max_prompt_tokens: int = 32768  # longest prompt a gateway accepts (no positions: a serving limit)
 
     def __post_init__(self) -> None:
         if self.block_size % self.chunk_size or self.chunk_size & (self.chunk_size - 1):

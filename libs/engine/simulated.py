@@ -4,7 +4,8 @@
 2-core machine can run a scaled copy of a large cluster with every ratio kept (for example
 ``time_scale=0.01`` and ``byte_scale=0.001``). Part contents are a pure function of (request id,
 part key, byte offset), so a receiver checks any chunk with :func:`verify_chunk` without having
-seen the rest.
+seen the rest. A ``kv`` part trimmed to the tokens a receiver lacks is the same byte range of
+the whole part (it starts at the skipped tokens' modelled size), so it verifies at that offset.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from libs.common.errors import BadRequest, NoCapacity, TransferFailed
 from libs.common.hashing import DEFAULT_BLOCK_SIZE, hash_list
 from libs.common.state_parts import PartSpec, StatePart
-from libs.engine.backends import DEFAULT_CACHE_BYTES, BackendLoad
+from libs.engine.backends import DEFAULT_CACHE_BYTES, BackendLoad, Restored, check_layout, check_skip
 from libs.engine.cache import PrefixCache
 from libs.engine.sampling import DecodeOutput, Sampling, StopRules
 from libs.engine.scheduler import DecodeLoop, run_ahead
@@ -88,6 +89,8 @@ class SimulatedBackend:
         if time_scale < 0 or byte_scale <= 0:
             raise BadRequest(f"time_scale must be >= 0 and byte_scale > 0, got {time_scale}, {byte_scale}")
         self.name = f"sim:{self.model.name}@{self.hardware.name}"
+        self.model_name = self.model.name
+        self.max_prompt_tokens = self.model.max_prompt_tokens
         self.time_scale = time_scale
         self.byte_scale = byte_scale
         self.block_size = block_size
@@ -96,7 +99,8 @@ class SimulatedBackend:
         self.cache = PrefixCache(cache_capacity_bytes, kinds)
         self._prefill_lock = asyncio.Lock()
         self._prefill_queue = 0
-        self.max_batch = self.model.max_batch(self.hardware)  # 0: the model cannot decode on this chip
+        # 0: the model cannot decode on this chip (weights do not fit, or a prefill-only chip)
+        self.max_batch = 0 if self.hardware.prefill_only else self.model.max_batch(self.hardware)
         self._decoder = DecodeLoop(self._step, max(1, self.max_batch))
         n_full, n_layers = self.model.n_full_layers, self.model.n_layers
         # Full-attention layers spread evenly with the last layer full (3:1 over 8 layers -> 3, 7).
@@ -111,13 +115,27 @@ class SimulatedBackend:
     def _scaled(self, nbytes: float) -> int:
         return int(round(nbytes * self.byte_scale))
 
-    def plan_parts(self, n_tokens: int) -> list[PartSpec]:
-        """Every part a prefill of ``n_tokens`` tokens emits: one per layer (modelled size), then the tokens."""
+    def _kv_bytes(self, tokens: int) -> int:
+        """Modelled (scaled) bytes of one full-attention layer's KV over ``tokens`` tokens."""
+        return self._scaled(self.model.attn_kv_bytes_per_token / self.model.n_full_layers * tokens)
+
+    def check_prompt(self, tokens: Sequence[int]) -> np.ndarray:
+        """The prompt as int32, or ``BadRequest`` (empty, ids outside [0, 2**31), over ``max_prompt_tokens``)."""
+        toks = np.asarray(tokens)
+        if toks.ndim != 1 or toks.size == 0 or toks.dtype.kind not in "iu" or toks.min() < 0 or toks.max() >= 2**31:
+            raise BadRequest("a prompt needs at least one token, every id an integer in [0, 2**31)")
+        if toks.size > self.max_prompt_tokens:
+            raise BadRequest(f"prompt of {toks.size} tokens is over {self.model.name}'s limit of {self.max_prompt_tokens}")
+        return np.ascontiguousarray(toks, dtype=np.int32)
+
+    def plan_parts(self, n_tokens: int, skip_blocks: int = 0) -> list[PartSpec]:
+        """Every part a prefill emits: one per layer (modelled size; ``kv`` without skipped blocks), then the tokens."""
         m = self.model
+        skip = check_skip(n_tokens, skip_blocks, self.block_size)
         specs = []
         for layer in range(m.n_layers):
             if layer in self.full_layers:
-                size = self._scaled(m.attn_kv_bytes_per_token / m.n_full_layers * n_tokens)
+                size = self._kv_bytes(n_tokens) - self._kv_bytes(skip)
                 specs.append(PartSpec(layer=layer, kind="attn_kv", name="kv", shape=(size,), dtype="uint8"))
             else:
                 size = self._scaled(m.linear_state_bytes / m.n_linear_layers)
@@ -127,17 +145,17 @@ class SimulatedBackend:
         return specs
 
     async def prefill(
-        self, request_id: str, tokens: Sequence[int], *, use_cache: bool = True
+        self, request_id: str, tokens: Sequence[int], *, use_cache: bool = True, skip_blocks: int = 0
     ) -> AsyncIterator[list[StatePart]]:
         """Each layer's parts at its modelled finish time, then the tokens; cached blocks shorten the wait."""
-        toks = np.asarray(tokens)
-        if toks.ndim != 1 or toks.size == 0 or toks.dtype.kind not in "iu" or toks.min() < 0 or toks.max() >= 2**31:
-            raise BadRequest("a prompt needs at least one token, every id an integer in [0, 2**31)")
-        toks = np.ascontiguousarray(toks, dtype=np.int32)
-        async for parts in run_ahead(self._prefill(request_id, toks, use_cache)):
+        toks = self.check_prompt(tokens)
+        check_skip(len(toks), skip_blocks, self.block_size)
+        async for parts in run_ahead(self._prefill(request_id, toks, use_cache, skip_blocks)):
             yield parts
 
-    async def _prefill(self, request_id: str, tokens: np.ndarray, use_cache: bool) -> AsyncIterator[list[StatePart]]:
+    async def _prefill(
+        self, request_id: str, tokens: np.ndarray, use_cache: bool, skip_blocks: int
+    ) -> AsyncIterator[list[StatePart]]:
         self._prefill_queue += 1
         try:
             async with self._prefill_lock:
@@ -152,9 +170,10 @@ class SimulatedBackend:
                     total_s -= self.model.prefill_time_s(cached * bs, self.hardware)
                 layer_s = max(0.0, total_s) * self.time_scale / self.model.n_layers
                 start = time.monotonic()
-                specs = self.plan_parts(n)
+                specs = self.plan_parts(n, skip_blocks)
                 for layer, spec in enumerate(specs[:-1]):
-                    part = await self._make_part(request_id, spec)
+                    offset = self._kv_bytes(skip_blocks * bs) if spec.kind == "attn_kv" else 0
+                    part = await self._make_part(request_id, spec, offset)
                     await asyncio.sleep(max(0.0, start + (layer + 1) * layer_s - time.monotonic()))
                     yield [part]
                 if use_cache and len(hashes) > cached:  # before the head, so a finished prefill has cached
@@ -163,11 +182,11 @@ class SimulatedBackend:
         finally:
             self._prefill_queue -= 1
 
-    async def _make_part(self, request_id: str, spec: PartSpec) -> StatePart:
+    async def _make_part(self, request_id: str, spec: PartSpec, offset: int) -> StatePart:
         if spec.nbytes > _THREAD_BYTES:
-            data = await asyncio.to_thread(synthetic_bytes, request_id, spec.key, 0, spec.nbytes)
+            data = await asyncio.to_thread(synthetic_bytes, request_id, spec.key, offset, spec.nbytes)
         else:
-            data = synthetic_bytes(request_id, spec.key, 0, spec.nbytes)
+            data = synthetic_bytes(request_id, spec.key, offset, spec.nbytes)
         return StatePart(spec.layer, spec.kind, spec.name, data)
 
     def _store_blocks(self, hashes: list[int], first: int) -> None:
@@ -181,33 +200,53 @@ class SimulatedBackend:
         for kind in self.cache.kinds:
             self.cache.store(kind, new, [None] * len(new), [sizes[kind]] * len(new), parent)
 
-    async def decode(
-        self, request_id: str, parts: Sequence[StatePart], max_tokens: int, sampling: Sampling | None = None
+    async def restore(
+        self, request_id: str, parts: Sequence[StatePart], *, held_blocks: int = 0, cache_blocks: bool = True
+    ) -> Restored:
+        """Check received parts (sizes, and content at their offsets if ``verify``); cache the received blocks."""
+        head = {p.key: p for p in parts}.get(f"{self.model.n_layers}/attn_kv/tokens")
+        if head is None:
+            raise BadRequest("the state has no tokens part")
+        tokens = self.check_prompt(head.array)
+        n, bs = len(tokens), self.block_size
+        specs = self.plan_parts(n, held_blocks)
+        by_key = check_layout(specs, parts)
+        if held_blocks and self.cache.leading_blocks("attn_kv", hash_list(tokens[: held_blocks * bs], bs)) < held_blocks:
+            raise BadRequest(f"request {request_id}: a prefix block is not held by this instance")
+        if self.verify:
+            kv_offset = self._kv_bytes(held_blocks * bs)
+            payload = [(by_key[s.key], kv_offset if s.kind == "attn_kv" else 0) for s in specs[:-1]]
+            ok = await asyncio.to_thread(lambda: all(verify_chunk(request_id, p.key, off, p.array) for p, off in payload))
+            if not ok:
+                raise TransferFailed(f"request {request_id}: a state part does not match its expected content")
+        stored = 0
+        if cache_blocks and "attn_kv" in self.cache.kinds and n // bs > held_blocks:
+            hashes = hash_list(tokens, bs)
+            new = hashes[held_blocks:]
+            size = self._scaled(self.model.attn_kv_bytes_per_token * bs)
+            self.cache.store("attn_kv", new, [None] * len(new), [size] * len(new), hashes[held_blocks - 1] if held_blocks else None)
+            stored = len(new)
+        return Restored(request_id, n, None, stored)
+
+    async def decode_restored(
+        self, restored: Restored, max_tokens: int, sampling: Sampling | None = None
     ) -> AsyncIterator[DecodeOutput]:
         """Deterministic text tokens at the modelled step time of the current batch size."""
         if self.max_batch < 1:
-            raise NoCapacity(f"{self.model.name} does not fit on {self.hardware.name} for decode")
-        await self._check_parts(request_id, parts)
-        sequence = _SimSequence(request_id, StopRules(sampling or Sampling(), max_tokens, _EOS_NEVER))
+            raise NoCapacity(f"{self.model.name} cannot decode on {self.hardware.name}")
+        sequence = _SimSequence(restored.request_id, StopRules(sampling or Sampling(), max_tokens, _EOS_NEVER))
         async for out in self._decoder.run(sequence):
             yield out
 
-    async def _check_parts(self, request_id: str, parts: Sequence[StatePart]) -> None:
-        """Every planned part is present with its size and (if ``verify``) its content."""
-        by_key = {p.key: p for p in parts}
-        tokens = by_key.get(f"{self.model.n_layers}/attn_kv/tokens")
-        if tokens is None:
-            raise BadRequest("the state has no tokens part")
-        specs = self.plan_parts(len(tokens.array))
-        for spec in specs:
-            part = by_key.get(spec.key)
-            if part is None or part.nbytes != spec.nbytes:
-                raise BadRequest(f"state part {spec.key} is missing or has the wrong size")
-        if self.verify:
-            payload = [by_key[s.key] for s in specs[:-1]]
-            ok = await asyncio.to_thread(lambda: all(verify_part(request_id, p) for p in payload))
-            if not ok:
-                raise TransferFailed(f"request {request_id}: a state part does not match its expected content")
+    async def decode(
+        self, request_id: str, parts: Sequence[StatePart], max_tokens: int, sampling: Sampling | None = None
+    ) -> AsyncIterator[DecodeOutput]:
+        """Tokens of a request whose whole state is ``parts`` (checked first), in a shared batch."""
+        if self.max_batch < 1:
+            raise NoCapacity(f"{self.model.name} cannot decode on {self.hardware.name}")
+        restored = await self.restore(request_id, parts, cache_blocks=False)
+        async for out in self.decode_restored(restored, max_tokens, sampling):
+            yield out
 
     async def _step(self, sequences: list[_SimSequence]) -> list[DecodeOutput]:
         await asyncio.sleep(self.model.decode_step_s(len(sequences), self.hardware) * self.time_scale)

@@ -23,9 +23,13 @@ from libs.common.state_parts import PartSpec, StatePart
 from libs.engine.reference_config import ReferenceConfig
 
 
-def plan_parts(config: ReferenceConfig, n_tokens: int) -> list[PartSpec]:
-    """Specs of every part of a request of ``n_tokens`` tokens, in the order prefill emits them."""
-    kv_shape = (n_tokens, config.n_kv_heads, config.head_dim)
+def plan_parts(config: ReferenceConfig, n_tokens: int, skip_tokens: int = 0) -> list[PartSpec]:
+    """Specs of every part of a request of ``n_tokens`` tokens, in the order prefill emits them.
+
+    With ``skip_tokens``, K and V cover only tokens ``skip_tokens..n_tokens-1`` (the receiver
+    holds the rest); the tokens, logits and linear states are always whole.
+    """
+    kv_shape = (n_tokens - skip_tokens, config.n_kv_heads, config.head_dim)
     specs: list[PartSpec] = []
     for layer in range(config.n_layers):
         if config.is_full_attention(layer):

@@ -168,3 +168,52 @@ async def test_blocks_are_cached_by_the_time_the_head_arrives() -> None:
                 break
         await stream.aclose()
         assert backend.cache.usable_blocks(hash_list(PROMPT)) == len(PROMPT) // 64
+
+
+async def test_decode_side_restores_from_a_pinned_prefix_plus_the_missing_blocks() -> None:
+    """Parts sent without the blocks a decode instance holds, joined to its pinned prefix, decode like generate()."""
+    first = PROMPT[:200]
+    second = PROMPT[:192] + ByteTokenizer().encode(" a different ending of this prompt", bos=False)
+    async with ReferenceBackend() as prefill, ReferenceBackend() as decode:
+        parts = [p for layer in await _prefill(prefill, first) for p in layer]
+        restored = await decode.restore("r1", parts)
+        assert restored.stored_blocks == 3  # the whole blocks of the first prompt join the decode cache
+        assert [e for e in decode.cache.drain_events()] == [
+            BlocksStored(block_hashes=hash_list(first)[:3], kind="attn_kv", parent_hash=None)
+        ]
+        hashes = hash_list(second)
+        held = decode.cache.leading_blocks("attn_kv", hashes)
+        assert held == 3 and decode.cache.usable_blocks(hashes) == 0  # attn_kv only: no linear checkpoint
+        decode.cache.pin("attn_kv", hashes[:held])
+        specs = prefill.plan_parts(len(second), skip_blocks=held)
+        trimmed = [p for layer in await _prefill(prefill, second, skip_blocks=held) for p in layer]
+        assert [(p.key, p.array.shape) for p in trimmed] == [(s.key, s.shape) for s in specs]
+        kv = [p for p in trimmed if p.name == "k"]
+        assert kv and all(p.array.shape[0] == len(second) - 192 for p in kv)
+        restored = await decode.restore("r2", trimmed, held_blocks=held)
+        assert restored.stored_blocks == len(hashes) - held
+        tokens = [t async for out in decode.decode_restored(restored, 24, GREEDY) for t in out.token_ids]
+        assert tokens == decode.model.generate(second, 24, GREEDY)
+
+
+async def test_restore_refuses_parts_that_do_not_fit_the_held_prefix() -> None:
+    """Parts trimmed for a prefix the instance does not hold, or of the wrong size, are BadRequest."""
+    async with ReferenceBackend() as backend:
+        trimmed = [p for layer in await _prefill(backend, PROMPT, skip_blocks=2) for p in layer]
+        async with ReferenceBackend() as empty:
+            with pytest.raises(BadRequest, match="not held"):
+                await empty.restore("r", trimmed, held_blocks=2)
+            with pytest.raises(BadRequest, match="shape"):
+                await empty.restore("r", trimmed, held_blocks=1)
+        with pytest.raises(BadRequest, match="skip_blocks"):
+            backend.plan_parts(128, skip_blocks=2)  # the last token's K/V is always sent
+
+
+async def test_prompt_over_the_model_limit_is_a_bad_request() -> None:
+    """A prompt longer than max_prompt_tokens is refused before any compute."""
+    async with ReferenceBackend() as backend:
+        too_long = [65] * (backend.max_prompt_tokens + 1)
+        with pytest.raises(BadRequest, match="limit"):
+            backend.check_prompt(too_long)
+        with pytest.raises(BadRequest, match="limit"):
+            await _prefill(backend, too_long)

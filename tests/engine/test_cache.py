@@ -100,3 +100,35 @@ def test_snapshot_and_clear() -> None:
     cache.clear()
     assert len(cache) == 0 and cache.used_bytes == 0
     assert cache.drain_events() == [AllBlocksCleared()]
+
+
+def test_pinned_blocks_survive_eviction_until_unpinned() -> None:
+    """Eviction passes over pinned blocks (pins are counted); unpinned, they are evicted in LRU order."""
+    cache = PrefixCache(30, kinds=("attn_kv",))
+    held = _chain(1, 3)
+    cache.store("attn_kv", held, [None] * 3, [10] * 3, None)
+    assert cache.leading_blocks("attn_kv", held + _chain(2, 1)) == 3
+    cache.pin("attn_kv", held[:2])
+    cache.pin("attn_kv", held[:1])  # a second request on the same root block
+    cache.drain_events()
+    cache.store("attn_kv", _chain(3, 2), [None] * 2, [10] * 2, None)
+    assert [cache.holds("attn_kv", h) for h in held] == [True, True, False]
+    assert cache.drain_events()[-1] == BlocksEvicted(block_hashes=[held[2]], kind="attn_kv")
+    cache.unpin("attn_kv", held[:2])
+    cache.store("attn_kv", _chain(4, 1), [None], [10], None)
+    assert [cache.holds("attn_kv", h) for h in held] == [True, False, False]  # held[0] is pinned once more
+    cache.unpin("attn_kv", held[:1])
+    cache.unpin("attn_kv", held[:1])  # more unpins than pins are harmless
+    cache.store("attn_kv", _chain(5, 1), [None], [10], None)
+    assert not cache.holds("attn_kv", held[0])
+    assert cache.used_bytes == 30
+
+
+def test_leading_blocks_of_a_kind_ignore_linear_checkpoints() -> None:
+    """leading_blocks counts held blocks of one kind from the start, stopping at the first gap."""
+    cache = PrefixCache(10_000)
+    hashes = _chain(1, 4)
+    cache.store("attn_kv", hashes[:3], [None] * 3, [1] * 3, None)
+    assert cache.leading_blocks("attn_kv", hashes) == 3
+    assert cache.leading_blocks("linear_state", hashes) == 0
+    assert cache.usable_blocks(hashes) == 0

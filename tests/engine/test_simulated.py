@@ -163,3 +163,33 @@ async def test_prefill_only_chip_refuses_decode() -> None:
         parts, _ = await _prefill(sim, "r", TOKENS[:200])
         with pytest.raises(NoCapacity):
             await _collect(sim, "r", parts)
+
+
+async def test_trimmed_kv_parts_verify_at_their_offset_and_restore_with_a_held_prefix() -> None:
+    """With skip_blocks the kv parts are the tail of the whole part's bytes; restore checks them there."""
+    async with SimulatedBackend("h200", "kimi-linear-1t", time_scale=0.0, byte_scale=1e-4) as sim:
+        whole, _ = await _prefill(sim, "r1")
+        held = 100
+        trimmed = [p async for layer in sim.prefill("r1", TOKENS, skip_blocks=held) for p in layer]
+        assert [p.nbytes for p in trimmed] == [s.nbytes for s in sim.plan_parts(len(TOKENS), held)]
+        for w, t in zip(whole, trimmed, strict=True):
+            tail = w.array.reshape(-1).view(np.uint8)[w.nbytes - t.nbytes :]
+            assert np.array_equal(tail, t.array.reshape(-1).view(np.uint8)), w.key
+        saved = sum(w.nbytes - t.nbytes for w, t in zip(whole, trimmed, strict=True))
+        assert abs(saved - sim.model.attn_kv_bytes_per_token * held * 64 * 1e-4) <= sim.model.n_full_layers
+        with pytest.raises(BadRequest, match="not held"):
+            await sim.restore("r1", trimmed, held_blocks=held)  # nothing held yet: refuse
+        restored = await sim.restore("r1", whole)
+        assert restored.stored_blocks == len(TOKENS) // 64
+        assert (await sim.restore("r1", trimmed, held_blocks=held)).stored_blocks == len(TOKENS) // 64 - held
+        with pytest.raises(BadRequest):
+            await sim.restore("r1", trimmed, held_blocks=held - 1)  # sizes planned for another prefix
+        with pytest.raises(TransferFailed):
+            await sim.restore("r2", trimmed, held_blocks=held)  # another request's bytes
+
+
+def test_prefill_only_hardware_has_no_decode_batch() -> None:
+    """Rubin CPX is a prefill-only chip: a simulated instance on it has no decode slots at all."""
+    assert hardware_profile("rubin-cpx").prefill_only
+    assert SimulatedBackend("rubin-cpx", "kimi-linear-48b").max_batch == 0
+    assert SimulatedBackend("h20", "kimi-linear-48b").max_batch > 0
