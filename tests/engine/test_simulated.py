@@ -177,15 +177,15 @@ async def test_trimmed_kv_parts_verify_at_their_offset_and_restore_with_a_held_p
             assert np.array_equal(tail, t.array.reshape(-1).view(np.uint8)), w.key
         saved = sum(w.nbytes - t.nbytes for w, t in zip(whole, trimmed, strict=True))
         assert abs(saved - sim.model.attn_kv_bytes_per_token * held * 64 * 1e-4) <= sim.model.n_full_layers
+    async with SimulatedBackend("h20", "kimi-linear-1t", time_scale=0.0, byte_scale=1e-4) as dec:
         with pytest.raises(BadRequest, match="not held"):
-            await sim.restore("r1", trimmed, held_blocks=held)  # nothing held yet: refuse
-        restored = await sim.restore("r1", whole)
-        assert restored.stored_blocks == len(TOKENS) // 64
-        assert (await sim.restore("r1", trimmed, held_blocks=held)).stored_blocks == len(TOKENS) // 64 - held
+            await dec.restore("r1", trimmed, held_blocks=held)  # nothing held yet: refuse
+        assert (await dec.restore("r1", whole)).stored_blocks == len(TOKENS) // 64
+        assert (await dec.restore("r1", trimmed, held_blocks=held)).stored_blocks == len(TOKENS) // 64 - held
         with pytest.raises(BadRequest):
-            await sim.restore("r1", trimmed, held_blocks=held - 1)  # sizes planned for another prefix
+            await dec.restore("r1", trimmed, held_blocks=held - 1)  # sizes planned for another prefix
         with pytest.raises(TransferFailed):
-            await sim.restore("r2", trimmed, held_blocks=held)  # another request's bytes
+            await dec.restore("r2", trimmed, held_blocks=held)  # another request's bytes
 
 
 def test_prefill_only_hardware_has_no_decode_batch() -> None:
