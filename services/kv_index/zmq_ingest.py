@@ -149,11 +149,11 @@ class ZmqIngest:
         restarted = self._live_last is not None and seq <= self._live_last
         self._live_last = seq
         if self._next is None or restarted:
-            await self._resync(0, seq, payload, baseline="engine restarted" if restarted else self._contact)
+            await self._resync(0, (seq, payload), baseline="engine restarted" if restarted else self._contact)
         elif seq < self._next:
             return  # already applied from a replay
         elif seq > self._next:
-            await self._resync(self._next, seq, payload)
+            await self._resync(self._next, (seq, payload))
         else:
             batch = self._decoded(payload)
             if batch is None:
@@ -163,12 +163,15 @@ class ZmqIngest:
                 await self._publish(self._map(batch))
                 self._next = seq + 1
 
-    async def _resync(self, start: int, seq: int, payload: bytes, baseline: str = "") -> None:
-        """Catch up from engine sequence ``start`` to the live batch ``seq``: replay, or restart."""
+    async def _resync(self, start: int, live: tuple[int, bytes] | None, baseline: str = "") -> None:
+        """Catch up from engine sequence ``start`` (to the live batch, if any): replay, or restart."""
         batches, failure = await self._replayed(start)
-        batches[seq] = self._decoded(payload)
+        if live is not None:
+            batches[live[0]] = self._decoded(live[1])
+        elif not batches:
+            return  # nothing to start from yet: wait for the engine's next batch
         run = _contiguous_tail(batches)
-        where = {"site": self.endpoint.site, "instance": self.endpoint.instance, "expected_seq": start, "seq": seq}
+        where = {"site": self.endpoint.site, "instance": self.endpoint.instance, "expected_seq": start, "seq": max(batches)}
         if baseline:
             self.metrics.engine_baselines.labels(self._label, baseline).inc()
             log.info("engine baseline (%s) from %d batches", baseline, len(run), extra=where)
@@ -184,7 +187,7 @@ class ZmqIngest:
         else:
             reason = failure or ("replay buffer moved on" if self.endpoint.replay_url else "no replay socket")
             self._count_reset(reason, where)
-        await self._restart(seq, run)
+        await self._restart(max(batches), run)
 
     async def _restart(self, seq: int, run: list[tuple[int, EngineBatch]]) -> None:
         """Drop the instance's blocks and start again from ``run`` (or after ``seq`` if it is empty)."""
@@ -272,6 +275,10 @@ class ZmqIngest:
             event = parse_monitor_message(await monitor.recv_multipart())
             if event["event"] == zmq.EVENT_CONNECTED:
                 self.connected.set()
+                if self.endpoint.replay_url is not None:
+                    async with self._lock:
+                        if self._next is None:  # an idle engine's buffered batches are a baseline too
+                            await self._resync(0, None, baseline=self._contact)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected.clear()
                 async with self._lock:
