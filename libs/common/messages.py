@@ -565,6 +565,7 @@ class LinkStats(_Msg, tag="link.stats.v1"):
     retransmitted_chunks_total: int
     transfers_completed_total: int
     transfers_failed_total: int
+    sender: str = ""  # the publishing process (samples of one sender replace each other; several may share a pair)
 
 
 # --- Codecs, built once ---------------------------------------------------------------------
