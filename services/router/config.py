@@ -1,0 +1,171 @@
+"""Configuration of the router, from ``ROUTER_*`` environment variables; errors name the key."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from libs.common import subjects
+from libs.common.config import EnvReader
+from libs.common.errors import ConfigError
+from libs.common.hashing import DEFAULT_BLOCK_SIZE
+from libs.engine.profiles import HARDWARE, MODELS
+from libs.policy import POLICIES
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRANSPORTS = ("tcp", "jetstream")
+
+
+def _choice(key: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise ConfigError(f"ROUTER_{key}={value!r}: expected one of {', '.join(sorted(allowed))}")
+    return value
+
+
+def _nats_url(value: str) -> str:
+    schemes = ("nats://", "tls://", "ws://", "wss://")
+    if not all(part.strip().startswith(schemes) for part in value.split(",")):
+        raise ConfigError(f"ROUTER_NATS_URL={value!r}: expected a URL starting with {' or '.join(schemes)}")
+    return value
+
+
+def _token(key: str, value: str) -> str:
+    try:
+        return subjects.token(value, key.lower())
+    except ValueError as e:
+        raise ConfigError(f"ROUTER_{key}={value!r}: {e}") from None
+
+
+def _pairs(key: str, items: tuple[str, ...], known) -> dict[str, str]:
+    """``name=value`` items, each value one of ``known``."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"ROUTER_{key}: {item!r} is not of the form model=profile")
+        out[name.strip()] = _choice(key, value.strip(), known)
+    return out
+
+
+def _capacities(items: tuple[str, ...]) -> dict[tuple[str, str], float]:
+    """``src>dst=gbps`` items: the provisioned capacity of unpaced site pairs."""
+    out = {}
+    for item in items:
+        pair, sep, gbps = item.partition("=")
+        src, arrow, dst = pair.partition(">")
+        try:
+            value = float(gbps)
+        except ValueError:
+            value = -1.0
+        if not sep or not arrow or value <= 0:
+            raise ConfigError(f"ROUTER_LINK_CAPACITIES: {item!r} is not of the form src_site>dst_site=gbps")
+        out[(_token("LINK_CAPACITIES", src.strip()), _token("LINK_CAPACITIES", dst.strip()))] = value
+    return out
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything the router needs to know; deadlines in seconds."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    site: str = "dc-pd"  # the decode (PD) site this router serves
+    router_id: str = "router"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # empty: no key required
+    models: tuple[str, ...] = ()  # served even before an instance heartbeats
+    model_profiles: Mapping[str, str] = field(default_factory=dict)  # model -> libs.engine profile
+    default_model_profile: str = "reference"
+    default_hardware: str = "h200"  # for instances heartbeating a hardware name without a profile
+    tokenizer: str = "byte"  # "byte" (the reference model) or a tokenizer.json file or its directory
+    chat_template: str = ""  # a Jinja chat template file ("": the tokenizer's, else a plain default)
+    max_prompt_tokens: int = 0  # 0: the least limit the model's instances heartbeat
+    default_max_tokens: int = 256
+    block_size: int = DEFAULT_BLOCK_SIZE
+    policy: str = "adaptive"
+    threshold_tokens: int = 8192  # t; `prfaas plan` derives it for a deployment
+    transport: str = "tcp"
+    link_capacities: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    default_link_capacity_gbps: float = 100.0  # an unpaced pair without a configured capacity
+    index_timeout_s: float = 0.1
+    reserve_timeout_s: float = 2.0
+    accept_timeout_s: float = 2.0
+    first_token_timeout_s: float = 60.0
+    token_timeout_s: float = 30.0
+    job_timeout_s: float = 120.0
+    max_attempts: int = 3
+    instance_ttl_s: float = 2.0
+    pending_ttl_s: float = 10.0
+    replan_interval_s: float = 300.0  # 0: no slow timescale
+    replan_history: int = 2000
+    max_body_bytes: int = 4 << 20
+    read_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    decisions_max_age_s: float = 7 * 24 * 3600.0
+    decisions_max_bytes: int = 1 << 30
+    connect_timeout_s: float = 5.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"ROUTER_POLICY={self.policy!r}: expected one of {', '.join(sorted(POLICIES))}")
+        if self.default_hardware not in HARDWARE:
+            raise ConfigError(f"ROUTER_DEFAULT_HARDWARE={self.default_hardware!r}: expected one of {', '.join(HARDWARE)}")
+        if self.default_model_profile not in MODELS:
+            raise ConfigError(
+                f"ROUTER_DEFAULT_MODEL_PROFILE={self.default_model_profile!r}: expected one of {', '.join(MODELS)}"
+            )
+
+    def profile_of(self, model: str) -> str:
+        """The libs.engine model profile used to predict ``model``'s timings."""
+        if model in self.model_profiles:
+            return self.model_profiles[model]
+        return model if model in MODELS else self.default_model_profile
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RouterConfig:
+        """Read ``ROUTER_<FIELD>`` variables; unset ones keep their defaults."""
+        r = EnvReader("ROUTER_", os.environ if env is None else env)
+        d = cls()
+        return cls(
+            nats_url=_nats_url(r.str("NATS_URL", d.nats_url)),
+            site=_token("SITE", r.str("SITE", d.site)),
+            router_id=_token("ID", r.str("ID", f"router-{socket.gethostname().split('.')[0]}-{os.getpid()}")),
+            host=r.str("HOST", d.host),
+            port=r.int("PORT", d.port, minimum=0),
+            api_keys=r.list("API_KEYS"),
+            models=r.list("MODELS"),
+            model_profiles=_pairs("MODEL_PROFILES", r.list("MODEL_PROFILES"), MODELS),
+            default_model_profile=_choice("DEFAULT_MODEL_PROFILE", r.str("DEFAULT_MODEL_PROFILE", d.default_model_profile), MODELS),
+            default_hardware=_choice("DEFAULT_HARDWARE", r.str("DEFAULT_HARDWARE", d.default_hardware), HARDWARE),
+            tokenizer=r.str("TOKENIZER", d.tokenizer),
+            chat_template=r.str("CHAT_TEMPLATE", d.chat_template),
+            max_prompt_tokens=r.int("MAX_PROMPT_TOKENS", d.max_prompt_tokens, minimum=0),
+            default_max_tokens=r.int("DEFAULT_MAX_TOKENS", d.default_max_tokens, minimum=1),
+            block_size=r.int("BLOCK_SIZE", d.block_size, minimum=1),
+            policy=_choice("POLICY", r.str("POLICY", d.policy), POLICIES),
+            threshold_tokens=r.int("THRESHOLD_TOKENS", d.threshold_tokens, minimum=0),
+            transport=_choice("TRANSPORT", r.str("TRANSPORT", d.transport), _TRANSPORTS),
+            link_capacities=_capacities(r.list("LINK_CAPACITIES")),
+            default_link_capacity_gbps=r.float("DEFAULT_LINK_CAPACITY_GBPS", d.default_link_capacity_gbps, minimum=0.001),
+            index_timeout_s=r.float("INDEX_TIMEOUT_S", d.index_timeout_s, minimum=0.001),
+            reserve_timeout_s=r.float("RESERVE_TIMEOUT_S", d.reserve_timeout_s, minimum=0.01),
+            accept_timeout_s=r.float("ACCEPT_TIMEOUT_S", d.accept_timeout_s, minimum=0.01),
+            first_token_timeout_s=r.float("FIRST_TOKEN_TIMEOUT_S", d.first_token_timeout_s, minimum=0.01),
+            token_timeout_s=r.float("TOKEN_TIMEOUT_S", d.token_timeout_s, minimum=0.01),
+            job_timeout_s=r.float("JOB_TIMEOUT_S", d.job_timeout_s, minimum=0.1),
+            max_attempts=r.int("MAX_ATTEMPTS", d.max_attempts, minimum=1),
+            instance_ttl_s=r.float("INSTANCE_TTL_S", d.instance_ttl_s, minimum=0.1),
+            pending_ttl_s=r.float("PENDING_TTL_S", d.pending_ttl_s, minimum=0.1),
+            replan_interval_s=r.float("REPLAN_INTERVAL_S", d.replan_interval_s, minimum=0.0),
+            replan_history=r.int("REPLAN_HISTORY", d.replan_history, minimum=1),
+            max_body_bytes=r.int("MAX_BODY_BYTES", d.max_body_bytes, minimum=1024),
+            read_timeout_s=r.float("READ_TIMEOUT_S", d.read_timeout_s, minimum=0.01),
+            retry_after_s=r.int("RETRY_AFTER_S", d.retry_after_s, minimum=0),
+            decisions_max_age_s=r.float("DECISIONS_MAX_AGE_S", d.decisions_max_age_s, minimum=1.0),
+            decisions_max_bytes=r.int("DECISIONS_MAX_BYTES", d.decisions_max_bytes, minimum=1 << 20),
+            connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
+            log_level=_choice("LOG_LEVEL", r.str("LOG_LEVEL", d.log_level).upper(), _LOG_LEVELS),
+        )

@@ -1,0 +1,373 @@
+"""One request's run across the gateways: decide, reserve decode, start prefill, stream tokens, fall back.
+
+Each attempt publishes its decision, sends the ``DecodeJob`` (a reservation, or a typed refusal at
+once), then the ``PrefillJob`` to the chosen instance, and reads the token stream and the prefill
+status on one inbox. What fails before the first token is retried with a new decision:
+
+- remote prefill refused, timed out, or its transfer failed -> local prefill (route ``fallback``);
+- decode instance full, gone, or failed -> another decode instance;
+- a local prefill instance refused or failed -> another prefill instance.
+
+A failed attempt's jobs are cancelled on ``jobs.cancel`` so the gateways free what they hold. After
+the first token a failure cannot be hidden: it ends the stream with an error (``DecodeFailed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from opentelemetry import trace
+
+from libs.common import subjects
+from libs.common.errors import BadRequest, NoCapacity, PrfaasError, TransferFailed, UpstreamTimeout, error_from_code
+from libs.common.messages import (
+    DecisionEvent,
+    DecodeFinished,
+    DecodeJob,
+    DecodeReservation,
+    ErrorReply,
+    JobCancel,
+    OutcomeEvent,
+    PrefillAccepted,
+    PrefillFinished,
+    PrefillJob,
+    TokenChunk,
+    decode_job_reply_decoder,
+    encode,
+    prefill_job_reply_decoder,
+)
+from libs.common.telemetry import inject_headers
+from services.router.config import RouterConfig
+from services.router.events import DecisionLog
+from services.router.live_view import LiveView
+from services.router.scheduler import Prepared, Scheduler
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+_stream_decoder = msgspec.msgpack.Decoder(TokenChunk | DecodeFinished | PrefillFinished | ErrorReply)
+
+
+class DecodeFailed(PrfaasError):
+    """The decode side failed after tokens were already sent to the client."""
+
+    code = "decode_failed"
+
+
+@dataclass
+class _Retry(Exception):
+    """An attempt failed before its first token; the next decision avoids what failed."""
+
+    reason: str
+    error: PrfaasError
+    exclude: frozenset[str] = frozenset()
+    local_only: bool = False
+
+
+@dataclass
+class RunRecord:
+    """What the run observed, for the outcome event."""
+
+    attempts: int = 0
+    decision: DecisionEvent | None = None
+    prefill: PrefillFinished | None = None
+    finished: DecodeFinished | None = None
+    first_token_at: float | None = None  # monotonic
+    last_token_at: float | None = None
+    completion_tokens: int = 0
+    status: str = "ok"
+    error: str = ""
+    decide_done_at: float = 0.0  # perf_counter when the first decision was made
+    job_ids: list[str] = field(default_factory=list)
+
+
+class RequestRun:
+    """Runs one prepared request; ``tokens()`` yields token-id lists as the decode side releases them."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        config: RouterConfig,
+        scheduler: Scheduler,
+        view: LiveView,
+        events: DecisionLog,
+        prepared: Prepared,
+    ) -> None:
+        self.nc = nc
+        self.config = config
+        self.scheduler = scheduler
+        self.view = view
+        self.events = events
+        self.prepared = prepared
+        self.record = RunRecord()
+        self._open_sub = None  # the finished attempt's inbox, kept until the prefill status arrives
+
+    async def tokens(self) -> AsyncIterator[list[int]]:
+        """Token ids in order; raises the typed error when no attempt can serve the request."""
+        exclude: frozenset[str] = frozenset()
+        local_only = False
+        fallback_of = ""
+        while True:
+            attempt = self.record.attempts
+            with tracer.start_as_current_span("router.decide") as span:
+                event = self.scheduler.decide(
+                    self.prepared, attempt=attempt, exclude=exclude, local_only=local_only, fallback_of=fallback_of
+                )
+                span.set_attribute("prfaas.route", event.route)
+            self.record.attempts += 1
+            self.record.decision = event
+            if attempt == 0:
+                self.record.decide_done_at = time.perf_counter()
+                self.scheduler.observed_lengths.append(event.incremental_tokens)
+            await self.events.decision(event)
+            try:
+                async for ids in self._attempt(event):
+                    yield ids
+                return
+            except _Retry as retry:
+                log.info("attempt failed; deciding again", extra={"request_id": self.prepared.request_id, "reason": retry.reason})
+                if self.record.attempts >= self.config.max_attempts:
+                    raise retry.error from None
+                exclude = exclude | retry.exclude
+                local_only = local_only or retry.local_only
+                fallback_of = retry.reason
+
+    async def _attempt(self, event: DecisionEvent) -> AsyncIterator[list[int]]:
+        d = event.decision
+        prepared = self.prepared
+        job_id = prepared.request_id if event.attempt == 0 else f"{prepared.request_id}-a{event.attempt}"
+        self.record.job_ids.append(job_id)
+        remote = d.prefill_site != d.decode_site
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox + ".>")
+        self.view.add_pending(d.decode_instance, job_id)
+        self.view.add_pending(d.prefill_instance, job_id, d.predicted_prefill_s)
+        done = False
+        try:
+            reservation = await self._reserve(event, job_id, inbox + ".tokens")
+            await self._start_prefill(event, job_id, reservation, inbox + ".status", remote)
+            async for ids in self._stream(sub, event, job_id, remote):
+                yield ids
+            done = True
+        finally:
+            self.view.release(d.decode_instance, job_id)
+            if done and self.record.prefill is None:
+                self._open_sub = sub
+            else:
+                self.view.release(d.prefill_instance, job_id)
+                await _unsubscribe(sub)
+            if not done:  # failed, retried, or the client went away: free what the gateways hold
+                await self.cancel(job_id, "attempt abandoned")
+
+    async def settle(self, timeout_s: float = 1.0) -> None:
+        """After the last token: wait briefly for the prefill status (it may trail the decode stream)."""
+        sub, self._open_sub = self._open_sub, None
+        if sub is None:
+            return
+        d = self.record.decision.decision
+        try:
+            end = time.monotonic() + timeout_s
+            while self.record.prefill is None and (left := end - time.monotonic()) > 0:
+                msg = await sub.next_msg(timeout=left)
+                item = _stream_decoder.decode(msg.data)
+                if isinstance(item, PrefillFinished):
+                    self.record.prefill = item
+        except (nats.errors.TimeoutError, msgspec.DecodeError):
+            pass
+        finally:
+            self.view.release(d.prefill_instance, self.record.job_ids[-1])
+            await _unsubscribe(sub)
+
+    async def cancel(self, job_id: str, reason: str) -> None:
+        """Tell every gateway to stop ``job_id`` and free what it holds."""
+        try:
+            await self.nc.publish(subjects.JOB_CANCEL, encode(JobCancel(request_id=job_id, reason=reason)))
+        except nats.errors.Error as e:
+            log.warning("cancel not published", extra={"request_id": job_id, "error": repr(e)})
+
+    async def _reserve(self, event: DecisionEvent, job_id: str, reply_subject: str) -> DecodeReservation:
+        d = event.decision
+        p = self.prepared
+        job = DecodeJob(
+            request_id=job_id,
+            transfer_id=uuid.uuid4().hex,
+            model=p.model,
+            prompt_tokens=p.prompt_ids,
+            max_tokens=p.max_tokens,
+            reply_subject=reply_subject,
+            prefill_site=d.prefill_site,
+            transport=self.config.transport if d.transport == "none" else d.transport,
+            sampling=p.sampling,
+            timeout_s=self.config.job_timeout_s,
+        )
+        where = f"decode instance {d.decode_instance}"
+        with tracer.start_as_current_span("router.decode_job") as span:
+            span.set_attribute("prfaas.instance", d.decode_instance)
+            try:
+                msg = await self.nc.request(
+                    subjects.decode_jobs(d.decode_site, d.decode_instance),
+                    encode(job),
+                    timeout=self.config.reserve_timeout_s,
+                    headers=inject_headers(),
+                )
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+                err = UpstreamTimeout(f"{where} did not answer within {self.config.reserve_timeout_s}s ({type(e).__name__})")
+                raise _Retry(f"{where} unreachable", err, exclude=frozenset({d.decode_instance})) from None
+            reply = decode_job_reply_decoder.decode(msg.data)
+        if isinstance(reply, ErrorReply):
+            err = error_from_code(reply.code, reply.message)
+            if isinstance(err, BadRequest):
+                raise err
+            raise _Retry(f"{where} refused: {reply.code}: {reply.message}", err, exclude=frozenset({d.decode_instance}))
+        self.view.acknowledged(d.decode_instance, job_id)
+        return reply
+
+    async def _start_prefill(
+        self, event: DecisionEvent, job_id: str, reservation: DecodeReservation, status_subject: str, remote: bool
+    ) -> PrefillAccepted:
+        d = event.decision
+        where = f"{'remote' if remote else 'local'} prefill instance {d.prefill_instance}"
+        load = self.view.load_of(d.prefill_instance)
+        if load is None or not load.cluster:
+            err = NoCapacity(f"{where} no longer heartbeats")
+            raise _Retry(f"{where} gone", err, exclude=frozenset({d.prefill_instance}), local_only=remote)
+        job = PrefillJob(
+            request_id=job_id,
+            transfer_id=reservation.transfer_id,
+            model=self.prepared.model,
+            prompt_tokens=self.prepared.prompt_ids,
+            destination=reservation.destination,
+            skip_blocks=reservation.held_blocks,
+            status_subject=status_subject,
+            timeout_s=self.config.job_timeout_s,
+        )
+        with tracer.start_as_current_span("router.prefill_job") as span:
+            span.set_attribute("prfaas.instance", d.prefill_instance)
+            span.set_attribute("prfaas.remote", remote)
+            try:
+                msg = await self.nc.request(
+                    subjects.prefill_instance_jobs(d.prefill_site, load.cluster, d.prefill_instance),
+                    encode(job),
+                    timeout=self.config.accept_timeout_s,
+                    headers=inject_headers(),
+                )
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+                err = UpstreamTimeout(f"{where} did not answer within {self.config.accept_timeout_s}s ({type(e).__name__})")
+                raise _Retry(f"{where} unreachable", err, exclude=frozenset({d.prefill_instance}), local_only=remote) from None
+            reply = prefill_job_reply_decoder.decode(msg.data)
+        if isinstance(reply, ErrorReply):
+            err = error_from_code(reply.code, reply.message)
+            if isinstance(err, BadRequest):
+                raise err
+            reason = f"{where} refused: {reply.code}: {reply.message}"
+            raise _Retry(reason, err, exclude=frozenset({d.prefill_instance}), local_only=remote)
+        self.view.acknowledged(d.prefill_instance, job_id)
+        return reply
+
+    async def _stream(self, sub, event: DecisionEvent, job_id: str, remote: bool) -> AsyncIterator[list[int]]:
+        """Token chunks until DecodeFinished; failures before the first token become retries."""
+        d = event.decision
+        rec = self.record
+        rec.prefill = rec.finished = None
+        next_index = 0
+        while True:
+            started = rec.first_token_at is not None
+            timeout_s = self.config.token_timeout_s if started else self.config.first_token_timeout_s
+            try:
+                msg = await sub.next_msg(timeout=timeout_s)
+            except nats.errors.TimeoutError:
+                if started:
+                    raise DecodeFailed(f"decode instance {d.decode_instance} went silent for {timeout_s}s") from None
+                where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
+                err = UpstreamTimeout(f"no first token within {timeout_s}s ({where})")
+                raise _Retry(f"{where} timed out", err, exclude=frozenset({d.prefill_instance}), local_only=remote) from None
+            try:
+                item = _stream_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                log.warning("undecodable stream message", extra={"request_id": job_id, "subject": msg.subject})
+                continue
+            if isinstance(item, TokenChunk):
+                if item.index < next_index:
+                    continue  # a duplicate
+                next_index = item.index + 1
+                now = time.monotonic()
+                if rec.first_token_at is None and item.token_ids:
+                    rec.first_token_at = now
+                    self.view.release(d.prefill_instance, job_id)
+                rec.last_token_at = now
+                rec.completion_tokens += len(item.token_ids)
+                if item.token_ids:
+                    yield item.token_ids
+            elif isinstance(item, DecodeFinished):
+                rec.finished = item
+                return
+            elif isinstance(item, PrefillFinished):
+                rec.prefill = item
+                self.view.release(d.prefill_instance, job_id)
+            elif msg.subject.endswith(".status"):  # the prefill leg failed
+                self._fail(item, event, started, prefill_failed=True, remote=remote)
+            else:  # the decode leg failed (a transfer failure included)
+                self._fail(item, event, started, prefill_failed=False, remote=remote)
+
+    def _fail(self, reply: ErrorReply, event: DecisionEvent, started: bool, *, prefill_failed: bool, remote: bool) -> None:
+        d = event.decision
+        err = error_from_code(reply.code, reply.message)
+        if started:
+            raise DecodeFailed(f"decode instance {d.decode_instance} failed after the first token: {reply.code}: {reply.message}")
+        if prefill_failed or isinstance(err, TransferFailed):
+            where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
+            raise _Retry(f"{where} failed: {reply.code}: {reply.message}", err,
+                         exclude=frozenset({d.prefill_instance}), local_only=remote)  # fmt: skip
+        where = f"decode instance {d.decode_instance}"
+        raise _Retry(f"{where} failed: {reply.code}: {reply.message}", err, exclude=frozenset({d.decode_instance}))
+
+    def outcome(self, status: str, error: str = "") -> OutcomeEvent:
+        """The outcome event of this run."""
+        rec = self.record
+        p = self.prepared
+        event = rec.decision
+        d = event.decision if event else None
+        fin, pre = rec.finished, rec.prefill
+        ttft = rec.first_token_at - p.arrived if rec.first_token_at is not None else None
+        tpot = None
+        if rec.first_token_at is not None and rec.last_token_at is not None and rec.completion_tokens > 1:
+            tpot = (rec.last_token_at - rec.first_token_at) / (rec.completion_tokens - 1)
+        return OutcomeEvent(
+            request_id=p.request_id,
+            ts=time.time(),
+            site=self.config.site,
+            router=self.config.router_id,
+            model=p.model,
+            route=event.route if event else "",
+            attempts=rec.attempts,
+            status=status,
+            error=error,
+            finish_reason=fin.finish_reason if fin else "",
+            prefill_site=d.prefill_site if d else "",
+            prefill_instance=d.prefill_instance if d else "",
+            decode_instance=d.decode_instance if d else "",
+            prompt_tokens=len(p.prompt_ids),
+            completion_tokens=fin.completion_tokens if fin else rec.completion_tokens,
+            cached_tokens=max(pre.cached_tokens if pre else 0, fin.held_tokens if fin else 0),
+            queue_s=pre.queue_s if pre else None,
+            prefill_s=pre.prefill_s if pre else None,
+            transfer_s=pre.transfer_exposed_s if pre else None,
+            ttft_s=ttft,
+            tpot_s=tpot,
+            bytes_moved=pre.sent_bytes if pre else (fin.received_bytes if fin else 0),
+            predicted_ttft_s=d.predicted_ttft_s if d else None,
+        )
+
+
+async def _unsubscribe(sub) -> None:
+    try:
+        await sub.unsubscribe()
+    except nats.errors.Error:
+        pass

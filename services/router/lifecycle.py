@@ -1,0 +1,158 @@
+"""One generation request from HTTP to tokens: prepare, run with fallbacks, answer (whole or streamed), report.
+
+The HTTP status is committed only when the first token exists, so a request that cannot be served
+at all gets a real error status (503 with ``Retry-After`` when no capacity is left). After that, a
+failure ends the stream with an error event and ``[DONE]``, never a silent close. A client that goes
+away cancels the run, which cancels the jobs on the gateways. The outcome event is published once
+the response is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from opentelemetry import trace
+
+from libs.common.errors import PrfaasError
+from libs.common.messages import json_encoder
+from services.router import responses
+from services.router.dispatch import RequestRun
+from services.router.schemas import GenerationRequest, invalid
+from services.router.sse import SseStream
+from services.router.tokenization import IncrementalDecoder
+
+if TYPE_CHECKING:
+    from services.router.service import RouterService
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+REQUEST_ID_HEADER = "x-prfaas-request-id"
+TTFT_SLO_HEADER = "x-prfaas-ttft-slo-ms"
+_CONTEXT_TOKENS = 6  # prompt tokens decoded before the first output token, for its context
+
+
+def new_request_id() -> str:
+    """A fresh request id (also the decision events' and the trace's)."""
+    return uuid.uuid4().hex
+
+
+def ttft_slo_s(request: web.Request) -> float | None:
+    """The optional per-request TTFT target, in seconds (400 if the header is not a positive number)."""
+    raw = request.headers.get(TTFT_SLO_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise invalid(TTFT_SLO_HEADER, f"{TTFT_SLO_HEADER} must be a positive number of milliseconds, got {raw!r}")
+    return value / 1000.0
+
+
+async def serve(svc: RouterService, request: web.Request, req: GenerationRequest, request_id: str) -> web.StreamResponse:
+    """Answer one generation request."""
+    with tracer.start_as_current_span("router.request", kind=trace.SpanKind.SERVER) as span:
+        span.set_attribute("prfaas.request_id", request_id)
+        span.set_attribute("prfaas.model", req.model)
+        started = time.perf_counter()
+        prepared = await svc.scheduler.prepare(req, request_id, ttft_slo_s(request))
+        if prepared.index_status != "ok":
+            svc.metrics.index_errors.inc()
+        run = RequestRun(svc.nc, svc.config, svc.scheduler, svc.view, svc.events, prepared)
+        svc.metrics.in_flight.inc()
+        status = "ok"
+        try:
+            async with contextlib.aclosing(run.tokens()) as tokens:
+                first = await anext(tokens, None)
+                svc.metrics.decision_seconds.observe(run.record.decide_done_at - started)
+                if req.stream:
+                    return await _stream(svc, request, req, run, tokens, first, request_id)
+                return await _whole(svc, req, run, tokens, first, request_id)
+        except PrfaasError as e:
+            run.record.status, run.record.error = "error", f"{e.code}: {e.message}"
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = "cancelled"
+            svc.metrics.cancelled.inc()
+            raise
+        finally:
+            svc.metrics.in_flight.dec()
+            status = status if status == "cancelled" else run.record.status
+            span.set_attribute("prfaas.status", status)
+            if run.record.decision is not None:
+                span.set_attribute("prfaas.route", run.record.decision.route)
+            svc.spawn(_report(svc, run, status, run.record.error))
+
+
+async def _report(svc: RouterService, run: RequestRun, status: str, error: str) -> None:
+    """After the response: wait briefly for the prefill status, then publish the outcome."""
+    await run.settle()
+    outcome = run.outcome(status, error)
+    if outcome.ttft_s is not None:
+        svc.metrics.ttft_seconds.labels(outcome.route).observe(outcome.ttft_s)
+    svc.metrics.fallbacks.inc(max(0, run.record.attempts - 1))
+    await svc.events.outcome(outcome)
+
+
+def _usage(run: RequestRun) -> dict:
+    rec = run.record
+    fin, pre = rec.finished, rec.prefill
+    completion = fin.completion_tokens if fin else rec.completion_tokens
+    cached = max(pre.cached_tokens if pre else 0, fin.held_tokens if fin else 0)
+    return responses.usage(len(run.prepared.prompt_ids), completion, cached)
+
+
+def _finish_reason(run: RequestRun) -> str:
+    fin = run.record.finished
+    return fin.finish_reason if fin and fin.finish_reason in ("stop", "length") else "stop"
+
+
+async def _whole(svc: RouterService, req: GenerationRequest, run: RequestRun, tokens, first, request_id: str) -> web.Response:
+    decoder = IncrementalDecoder(svc.scheduler.tokenizer, run.prepared.prompt_ids[-_CONTEXT_TOKENS:])
+    parts = [decoder.push(first)] if first else []
+    async for ids in tokens:
+        parts.append(decoder.push(ids))
+    parts.append(decoder.flush())
+    body = responses.completion(
+        req.kind, responses.completion_id(req.kind, request_id), int(time.time()), req.model, "".join(parts),
+        _finish_reason(run), _usage(run),
+    )  # fmt: skip
+    return web.Response(body=json_encoder.encode(body), content_type="application/json", headers={REQUEST_ID_HEADER: request_id})
+
+
+async def _stream(svc: RouterService, request: web.Request, req: GenerationRequest, run: RequestRun, tokens, first,
+                  request_id: str) -> web.StreamResponse:  # fmt: skip
+    kind, model = req.kind, req.model
+    cid, created = responses.completion_id(kind, request_id), int(time.time())
+    usage_nulls = req.include_usage
+    decoder = IncrementalDecoder(svc.scheduler.tokenizer, run.prepared.prompt_ids[-_CONTEXT_TOKENS:])
+    sse = await SseStream.open(request, {REQUEST_ID_HEADER: request_id})
+    text = decoder.push(first) if first else ""
+    await sse.send(responses.chunk(kind, cid, created, model, text, first=True, with_usage=usage_nulls))
+    try:
+        async for ids in tokens:
+            delta = decoder.push(ids)
+            if delta:
+                await sse.send(responses.chunk(kind, cid, created, model, delta, with_usage=usage_nulls))
+    except PrfaasError as e:  # the decode side failed after tokens were sent: say so in the stream
+        log.warning("stream ended by an error", extra={"request_id": request_id, "error": str(e)})
+        run.record.status, run.record.error = "error", f"{e.code}: {e.message}"
+        await sse.send(responses.error_body(e, responses.status_of(e)))
+        await sse.done()
+        return sse.response
+    tail = decoder.flush()
+    if tail:
+        await sse.send(responses.chunk(kind, cid, created, model, tail, with_usage=usage_nulls))
+    await sse.send(responses.chunk(kind, cid, created, model, None, _finish_reason(run), with_usage=usage_nulls))
+    if req.include_usage:
+        await sse.send(responses.usage_chunk(kind, cid, created, model, _usage(run)))
+    await sse.done()
+    return sse.response

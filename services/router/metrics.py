@@ -1,0 +1,27 @@
+"""Prometheus metrics of the router (one registry per service object)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class RouterMetrics:
+    """Counters and histograms the router updates."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("prfaas_router_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry)
+        self.decisions = Counter("prfaas_router_decisions", "Decisions by route", ["route"], registry=registry)
+        self.fallbacks = Counter("prfaas_router_fallbacks", "Attempts that failed before the first token and were re-decided", registry=registry)
+        self.bad_messages = Counter("prfaas_router_bad_messages", "Malformed bus messages", ["source"], registry=registry)
+        self.index_errors = Counter("prfaas_router_index_errors", "Requests routed without cache knowledge", registry=registry)
+        self.cancelled = Counter("prfaas_router_cancelled", "Requests whose client went away", registry=registry)
+        self.decision_seconds = Histogram(
+            "prfaas_router_decision_seconds", "Tokenize, hash, index lookup, view and policy", buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self.ttft_seconds = Histogram(
+            "prfaas_router_ttft_seconds", "Arrival to first token, by route", ["route"], buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self.in_flight = Gauge("prfaas_router_in_flight", "Requests being served", registry=registry)
+        self.threshold = Gauge("prfaas_router_threshold_tokens", "Offload threshold t in force", registry=registry)

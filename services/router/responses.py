@@ -1,0 +1,99 @@
+"""OpenAI response bodies: completions, streamed chunks, usage, models, and errors with their HTTP status."""
+
+from __future__ import annotations
+
+from libs.common.errors import (
+    BadRequest,
+    IndexUnavailable,
+    NoCapacity,
+    NotFound,
+    PrfaasError,
+    TransferFailed,
+    UpstreamTimeout,
+)
+
+_OBJECT = {"chat": "chat.completion", "text": "text_completion"}
+_CHUNK_OBJECT = {"chat": "chat.completion.chunk", "text": "text_completion"}
+_ID_PREFIX = {"chat": "chatcmpl-", "text": "cmpl-"}
+
+
+def completion_id(kind: str, request_id: str) -> str:
+    """``chatcmpl-<request id>`` or ``cmpl-<request id>``."""
+    return _ID_PREFIX[kind] + request_id
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """The ``usage`` object (cached prompt tokens under ``prompt_tokens_details``)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def _choice(kind: str, text: str, finish_reason: str | None) -> dict:
+    if kind == "chat":
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def completion(kind: str, cid: str, created: int, model: str, text: str, finish_reason: str, use: dict) -> dict:
+    """A whole (non-streamed) response."""
+    return {
+        "id": cid,
+        "object": _OBJECT[kind],
+        "created": created,
+        "model": model,
+        "choices": [_choice(kind, text, finish_reason)],
+        "usage": use,
+        "system_fingerprint": None,
+    }
+
+
+def chunk(kind: str, cid: str, created: int, model: str, text: str | None, finish_reason: str | None = None,
+          *, first: bool = False, with_usage: bool = False) -> dict:  # fmt: skip
+    """One streamed chunk: a text delta, or the final one carrying ``finish_reason``."""
+    if kind == "chat":
+        delta: dict = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    body = {"id": cid, "object": _CHUNK_OBJECT[kind], "created": created, "model": model, "choices": [choice]}
+    if with_usage:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk(kind: str, cid: str, created: int, model: str, use: dict) -> dict:
+    """The last chunk when ``stream_options.include_usage``: usage and no choices."""
+    return {"id": cid, "object": _CHUNK_OBJECT[kind], "created": created, "model": model, "choices": [], "usage": use}
+
+
+def models(names: list[str], created: int) -> dict:
+    """``GET /v1/models``."""
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "prfaas"} for n in names]}
+
+
+_STATUS: tuple[tuple[type[PrfaasError], int], ...] = (
+    (BadRequest, 400),
+    (NotFound, 404),
+    (NoCapacity, 503),
+    (IndexUnavailable, 503),
+    (UpstreamTimeout, 504),
+    (TransferFailed, 502),
+)
+_BY_CODE = {"invalid_api_key": 401, "payload_too_large": 413, "request_timeout": 408, "decode_failed": 502}
+
+
+def status_of(error: PrfaasError) -> int:
+    """The HTTP status an error is answered with."""
+    if error.code in _BY_CODE:
+        return _BY_CODE[error.code]
+    return next((status for cls, status in _STATUS if isinstance(error, cls)), 500)
+
+
+def error_body(error: PrfaasError, status: int) -> dict:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": error.message, "type": kind, "param": getattr(error, "param", None), "code": error.code}}

@@ -1,0 +1,200 @@
+"""Per-request scheduling: prompt to token ids, block hashes, KV-index lookup, live view, policy decision.
+
+``prepare`` does what every attempt of a request shares (template, tokenizer, limits, hashes, the
+lookup with its deadline: on error the request is routed without cache knowledge and the decision
+says so); ``decide`` builds the view and asks ``libs/policy``, once per attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+
+import msgspec
+
+from libs.common.errors import BadRequest, NotFound, PrfaasError
+from libs.common.hashing import hash_list
+from libs.common.messages import DecisionEvent, KvLookupReply, Sampling
+from libs.engine.profiles import ModelProfile, model_profile
+from libs.policy import PolicyConfig, RouteRequest, make_policy
+from services.kv_index.client import KvIndexClient
+from services.router.chat_template import ChatTemplate
+from services.router.config import RouterConfig
+from services.router.live_view import LiveView
+from services.router.schemas import GenerationRequest, invalid
+from services.router.tokenization import PromptTokenizer
+
+_THREAD_TOKENIZE_CHARS = 200_000  # tokenize longer texts off the event loop
+
+
+@dataclass
+class Prepared:
+    """What every attempt of one request shares."""
+
+    request_id: str
+    model: str
+    profile: ModelProfile
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling
+    block_size: int
+    lookup: KvLookupReply | None
+    index_status: str  # "ok" or why the index could not be used
+    ttft_slo_s: float | None
+    arrived: float  # monotonic
+
+
+class Scheduler:
+    """Turns a checked request into decisions for the router's site."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        tokenizer: PromptTokenizer,
+        template: ChatTemplate,
+        view: LiveView,
+        index: KvIndexClient,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.template = template
+        self.view = view
+        self.index = index
+        self.policy = make_policy(config.policy, PolicyConfig(threshold_tokens=config.threshold_tokens, transport=config.transport))
+        self.rng = random.Random()
+        self.observed_lengths: deque[int] = deque(maxlen=config.replan_history)  # uncached lengths, for re-planning
+
+    # --- models and limits ------------------------------------------------------------------
+
+    def served_models(self) -> list[str]:
+        """Models of live instances plus the configured ones."""
+        return sorted(self.view.models() | set(self.config.models))
+
+    def check_model(self, model: str) -> None:
+        """NotFound (404) unless ``model`` is served."""
+        if model not in self.config.models and model not in self.view.models():
+            raise NotFound(f"The model '{model}' does not exist (served: {', '.join(self.served_models()) or 'none'})", code="model_not_found")
+
+    def max_prompt_tokens(self, model: str) -> int | None:
+        """The least prompt limit among the config and the model's live instances (None: no limit)."""
+        limits = [ld.max_prompt_tokens for ld in self.view.alive(model) if ld.max_prompt_tokens > 0]
+        if self.config.max_prompt_tokens:
+            limits.append(self.config.max_prompt_tokens)
+        return min(limits) if limits else None
+
+    def block_size(self, model: str) -> int:
+        """The block size the model's instances heartbeat (the config's if none does)."""
+        return next((ld.block_size for ld in self.view.alive(model) if ld.block_size > 0), self.config.block_size)
+
+    # --- prompt ---------------------------------------------------------------------------
+
+    def _encode(self, req: GenerationRequest) -> list[int]:
+        tok = self.tokenizer
+        if req.kind == "chat":
+            return tok.encode(self.template.render(req.messages), add_special=not tok.template_has_bos)
+        return tok.encode(req.prompt_text, add_special=True)
+
+    async def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        """Token ids of the request's prompt (token-id prompts are checked against the vocabulary)."""
+        if req.prompt_ids is not None:
+            vocab = self.tokenizer.vocab_size
+            bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise invalid("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
+            return req.prompt_ids
+        size = len(req.prompt_text) if req.kind == "text" else sum(len(m["content"]) for m in req.messages)
+        if size > _THREAD_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self._encode, req)
+        return self._encode(req)
+
+    async def prepare(self, req: GenerationRequest, request_id: str, ttft_slo_s: float | None) -> Prepared:
+        """Check the model and limits, tokenize, hash and look the prefix up (404/400 on a bad request)."""
+        arrived = time.monotonic()
+        self.check_model(req.model)
+        ids = await self.prompt_ids(req)
+        limit = self.max_prompt_tokens(req.model)
+        if limit is not None and len(ids) > limit:
+            param = "messages" if req.kind == "chat" else "prompt"
+            error = BadRequest(
+                f"This model's maximum prompt length is {limit} tokens; the prompt has {len(ids)} tokens",
+                code="context_length_exceeded",
+            )
+            error.param = param
+            raise error
+        profile = model_profile(self.config.profile_of(req.model))
+        block_size = self.block_size(req.model)
+        lookup, status = await self._lookup(hash_list(ids, block_size), hybrid=profile.n_linear_layers > 0)
+        sampling = req.sampling
+        if self.tokenizer.eos_token_ids:
+            sampling = Sampling(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                                stop=sampling.stop, stop_token_ids=self.tokenizer.eos_token_ids)  # fmt: skip
+        max_tokens = req.max_tokens if req.max_tokens is not None else self.config.default_max_tokens
+        return Prepared(request_id, req.model, profile, ids, max_tokens, sampling, block_size, lookup, status, ttft_slo_s, arrived)
+
+    async def _lookup(self, hashes: list[int], hybrid: bool) -> tuple[KvLookupReply | None, str]:
+        if not hashes:
+            return None, "ok"
+        try:
+            return await self.index.lookup(hashes, hybrid=hybrid), "ok"
+        except PrfaasError as e:
+            return None, f"unavailable: {e}"
+
+    # --- decisions ------------------------------------------------------------------------
+
+    def route_request(self, prepared: Prepared) -> RouteRequest:
+        """The policy's request: length, output budget, usable cached prefix per instance."""
+        n = len(prepared.prompt_ids)
+        if prepared.lookup is None:
+            return RouteRequest(prepared.request_id, n, prepared.max_tokens)
+        return RouteRequest.from_lookup(prepared.request_id, n, prepared.lookup, prepared.block_size, prepared.max_tokens)
+
+    def decide(
+        self,
+        prepared: Prepared,
+        *,
+        attempt: int = 0,
+        exclude: frozenset[str] = frozenset(),
+        local_only: bool = False,
+        fallback_of: str = "",
+    ) -> DecisionEvent:
+        """One decision (NoCapacity if nothing can serve it), as the event the router publishes."""
+        view = self.view.cluster_view(prepared.model, prepared.profile, exclude=exclude, local_only=local_only)
+        decision = self.policy.decide(view, self.route_request(prepared), now=time.time(), rng=self.rng)
+        if fallback_of:
+            decision = msgspec.structs.replace(decision, fallback_of=fallback_of)
+        n = len(prepared.prompt_ids)
+        cached = {}
+        if prepared.lookup is not None:
+            cached = {s.site: min(n, s.usable_blocks * prepared.block_size) for s in prepared.lookup.sites}
+        signals = decision.signals
+        slo = prepared.ttft_slo_s
+        return DecisionEvent(
+            request_id=prepared.request_id,
+            ts=decision.ts,
+            site=self.config.site,
+            router=self.config.router_id,
+            model=prepared.model,
+            prompt_tokens=n,
+            cached_tokens=cached,
+            incremental_tokens=signals.incremental_tokens if signals else n,
+            policy=decision.policy,
+            threshold_tokens=self.policy.config.threshold_tokens,
+            route="fallback" if fallback_of else decision.choice,
+            attempt=attempt,
+            index=prepared.index_status,
+            decision=decision,
+            ttft_slo_s=slo,
+            slo_met=None if slo is None else decision.predicted_ttft_s <= slo,
+        )
+
+    def set_threshold(self, threshold_tokens: int) -> None:
+        """Apply a re-planned threshold to the policy (the slow timescale)."""
+        cfg = self.policy.config
+        max_t = max(cfg.max_threshold_tokens, threshold_tokens)
+        self.policy = make_policy(
+            self.config.policy, replace(cfg, threshold_tokens=threshold_tokens, max_threshold_tokens=max_t)
+        )
+

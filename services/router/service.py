@@ -1,0 +1,170 @@
+"""The router service: OpenAI-compatible HTTP front end, live view from the bus, decisions, dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable
+
+import nats.errors
+from aiohttp import web
+from nats.aio.client import Client as NatsClient
+from prometheus_client import CollectorRegistry
+
+from libs.common import subjects
+from libs.common.bus import connect
+from libs.common.errors import PrfaasError
+from libs.common.telemetry import setup_logging, setup_tracing
+from services.kv_index.client import KvIndexClient
+from services.router.chat_template import load_chat_template
+from services.router.config import RouterConfig
+from services.router.events import DecisionLog
+from services.router.handlers import handle_link_stats, handle_load
+from services.router.http import create_app
+from services.router.live_view import LiveView
+from services.router.metrics import RouterMetrics
+from services.router.replan import Replanner
+from services.router.scheduler import Scheduler
+from services.router.tokenization import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_READY_LOOKUP_TIMEOUT_S = 1.0
+_SHUTDOWN_TIMEOUT_S = 5.0
+
+
+class RouterService:
+    """Serves the HTTP API on ``config.host:config.port`` and routes each request over the bus."""
+
+    def __init__(self, nc: NatsClient, config: RouterConfig, registry: CollectorRegistry | None = None) -> None:
+        self.nc = nc
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = RouterMetrics(self.registry)
+        self.view = LiveView(
+            config.site,
+            instance_ttl_s=config.instance_ttl_s,
+            pending_ttl_s=config.pending_ttl_s,
+            default_hardware=config.default_hardware,
+            link_capacities=dict(config.link_capacities),
+            default_link_capacity_gbps=config.default_link_capacity_gbps,
+        )
+        tokenizer = load_tokenizer(config.tokenizer)
+        template = load_chat_template(
+            config.chat_template, tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
+        )
+        self.index = KvIndexClient(nc, timeout_s=config.index_timeout_s)
+        self.scheduler = Scheduler(config, tokenizer, template, self.view, self.index)
+        self.events = DecisionLog(nc, config.site, max_age_s=config.decisions_max_age_s, max_bytes=config.decisions_max_bytes)
+        self.replanner = Replanner(config, self.scheduler, self.view, self.events)
+        self.started_at = int(time.time())
+        self.port = 0  # the bound HTTP port once started
+        self._subs = []
+        self._tasks: set[asyncio.Task] = set()
+        self._runner: web.AppRunner | None = None
+        self._started = False
+
+    async def __aenter__(self) -> RouterService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        """Base URL of the HTTP API (``http://host:port``)."""
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Ensure the decisions stream, subscribe to heartbeats and link telemetry, serve HTTP."""
+        if self._started:
+            return
+        self._started = True
+        await self.events.ensure_stream()
+        self._subs.append(await self.nc.subscribe(subjects.LOAD_ALL, cb=self._on_load))
+        self._subs.append(await self.nc.subscribe(subjects.LINK_ALL, cb=self._on_link))
+        self.metrics.threshold.set(self.scheduler.policy.config.threshold_tokens)
+        if self.config.replan_interval_s > 0:
+            self.spawn(self.replanner.run())
+        self._runner = web.AppRunner(
+            create_app(self, self.config), handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT_S, access_log=None
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        log.info("router started", extra={"site": self.config.site, "url": self.url, "policy": self.config.policy})
+
+    async def stop(self) -> None:
+        """Stop HTTP intake, drain subscriptions, cancel and await owned tasks (idempotent)."""
+        if not self._started:
+            return
+        self._started = False
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for sub in self._subs:
+            try:
+                await sub.drain()
+            except nats.errors.Error:
+                pass
+        self._subs.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def spawn(self, coro: Awaitable) -> asyncio.Task:
+        """Run ``coro`` as a task this service owns (cancelled at stop)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def readiness(self) -> dict[str, bool]:
+        """What ``/readyz`` checks: the bus, the KV index (a lookup answered in time), a live decode instance."""
+        index_ok = False
+        if self.nc.is_connected:
+            try:
+                await KvIndexClient(self.nc, timeout_s=_READY_LOOKUP_TIMEOUT_S).lookup([1])
+                index_ok = True
+            except PrfaasError:
+                index_ok = False
+        decode = any(ld.role == "decode" and ld.site == self.config.site for ld in self.view.alive())
+        return {"bus": self.nc.is_connected, "index": index_ok, "decode_instances": decode}
+
+    async def _on_load(self, msg) -> None:
+        await handle_load(self, msg)
+
+    async def _on_link(self, msg) -> None:
+        await handle_link_stats(self, msg)
+
+
+async def run(config: RouterConfig, stop: asyncio.Event) -> None:
+    """Connect, serve until ``stop`` is set, then drain."""
+    nc = await connect(config.nats_url, name=f"router-{config.router_id}", connect_timeout_s=config.connect_timeout_s)
+    try:
+        async with RouterService(nc, config):
+            await stop.wait()
+    finally:
+        await nc.drain()
+
+
+def main() -> None:
+    """Entry point: ``python -m services.router``."""
+    config = RouterConfig.from_env()
+    setup_logging(config.log_level)
+    setup_tracing("router")
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run(config, stop)
+
+    asyncio.run(_main())

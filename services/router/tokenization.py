@@ -1,0 +1,138 @@
+"""Text to token ids and back behind one interface: the reference model's bytes, or a Hugging Face tokenizer.json.
+
+``load_tokenizer("byte")`` gives the reference model's byte tokenizer. ``load_tokenizer(path)`` reads a
+``tokenizer.json`` (the file, or the directory holding it); a ``tokenizer_config.json`` beside it, as
+Hugging Face models ship one, supplies the BOS/EOS tokens and the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+from libs.common.errors import ConfigError
+from libs.engine.tokenizer import ByteTokenizer
+
+
+class PromptTokenizer(ABC):
+    """What the router needs from a tokenizer."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]  # ids that end generation (passed to the decode side)
+    bos_token: str = ""  # text of the BOS token, for chat templates
+    eos_token: str = ""
+    chat_template: str = ""  # the template the tokenizer ships ("": none)
+    template_has_bos: bool = False  # rendered chat text already carries BOS (so encode it without specials)
+
+    @abstractmethod
+    def encode(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds what the tokenizer adds around a sequence (BOS)."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (special tokens dropped; an incomplete character becomes U+FFFD)."""
+
+
+class BytePromptTokenizer(PromptTokenizer):
+    """The reference model's tokenizer: UTF-8 bytes, BOS first."""
+
+    def __init__(self) -> None:
+        self._tok = ByteTokenizer()
+        self.vocab_size = self._tok.vocab_size
+        self.eos_token_ids = (self._tok.eos_id,)
+
+    def encode(self, text: str, *, add_special: bool) -> list[int]:
+        """UTF-8 bytes of ``text``, after BOS when ``add_special``."""
+        return self._tok.encode(text, bos=add_special)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the byte ids (BOS/EOS dropped)."""
+        return self._tok.decode(ids)
+
+
+def _token_text(value) -> str:
+    """A special token as tokenizer_config.json writes it: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return value if isinstance(value, str) else ""
+
+
+class HfPromptTokenizer(PromptTokenizer):
+    """A Hugging Face ``tokenizers`` tokenizer loaded from a local tokenizer.json."""
+
+    def __init__(self, path: Path, config: dict) -> None:
+        from tokenizers import Tokenizer
+
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises plain Exceptions for unreadable files
+            raise ConfigError(f"ROUTER_TOKENIZER={str(path)!r}: cannot load tokenizer.json ({e})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        template = config.get("chat_template", "")
+        if isinstance(template, list):  # several named templates: take the default one
+            template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+        self.chat_template = template if isinstance(template, str) else ""
+        self.template_has_bos = bool(self.bos_token) and "bos_token" in self.chat_template
+        eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.eos_token_ids = (eos_id,) if eos_id is not None else ()
+
+    def encode(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids from the tokenizer's model (and its post-processor's specials when ``add_special``)."""
+        return self._tok.encode(text, add_special_tokens=add_special).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` without special tokens."""
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(spec: str) -> PromptTokenizer:
+    """``"byte"``, or a tokenizer.json file, or a directory with tokenizer.json (and tokenizer_config.json)."""
+    if spec == "byte":
+        return BytePromptTokenizer()
+    path = Path(spec)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"ROUTER_TOKENIZER={spec!r}: expected 'byte', a tokenizer.json or a directory holding one")
+    config_file = file.parent / "tokenizer_config.json"
+    config = {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"ROUTER_TOKENIZER={spec!r}: unreadable {config_file.name} ({e})") from None
+    return HfPromptTokenizer(file, config if isinstance(config, dict) else {})
+
+
+class IncrementalDecoder:
+    """Text deltas of a growing token sequence; holds back an incomplete character until it completes.
+
+    Each step decodes the tokens since the previous step together with the step before them, so a
+    tokenizer whose pieces depend on their neighbours (leading spaces, byte fallback) decodes right.
+    """
+
+    def __init__(self, tokenizer: PromptTokenizer, context: Sequence[int] = ()) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = list(context)  # the prompt's last tokens give the first output its context
+        self._prefix = 0  # start of the window re-decoded for context
+        self._read = len(self._ids)  # end of what was emitted
+
+    def push(self, ids: Sequence[int]) -> str:
+        """Add tokens; return the text that is now certain."""
+        self._ids.extend(ids)
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        text = self._tok.decode(self._ids[self._prefix :])
+        if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        text = self._tok.decode(self._ids[self._prefix :])
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text) :] if len(text) > len(prefix_text) else ""
