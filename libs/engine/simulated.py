@@ -81,6 +81,7 @@ class SimulatedBackend:
         cache_capacity_bytes: int = DEFAULT_CACHE_BYTES,
         block_size: int = DEFAULT_BLOCK_SIZE,
         verify: bool = True,
+        max_batch: int | None = None,
     ) -> None:
         from libs.engine import profiles  # profiles are plain data; imported here to keep the model light
 
@@ -100,7 +101,8 @@ class SimulatedBackend:
         self._prefill_lock = asyncio.Lock()
         self._prefill_queue = 0
         # 0: the model cannot decode on this chip (weights do not fit, or a prefill-only chip)
-        self.max_batch = 0 if self.hardware.prefill_only else self.model.max_batch(self.hardware)
+        limit = 0 if self.hardware.prefill_only else self.model.max_batch(self.hardware)
+        self.max_batch = limit if max_batch is None else min(max_batch, limit)
         self._decoder = DecodeLoop(self._step, max(1, self.max_batch))
         n_full, n_layers = self.model.n_full_layers, self.model.n_layers
         # Full-attention layers spread evenly with the last layer full (3:1 over 8 layers -> 3, 7).

@@ -1,0 +1,76 @@
+"""An instance's prefix-cache events on the bus: numbered ``KvEventBatch``es and snapshots on request.
+
+Batches are numbered from the publisher's start time in microseconds, then one by one, so a
+restarted instance continues above its previous sequence; its first batch is a snapshot, which
+resets what the index knew of it. A batch lost on the way is a gap the index repairs by asking
+for a snapshot, which this publisher answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from libs.common import subjects
+from libs.common.messages import KvEvent, KvEventBatch, encode
+from libs.engine.cache import PrefixCache
+
+log = logging.getLogger(__name__)
+
+
+class KvEventPublisher:
+    """Publishes what one instance's cache stores and evicts, and a snapshot when the index asks."""
+
+    def __init__(self, nc: NatsClient, site: str, instance: str, cache: PrefixCache) -> None:
+        self.nc = nc
+        self.site = subjects.token(site, "site")
+        self.instance = subjects.token(instance, "instance")
+        self.cache = cache
+        self.subject = subjects.kv_events(site, instance)
+        self.seq = time.time_ns() // 1000 - 1  # last number used
+        self.published_batches = 0
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        """Announce the cache as it is (a snapshot) and answer snapshot requests."""
+        if self._sub is None:
+            self._sub = await self.nc.subscribe(subjects.kv_snapshot_request(self.site, self.instance), cb=self._on_request)
+            await self.publish_snapshot()
+
+    async def stop(self) -> None:
+        """Stop answering snapshot requests (idempotent)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+
+    async def flush(self) -> None:
+        """Publish the cache's events since the last call (nothing if there are none)."""
+        events = self.cache.drain_events()
+        if events:
+            await self._publish(events)
+
+    async def publish_snapshot(self) -> None:
+        """Publish everything the cache holds (replaces the index's view of this instance)."""
+        self.cache.drain_events()  # the snapshot already reflects them
+        await self._publish([self.cache.snapshot()])
+
+    async def _on_request(self, msg: Msg) -> None:
+        log.info("snapshot requested", extra={"site": self.site, "instance": self.instance})
+        await self.publish_snapshot()
+
+    async def _publish(self, events: list[KvEvent]) -> None:
+        self.seq += 1
+        batch = KvEventBatch(site=self.site, instance=self.instance, seq=self.seq, ts=time.time(), events=events)
+        try:
+            await self.nc.publish(self.subject, encode(batch))
+            self.published_batches += 1
+        except (nats.errors.Error, OSError) as e:  # a gap the index will repair with a snapshot request
+            log.warning("KV events not published", extra={"instance": self.instance, "seq": self.seq, "error": repr(e)})

@@ -1,0 +1,3 @@
+from services.decode_gateway.service import main
+
+main()

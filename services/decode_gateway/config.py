@@ -1,0 +1,109 @@
+"""Configuration of a decode gateway, from ``DECODE_GATEWAY_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from libs.common import subjects
+from libs.common.config import EnvReader
+from libs.common.errors import ConfigError
+from libs.engine.build import BackendSpec
+
+PREFIX = "DECODE_GATEWAY_"
+TRANSPORTS = ("tcp", "jetstream")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _name(r: EnvReader, key: str, default: str) -> str:
+    value = r.str(key, default)
+    try:
+        return subjects.token(value, key.lower())
+    except ValueError as e:
+        raise ConfigError(f"{PREFIX}{key}={value!r}: {e}") from None
+
+
+def _decode_backend(spec: BackendSpec) -> BackendSpec:
+    """The spec, if its chip can decode the model at the asked batch; else a ConfigError saying why."""
+    limit = spec.decode_limit()
+    hardware = spec.hardware
+    if hardware is not None and hardware.prefill_only:
+        raise ConfigError(f"{PREFIX}BACKEND={spec.backend!r}: {hardware.chip} is a prefill-only chip and cannot "
+                          f"host a decode instance; use it in a prefill gateway")
+    if limit == 0:
+        raise ConfigError(f"{PREFIX}BACKEND={spec.backend!r}: {spec.model} does not fit {spec.hardware_name} "
+                          f"for decode (weights over memory)")
+    if spec.max_batch > limit:
+        step_ms = spec.model_profile.decode_step_s(limit, hardware) * 1e3 if hardware else 0.0
+        detail = f" (steps of {step_ms:.1f} ms at that batch)" if hardware else ""
+        raise ConfigError(f"{PREFIX}MAX_BATCH={spec.max_batch}: {spec.backend} decodes at most {limit} sequences "
+                          f"of {spec.model_name} per step{detail}")
+    return spec
+
+
+@dataclass(frozen=True)
+class DecodeGatewayConfig:
+    """Everything a decode gateway needs; sizes in bytes, deadlines in seconds."""
+
+    site: str = "dc-pd"
+    instance: str = "decode-0"
+    cluster: str = "pd"
+    nats_url: str = "nats://127.0.0.1:4222"
+    backend: BackendSpec = BackendSpec()
+    tcp_host: str = "127.0.0.1"
+    tcp_port: int = 0  # 0: any free port (announced in reservations and heartbeats)
+    advertise_host: str = ""  # host senders connect to ("": tcp_host)
+    transports: tuple[str, ...] = TRANSPORTS
+    kv_memory_bytes: int = 1 << 30  # receiver arena: transfers in progress and reservations
+    max_transfer_bytes: int = 1 << 30
+    lease_s: float = 10.0  # a reservation without KV progress for this long expires
+    progress_poll_s: float = 0.01  # how often reservations are checked for progress and leases
+    transfer_timeout_s: float = 120.0  # receiver-side deadline from a transfer's begin to its end
+    heartbeat_s: float = 0.5
+    drain_timeout_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
+    connect_timeout_s: float = 5.0
+    metrics_port: int = 0
+    log_level: str = "INFO"
+
+    @property
+    def host(self) -> str:
+        """Host announced to senders."""
+        return self.advertise_host or self.tcp_host
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DecodeGatewayConfig:
+        """Read ``DECODE_GATEWAY_<FIELD>`` variables; unset ones keep their defaults."""
+        r = EnvReader(PREFIX, os.environ if env is None else env)
+        d = cls()
+        transports = r.list("TRANSPORTS", d.transports)
+        if not transports or any(t not in TRANSPORTS for t in transports):
+            raise ConfigError(f"{PREFIX}TRANSPORTS={','.join(transports)!r}: expected a list of {', '.join(TRANSPORTS)}")
+        nats_url = r.str("NATS_URL", d.nats_url)
+        if not all(u.strip().startswith(("nats://", "tls://", "ws://", "wss://")) for u in nats_url.split(",")):
+            raise ConfigError(f"{PREFIX}NATS_URL={nats_url!r}: expected nats:// URLs")
+        log_level = r.str("LOG_LEVEL", d.log_level).upper()
+        if log_level not in _LOG_LEVELS:
+            raise ConfigError(f"{PREFIX}LOG_LEVEL={log_level!r}: expected one of {', '.join(_LOG_LEVELS)}")
+        kv_memory = r.int("KV_MEMORY_BYTES", d.kv_memory_bytes, minimum=1 << 16)
+        return cls(
+            site=_name(r, "SITE", d.site),
+            instance=_name(r, "INSTANCE", d.instance),
+            cluster=_name(r, "CLUSTER", d.cluster),
+            nats_url=nats_url,
+            backend=_decode_backend(BackendSpec.from_env(r)),
+            tcp_host=r.str("TCP_HOST", d.tcp_host),
+            tcp_port=r.int("TCP_PORT", d.tcp_port, minimum=0),
+            advertise_host=r.str("ADVERTISE_HOST", d.advertise_host),
+            transports=transports,
+            kv_memory_bytes=kv_memory,
+            max_transfer_bytes=r.int("MAX_TRANSFER_BYTES", min(d.max_transfer_bytes, kv_memory), minimum=1),
+            lease_s=r.float("LEASE_S", d.lease_s, minimum=0.01),
+            progress_poll_s=r.float("PROGRESS_POLL_S", d.progress_poll_s, minimum=0.001),
+            transfer_timeout_s=r.float("TRANSFER_TIMEOUT_S", d.transfer_timeout_s, minimum=0.1),
+            heartbeat_s=r.float("HEARTBEAT_S", d.heartbeat_s, minimum=0.01),
+            drain_timeout_s=r.float("DRAIN_TIMEOUT_S", d.drain_timeout_s, minimum=0.0),
+            connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
+            metrics_port=r.int("METRICS_PORT", d.metrics_port, minimum=0),
+            log_level=log_level,
+        )

@@ -1,0 +1,150 @@
+"""One request's life on a decode instance: wait for its KV, check it, decode, stream the tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import nats.errors
+import numpy as np
+from opentelemetry import trace
+
+from libs.common.errors import NoCapacity, PrfaasError, TransferFailed, UpstreamTimeout
+from libs.common.messages import DecodeFinished, DecodeTimings, ErrorReply, TokenChunk, encode
+from libs.common.telemetry import inject_headers
+from libs.engine.backends import Restored
+from services.decode_gateway.reservations import Reservation
+
+if TYPE_CHECKING:
+    import msgspec
+
+    from services.decode_gateway.service import DecodeGatewayService
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+SHUTDOWN = "the decode instance is shutting down"
+
+
+async def run_job(svc: DecodeGatewayService, res: Reservation) -> None:
+    """Serve one reserved request to its end; every ending is a message on its reply subject."""
+    job = res.job
+    final: msgspec.Struct | None = None
+    with tracer.start_as_current_span("decode_gateway.job", context=res.trace_context) as span:
+        span.set_attribute("prfaas.request_id", job.request_id)
+        try:
+            async with asyncio.timeout_at(res.deadline):
+                final = await _serve(svc, res)
+        except asyncio.CancelledError:
+            if not res.cancel_reason:
+                raise
+            if res.cancel_reason == SHUTDOWN:
+                final = ErrorReply(code=NoCapacity.code, message=SHUTDOWN)
+            else:
+                final = _finished(svc, res, "cancelled", 0)
+        except TimeoutError:
+            error = TransferFailed if res.receiving else UpstreamTimeout
+            final = ErrorReply(code=error.code, message=f"request {job.request_id} not done within its {job.timeout_s:.1f}s "
+                                                        f"deadline ({'waiting for KV' if res.receiving else 'decoding'})")
+        except PrfaasError as e:
+            final = ErrorReply(code=e.code, message=e.message)
+        finally:
+            if res.receiving:
+                svc.receiver.abort(job.transfer_id, res.cancel_reason or "request ended")
+            svc.release(res)
+        outcome = final.finish_reason if isinstance(final, DecodeFinished) else final.code
+        svc.metrics.jobs.labels(outcome).inc()
+        if isinstance(final, ErrorReply):
+            svc.metrics.failures.labels(final.code).inc()
+            span.set_status(trace.Status(trace.StatusCode.ERROR, final.message))
+            log.info("decode job failed", extra={"request_id": job.request_id, "code": final.code, "error": final.message})
+        await _publish(svc, job.reply_subject, final, inject_headers())
+
+
+async def _publish(svc: DecodeGatewayService, subject: str, msg: msgspec.Struct, headers: dict | None = None) -> None:
+    try:
+        await svc.nc.publish(subject, encode(msg), headers=headers)
+    except (nats.errors.Error, OSError) as e:
+        log.warning("reply not published", extra={"subject": subject, "error": repr(e)})
+
+
+async def _serve(svc: DecodeGatewayService, res: Reservation) -> DecodeFinished:
+    """Receive, restore and decode; the final ``DecodeFinished``."""
+    restored = await _receive(svc, res)
+    svc.metrics.held_tokens.inc(res.held_blocks * svc.backend.block_size)
+    ready_at = time.monotonic()
+    job, first_at, index, finish = res.job, None, 0, "length"
+    async for out in svc.backend.decode_restored(restored, job.max_tokens, job.sampling):
+        if first_at is None:
+            first_at = time.monotonic()
+            svc.metrics.first_token_seconds.observe(first_at - res.reserved_at)
+        res.generated += 1
+        if out.token_ids:
+            await _publish(svc, job.reply_subject, TokenChunk(request_id=job.request_id, index=index, token_ids=out.token_ids))
+            index += 1
+            svc.metrics.tokens.inc(len(out.token_ids))
+        if out.finish_reason is not None:
+            finish = out.finish_reason
+    end = time.monotonic()
+    svc.metrics.decode_seconds.observe(end - (first_at or end))
+    return _finished(svc, res, finish, res.generated, ready_at, first_at or end)
+
+
+async def _receive(svc: DecodeGatewayService, res: Reservation) -> Restored:
+    """The request's state once its transfer is complete and verified (receiver memory freed)."""
+    job = res.job
+    try:
+        transfer = await svc.receiver.wait(job.transfer_id, timeout_s=max(0.0, res.deadline - time.monotonic()))
+    except UpstreamTimeout as e:
+        raise TransferFailed(e.message) from None
+    now = time.monotonic()
+    res.complete_at = now
+    if res.begun_at is None:  # complete before the lease watcher saw it begin
+        res.begun_at = now
+    svc.metrics.kv_wait_seconds.observe(res.begun_at - res.reserved_at)
+    svc.metrics.transfer_seconds.observe(now - res.begun_at)
+    with transfer:
+        manifest = transfer.manifest
+        svc.metrics.received_bytes.labels(manifest.src_site, manifest.dst_site).inc(sum(p.nbytes for p in manifest.parts))
+        if list(manifest.skipped_block_hashes) != res.held_hashes:
+            raise TransferFailed(f"transfer {job.transfer_id} skips other blocks than the {res.held_blocks} held here")
+        tokens = next((p.array for p in transfer.parts if p.name == "tokens"), None)
+        if tokens is None or not np.array_equal(tokens, job.prompt_tokens):
+            raise TransferFailed(f"transfer {job.transfer_id} carries other tokens than the job's prompt")
+        res.received_bytes = svc.receiver.assembly(job.transfer_id).received_bytes  # held until released
+        restored = await svc.backend.restore(job.request_id, transfer.parts, held_blocks=res.held_blocks)
+    await svc.events.flush()
+    return restored
+
+
+def _finished(
+    svc: DecodeGatewayService,
+    res: Reservation,
+    reason: str,
+    completion_tokens: int,
+    ready_at: float | None = None,
+    first_at: float | None = None,
+) -> DecodeFinished:
+    """The final message: why, usage, and where the time went (from the reservation)."""
+    now = time.monotonic()
+    begun = res.begun_at if res.begun_at is not None else now
+    complete = res.complete_at if res.complete_at is not None else now
+    return DecodeFinished(
+        request_id=res.job.request_id,
+        site=svc.config.site,
+        instance=svc.config.instance,
+        finish_reason=reason,
+        prompt_tokens=len(res.job.prompt_tokens),
+        completion_tokens=completion_tokens,
+        held_tokens=res.held_blocks * svc.backend.block_size,
+        received_bytes=res.received_bytes,
+        timings=DecodeTimings(
+            kv_wait_s=begun - res.reserved_at,
+            transfer_s=complete - begun,
+            queue_s=(ready_at if ready_at is not None else now) - complete,
+            first_token_s=(first_at if first_at is not None else now) - res.reserved_at,
+            total_s=now - res.reserved_at,
+        ),
+    )

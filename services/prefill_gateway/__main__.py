@@ -1,0 +1,3 @@
+from services.prefill_gateway.service import main
+
+main()

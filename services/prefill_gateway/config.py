@@ -1,0 +1,105 @@
+"""Configuration of a prefill gateway, from ``PREFILL_GATEWAY_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from libs.common import subjects
+from libs.common.config import EnvReader
+from libs.common.errors import ConfigError
+from libs.engine.build import BackendSpec
+
+PREFIX = "PREFILL_GATEWAY_"
+CODECS = ("raw", "zstd", "int8")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _name(key: str, value: str) -> str:
+    try:
+        return subjects.token(value, key.lower())
+    except ValueError as e:
+        raise ConfigError(f"{PREFIX}{key}={value!r}: {e}") from None
+
+
+def _budgets(items: tuple[str, ...]) -> Mapping[str, float]:
+    """``site=gbps`` items as a mapping (``PREFILL_GATEWAY_BUDGETS``)."""
+    budgets = {}
+    for item in items:
+        site, sep, value = item.partition("=")
+        try:
+            gbps = float(value)
+        except ValueError:
+            gbps = -1.0
+        if not sep or gbps < 0:
+            raise ConfigError(f"{PREFIX}BUDGETS={','.join(items)!r}: {item!r} is not of the form <site>=<Gbps >= 0>")
+        budgets[_name("BUDGETS", site.strip())] = gbps
+    return MappingProxyType(budgets)
+
+
+@dataclass(frozen=True)
+class PrefillGatewayConfig:
+    """Everything a prefill gateway needs; deadlines in seconds, budgets in Gbit/s."""
+
+    site: str = "dc-prfaas"
+    cluster: str = "prfaas"
+    instances: tuple[str, ...] = ("prefill-0",)
+    nats_url: str = "nats://127.0.0.1:4222"
+    backend: BackendSpec = BackendSpec()
+    queue_limit: int = 16  # jobs queued or running per instance; more are refused with no_capacity
+    codec: str = "raw"  # attn_kv codec when the job names none (float parts only)
+    budgets_gbps: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # per destination site
+    default_budget_gbps: float = 0.0  # other destination sites (0: unpaced)
+    tcp_connections: int = 4
+    send_attempts: int = 4  # sessions per transfer: the first and the resumes after broken connections
+    abort_timeout_s: float = 2.0  # telling a receiver to drop a transfer
+    link_stats_s: float = 1.0
+    heartbeat_s: float = 0.5
+    drain_timeout_s: float = 30.0  # on SIGTERM: jobs in flight get this long to finish
+    connect_timeout_s: float = 5.0
+    metrics_port: int = 0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> PrefillGatewayConfig:
+        """Read ``PREFILL_GATEWAY_<FIELD>`` variables; unset ones keep their defaults."""
+        r = EnvReader(PREFIX, os.environ if env is None else env)
+        d = cls()
+        instances = tuple(_name("INSTANCES", i) for i in r.list("INSTANCES", d.instances))
+        if not instances or len(set(instances)) != len(instances):
+            raise ConfigError(f"{PREFIX}INSTANCES={','.join(instances)!r}: expected distinct instance names")
+        backend = BackendSpec.from_env(r)
+        if not backend.simulated and len(instances) > 1:
+            raise ConfigError(f"{PREFIX}INSTANCES={','.join(instances)!r}: a reference-model instance is one process "
+                              f"(several instances share a process only when simulated)")
+        codec = r.str("CODEC", d.codec)
+        if codec not in CODECS:
+            raise ConfigError(f"{PREFIX}CODEC={codec!r}: expected one of {', '.join(CODECS)}")
+        nats_url = r.str("NATS_URL", d.nats_url)
+        if not all(u.strip().startswith(("nats://", "tls://", "ws://", "wss://")) for u in nats_url.split(",")):
+            raise ConfigError(f"{PREFIX}NATS_URL={nats_url!r}: expected nats:// URLs")
+        log_level = r.str("LOG_LEVEL", d.log_level).upper()
+        if log_level not in _LOG_LEVELS:
+            raise ConfigError(f"{PREFIX}LOG_LEVEL={log_level!r}: expected one of {', '.join(_LOG_LEVELS)}")
+        return cls(
+            site=_name("SITE", r.str("SITE", d.site)),
+            cluster=_name("CLUSTER", r.str("CLUSTER", d.cluster)),
+            instances=instances,
+            nats_url=nats_url,
+            backend=backend,
+            queue_limit=r.int("QUEUE_LIMIT", d.queue_limit, minimum=1),
+            codec=codec,
+            budgets_gbps=_budgets(r.list("BUDGETS")),
+            default_budget_gbps=r.float("DEFAULT_BUDGET_GBPS", d.default_budget_gbps, minimum=0.0),
+            tcp_connections=r.int("TCP_CONNECTIONS", d.tcp_connections, minimum=1),
+            send_attempts=r.int("SEND_ATTEMPTS", d.send_attempts, minimum=1),
+            abort_timeout_s=r.float("ABORT_TIMEOUT_S", d.abort_timeout_s, minimum=0.01),
+            link_stats_s=r.float("LINK_STATS_S", d.link_stats_s, minimum=0.01),
+            heartbeat_s=r.float("HEARTBEAT_S", d.heartbeat_s, minimum=0.01),
+            drain_timeout_s=r.float("DRAIN_TIMEOUT_S", d.drain_timeout_s, minimum=0.0),
+            connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
+            metrics_port=r.int("METRICS_PORT", d.metrics_port, minimum=0),
+            log_level=log_level,
+        )

@@ -1,0 +1,183 @@
+"""One prefill job: queue, compute layer by layer, stream each layer's parts to the reserved decode slot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgspec
+import nats.errors
+import numpy as np
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from libs.common.errors import NoCapacity, PrfaasError, UpstreamTimeout
+from libs.common.messages import ErrorReply, PrefillFinished, PrefillJob, encode
+from libs.common.state_parts import PartSpec, StatePart
+from libs.common.telemetry import inject_headers
+from libs.kvwire import Destination, SendReport
+from services.prefill_gateway.instance import PrefillInstance, QueuedJob
+
+if TYPE_CHECKING:
+    from services.prefill_gateway.service import PrefillGatewayService
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+SHUTDOWN = "the prefill instance is shutting down"
+CANCELLED = "cancelled"  # error code of a job ended by a JobCancel
+_END = object()
+
+
+@dataclass(eq=False)
+class PrefillRun:
+    """An accepted job until its transfer is verified or it fails."""
+
+    job: PrefillJob
+    instance: PrefillInstance
+    tokens: np.ndarray
+    hashes: list[int]
+    queued: QueuedJob
+    deadline: float  # monotonic
+    trace_context: Context
+    received_at: float = field(default_factory=time.monotonic)
+    cancel_reason: str = ""
+    opened: bool = False  # the transfer may exist at the receiver (abort it on failure)
+    task: asyncio.Task | None = None
+
+    @property
+    def destination(self) -> Destination:
+        """Where the KV goes."""
+        d = self.job.destination
+        return Destination(d.site, d.instance, d.host, d.port)
+
+
+def part_specs(svc: PrefillGatewayService, run: PrefillRun) -> list[PartSpec]:
+    """The parts to send, with the job's codec on float ``attn_kv`` parts (the rest travels raw)."""
+    codec = run.job.codec or svc.config.codec
+    specs = run.instance.backend.plan_parts(len(run.tokens), run.job.skip_blocks)
+    return [
+        msgspec.structs.replace(s, codec=codec) if s.kind == "attn_kv" and np.dtype(s.dtype).kind == "f" else s
+        for s in specs
+    ]
+
+
+async def run_prefill(svc: PrefillGatewayService, run: PrefillRun) -> None:
+    """Serve one accepted job to its end; publish ``PrefillFinished`` or an ``ErrorReply`` on its status subject."""
+    job = run.job
+    final: msgspec.Struct
+    with tracer.start_as_current_span("prefill_gateway.job", context=run.trace_context) as span:
+        span.set_attribute("prfaas.request_id", job.request_id)
+        span.set_attribute("prfaas.instance", run.instance.name)
+        try:
+            async with asyncio.timeout_at(run.deadline):
+                async with run.instance.slot:
+                    final = await _prefill_and_send(svc, run)
+        except asyncio.CancelledError:
+            if not run.cancel_reason:
+                raise
+            code = NoCapacity.code if run.cancel_reason == SHUTDOWN else CANCELLED
+            final = ErrorReply(code=code, message=run.cancel_reason)
+        except TimeoutError:
+            final = ErrorReply(code=UpstreamTimeout.code, message=f"prefill of {job.request_id} not delivered within "
+                                                                   f"its {job.timeout_s:.1f}s deadline")
+        except PrfaasError as e:
+            final = ErrorReply(code=e.code, message=e.message)
+        finally:
+            svc.finished(run)
+        if isinstance(final, ErrorReply):
+            if run.opened:
+                await _abort(svc, run, final.message)
+            svc.metrics.failures.labels(final.code).inc()
+            span.set_status(trace.Status(trace.StatusCode.ERROR, final.message))
+            log.info("prefill job failed", extra={"request_id": job.request_id, "code": final.code, "error": final.message})
+        svc.metrics.jobs.labels("ok" if isinstance(final, PrefillFinished) else final.code).inc()
+        await run.instance.events.flush()
+        if job.status_subject:
+            try:
+                await svc.nc.publish(job.status_subject, encode(final), headers=inject_headers())
+            except (nats.errors.Error, OSError) as e:
+                log.warning("status not published", extra={"request_id": job.request_id, "error": repr(e)})
+
+
+async def _abort(svc: PrefillGatewayService, run: PrefillRun, reason: str) -> None:
+    """Tell the receiver to drop the transfer and free its memory (best effort, bounded)."""
+    sender = svc.senders[run.job.destination.transport]
+    with contextlib.suppress(PrfaasError, TimeoutError, OSError, nats.errors.Error):
+        async with asyncio.timeout(svc.config.abort_timeout_s):
+            await sender.abort(run.job.transfer_id, run.destination, reason)
+
+
+async def _prefill_and_send(svc: PrefillGatewayService, run: PrefillRun) -> PrefillFinished:
+    """Compute and transfer at once: each layer's parts go out as soon as the layer is done."""
+    job, instance = run.job, run.instance
+    backend, bs = instance.backend, instance.backend.block_size
+    started = time.monotonic()
+    cached = min(backend.cache.usable_blocks(run.hashes), (len(run.tokens) - 1) // bs)
+    sender = svc.senders[job.destination.transport]
+    manifest = sender.manifest(
+        transfer_id=job.transfer_id,
+        dst_site=job.destination.site,
+        model=backend.model_name,
+        block_size=bs,
+        num_tokens=len(run.tokens),
+        specs=part_specs(svc, run),
+        skipped_block_hashes=run.hashes[: job.skip_blocks],
+        request_id=job.request_id,
+    )
+    queue: asyncio.Queue = asyncio.Queue()
+    computed: list[float] = []
+
+    async def compute() -> None:
+        try:
+            async for layer in backend.prefill(job.request_id, run.tokens, skip_blocks=job.skip_blocks):
+                for part in layer:
+                    queue.put_nowait(part)
+            computed.append(time.monotonic())
+            queue.put_nowait(_END)
+        except Exception as e:  # the sender's part iterator raises it
+            queue.put_nowait(e)
+
+    async def parts() -> AsyncIterator[StatePart]:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    compute_task = asyncio.create_task(compute(), name=f"prefill-{job.request_id}")
+    run.opened = True
+    try:
+        report: SendReport = await sender.send(manifest, parts(), run.destination)
+    finally:
+        compute_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await compute_task
+    done = time.monotonic()
+    compute_end = computed[0] if computed else done
+    run.opened = False
+    instance.measured(len(run.tokens) - cached * bs, compute_end - started)
+    m = svc.metrics
+    m.queue_seconds.observe(started - run.received_at)
+    m.prefill_seconds.observe(compute_end - started)
+    m.transfer_seconds.observe(report.duration_s)
+    m.exposed_seconds.observe(done - compute_end)
+    m.sent_bytes.labels(svc.config.site, job.destination.site).inc(report.sent_bytes)
+    m.cached_tokens.inc(cached * bs)
+    return PrefillFinished(
+        request_id=job.request_id,
+        transfer_id=job.transfer_id,
+        site=svc.config.site,
+        instance=instance.name,
+        queue_s=started - run.received_at,
+        prefill_s=compute_end - started,
+        transfer_s=report.duration_s,
+        transfer_exposed_s=done - compute_end,
+        cached_tokens=cached * bs,
+        payload_bytes=report.payload_bytes,
+        sent_bytes=report.sent_bytes,
+    )
