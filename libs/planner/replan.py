@@ -42,15 +42,17 @@ class SlowTimescale:
             return self.inputs.workload
         return Empirical(lengths=np.fromiter(self.lengths, dtype=np.int64), source="observed")
 
-    def propose(self, threshold_tokens: int, n_p: int) -> tuple[int, int] | None:
-        """A better (t, N_p) for the link as measured since the last call, or None to keep the current plan.
-
-        The link figure is the median of the effective bandwidths observed (a transient does not
-        re-plan the roles); with none observed, the planned link bandwidth.
-        """
-        base = self.inputs
-        link_gbps = float(np.median(self.bandwidths)) if self.bandwidths else base.link_gbps
+    def measured_link_gbps(self) -> float | None:
+        """The median effective bandwidth observed since the last call (a transient does not re-plan roles)."""
+        if not self.bandwidths:
+            return None
+        median = float(np.median(self.bandwidths))
         self.bandwidths.clear()
+        return median
+
+    def propose(self, link_gbps: float, threshold_tokens: int, n_p: int) -> tuple[int, int] | None:
+        """A better (t, N_p) for a link measured to deliver ``link_gbps``, or None to keep the current plan."""
+        base = self.inputs
         inputs = PlanInputs(
             model=base.model,
             prfaas_hw=base.prfaas_hw,

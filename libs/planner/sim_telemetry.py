@@ -109,6 +109,7 @@ class LinkSampler:
             retransmitted_chunks_total=0,
             transfers_completed_total=link.completed.get(sender, 0),
             transfers_failed_total=0,
+            sender=sender,
         )
         state.delivered, state.busy_s, state.at = delivered, busy_s, now
         return stats

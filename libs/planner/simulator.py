@@ -220,7 +220,8 @@ class Simulator:
         if self.draining:
             return  # a role change is still in progress
         local_p = [s for s in self.prefill if s.site == PD_SITE]
-        proposal = self.slow.propose(self.policy.config.threshold_tokens, len(local_p))
+        measured = self.slow.measured_link_gbps() or self._link_view(now).effective_gbps
+        proposal = self.slow.propose(measured, self.policy.config.threshold_tokens, len(local_p))
         if proposal is None:
             return
         threshold, n_p = proposal

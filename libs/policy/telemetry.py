@@ -59,7 +59,7 @@ class _Pair:
 
     __slots__ = ("senders", "goodput_gbps", "queue_delay_s", "rtt_s", "bytes_in_flight", "active_transfers",
                  "budget_gbps", "peak_gbps", "updated_at", "bottlenecks", "bottleneck_at", "base_rtts",
-                 "mean_transfer_bytes")  # fmt: skip
+                 "mean_transfer_bytes", "uncounted_bytes", "uncounted_transfers")  # fmt: skip
 
     def __init__(self) -> None:
         self.senders: dict[str, tuple[LinkStats, float]] = {}  # sender -> (latest sample, received at)
@@ -75,6 +75,8 @@ class _Pair:
         self.bottleneck_at = 0.0  # when the link last showed congestion
         self.base_rtts: deque[tuple[float, float]] = deque()  # (received at, RTT), RTTs increasing: front is least
         self.mean_transfer_bytes = 0.0  # acknowledged bytes per completed transfer (0: none completed yet)
+        self.uncounted_bytes = 0  # acknowledged since the last completion folded into the mean
+        self.uncounted_transfers = 0
 
 
 def _push_min(window: deque[tuple[float, float]], at: float, value: float) -> None:
@@ -105,8 +107,9 @@ class LinkTelemetry:
         self._default_capacity = default_capacity_gbps
         self._pairs: dict[tuple[str, str], _Pair] = {}
 
-    def ingest(self, stats: LinkStats, received_at: float, sender: str = "") -> None:
-        """Take one sample; ``sender`` names the publishing process (samples of one sender replace each other)."""
+    def ingest(self, stats: LinkStats, received_at: float, sender: str | None = None) -> None:
+        """Take one sample; samples of one sender (default: ``stats.sender``) replace each other."""
+        sender = stats.sender if sender is None else sender
         key = (stats.src_site, stats.dst_site)
         pair = self._pairs.get(key)
         if pair is None:
@@ -118,12 +121,18 @@ class LinkTelemetry:
         self._fold(pair, received_at)
 
     def _count_transfers(self, pair: _Pair, before: LinkStats, after: LinkStats) -> None:
-        """Fold a sender's completions since its previous sample into the mean transfer size."""
+        """Fold the bytes acknowledged up to a sender's completions into the mean transfer size."""
         completed = after.transfers_completed_total - before.transfers_completed_total
         acked = after.acked_bytes_total - before.acked_bytes_total
-        if completed <= 0 or acked <= 0:
-            return  # nothing completed, or the sender restarted (its totals went back)
-        size = acked / completed
+        if completed < 0 or acked < 0:
+            return  # the sender restarted: its totals went back
+        pair.uncounted_bytes += acked
+        pair.uncounted_transfers += completed
+        if pair.uncounted_transfers == 0:
+            return
+        size = pair.uncounted_bytes / pair.uncounted_transfers
+        completed = pair.uncounted_transfers
+        pair.uncounted_bytes = pair.uncounted_transfers = 0
         if pair.mean_transfer_bytes == 0:
             pair.mean_transfer_bytes = size
         else:
