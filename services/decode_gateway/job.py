@@ -43,7 +43,7 @@ async def run_job(svc: DecodeGatewayService, res: Reservation) -> None:
             if res.cancel_reason == SHUTDOWN:
                 final = ErrorReply(code=NoCapacity.code, message=SHUTDOWN)
             else:
-                final = _finished(svc, res, "cancelled", 0)
+                final = _finished(svc, res, "cancelled", res.generated)
         except TimeoutError:
             error = TransferFailed if res.receiving else UpstreamTimeout
             final = ErrorReply(code=error.code, message=f"request {job.request_id} not done within its {job.timeout_s:.1f}s "
