@@ -22,9 +22,9 @@ class PolicyConfig:
     raise_start_utilization: float = 0.8  # adaptive: start raising t at this (smoothed) link utilisation
     raise_full_utilization: float = 1.0  # adaptive: t at its maximum at this utilisation
     backlog_limit_s: float = 5.0  # adaptive: link backlog (seconds to drain) counted as full pressure
-    queue_limit_s: float = 3.0  # adaptive: PrfaaS wait beyond the local wait counted as full pressure
+    queue_limit_s: float = 3.5  # adaptive: remote path wait (PrfaaS queue + link delay) beyond the local wait
+    # counted as full pressure (a local wait beyond the remote path's relieves it by the same measure)
     max_threshold_tokens: int = 131_072  # adaptive: the highest effective threshold
-    ttft_limit_s: float = 1e9  # adaptive: an offload predicted slower than this stays local if local is faster
     tie_tolerance_s: float = 0.05  # instance scores this close (absolute) are ties ...
     tie_tolerance_rel: float = 0.05  # ... or this close (relative to the best)
     transport: str = "tcp"  # transport named in remote decisions
@@ -42,7 +42,5 @@ class PolicyConfig:
             )
         if self.max_threshold_tokens < self.threshold_tokens:
             raise ConfigError(f"max_threshold_tokens must be >= threshold_tokens, got {self.max_threshold_tokens}")
-        if not self.ttft_limit_s > 0:
-            raise ConfigError(f"ttft_limit_s must be positive, got {self.ttft_limit_s}")
         if self.max_candidates < 1:
             raise ConfigError(f"max_candidates must be >= 1, got {self.max_candidates}")

@@ -85,17 +85,6 @@ class Adaptive(Policy):
         return int(t * (cfg.max_threshold_tokens / t) ** pressure)
 
     def choose(self, view: ClusterView, request: RouteRequest, evaluation: Evaluation) -> Choice:
-        """The raised-threshold rule; an offload the link would deliver too late stays local if that is faster."""
-        choice = self._by_threshold(request, evaluation)
-        local, limit = evaluation.local, self.config.ttft_limit_s
-        option = choice.option
-        if option.link is None or option.ttft_s <= limit or local is None or local.ttft_s >= option.ttft_s:
-            return choice
-        reason = (f"{choice.reason}; kept local: predicted TTFT {option.ttft_s:.1f}s remote is over the {limit:g}s "
-                  f"limit, {local.ttft_s:.1f}s local")  # fmt: skip
-        return Choice(local, reason, choice.incremental_tokens, choice.effective_threshold_tokens, choice.bandwidth)
-
-    def _by_threshold(self, request: RouteRequest, evaluation: Evaluation) -> Choice:
         """Offload iff the uncached length exceeds the raised t; which cache counts depends on bandwidth."""
         cfg = self.config
         local, remote = evaluation.local, evaluation.remote
