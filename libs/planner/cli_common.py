@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from libs.common.errors import BadRequest
 from libs.engine.profiles import HARDWARE, MODELS, hardware_profile, model_profile
@@ -10,6 +11,7 @@ from libs.planner.search import PlanInputs
 from libs.planner.workloads import CASE_STUDY_WORKLOAD, parse_workload
 
 CONFIG_NAMES = ("prfaas_pd", "homogeneous", "naive_heterogeneous")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 # The paper's case-study table (shared/reference/prfaas-paper.md), printed beside our figures.
 PAPER = {
@@ -47,13 +49,14 @@ _CASE_STUDY = {
 }
 
 
-def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
-    """PlanInputs from the flags; with ``--case-study`` any flag given explicitly overrides the paper's value."""
+def inputs_from_args(args: argparse.Namespace, case_study_default: bool = False) -> PlanInputs:
+    """PlanInputs from the flags; with ``--case-study`` (or ``case_study_default``) a flag given overrides the paper's value."""
+    case_study = args.case_study or case_study_default
     values = {key: getattr(args, key) for key in _CASE_STUDY}
-    if args.case_study:
+    if case_study:
         values = {key: _CASE_STUDY[key] if value is None else value for key, value in values.items()}
     missing = [f"--{key.replace('_', '-')}" for key, value in values.items() if value is None]
-    if args.workload is None and not args.case_study:
+    if args.workload is None and not case_study:
         missing.append("--workload")
     if missing:
         raise BadRequest(f"missing {', '.join(missing)} (or use --case-study)")
@@ -68,6 +71,25 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         workload=workload,
         output_tokens=int(values["output_tokens"]),
     )
+
+
+def check_plot_path(path: str | None) -> None:
+    """Refuse a ``--plot`` file that cannot be written, before any work is done."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.suffix.lower() not in PLOT_SUFFIXES:
+        raise BadRequest(f"--plot {path!r}: the file name must end in {', '.join(PLOT_SUFFIXES)}")
+    if not target.parent.is_dir():
+        raise BadRequest(f"--plot {path!r}: directory {str(target.parent)!r} does not exist")
+
+
+def describe_workload(workload: dict) -> str:
+    """One line for a workload's ``describe()`` dict."""
+    if workload["kind"] == "lognormal":
+        return f"lognormal mu {workload['mu']:g} sigma {workload['sigma']:g} in [{workload['min']:,}, {workload['max']:,}]"
+    return (f"{workload['count']:,} observed lengths from {workload['source'] or 'a file'} "
+            f"(mean {workload['mean']:,.0f}, in [{workload['min']:,}, {workload['max']:,}])")  # fmt: skip
 
 
 def describe_inputs(inputs: PlanInputs) -> dict:

@@ -10,7 +10,9 @@ from libs.planner.cli_common import (
     PAPER,
     PAPER_COST_NORMALIZED_GAIN,
     add_deployment_arguments,
+    check_plot_path,
     describe_inputs,
+    describe_workload,
     inputs_from_args,
     is_paper_case_study,
 )
@@ -26,7 +28,7 @@ def add_parser(subparsers) -> None:
     )
     add_deployment_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--plot", metavar="FILE.png", help="write the throughput bounds against t and N_p")
+    parser.add_argument("--plot", metavar="FILE.png", help="write the throughput bounds against t and N_p (.png, .pdf or .svg)")
     parser.add_argument("--cost-normalized", action="store_true", help="also report the gain at equal hardware cost")
     parser.set_defaults(func=run)
 
@@ -102,13 +104,15 @@ def _table(doc: dict, case_study: bool) -> str:
     inputs = doc["inputs"]
     lines.append(
         f"\n{inputs['model']}: {inputs['n_prfaas']}x{inputs['prfaas_hw']} (PrfaaS) + {inputs['n_pd']}x{inputs['pd_hw']} "
-        f"(PD), link {inputs['link_gbps']:g} Gbps, {inputs['output_tokens']} output tokens, workload {inputs['workload']}"
+        f"(PD), link {inputs['link_gbps']:g} Gbps, {inputs['output_tokens']:,} output tokens, workload "
+        f"{describe_workload(inputs['workload'])}"
     )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the search and print the table or JSON."""
+    check_plot_path(args.plot)
     inputs = inputs_from_args(args)
     results = plan(inputs)
     doc = report(inputs, results, args.cost_normalized)

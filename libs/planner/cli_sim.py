@@ -13,16 +13,21 @@ from libs.planner.cli_common import (
     CONFIG_NAMES,
     PAPER,
     add_deployment_arguments,
+    check_plot_path,
     describe_inputs,
     inputs_from_args,
     is_paper_case_study,
 )
 from libs.planner.progress import ProgressBar
 from libs.planner.scenarios import Degradation, case_study, link_degradation
+from libs.planner.search import search_prfaas_pd
 from libs.planner.simulator import SimRun
 
 DEFAULT_RATE_RPS = 1.0  # light load: the paper's TTFT figures are queue-free prefill + transfer times
 DEFAULT_DURATION_S = 3600.0
+DEFAULT_TIMEOUT_S = 60.0
+DEGRADED_FRACTION = 0.1  # the scenario's link drops to this fraction of its bandwidth unless --degraded-gbps
+SCENARIO_LOAD = 0.835  # the scenario's default rate as a fraction of the planned Lambda_max (2.7 req/s in the case study)
 SCENARIOS = ("link-degradation",)
 
 
@@ -34,14 +39,20 @@ def add_parser(subparsers) -> None:
         description="Discrete-event simulation of PrfaaS-PD, homogeneous PD and naive heterogeneous deployments.",
     )
     add_deployment_arguments(parser)
-    parser.add_argument("--rate", type=float, help=f"arrival rate in req/s (default {DEFAULT_RATE_RPS:g}; "
-                        f"{Degradation.rate_rps:g} for --scenario link-degradation)")  # fmt: skip
+    parser.add_argument("--rate", type=float, help=f"arrival rate in req/s (default {DEFAULT_RATE_RPS:g}; for "
+                        f"--scenario link-degradation {SCENARIO_LOAD:g} x the planned Lambda_max)")  # fmt: skip
     parser.add_argument("--duration", type=float, help=f"simulated seconds per run (default {DEFAULT_DURATION_S:g}; "
                         f"{Degradation.duration_s:g} for the scenario)")  # fmt: skip
-    parser.add_argument("--scenario", choices=SCENARIOS, help="run a scenario instead of the three configurations")
+    parser.add_argument("--scenario", choices=SCENARIOS, help="run a scenario instead of the three configurations "
+                        "(on the case study unless deployment flags say otherwise)")  # fmt: skip
+    parser.add_argument("--degraded-gbps", type=float, help="link bandwidth while degraded (default: a tenth of "
+                        "--link-gbps)")  # fmt: skip
+    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="a request without its first "
+                        "token this long after arrival is lost (default %(default)g)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--plot", metavar="FILE.png", help="TTFT CDFs (configurations) or TTFT timeline (scenario)")
+    parser.add_argument("--plot", metavar="FILE.png", help="TTFT CDFs (configurations) or TTFT timeline (scenario); "
+                        ".png, .pdf or .svg")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=run)
 
@@ -105,6 +116,9 @@ def _scenario_table(doc: dict) -> str:
     lines.append(f"\nlink {doc['inputs']['link_gbps']:g} -> {s['degraded_gbps']:g} Gbps in [{s['start_s']:g}, {s['end_s']:g}) s "
                  f"of {s['duration_s']:g} s at {s['rate_rps']:g} req/s; the +slow columns also re-plan t and N_p/N_d "
                  f"every {s['replan_interval_s']:g} s")  # fmt: skip
+    tel = s["telemetry"]
+    lines.append(f"policies see the link as a router does: LinkStats from each sender every {tel['interval_s']:g} s, "
+                 f"{tel['lag_s']:g} s late, goodput smoothed over {tel['router']['smoothing_s']:g} s")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -114,7 +128,7 @@ def _plot(args: argparse.Namespace, doc: dict, runs: dict[str, SimRun]) -> None:
     if args.scenario:
         series = {n: ([r.arrival_s for r in run.requests if r.first_token_s >= 0],
                       [r.ttft_s for r in run.requests if r.first_token_s >= 0])
-                  for n, run in runs.items() if not n.endswith("+slow")}  # fmt: skip
+                  for n, run in runs.items()}  # fmt: skip
         s = doc["settings"]
         gbps = doc["inputs"]["link_gbps"]
         capacity = ([0, s["start_s"], s["end_s"], s["duration_s"]], [gbps, s["degraded_gbps"], gbps, gbps])
@@ -124,35 +138,52 @@ def _plot(args: argparse.Namespace, doc: dict, runs: dict[str, SimRun]) -> None:
         plot_ttft(cdfs, args.plot, f"TTFT at {doc['rate_rps']:g} req/s")
 
 
+def _positive(flag: str, value: float | None, default: float) -> float:
+    """``value`` if given (it must be positive), else ``default``."""
+    if value is None:
+        return default
+    if not value > 0:
+        raise BadRequest(f"{flag} must be positive, got {value:g}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the simulation(s) and print a table or JSON."""
-    inputs = inputs_from_args(args)
+    check_plot_path(args.plot)
+    timeout_s = _positive("--timeout-s", args.timeout_s, DEFAULT_TIMEOUT_S)
+    if args.seed < 0:
+        raise BadRequest(f"--seed must be >= 0, got {args.seed}")
+    if args.degraded_gbps is not None and args.scenario is None:
+        raise BadRequest("--degraded-gbps applies to --scenario link-degradation")
+    inputs = inputs_from_args(args, case_study_default=args.scenario is not None)
     runs: dict[str, SimRun] = {}
     if args.scenario == "link-degradation":
         defaults = Degradation()
-        duration = args.duration or defaults.duration_s
-        if duration <= 0:
-            raise BadRequest(f"--duration must be positive, got {duration}")
+        duration = _positive("--duration", args.duration, defaults.duration_s)
+        degraded = _positive("--degraded-gbps", args.degraded_gbps, DEGRADED_FRACTION * inputs.link_gbps)
+        if degraded >= inputs.link_gbps:
+            raise BadRequest(f"--degraded-gbps must be below the link's {inputs.link_gbps:g} Gbps, got {degraded:g}")
+        planned_rps = SCENARIO_LOAD * search_prfaas_pd(inputs).throughput.lambda_max
         scenario = Degradation(
-            rate_rps=args.rate or defaults.rate_rps,
+            rate_rps=_positive("--rate", args.rate, round(planned_rps, 2)),
             duration_s=duration,
             start_s=duration / 3,
             end_s=2 * duration / 3,
+            degraded_gbps=degraded,
+            request_timeout_s=timeout_s,
             seed=args.seed,
         )
         policies = link_degradation(inputs, scenario, _progress(args), runs)
         doc = {"scenario": args.scenario, "policies": policies, "settings": scenario.to_json(),
                "inputs": describe_inputs(inputs)}  # fmt: skip
     else:
-        rate = args.rate or DEFAULT_RATE_RPS
-        duration = args.duration or DEFAULT_DURATION_S
-        if rate <= 0 or duration <= 0:
-            raise BadRequest(f"--rate and --duration must be positive, got {rate} and {duration}")
-        configs = case_study(inputs, rate, duration, args.seed, _progress(args), runs)
+        rate = _positive("--rate", args.rate, DEFAULT_RATE_RPS)
+        duration = _positive("--duration", args.duration, DEFAULT_DURATION_S)
+        configs = case_study(inputs, rate, duration, args.seed, _progress(args), runs, request_timeout_s=timeout_s)
         is_paper = is_paper_case_study(args, inputs)
         paper = {n: {k: PAPER[n][k] for k in ("ttft_mean_s", "ttft_p90_s", "lambda_max")} for n in CONFIG_NAMES}
-        doc = {"configs": configs, "rate_rps": rate, "duration_s": duration, "paper": paper if is_paper else None,
-               "inputs": describe_inputs(inputs)}  # fmt: skip
+        doc = {"configs": configs, "rate_rps": rate, "duration_s": duration, "timeout_s": timeout_s,
+               "paper": paper if is_paper else None, "inputs": describe_inputs(inputs)}  # fmt: skip
     if args.plot:
         _plot(args, doc, runs)
     if args.json:

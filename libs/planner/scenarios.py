@@ -69,18 +69,19 @@ def case_study(
     seed: int = 0,
     progress: ProgressFactory | None = None,
     runs: dict[str, SimRun] | None = None,
+    request_timeout_s: float = 60.0,
 ) -> dict:
     """Each configuration at ``rate_rps`` (TTFT, throughput ...) and overloaded (saturation)."""
     out = {}
     for name, result in plans(inputs).items():
         policy = CONFIG_POLICIES[name]
         lam = result.throughput.lambda_max
-        run = _run(
-            spec_for(inputs, result, policy, rate_rps, duration_s, seed), f"{name} @ {rate_rps:g} req/s", progress
-        )
+        spec = spec_for(inputs, result, policy, rate_rps, duration_s, seed, request_timeout_s=request_timeout_s)
+        run = _run(spec, f"{name} @ {rate_rps:g} req/s", progress)
         if runs is not None:
             runs[name] = run
-        overload = spec_for(inputs, result, policy, OVERLOAD_FACTOR * lam, duration_s, seed + 1, drain=False)
+        overload = spec_for(inputs, result, policy, OVERLOAD_FACTOR * lam, duration_s, seed + 1, drain=False,
+                            request_timeout_s=request_timeout_s)  # fmt: skip
         saturation = saturation_rps(_run(overload, f"{name} saturation", progress))
         figures = summarize(run)
         out[name] = {
@@ -103,6 +104,7 @@ class Degradation:
     end_s: float = 1200.0
     degraded_gbps: float = 10.0
     replan_interval_s: float = 60.0  # slow timescale of the "+slow" variants
+    request_timeout_s: float = 60.0  # a request without its first token by then is lost
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     seed: int = 0
 
@@ -143,6 +145,7 @@ def link_degradation(
             scenario.seed,
             link_schedule=schedule,
             replan_interval_s=replan,
+            request_timeout_s=scenario.request_timeout_s,
             telemetry=scenario.telemetry,
         )
         run = _run(spec, name, progress)

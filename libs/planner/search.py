@@ -124,7 +124,7 @@ def naive_heterogeneous(inputs: PlanInputs) -> Result:
 
 
 def _without_threshold(result: Result) -> Result:
-    """Baselines have no threshold and no unused path: report those as None."""
+    """Baselines have no threshold, no unused path and no mean length on a path nothing takes: None."""
     tp = result.throughput
     return Result(
         result.deployment,
@@ -133,5 +133,7 @@ def _without_threshold(result: Result) -> Result:
             threshold_tokens=None,
             theta_prfaas=tp.theta_prfaas if result.deployment.n_prfaas else None,
             theta_pdp=tp.theta_pdp if result.deployment.n_p else None,
+            l_long_tokens=tp.l_long_tokens if tp.offload_fraction > 0 else None,
+            l_short_tokens=tp.l_short_tokens if tp.offload_fraction < 1 else None,
         ),
     )

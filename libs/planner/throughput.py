@@ -58,8 +58,8 @@ class Throughput:
     theta_pdd: float
     lambda_max: float
     egress_gbps: float
-    l_long_tokens: float
-    l_short_tokens: float
+    l_long_tokens: float | None  # E[L | L > t] (None: nothing is offloaded)
+    l_short_tokens: float | None  # E[L | L <= t] (None: nothing stays local)
 
     def to_json(self) -> dict:
         """A plain dict for JSON output."""

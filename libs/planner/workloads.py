@@ -8,6 +8,7 @@ function of t accepts a numpy array so the grid search is vectorised.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,8 @@ class TruncatedLogNormal(Workload):
 
     def __post_init__(self) -> None:
         if self.sigma <= 0 or not 0 < self.min_tokens < self.max_tokens:
-            raise BadRequest(f"lognormal needs sigma > 0 and 0 < min < max, got {self.describe()}")
+            raise BadRequest(f"lognormal needs sigma > 0 and 0 < min < max, got sigma={self.sigma:g}, "
+                             f"min={self.min_tokens}, max={self.max_tokens}")
 
     def _raw_cdf(self, x: np.ndarray) -> np.ndarray:
         return _phi((np.log(x) - self.mu) / self.sigma)
@@ -187,25 +189,57 @@ class Empirical(Workload):
 CASE_STUDY_WORKLOAD = TruncatedLogNormal(mu=9.90, sigma=1.00, min_tokens=128, max_tokens=131_072)
 
 
+_LOGNORMAL_KEYS = ("mu", "sigma", "min", "max")
+
+
 def parse_workload(spec: str) -> Workload:
     """``lognormal:mu=9.9,sigma=1,min=128,max=131072`` or ``file:lengths.txt`` (one length per line)."""
     kind, _, rest = spec.partition(":")
     if kind == "file":
-        path = Path(rest)
-        try:
-            values = np.loadtxt(path, dtype=float, ndmin=1)
-        except (OSError, ValueError) as e:
-            raise BadRequest(f"--workload file {rest!r}: {e}") from e
-        return Empirical(lengths=np.rint(values).astype(np.int64), source=str(path))
+        return _read_lengths(rest)
     if kind == "lognormal":
-        params = dict(part.split("=", 1) for part in rest.split(",") if "=" in part)
+        return _parse_lognormal(spec, rest)
+    raise BadRequest(f"--workload {spec!r}: expected lognormal:mu=..,sigma=..[,min=..,max=..] or file:PATH")
+
+
+def _read_lengths(name: str) -> Empirical:
+    path = Path(name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy warns on an empty file; it is reported below
+            values = np.loadtxt(path, dtype=float, ndmin=1)
+    except OSError as e:
+        raise BadRequest(f"--workload file {name!r}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise BadRequest(f"--workload file {name!r}: not one number per line ({e})") from e
+    if values.size == 0:
+        raise BadRequest(f"--workload file {name!r}: no lengths in it")
+    if not np.all(np.isfinite(values)) or values.min() < 1:
+        raise BadRequest(f"--workload file {name!r}: every length must be a positive number of tokens")
+    return Empirical(lengths=np.rint(values).astype(np.int64), source=str(path))
+
+
+def _parse_lognormal(spec: str, rest: str) -> TruncatedLogNormal:
+    params: dict[str, str] = {}
+    for part in filter(None, rest.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in _LOGNORMAL_KEYS:
+            raise BadRequest(f"--workload {spec!r}: {part!r} is not one of {'=.., '.join(_LOGNORMAL_KEYS)}=..")
+        params[key.strip()] = value
+    missing = [key for key in ("mu", "sigma") if key not in params]
+    if missing:
+        raise BadRequest(f"--workload {spec!r}: missing {' and '.join(missing)}")
+    numbers = {}
+    for key, value in params.items():
         try:
-            return TruncatedLogNormal(
-                mu=float(params["mu"]),
-                sigma=float(params["sigma"]),
-                min_tokens=int(float(params.get("min", 1))),
-                max_tokens=int(float(params.get("max", 1 << 20))),
-            )
-        except (KeyError, ValueError) as e:
-            raise BadRequest(f"--workload {spec!r}: need lognormal:mu=..,sigma=..[,min=..,max=..] ({e})") from e
-    raise BadRequest(f"--workload {spec!r}: expected lognormal:... or file:PATH")
+            numbers[key] = float(value)
+        except ValueError:
+            numbers[key] = math.nan
+        if not math.isfinite(numbers[key]):
+            raise BadRequest(f"--workload {spec!r}: {key} must be a finite number, got {value!r}")
+    return TruncatedLogNormal(
+        mu=numbers["mu"],
+        sigma=numbers["sigma"],
+        min_tokens=int(numbers.get("min", 1)),
+        max_tokens=int(numbers.get("max", 1 << 20)),
+    )
