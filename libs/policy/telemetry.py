@@ -10,12 +10,14 @@ transfers. What that can and cannot tell:
   its provisioned figure).
 - A link that delivers less than the senders offer keeps their windows full, so the ack round trip
   rises above its base: the queueing delay. While it is above ``congestion_delay_s``, busy goodput
-  is what the link delivers: the ``deliverable_gbps`` estimate. The estimate is trusted for
+  is what the link delivers; the best such sample of the last ``bottleneck_window_s`` is the
+  ``deliverable_gbps`` estimate (an interval only partly congested understates the link, so a drop
+  shows within that window rather than at once). It is trusted for
   ``hold_s``, then grows back towards the capacity by ``probe_per_s`` per second (a link that is
   still degraded shows queueing again once traffic is routed past its rate; a recovered one does not).
 - Several processes may publish for one pair: goodput, bytes in flight and active transfers are
-  summed over them; busy goodput is their acknowledged bytes over the longest busy time among them;
-  the budget is the pair's, shared by them.
+  summed over them, and their busy periods may not overlap, so what the link delivered while in use
+  is one sender's busy goodput, or the senders' summed goodput; the budget is the pair's, shared by them.
 - A sender silent for ``stale_after_s`` no longer counts. With none left the view carries no load
   figures, keeps the bandwidth estimate, and ``age_s`` says how old the newest sample is.
 
@@ -41,7 +43,7 @@ class TelemetryConfig:
     smoothing_s: float = 5.0  # time constant of the goodput average
     stale_after_s: float = 3.5  # a sender silent this long no longer counts
     congestion_delay_s: float = 0.02  # queueing delay (RTT above base) meaning the link limits delivery
-    bottleneck_window_s: float = 10.0  # the deliverable bandwidth is the best busy goodput of congested samples ...
+    bottleneck_window_s: float = 10.0  # deliverable: the best busy goodput of congested samples this recent ...
     hold_s: float = 30.0  # ... trusted this long after the last congestion ...
     probe_per_s: float = 0.05  # ... then grows back towards capacity by this fraction per second
     base_rtt_window_s: float = 120.0  # the base RTT is the least one seen over this window
@@ -52,6 +54,8 @@ class TelemetryConfig:
             value = getattr(self, f.name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"telemetry {f.name} must be a positive number, got {value!r}")
+        if self.transfer_size_gain > 1:
+            raise ConfigError(f"telemetry transfer_size_gain must be at most 1, got {self.transfer_size_gain!r}")
 
 
 class _Pair:
@@ -59,11 +63,12 @@ class _Pair:
 
     __slots__ = ("senders", "goodput_gbps", "queue_delay_s", "rtt_s", "bytes_in_flight", "active_transfers",
                  "budget_gbps", "peak_gbps", "updated_at", "bottlenecks", "bottleneck_at", "base_rtts",
-                 "mean_transfer_bytes", "uncounted_bytes", "uncounted_transfers")  # fmt: skip
+                 "mean_transfer_bytes", "uncounted_bytes", "uncounted_transfers", "counting", "latest_gbps")  # fmt: skip
 
     def __init__(self) -> None:
         self.senders: dict[str, tuple[LinkStats, float]] = {}  # sender -> (latest sample, received at)
-        self.goodput_gbps = 0.0
+        self.goodput_gbps = 0.0  # smoothed
+        self.latest_gbps = 0.0  # summed over the senders' latest samples
         self.queue_delay_s = 0.0
         self.rtt_s = 0.0
         self.bytes_in_flight = 0
@@ -71,12 +76,13 @@ class _Pair:
         self.budget_gbps = 0.0
         self.peak_gbps = 0.0  # highest busy goodput seen (the capacity of an unpaced, unprovisioned pair)
         self.updated_at: float | None = None
-        self.bottlenecks: deque[tuple[float, float]] = deque()  # (received at, busy goodput) when congested
+        self.bottlenecks: deque[tuple[float, float]] = deque()  # (received at, busy goodput) when congested, front: best
         self.bottleneck_at = 0.0  # when the link last showed congestion
         self.base_rtts: deque[tuple[float, float]] = deque()  # (received at, RTT), RTTs increasing: front is least
         self.mean_transfer_bytes = 0.0  # acknowledged bytes per completed transfer (0: none completed yet)
         self.uncounted_bytes = 0  # acknowledged since the last completion folded into the mean
         self.uncounted_transfers = 0
+        self.counting = False  # False until a first completion: bytes before it may belong to earlier transfers
 
 
 def _push_min(window: deque[tuple[float, float]], at: float, value: float) -> None:
@@ -133,6 +139,9 @@ class LinkTelemetry:
         size = pair.uncounted_bytes / pair.uncounted_transfers
         completed = pair.uncounted_transfers
         pair.uncounted_bytes = pair.uncounted_transfers = 0
+        if not pair.counting:
+            pair.counting = True
+            return
         if pair.mean_transfer_bytes == 0:
             pair.mean_transfer_bytes = size
         else:
@@ -144,6 +153,7 @@ class LinkTelemetry:
         live = [(s, at) for s, at in pair.senders.values() if now - at <= cfg.stale_after_s]
         pair.senders = {name: entry for name, entry in pair.senders.items() if now - entry[1] <= cfg.stale_after_s}
         goodput = acked_gbit = longest_busy_s = rtt = 0.0
+        delivering = 0  # senders that had bytes acknowledged in their interval
         in_flight = active = 0
         budget = 0.0
         for s, at in live:
@@ -152,6 +162,7 @@ class LinkTelemetry:
             acked_gbit += acked
             if s.busy_goodput_gbps > 0:
                 longest_busy_s = max(longest_busy_s, acked / s.busy_goodput_gbps)
+                delivering += 1
             in_flight += s.bytes_in_flight
             active += s.active_transfers
             budget = max(budget, s.budget_gbps)
@@ -163,16 +174,19 @@ class LinkTelemetry:
             pair.base_rtts.popleft()
         base = pair.base_rtts[0][1] if pair.base_rtts else rtt
         queue_delay = max(0.0, rtt - base) if rtt > 0 else 0.0
-        busy_goodput = acked_gbit / longest_busy_s if longest_busy_s > 0 else 0.0
+        # What the link delivered while in use: one sender's busy goodput is exact; for several, whose busy
+        # periods may not overlap, their summed goodput (exact when the link was busy the whole interval).
+        busy_goodput = acked_gbit / longest_busy_s if delivering == 1 else goodput
         weight = 1.0 if pair.updated_at is None else 1.0 - math.exp(-max(0.0, now - pair.updated_at) / cfg.smoothing_s)
         pair.goodput_gbps += weight * (goodput - pair.goodput_gbps)
+        pair.latest_gbps = goodput
         pair.updated_at = now
         pair.queue_delay_s, pair.rtt_s = queue_delay, rtt
         pair.bytes_in_flight, pair.active_transfers = in_flight, active
         pair.budget_gbps = budget
         pair.peak_gbps = max(pair.peak_gbps, busy_goodput)
         if active and queue_delay > cfg.congestion_delay_s and busy_goodput > 0:
-            # A sample whose interval was only partly congested understates the link: keep the best recent one.
+            # An interval only partly congested understates the link: keep the best recent one.
             _push_max(pair.bottlenecks, now, busy_goodput)
             pair.bottleneck_at = now
         while pair.bottlenecks and pair.bottlenecks[0][0] < pair.bottleneck_at - cfg.bottleneck_window_s:
@@ -199,8 +213,9 @@ class LinkTelemetry:
         deliverable = None
         if pair.bottlenecks:
             probing_s = now - pair.bottleneck_at - cfg.hold_s
-            estimate = pair.bottlenecks[0][1] * (math.exp(cfg.probe_per_s * probing_s) if probing_s > 0 else 1.0)
-            estimate = max(estimate, pair.goodput_gbps)  # carrying more than the estimate proves more
+            estimate = pair.bottlenecks[0][1]
+            estimate *= math.exp(cfg.probe_per_s * probing_s) if probing_s > 0 else 1.0
+            estimate = max(estimate, pair.latest_gbps)  # delivering more than the estimate proves more
             deliverable = estimate if estimate < capacity else None
         newest = max(at for _, at in pair.senders.values()) if pair.senders else pair.updated_at
         age = max(0.0, now - newest)

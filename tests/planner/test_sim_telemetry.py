@@ -1,0 +1,119 @@
+"""Simulated senders publish LinkStats with kvwire's semantics, and the router view built from them lags the link."""
+
+from __future__ import annotations
+
+import pytest
+
+from libs.engine.profiles import HARDWARE, MODELS
+from libs.planner.link import Flow, FluidLink
+from libs.planner.sim_telemetry import LinkSampler, TelemetrySettings
+from libs.planner.simulator import PD_SITE, PRFAAS_SITE, SimSpec, Simulator
+from libs.planner.workloads import Empirical
+from libs.policy import LinkTelemetry, PolicyConfig
+
+WINDOW = 64 << 20
+BASE_RTT = 0.005
+
+
+def run_until(link: FluidLink, t: float) -> None:
+    """Advance ``link`` event by event (rates change only at events) up to ``t``."""
+    while link.next_event_s() <= t:
+        link.advance(link.next_event_s())
+    link.advance(t)
+
+
+def sampler(link: FluidLink, budget: float = 100.0) -> LinkSampler:
+    """A sampler of ``link`` for the PrfaaS -> PD pair."""
+    return LinkSampler(link, PRFAAS_SITE, PD_SITE, budget, BASE_RTT, WINDOW)
+
+
+def test_a_production_limited_transfer_on_an_ample_link():
+    """One layer-wise flow: goodput is what it produced, busy goodput its rate, utilisation against the budget."""
+    link = FluidLink(100.0)
+    link.add(Flow("a", 1e9, 0.0, 2.0, owner="p0"), 0.0)  # 4 Gbps of production
+    link.advance(1.0)
+    s = sampler(link).sample("p0", 1.0)
+    assert s.goodput_gbps == pytest.approx(4.0)
+    assert s.busy_goodput_gbps == pytest.approx(4.0)
+    assert s.utilization == pytest.approx(0.04)
+    assert s.rtt_s == pytest.approx(BASE_RTT)  # nothing queues
+    assert s.active_transfers == 1 and s.bytes_in_flight == pytest.approx(0.5e9 * BASE_RTT)  # rate x RTT
+    assert (s.src_site, s.dst_site, s.sender) == (PRFAAS_SITE, PD_SITE, "p0")
+
+
+def test_busy_goodput_covers_only_the_time_a_transfer_was_active():
+    """A sender active half of the interval shows half the goodput but its full busy goodput."""
+    link = FluidLink(100.0)
+    link.add(Flow("a", 0.5e9, 0.0, 0.001, owner="p0"), 0.0)  # everything produced at once: 0.5 GB at 100 Gbps
+    run_until(link, 1.0)
+    s = sampler(link).sample("p0", 1.0)
+    assert s.goodput_gbps == pytest.approx(4.0)
+    assert s.busy_goodput_gbps == pytest.approx(100.0, rel=0.01)
+    assert s.active_transfers == 0 and s.transfers_completed_total == 1
+
+
+def test_a_link_below_its_budget_fills_the_windows_and_shows_queueing():
+    """Capacity under the pacing budget: windows full, RTT = in flight / rate, busy goodput = the link's rate."""
+    link = FluidLink(10.0)
+    link.add(Flow("warm", 0.1e9, 0.0, 1.0, owner="p0"), 0.0)  # 0.8 Gbps: nothing queues yet
+    run_until(link, 0.5)
+    sample = sampler(link, budget=100.0)
+    calm = sample.sample("p0", 0.5)
+    for i in range(4):
+        link.add(Flow(i, 2e9, 0.5, 1.0, owner="p0"), 0.5)  # 128 Gbps offered on a 10 Gbps link
+    run_until(link, 1.5)
+    s = sample.sample("p0", 1.5)
+    assert s.goodput_gbps == pytest.approx(10.0)
+    assert s.busy_goodput_gbps == pytest.approx(10.0)
+    assert s.utilization == pytest.approx(0.1)  # a paced sender's utilisation says nothing of the degradation
+    assert s.bytes_in_flight == 4 * WINDOW  # the rest of the backlog waits in the sender, unseen
+    assert s.rtt_s == pytest.approx(4 * WINDOW / (10e9 / 8))
+    tel = LinkTelemetry()
+    tel.ingest(calm, 0.5)
+    tel.ingest(s, 1.5)
+    view = tel.view(PRFAAS_SITE, PD_SITE, 1.5)
+    assert view.capacity_gbps == 100.0 and view.deliverable_gbps == pytest.approx(10.0)
+
+
+def test_each_sender_reports_only_its_own_transfers():
+    """Two senders on one link: each sample counts its own flows and bytes."""
+    link = FluidLink(100.0)
+    link.add(Flow("a", 1e9, 0.0, 2.0, owner="p0"), 0.0)
+    link.add(Flow("b", 2e9, 0.0, 2.0, owner="p1"), 0.0)
+    link.advance(1.0)
+    sample = sampler(link)
+    a, b = sample.sample("p0", 1.0), sample.sample("p1", 1.0)
+    assert (a.goodput_gbps, b.goodput_gbps) == (pytest.approx(4.0), pytest.approx(8.0))
+    assert sample.sample("p9", 1.0).active_transfers == 0
+
+
+def test_the_router_sees_a_capacity_drop_only_through_telemetry_after_the_lag():
+    """In the simulator the policy's link view changes only through LinkStats: not before they arrive, then to the new rate."""
+    settings = TelemetrySettings(interval_s=1.0, lag_s=0.5)
+    spec = SimSpec(MODELS["kimi-linear-1t"], HARDWARE["h200"], 4, HARDWARE["h20"], 3, 5, 100.0,
+                   Empirical(lengths=[60_000]), 256, rate_rps=3.0, duration_s=40.0,
+                   policy_config=PolicyConfig(threshold_tokens=19_400), link_schedule=((20.0, 5.0),),
+                   telemetry=settings)  # fmt: skip
+    sim = Simulator(spec)
+    seen: list[tuple[float, float]] = []
+    view = sim._view
+
+    def recording(now):
+        v = view(now)
+        seen.append((now, v.links[0].effective_gbps))
+        return v
+
+    sim._view = recording
+    sim.run()
+    before = [gbps for t, gbps in seen if t < 20.5]
+    after = [gbps for t, gbps in seen if t > 34.0]  # lag, then the 10 s window of congested samples
+    assert before and all(gbps == 100.0 for gbps in before)  # nothing can show the drop before a sample lands
+    assert after and all(gbps == pytest.approx(5.0, rel=0.05) for gbps in after)
+
+
+def test_settings_are_validated_and_reported():
+    """Telemetry settings name the bad key; the scenario JSON carries them."""
+    with pytest.raises(Exception, match="lag_s"):
+        TelemetrySettings(lag_s=-1.0)
+    doc = TelemetrySettings().to_json()
+    assert doc["interval_s"] == 1.0 and doc["router"]["smoothing_s"] == 5.0
