@@ -30,18 +30,18 @@ def case_study_figures() -> dict:
 
 
 @pytest.mark.parametrize("name", ["prfaas_pd", "homogeneous", "naive_heterogeneous"])
-def test_saturation_agrees_with_analytic_lambda_max(case_study_figures, name):
-    """The simulator's saturation throughput is within 5% of the model's Lambda_max."""
+def test_saturation_is_just_below_the_analytic_lambda_max(case_study_figures, name):
+    """Saturation lands 0-4% below the model's Lambda_max (a server spends E[T(L)] >= T(E[L]), never less)."""
     figures = case_study_figures[name]
-    assert figures["saturation_rps"] == pytest.approx(figures["lambda_max"], rel=0.05)
+    assert -0.04 <= figures["saturation_vs_lambda_max"] <= 0.0
 
 
 @pytest.mark.parametrize("name", ["prfaas_pd", "homogeneous", "naive_heterogeneous"])
-def test_ttft_at_light_load_is_near_the_paper(case_study_figures, name):
-    """At 1 req/s, mean and P90 TTFT are within 25% of the paper's values; nothing is lost."""
+def test_ttft_at_light_load_is_within_three_percent_of_the_paper(case_study_figures, name):
+    """At 1 req/s, mean and P90 TTFT are within 3% of the paper's values (as docs/planner.md says); nothing is lost."""
     figures = case_study_figures[name]
-    assert figures["ttft_mean_s"] == pytest.approx(PAPER[name]["ttft_mean_s"], rel=0.25)
-    assert figures["ttft_p90_s"] == pytest.approx(PAPER[name]["ttft_p90_s"], rel=0.25)
+    assert figures["ttft_mean_s"] == pytest.approx(PAPER[name]["ttft_mean_s"], rel=0.03)
+    assert figures["ttft_p90_s"] == pytest.approx(PAPER[name]["ttft_p90_s"], rel=0.03)
     assert figures["throughput_rps"] == pytest.approx(1.0, rel=0.1)
     assert figures["lost_requests"] == 0
 

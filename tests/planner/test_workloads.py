@@ -44,12 +44,15 @@ def test_empirical_histogram_is_exact_on_its_data():
 
 
 def test_parse_workload_specs(tmp_path):
-    """lognormal:... and file:... specs parse; malformed ones are BadRequest."""
+    """lognormal:... and file:... specs parse; a malformed one is a BadRequest naming the missing or bad key."""
     w = parse_workload("lognormal:mu=9.9,sigma=1,min=128,max=131072")
     assert isinstance(w, TruncatedLogNormal) and w.mean_tokens == pytest.approx(CASE_STUDY_WORKLOAD.mean_tokens)
     path = tmp_path / "lengths.txt"
     path.write_text("10\n20\n30\n")
     assert parse_workload(f"file:{path}").mean_tokens == 20
-    for bad in ("lognormal:mu=1", "file:/nonexistent/lengths.txt", "uniform:1,2", "lognormal:mu=9,sigma=-1"):
-        with pytest.raises(BadRequest):
+    bad_specs = {"lognormal:mu=1": "missing sigma", "lognormal:sigma=1,min=5": "missing mu",
+                 "lognormal:mu=9,sigma=1,mean=3": "'mean=3' is not one of", "file:/nonexistent/lengths.txt": "nonexistent",
+                 "uniform:1,2": "expected lognormal", "lognormal:mu=9,sigma=-1": "sigma=-1"}  # fmt: skip
+    for bad, message in bad_specs.items():
+        with pytest.raises(BadRequest, match=message):
             parse_workload(bad)
