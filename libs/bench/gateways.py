@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -53,6 +52,7 @@ from libs.common.messages import (
     TokenChunk,
     Transport,
     decode_stream_decoder,
+    encode,
     instance_load_decoder,
     prefill_status_decoder,
 )
@@ -203,7 +203,7 @@ class Caller:
         queue = self._streams.get(request_id)
         if queue is not None:
             decoder = decode_stream_decoder if kind == "reply" else prefill_status_decoder
-            queue.put_nowait((time.monotonic(), decoder.decode(msg.data)))
+            queue.put_nowait((time.monotonic(), kind, decoder.decode(msg.data)))
 
     async def reachable(self, prefill_nc: NatsClient, timeout_s: float = 30.0) -> None:
         """Wait until status messages from the prefill site and prefill jobs from here get through."""
@@ -213,8 +213,7 @@ class Caller:
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
-                    await prefill_nc.publish(f"{self.prefix}.status.{probe}", msgspec.msgpack.encode(
-                        ErrorReply(code="probe", message="")))
+                    await prefill_nc.publish(f"{self.prefix}.status.{probe}", encode(ErrorReply(code="probe", message="")))
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.2):
                             await queue.get()
@@ -241,12 +240,15 @@ class Caller:
         timeout_s: float = 60.0,
         prefill_instance: str | None = None,
         send_prefill: bool = True,
+        wait_status: bool = True,
+        wait_final: bool = True,
         request_id: str = "",
         first_token: asyncio.Event | None = None,
     ) -> Outcome:
         """Reserve at the decode instance, hand the prefill to the cluster, collect tokens and both outcomes.
 
-        ``first_token`` is set when the first tokens arrive.
+        ``first_token`` is set when the first tokens arrive. The outcome is complete with the decode
+        side's last message (unless not ``wait_final``) and the prefill's status (unless not ``wait_status``).
         """
         request_id = request_id or uuid.uuid4().hex[:16]
         queue = self._streams[request_id] = asyncio.Queue()
@@ -265,22 +267,18 @@ class Caller:
                     instance=prefill_instance)
             outcome = Outcome(request_id, reservation, accepted)
             async with asyncio.timeout(timeout_s + 10):
-                while outcome.final is None or (send_prefill and outcome.status is None):
-                    at, msg = await queue.get()
-                    if isinstance(msg, TokenChunk):
+                while (wait_final and outcome.final is None) or (send_prefill and wait_status and outcome.status is None):
+                    at, kind, msg = await queue.get()
+                    if kind == "status":
+                        outcome.status = msg
+                    elif isinstance(msg, TokenChunk):
                         outcome.first_token_s = outcome.first_token_s or at - start
+                        outcome.tokens += msg.token_ids
                         if first_token is not None:
                             first_token.set()
-                        outcome.tokens += msg.token_ids
-                    elif isinstance(msg, PrefillFinished) or (isinstance(msg, ErrorReply) and outcome.final is not None):
-                        outcome.status = msg
-                    elif isinstance(msg, ErrorReply) and msg.code == "probe":
-                        continue
-                    elif isinstance(msg, DecodeFinished | ErrorReply) and outcome.final is None:
+                    else:
                         outcome.final = msg
                         outcome.end_s = at - start
-                    else:
-                        outcome.status = msg
             return outcome
         finally:
             del self._streams[request_id]

@@ -7,6 +7,7 @@ them through ``sites`` connections made in the test's own event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from libs.bench.gateways import DECODE_SITE, PREFILL_SITE, Caller, GatewayProcess, gateway_env
+from libs.common import subjects
 from libs.common.bus import connect
-from libs.common.messages import InstanceLoad
+from libs.common.messages import InstanceLoad, instance_load_decoder
 from libs.lab.servers import Supercluster
 
 
@@ -108,3 +110,16 @@ async def caller_for(sites: Sites, cluster: str) -> AsyncIterator[Caller]:
     async with Caller(sites.decode_nc, cluster=cluster) as caller:
         await caller.reachable(sites.prefill_nc)
         yield caller
+
+
+async def next_load(nc: NatsClient, site: str, instance: str, after: float = 0.0, timeout_s: float = 10.0) -> InstanceLoad:
+    """The first heartbeat of ``site/instance`` sent after wall time ``after``."""
+    sub = await nc.subscribe(subjects.load(site, instance))
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                load = instance_load_decoder.decode((await sub.next_msg(timeout=timeout_s)).data)
+                if load.ts > after:
+                    return load
+    finally:
+        await sub.unsubscribe()

@@ -1,0 +1,118 @@
+"""Failures end in typed errors within deadlines and free what they held: killed peers, leases, full instances, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from libs.common import subjects
+from libs.common.errors import NoCapacity
+from libs.common.messages import DecodeFinished, ErrorReply, JobCancel, PrefillFinished, encode
+from libs.engine.profiles import hardware_profile, model_profile
+from tests.gateways.conftest import caller_for, next_load
+
+MODEL = "kimi-linear-1t"
+SIM = {"model": MODEL, "byte_scale": 1e-2}
+LEASE_S = 0.5
+KV_MEMORY = 16 << 20
+SLOW = 6.0  # prefill time scale: an 8K prompt takes ~4.4 s, so a kill lands mid-transfer
+PROMPT = list(range(8192))
+SLOW_PREFILL_S = model_profile(MODEL).prefill_time_s(len(PROMPT), hardware_profile("h200")) * SLOW
+
+
+@pytest.fixture(scope="module")
+def pair(module_gateways):
+    """A slow simulated prefill cluster and a small decode instance (2 slots, 16 MiB, 0.5 s leases)."""
+
+    async def start() -> None:
+        await asyncio.gather(
+            module_gateways.prefill("slow", "slow-p0", backend="simulated:h200", time_scale=SLOW, **SIM),
+            module_gateways.decode("small-d0", backend="simulated:h20", max_batch=2, kv_memory_bytes=KV_MEMORY,
+                                   lease_s=LEASE_S, **SIM),
+        )
+
+    asyncio.run(start())
+    return module_gateways
+
+
+async def test_killed_prefill_ends_the_request_with_transfer_failed_and_frees_the_slot(pair, gateways, sites):
+    """kill -9 of the prefill gateway mid-transfer: TransferFailed within the lease, slot and memory back."""
+    proc, _ = await gateways.prefill("doomed", "doomed-p0", backend="simulated:h200", time_scale=SLOW, **SIM)
+    async with caller_for(sites, "doomed") as caller:
+        request = asyncio.create_task(caller.request(PROMPT, "small-d0", model=MODEL, wait_status=False))
+        await asyncio.sleep(1.0)  # ~14 of 60 layers sent
+        proc.kill()
+        killed = time.monotonic()
+        out = await request
+    assert isinstance(out.final, ErrorReply) and out.final.code == "transfer_failed"
+    assert "lease expired" in out.final.message
+    # The lease runs from the last byte received; 1 s covers polling and a loaded machine.
+    assert time.monotonic() - killed <= LEASE_S + 1.0
+    load = await next_load(sites.decode_nc, "dc-pd", "small-d0", after=time.time())
+    assert (load.free_decode_slots, load.reserved, load.free_kv_bytes) == (2, 0, KV_MEMORY)
+
+
+async def test_killed_decode_aborts_the_prefill_and_frees_the_instance(pair, gateways, sites):
+    """kill -9 of the decode gateway mid-transfer: the prefill job fails fast, its compute stops, its queue empties."""
+    proc, _ = await gateways.decode("doomed-d0", backend="simulated:h20", **SIM)
+    async with caller_for(sites, "slow") as caller:
+        request = asyncio.create_task(caller.request(PROMPT, "doomed-d0", model=MODEL, timeout_s=30, wait_final=False))
+        await asyncio.sleep(1.0)
+        proc.kill()
+        killed = time.monotonic()
+        out = await request
+    assert isinstance(out.status, ErrorReply) and out.status.code == "transfer_failed"
+    # The compute stopped: the job ended well before the ~4.4 s modelled prefill would have.
+    assert time.monotonic() - killed < SLOW_PREFILL_S - 1.0
+    load = await next_load(sites.prefill_nc, "dc-prfaas", "slow-p0", after=time.time())
+    assert load.queue_depth == 0 and load.expected_wait_s == 0
+
+
+async def test_a_reservation_without_kv_expires_with_its_lease(pair, sites):
+    """A decode job whose prefill never comes ends with TransferFailed once its lease runs out, and frees its slot."""
+    async with caller_for(sites, "slow") as caller:
+        out = await caller.request(PROMPT, "small-d0", model=MODEL, send_prefill=False, lease_s=0.3)
+    assert isinstance(out.final, ErrorReply) and out.final.code == "transfer_failed" and "lease expired" in out.final.message
+    assert 0.3 <= out.end_s <= 0.3 + 1.0  # never early; 1 s covers polling and a loaded machine
+    load = await next_load(sites.decode_nc, "dc-pd", "small-d0", after=time.time())
+    assert load.free_decode_slots == 2
+
+
+async def test_a_full_decode_instance_answers_no_capacity_at_once(pair, sites):
+    """With both slots reserved (or a transfer larger than its memory) a decode job is refused at once."""
+    async with caller_for(sites, "slow") as caller:
+        held = [asyncio.create_task(caller.request(PROMPT, "small-d0", model=MODEL, send_prefill=False, lease_s=5.0,
+                                                   request_id=f"held-{i}")) for i in range(2)]
+        load = await next_load(sites.decode_nc, "dc-pd", "small-d0", after=time.time())
+        while load.free_decode_slots:
+            load = await next_load(sites.decode_nc, "dc-pd", "small-d0", after=load.ts)
+        start = time.monotonic()
+        with pytest.raises(NoCapacity, match="slots"):
+            await caller.request(PROMPT, "small-d0", model=MODEL, send_prefill=False)
+        assert time.monotonic() - start < 1.0  # an answer, not a timeout
+        for i in range(2):
+            await sites.decode_nc.publish(subjects.JOB_CANCEL, encode(JobCancel(request_id=f"held-{i}")))
+        assert all(out.final.finish_reason == "cancelled" for out in await asyncio.gather(*held))
+        with pytest.raises(NoCapacity, match="bytes"):
+            await caller.request(list(range(131072)), "small-d0", model=MODEL, send_prefill=False)
+
+
+async def test_sigterm_drains_requests_in_flight(gateways, sites):
+    """SIGTERM to the prefill gateway mid-prefill and to the decode gateway mid-decode: the request completes."""
+    prefill, _ = await gateways.prefill("drain", "drain-p0", backend="simulated:h200", time_scale=1.0, **SIM)
+    decode, _ = await gateways.decode("drain-d0", backend="simulated:h20", time_scale=4.0, **SIM)
+    async with caller_for(sites, "drain") as caller:
+        first_token = asyncio.Event()
+        request = asyncio.create_task(caller.request(PROMPT, "drain-d0", model=MODEL, max_tokens=30, first_token=first_token))
+        await asyncio.sleep(0.3)  # mid-prefill (~0.73 s)
+        prefill.proc.terminate()
+        async with asyncio.timeout(10):
+            await first_token.wait()
+        decode.proc.terminate()  # ~0.9 s of decoding left
+        out = await request
+    assert isinstance(out.status, PrefillFinished)
+    assert isinstance(out.final, DecodeFinished) and out.final.completion_tokens == 30
+    assert await asyncio.to_thread(prefill.proc.wait, 10) == 0
+    assert await asyncio.to_thread(decode.proc.wait, 10) == 0
