@@ -1,118 +1,177 @@
-"""``prfaas lab``: run the system natively on this machine (real nats-server and redis-server)."""
+"""``prfaas lab up|status|down|link|compose``: run a multi-site lab natively, inspect it, change its links, render compose."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import logging
-import shlex
-import shutil
+import json
+import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import redis.asyncio as aioredis
+from libs.common.errors import BadRequest, NotFound, UpstreamTimeout
+from libs.lab.runstate import alive, default_run_dir, read_status, running_status
+from libs.lab.up import DEMO_PROMPT, run_up
+from libs.lab.wan_server import change_link, link_figures
 
-from libs.common import subjects
-from libs.common.bus import connect
-from libs.common.hashing import hash_list
-from libs.common.messages import BlocksStored, InstanceLoad, KvEventBatch, encode
-from libs.common.telemetry import setup_logging
-from libs.engine.tokenizer import ByteTokenizer
-from libs.lab.servers import NatsServer, RedisServer, free_port
-from services.kv_index.config import KvIndexConfig
-from services.kv_index.service import KvIndexService
+__all__ = ["DEMO_PROMPT", "add_parser"]  # DEMO_PROMPT: the system prompt the lab's hints use
 
-log = logging.getLogger(__name__)
-
-DEMO_SITE, DEMO_INSTANCE = "dc-pd", "demo-0"
-DEMO_PROMPT = (
-    "You are prfaas-demo, a helpful assistant. Answer concisely and cite the documents you were given. "
-    "Documents follow; each starts with a title line and ends with a blank line."
-)
+_DOWN_TIMEOUT_S = 60.0
 
 
 def add_parser(subparsers) -> None:
-    """Register ``lab``."""
-    lab = subparsers.add_parser("lab", help="run NATS, Redis and the services natively until Ctrl-C")
-    lab.add_argument("--nats-port", type=int, help="client port of the NATS server (default: a free port)")
-    lab.add_argument("--redis-port", type=int, help="port of the Redis server (default: a free port)")
-    lab.add_argument("--workdir", type=Path, help="where servers keep data and logs, kept afterwards "
-                     "(default: a temp dir removed at exit unless the lab failed or --keep-logs)")  # fmt: skip
-    lab.add_argument("--keep-logs", action="store_true", help="keep the temp work dir (logs) after a clean exit")
-    lab.add_argument("--no-demo", action="store_true", help="do not publish the demo instance's cached prefix")
-    lab.add_argument("--duration-s", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
-    lab.add_argument("--log-level", default="WARNING", help="service log level (default %(default)s)")
-    lab.set_defaults(func=run)
+    """Register ``lab`` and its verbs."""
+    lab = subparsers.add_parser("lab", help="run a multi-site lab on this machine (NATS, Redis, services, WAN links)")
+    verbs = lab.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help: str, func) -> argparse.ArgumentParser:  # noqa: A002 (argparse's word)
+        p = verbs.add_parser(name, help=help, description=help)
+        p.add_argument("--run-dir", type=Path, default=default_run_dir(),
+                       help="the lab's run directory: status, logs, configs (default: $PRFAAS_LAB_DIR or %(default)s)")  # fmt: skip
+        p.set_defaults(func=func)
+        return p
+
+    up = verb("up", "start every process of a topology, wait until all serve, print the endpoints", run_up)
+    up.add_argument("--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)")
+    up.add_argument("--detach", action="store_true", help="return once ready; `prfaas lab down` stops the lab")
+    up.add_argument("--ready-timeout-s", type=_positive, default=60.0, help="readiness deadline (default %(default)s)")
+    up.add_argument("--duration-s", type=_positive, help="stop after this many seconds (default: until Ctrl-C/SIGTERM)")
+    up.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                    help="services' log level (their logs are in the run directory; default %(default)s)")  # fmt: skip
+
+    status = verb("status", "each process's state and the lab's endpoints", run_status)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+
+    verb("down", "stop a detached lab (no process is left)", run_down)
+
+    link = verb("link", "change a running lab's WAN link between two sites", run_link)
+    link.add_argument("src", help="a site")
+    link.add_argument("dst", help="the other site")
+    link.add_argument("--gbps", type=_positive, help="bandwidth per direction")
+    link.add_argument("--rtt-ms", type=_non_negative, help="round-trip time")
+    link.add_argument("--loss-pct", type=_non_negative, help="segment loss in percent")
+    state = link.add_mutually_exclusive_group()
+    state.add_argument("--down", action="store_true", help="partition the link (blackhole: connections hang)")
+    state.add_argument("--up", action="store_true", help="restore a partitioned link")
+    link.add_argument("--reset", action="store_true", help="with --down: end connections at once and refuse new ones")
+    link.add_argument("--one-way", action="store_true", help="change only the SRC -> DST direction (bandwidth, delay, loss)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start the servers, then the services, print how to use them, run until stopped."""
-    setup_logging(args.log_level)
-    temporary = args.workdir is None
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prfaas-lab-"))
-    nats_server = NatsServer(name="dc-pd", workdir=workdir / "nats", port=args.nats_port or free_port())
-    redis_server = RedisServer(workdir=workdir / "redis", port=args.redis_port or free_port())
-    clean = False
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
     try:
-        with contextlib.ExitStack() as stack:
-            print(f"starting nats-server on {nats_server.url} and redis-server on {redis_server.url} "
-                  f"(logs in {workdir}) ...", file=sys.stderr)  # fmt: skip
-            stack.callback(nats_server.stop)
-            nats_server.start()
-            stack.callback(redis_server.stop)
-            redis_server.start()
-            asyncio.run(_serve(args, nats_server.url, redis_server.url))
-        clean = True
-    finally:
-        if temporary and clean and not args.keep_logs:
-            shutil.rmtree(workdir, ignore_errors=True)
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Print each process (alive or not) and the endpoints; exit 1 when no lab runs in the run directory."""
+    status = read_status(args.run_dir)
+    running = running_status(args.run_dir) is not None
+    for p in status["processes"]:
+        p["alive"] = p["pid"] is not None and alive(p["pid"], p["start_ticks"])
+    if status["state"] in ("starting", "ready") and not running:
+        status["state"] = "dead"  # the supervisor is gone without writing its end
+    for link in status["links"]:
+        try:
+            link["live"] = link_figures(link["control_url"], timeout_s=1.0) if running else None
+        except (UpstreamTimeout, BadRequest):
+            link["live"] = None
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0 if running else 1
+    print(f"lab {status['topology']!r}: {status['state']}   run dir {status['run_dir']}")
+    if status.get("error"):
+        print(f"  error: {status['error']}")
+    print(f"  router   {status['router_url'] or '-'}" + (f"   API key {status['api_key']}" if status["api_key"] else ""))
+    for site in status["sites"].values():
+        print(f"  NATS     {site['name']:<12} {site['nats_url']}")
+    for link in status["links"]:
+        live = link["live"]
+        if live:
+            dirs = "; ".join(f"{d['src']}->{d['dst']} {_gbps(d['gbps'])} {2 * d['delay_ms']:g} ms RTT {d['bytes']:,} B"
+                             for d in live["directions"])  # fmt: skip
+            print(f"  link     {'-'.join(link['sites']):<12} {live['partition'] or 'up'}; {dirs}")
         else:
-            print(f"lab logs kept in {workdir}", file=sys.stderr)
+            print(f"  link     {'-'.join(link['sites']):<12} {link['gbps']:g} Gbps, {link['rtt_ms']:g} ms RTT (not answering)")
+    print(f"  {'process':<22} {'site':<8} {'pid':>7}  state")
+    for p in status["processes"]:
+        state = "alive" if p["alive"] else ("not started" if p["pid"] is None else f"exited ({p['exit_code']})")
+        print(f"  {p['name']:<22} {p['site'] or '-':<8} {p['pid'] or '-':>7}  {state}{'' if p['ready'] else ', not ready'}")
+    return 0 if running else 1
+
+
+def _gbps(value: float | None) -> str:
+    return "unlimited" if value is None else f"{value:g} Gbps"
+
+
+def run_down(args: argparse.Namespace) -> int:
+    """Stop the lab in the run directory: SIGTERM its supervisor, wait, then make sure no child is left."""
+    try:
+        status = read_status(args.run_dir)
+    except NotFound:
+        print(f"no lab in {args.run_dir}", file=sys.stderr)
+        return 0
+    supervisor = status["supervisor"]
+    if alive(supervisor["pid"], supervisor["start_ticks"]):
+        os.kill(supervisor["pid"], signal.SIGTERM)
+        _wait_gone([(supervisor["pid"], supervisor["start_ticks"])], _DOWN_TIMEOUT_S)
+    leftovers = [(p["pid"], p["start_ticks"]) for p in status["processes"]
+                 if p["pid"] is not None and alive(p["pid"], p["start_ticks"])]  # fmt: skip
+    for pid, _ in leftovers:  # only if the supervisor died without stopping them
+        os.kill(pid, signal.SIGKILL)
+    _wait_gone(leftovers, 5.0)
+    print(f"lab {status['topology']!r} stopped (logs in {Path(status['run_dir']) / 'logs'})", file=sys.stderr)
     return 0
 
 
-async def _serve(args: argparse.Namespace, nats_url: str, redis_url: str) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.duration_s is not None:
-        loop.call_later(args.duration_s, stop.set)
-    config = KvIndexConfig(nats_url=nats_url, redis_url=redis_url)
-    nc = await connect(nats_url, name="prfaas-lab")
-    redis_client = aioredis.Redis.from_url(redis_url, socket_timeout=config.redis_timeout_s, retry=None)
-    try:
-        async with KvIndexService(nc, redis_client, config):
-            demo = None if args.no_demo else asyncio.create_task(_demo_instance(nc, stop))
-            print(f"kv_index is up (NATS {nats_url}, Redis {redis_url}); Ctrl-C stops the lab.", file=sys.stderr)
-            if demo is not None:
-                print(f"try: prfaas index lookup --nats {nats_url} --text {shlex.quote(DEMO_PROMPT)}", file=sys.stderr)
-            await stop.wait()
-            if demo is not None:
-                demo.cancel()
-                await asyncio.gather(demo, return_exceptions=True)
-    finally:
-        await nc.drain()
-        await redis_client.aclose()
+def _wait_gone(processes: list[tuple[int, int | None]], timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while any(alive(pid, ticks) for pid, ticks in processes):
+        if time.monotonic() > end:
+            raise UpstreamTimeout(f"processes {[pid for pid, _ in processes]} still run after {timeout_s:g}s")
+        time.sleep(0.05)
 
 
-async def _demo_instance(nc, stop: asyncio.Event) -> None:
-    """A pretend prefill instance that holds the demo prompt's blocks and heartbeats."""
-    hashes = hash_list(ByteTokenizer().encode(DEMO_PROMPT))
-    checkpoints = hashes[1::2]
-    batch = KvEventBatch(
-        site=DEMO_SITE,
-        instance=DEMO_INSTANCE,
-        seq=1,
-        ts=time.time(),
-        events=[BlocksStored(block_hashes=hashes), BlocksStored(block_hashes=checkpoints, kind="linear_state")],
-    )
-    await nc.jetstream().publish(subjects.kv_events(DEMO_SITE, DEMO_INSTANCE), encode(batch), headers={"Nats-Msg-Id": "demo-1"})
-    while not stop.is_set():
-        load = InstanceLoad(site=DEMO_SITE, instance=DEMO_INSTANCE, role="prefill", ts=time.time())
-        await nc.publish(subjects.load(DEMO_SITE, DEMO_INSTANCE), encode(load))
-        await asyncio.sleep(2.0)
+def run_link(args: argparse.Namespace) -> int:
+    """Send the change to the link's relay and print the link's figures afterwards."""
+    status = running_status(args.run_dir)
+    if status is None:
+        raise NotFound(f"no lab runs in {args.run_dir} (start one with `prfaas lab up --detach`)")
+    link = next((lk for lk in status["links"] if set(lk["sites"]) == {args.src, args.dst}), None)
+    if link is None:
+        pairs = ", ".join(" ".join(lk["sites"]) for lk in status["links"])
+        raise BadRequest(f"no link between {args.src} and {args.dst} in this lab (links: {pairs})")
+    changes: dict = {k: v for k, v in (("gbps", args.gbps), ("rtt_ms", args.rtt_ms), ("loss_pct", args.loss_pct))
+                     if v is not None}  # fmt: skip
+    if args.reset and not args.down:
+        raise BadRequest("--reset goes with --down")
+    if args.down or args.up:
+        changes |= {"up": args.up} | ({"reset": True} if args.reset else {})
+    if not changes:
+        raise BadRequest("nothing to change: give --gbps, --rtt-ms, --loss-pct, --down or --up")
+    if args.one_way:
+        if "up" in changes:
+            raise BadRequest("--down/--up cut or restore both directions; drop --one-way")
+        changes["src"] = args.src
+    figures = change_link(link["control_url"], changes)
+    for d in figures["directions"]:
+        print(f"{d['src']} -> {d['dst']}: {_gbps(d['gbps'])}, {2 * d['delay_ms']:g} ms RTT, {d['loss_pct']:g}% loss, "
+              f"{'up' if d['up'] else 'DOWN (' + str(figures['partition']) + ')'}, {d['bytes']:,} bytes carried")  # fmt: skip
+    return 0
+

@@ -38,7 +38,7 @@ class InstanceGroup(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     hardware: str | None = None  # hardware profile of a simulated backend (libs.engine.profiles)
     time_scale: Positive = 1.0  # simulated: every modelled duration is multiplied by this
     byte_scale: Positive = 1.0  # simulated: every modelled size is multiplied by this
-    per_process: Count = 1
+    per_process: Count = 1  # simulated prefill instances served by one gateway process
 
 
 class Cluster(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -78,6 +78,7 @@ class RouterSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
 
     policy: str = "adaptive"
     threshold_tokens: Annotated[int, msgspec.Meta(ge=0)]
+    transport: Literal["tcp", "jetstream"] = "tcp"  # how KV crosses sites: direct TCP or JetStream over NATS
     api_key: bool = False  # the lab makes a random key per run and the routers require it
 
 
@@ -232,6 +233,9 @@ def _check(t: Topology, source: str) -> None:
                 if group.backend == "simulated" and group.hardware not in HARDWARE:
                     raise bad(f"{gkey}.hardware", f"{group.hardware!r}: a simulated backend needs one of "
                               f"{', '.join(sorted(HARDWARE))}")  # fmt: skip
+                if group.per_process > 1 and (group.role == "decode" or group.backend == "reference"):
+                    raise bad(f"{gkey}.per_process", "only simulated prefill instances share a gateway process "
+                              "(a decode gateway and a reference-model instance are one process each)")  # fmt: skip
                 if group.backend == "reference":
                     if t.model != "reference":
                         raise bad(f"{gkey}.backend", f"the reference backend serves only model 'reference', not {t.model!r}")

@@ -1,0 +1,70 @@
+"""A lab's run directory: where it is, its status file, and whether the processes it names still live.
+
+Layout: ``status.json`` (written by the supervisor, read by ``lab status|down|link``), ``lab.log``
+(the detached supervisor's output), ``logs/<process>.log``, ``config/`` (NATS configs),
+``data/`` (JetStream and Redis files, removed after a clean stop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from libs.common.errors import ConfigError, NotFound
+
+STATUS = "status.json"
+SUPERVISOR_LOG = "lab.log"
+RUN_DIR_ENV = "PRFAAS_LAB_DIR"
+
+
+def default_run_dir() -> Path:
+    """``$PRFAAS_LAB_DIR``, else ``<temp dir>/prfaas-lab-<uid>`` (one lab per user and temp dir)."""
+    configured = os.environ.get(RUN_DIR_ENV, "").strip()
+    return Path(configured) if configured else Path(tempfile.gettempdir()) / f"prfaas-lab-{os.getuid()}"
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), None if it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def alive(pid: int, ticks: int | None) -> bool:
+    """True if ``pid`` runs and is the process that started at ``ticks`` (not a reused pid), and is no zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and (ticks is None or start_ticks(pid) == ticks)
+
+
+def write_status(run_dir: Path, status: dict) -> None:
+    """Replace the status file atomically."""
+    tmp = run_dir / (STATUS + ".tmp")
+    tmp.write_text(json.dumps(status, indent=2) + "\n")
+    tmp.replace(run_dir / STATUS)
+
+
+def read_status(run_dir: Path) -> dict:
+    """The status file of the lab in ``run_dir`` (NotFound if there is none)."""
+    try:
+        return json.loads((run_dir / STATUS).read_text())
+    except FileNotFoundError:
+        raise NotFound(f"no lab in {run_dir} (start one with `prfaas lab up`)") from None
+    except ValueError as e:
+        raise ConfigError(f"{run_dir / STATUS}: not a lab status file: {e}") from None
+
+
+def running_status(run_dir: Path) -> dict | None:
+    """The status of a lab whose supervisor still runs in ``run_dir``, else None."""
+    try:
+        status = read_status(run_dir)
+    except (NotFound, ConfigError):
+        return None
+    supervisor = status.get("supervisor") or {}
+    return status if alive(supervisor.get("pid", -1), supervisor.get("start_ticks")) else None

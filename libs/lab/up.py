@@ -1,0 +1,159 @@
+"""``prfaas lab up``: start a topology's processes, in the foreground or detached, and say how to use them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from libs.common.errors import ConfigError, UpstreamTimeout
+from libs.common.telemetry import setup_logging
+from libs.lab.plan import LabSettings
+from libs.lab.runstate import STATUS, SUPERVISOR_LOG, read_status, running_status
+from libs.lab.supervisor import Lab
+from libs.lab.topology import load_topology
+
+log = logging.getLogger(__name__)
+
+DEMO_PROMPT = (
+    "You are prfaas-demo, a helpful assistant. Answer concisely and cite the documents you were given. "
+    "Documents follow; each starts with a title line and ends with a blank line."
+)
+_DETACH_GRACE_S = 15.0  # a detached supervisor gets this long beyond the readiness deadline
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Start the lab; foreground: run until Ctrl-C/SIGTERM (or ``--duration-s``); ``--detach``: return once ready."""
+    run_dir: Path = args.run_dir
+    live = running_status(run_dir)
+    if live is not None:
+        raise ConfigError(f"a lab is already running in {run_dir} (supervisor pid {live['supervisor']['pid']}): "
+                          "stop it with `prfaas lab down` or choose another --run-dir")  # fmt: skip
+    topology = load_topology(args.topology)
+    if args.detach:
+        return _detach(args, run_dir)
+    _clear(run_dir, keep=(SUPERVISOR_LOG,))
+    setup_logging(args.log_level)
+    settings = LabSettings(api_key=secrets.token_urlsafe(24) if topology.router.api_key else None,
+                           log_level=args.log_level)  # fmt: skip
+    lab = Lab(topology, run_dir, settings)
+    lab.prepare()
+    print(f"starting lab {topology.name!r} ({len(lab.specs)} processes, logs in {run_dir / 'logs'}) ...",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return asyncio.run(_serve(lab, args))
+
+
+async def _serve(lab: Lab, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.duration_s is not None:
+        loop.call_later(args.duration_s, stop.set)
+    started = time.monotonic()
+    starting = asyncio.ensure_future(lab.start(args.ready_timeout_s))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            print("stopped before the lab was ready", file=sys.stderr)
+            return 130
+        starting.result()  # UpstreamTimeout: the CLI prints it, the finally below stops what started
+        print(summary(lab.status(), time.monotonic() - started, detached=False), flush=True)
+        while not stop.is_set():
+            exited = asyncio.ensure_future(lab.wait_exits())
+            await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if exited.done():
+                child = exited.result()
+                print(f"prfaas lab: {child.spec.name} exited with code {child.exit_code} (log: {child.log_path})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            else:
+                exited.cancel()
+        return 0
+    finally:
+        stopping.cancel()
+        print("stopping the lab ...", file=sys.stderr, flush=True)
+        await lab.stop()
+        print(f"lab stopped (logs in {lab.run_dir / 'logs'})", file=sys.stderr, flush=True)
+
+
+def _detach(args: argparse.Namespace, run_dir: Path) -> int:
+    """Start the supervisor in its own session, wait until its status says ready, print the summary."""
+    _clear(run_dir, keep=())
+    argv = [sys.executable, "-m", "libs.cli", "lab", "up", "--topology", args.topology, "--run-dir", str(run_dir),
+            "--log-level", args.log_level, "--ready-timeout-s", str(args.ready_timeout_s)]  # fmt: skip
+    with open(run_dir / SUPERVISOR_LOG, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    started = time.monotonic()
+    deadline = started + args.ready_timeout_s + _DETACH_GRACE_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UpstreamTimeout(f"the lab did not start (exit code {proc.returncode}):\n{_log_tail(run_dir)}")
+        if (run_dir / STATUS).exists():
+            status = read_status(run_dir)
+            if status["supervisor"]["pid"] == proc.pid and status["state"] == "ready":
+                print(summary(status, time.monotonic() - started, detached=True), flush=True)
+                return 0
+        time.sleep(0.1)
+    proc.terminate()
+    proc.wait(timeout=30)
+    raise UpstreamTimeout(f"the lab was not ready within {args.ready_timeout_s:g}s:\n{_log_tail(run_dir)}")
+
+
+def summary(status: dict, elapsed_s: float, *, detached: bool) -> str:
+    """What runs where, and what to try next."""
+    lines = [f"lab {status['topology']!r} is up in {elapsed_s:.1f}s (run dir {status['run_dir']})"]
+    router = status["router_url"]
+    key = status["api_key"]
+    if router:
+        lines.append(f"  router (OpenAI API)  {router}/v1   model {status['model']!r}" + (f"   API key {key}" if key else ""))
+    for site in status["sites"].values():
+        lines.append(f"  NATS {site['name']:<15} {site['nats_url']}")
+    for link in status["links"]:
+        a, b = link["sites"]
+        lines.append(f"  link {a} <-> {b}  {link['gbps']:g} Gbps, {link['rtt_ms']:g} ms RTT, {link['loss_pct']:g}% loss")
+    lines.append("try:")
+    if router:
+        body = {"model": status["model"], "messages": [{"role": "system", "content": DEMO_PROMPT},
+                                                        {"role": "user", "content": "Hello!"}], "max_tokens": 16}  # fmt: skip
+        auth = f" -H 'Authorization: Bearer {key}'" if key else ""
+        lines.append(f"  curl -s {router}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+                     f"-d {shlex.quote(json.dumps(body))}")  # fmt: skip
+    index_site = next(iter(status["sites"].values()))
+    lines.append(f"  prfaas index lookup --nats {index_site['nats_url']} --text {shlex.quote(DEMO_PROMPT)}")
+    if status["links"]:
+        a, b = status["links"][0]["sites"]
+        lines.append(f"  prfaas lab link {a} {b} --gbps 1 --rtt-ms 40   (then --down / --up to cut and restore it)")
+    lines.append("  prfaas lab status" + ("; prfaas lab down stops it" if detached else "; Ctrl-C stops the lab"))
+    return "\n".join(lines)
+
+
+def _clear(run_dir: Path, keep: tuple[str, ...]) -> None:
+    """Empty the run directory (create it if needed), keeping the names in ``keep``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for entry in run_dir.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _log_tail(run_dir: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join((run_dir / SUPERVISOR_LOG).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no supervisor log)"
