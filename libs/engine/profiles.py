@@ -9,7 +9,8 @@ hardware profile scales the three parts by its own factors, so its slowdown vs H
 length when its compute factors exceed its fixed factor (the paper's H20 calibration note).
 Decode is memory-bound: one step streams the active weights plus, per sequence in the batch, its
 routed-expert weights and its KV/state; ``max_batch`` is the largest batch whose step meets the
-model's TPOT target and whose KV fits next to the weights.
+model's TPOT target and whose KV fits next to the weights (and, for chips that cap it, such as
+the SRAM-bound LPU, no larger than the chip's own limit: small batches, fast steps).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class HardwareProfile:
     decode_bw_efficiency: float  # achieved fraction of peak memory bandwidth in decode
     usable_memory_fraction: float = 0.9  # rest: activations, fragmentation (assumed)
     prefill_only: bool = False  # a chip built for prefill (no decode instances on it)
+    max_decode_batch: int = 0  # the chip's own cap on a decode batch (0: none beyond memory and TPOT)
     source: str = ""
 
     @property
@@ -151,7 +153,8 @@ class ModelProfile:
             hardware.memory_bandwidth_bytes_per_s * hardware.decode_bw_efficiency
         ) - self.decode_weight_bytes
         by_latency = math.floor(budget / per_seq + 1e-9)
-        return max(0, min(by_memory, max(1, by_latency), self.max_running_requests))
+        cap = min(self.max_running_requests, hardware.max_decode_batch or self.max_running_requests)
+        return max(0, min(by_memory, max(1, by_latency), cap))
 
     def decode_rps(self, hardware: HardwareProfile, output_tokens: int) -> float:
         """Requests/s one instance finishes at full batch: BS_max / (T_decode * L_out)."""
@@ -267,6 +270,7 @@ HARDWARE: dict[str, HardwareProfile] = {
             prefill_attention_factor=0.5,
             decode_overhead_s=0.004,  # estimated: pipeline latency across the chip chain
             decode_bw_efficiency=_HOPPER_DECODE_EFFICIENCY,
+            max_decode_batch=16,  # estimated: SRAM holds the weights, little room for KV; served in small batches
             source="public write-ups (230 MB SRAM, 80 TB/s, ~750 TOPS INT8 per chip); "
             "instance size, price and prefill speed estimated",
         ),

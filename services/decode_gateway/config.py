@@ -35,8 +35,11 @@ def _decode_backend(spec: BackendSpec) -> BackendSpec:
         raise ConfigError(f"{PREFIX}BACKEND={spec.backend!r}: {spec.model} does not fit {spec.hardware_name} "
                           f"for decode (weights over memory)")
     if spec.max_batch > limit:
-        step_ms = spec.model_profile.decode_step_s(limit, hardware) * 1e3 if hardware else 0.0
-        detail = f" (steps of {step_ms:.1f} ms at that batch)" if hardware else ""
+        detail = ""
+        if hardware is not None:
+            step_ms = spec.model_profile.decode_step_s(limit, hardware) * 1e3
+            kind = "the chip's own limit: small batches, fast " if limit == hardware.max_decode_batch else ""
+            detail = f" ({kind}steps of {step_ms:.1f} ms at that batch)"
         raise ConfigError(f"{PREFIX}MAX_BATCH={spec.max_batch}: {spec.backend} decodes at most {limit} sequences "
                           f"of {spec.model_name} per step{detail}")
     return spec

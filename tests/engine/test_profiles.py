@@ -83,12 +83,15 @@ def test_layer_sizes_sum_to_kv_bytes(name):
         assert sum(model.layer_state_bytes(i, tokens) for i in range(model.n_layers)) == model.kv_bytes(tokens)
 
 
-def test_faster_chips_prefill_faster_and_lpu_decodes_bigger_batches():
-    """Rubin CPX and B200 prefill faster than H200; decode batch respects memory (0 when weights do not fit)."""
+def test_faster_chips_prefill_faster_and_lpu_decodes_small_batches_fast():
+    """Rubin CPX and B200 prefill faster than H200; the LPU decodes small batches in fast steps; memory caps batches."""
     for tokens in (8192, 131072):
         assert CASE.prefill_time_s(tokens, HARDWARE["rubin-cpx"]) < CASE.prefill_time_s(tokens, H200)
         assert CASE.prefill_time_s(tokens, HARDWARE["b200"]) < CASE.prefill_time_s(tokens, H200)
-    assert CASE.max_batch(HARDWARE["groq-lpu"]) > CASE.max_batch(H200) > CASE.max_batch(H20)
+    lpu = HARDWARE["groq-lpu"]
+    assert CASE.max_batch(lpu) == lpu.max_decode_batch < CASE.max_batch(H200)
+    assert CASE.decode_step_s(CASE.max_batch(lpu), lpu) < CASE.decode_step_s(1, H200)
+    assert CASE.max_batch(H200) > CASE.max_batch(H20)
     assert MODELS["ring-2.5-1t"].max_batch(H20) == 0  # 1T at FP8 does not fit in 768 GB
     assert all(hw.price_per_hour > 0 for hw in HARDWARE.values())
     assert H200.price_per_hour == pytest.approx(2 * H20.price_per_hour)
