@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 SERVICE: web.AppKey[RouterService] = web.AppKey("router_service")
 CONFIG = web.AppKey("router_config", RouterConfig)
-_REQUEST_ID = "prfaas_request_id"
+_REQUEST_ID = web.RequestKey("prfaas_request_id", str)
 
 _HTTP_ERRORS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 

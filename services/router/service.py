@@ -87,6 +87,7 @@ class RouterService:
         await self.events.ensure_stream()
         self._subs.append(await self.nc.subscribe(subjects.LOAD_ALL, cb=self._on_load))
         self._subs.append(await self.nc.subscribe(subjects.LINK_ALL, cb=self._on_link))
+        await self.nc.flush(timeout=self.config.connect_timeout_s)
         self.metrics.threshold.set(self.scheduler.policy.config.threshold_tokens)
         if self.config.replan_interval_s > 0:
             self.spawn(self.replanner.run())

@@ -1,0 +1,104 @@
+"""A router running in-process against real NATS, Redis and KV index fixtures; heartbeats as gateways send them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from libs.common import subjects
+from libs.common.bus import connect
+from libs.common.messages import InstanceLoad, encode
+from services.router.config import RouterConfig
+from services.router.service import RouterService
+from tests.kv_index.conftest import index_config, start_index
+
+PD, PRFAAS = "dc-pd", "dc-prfaas"
+
+
+def router_config(nats_url: str, **overrides) -> RouterConfig:
+    """A config on a free port with short deadlines suited to tests."""
+    base = dict(nats_url=nats_url, site=PD, router_id="test-router", host="127.0.0.1", port=0, replan_interval_s=0.0,
+                instance_ttl_s=5.0, reserve_timeout_s=2.0, accept_timeout_s=2.0, index_timeout_s=0.5)  # fmt: skip
+    base.update(overrides)
+    return RouterConfig(**base)
+
+
+def load(instance: str, role: str = "decode", site: str = PD, **fields) -> InstanceLoad:
+    """A heartbeat as a gateway of the reference model sends it."""
+    defaults = dict(cluster="pd" if site == PD else "prfaas", model="reference", hardware="h20" if site == PD else "h200",
+                    free_decode_slots=8 if role == "decode" else 0, max_batch=8, block_size=64, ts=time.time())  # fmt: skip
+    defaults.update(fields)
+    return InstanceLoad(site=site, instance=instance, role=role, **defaults)
+
+
+async def heartbeat(nc, *loads: InstanceLoad) -> None:
+    """Publish heartbeats and wait until the server has them."""
+    for ld in loads:
+        await nc.publish(subjects.load(ld.site, ld.instance), encode(ld))
+    await nc.flush()
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
+    """Poll a predicate until it holds."""
+    import asyncio
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what} did not hold within {timeout_s}s")
+
+
+@pytest.fixture
+async def kv_index(nats_url: str, redis_url: str):
+    """A KV index service answering lookups."""
+    service, close = await start_index(index_config(nats_url, redis_url))
+    try:
+        yield service
+    finally:
+        await close()
+
+
+@pytest.fixture
+async def nc(nats_url: str):
+    """A client connection for the test itself (heartbeats, events)."""
+    client = await connect(nats_url, name="router-test")
+    try:
+        yield client
+    finally:
+        await client.drain()
+
+
+StartRouter = Callable[..., Awaitable[RouterService]]
+
+
+@pytest.fixture
+async def start_router(nats_url: str) -> AsyncIterator[StartRouter]:
+    """Start routers with config overrides; all are stopped at teardown."""
+    started: list[tuple[RouterService, object]] = []
+
+    async def _start(**overrides) -> RouterService:
+        config = router_config(nats_url, **overrides)
+        client = await connect(nats_url, name="router")
+        service = RouterService(client, config)
+        await service.start()
+        started.append((service, client))
+        return service
+
+    try:
+        yield _start
+    finally:
+        for service, client in reversed(started):
+            await service.stop()
+            await client.drain()
+
+
+async def ready_router(start_router: StartRouter, nc, *loads: InstanceLoad, **overrides) -> RouterService:
+    """A router that has received ``loads``."""
+    svc = await start_router(**overrides)
+    await heartbeat(nc, *loads)
+    await until(lambda: all(svc.view.load_of(ld.instance) is not None for ld in loads), what="heartbeats received")
+    return svc
