@@ -19,13 +19,17 @@ Every figure is the median over ``--repeats`` requests with its range.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -37,7 +41,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from libs.common import subjects
-from libs.common.errors import UpstreamTimeout
+from libs.common.bus import connect
+from libs.common.errors import ConfigError, UpstreamTimeout
 from libs.common.messages import (
     Codec,
     DecodeFinished,
@@ -56,6 +61,10 @@ from libs.common.messages import (
     instance_load_decoder,
     prefill_status_decoder,
 )
+from libs.engine.model import ReferenceModel
+from libs.engine.profiles import hardware_profile, model_profile
+from libs.engine.tokenizer import ByteTokenizer
+from libs.lab.servers import Supercluster
 from services.decode_gateway.client import DecodeGatewayClient
 from services.prefill_gateway.client import PrefillGatewayClient
 
@@ -282,3 +291,278 @@ class Caller:
             return outcome
         finally:
             del self._streams[request_id]
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
+TARGET_EXPOSED_FRACTION = 0.25
+TARGET_BYTES_FRACTION = 0.3
+TARGET_OVERHEAD_MS = 5.0
+PIPELINE_MODEL = "kimi-linear-1t"  # the paper's 60-layer hybrid: each layer's parts go as soon as it is done
+PIPELINE_BYTE_SCALE = 1e-2
+OVERHEAD_MODEL = "reference"  # 8 layers, ~2 ms prefills, 5 ms steps: what is left is the gateways' own cost
+_TEXT = "Prefill in one datacenter, decode in another: the KV cache of a hybrid model crosses the WAN. "
+
+
+def _figure(values: list[float]) -> dict[str, float]:
+    """Median with its range."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _prompt(tag: str, tokens: int) -> list[int]:
+    """A reference-model prompt of exactly ``tokens`` byte tokens, distinct per ``tag`` from its first block."""
+    text = f"[{tag}] " + _TEXT * (tokens // len(_TEXT) + 2)
+    return ByteTokenizer().encode(text)[:tokens]
+
+
+def _step_s(model: str, hardware: str) -> float:
+    """Modelled seconds of a decode step of one sequence (time scale 1)."""
+    return model_profile(model).decode_step_s(1, hardware_profile(hardware))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Benchmark flags."""
+    parser.add_argument("--repeats", type=int, default=5, help="requests per case (medians with their range)")
+    parser.add_argument("--overhead-requests", type=int, default=50, help="sequential requests of the overhead case")
+    parser.add_argument("--ref-tokens", type=int, default=1024, help="prompt tokens of the reference cases")
+    parser.add_argument("--prefix-tokens", type=int, default=2048, help="prompt tokens of the prefix-reuse case")
+    parser.add_argument("--paced-tokens", type=int, default=8192, help="prompt tokens of the pipelining case")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+
+
+class _Fleet:
+    """The bench's gateway processes (all stopped at the end)."""
+
+    def __init__(self, cluster: Supercluster, workdir: Path) -> None:
+        self.cluster = cluster
+        self.workdir = workdir
+        self.procs: list[tuple[GatewayProcess, str, str]] = []
+
+    def add(self, kind: str, site: str, name: str, **settings: object) -> None:
+        """Plan one gateway process (``name``: the instance whose heartbeat says it is ready)."""
+        env = gateway_env(kind, self.cluster.url(site), site=site, **settings)
+        self.procs.append((GatewayProcess(kind, env, self.workdir / f"{kind}-{name}.log"), site, name))
+
+    async def start(self, ncs: dict[str, NatsClient]) -> None:
+        """Spawn every process and wait until each heartbeats."""
+        for proc, _, _ in self.procs:
+            proc.spawn()
+        await asyncio.gather(*[proc.ready(ncs[site], site, instance) for proc, site, instance in self.procs])
+
+    def stop(self) -> None:
+        """SIGTERM every process, then SIGKILL the slow ones."""
+        for proc, _, _ in self.procs:
+            proc.stop()
+
+
+def _finished(outcome: Outcome) -> tuple[DecodeFinished, PrefillFinished]:
+    """The two final messages of a successful request (``UpstreamTimeout`` naming what failed otherwise)."""
+    if not isinstance(outcome.final, DecodeFinished) or not isinstance(outcome.status, PrefillFinished):
+        raise UpstreamTimeout(f"request {outcome.request_id} failed: decode {outcome.final!r}, prefill {outcome.status!r}")
+    return outcome.final, outcome.status
+
+
+async def _reference_case(caller: Caller, args: argparse.Namespace, transport: Transport) -> dict:
+    """Reference tokens across the sites vs monolithic generation, and where the time to first token went."""
+    model, rows, identical = ReferenceModel(), [], True
+    for i in range(args.repeats):
+        prompt = _prompt(f"{transport}-{i}", args.ref_tokens)
+        out = await caller.request(prompt, "ref-d0", model="reference", max_tokens=args.max_tokens, transport=transport,
+                                   prefill_instance="ref-p0")
+        final, status = _finished(out)
+        identical &= out.tokens == await asyncio.to_thread(model.generate, prompt, args.max_tokens, GREEDY)
+        t = final.timings
+        rows.append((out.first_token_s, status.queue_s, status.prefill_s, status.transfer_s,
+                     t.first_token_s - t.kv_wait_s - t.transfer_s))
+    names = ("ttft_s", "queue_s", "prefill_s", "transfer_s", "decode_first_token_s")
+    return {"tokens_identical": identical, **{n: _figure([r[i] for r in rows]) for i, n in enumerate(names)}}
+
+
+async def _pipelining_case(caller: Caller, args: argparse.Namespace, budget_gbps: float) -> dict:
+    """Prefill and a transfer of about the same length: how much of the transfer is left after compute."""
+    step_s = _step_s(PIPELINE_MODEL, "h20")
+    rows = []
+    for i in range(args.repeats):
+        prompt = [i + 1] + list(range(args.paced_tokens - 1))
+        out = await caller.request(prompt, "sim-d0", model=PIPELINE_MODEL, max_tokens=2, prefill_instance="paced-p0")
+        _, status = _finished(out)
+        link_s = status.sent_bytes * 8 / (budget_gbps * 1e9)
+        rows.append((status.prefill_s, link_s, out.first_token_s - status.prefill_s - step_s, status.transfer_s))
+    return {
+        "prefill_s": _figure([r[0] for r in rows]),
+        "transfer_s": _figure([r[1] for r in rows]),  # the bytes at the budget: what is exposed without overlap
+        "transfer_exposed_s": _figure([r[2] for r in rows]),
+        "exposed_fraction": _figure([r[2] / r[1] for r in rows]),
+        "transfer_wall_s": _figure([r[3] for r in rows]),  # manifest to verified end, overlapping the prefill
+        "budget_gbps": budget_gbps,
+    }
+
+
+async def _prefix_case(caller: Caller, args: argparse.Namespace) -> dict:
+    """A prompt, then one sharing its first 80%: the second sends only what the decode side lacks."""
+    model, rows = ReferenceModel(), []
+    for i in range(args.repeats):
+        first = _prompt(f"prefix-{i}", args.prefix_tokens)
+        shared = int(0.8 * len(first))
+        second = first[:shared] + _prompt(f"other ending {i}", len(first) - shared)[1:] + [10]
+        outs = [await caller.request(p, "ref-d0", model="reference", max_tokens=args.max_tokens, prefill_instance="ref-p0")
+                for p in (first, second)]
+        identical = all([
+            o.tokens == await asyncio.to_thread(model.generate, p, args.max_tokens, GREEDY)
+            for o, p in zip(outs, (first, second), strict=True)
+        ])
+        (_, one), (_, two) = _finished(outs[0]), _finished(outs[1])
+        rows.append((one.sent_bytes, two.sent_bytes, identical, outs[1].reservation.held_blocks))
+    return {
+        "bytes_first": _figure([r[0] for r in rows]),
+        "bytes_second": _figure([r[1] for r in rows]),
+        "bytes_fraction": _figure([r[1] / r[0] for r in rows]),
+        "held_blocks": _figure([r[3] for r in rows]),
+        "tokens_identical": all(r[2] for r in rows),
+    }
+
+
+async def _overhead_case(caller: Caller, args: argparse.Namespace) -> dict:
+    """Job to first token minus the backends' own prefill, exposed transfer and first step, sequential requests.
+
+    The prefill and the exposed transfer are the prefill gateway's measurements; the step is the
+    profile's. ``overhead_vs_model_ms`` subtracts the modelled prefill instead, so what the backend's
+    own timing absorbed (sleep overshoot, a busy event loop) shows too.
+    """
+    step_s = _step_s(OVERHEAD_MODEL, "h20")
+    modelled_prefill_s = model_profile(OVERHEAD_MODEL).prefill_time_s(256, hardware_profile("h200"))
+    rows = []
+    for i in range(args.overhead_requests):
+        prompt = [(i * 7 + j) % 250 for j in range(256)]
+        out = await caller.request(prompt, "ovh-d0", model=OVERHEAD_MODEL, max_tokens=1, prefill_instance="ovh-p0")
+        _, status = _finished(out)
+        ttft = out.first_token_s
+        rows.append((ttft - status.prefill_s - status.transfer_exposed_s - step_s, ttft - modelled_prefill_s - step_s,
+                     ttft, status.prefill_s, status.transfer_exposed_s))
+    names = ("overhead_ms", "overhead_vs_model_ms", "ttft_ms", "prefill_ms", "transfer_exposed_ms")
+    figures = {n: _figure([r[i] * 1e3 for r in rows]) for i, n in enumerate(names)}
+    return {**figures, "modelled_prefill_ms": modelled_prefill_s * 1e3, "modelled_step_ms": step_s * 1e3, "requests": len(rows)}
+
+
+async def _nats_rtt_ms(caller_nc: NatsClient, prefill_nc: NatsClient, n: int = 50) -> dict[str, float]:
+    """Baseline: request/reply round trips from the decode site to an echo at the prefill site."""
+    subject = f"{caller_nc.new_inbox()}.echo"
+
+    async def echo(msg: Msg) -> None:
+        await msg.respond(msg.data)
+
+    sub = await prefill_nc.subscribe(subject, cb=echo)
+    try:
+        for _ in range(20):
+            with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                await caller_nc.request(subject, b"x", timeout=0.5)
+                break
+            await asyncio.sleep(0.1)
+        rtts = []
+        for _ in range(n):
+            start = time.perf_counter()
+            await caller_nc.request(subject, b"x" * 64, timeout=2)
+            rtts.append((time.perf_counter() - start) * 1e3)
+        return _figure(rtts)
+    finally:
+        await sub.unsubscribe()
+
+
+async def _bench(args: argparse.Namespace, workdir: Path) -> dict:
+    cluster = Supercluster([PREFILL_SITE, DECODE_SITE], workdir=workdir / "nats").start()
+    fleet = _Fleet(cluster, workdir)
+    profile = model_profile(PIPELINE_MODEL)
+    paced_prefill_s = profile.prefill_time_s(args.paced_tokens, hardware_profile("h200"))
+    budget_gbps = round(profile.kv_bytes(args.paced_tokens) * PIPELINE_BYTE_SCALE * 8 / paced_prefill_s / 1e9, 4)
+    fleet.add("prefill_gateway", PREFILL_SITE, "ref-p0", cluster="bench", instances="ref-p0")
+    fleet.add("decode_gateway", DECODE_SITE, "ref-d0", instance="ref-d0")
+    pipeline = {"model": PIPELINE_MODEL, "byte_scale": PIPELINE_BYTE_SCALE}
+    fleet.add("prefill_gateway", PREFILL_SITE, "paced-p0", cluster="bench", instances="paced-p0",
+              backend="simulated:h200", budgets=f"{DECODE_SITE}={budget_gbps}", **pipeline)
+    fleet.add("decode_gateway", DECODE_SITE, "sim-d0", instance="sim-d0", backend="simulated:h20", **pipeline)
+    overhead = {"model": OVERHEAD_MODEL}
+    fleet.add("prefill_gateway", PREFILL_SITE, "ovh-p0", cluster="bench", instances="ovh-p0",
+              backend="simulated:h200", **overhead)
+    fleet.add("decode_gateway", DECODE_SITE, "ovh-d0", instance="ovh-d0", backend="simulated:h20", **overhead)
+    ncs = {}
+    try:
+        ncs = {site: await connect(cluster.url(site), name=f"bench-{site}") for site in cluster.sites}
+        await fleet.start(ncs)
+        async with Caller(ncs[DECODE_SITE], cluster="bench", timeout_s=10.0) as caller:
+            await caller.reachable(ncs[PREFILL_SITE])
+            figures: dict = {"nats_rtt_ms": await _nats_rtt_ms(ncs[DECODE_SITE], ncs[PREFILL_SITE])}
+            figures["reference"] = {t: await _reference_case(caller, args, t) for t in ("tcp", "jetstream")}
+            figures["pipelining"] = await _pipelining_case(caller, args, budget_gbps)
+            figures["prefix_reuse"] = await _prefix_case(caller, args)
+            overhead_figures = await _overhead_case(caller, args)
+        figures["overhead"] = overhead_figures
+        figures["overhead_p50_ms"] = overhead_figures["overhead_ms"]["median"]
+        figures["targets"] = {
+            "tokens_identical": all(figures["reference"][t]["tokens_identical"] for t in ("tcp", "jetstream"))
+            and figures["prefix_reuse"]["tokens_identical"],
+            "transfer_exposed_fraction_max": TARGET_EXPOSED_FRACTION,
+            "bytes_second_fraction_max": TARGET_BYTES_FRACTION,
+            "overhead_p50_ms_max": TARGET_OVERHEAD_MS,
+        }
+        return figures
+    finally:
+        for nc in ncs.values():
+            await nc.close()
+        fleet.stop()
+        cluster.stop()
+
+
+def _missed(figures: dict) -> list[str]:
+    """Targets the run missed."""
+    missed = []
+    if not figures["targets"]["tokens_identical"]:
+        missed.append("tokens differ from monolithic generation")
+    if figures["pipelining"]["exposed_fraction"]["median"] > TARGET_EXPOSED_FRACTION:
+        missed.append(f"transfer_exposed_s > {TARGET_EXPOSED_FRACTION} x transfer_s")
+    if figures["prefix_reuse"]["bytes_fraction"]["median"] > TARGET_BYTES_FRACTION:
+        missed.append(f"bytes_second > {TARGET_BYTES_FRACTION} x bytes_first")
+    if figures["overhead_p50_ms"] > TARGET_OVERHEAD_MS:
+        missed.append(f"overhead_p50_ms > {TARGET_OVERHEAD_MS}")
+    return missed
+
+
+def _line(name: str, f: dict[str, float], unit: str = "", scale: float = 1.0) -> str:
+    return f"  {name:24s} {f['median'] * scale:10.4g}{unit}  [{f['min'] * scale:.4g} .. {f['max'] * scale:.4g}]"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print its figures; exit status 1 if a target was missed."""
+    if min(args.repeats, args.overhead_requests, args.max_tokens) < 1 or min(args.ref_tokens, args.prefix_tokens) < 128:
+        raise ConfigError("--repeats, --overhead-requests and --max-tokens must be >= 1; prompts >= 128 tokens")
+    with tempfile.TemporaryDirectory(prefix="prfaas-bench-gateways-") as work:
+        figures = asyncio.run(_bench(args, Path(work)))
+    missed = _missed(figures)
+    figures["missed_targets"] = missed
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 1 if missed else 0
+    print(f"medians of {args.repeats} requests per case [range]; NATS round trip across the sites "
+          f"{figures['nats_rtt_ms']['median']:.2f} ms")
+    for transport, f in figures["reference"].items():
+        print(f"reference.{transport}: tokens identical {f['tokens_identical']}")
+        for key in ("ttft_s", "queue_s", "prefill_s", "transfer_s", "decode_first_token_s"):
+            print(_line(key, f[key], " s"))
+    p = figures["pipelining"]
+    print(f"pipelining ({PIPELINE_MODEL}, link paced at {p['budget_gbps']} Gbps): exposed / transfer "
+          f"{p['exposed_fraction']['median']:.3f} (target <= {TARGET_EXPOSED_FRACTION})")
+    for key in ("prefill_s", "transfer_s", "transfer_exposed_s", "transfer_wall_s"):
+        print(_line(key, p[key], " s"))
+    r = figures["prefix_reuse"]
+    print(f"prefix_reuse (80% shared): bytes second / first {r['bytes_fraction']['median']:.3f} "
+          f"(target <= {TARGET_BYTES_FRACTION}), tokens identical {r['tokens_identical']}")
+    for key in ("bytes_first", "bytes_second", "held_blocks"):
+        print(_line(key, r[key]))
+    o = figures["overhead"]
+    print(f"overhead ({o['requests']} sequential requests, {OVERHEAD_MODEL} profile): p50 {figures['overhead_p50_ms']:.2f} ms "
+          f"(target <= {TARGET_OVERHEAD_MS})")
+    for key in ("overhead_ms", "overhead_vs_model_ms", "ttft_ms", "prefill_ms", "transfer_exposed_ms"):
+        print(_line(key, o[key], " ms"))
+    print(f"  modelled prefill {o['modelled_prefill_ms']:.2f} ms, first step {o['modelled_step_ms']:.2f} ms")
+    for miss in missed:
+        print(f"MISSED: {miss}")
+    return 1 if missed else 0

@@ -11,6 +11,7 @@ BENCHES = {
     "engine": "libs.bench.engine",
     "policy": "libs.bench.policy",
     "kv": "libs.bench.kv",
+    "gateways": "libs.bench.gateways",
     "wan": "libs.bench.wan",
 }
 

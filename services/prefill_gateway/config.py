@@ -52,7 +52,8 @@ class PrefillGatewayConfig:
     codec: str = "raw"  # attn_kv codec when the job names none (float parts only)
     budgets_gbps: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # per destination site
     default_budget_gbps: float = 0.0  # other destination sites (0: unpaced)
-    tcp_connections: int = 4
+    tcp_connections: int = 4  # connections striping one transfer's chunks (large transfers)
+    tcp_small_bytes: int = 16 << 20  # transfers smaller than this use one connection (no setup of the others)
     send_attempts: int = 4  # sessions per transfer: the first and the resumes after broken connections
     abort_timeout_s: float = 2.0  # telling a receiver to drop a transfer
     link_stats_s: float = 1.0
@@ -94,6 +95,7 @@ class PrefillGatewayConfig:
             budgets_gbps=_budgets(r.list("BUDGETS")),
             default_budget_gbps=r.float("DEFAULT_BUDGET_GBPS", d.default_budget_gbps, minimum=0.0),
             tcp_connections=r.int("TCP_CONNECTIONS", d.tcp_connections, minimum=1),
+            tcp_small_bytes=r.int("TCP_SMALL_BYTES", d.tcp_small_bytes, minimum=0),
             send_attempts=r.int("SEND_ATTEMPTS", d.send_attempts, minimum=1),
             abort_timeout_s=r.float("ABORT_TIMEOUT_S", d.abort_timeout_s, minimum=0.01),
             link_stats_s=r.float("LINK_STATS_S", d.link_stats_s, minimum=0.01),

@@ -20,7 +20,7 @@ from libs.common.errors import NoCapacity, PrfaasError, UpstreamTimeout
 from libs.common.messages import ErrorReply, PrefillFinished, PrefillJob, encode
 from libs.common.state_parts import PartSpec, StatePart
 from libs.common.telemetry import inject_headers
-from libs.kvwire import Destination, SendReport
+from libs.kvwire import Destination, KvSender, SendReport
 from services.prefill_gateway.instance import PrefillInstance, QueuedJob
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class PrefillRun:
     received_at: float = field(default_factory=time.monotonic)
     cancel_reason: str = ""
     opened: bool = False  # the transfer may exist at the receiver (abort it on failure)
+    sender: KvSender | None = None
     task: asyncio.Task | None = None
 
     @property
@@ -107,7 +108,7 @@ async def run_prefill(svc: PrefillGatewayService, run: PrefillRun) -> None:
 
 async def _abort(svc: PrefillGatewayService, run: PrefillRun, reason: str) -> None:
     """Tell the receiver to drop the transfer and free its memory (best effort, bounded)."""
-    sender = svc.senders[run.job.destination.transport]
+    sender = run.sender or svc.senders[run.job.destination.transport]
     with contextlib.suppress(PrfaasError, TimeoutError, OSError, nats.errors.Error):
         async with asyncio.timeout(svc.config.abort_timeout_s):
             await sender.abort(run.job.transfer_id, run.destination, reason)
@@ -119,14 +120,15 @@ async def _prefill_and_send(svc: PrefillGatewayService, run: PrefillRun) -> Pref
     backend, bs = instance.backend, instance.backend.block_size
     started = time.monotonic()
     cached = min(backend.cache.usable_blocks(run.hashes), (len(run.tokens) - 1) // bs)
-    sender = svc.senders[job.destination.transport]
+    specs = part_specs(svc, run)
+    sender = run.sender = svc.sender(job.destination.transport, sum(s.nbytes for s in specs))
     manifest = sender.manifest(
         transfer_id=job.transfer_id,
         dst_site=job.destination.site,
         model=backend.model_name,
         block_size=bs,
         num_tokens=len(run.tokens),
-        specs=part_specs(svc, run),
+        specs=specs,
         skipped_block_hashes=run.hashes[: job.skip_blocks],
         request_id=job.request_id,
     )

@@ -61,6 +61,7 @@ class PrefillGatewayService:
             "tcp": KvSender(TcpTransport(TcpConfig(connections=config.tcp_connections)), self.links, sender_config),
             "jetstream": KvSender(JetStreamTransport(nc), self.links, sender_config),
         }
+        self.small_tcp = KvSender(TcpTransport(TcpConfig(connections=1)), self.links, sender_config)
         self.runs: dict[str, PrefillRun] = {}  # by request id
         self.draining = False
         self._subs = []
@@ -130,6 +131,12 @@ class PrefillGatewayService:
         return task
 
     # --- jobs -------------------------------------------------------------------------------
+
+    def sender(self, transport: str, payload_bytes: int) -> KvSender:
+        """The sender of a transfer: direct TCP over one connection when it is small, else striped."""
+        if transport == "tcp" and payload_bytes < self.config.tcp_small_bytes:
+            return self.small_tcp
+        return self.senders[transport]
 
     def started(self, run: PrefillRun, coro: Awaitable) -> None:
         """Queue an accepted job on its instance and run it as an owned task."""
