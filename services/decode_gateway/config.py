@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from libs.common import subjects
 from libs.common.config import EnvReader
@@ -45,6 +46,21 @@ def _decode_backend(spec: BackendSpec) -> BackendSpec:
     return spec
 
 
+def _advertise_by_site(items: tuple[str, ...]) -> Mapping[str, tuple[str, int]]:
+    """``site=host:port`` items (``DECODE_GATEWAY_ADVERTISE_BY_SITE``)."""
+    found = {}
+    for item in items:
+        site, sep, address = item.partition("=")
+        host, colon, port = address.rpartition(":")
+        if not sep or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{PREFIX}ADVERTISE_BY_SITE={','.join(items)!r}: {item!r} is not of the form <site>=<host>:<port>")
+        try:
+            found[subjects.token(site.strip(), "site")] = (host, int(port))
+        except ValueError as e:
+            raise ConfigError(f"{PREFIX}ADVERTISE_BY_SITE={','.join(items)!r}: {e}") from None
+    return MappingProxyType(found)
+
+
 @dataclass(frozen=True)
 class DecodeGatewayConfig:
     """Everything a decode gateway needs; sizes in bytes, deadlines in seconds."""
@@ -57,6 +73,8 @@ class DecodeGatewayConfig:
     tcp_host: str = "127.0.0.1"
     tcp_port: int = 0  # 0: any free port (announced in reservations and heartbeats)
     advertise_host: str = ""  # host senders connect to ("": tcp_host)
+    # Where senders of one prefill site reach the receiver (a relay or NAT in between), else advertise_host:port.
+    advertise_by_site: Mapping[str, tuple[str, int]] = field(default_factory=lambda: MappingProxyType({}))
     transports: tuple[str, ...] = TRANSPORTS
     kv_memory_bytes: int = 1 << 30  # receiver arena: transfers in progress and reservations
     max_transfer_bytes: int = 1 << 30
@@ -98,6 +116,7 @@ class DecodeGatewayConfig:
             tcp_host=r.str("TCP_HOST", d.tcp_host),
             tcp_port=r.int("TCP_PORT", d.tcp_port, minimum=0),
             advertise_host=r.str("ADVERTISE_HOST", d.advertise_host),
+            advertise_by_site=_advertise_by_site(r.list("ADVERTISE_BY_SITE")),
             transports=transports,
             kv_memory_bytes=kv_memory,
             max_transfer_bytes=r.int("MAX_TRANSFER_BYTES", min(d.max_transfer_bytes, kv_memory), minimum=1),

@@ -55,12 +55,11 @@ def _validate(svc: DecodeGatewayService, job: DecodeJob) -> None:
 
 def _reply(svc: DecodeGatewayService, res: Reservation) -> DecodeReservation:
     cfg = svc.config
+    host, port = cfg.advertise_by_site.get(res.job.prefill_site, (cfg.host, svc.tcp_port))
     return DecodeReservation(
         request_id=res.job.request_id,
         transfer_id=res.job.transfer_id,
-        destination=KvDestination(
-            site=cfg.site, instance=cfg.instance, transport=res.job.transport, host=cfg.host, port=svc.tcp_port
-        ),
+        destination=KvDestination(site=cfg.site, instance=cfg.instance, transport=res.job.transport, host=host, port=port),
         held_blocks=res.held_blocks,
         reserved_bytes=res.reserved_bytes,
         lease_s=res.lease_s,

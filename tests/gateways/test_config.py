@@ -29,6 +29,8 @@ def test_defaults_and_settings_are_read():
     backend = build_backend(cfg.backend)
     assert isinstance(backend, SimulatedBackend) and backend.name == "sim:qwen3.5-397b@b200"
     assert isinstance(build_backend(DecodeGatewayConfig.from_env({}).backend), ReferenceBackend)
+    decode = DecodeGatewayConfig.from_env({"DECODE_GATEWAY_ADVERTISE_BY_SITE": "dc-prfaas=10.0.0.7:7001"})
+    assert dict(decode.advertise_by_site) == {"dc-prfaas": ("10.0.0.7", 7001)}
 
 
 @pytest.mark.parametrize(
@@ -42,6 +44,7 @@ def test_defaults_and_settings_are_read():
         ({"DECODE_GATEWAY_TRANSPORTS": "tcp,rdma"}, "DECODE_GATEWAY_TRANSPORTS='tcp,rdma'"),
         ({"DECODE_GATEWAY_LEASE_S": "soon"}, "DECODE_GATEWAY_LEASE_S='soon': expected a number"),
         ({"DECODE_GATEWAY_SITE": "dc.pd"}, "DECODE_GATEWAY_SITE='dc.pd'"),
+        ({"DECODE_GATEWAY_ADVERTISE_BY_SITE": "dc-prfaas=relay"}, "DECODE_GATEWAY_ADVERTISE_BY_SITE='dc-prfaas=relay'"),
     ],
 )
 def test_decode_config_errors_name_the_key_and_the_reason(env, message):
