@@ -1,13 +1,18 @@
-"""KV transfer goodput between two processes (direct TCP or JetStream across two NATS sites) vs baselines.
+"""KV transfer between processes against a baseline of the same shape, and pacing accuracy.
 
-Moves a synthetic hybrid-model transfer (2 linear layers' fixed state, 8 attention layers' K/V
-sized to ``--size``) from this process to a receiver process and prints the goodput, the raw
-loopback baseline (blocking ``sendall``/``recv_into`` between two threads, preallocated buffers)
-and their ratio; ``--repeat`` rounds interleave baselines and transfers, and the best of each counts
-(the machine is shared: the best is the least disturbed). For JetStream the two
-sites are a fresh supercluster joined by a gateway, and the same bytes are also sent as plain NATS
-publish/subscribe across it (credit-windowed like the publish-ack window). With ``--budget-gbps``
-the link is paced and the largest rate over any window of at least one second is reported.
+A synthetic hybrid-model transfer (2 linear layers' fixed state, 8 attention layers' K/V sized to
+``--size``) moves from a sender process to a receiver process; this process only orchestrates.
+Unpaced, each of ``--repeat`` rounds runs the baseline then the transfer, and the figures are the
+medians with their range and the median of the per-round ratios. Direct TCP's baseline has the
+transport's shape: the same bytes striped in the same chunks over the same number of blocking
+sockets between the two processes, received with ``recv_into`` into a touched buffer. JetStream's
+is plain NATS publish/subscribe across the same gateway between the two sites, credit-windowed.
+
+With ``--budget-gbps`` the site pair is paced: the bench reports the achieved rate and the largest
+rate over any window of at least one second, read from the receiver's kernel byte counters (TCP;
+JetStream: the sender's acknowledged bytes). ``--processes N`` runs N sender processes at the same
+site sharing the pair budget over NATS: all sending at once, then one alone. ``--load N`` runs N
+busy processes beside them. A missed target is printed and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -18,230 +23,297 @@ import contextlib
 import json
 import multiprocessing
 import re
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from libs.common.bus import connect
-from libs.common.errors import TransferFailed
 from libs.bench.kv_procs import (
-    core_nats_source,
-    part_checksums,
-    raw_loopback_gbps,
+    DST_SITE,
+    SRC_SITE,
+    SenderSpec,
+    busy_process,
     receiver_process,
-    synthetic_parts,
+    sender_process,
 )
-from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
-from libs.kvwire.linkstats import KvLinks, LinkConfig
-from libs.kvwire.sender import Destination, KvSender, SendReport
-from libs.kvwire.tcp_send import TcpConfig, TcpTransport
-from libs.lab.servers import Supercluster
+from libs.common.errors import ConfigError, TransferFailed
+from libs.kvwire.js_send import JetStreamConfig
+from libs.kvwire.tcp_send import TcpConfig
+from libs.lab.servers import NatsServer, Supercluster
 
-SRC_SITE, DST_SITE, INSTANCE = "dc-prfaas", "dc-pd", "bench-decode"
-SAMPLE_S = 0.05
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+TCP_TARGET = 0.7  # of raw sockets
+JETSTREAM_TARGET = 0.6  # of plain NATS
+PACED_MIN, PACED_MAX = 0.95, 1.05  # of the budget: achieved, and any one-second window
+WINDOW_S = 1.0
+MIN_SIZE = 2 << 20
 
 
-def parse_size(text: str) -> int:
-    """``512MiB``, ``1GB``, ``4096`` -> bytes."""
+@dataclass(frozen=True)
+class Options:
+    """The bench's validated arguments."""
+
+    transport: str
+    size_bytes: int
+    budget_gbps: float
+    connections: int
+    chunk_bytes: int
+    codec: str
+    repeat: int
+    processes: int
+    load: int
+    keep_logs: bool
+    json: bool
+
+
+def parse_size(text: str, flag: str = "--size") -> int:
+    """``512MiB``, ``1GB``, ``4096`` -> bytes (``ConfigError`` naming ``flag`` otherwise)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 512MiB, 1GB, 4096)")
+        raise ConfigError(f"{flag}: {text!r} is not a size (e.g. 512MiB, 1GB, 4096)")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def _number(text: str, flag: str, kind: type, minimum: float) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not value >= minimum:  # also rejects nan
+        raise ConfigError(f"{flag} must be >= {minimum}, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Benchmark flags."""
+    """Benchmark flags (values are checked by ``options``, so a bad one is a one-line error)."""
     parser.add_argument("--transport", choices=("tcp", "jetstream"), default="tcp")
-    parser.add_argument("--size", type=parse_size, default=parse_size("512MiB"), help="transfer size (512MiB)")
-    parser.add_argument("--budget-gbps", type=float, default=0.0, help="pace the site pair (0: unpaced)")
-    parser.add_argument("--connections", type=int, default=TcpConfig.connections, help="TCP connections")
-    parser.add_argument("--chunk", type=parse_size, default=None, help="chunk size (transport default)")
+    parser.add_argument("--size", default="512MiB", help="bytes per transfer (512MiB)")
+    parser.add_argument("--budget-gbps", default="0", help="pace the site pair (0: unpaced)")
+    parser.add_argument("--connections", default=str(TcpConfig.connections), help="TCP connections per transfer")
+    parser.add_argument("--chunk", default="", help="chunk size (the transport's default)")
     parser.add_argument("--codec", choices=("raw", "zstd", "int8"), default="raw", help="codec of attn_kv parts")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds of baseline + transfer; the best of each counts")
+    parser.add_argument("--repeat", default="5", help="interleaved rounds; medians and ranges are reported")
+    parser.add_argument("--processes", default="1", help="sender processes sharing the budget (needs a budget)")
+    parser.add_argument("--load", default="0", help="busy processes running beside the bench (CPU contention)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the work directory (kept anyway on failure)")
+
+
+def options(args: argparse.Namespace) -> Options:
+    """Validate the flags (``ConfigError`` naming the flag and the bad value)."""
+    default_chunk = TcpConfig.chunk_bytes if args.transport == "tcp" else JetStreamConfig.chunk_bytes
+    opts = Options(
+        transport=args.transport,
+        size_bytes=parse_size(args.size),
+        budget_gbps=_number(args.budget_gbps, "--budget-gbps", float, 0.0),
+        connections=_number(args.connections, "--connections", int, 1),
+        chunk_bytes=parse_size(args.chunk, "--chunk") if args.chunk else default_chunk,
+        codec=args.codec,
+        repeat=_number(args.repeat, "--repeat", int, 1),
+        processes=_number(args.processes, "--processes", int, 1),
+        load=_number(args.load, "--load", int, 0),
+        keep_logs=args.keep_logs,
+        json=args.json,
+    )
+    if opts.size_bytes < MIN_SIZE:
+        raise ConfigError(f"--size must be at least {MIN_SIZE >> 20} MiB, got {args.size}")
+    if not 4096 <= opts.chunk_bytes <= 64 << 20:
+        raise ConfigError(f"--chunk must be within [4KiB, 64MiB], got {args.chunk}")
+    if opts.budget_gbps == float("inf"):
+        raise ConfigError(f"--budget-gbps must be finite, got {args.budget_gbps}")
+    if opts.processes > 1 and (opts.budget_gbps == 0 or opts.transport != "tcp"):
+        raise ConfigError(f"--processes {opts.processes} needs --transport tcp and a --budget-gbps")
+    return opts
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark and print its figures."""
-    figures = asyncio.run(_bench(args))
-    if args.json:
-        print(json.dumps(figures, indent=2))
-        return 0
-    print(f"transport          {figures['transport']}  ({figures['size_bytes'] / 2**20:.0f} MiB, "
-          f"codec {figures['codec']}, verified {figures['verified']})")
-    print(f"goodput            {figures['goodput_gbps']:8.2f} Gbps  ({figures['duration_s']:.2f} s; best of "
-          f"{len(figures['goodput_runs_gbps'])}: {', '.join(f'{g:.2f}' for g in figures['goodput_runs_gbps'])})")
-    print(f"raw loopback       {figures['raw_gbps']:8.2f} Gbps  ratio {figures['ratio']:.2f} "
-          f"(medians: {figures['ratio_median']:.2f})")
-    if "nats_core_gbps" in figures:
-        print(f"plain NATS core    {figures['nats_core_gbps']:8.2f} Gbps  jetstream/core "
-              f"{figures['jetstream_vs_core']:.2f} (medians: {figures['jetstream_vs_core_median']:.2f})")
-    if "budget_gbps" in figures:
-        print(f"budget             {figures['budget_gbps']:8.2f} Gbps  achieved "
-              f"{figures['goodput_gbps'] / figures['budget_gbps']:.3f}, max 1 s window "
-              f"{figures['max_window_gbps']:.3f} Gbps ({figures['max_window_gbps'] / figures['budget_gbps']:.3f})")
-    return 0
+    """Run the benchmark, print its figures; 1 if a target was missed."""
+    opts = options(args)
+    workdir = Path(tempfile.mkdtemp(prefix="prfaas-bench-kv-"))
+    ok = False
+    try:
+        figures = asyncio.run(_bench(opts, workdir))
+        ok = True
+    finally:
+        if ok and not opts.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs kept in {workdir}", file=sys.stderr)
+    print(json.dumps(figures, indent=2) if opts.json else _text(figures))
+    return 1 if figures["missed"] else 0
 
 
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-async def _bench(args: argparse.Namespace) -> dict:
-    specs, parts = synthetic_parts(args.size, args.codec)
-    payload_bytes = sum(p.nbytes for p in parts)
-    capacity = payload_bytes * 2 + (64 << 20)
-    cluster = None
-    if args.transport == "jetstream":
+class _Child:
+    """A spawned process driven over a pipe, watched while it is awaited."""
+
+    def __init__(self, name: str, target, *args) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.name = name
+        self.pipe, there = ctx.Pipe()
+        self.process = ctx.Process(target=target, args=(there, *args), name=name)
+        self.process.start()
+        there.close()
+
+    async def recv(self, timeout_s: float = 150.0):
+        """The child's next message (``TransferFailed`` if it dies or stays silent)."""
+        deadline = time.monotonic() + timeout_s
+        while not await asyncio.to_thread(self.pipe.poll, 0.2):
+            if not self.process.is_alive():
+                raise TransferFailed(f"{self.name} exited with code {self.process.exitcode}")
+            if time.monotonic() > deadline:
+                raise TransferFailed(f"{self.name} silent for {timeout_s:.0f}s")
+        return self.pipe.recv()
+
+    async def call(self, *command):
+        """Send a command and return the reply."""
+        self.pipe.send(command)
+        return await self.recv()
+
+    async def stop(self) -> None:
+        """Ask it to stop; terminate it if it does not within 30 s."""
+        with contextlib.suppress(OSError):
+            self.pipe.send(("stop",))
+        await asyncio.to_thread(self.process.join, 30.0)
+        if self.process.is_alive():
+            self.process.terminate()
+            await asyncio.to_thread(self.process.join, 5.0)
+        self.pipe.close()
+
+
+async def _bench(opts: Options, workdir: Path) -> dict:
+    nats_url = ""
+    servers = None
+    if opts.transport == "jetstream":
         _progress("starting two NATS sites joined by a gateway ...")
-        cluster = Supercluster([SRC_SITE, DST_SITE], workdir=Path(tempfile.mkdtemp(prefix="prfaas-bench-kv-")))
-        await asyncio.to_thread(cluster.start)
-    ctx = multiprocessing.get_context("spawn")
-    here, there = ctx.Pipe()
-    url = cluster.url(DST_SITE) if cluster else ""
-    child = ctx.Process(target=receiver_process, args=(there, args.transport, capacity, url, DST_SITE, INSTANCE))
-    child.start()
+        servers = Supercluster([SRC_SITE, DST_SITE], workdir=workdir / "nats")
+    elif opts.processes > 1:
+        servers = NatsServer(name=SRC_SITE, workdir=workdir / "nats")
+    children: list[_Child] = []
+    hogs = []
     try:
-        ready = await _recv(here, child, 60.0)
-        return await _measure(args, specs, parts, payload_bytes, here, child, ready[1], cluster)
+        if servers is not None:
+            await asyncio.to_thread(servers.start)
+        capacity = opts.processes * 2 * opts.size_bytes + (64 << 20)
+        receiver_url = servers.url(DST_SITE) if isinstance(servers, Supercluster) else ""
+        receiver = _Child("receiver process", receiver_process, opts.transport, capacity, receiver_url,
+                          workdir / "receiver.log")
+        children.append(receiver)
+        _, port, raw_port = await receiver.recv()
+        if isinstance(servers, Supercluster):
+            nats_url = servers.url(SRC_SITE)
+        elif servers is not None:
+            nats_url = servers.url
+        senders = []
+        for i in range(opts.processes):
+            spec = SenderSpec(opts.transport, opts.size_bytes, opts.codec, opts.budget_gbps, opts.connections,
+                              opts.chunk_bytes, nats_url, port, workdir / f"sender-{i}.log")
+            senders.append(_Child(f"sender process {i}", sender_process, spec))
+            children.append(senders[-1])
+        ready = [await s.recv() for s in senders]
+        expected, chunk = ready[0][1], ready[0][2]
+        ctx = multiprocessing.get_context("spawn")
+        for _ in range(opts.load):
+            hogs.append(ctx.Process(target=busy_process, args=(3600.0,), daemon=True))
+            hogs[-1].start()
+        rounds = []
+        for r in range(opts.repeat):
+            if opts.budget_gbps == 0:
+                rounds.append(await _throughput_round(opts, r, receiver, senders[0], raw_port, chunk, expected))
+            else:
+                rounds.append(await _paced_round(opts, r, receiver, senders, expected))
+        return _figures(opts, chunk, rounds)
     finally:
-        here.send(("stop",))
-        await asyncio.to_thread(child.join, 30.0)
-        if child.is_alive():
-            child.terminate()
-        if cluster is not None:
-            await asyncio.to_thread(cluster.stop)
+        for hog in hogs:
+            hog.terminate()
+        for child in children:
+            await child.stop()
+        if servers is not None:
+            await asyncio.to_thread(servers.stop)
 
 
-async def _guard(child, coro):
-    """Run ``coro`` while watching the receiver process (``TransferFailed`` if it dies meanwhile)."""
-    task = asyncio.ensure_future(coro)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.2)
-        if done:
-            return task.result()
-        if not child.is_alive():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise TransferFailed(f"receiver process exited with code {child.exitcode}")
+async def _transfer(opts, r: int, receiver: _Child, senders: list[_Child], expected, tag: str) -> tuple[list, list]:
+    """Every given sender sends one transfer at once; their reports and the receiver's wire samples."""
+    ids = [f"bench-{r}-{tag}-{i}" for i in range(len(senders))]
+    receiver.pipe.send(("wait", ids))
+    for sender, tid in zip(senders, ids, strict=True):
+        sender.pipe.send(("send", tid))
+    reports = [(await sender.recv())[1] for sender in senders]
+    _, sums, samples = await receiver.recv()
+    if opts.codec != "int8" and any(sums[tid] != expected for tid in ids):
+        raise TransferFailed("the receiver restored different bytes")
+    if opts.transport != "tcp":
+        samples = reports[0]["acked_samples"]
+    return reports, samples
 
 
-async def _recv(pipe, child, timeout_s: float):
-    """The receiver process's next message (``TransferFailed`` if it dies or stays silent)."""
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(pipe.poll, 0.2):
-        if not child.is_alive():
-            raise TransferFailed(f"receiver process exited with code {child.exitcode}")
-        if time.monotonic() > deadline:
-            raise TransferFailed(f"receiver process silent for {timeout_s:.0f}s")
-    return pipe.recv()
+async def _throughput_round(opts, r, receiver: _Child, sender: _Child, raw_port, chunk, expected) -> dict:
+    """Baseline then transfer."""
+    if opts.transport == "tcp":
+        _progress(f"round {r + 1}/{opts.repeat}: raw sockets, {opts.connections} connections ...")
+        await receiver.call("raw", opts.size_bytes, opts.connections)
+        _, baseline = await sender.call("raw", raw_port, opts.connections, chunk)
+        await receiver.recv()
+    else:
+        _progress(f"round {r + 1}/{opts.repeat}: plain NATS across the gateway ...")
+        receiver.pipe.send(("core", "prfaas.bench.core", opts.size_bytes))
+        # Credits in bytes like the stream's pull size: the server cuts off a client owed over 64 MB.
+        window = max(1, min(JetStreamConfig.window, (32 << 20) // chunk))
+        _, baseline = await sender.call("core", "prfaas.bench.core", chunk, window)
+        await receiver.recv()
+    _progress(f"round {r + 1}/{opts.repeat}: {opts.size_bytes / 2**20:.0f} MiB over kvwire {opts.transport} ...")
+    reports, _ = await _transfer(opts, r, receiver, [sender], expected, "unpaced")
+    return {"baseline_gbps": baseline, "goodput_gbps": reports[0]["goodput_gbps"],
+            "ratio": reports[0]["goodput_gbps"] / baseline, "chunks_resent": reports[0]["chunks_resent"]}
 
 
-async def _measure(args, specs, parts, payload_bytes, pipe, child, port, cluster) -> dict:
-    """Interleave ``--repeat`` rounds of baseline(s) and transfer; keep the best of each."""
-    nc = await connect(cluster.url(SRC_SITE), name="bench-sender") if cluster else None
-    try:
-        if args.transport == "tcp":
-            chunk = args.chunk or TcpConfig.chunk_bytes
-            transport = TcpTransport(TcpConfig(connections=args.connections, chunk_bytes=chunk))
-            dest = Destination(DST_SITE, INSTANCE, "127.0.0.1", port)
-        else:
-            chunk = args.chunk or JetStreamConfig.chunk_bytes
-            transport = JetStreamTransport(nc, JetStreamConfig(chunk_bytes=chunk))
-            dest = Destination(DST_SITE, INSTANCE)
-        links = KvLinks(SRC_SITE, LinkConfig(default_budget_gbps=args.budget_gbps))
-        sender = KvSender(transport, links)
-        core_payload = _payload_view(parts) if cluster is not None else None
-        raw: list[float] = []
-        core: list[float] = []
-        runs: list[tuple[SendReport, float]] = []
-        for round_ in range(args.repeat):
-            _progress(f"round {round_ + 1}/{args.repeat}: raw loopback baseline ...")
-            raw.append(await asyncio.to_thread(raw_loopback_gbps, payload_bytes))
-            if core_payload is not None:
-                _progress("plain NATS publish/subscribe across the gateway ...")
-                pipe.send(("core", "prfaas.bench.core", payload_bytes))
-                core_chunk = sender.chunk_bytes(DST_SITE)
-                # Credits in bytes like the stream's pull size: the server cuts off a client owed over 64 MB.
-                window = max(1, min(JetStreamConfig.window, (32 << 20) // core_chunk))
-                core.append(await _guard(child, core_nats_source(nc, "prfaas.bench.core", core_payload, core_chunk,
-                                                                 window)))
-                await _recv(pipe, child, 60.0)
-            manifest = sender.manifest(transfer_id=f"bench-kv-{round_}", dst_site=DST_SITE, model="synthetic",
-                                       block_size=64, num_tokens=parts[-1].array.shape[0], specs=specs)
-            expected = part_checksums(parts, manifest.checksum)
-            pipe.send(("wait", manifest.transfer_id))
-            _progress(f"sending {payload_bytes / 2**20:.0f} MiB over {args.transport} ...")
-            sampler = asyncio.create_task(_sample(links, payload_bytes))
-            try:
-                report = await _guard(child, sender.send(manifest, parts, dest))
-            finally:
-                sampler.cancel()
-                samples = await sampler
-            reply = await _recv(pipe, child, 60.0)
-            if args.codec != "int8" and reply[1] != expected:
-                raise TransferFailed("the receiver restored different bytes")
-            runs.append((report, _max_window_gbps(samples)))
-        report, max_window = max(runs, key=lambda run: run[0].goodput_gbps)
-        verified = None if args.codec == "int8" else True  # lossy int8 cannot be compared byte for byte
-        figures = _figures(args, report, verified)
-        goodputs = [r.goodput_gbps for r, _ in runs]
-        figures["goodput_runs_gbps"] = goodputs
-        figures["raw_gbps"] = max(raw)
-        figures["raw_runs_gbps"] = raw
-        figures["ratio"] = figures["goodput_gbps"] / figures["raw_gbps"]
-        figures["ratio_median"] = statistics.median(goodputs) / statistics.median(raw)
-        if core:
-            figures["nats_core_gbps"] = max(core)
-            figures["nats_core_runs_gbps"] = core
-            figures["jetstream_vs_core"] = figures["goodput_gbps"] / figures["nats_core_gbps"]
-            figures["jetstream_vs_core_median"] = statistics.median(goodputs) / statistics.median(core)
-        if args.budget_gbps > 0:
-            figures["budget_gbps"] = args.budget_gbps
-            figures["max_window_gbps"] = max(w for _, w in runs)
-        return figures
-    finally:
-        if nc is not None:
-            await nc.close()
+async def _paced_round(opts, r, receiver: _Child, senders: list[_Child], expected) -> dict:
+    """All senders at once (and, with several, the first one alone)."""
+    budget = opts.budget_gbps
+    _progress(f"round {r + 1}/{opts.repeat}: {len(senders)} x {opts.size_bytes / 2**20:.0f} MiB paced at "
+              f"{budget} Gbps ...")
+    reports, samples = await _transfer(opts, r, receiver, senders, expected, "together")
+    span = (max(rep["started"] for rep in reports), min(rep["ended"] for rep in reports))
+    result = {
+        "achieved_gbps": _mean_gbps(samples, *span) if opts.transport == "tcp" else reports[0]["goodput_gbps"],
+        "max_window_gbps": _max_window_gbps(samples),
+        "process_gbps": [rep["goodput_gbps"] for rep in reports],
+    }
+    if len(senders) > 1:
+        _progress(f"round {r + 1}/{opts.repeat}: sender 0 alone, the others idle ...")
+        alone, samples = await _transfer(opts, r, receiver, senders[:1], expected, "alone")
+        result["alone_gbps"] = _mean_gbps(samples, alone[0]["started"], alone[0]["ended"])
+        result["max_window_gbps"] = max(result["max_window_gbps"], _max_window_gbps(samples))
+    return result
 
 
-def _payload_view(parts) -> memoryview:
-    """Every part's bytes back to back (plain NATS carries them without structure)."""
-    return memoryview(np.concatenate([p.array.reshape(-1).view(np.uint8) for p in parts]))
+def _at(samples: list[tuple[float, int]], t: float) -> float:
+    """Bytes at time ``t``, interpolated between samples."""
+    for (t0, b0), (t1, b1) in zip(samples, samples[1:], strict=False):
+        if t0 <= t <= t1:
+            return b0 + (b1 - b0) * (t - t0) / max(t1 - t0, 1e-9)
+    return samples[0][1] if t < samples[0][0] else samples[-1][1]
 
 
-async def _sample(links: KvLinks, total_bytes: int) -> list[tuple[float, int]]:
-    """(time, bytes acknowledged) every ``SAMPLE_S``; progress on stderr every second."""
-    counters = links.link(DST_SITE).counters
-    start_bytes = counters.acked_bytes_total  # the link's counters span every round
-    samples: list[tuple[float, int]] = []
-    last_print = time.monotonic()
-    try:
-        while True:
-            now = time.monotonic()
-            samples.append((now, counters.acked_bytes_total))
-            if now - last_print >= 1.0:
-                last_print = now
-                done = counters.acked_bytes_total - start_bytes
-                _progress(f"  {done / 2**20:8.0f} / {total_bytes / 2**20:.0f} MiB acknowledged")
-            await asyncio.sleep(SAMPLE_S)
-    except asyncio.CancelledError:
-        samples.append((time.monotonic(), counters.acked_bytes_total))
-        return samples
+def _mean_gbps(samples: list[tuple[float, int]], start: float, end: float) -> float:
+    """Rate between ``start`` and ``end`` (monotonic s)."""
+    if len(samples) < 2 or end <= start:
+        return 0.0
+    return (_at(samples, end) - _at(samples, start)) * 8 / (end - start) / 1e9
 
 
 def _max_window_gbps(samples: list[tuple[float, int]]) -> float:
-    """Largest rate over any window of at least one second between samples."""
+    """Largest rate over any window of at least ``WINDOW_S`` between samples."""
     best = 0.0
     j = 0
     for i, (t0, b0) in enumerate(samples):
         j = max(j, i + 1)
-        while j < len(samples) and samples[j][0] - t0 < 1.0:
+        while j < len(samples) and samples[j][0] - t0 < WINDOW_S:
             j += 1
         if j == len(samples):
             break
@@ -250,15 +322,64 @@ def _max_window_gbps(samples: list[tuple[float, int]]) -> float:
     return best
 
 
-def _figures(args, report: SendReport, verified: bool | None) -> dict:
-    return {
-        "transport": args.transport,
-        "size_bytes": report.payload_bytes,
-        "codec": args.codec,
-        "verified": verified,
-        "goodput_gbps": report.goodput_gbps,
-        "duration_s": report.duration_s,
-        "wire_bytes": report.wire_bytes,
-        "chunks_sent": report.chunks_sent,
-        "chunks_resent": report.chunks_resent,
-    }
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _figures(opts: Options, chunk: int, rounds: list[dict]) -> dict:
+    figures = {"transport": opts.transport, "size_bytes": opts.size_bytes, "codec": opts.codec,
+               "chunk_bytes": chunk, "connections": opts.connections, "processes": opts.processes,
+               "load": opts.load, "rounds": rounds, "verified": opts.codec != "int8"}
+    missed = []
+    if opts.budget_gbps == 0:
+        name = "tcp_vs_raw_sockets" if opts.transport == "tcp" else "jetstream_vs_core_nats"
+        target = TCP_TARGET if opts.transport == "tcp" else JETSTREAM_TARGET
+        figures["goodput_gbps"] = _spread([r["goodput_gbps"] for r in rounds])
+        figures["baseline_gbps"] = _spread([r["baseline_gbps"] for r in rounds])
+        figures[name] = _spread([r["ratio"] for r in rounds])
+        figures["targets"] = {name: f">= {target}"}
+        if figures[name]["median"] < target:
+            missed.append(f"{name} median {figures[name]['median']:.2f} < {target}")
+    else:
+        budget = opts.budget_gbps
+        figures["budget_gbps"] = budget
+        figures["achieved_vs_budget"] = _spread([r["achieved_gbps"] / budget for r in rounds])
+        figures["max_window_vs_budget"] = max(r["max_window_gbps"] for r in rounds) / budget
+        figures["targets"] = {"achieved_vs_budget": f">= {PACED_MIN}", "max_window_vs_budget": f"<= {PACED_MAX}"}
+        if figures["achieved_vs_budget"]["median"] < PACED_MIN:
+            missed.append(f"achieved_vs_budget median {figures['achieved_vs_budget']['median']:.3f} < {PACED_MIN}")
+        if figures["max_window_vs_budget"] > PACED_MAX:
+            missed.append(f"max_window_vs_budget {figures['max_window_vs_budget']:.3f} > {PACED_MAX}")
+        if opts.processes > 1:
+            figures["alone_vs_budget"] = _spread([r["alone_gbps"] / budget for r in rounds])
+            figures["targets"]["alone_vs_budget"] = f">= {PACED_MIN}"
+            if figures["alone_vs_budget"]["median"] < PACED_MIN:
+                missed.append(f"alone_vs_budget median {figures['alone_vs_budget']['median']:.3f} < {PACED_MIN}")
+    figures["missed"] = missed
+    return figures
+
+
+def _range(s: dict, fmt: str = ".2f") -> str:
+    return f"median {s['median']:{fmt}} (range {s['min']:{fmt}}-{s['max']:{fmt}})"
+
+
+def _text(f: dict) -> str:
+    lines = [f"transport          {f['transport']}  ({f['size_bytes'] / 2**20:.0f} MiB per transfer, codec {f['codec']}, "
+             f"chunks {f['chunk_bytes'] >> 10} KiB, verified {f['verified']}, {len(f['rounds'])} rounds"
+             + (f", {f['load']} busy processes beside" if f["load"] else "") + ")"]
+    if "budget_gbps" not in f:
+        baseline = (f"raw sockets ({f['connections']} connections, two processes)" if f["transport"] == "tcp"
+                    else "plain NATS across the gateway")
+        name = "tcp_vs_raw_sockets" if f["transport"] == "tcp" else "jetstream_vs_core_nats"
+        lines += [f"baseline           {_range(f['baseline_gbps'])} Gbps  {baseline}",
+                  f"kvwire {f['transport']:<11} {_range(f['goodput_gbps'])} Gbps",
+                  f"{name:<18} {_range(f[name])}  per round, target {f['targets'][name]}"]
+    else:
+        lines += [f"budget             {f['budget_gbps']} Gbps shared by {f['processes']} sender process(es)",
+                  f"achieved_vs_budget {_range(f['achieved_vs_budget'], '.3f')}  target {PACED_MIN}-{PACED_MAX}",
+                  f"max_window_vs_budget {f['max_window_vs_budget']:.3f}  (largest rate over any {WINDOW_S:.0f} s "
+                  f"window, all rounds; target <= {PACED_MAX})"]
+        if "alone_vs_budget" in f:
+            lines.append(f"alone_vs_budget    {_range(f['alone_vs_budget'], '.3f')}  (one sender, the others idle)")
+    lines += [f"MISSED             {m}" for m in f["missed"]] or ["all targets met"]
+    return "\n".join(lines)

@@ -1,34 +1,54 @@
-"""Pieces of ``prfaas bench kv``: the synthetic transfer, the receiver process and the baselines.
+"""Processes of ``prfaas bench kv``: the synthetic transfer, the receiver and sender processes, the baselines.
 
-The receiver runs in its own process (spawned) and is driven over a pipe: ``("wait", id)``
-answers with the checksum of every restored part; ``("core", subject, nbytes)`` receives that
-many bytes of plain NATS publish/subscribe; ``("stop",)`` ends it.
+The bench only orchestrates: every byte moves between spawned processes driven over pipes.
+Receiver: ``("wait", ids)`` answers with every restored part's checksum per transfer and the
+kernel's count of bytes received over time (``TCP_INFO``, so a starved process cannot blur it);
+``("raw", nbytes, connections)`` and ``("core", subject, nbytes)`` receive a baseline. Sender:
+``("send", id)``, ``("raw", port, connections, chunk)``, ``("core", subject, chunk, window)``.
+Both end on ``("stop",)`` or when the bench's end of the pipe closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import struct
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import nats
 import numpy as np
 
 from libs.common.bus import connect
 from libs.common.state_parts import PartSpec, StatePart
-from libs.kvwire.format import checksum_fn
+from libs.common.telemetry import setup_logging
+from libs.kvwire.format import DEFAULT_CHECKSUM, checksum_fn
 from libs.kvwire.js_recv import JetStreamReceiver
+from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
+from libs.kvwire.linkstats import KvLinks, LinkConfig
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
+from libs.kvwire.sender import Destination, KvSender
+from libs.kvwire.sockets import recv_exact, set_deadline
 from libs.kvwire.tcp_recv import TcpReceiverServer
+from libs.kvwire.tcp_send import TcpConfig, TcpTransport
 
+SRC_SITE, DST_SITE, INSTANCE = "dc-prfaas", "dc-pd", "bench-decode"
 LINEAR_LAYERS = 2
 ATTN_LAYERS = 8
 LINEAR_STATE_SHAPE = (8, 128, 128)  # float32 recurrent state per linear layer (512 KiB)
 KV_HEADS, HEAD_DIM = 8, 128  # float16 K and V per attention layer and token
 CORE_CREDIT_EVERY = 8  # the core-NATS sink grants credit every this many messages
 DEADLINE_S = 120.0
+WIRE_SAMPLE_S = 0.01
+ACKED_SAMPLE_S = 0.05
+_TCPI_BYTES_RECEIVED = struct.Struct("<Q")  # offset 128 of Linux's struct tcp_info
+_TCPI_BYTES_RECEIVED_AT = 128
+_RAW_HELLO = struct.Struct("<IIIQ")  # connection index, connections, chunk bytes, total bytes
 
 
 def synthetic_parts(size_bytes: int, codec: str) -> tuple[list[PartSpec], list[StatePart]]:
@@ -61,34 +81,86 @@ def part_checksums(parts: list[StatePart], algo: str) -> list[int]:
     return [fn(memoryview(p.array.reshape(-1).view(np.uint8))) for p in parts]
 
 
-def raw_loopback_gbps(size_bytes: int, chunk_bytes: int = 4 << 20) -> float:
-    """Blocking ``sendall``/``recv_into`` between two threads over loopback, preallocated buffers."""
-    source = np.ones(size_bytes, dtype=np.uint8)
-    sink = np.zeros(size_bytes, dtype=np.uint8)
-    sink[::4096] = 1  # touch every page, as the receiver's arena is
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = listener.getsockname()[1]
+def busy_process(deadline_s: float) -> None:
+    """A CPU hog: spin until ``deadline_s`` has passed or the bench is gone."""
+    parent = os.getppid()
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end and os.getppid() == parent:
+        for _ in range(100_000):
+            pass
 
-        def receive() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                view = memoryview(sink)
-                got = 0
-                while got < size_bytes:
-                    n = conn.recv_into(view[got:], min(chunk_bytes, size_bytes - got), socket.MSG_WAITALL)
-                    if n == 0:
-                        raise ConnectionError("baseline receiver: early EOF")
-                    got += n
 
-        thread = threading.Thread(target=receive)
-        started = time.perf_counter()
+def _log_to(log_path: Path) -> None:
+    """Send this process's stderr (its log records and any traceback) to ``log_path``."""
+    stream = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+    os.dup2(stream.fileno(), 2)
+    sys.stderr = stream
+    setup_logging("INFO")
+
+
+# --- baselines ---------------------------------------------------------------------------------
+
+
+def raw_sockets_source(port: int, payload: memoryview, connections: int, chunk_bytes: int) -> float:
+    """Direct TCP's baseline, same shape: ``payload`` striped in ``chunk_bytes`` over ``connections``
+    blocking sockets (a thread each, kernel deadlines as kvwire's) to the receiver process, which
+    ``recv_into``s a touched buffer and answers one byte per connection; Gbps from the first connect
+    to the last answer."""
+    errors: list[BaseException] = []
+
+    def send(index: int) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as sock:
+                set_deadline(sock, DEADLINE_S)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(_RAW_HELLO.pack(index, connections, chunk_bytes, len(payload)))
+                for offset in range(index * chunk_bytes, len(payload), connections * chunk_bytes):
+                    sock.sendall(payload[offset : offset + chunk_bytes])
+                if sock.recv(1) != b"k":
+                    raise ConnectionError("raw sockets baseline: no answer from the receiver")
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(i,), name=f"raw-send-{i}") for i in range(connections)]
+    started = time.perf_counter()
+    for thread in threads:
         thread.start()
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            view = memoryview(source)
-            for offset in range(0, size_bytes, chunk_bytes):
-                sock.sendall(view[offset : offset + chunk_bytes])
+    for thread in threads:
         thread.join()
-        return size_bytes * 8 / (time.perf_counter() - started) / 1e9
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return len(payload) * 8 / elapsed / 1e9
+
+
+def _raw_sockets_sink(listener: socket.socket, sink: np.ndarray, connections: int) -> None:
+    """The receiving end of ``raw_sockets_source`` (blocking: run it in a worker thread)."""
+    view = memoryview(sink)
+    errors: list[BaseException] = []
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            with conn:
+                hello = bytearray(_RAW_HELLO.size)
+                recv_exact(conn, memoryview(hello))
+                index, count, chunk_bytes, total = _RAW_HELLO.unpack(hello)
+                for offset in range(index * chunk_bytes, total, count * chunk_bytes):
+                    recv_exact(conn, view[offset : min(offset + chunk_bytes, total)])
+                conn.sendall(b"k")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = []
+    for i in range(connections):
+        conn, _ = listener.accept()
+        set_deadline(conn, DEADLINE_S)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threads.append(threading.Thread(target=serve, args=(conn,), name=f"raw-recv-{i}"))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 async def core_nats_source(nc, subject: str, payload: memoryview, chunk_bytes: int, window: int) -> float:
@@ -154,39 +226,194 @@ async def _core_sink(nc, subject: str, nbytes: int) -> None:
     await ready.unsubscribe()
 
 
-def receiver_process(pipe: Connection, transport: str, capacity_bytes: int, nats_url: str, site: str,
-                     instance: str) -> None:
+# --- the receiver process ----------------------------------------------------------------------
+
+
+def tcp_bytes_received(sock: socket.socket) -> int:
+    """Bytes the kernel has received on a TCP socket (Linux ``tcpi_bytes_received``)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return _TCPI_BYTES_RECEIVED.unpack_from(info, _TCPI_BYTES_RECEIVED_AT)[0]
+
+
+class WireSampler:
+    """A thread sampling the bytes received on a server's connections: ``(monotonic s, bytes)`` pairs."""
+
+    def __init__(self, server: TcpReceiverServer) -> None:
+        self.server = server
+        self.samples: list[tuple[float, int]] = []
+        self._seen: dict[socket.socket, int] = {}  # a closed connection keeps its last count
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wire-sampler", daemon=True)
+
+    def __enter__(self) -> WireSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(WIRE_SAMPLE_S):
+            before = time.monotonic()
+            for sock in self.server.connections():
+                try:
+                    self._seen[sock] = tcp_bytes_received(sock)
+                except OSError:  # closed under us: its last count stands
+                    pass
+            after = time.monotonic()
+            if after - before < 0.002:  # a sample whose reading was interrupted has no exact time: drop it
+                self.samples.append(((before + after) / 2, sum(self._seen.values())))
+
+
+def receiver_process(pipe: Connection, transport: str, capacity_bytes: int, nats_url: str, log_path: Path) -> None:
     """Entry point of the receiver process."""
-    asyncio.run(_receiver_main(pipe, transport, capacity_bytes, nats_url, site, instance))
+    _log_to(log_path)
+    asyncio.run(_receiver_main(pipe, transport, capacity_bytes, nats_url))
 
 
-async def _receiver_main(pipe: Connection, transport: str, capacity_bytes: int, nats_url: str, site: str,
-                         instance: str) -> None:
+async def _receiver_main(pipe: Connection, transport: str, capacity_bytes: int, nats_url: str) -> None:
     config = ReceiverConfig(max_total_bytes=capacity_bytes, max_transfer_bytes=capacity_bytes, prefault=True,
                             transfer_timeout_s=DEADLINE_S)
-    nc = await connect(nats_url, name=f"bench-{instance}") if nats_url else None
+    nc = await connect(nats_url, name=f"bench-{INSTANCE}") if transport == "jetstream" else None
+    sink = np.empty(0, dtype=np.uint8)
     async with KvReceiver(config) as receiver:
         if transport == "tcp":
             server = TcpReceiverServer(receiver)
-            await server.start()
-            pipe.send(("ready", server.address[1]))
         else:
-            server = JetStreamReceiver(nc, receiver, site, instance)
+            server = JetStreamReceiver(nc, receiver, DST_SITE, INSTANCE)
+        with socket.create_server(("127.0.0.1", 0)) as raw_listener:
             await server.start()
-            pipe.send(("ready", 0))
-        try:
+            pipe.send(("ready", server.address[1] if transport == "tcp" else 0, raw_listener.getsockname()[1]))
+            try:
+                while True:
+                    try:
+                        command = await asyncio.to_thread(pipe.recv)
+                    except EOFError:
+                        return
+                    if command[0] == "stop":
+                        return
+                    if command[0] == "wait":
+                        pipe.send(("done", *await _receive(receiver, server, command[1])))
+                    elif command[0] == "raw":
+                        _, nbytes, connections = command
+                        if len(sink) < nbytes:
+                            sink = np.empty(nbytes, dtype=np.uint8)
+                            sink[::4096] = 0  # touched, as the receiver's arena is
+                        pipe.send(("listening",))
+                        await asyncio.to_thread(_raw_sockets_sink, raw_listener, sink, connections)
+                        pipe.send(("done",))
+                    elif command[0] == "core":
+                        await _core_sink(nc, command[1], command[2])
+                        pipe.send(("done",))
+            finally:
+                await server.stop()
+                if nc is not None:
+                    await nc.close()
+
+
+async def _receive(receiver: KvReceiver, server, transfer_ids: list[str]) -> tuple[dict, list]:
+    """Wait for every transfer; the checksums of their parts and the wire samples meanwhile."""
+    sums: dict[str, list[int]] = {}
+
+    async def one(tid: str) -> None:
+        with await receiver.wait(tid, DEADLINE_S) as done:
+            sums[tid] = part_checksums(done.parts, DEFAULT_CHECKSUM)
+
+    if isinstance(server, TcpReceiverServer):
+        with WireSampler(server) as sampler:
+            await asyncio.gather(*(one(tid) for tid in transfer_ids))
+        return sums, sampler.samples
+    await asyncio.gather(*(one(tid) for tid in transfer_ids))
+    return sums, []
+
+
+# --- the sender process ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SenderSpec:
+    """What a sender process sends, how, and where."""
+
+    transport: str
+    size_bytes: int
+    codec: str
+    budget_gbps: float
+    connections: int
+    chunk_bytes: int
+    nats_url: str  # "" without NATS
+    port: int  # the receiver's TCP port
+    log_path: Path
+
+
+def sender_process(pipe: Connection, spec: SenderSpec) -> None:
+    """Entry point of a sender process."""
+    _log_to(spec.log_path)
+    asyncio.run(_sender_main(pipe, spec))
+
+
+async def _sender_main(pipe: Connection, spec: SenderSpec) -> None:
+    specs, parts = synthetic_parts(spec.size_bytes, spec.codec)
+    nc = await connect(spec.nats_url, name=f"bench-sender-{os.getpid()}") if spec.nats_url else None
+    if spec.transport == "tcp":
+        transport = TcpTransport(TcpConfig(connections=spec.connections, chunk_bytes=spec.chunk_bytes))
+        dest = Destination(DST_SITE, INSTANCE, "127.0.0.1", spec.port)
+    else:
+        transport = JetStreamTransport(nc, JetStreamConfig(chunk_bytes=spec.chunk_bytes))
+        dest = Destination(DST_SITE, INSTANCE)
+    payload: memoryview | None = None
+    try:
+        async with KvLinks(SRC_SITE, LinkConfig(default_budget_gbps=spec.budget_gbps)) as links:
+            sender = KvSender(transport, links)
+            pipe.send(("ready", part_checksums(parts, DEFAULT_CHECKSUM), sender.chunk_bytes(DST_SITE)))
             while True:
-                command = await asyncio.to_thread(pipe.recv)
+                try:
+                    command = await asyncio.to_thread(pipe.recv)
+                except EOFError:
+                    return
                 if command[0] == "stop":
                     return
-                if command[0] == "wait":
-                    with await receiver.wait(command[1], DEADLINE_S) as done:
-                        sums = part_checksums(done.parts, done.manifest.checksum)
-                    pipe.send(("done", sums))
+                if command[0] == "send":
+                    pipe.send(("done", await _send(sender, links, specs, parts, dest, command[1])))
+                    continue
+                if payload is None:  # baselines carry every part's bytes back to back
+                    payload = memoryview(np.concatenate([p.array.reshape(-1).view(np.uint8) for p in parts]))
+                if command[0] == "raw":
+                    _, port, connections, chunk = command
+                    pipe.send(("done", await asyncio.to_thread(raw_sockets_source, port, payload, connections, chunk)))
                 elif command[0] == "core":
-                    await _core_sink(nc, command[1], command[2])
-                    pipe.send(("done", None))
-        finally:
-            await server.stop()
-            if nc is not None:
-                await nc.close()
+                    _, subject, chunk, window = command
+                    pipe.send(("done", await core_nats_source(nc, subject, payload, chunk, window)))
+    finally:
+        if nc is not None:
+            await nc.close()
+
+
+async def _send(sender: KvSender, links: KvLinks, specs, parts, dest: Destination, transfer_id: str) -> dict:
+    """One transfer; its report, its start and end (monotonic s) and the acknowledged bytes over time."""
+    manifest = sender.manifest(transfer_id=transfer_id, dst_site=DST_SITE, model="synthetic", block_size=64,
+                               num_tokens=parts[-1].array.shape[0], specs=specs)
+    sampler = asyncio.create_task(_sample_acked(links))
+    started = time.monotonic()
+    try:
+        report = await sender.send(manifest, parts, dest)
+    finally:
+        ended = time.monotonic()
+        sampler.cancel()
+        samples = await sampler
+    return {"goodput_gbps": report.goodput_gbps, "duration_s": report.duration_s, "payload_bytes": report.payload_bytes,
+            "wire_bytes": report.wire_bytes, "chunks_sent": report.chunks_sent,
+            "chunks_resent": report.chunks_resent, "started": started, "ended": ended, "acked_samples": samples}
+
+
+async def _sample_acked(links: KvLinks) -> list[tuple[float, int]]:
+    """(monotonic s, bytes acknowledged) every ``ACKED_SAMPLE_S`` until cancelled."""
+    counters = links.link(DST_SITE).counters
+    samples: list[tuple[float, int]] = []
+    try:
+        while True:
+            samples.append((time.monotonic(), counters.acked_bytes_total))
+            await asyncio.sleep(ACKED_SAMPLE_S)
+    except asyncio.CancelledError:
+        samples.append((time.monotonic(), counters.acked_bytes_total))
+        return samples

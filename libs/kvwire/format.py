@@ -141,12 +141,6 @@ def chunk_count(wire_bytes: int, chunk_bytes: int) -> int:
     return max(1, -(-wire_bytes // chunk_bytes))
 
 
-def chunk_checksums(wire: memoryview, chunk_bytes: int, algo: str) -> list[int]:
-    """Checksum of every chunk of ``wire`` (the checksum releases the GIL on large buffers)."""
-    fn = checksum_fn(algo)
-    return [fn(wire[i * chunk_bytes : (i + 1) * chunk_bytes]) for i in range(chunk_count(len(wire), chunk_bytes))]
-
-
 def part_digest(checksums: Sequence[int], algo: str) -> int:
     """Digest of a part: the checksum of its chunk checksums as little-endian u32s."""
     return checksum_fn(algo)(np.asarray(checksums, dtype="<u4").tobytes())

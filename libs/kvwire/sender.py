@@ -1,8 +1,8 @@
 """The prefill side: stream a transfer's parts as they are produced, resuming after failures.
 
 The manifest (every part's spec) goes first; then each part, as the engine yields it, is encoded
-and checksummed in a worker thread and its chunks handed to the transport, paced by the site
-pair's shared bucket. A broken connection reopens the session: the receiver reports what it holds
+(in a worker thread unless ``raw``) and its chunks handed to the transport, which checksums each
+chunk just before it leaves, paced by the site pair's shared bucket. A broken connection reopens the session: the receiver reports what it holds
 and only the rest is sent (also after a sender restart with the same manifest). ``send`` returns
 once the receiver has verified every part. It never aborts by itself: a transfer left unfinished
 can be resumed until the receiver's deadline frees it; ``abort`` ends it explicitly.
@@ -26,7 +26,7 @@ from libs.kvwire.codecs import encode
 from libs.kvwire.format import (
     PartSpec,
     build_manifest,
-    chunk_checksums,
+    checksum_fn,
     chunk_count,
     part_digest,
     part_key,
@@ -53,16 +53,22 @@ class Destination:
 
 @dataclass(frozen=True)
 class OutChunk:
-    """One chunk to send: a slice of a part's wire bytes and its checksum."""
+    """One chunk to send: a slice of a part's wire bytes (its checksum is computed on first use)."""
 
     part: int
     offset: int
     payload: memoryview
-    checksum: int
     part_wire_bytes: int
+    source: EncodedPart
+    index: int  # of the chunk in its part
+
+    @property
+    def checksum(self) -> int:
+        """The payload's checksum."""
+        return self.source.checksum(self.index)
 
     def header(self, transfer_id: str, attempt: int) -> KvChunk:
-        """The chunk header that travels before the payload."""
+        """The chunk header that travels before the payload (computes the checksum if not yet done)."""
         return KvChunk(
             transfer_id=transfer_id,
             part=self.part,
@@ -74,21 +80,42 @@ class OutChunk:
         )
 
 
-@dataclass(frozen=True)
 class EncodedPart:
-    """A part's wire bytes cut into chunks, with every chunk's checksum and the part digest."""
+    """A part's wire bytes cut into chunks.
 
-    index: int
-    wire: memoryview
-    checksums: list[int]
-    digest: int
-    source: np.ndarray  # keeps the array alive while its raw bytes are being sent
+    A chunk's checksum is computed the first time it is needed: by a transport just before the
+    chunk leaves (TCP: in its connection's thread, so the checksums of a part run in parallel and
+    the socket then copies bytes that are hot in cache), or for the part digest at the end.
+    """
+
+    def __init__(self, index: int, wire: memoryview, chunk_bytes: int, algo: str, source: np.ndarray) -> None:
+        self.index = index
+        self.wire = wire
+        self.chunk_bytes = chunk_bytes
+        self.source = source  # keeps the array alive while its raw bytes are being sent
+        self._fn = checksum_fn(algo)
+        self._algo = algo
+        self._checksums: list[int | None] = [None] * chunk_count(len(wire), chunk_bytes)
+
+    def checksum(self, i: int) -> int:
+        """Checksum of chunk ``i`` (thread-safe: a race computes the same value twice)."""
+        value = self._checksums[i]
+        if value is None:
+            value = self._checksums[i] = self._fn(self.wire[i * self.chunk_bytes : (i + 1) * self.chunk_bytes])
+        return value
+
+    @property
+    def digest(self) -> int:
+        """The part digest (computes the checksums not computed yet: blocking on large parts)."""
+        return part_digest([self.checksum(i) for i in range(len(self._checksums))], self._algo)
 
     def chunks(self, chunk_bytes: int) -> Iterator[OutChunk]:
         """All chunks, in order."""
-        for i, checksum in enumerate(self.checksums):
+        if chunk_bytes != self.chunk_bytes:
+            raise BadRequest(f"part {self.index} is cut in chunks of {self.chunk_bytes}, not {chunk_bytes}")
+        for i in range(len(self._checksums)):
             offset = i * chunk_bytes
-            yield OutChunk(self.index, offset, self.wire[offset : offset + chunk_bytes], checksum, len(self.wire))
+            yield OutChunk(self.index, offset, self.wire[offset : offset + chunk_bytes], len(self.wire), self, i)
 
 
 MissingChunks = Callable[[dict[int, bytes]], list[OutChunk]]
@@ -157,15 +184,13 @@ class SendReport:
 
 
 def encode_part(index: int, part: StatePart, manifest: KvManifest) -> EncodedPart:
-    """Encode and checksum one part (CPU-bound: call it in a worker thread)."""
+    """Encode one part (CPU-bound for ``zstd`` and ``int8``: call it in a worker thread; ``raw`` is a view)."""
     spec = manifest.parts[index]
     array = part.array
     if array.dtype.str != spec.dtype or list(array.shape) != spec.shape:
         raise BadRequest(f"part {part.key}: got {array.dtype.str}{list(array.shape)}, manifest says "
                          f"{spec.dtype}{spec.shape}")
-    wire = encode(array, spec.codec)
-    checksums = chunk_checksums(wire, manifest.chunk_bytes, manifest.checksum)
-    return EncodedPart(index, wire, checksums, part_digest(checksums, manifest.checksum), array)
+    return EncodedPart(index, encode(array, spec.codec), manifest.chunk_bytes, manifest.checksum, array)
 
 
 async def _aiter(parts: AsyncIterable[StatePart] | Iterable[StatePart]):
@@ -275,13 +300,16 @@ class _Run:
                 raise BadRequest(f"part {part.key} is not in the manifest of {self.manifest.transfer_id}")
             if index in self.encoded:
                 raise BadRequest(f"part {part.key} given twice")
-            encoded = await asyncio.to_thread(encode_part, index, part, self.manifest)
+            if self.manifest.parts[index].codec == "raw":
+                encoded = encode_part(index, part, self.manifest)  # a view: nothing to compute
+            else:
+                encoded = await asyncio.to_thread(encode_part, index, part, self.manifest)
             self.encoded[index] = encoded
             await self._push([encoded])
         if len(self.encoded) != len(self.manifest.parts):
             missing = [part_key(s) for i, s in enumerate(self.manifest.parts) if i not in self.encoded]
             raise BadRequest(f"parts never given: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        digests = [self.encoded[i].digest for i in range(len(self.manifest.parts))]
+        digests = await asyncio.to_thread(lambda: [self.encoded[i].digest for i in range(len(self.manifest.parts))])
         while True:
             try:
                 await self._session().end(digests, self._missing)

@@ -1,8 +1,15 @@
-"""Blocking-socket framing shared by both ends of direct TCP (used from worker threads only)."""
+"""Blocking-socket framing shared by both ends of direct TCP (used from worker threads only).
+
+Sockets stay in blocking mode with their deadline kept by the kernel (``SO_RCVTIMEO``,
+``SO_SNDTIMEO``): a chunk's payload is one ``recv_into`` with ``MSG_WAITALL`` and one ``sendmsg``.
+A Python-level socket timeout would instead make the descriptor non-blocking and put a ``poll``
+and a GIL hand-off before every partial read or write.
+"""
 
 from __future__ import annotations
 
 import socket
+import struct
 
 import msgspec
 
@@ -14,12 +21,28 @@ class Closed(Exception):
     """The peer closed the connection between frames."""
 
 
+def set_deadline(sock: socket.socket, timeout_s: float) -> None:
+    """Blocking mode, every receive and send bounded by ``timeout_s`` (``TimeoutError`` past it)."""
+    sock.settimeout(None)
+    seconds = int(timeout_s)
+    timeval = struct.pack("@ll", seconds, int((timeout_s - seconds) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> int:
+    try:
+        return sock.recv_into(view, len(view), socket.MSG_WAITALL)
+    except BlockingIOError as e:  # the kernel's receive deadline passed with nothing read
+        raise TimeoutError(f"no data for the socket's deadline: {e}") from e
+
+
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from ``sock`` (``ConnectionError`` on EOF; one system call when data is ready)."""
+    """Fill ``view`` from ``sock`` (``ConnectionError`` on EOF; one system call unless the deadline cuts it)."""
     got = 0
     total = len(view)
     while got < total:
-        n = sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)
+        n = _recv_into(sock, view[got:])
         if n == 0:
             raise ConnectionError("connection closed mid-frame")
         got += n
@@ -33,7 +56,7 @@ def read_frame(sock: socket.socket, prefix: bytearray, decoder: msgspec.msgpack.
     ``ConnectionError``.
     """
     view = memoryview(prefix)
-    n = sock.recv_into(view, len(prefix), socket.MSG_WAITALL)
+    n = _recv_into(sock, view)
     if n == 0:
         raise Closed
     try:
@@ -56,7 +79,10 @@ def send_all(sock: socket.socket, header: bytes, payload: memoryview) -> None:
     """Send a frame header and its payload with as few system calls as possible (no copy)."""
     buffers: list[bytes | memoryview] = [header, payload] if len(payload) else [header]
     while buffers:
-        sent = sock.sendmsg(buffers)
+        try:
+            sent = sock.sendmsg(buffers)
+        except BlockingIOError as e:  # the kernel's send deadline passed with nothing sent
+            raise TimeoutError(f"peer not reading for the socket's deadline: {e}") from e
         while sent:
             first = buffers[0]
             if sent >= len(first):

@@ -33,7 +33,7 @@ from libs.common.messages import (
 from libs.kvwire.assembly import TransferAssembly
 from libs.kvwire.format import FRAME_PREFIX, frame
 from libs.kvwire.receiver import KvReceiver
-from libs.kvwire.sockets import Closed, read_frame, recv_exact
+from libs.kvwire.sockets import Closed, read_frame, recv_exact, set_deadline
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ class TcpReceiverServer:
             raise RuntimeError("server not started")
         host, port = self._listener.getsockname()[:2]
         return host, port
+
+    def connections(self) -> list[socket.socket]:
+        """Sockets of the connections open now (e.g. to read the kernel's ``TCP_INFO`` counters)."""
+        with self._lock:
+            return list(self._conns)
 
     async def start(self) -> None:
         """Bind, listen and start accepting."""
@@ -105,8 +110,7 @@ class TcpReceiverServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, peer = await loop.sock_accept(listener)
-            sock.setblocking(True)
-            sock.settimeout(self.config.io_timeout_s)
+            set_deadline(sock, self.config.io_timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             thread = threading.Thread(target=self._serve, args=(sock, peer), name=f"kv-tcp-{peer[1]}", daemon=True)
             with self._lock:

@@ -34,7 +34,7 @@ from libs.common.messages import (
 from libs.kvwire.format import DEFAULT_CHUNK_BYTES, FRAME_PREFIX, frame, held_map
 from libs.kvwire.linkstats import Link
 from libs.kvwire.sender import Destination, MissingChunks, OutChunk, TransportBroken
-from libs.kvwire.sockets import Closed, read_frame, send_all
+from libs.kvwire.sockets import Closed, read_frame, send_all, set_deadline
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,10 @@ class TcpConfig:
 class _Flight:
     """A chunk sent and not yet acknowledged."""
 
-    __slots__ = ("chunk", "header", "attempt", "sent_at")
+    __slots__ = ("chunk", "attempt", "sent_at")
 
-    def __init__(self, chunk: OutChunk, header: bytes, attempt: int) -> None:
+    def __init__(self, chunk: OutChunk, attempt: int) -> None:
         self.chunk = chunk
-        self.header = header
         self.attempt = attempt
         self.sent_at = 0.0  # set by the writer thread once the bytes are in the socket
 
@@ -88,7 +87,7 @@ class TcpTransport:
 
     def _connect(self, dest: Destination) -> socket.socket:
         sock = socket.create_connection((dest.host, dest.port), timeout=self.config.connect_timeout_s)
-        sock.settimeout(self.config.io_timeout_s)
+        set_deadline(sock, self.config.io_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
@@ -149,6 +148,7 @@ class _Conn:
 
     def _write_loop(self) -> None:
         bucket = self.session.link.bucket
+        transfer_id = self.session.manifest.transfer_id
         try:
             while True:
                 item = self.queue.get()
@@ -157,11 +157,13 @@ class _Conn:
                 if isinstance(item, bytes):
                     self.sock.sendall(item)
                     continue
+                # Checksummed here, in parallel with the other connections, just before the socket copies it.
+                header = frame(encode(item.chunk.header(transfer_id, item.attempt)))
                 payload = item.chunk.payload
-                delay = bucket.reserve(len(item.header) + len(payload))
+                delay = bucket.reserve(len(header) + len(payload))
                 if delay > 0 and self.stopping.wait(delay):
                     return
-                send_all(self.sock, item.header, payload)
+                send_all(self.sock, header, payload)
                 item.sent_at = time.monotonic()
         except OSError as e:
             self._broken(e)
@@ -255,8 +257,7 @@ class _TcpSession:
         self._dispatch(chunk, 0)
 
     def _dispatch(self, chunk: OutChunk, attempt: int) -> None:
-        header = chunk.header(self.manifest.transfer_id, attempt)
-        flight = _Flight(chunk, frame(encode(header)), attempt)
+        flight = _Flight(chunk, attempt)
         size = len(chunk.payload)
         self._flights[(chunk.part, chunk.offset)] = flight
         self._inflight_bytes += size
