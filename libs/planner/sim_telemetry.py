@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from libs.common.errors import BadRequest
+from libs.common.errors import ConfigError
 from libs.common.messages import LinkStats
 from libs.planner.link import FluidLink
 from libs.policy import TelemetryConfig
@@ -35,7 +35,7 @@ class TelemetrySettings:
                   "budget_gbps": self.budget_gbps is None or self.budget_gbps > 0}  # fmt: skip
         for key, ok in checks.items():
             if not ok:
-                raise BadRequest(f"telemetry {key} must be positive, got {getattr(self, key)!r}")
+                raise ConfigError(f"telemetry {key} must be positive, got {getattr(self, key)!r}")
 
     def to_json(self) -> dict:
         """The settings, for a scenario's JSON."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from libs.common.errors import ConfigError
 from libs.engine.profiles import HARDWARE, MODELS
 from libs.planner.link import Flow, FluidLink
 from libs.planner.sim_telemetry import LinkSampler, TelemetrySettings
@@ -113,7 +114,7 @@ def test_the_router_sees_a_capacity_drop_only_through_telemetry_after_the_lag():
 
 def test_settings_are_validated_and_reported():
     """Telemetry settings name the bad key; the scenario JSON carries them."""
-    with pytest.raises(Exception, match="lag_s"):
+    with pytest.raises(ConfigError, match="lag_s"):
         TelemetrySettings(lag_s=-1.0)
     doc = TelemetrySettings().to_json()
     assert doc["interval_s"] == 1.0 and doc["router"]["smoothing_s"] == 5.0
