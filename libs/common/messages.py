@@ -568,6 +568,24 @@ class LinkStats(_Msg, tag="link.stats.v1"):
     sender: str = ""  # the publishing process (samples of one sender replace each other; several may share a pair)
 
 
+class LinkShareAnnounce(_Msg, tag="link.share.v1"):
+    """One process's demand on a site pair's KV budget and what it lets out now (``subjects.link_share``).
+
+    Every process sending on a pair announces about every ``interval_s``; each takes its max-min
+    fair share of the budget among the processes with demand, and forgets one silent for a few
+    intervals.
+    """
+
+    src_site: str
+    dst_site: str
+    process: str  # unique per process (host, pid, random); LinkStats.sender carries the same
+    budget_gbps: float  # the pair's budget as this process is configured
+    demand_gbps: float  # what it would use now (0: idle)
+    rate_gbps: float  # what its bucket lets out now (its share, or less while waiting for headroom)
+    interval_s: float  # its announcement period
+    seq: int  # per process, from 1
+
+
 # --- Codecs, built once ---------------------------------------------------------------------
 
 msgpack_encoder = msgspec.msgpack.Encoder()
@@ -585,6 +603,7 @@ kv_control_reply_decoder = msgspec.msgpack.Decoder(KvControlReply)
 kv_chunk_decoder = msgspec.msgpack.Decoder(KvChunk)
 kv_end_decoder = msgspec.msgpack.Decoder(KvEnd)
 link_stats_decoder = msgspec.msgpack.Decoder(LinkStats)
+link_share_announce_decoder = msgspec.msgpack.Decoder(LinkShareAnnounce)
 decode_job_decoder = msgspec.msgpack.Decoder(DecodeJob)
 decode_job_reply_decoder = msgspec.msgpack.Decoder(DecodeJobReply)
 prefill_job_decoder = msgspec.msgpack.Decoder(PrefillJob)

@@ -51,6 +51,15 @@ def link(src_site: str, dst_site: str) -> str:
     return f"{PREFIX}.link.{token(src_site, 'site')}.{token(dst_site, 'site')}"
 
 
+def link_share(src_site: str, dst_site: str) -> str:
+    """Subject of ``LinkShareAnnounce`` from ``src_site``'s processes on the pair to ``dst_site`` (``*``: all).
+
+    Its own area (``linkshare``, not ``link``): a reader of ``LINK_ALL`` gets link statistics only.
+    """
+    dst = dst_site if dst_site == "*" else token(dst_site, "site")
+    return f"{PREFIX}.linkshare.{token(src_site, 'site')}.{dst}"
+
+
 # Jobs: the router sends a DecodeJob to one decode instance (request/reply: a reservation), then a
 # PrefillJob to a prefill cluster (queue group) or to one of its instances. Cancellations go to
 # every gateway on one subject; each acts only on the requests it holds.
