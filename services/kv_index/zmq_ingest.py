@@ -107,7 +107,7 @@ class ZmqIngest:
         self._next: int | None = None  # next engine sequence expected; None until (re)contact
         self._live_last: int | None = None  # last sequence seen on the PUB socket
         self._contact = "first contact"
-        self._lock = asyncio.Lock()  # one batch of ours at a time, in order
+        self._lock = asyncio.Lock()  # one batch of ours at a time, in order; the mapper is only used under it
 
     async def run(self) -> None:
         """Receive, translate and publish until cancelled."""
@@ -155,19 +155,19 @@ class ZmqIngest:
         elif seq > self._next:
             await self._resync(self._next, (seq, payload))
         else:
-            batch = self._decoded(payload)
+            batch = await asyncio.to_thread(self._decoded, payload)
             if batch is None:
                 self._count_reset("malformed batch", {"site": self.endpoint.site, "instance": self.endpoint.instance, "seq": seq})
                 await self._restart(seq, [])
             else:
-                await self._publish(self._map(batch))
+                await self._publish(await asyncio.to_thread(self._map_all, [(seq, batch)]))
                 self._next = seq + 1
 
     async def _resync(self, start: int, live: tuple[int, bytes] | None, baseline: str = "") -> None:
         """Catch up from engine sequence ``start`` (to the live batch, if any): replay, or restart."""
         batches, failure = await self._replayed(start)
         if live is not None:
-            batches[live[0]] = self._decoded(live[1])
+            batches[live[0]] = await asyncio.to_thread(self._decoded, live[1])
         elif not batches:
             return  # nothing to start from yet: wait for the engine's next batch
         run = _contiguous_tail(batches)
@@ -178,10 +178,7 @@ class ZmqIngest:
         elif run and run[0][0] == start:
             self.metrics.engine_gaps_repaired.labels(self._label).inc()
             log.info("engine sequence gap repaired from %d replayed batches", len(run), extra=where)
-            changes: list[MappedChange] = []
-            for _, batch in run:
-                changes += self._map(batch)
-            await self._publish(changes)
+            await self._publish(await asyncio.to_thread(self._map_all, run))
             self._next = run[-1][0] + 1
             return
         else:
@@ -192,10 +189,7 @@ class ZmqIngest:
     async def _restart(self, seq: int, run: list[tuple[int, EngineBatch]]) -> None:
         """Drop the instance's blocks and start again from ``run`` (or after ``seq`` if it is empty)."""
         self.mapper.reset()
-        changes = [MappedChange("cleared")]
-        for _, batch in run:
-            changes += self._map(batch)
-        await self._publish(changes)
+        await self._publish([MappedChange("cleared"), *await asyncio.to_thread(self._map_all, run)])
         self._next = (run[-1][0] if run else seq) + 1
 
     def _count_reset(self, reason: str, where: dict) -> None:
@@ -213,7 +207,7 @@ class ZmqIngest:
             log.warning("engine replay failed", extra={"site": self.endpoint.site, "instance": self.endpoint.instance, "error": e.message})
             return {}, "replay failed"
         self.metrics.engine_replayed_batches.labels(self._label).inc(len(raw))
-        return {seq: self._decoded(payload) for seq, payload in raw if seq >= start}, ""
+        return await asyncio.to_thread(lambda: {seq: self._decoded(payload) for seq, payload in raw if seq >= start}), ""
 
     def _decoded(self, payload: bytes) -> EngineBatch | None:
         try:
@@ -226,17 +220,20 @@ class ZmqIngest:
         self.metrics.bad_messages.labels("zmq").inc()
         log.warning("malformed engine KV event", extra={"endpoint": self.endpoint.url, "error": e.message})
 
-    def _map(self, batch: EngineBatch) -> list[MappedChange]:
+    def _map_all(self, run: list[tuple[int, EngineBatch]]) -> list[MappedChange]:
+        """Our changes for consecutive engine batches (CPU-bound: run in a thread, under the lock)."""
         mapper = self.mapper
         unmapped, skipped = mapper.unmapped_blocks, dict(mapper.skipped_blocks)
-        changes = mapper.apply(batch.events)
+        changes: list[MappedChange] = []
+        for _, batch in run:
+            changes += mapper.apply(batch.events)
+            if batch.ignored_events:
+                self.metrics.engine_ignored_events.labels(self._label).inc(batch.ignored_events)
         if mapper.unmapped_blocks > unmapped:
             self.metrics.engine_unmapped.labels(self._label).inc(mapper.unmapped_blocks - unmapped)
         for reason, count in mapper.skipped_blocks.items():
             if count > skipped.get(reason, 0):
                 self.metrics.engine_skipped.labels(self._label, reason).inc(count - skipped.get(reason, 0))
-        if batch.ignored_events:
-            self.metrics.engine_ignored_events.labels(self._label).inc(batch.ignored_events)
         return changes
 
     async def _publish(self, changes: list[MappedChange]) -> None:

@@ -7,8 +7,8 @@ batch from ``start_seq`` on, then a message whose seq is -1 (with the topic fram
 releases, without it in older ones and SGLang).
 
 Commands arrive as JSON lines on stdin, one batch each: ``{"events": [...], "drop": false}``
-(``drop``: number and buffer the batch but do not send it, as a PUB socket drops under load), or
-``{"raw_payload": "<hex>"}``; each is answered with ``{"seq": n, "hashes": [...]}`` on stdout.
+(``drop``: number and buffer the batch but do not send it, as a PUB socket drops under load); each
+is answered with ``{"seq": n, "hashes": [...]}`` on stdout.
 ``EnginePublisher`` drives the process from a test.
 """
 
@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,11 +59,22 @@ def _event(family: Family, spec: dict) -> tuple[Any, list[Hash]]:
     return family.cleared(), []
 
 
+def _batch(family: Family, specs: list[dict]) -> tuple[bytes, list[list[Any]]]:
+    """The payload of one commanded batch, and the hashes each of its events names."""
+    events, named = [], []
+    for spec in specs:
+        event, hashes = _event(family, spec)
+        events.append(event)
+        named.append([_to_json(h) for h in hashes])
+    return family.batch(time.time(), events), named
+
+
 def serve(family: Family, pub_port: int, replay_port: int | None, buffer_steps: int) -> None:
     """Publish batches commanded on stdin, answer replay requests, until stdin closes."""
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
+    pub.set_hwm(100_000)  # vLLM's default
     pub.bind(f"tcp://127.0.0.1:{pub_port}")
     replay = None
     if replay_port is not None:
@@ -71,8 +83,9 @@ def serve(family: Family, pub_port: int, replay_port: int | None, buffer_steps: 
         replay.bind(f"tcp://127.0.0.1:{replay_port}")
     buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=buffer_steps)
     next_seq = 0
+    stdin, pending = sys.stdin.fileno(), b""
     poller = zmq.Poller()
-    poller.register(sys.stdin.fileno(), zmq.POLLIN)
+    poller.register(stdin, zmq.POLLIN)
     if replay is not None:
         poller.register(replay, zmq.POLLIN)
     print(json.dumps({"ready": True}), flush=True)
@@ -87,26 +100,20 @@ def serve(family: Family, pub_port: int, replay_port: int | None, buffer_steps: 
                 if seq >= start_seq:
                     replay.send_multipart([*head, seq.to_bytes(8, "big"), payload])
             replay.send_multipart([*end_head, END_SEQ, b""])
-        if sys.stdin.fileno() in ready:
-            line = sys.stdin.readline()
-            if not line:
+        if stdin in ready:
+            chunk = os.read(stdin, 1 << 16)
+            if not chunk:
                 break
-            command = json.loads(line)
-            named: list[list[Any]] = []
-            if "raw_payload" in command:
-                payload = bytes.fromhex(command["raw_payload"])
-            else:
-                events = []
-                for spec in command["events"]:
-                    event, hashes = _event(family, spec)
-                    events.append(event)
-                    named.append([_to_json(h) for h in hashes])
-                payload = family.batch(time.time(), events)
-            seq, next_seq = next_seq, next_seq + 1
-            if not command.get("drop"):
-                pub.send_multipart([TOPIC, seq.to_bytes(8, "big"), payload])
-            buffer.append((seq, payload))
-            print(json.dumps({"seq": seq, "hashes": named}), flush=True)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                command = json.loads(line)
+                payload, named = _batch(family, command["events"])
+                seq, next_seq = next_seq, next_seq + 1
+                if not command.get("drop"):
+                    pub.send_multipart([TOPIC, seq.to_bytes(8, "big"), payload])
+                buffer.append((seq, payload))
+                print(json.dumps({"seq": seq, "hashes": named}), flush=True)
     pub.close()
     if replay is not None:
         replay.close()
@@ -150,10 +157,18 @@ class EnginePublisher:
         """Publish one batch of the given events; returns its seq and the hashes each event names."""
         return await self._command({"events": list(events), "drop": drop})
 
-    async def send_raw(self, payload: bytes) -> int:
-        """Publish an arbitrary payload as the next batch; returns its seq."""
-        seq, _ = await self._command({"raw_payload": payload.hex()})
-        return seq
+    async def send_many(self, batches: list[list[dict]], drop: bool = False) -> list[int]:
+        """Publish several batches back to back (answers read while writing); returns their seqs."""
+        async def read_all() -> list[dict]:
+            return [await self._answer() for _ in batches]
+
+        answers = asyncio.ensure_future(read_all())
+        try:
+            self.proc.stdin.write("".join(json.dumps({"events": events, "drop": drop}) + "\n" for events in batches).encode())
+            await self.proc.stdin.drain()
+            return [answer["seq"] for answer in await answers]
+        finally:
+            answers.cancel()
 
     async def _command(self, command: dict) -> tuple[int, list[list[Any]]]:
         self.proc.stdin.write((json.dumps(command) + "\n").encode())
