@@ -21,6 +21,7 @@ from libs.lab.plan import LabSettings
 from libs.lab.runstate import STATUS, SUPERVISOR_LOG, read_status, running_status
 from libs.lab.supervisor import Lab
 from libs.lab.topology import load_topology
+from services.router.chat_template import PLAIN_TEMPLATE, ChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ DEMO_PROMPT = (
     "You are prfaas-demo, a helpful assistant. Answer concisely and cite the documents you were given. "
     "Documents follow; each starts with a title line and ends with a blank line."
 )
+# What the routers' default chat template makes of the demo's system turn: the prefix a chat with
+# that system prompt leaves in the KV index (so `prfaas index lookup` finds it).
+DEMO_PREFIX_TEXT = ChatTemplate(PLAIN_TEMPLATE).render([{"role": "system", "content": DEMO_PROMPT}],
+                                                       add_generation_prompt=False)  # fmt: skip
 _DETACH_GRACE_S = 15.0  # a detached supervisor gets this long beyond the readiness deadline
 
 
@@ -132,7 +137,8 @@ def summary(status: dict, elapsed_s: float, *, detached: bool) -> str:
         lines.append(f"  curl -s {router}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
                      f"-d {shlex.quote(json.dumps(body))}")  # fmt: skip
     index_site = next(iter(status["sites"].values()))
-    lines.append(f"  prfaas index lookup --nats {index_site['nats_url']} --text {shlex.quote(DEMO_PROMPT)}")
+    lines.append(f"  prfaas index lookup --nats {index_site['nats_url']} --text {shlex.quote(DEMO_PREFIX_TEXT)}"
+                 "   (after the chat: where its system prompt's KV is cached)")  # fmt: skip
     if status["links"]:
         a, b = status["links"][0]["sites"]
         lines.append(f"  prfaas lab link {a} {b} --gbps 1 --rtt-ms 40   (then --down / --up to cut and restore it)")

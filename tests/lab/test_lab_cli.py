@@ -6,6 +6,7 @@ import asyncio
 import collections
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import pytest
 
 from libs.common import subjects
 from libs.lab.runstate import alive
+from libs.lab.up import DEMO_PREFIX_TEXT, DEMO_PROMPT
 from libs.lab.wan_server import link_figures
 
 PRFAAS = [sys.executable, "-m", "libs.cli"]
@@ -193,6 +195,27 @@ async def test_a_slower_link_makes_adaptive_offload_less(lab: dict) -> None:
             restored = await asyncio.to_thread(_prfaas, run_dir, "link", "dc-a", "dc-b", "--gbps", "10")
             assert restored.returncode == 0, restored.stderr
         assert slow_routes.count("remote") <= 2, slow_routes  # the first goes before any LinkStats shows the slowdown
+
+
+async def test_the_suggested_index_lookup_finds_the_demo_chat_prefix(lab: dict) -> None:
+    """After a chat with the demo system prompt, `prfaas index lookup` of the printed text finds its blocks at dc-b."""
+    assert f"prfaas index lookup --nats {lab['sites']['dc-a']['nats_url']} --text {shlex.quote(DEMO_PREFIX_TEXT)}" in lab["up_stdout"]
+    client = openai.AsyncOpenAI(base_url=lab["router_url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    async with client:
+        await client.chat.completions.create(model=lab["model"], max_tokens=4, messages=[
+            {"role": "system", "content": DEMO_PROMPT}, {"role": "user", "content": "Hello!"}])  # fmt: skip
+    full_blocks = len(DEMO_PREFIX_TEXT.encode()) // 64  # BOS + bytes; whole blocks only
+    deadline = time.monotonic() + 15
+    while True:
+        lookup = await asyncio.to_thread(subprocess.run, [*PRFAAS, "index", "lookup", "--nats",
+                                         lab["sites"]["dc-a"]["nats_url"], "--text", DEMO_PREFIX_TEXT],
+                                         capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert lookup.returncode == 0, lookup.stderr
+        held = {(i["site"], i["instance"]): i["usable_blocks"] for i in json.loads(lookup.stdout)["instances"]}
+        if held.get(("dc-b", "pd-p0")) == full_blocks:
+            break
+        assert time.monotonic() < deadline, f"the index never showed the demo prefix: {held}"
+        await asyncio.sleep(0.3)
 
 
 def test_a_second_lab_in_the_same_run_dir_is_refused(lab: dict) -> None:
