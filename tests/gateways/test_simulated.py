@@ -110,7 +110,6 @@ async def test_paced_transfer_is_hidden_behind_the_prefill(simulated, sites):
     status = out.status
     assert isinstance(status, PrefillFinished)
     link_s = status.sent_bytes * 8 / (PACED_GBPS * 1e9)  # what the bytes take at the budget: ~ the prefill
-    assert status.transfer_s >= 0.8 * link_s  # the budget really paced it
     exposed = out.first_token_s - status.prefill_s - _step_s(1)
     # Without layer-wise overlap the exposed part would be the whole transfer (~0.7 s).
     assert exposed <= 0.5 * link_s
