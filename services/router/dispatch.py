@@ -14,13 +14,13 @@ the first token a failure cannot be hidden: it ends the stream with an error (``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from opentelemetry import trace
@@ -47,12 +47,11 @@ from libs.common.telemetry import inject_headers
 from services.router.config import RouterConfig
 from services.router.events import DecisionLog
 from services.router.live_view import LiveView
+from services.router.mailbox import STATUS, Mailbox
 from services.router.scheduler import Prepared, Scheduler
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
-
-_stream_decoder = msgspec.msgpack.Decoder(TokenChunk | DecodeFinished | PrefillFinished | ErrorReply)
 
 
 class DecodeFailed(PrfaasError):
@@ -98,16 +97,18 @@ class RequestRun:
         scheduler: Scheduler,
         view: LiveView,
         events: DecisionLog,
+        mailbox: Mailbox,
         prepared: Prepared,
     ) -> None:
         self.nc = nc
+        self.mailbox = mailbox
         self.config = config
         self.scheduler = scheduler
         self.view = view
         self.events = events
         self.prepared = prepared
         self.record = RunRecord()
-        self._open_sub = None  # the finished attempt's inbox, kept until the prefill status arrives
+        self._open_queue: asyncio.Queue | None = None  # the finished attempt's, kept until the prefill status arrives
 
     async def tokens(self) -> AsyncIterator[list[int]]:
         """Token ids in order; raises the typed error when no attempt can serve the request."""
@@ -145,45 +146,43 @@ class RequestRun:
         job_id = prepared.request_id if event.attempt == 0 else f"{prepared.request_id}-a{event.attempt}"
         self.record.job_ids.append(job_id)
         remote = d.prefill_site != d.decode_site
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox + ".>")
+        queue = self.mailbox.open(job_id)
         self.view.add_pending(d.decode_instance, job_id)
         self.view.add_pending(d.prefill_instance, job_id, d.predicted_prefill_s)
         done = False
         try:
-            reservation = await self._reserve(event, job_id, inbox + ".tokens")
-            await self._start_prefill(event, job_id, reservation, inbox + ".status", remote)
-            async for ids in self._stream(sub, event, job_id, remote):
+            reservation = await self._reserve(event, job_id, self.mailbox.tokens_subject(job_id))
+            await self._start_prefill(event, job_id, reservation, self.mailbox.status_subject(job_id), remote)
+            async for ids in self._stream(queue, event, job_id, remote):
                 yield ids
             done = True
         finally:
             self.view.release(d.decode_instance, job_id)
             if done and self.record.prefill is None:
-                self._open_sub = sub
+                self._open_queue = queue
             else:
                 self.view.release(d.prefill_instance, job_id)
-                await _unsubscribe(sub)
+                self.mailbox.close(job_id)
             if not done:  # failed, retried, or the client went away: free what the gateways hold
                 await self.cancel(job_id, "attempt abandoned")
 
     async def settle(self, timeout_s: float = 1.0) -> None:
         """After the last token: wait briefly for the prefill status (it may trail the decode stream)."""
-        sub, self._open_sub = self._open_sub, None
-        if sub is None:
+        queue, self._open_queue = self._open_queue, None
+        if queue is None:
             return
-        d = self.record.decision.decision
+        job_id = self.record.job_ids[-1]
         try:
-            end = time.monotonic() + timeout_s
-            while self.record.prefill is None and (left := end - time.monotonic()) > 0:
-                msg = await sub.next_msg(timeout=left)
-                item = _stream_decoder.decode(msg.data)
-                if isinstance(item, PrefillFinished):
-                    self.record.prefill = item
-        except (nats.errors.TimeoutError, msgspec.DecodeError):
+            async with asyncio.timeout(timeout_s):
+                while self.record.prefill is None:
+                    _, item = await queue.get()
+                    if isinstance(item, PrefillFinished):
+                        self.record.prefill = item
+        except TimeoutError:
             pass
         finally:
-            self.view.release(d.prefill_instance, self.record.job_ids[-1])
-            await _unsubscribe(sub)
+            self.view.release(self.record.decision.decision.prefill_instance, job_id)
+            self.mailbox.close(job_id)
 
     async def cancel(self, job_id: str, reason: str) -> None:
         """Tell every gateway to stop ``job_id`` and free what it holds."""
@@ -271,7 +270,7 @@ class RequestRun:
         self.view.acknowledged(d.prefill_instance, job_id)
         return reply
 
-    async def _stream(self, sub, event: DecisionEvent, job_id: str, remote: bool) -> AsyncIterator[list[int]]:
+    async def _stream(self, queue: asyncio.Queue, event: DecisionEvent, job_id: str, remote: bool) -> AsyncIterator[list[int]]:
         """Token chunks until DecodeFinished; failures before the first token become retries."""
         d = event.decision
         rec = self.record
@@ -281,18 +280,14 @@ class RequestRun:
             started = rec.first_token_at is not None
             timeout_s = self.config.token_timeout_s if started else self.config.first_token_timeout_s
             try:
-                msg = await sub.next_msg(timeout=timeout_s)
-            except nats.errors.TimeoutError:
+                async with asyncio.timeout(timeout_s):
+                    kind, item = await queue.get()
+            except TimeoutError:
                 if started:
                     raise DecodeFailed(f"decode instance {d.decode_instance} went silent for {timeout_s}s") from None
                 where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
                 err = UpstreamTimeout(f"no first token within {timeout_s}s ({where})")
                 raise _Retry(f"{where} timed out", err, exclude=frozenset({d.prefill_instance}), local_only=remote) from None
-            try:
-                item = _stream_decoder.decode(msg.data)
-            except msgspec.DecodeError:
-                log.warning("undecodable stream message", extra={"request_id": job_id, "subject": msg.subject})
-                continue
             if isinstance(item, TokenChunk):
                 if item.index < next_index:
                     continue  # a duplicate
@@ -311,7 +306,7 @@ class RequestRun:
             elif isinstance(item, PrefillFinished):
                 rec.prefill = item
                 self.view.release(d.prefill_instance, job_id)
-            elif msg.subject.endswith(".status"):  # the prefill leg failed
+            elif kind == STATUS:  # the prefill leg failed
                 self._fail(item, event, started, prefill_failed=True, remote=remote)
             else:  # the decode leg failed (a transfer failure included)
                 self._fail(item, event, started, prefill_failed=False, remote=remote)
@@ -365,9 +360,3 @@ class RequestRun:
             predicted_ttft_s=d.predicted_ttft_s if d else None,
         )
 
-
-async def _unsubscribe(sub) -> None:
-    try:
-        await sub.unsubscribe()
-    except nats.errors.Error:
-        pass

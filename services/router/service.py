@@ -24,6 +24,7 @@ from services.router.events import DecisionLog
 from services.router.handlers import handle_link_stats, handle_load
 from services.router.http import create_app
 from services.router.live_view import LiveView
+from services.router.mailbox import Mailbox
 from services.router.metrics import RouterMetrics
 from services.router.replan import Replanner
 from services.router.scheduler import Scheduler
@@ -59,6 +60,7 @@ class RouterService:
         self.scheduler = Scheduler(config, tokenizer, template, self.view, self.index)
         self.events = DecisionLog(nc, config.site, max_age_s=config.decisions_max_age_s, max_bytes=config.decisions_max_bytes)
         self.replanner = Replanner(config, self.scheduler, self.view, self.events)
+        self.mailbox = Mailbox(nc)
         self.started_at = int(time.time())
         self.port = 0  # the bound HTTP port once started
         self._subs = []
@@ -87,6 +89,7 @@ class RouterService:
         await self.events.ensure_stream()
         self._subs.append(await self.nc.subscribe(subjects.LOAD_ALL, cb=self._on_load))
         self._subs.append(await self.nc.subscribe(subjects.LINK_ALL, cb=self._on_link))
+        await self.mailbox.start()
         await self.nc.flush(timeout=self.config.connect_timeout_s)
         self.metrics.threshold.set(self.scheduler.policy.config.threshold_tokens)
         if self.config.replan_interval_s > 0:
@@ -114,6 +117,7 @@ class RouterService:
             except nats.errors.Error:
                 pass
         self._subs.clear()
+        await self.mailbox.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

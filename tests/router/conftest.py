@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -75,9 +76,9 @@ async def nc(nats_url: str):
 StartRouter = Callable[..., Awaitable[RouterService]]
 
 
-@pytest.fixture
-async def start_router(nats_url: str) -> AsyncIterator[StartRouter]:
-    """Start routers with config overrides; all are stopped at teardown."""
+@contextlib.asynccontextmanager
+async def router_starter(nats_url: str) -> AsyncIterator[StartRouter]:
+    """Start routers on ``nats_url`` with config overrides; all are stopped on exit."""
     started: list[tuple[RouterService, object]] = []
 
     async def _start(**overrides) -> RouterService:
@@ -94,6 +95,13 @@ async def start_router(nats_url: str) -> AsyncIterator[StartRouter]:
         for service, client in reversed(started):
             await service.stop()
             await client.drain()
+
+
+@pytest.fixture
+async def start_router(nats_url: str) -> AsyncIterator[StartRouter]:
+    """Start routers on the test's NATS server."""
+    async with router_starter(nats_url) as start:
+        yield start
 
 
 async def ready_router(start_router: StartRouter, nc, *loads: InstanceLoad, **overrides) -> RouterService:

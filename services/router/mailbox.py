@@ -1,0 +1,71 @@
+"""One long-lived inbox for every job's token stream and prefill status, demultiplexed by job id.
+
+Subscribing once (``<inbox>.>``) instead of per request means the interest is known at every site
+of the supercluster before the first request, so a status published at a remote site is never
+dropped while a fresh subscription's interest is still propagating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from libs.common.messages import DecodeFinished, ErrorReply, PrefillFinished, TokenChunk
+
+StreamItem = TokenChunk | DecodeFinished | PrefillFinished | ErrorReply
+_decoder = msgspec.msgpack.Decoder(StreamItem)
+TOKENS, STATUS = "tokens", "status"
+
+
+class Mailbox:
+    """Routes ``<prefix>.tokens.<job>`` and ``<prefix>.status.<job>`` messages to the job's queue."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox()
+        self._queues: dict[str, asyncio.Queue[tuple[str, StreamItem]]] = {}
+        self._sub = None
+        self.undecodable = 0
+
+    async def start(self) -> None:
+        """Subscribe to the inbox."""
+        self._sub = await self.nc.subscribe(f"{self.prefix}.>", cb=self._on_message)
+
+    async def stop(self) -> None:
+        """Unsubscribe (idempotent)."""
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    def tokens_subject(self, job_id: str) -> str:
+        """Where the decode side sends ``job_id``'s tokens."""
+        return f"{self.prefix}.{TOKENS}.{job_id}"
+
+    def status_subject(self, job_id: str) -> str:
+        """Where the prefill side sends ``job_id``'s status."""
+        return f"{self.prefix}.{STATUS}.{job_id}"
+
+    def open(self, job_id: str) -> asyncio.Queue[tuple[str, StreamItem]]:
+        """The queue of ``job_id``'s messages, as ``(TOKENS | STATUS, message)``."""
+        queue = self._queues[job_id] = asyncio.Queue()
+        return queue
+
+    def close(self, job_id: str) -> None:
+        """Stop collecting ``job_id``'s messages."""
+        self._queues.pop(job_id, None)
+
+    async def _on_message(self, msg: Msg) -> None:
+        kind, _, job_id = msg.subject[len(self.prefix) + 1 :].partition(".")
+        queue = self._queues.get(job_id)
+        if queue is None:
+            return
+        try:
+            queue.put_nowait((kind, _decoder.decode(msg.data)))
+        except msgspec.DecodeError:
+            self.undecodable += 1

@@ -1,0 +1,248 @@
+"""End to end on two sites with reference gateways, driven with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import msgspec
+import openai
+import pytest
+from opentelemetry import trace
+
+from libs.common import subjects
+from libs.common.bus import connect
+from libs.common.messages import (
+    DecisionEvent,
+    ErrorReply,
+    OutcomeEvent,
+    analytics_event_decoder,
+    encode,
+    instance_load_decoder,
+)
+from libs.engine.model import ReferenceModel
+from libs.engine.tokenizer import ByteTokenizer
+from services.router.chat_template import PLAIN_TEMPLATE, ChatTemplate
+from tests.kv_index.conftest import index_config, start_index
+from tests.router.conftest import router_starter, until
+from tests.router.deployment import PD, PRFAAS, fleet
+
+MODEL = ReferenceModel()
+TOK = ByteTokenizer()
+REMOTE, LOCAL, DECODE = "rt-p0", "rt-l0", "rt-d0"
+LONG_TEXT = "Long context: the KV cache of a hybrid model is small enough to cross datacenters. " * 8
+THRESHOLD = 512
+
+
+@pytest.fixture(scope="module")
+def refs(supercluster, tmp_path_factory, otlp):
+    """Reference gateways: PrfaaS prefill at dc-prfaas; local prefill and decode at dc-pd (all traced)."""
+    receiver, _ = otlp
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    specs = [("prefill_gateway", PRFAAS, REMOTE, {"cluster": "rt-prfaas"}), ("prefill_gateway", PD, LOCAL, {"cluster": "rt-pd"}),
+             ("decode_gateway", PD, DECODE, {})]  # fmt: skip
+    yield from fleet(supercluster, tmp_path_factory.mktemp("router-e2e"), specs, env)
+
+
+async def reachable(svc, cluster, instances) -> None:
+    """Wait until the router sees ``instances`` and a status published at the PrfaaS site reaches its inbox."""
+    await until(lambda: set(instances) <= {ld.instance for ld in svc.view.alive()}, timeout_s=15, what="heartbeats")
+    nc = await connect(cluster.url(PRFAAS), name="probe")
+    queue = svc.mailbox.open("probe")
+    try:
+        async with asyncio.timeout(15):
+            while queue.empty():
+                await nc.publish(svc.mailbox.status_subject("probe"), encode(ErrorReply(code="probe", message="")))
+                await nc.flush()
+                await asyncio.sleep(0.1)
+    finally:
+        svc.mailbox.close("probe")
+        await nc.close()
+
+
+@pytest.fixture
+async def router(refs, supercluster, redis_url):
+    """A router at dc-pd (static threshold t=512) with a KV index, both in this process."""
+    _, close = await start_index(index_config(supercluster.url(PD), redis_url))
+    try:
+        async with router_starter(supercluster.url(PD)) as start:
+            svc = await start(policy="static-threshold", threshold_tokens=THRESHOLD, token_timeout_s=10.0)
+            await reachable(svc, supercluster, (REMOTE, LOCAL, DECODE))
+            yield svc
+    finally:
+        await close()
+
+
+@pytest.fixture
+async def events(supercluster):
+    """Decision and outcome events published at dc-pd, as they arrive."""
+    nc = await connect(supercluster.url(PD), name="events")
+    got: list = []
+
+    async def keep(msg) -> None:
+        got.append(analytics_event_decoder.decode(msg.data))
+
+    await nc.subscribe(subjects.decisions(PD), cb=keep)
+    await nc.subscribe(subjects.outcomes(PD), cb=keep)
+    await nc.flush()
+    try:
+        yield got
+    finally:
+        await nc.close()
+
+
+def api(svc) -> openai.AsyncOpenAI:
+    """The official client, pointed at the router."""
+    return openai.AsyncOpenAI(base_url=svc.url + "/v1", api_key="unused", max_retries=0, timeout=60.0)
+
+
+def expected_text(prompt_ids: list[int], max_tokens: int) -> str:
+    """What monolithic generation gives for the same prompt (greedy)."""
+    return TOK.decode(MODEL.generate(prompt_ids, max_tokens))
+
+
+def chat_ids(content: str) -> list[int]:
+    """The prompt tokens the router makes of one user message (plain template, BOS first)."""
+    return TOK.encode(ChatTemplate(PLAIN_TEMPLATE).render([{"role": "user", "content": content}]))
+
+
+async def for_request(got: list, request_id: str, kind: type, timeout_s: float = 10.0) -> list:
+    """Events of ``kind`` about ``request_id`` (waits for at least one)."""
+    async with asyncio.timeout(timeout_s):
+        while not (found := [e for e in got if isinstance(e, kind) and e.request_id == request_id]):
+            await asyncio.sleep(0.02)
+    return found
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_completion_matches_monolithic_generation(router, stream):
+    """Chat, streamed or not: the text of monolithic generation, usage, finish_reason, the request id header."""
+    client = api(router)
+    messages = [{"role": "user", "content": "Tell me about prefill."}]
+    want = expected_text(chat_ids(messages[0]["content"]), 12)
+    if not stream:
+        raw = await client.chat.completions.with_raw_response.create(model="reference", messages=messages, max_tokens=12,
+                                                                     temperature=0)  # fmt: skip
+        out = raw.parse()
+        assert raw.headers["x-prfaas-request-id"] and out.id == "chatcmpl-" + raw.headers["x-prfaas-request-id"]
+        assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+        assert out.choices[0].message.content == want and out.choices[0].finish_reason == "length"
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(chat_ids(messages[0]["content"])), 12)
+        return
+    chunks = [c async for c in await client.chat.completions.create(
+        model="reference", messages=messages, max_completion_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True})]  # fmt: skip
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_text_completion_with_token_ids_and_stop(router, stream):
+    """A token-id prompt; ``stop`` cuts the text before the stop sequence and finishes with 'stop'."""
+    prompt = TOK.encode("The decode site streams tokens back. ")
+    full = expected_text(prompt, 24)
+    stop = full[8:10]
+    want = full[: full.index(stop)]
+    client = api(router)
+    if stream:
+        chunks = [c async for c in await client.completions.create(model="reference", prompt=prompt, max_tokens=24,
+                                                                   temperature=0, stop=[stop], stream=True)]  # fmt: skip
+        assert "".join(c.choices[0].text for c in chunks) == want
+        assert chunks[-1].choices[0].finish_reason == "stop" and chunks[0].object == "text_completion"
+    else:
+        out = await client.completions.create(model="reference", prompt=prompt, max_tokens=24, temperature=0, stop=stop)
+        assert out.choices[0].text == want and out.choices[0].finish_reason == "stop"
+        assert out.id.startswith("cmpl-") and out.usage.prompt_tokens == len(prompt)
+    short = await client.completions.create(model="reference", prompt=TOK.decode(prompt), max_tokens=5, temperature=0)
+    assert short.choices[0].text == full[:5] and short.choices[0].finish_reason == "length"
+
+
+async def test_long_prompt_offloaded_short_local(router, events):
+    """The decision events say the long prompt was prefilled at the PrfaaS site and the short one locally."""
+    client = api(router)
+    long = await client.completions.with_raw_response.create(model="reference", prompt=LONG_TEXT, max_tokens=4, temperature=0)
+    short = await client.completions.with_raw_response.create(model="reference", prompt="Hi", max_tokens=4, temperature=0)
+    assert long.parse().choices[0].text == expected_text(TOK.encode(LONG_TEXT), 4)
+    [d_long] = await for_request(events, long.headers["x-prfaas-request-id"], DecisionEvent)
+    [d_short] = await for_request(events, short.headers["x-prfaas-request-id"], DecisionEvent)
+    assert (d_long.route, d_long.decision.prefill_instance, d_long.decision.decode_instance) == ("remote", REMOTE, DECODE)
+    assert d_long.incremental_tokens > THRESHOLD and d_long.decision.transport == "tcp"
+    assert (d_short.route, d_short.decision.prefill_instance) == ("local", LOCAL)
+    [o_long] = await for_request(events, long.headers["x-prfaas-request-id"], OutcomeEvent)
+    assert o_long.status == "ok" and o_long.route == "remote" and o_long.bytes_moved > 0
+    assert o_long.ttft_s > 0 and o_long.prefill_s is not None and o_long.completion_tokens == 4
+
+
+async def test_repeated_long_prefix_is_a_cache_hit(router, events):
+    """A second prompt sharing a long prefix finds it cached (index) and reuses it at the prefill instance."""
+    client = api(router)
+    first = LONG_TEXT + "First question?"
+    await client.completions.create(model="reference", prompt=first, max_tokens=2, temperature=0)
+    body = {"model": "reference", "prompt": LONG_TEXT + "Second question?"}
+
+    async def cached() -> int:
+        async with aiohttp.ClientSession() as http, http.post(router.url + "/v1/route/explain", json=body) as r:
+            return msgspec.json.decode(await r.read(), type=DecisionEvent).cached_tokens.get(PRFAAS, 0)
+
+    async with asyncio.timeout(10):
+        while await cached() == 0:
+            await asyncio.sleep(0.1)
+    raw = await client.completions.with_raw_response.create(max_tokens=2, temperature=0, **body)
+    request_id = raw.headers["x-prfaas-request-id"]
+    [decision] = await for_request(events, request_id, DecisionEvent)
+    assert decision.cached_tokens[PRFAAS] >= len(LONG_TEXT) // 64 * 64 - 64
+    assert decision.decision.reused_prefix_tokens == decision.cached_tokens[PRFAAS]
+    [outcome] = await for_request(events, request_id, OutcomeEvent)
+    assert outcome.cached_tokens >= decision.cached_tokens[PRFAAS]
+    assert raw.parse().choices[0].text == expected_text(TOK.encode(body["prompt"]), 2)
+
+
+async def test_client_disconnect_cancels_the_gateways_work(router, events, supercluster):
+    """Closing a stream mid-way cancels the decode job: its slot frees long before max_tokens would end it."""
+    nc = await connect(supercluster.url(PD), name="watch")
+    try:
+        body = {"model": "reference", "prompt": "Stream a long answer.", "max_tokens": 4000, "temperature": 0.7,
+                "seed": 1, "stream": True}  # fmt: skip
+        async with aiohttp.ClientSession() as http:
+            async with http.post(router.url + "/v1/completions", json=body) as r:
+                request_id = r.headers["x-prfaas-request-id"]
+                await r.content.readline()  # the first chunk: decoding is under way
+        closed_at = time.monotonic()
+        [outcome] = await for_request(events, request_id, OutcomeEvent)
+        assert outcome.status == "cancelled"
+        sub = await nc.subscribe(subjects.load(PD, DECODE))
+        async with asyncio.timeout(5):  # 4,000 tokens at ~5 ms a step would keep the slot ~20 s
+            while True:
+                load = instance_load_decoder.decode((await sub.next_msg(timeout=5)).data)
+                if load.ts > closed_at and load.decode_active == 0 and load.reserved == 0:
+                    break
+    finally:
+        await nc.close()
+
+
+async def test_one_trace_per_request_across_the_hops(router, otlp):
+    """The router's request span and the gateways' spans (reservation, prefill with its transfer, decode) share a trace."""
+    receiver, provider = otlp
+    await asyncio.to_thread(provider.force_flush)
+    receiver.take()
+    await api(router).completions.create(model="reference", prompt=LONG_TEXT, max_tokens=2, temperature=0)
+    want = {"router.request", "router.decide", "router.decode_job", "router.prefill_job", "decode_gateway.reserve",
+            "decode_gateway.job", "prefill_gateway.accept", "prefill_gateway.job"}  # fmt: skip
+    spans = []
+    async with asyncio.timeout(10):
+        while True:
+            await asyncio.to_thread(provider.force_flush)
+            spans += receiver.take()
+            roots = [s for s in spans if s.name == "router.request"]
+            if roots and want <= {s.name for s in spans if s.trace_id == roots[0].trace_id}:
+                break
+            await asyncio.sleep(0.1)
+    assert len({s.trace_id for s in spans if s.name == "router.request"}) == 1
+    services = {s.service for s in spans if s.trace_id == roots[0].trace_id}
+    assert {"prefill_gateway", "decode_gateway"} <= services, services
+    assert trace.get_current_span() is trace.INVALID_SPAN
