@@ -110,9 +110,11 @@ def chat_ids(content: str) -> list[int]:
 async def for_request(got: list, request_id: str, kind: type, timeout_s: float = 10.0) -> list:
     """Events of ``kind`` about ``request_id`` (waits for at least one)."""
     async with asyncio.timeout(timeout_s):
-        while not (found := [e for e in got if isinstance(e, kind) and e.request_id == request_id]):
+        while True:
+            found = [e for e in got if isinstance(e, kind) and e.request_id == request_id]
+            if found:
+                return found
             await asyncio.sleep(0.02)
-    return found
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -190,7 +192,9 @@ async def test_repeated_long_prefix_is_a_cache_hit(router, events):
             return msgspec.json.decode(await r.read(), type=DecisionEvent).cached_tokens.get(PRFAAS, 0)
 
     async with asyncio.timeout(10):
-        while await cached() == 0:
+        while True:
+            if await cached() > 0:
+                break
             await asyncio.sleep(0.1)
     raw = await client.completions.with_raw_response.create(max_tokens=2, temperature=0, **body)
     request_id = raw.headers["x-prfaas-request-id"]
