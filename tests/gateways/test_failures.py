@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 
 import pytest
 
@@ -11,6 +12,7 @@ from libs.common import subjects
 from libs.common.errors import NoCapacity
 from libs.common.messages import DecodeFinished, ErrorReply, JobCancel, PrefillFinished, encode
 from libs.engine.profiles import hardware_profile, model_profile
+from libs.lab.servers import free_port
 from tests.gateways.conftest import caller_for, next_load
 
 MODEL = "kimi-linear-1t"
@@ -22,19 +24,30 @@ PROMPT = list(range(8192))
 SLOW_PREFILL_S = model_profile(MODEL).prefill_time_s(len(PROMPT), hardware_profile("h200")) * SLOW
 
 
+METRICS = {"prefill": free_port(), "decode": free_port()}
+
+
 @pytest.fixture(scope="module")
 def pair(module_gateways):
-    """A slow simulated prefill cluster and a small decode instance (2 slots, 16 MiB, 0.5 s leases)."""
+    """A slow simulated prefill cluster and a small decode instance (2 slots, 16 MiB, 0.5 s leases), with /metrics."""
 
     async def start() -> None:
         await asyncio.gather(
-            module_gateways.prefill("slow", "slow-p0", backend="simulated:h200", time_scale=SLOW, **SIM),
+            module_gateways.prefill("slow", "slow-p0", backend="simulated:h200", time_scale=SLOW,
+                                    metrics_port=METRICS["prefill"], **SIM),
             module_gateways.decode("small-d0", backend="simulated:h20", max_batch=2, kv_memory_bytes=KV_MEMORY,
-                                   lease_s=LEASE_S, **SIM),
+                                   lease_s=LEASE_S, metrics_port=METRICS["decode"], **SIM),
         )
 
     asyncio.run(start())
     return module_gateways
+
+
+async def _metric(role: str, line_start: str) -> float:
+    """The value of the first /metrics sample line starting with ``line_start`` (0 if absent)."""
+    url = f"http://127.0.0.1:{METRICS[role]}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    return next((float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(line_start)), 0.0)
 
 
 async def test_killed_prefill_ends_the_request_with_transfer_failed_and_frees_the_slot(pair, gateways, sites):
@@ -116,3 +129,15 @@ async def test_sigterm_drains_requests_in_flight(gateways, sites):
     assert isinstance(out.final, DecodeFinished) and out.final.completion_tokens == 30
     assert await asyncio.to_thread(prefill.proc.wait, 10) == 0
     assert await asyncio.to_thread(decode.proc.wait, 10) == 0
+
+
+async def test_metrics_count_refusals_failures_and_expired_leases(pair, sites):
+    """/metrics of both gateways count jobs by outcome, failures by code and expired leases."""
+    expired = "prfaas_decode_gateway_leases_expired_total "
+    failed = 'prfaas_decode_gateway_failures_total{code="transfer_failed"}'
+    refused = 'prfaas_prefill_gateway_jobs_total{outcome="bad_request"}'
+    before = [await _metric("decode", expired), await _metric("decode", failed), await _metric("prefill", refused)]
+    async with caller_for(sites, "slow") as caller:  # its reachability probe is one malformed prefill job
+        await caller.request(PROMPT[:256], "small-d0", model=MODEL, send_prefill=False, lease_s=0.2)
+    after = [await _metric("decode", expired), await _metric("decode", failed), await _metric("prefill", refused)]
+    assert after[0] == before[0] + 1 and after[1] == before[1] + 1 and after[2] >= before[2] + 1

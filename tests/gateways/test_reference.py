@@ -52,20 +52,26 @@ def reference_pair(module_gateways, otlp):
 
 
 @pytest.mark.parametrize(
-    ("transport", "sampling"),
-    [("tcp", Sampling()), ("jetstream", Sampling(temperature=0.8, top_p=0.9, seed=7, ignore_eos=True))],
+    ("transport", "sampling", "codec"),
+    [
+        ("tcp", Sampling(), None),
+        ("jetstream", Sampling(temperature=0.8, top_p=0.9, seed=7, ignore_eos=True), None),
+        ("tcp", Sampling(temperature=0.8, seed=11, ignore_eos=True), "zstd"),
+    ],
 )
-async def test_tokens_match_monolithic_generation(reference_pair, sites, transport, sampling):
-    """Prefill at one site, transfer, decode at the other: exactly generate()'s tokens (greedy and seeded)."""
-    prompt = _prompt(f"identity {transport}")
+async def test_tokens_match_monolithic_generation(reference_pair, sites, transport, sampling, codec):
+    """Prefill at one site, transfer, decode at the other: exactly generate()'s tokens (greedy, seeded, zstd)."""
+    prompt = _prompt(f"identity {transport} {codec}")
     async with caller_for(sites, CLUSTER) as caller:
-        out = await caller.request(prompt, DECODE, model="reference", max_tokens=24, sampling=sampling, transport=transport)
+        out = await caller.request(prompt, DECODE, model="reference", max_tokens=24, sampling=sampling,
+                                   transport=transport, codec=codec)
     assert out.tokens == MODEL.generate(prompt, 24, sampling)
     assert isinstance(out.final, DecodeFinished) and out.final.finish_reason == "length"
     assert (out.final.prompt_tokens, out.final.completion_tokens, out.final.held_tokens) == (len(prompt), 24, 0)
     assert isinstance(out.status, PrefillFinished)
     whole = sum(spec.nbytes for spec in MODEL_PARTS(len(prompt)))
-    assert out.status.payload_bytes == whole and out.final.received_bytes == whole
+    assert out.status.payload_bytes == whole
+    assert out.final.received_bytes == out.status.sent_bytes <= whole  # wire bytes (zstd: fewer), no resends
     t = out.final.timings
     assert 0 <= t.kv_wait_s and 0 <= t.transfer_s and t.kv_wait_s + t.transfer_s <= t.first_token_s <= t.total_s
 
@@ -94,6 +100,7 @@ async def test_a_shared_prefix_sends_only_the_missing_blocks(reference_pair, sit
     assert two.reservation.held_blocks == 4 and two.final.held_tokens == 256
     assert two.tokens == MODEL.generate(second, 24)
     assert two.status.payload_bytes == sum(s.nbytes for s in MODEL_PARTS(len(second), 4))
+    assert two.status.cached_tokens == 256  # the prefill instance resumed from its own cache too
     whole = sum(s.nbytes for s in MODEL_PARTS(len(second)))
     assert whole - two.status.payload_bytes == 256 * KV_BYTES_PER_TOKEN  # the held blocks' K/V stayed home
 
@@ -159,3 +166,16 @@ async def test_every_hop_joins_the_callers_trace(reference_pair, sites, otlp):
         while not want <= seen:
             seen |= {s.name for s in receiver.take() if s.trace_id == trace_id}
             await asyncio.sleep(0.05)  # the gateways export in batches every 50 ms
+
+
+async def test_a_stop_sequence_ends_the_stream_without_its_text(reference_pair, sites):
+    """A stop sequence taken from the greedy continuation ends the request there: finish_reason stop, text not sent."""
+    prompt = _prompt("stop sequence", 1)
+    free = MODEL.generate(prompt, 40, Sampling(ignore_eos=True))
+    stop = ByteTokenizer().decode(free[20:23])
+    sampling = Sampling(stop=(stop,), ignore_eos=True)
+    async with caller_for(sites, CLUSTER) as caller:
+        out = await caller.request(prompt, DECODE, model="reference", max_tokens=40, sampling=sampling)
+    assert out.final.finish_reason == "stop"
+    assert out.tokens == MODEL.generate(prompt, 40, sampling)
+    assert stop not in ByteTokenizer().decode(out.tokens)
