@@ -70,6 +70,9 @@ class BackendSpec:
         model = r.str("MODEL", d.model)
         if model not in MODELS:
             raise ConfigError(f"{r.prefix}MODEL={model!r}: expected one of {', '.join(sorted(MODELS))}")
+        if backend == REFERENCE and r.str("MODEL", REFERENCE) != REFERENCE:
+            raise ConfigError(f"{r.prefix}MODEL={model!r}: the reference backend serves the model {REFERENCE!r}; "
+                              f"other models run on 'simulated:<hardware>'")
         time_scale = r.float("TIME_SCALE", d.time_scale, minimum=0.0)
         byte_scale = r.float("BYTE_SCALE", d.byte_scale)
         if byte_scale <= 0:

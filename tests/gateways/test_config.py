@@ -41,6 +41,7 @@ def test_defaults_and_settings_are_read():
          r"DECODE_GATEWAY_MAX_BATCH=4096: simulated:groq-lpu decodes at most 16 sequences .*small batches, fast steps of"),
         ({"DECODE_GATEWAY_BACKEND": "tpu"}, "DECODE_GATEWAY_BACKEND='tpu': expected 'reference' or 'simulated:<hardware>'"),
         ({"DECODE_GATEWAY_MODEL": "gpt-17"}, "DECODE_GATEWAY_MODEL='gpt-17'"),
+        ({"DECODE_GATEWAY_MODEL": "qwen3-235b"}, "DECODE_GATEWAY_MODEL='qwen3-235b': the reference backend serves"),
         ({"DECODE_GATEWAY_TRANSPORTS": "tcp,rdma"}, "DECODE_GATEWAY_TRANSPORTS='tcp,rdma'"),
         ({"DECODE_GATEWAY_LEASE_S": "soon"}, "DECODE_GATEWAY_LEASE_S='soon': expected a number"),
         ({"DECODE_GATEWAY_SITE": "dc.pd"}, "DECODE_GATEWAY_SITE='dc.pd'"),
