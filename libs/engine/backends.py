@@ -32,6 +32,7 @@ from libs.engine.scheduler import DecodeLoop, run_ahead
 from libs.engine.state import RequestState, plan_parts
 
 DEFAULT_CACHE_BYTES = 256 * 2**20
+_LOOP_TOKENS = 8192  # longer prompts are checked and hashed in a worker thread
 log = logging.getLogger(__name__)
 
 
@@ -79,6 +80,16 @@ def check_layout(specs: Sequence[PartSpec], parts: Sequence[StatePart]) -> dict[
             raise BadRequest(f"state part {spec.key} has shape {array.shape} {array.dtype}, "
                              f"expected {spec.shape} {spec.dtype}")
     return by_key
+
+
+async def checked_prompt(backend: Backend, tokens: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    """The prompt as int32 and its block hashes (``BadRequest`` as ``check_prompt``), long ones off the event loop."""
+
+    def check() -> tuple[np.ndarray, list[int]]:
+        array = backend.check_prompt(tokens)
+        return array, hash_list(array, backend.block_size)
+
+    return await asyncio.to_thread(check) if len(tokens) > _LOOP_TOKENS else check()
 
 
 class Backend(Protocol):

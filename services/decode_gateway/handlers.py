@@ -13,7 +13,6 @@ from opentelemetry import trace
 
 from libs.common import subjects
 from libs.common.errors import BadRequest, NoCapacity, PrfaasError
-from libs.common.hashing import hash_list
 from libs.common.messages import (
     DecodeJob,
     DecodeReservation,
@@ -24,6 +23,7 @@ from libs.common.messages import (
     job_cancel_decoder,
 )
 from libs.common.telemetry import extract_context
+from libs.engine.backends import checked_prompt
 from services.decode_gateway.job import run_job
 from services.decode_gateway.reservations import Reservation, transfer_bytes_bound
 
@@ -50,7 +50,6 @@ def _validate(svc: DecodeGatewayService, job: DecodeJob) -> None:
     if job.max_tokens < 1 or job.timeout_s <= 0 or job.lease_s < 0:
         raise BadRequest(f"max_tokens must be >= 1, timeout_s > 0 and lease_s >= 0, got "
                          f"{job.max_tokens}, {job.timeout_s}, {job.lease_s}")
-    svc.backend.check_prompt(job.prompt_tokens)
 
 
 def _reply(svc: DecodeGatewayService, res: Reservation) -> DecodeReservation:
@@ -66,7 +65,7 @@ def _reply(svc: DecodeGatewayService, res: Reservation) -> DecodeReservation:
     )
 
 
-def reserve(svc: DecodeGatewayService, job: DecodeJob) -> Reservation:
+async def reserve(svc: DecodeGatewayService, job: DecodeJob) -> Reservation:
     """Hold a slot, receiver bytes and the prompt's cached prefix for ``job``, or refuse with a typed error."""
     existing = svc.reservations.get(job.request_id)
     if existing is not None:
@@ -74,13 +73,13 @@ def reserve(svc: DecodeGatewayService, job: DecodeJob) -> Reservation:
             raise BadRequest(f"request {job.request_id} is already reserved for transfer {existing.job.transfer_id}")
         return existing  # a resent job gets the same reservation
     _validate(svc, job)
+    backend = svc.backend
+    tokens, hashes = await checked_prompt(backend, job.prompt_tokens)
     if svc.draining:
         raise NoCapacity("the decode instance is draining")
     if svc.free_slots() == 0:
         raise NoCapacity(f"all {svc.max_batch} decode slots are reserved or decoding")
-    backend = svc.backend
-    n, bs = len(job.prompt_tokens), backend.block_size
-    hashes = hash_list(job.prompt_tokens, bs)
+    n, bs = len(tokens), backend.block_size
     held = min(backend.cache.leading_blocks("attn_kv", hashes), (n - 1) // bs)
     need = transfer_bytes_bound(backend.plan_parts(n, held))
     if need > svc.config.max_transfer_bytes:
@@ -91,6 +90,7 @@ def reserve(svc: DecodeGatewayService, job: DecodeJob) -> Reservation:
     now = time.monotonic()
     res = Reservation(
         job=job,
+        tokens=tokens,
         held_hashes=hashes[:held],
         reserved_bytes=need,
         lease_s=job.lease_s or svc.config.lease_s,
@@ -113,7 +113,7 @@ async def handle_job(svc: DecodeGatewayService, msg: Msg) -> None:
                 svc.metrics.bad_messages.labels("decode_job").inc()
                 raise BadRequest(f"malformed decode job: {e}") from None
             span.set_attribute("prfaas.request_id", job.request_id)
-            res = reserve(svc, job)
+            res = await reserve(svc, job)
             span.set_attribute("prfaas.held_blocks", res.held_blocks)
             reply: DecodeReservation | ErrorReply = _reply(svc, res)
         except PrfaasError as e:

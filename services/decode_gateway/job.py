@@ -111,7 +111,7 @@ async def _receive(svc: DecodeGatewayService, res: Reservation) -> Restored:
         if list(manifest.skipped_block_hashes) != res.held_hashes:
             raise TransferFailed(f"transfer {job.transfer_id} skips other blocks than the {res.held_blocks} held here")
         tokens = next((p.array for p in transfer.parts if p.name == "tokens"), None)
-        if tokens is None or not np.array_equal(tokens, job.prompt_tokens):
+        if tokens is None or not np.array_equal(tokens, res.tokens):
             raise TransferFailed(f"transfer {job.transfer_id} carries other tokens than the job's prompt")
         res.received_bytes = svc.receiver.assembly(job.transfer_id).received_bytes  # held until released
         restored = await svc.backend.restore(job.request_id, transfer.parts, held_blocks=res.held_blocks)

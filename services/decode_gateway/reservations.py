@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from opentelemetry.context import Context
 
 from libs.common.messages import DecodeJob
@@ -34,6 +35,7 @@ class Reservation:
     """One request from its reservation to its last token."""
 
     job: DecodeJob
+    tokens: np.ndarray  # the prompt, checked
     held_hashes: list[int]  # pinned leading attn_kv blocks (not sent)
     reserved_bytes: int
     lease_s: float

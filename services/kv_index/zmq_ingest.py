@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
+import nats.errors
 import zmq
 import zmq.asyncio
 from nats.aio.client import Client as NatsClient
@@ -114,29 +115,34 @@ class ZmqIngest:
         await self.out.resume()
         async with self._lock:
             await self._drop_all("bridge started")
+        snapshot_sub = await self.nc.subscribe(
+            subjects.kv_snapshot_request(self.endpoint.site, self.endpoint.instance), cb=self._on_snapshot_request
+        )
         sock = self.context.socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.LINGER, 0)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint.url)
-        snapshot_sub = await self.nc.subscribe(
-            subjects.kv_snapshot_request(self.endpoint.site, self.endpoint.instance), cb=self._on_snapshot_request
-        )
-        watch = asyncio.create_task(self._watch(monitor))
-        beat = asyncio.create_task(self._heartbeats())
+        tasks = [asyncio.create_task(coro) for coro in (self._receive(sock), self._watch(monitor), self._heartbeats())]
         try:
-            while True:
-                frames = await sock.recv_multipart()
-                async with self._lock:
-                    await self._on_frames(frames)
+            await asyncio.gather(*tasks)  # none ends but by failing: then the supervisor restarts the bridge
         finally:
-            for task in (watch, beat):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(watch, beat, return_exceptions=True)
-            await snapshot_sub.unsubscribe()
+            await asyncio.gather(*tasks, return_exceptions=True)
             sock.disable_monitor()
             monitor.close(linger=0)
             sock.close(linger=0)
+            try:
+                await snapshot_sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            async with self._lock:
+                await self._on_frames(frames)
 
     # --- engine batches ----------------------------------------------------------------------
 

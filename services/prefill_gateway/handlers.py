@@ -13,7 +13,6 @@ from opentelemetry import trace
 
 from libs.common import subjects
 from libs.common.errors import BadRequest, NoCapacity, PrfaasError
-from libs.common.hashing import hash_list
 from libs.common.messages import (
     ErrorReply,
     PrefillAccepted,
@@ -23,7 +22,7 @@ from libs.common.messages import (
     prefill_job_decoder,
 )
 from libs.common.telemetry import extract_context
-from libs.engine.backends import check_skip
+from libs.engine.backends import check_skip, checked_prompt
 from services.prefill_gateway.instance import PrefillInstance, QueuedJob
 from services.prefill_gateway.job import PrefillRun, run_prefill
 
@@ -53,8 +52,6 @@ def _validate(svc: PrefillGatewayService, job: PrefillJob, instance: PrefillInst
         raise BadRequest(f"unknown model {job.model!r}: this cluster serves {instance.backend.model_name!r}")
     if job.timeout_s <= 0:
         raise BadRequest(f"timeout_s must be > 0, got {job.timeout_s}")
-    tokens = instance.backend.check_prompt(job.prompt_tokens)
-    check_skip(len(tokens), job.skip_blocks, instance.backend.block_size)
 
 
 def _choose(svc: PrefillGatewayService, hashes: list[int], named: str | None) -> PrefillInstance:
@@ -64,7 +61,7 @@ def _choose(svc: PrefillGatewayService, hashes: list[int], named: str | None) ->
     return min(svc.instances.values(), key=lambda i: (i.expected_wait_s(), len(i.queue), -i.backend.cache.usable_blocks(hashes)))
 
 
-def accept(svc: PrefillGatewayService, job: PrefillJob, named: str | None) -> PrefillAccepted:
+async def accept(svc: PrefillGatewayService, job: PrefillJob, named: str | None) -> PrefillAccepted:
     """Queue ``job`` on an instance and start it, or refuse with a typed error."""
     existing = svc.runs.get(job.request_id)
     if existing is not None:
@@ -75,11 +72,11 @@ def accept(svc: PrefillGatewayService, job: PrefillJob, named: str | None) -> Pr
                                queue_position=instance.queue.index(existing.queued), expected_wait_s=0.0, cached_blocks=0)
     any_instance = next(iter(svc.instances.values()))
     _validate(svc, job, any_instance)
+    backend = any_instance.backend
+    tokens, hashes = await checked_prompt(backend, job.prompt_tokens)
+    check_skip(len(tokens), job.skip_blocks, backend.block_size)
     if svc.draining:
         raise NoCapacity("the prefill gateway is draining")
-    backend = any_instance.backend
-    tokens = backend.check_prompt(job.prompt_tokens)
-    hashes = hash_list(tokens, backend.block_size)
     instance = _choose(svc, hashes, named)
     if len(instance.queue) >= svc.config.queue_limit:
         raise NoCapacity(f"instance {instance.name} has {len(instance.queue)} jobs queued (limit {svc.config.queue_limit})")
@@ -112,7 +109,7 @@ async def handle_job(svc: PrefillGatewayService, msg: Msg, named: str | None = N
                 svc.metrics.bad_messages.labels("prefill_job").inc()
                 raise BadRequest(f"malformed prefill job: {e}") from None
             span.set_attribute("prfaas.request_id", job.request_id)
-            reply: PrefillAccepted | ErrorReply = accept(svc, job, named)
+            reply: PrefillAccepted | ErrorReply = await accept(svc, job, named)
         except PrfaasError as e:
             svc.metrics.jobs.labels(e.code).inc()
             log.info("prefill job refused", extra={"code": e.code, "error": e.message})

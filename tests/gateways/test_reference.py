@@ -16,6 +16,8 @@ from libs.common.messages import (
     DecodeFinished,
     DecodeJob,
     JobCancel,
+    KvSnapshot,
+    KvSnapshotRequest,
     PrefillFinished,
     PrefillJob,
     Sampling,
@@ -179,3 +181,18 @@ async def test_a_stop_sequence_ends_the_stream_without_its_text(reference_pair, 
     assert out.final.finish_reason == "stop"
     assert out.tokens == MODEL.generate(prompt, 40, sampling)
     assert stop not in ByteTokenizer().decode(out.tokens)
+
+
+async def test_the_index_gets_a_snapshot_when_it_asks(reference_pair, sites):
+    """A KvSnapshotRequest (after a gap the index saw) is answered with a numbered batch holding a KvSnapshot."""
+    prompt = _prompt("snapshot", 2)[:192]
+    events = await sites.decode_nc.subscribe(subjects.kv_events("dc-pd", DECODE))
+    async with caller_for(sites, CLUSTER) as caller:
+        await caller.request(prompt, DECODE, model="reference", max_tokens=2)
+    stored = kv_event_batch_decoder.decode((await events.next_msg(timeout=5)).data)
+    request = KvSnapshotRequest(site="dc-pd", instance=DECODE, expected_seq=stored.seq, received_seq=stored.seq + 5)
+    await sites.decode_nc.publish(subjects.kv_snapshot_request("dc-pd", DECODE), encode(request))
+    batch = kv_event_batch_decoder.decode((await events.next_msg(timeout=5)).data)
+    assert batch.seq == stored.seq + 1 and isinstance(batch.events[0], KvSnapshot)
+    held = {h for s in batch.events[0].stored if s.kind == "attn_kv" for h in s.block_hashes}
+    assert set(hash_list(prompt)) <= held
