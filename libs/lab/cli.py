@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 from libs.common.errors import BadRequest, NotFound, UpstreamTimeout
+from libs.lab.compose import render, write
 from libs.lab.runstate import alive, default_run_dir, read_status, running_status
+from libs.lab.topology import load_topology
 from libs.lab.up import DEMO_PROMPT, run_up
 from libs.lab.wan_server import change_link, link_figures
 
@@ -56,6 +58,11 @@ def add_parser(subparsers) -> None:
     state.add_argument("--up", action="store_true", help="restore a partitioned link")
     link.add_argument("--reset", action="store_true", help="with --down: end connections at once and refuse new ones")
     link.add_argument("--one-way", action="store_true", help="change only the SRC -> DST direction (bandwidth, delay, loss)")
+
+    compose = verbs.add_parser("compose", help="render a topology as a docker compose project (compose file, NATS configs)")
+    compose.add_argument("--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)")
+    compose.add_argument("--out", type=Path, required=True, help="directory to write into (e.g. compose/)")
+    compose.set_defaults(func=run_compose)
 
 
 def _positive(text: str) -> float:
@@ -114,6 +121,14 @@ def run_status(args: argparse.Namespace) -> int:
         state = "alive" if p["alive"] else ("not started" if p["pid"] is None else f"exited ({p['exit_code']})")
         print(f"  {p['name']:<22} {p['site'] or '-':<8} {p['pid'] or '-':>7}  {state}{'' if p['ready'] else ', not ready'}")
     return 0 if running else 1
+
+
+def run_compose(args: argparse.Namespace) -> int:
+    """Render the topology's compose project into ``--out``."""
+    files = render(load_topology(args.topology), topology_arg=args.topology)
+    for path in write(files, args.out):
+        print(path)
+    return 0
 
 
 def _gbps(value: float | None) -> str:

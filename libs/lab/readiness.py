@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 
 import aiohttp
 import nats.errors
@@ -104,3 +105,27 @@ class Probes:
         finally:
             for sub in subs:
                 await sub.unsubscribe()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m libs.lab.readiness KIND URL [NAME...]``: exit 0 if the probe succeeds within 5 s (compose healthchecks)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] not in ("nats", "redis", "http", "reply", "heartbeats"):
+        raise SystemExit("usage: python -m libs.lab.readiness nats|redis|http|reply|heartbeats URL [NAME...]")
+
+    async def probe() -> None:
+        probes = Probes()
+        try:
+            async with asyncio.timeout(5.0):
+                await probes.ready(Ready(args[0], args[1], tuple(args[2:])))
+        finally:
+            await probes.close()
+
+    try:
+        asyncio.run(probe())
+    except TimeoutError:
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

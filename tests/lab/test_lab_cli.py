@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import os
 import shlex
@@ -13,19 +12,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
-import nats
-import openai
 import pytest
 
-from libs.common import subjects
 from libs.lab.runstate import alive
 from libs.lab.up import DEMO_PREFIX_TEXT, DEMO_PROMPT
 from libs.lab.wan_server import link_figures
+from tests.lab.e2e import (
+    Endpoints,
+    chat,
+    check_long_prompt_crosses_the_link,
+    check_partition_loses_nothing,
+    check_short_chat_stays_local,
+    check_slower_link_offloads_less,
+)
 
 PRFAAS = [sys.executable, "-m", "libs.cli"]
-LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 45  # ~2,000 tokens: above the 1,212 threshold
-SHORT_PROMPT = "Say hello."
 
 
 def _prfaas(run_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -55,60 +56,22 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         assert left == [], f"still running after lab down: {left}"
 
 
-async def _chat(lab: dict, prompt: str, max_tokens: int = 8) -> openai.types.chat.ChatCompletion:
-    client = openai.AsyncOpenAI(base_url=lab["router_url"] + "/v1", api_key=lab["api_key"] or "unused", max_retries=0,
-                                timeout=90)  # fmt: skip
-    async with client:
-        return await client.chat.completions.create(
-            model=lab["model"], messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens
-        )
+def _endpoints(lab: dict) -> Endpoints:
+    site = next(site for site, url in lab["routers"].items() if url == lab["router_url"])
+    return Endpoints(lab["router_url"], lab["model"], lab["api_key"], site, lab["sites"][site]["nats_url"],
+                     lab["links"][0]["control_url"])  # fmt: skip
 
 
-class _Events:
-    """Decision and outcome events of the router's site, as dicts, by request id."""
+def _link_cli(lab: dict):
+    """A link change through `prfaas lab link dc-a dc-b ...` (checking what it prints)."""
 
-    def __init__(self, nats_url: str, site: str) -> None:
-        self.url, self.site = nats_url, site
-        self.decisions: dict[str, list[dict]] = {}
-        self.outcomes: dict[str, dict] = {}
-        self._arrived: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+    async def change(*, down: bool = False, up: bool = False, gbps: float | None = None) -> None:
+        args = ["--down"] if down else ["--up"] if up else ["--gbps", f"{gbps:g}"]
+        done = await asyncio.to_thread(_prfaas, Path(lab["run_dir"]), "link", "dc-a", "dc-b", *args)
+        assert done.returncode == 0, done.stderr
+        assert ("DOWN (blackhole)" in done.stdout) == down, done.stdout
 
-    async def __aenter__(self) -> _Events:
-        self.nc = await nats.connect(self.url, connect_timeout=5)
-
-        async def on_decision(msg) -> None:
-            event = msgspec.json.decode(msg.data)
-            self.decisions.setdefault(event["request_id"], []).append(event)
-
-        async def on_outcome(msg) -> None:
-            event = msgspec.json.decode(msg.data)
-            self.outcomes[event["request_id"]] = event
-            self._arrived[event["request_id"]].set()
-
-        await self.nc.subscribe(subjects.decisions(self.site), cb=on_decision)
-        await self.nc.subscribe(subjects.outcomes(self.site), cb=on_outcome)
-        await self.nc.flush()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.nc.close()
-
-    async def outcome(self, completion_id: str, timeout_s: float = 10.0) -> dict:
-        """The outcome of the request behind an OpenAI completion id (``chatcmpl-<request id>``)."""
-        request_id = completion_id.removeprefix("chatcmpl-")
-        async with asyncio.timeout(timeout_s):
-            await self._arrived[request_id].wait()
-        return self.outcomes[request_id]
-
-
-def _router_site(lab: dict) -> str:
-    return next(site for site, url in lab["routers"].items() if url == lab["router_url"])
-
-
-def _forward_bytes(lab: dict) -> int:
-    """Bytes the relay carried from dc-a to dc-b (the direction KV takes)."""
-    figures = link_figures(lab["links"][0]["control_url"])
-    return next(d["bytes"] for d in figures["directions"] if (d["src"], d["dst"]) == ("dc-a", "dc-b"))
+    return change
 
 
 def test_status_names_the_endpoints_and_every_process(lab: dict) -> None:
@@ -126,84 +89,28 @@ def test_status_names_the_endpoints_and_every_process(lab: dict) -> None:
 
 async def test_a_short_chat_completion_stays_local_and_its_decision_is_published(lab: dict) -> None:
     """The openai client gets tokens; a subscriber at the router's site sees the decision (local) and the outcome."""
-    async with _Events(lab["sites"][_router_site(lab)]["nats_url"], _router_site(lab)) as events:
-        reply = await _chat(lab, SHORT_PROMPT)
-        assert reply.choices[0].message.content and reply.usage.completion_tokens == 8
-        outcome = await events.outcome(reply.id)
-        assert (outcome["status"], outcome["route"]) == ("ok", "local")
-        (decision,) = events.decisions[reply.id.removeprefix("chatcmpl-")]
-        assert decision["route"] == "local" and decision["decision"]["prefill_site"] == "dc-b"
+    await check_short_chat_stays_local(_endpoints(lab))
 
 
 async def test_a_long_prompt_is_prefilled_remotely_and_its_kv_crosses_the_link(lab: dict) -> None:
     """A ~2K-token prompt goes to dc-a; its KV (megabytes) is counted by the dc-a -> dc-b relay."""
-    before = _forward_bytes(lab)
-    async with _Events(lab["sites"][_router_site(lab)]["nats_url"], _router_site(lab)) as events:
-        reply = await _chat(lab, LONG_PROMPT)
-        outcome = await events.outcome(reply.id)
-    assert (outcome["status"], outcome["route"], outcome["prefill_site"]) == ("ok", "remote", "dc-a")
-    kv_bytes = events.decisions[reply.id.removeprefix("chatcmpl-")][0]["decision"]["transfer_bytes"]
-    assert kv_bytes > 1_000_000
-    assert _forward_bytes(lab) - before >= kv_bytes
+    await check_long_prompt_crosses_the_link(_endpoints(lab))
 
 
 async def test_a_partition_loses_no_request_and_offloading_resumes_after_it(lab: dict) -> None:
-    """Long prompts in flight when the link is cut all finish (local fallback); once it returns, they go remote again."""
-    run_dir = Path(lab["run_dir"])
-    site = _router_site(lab)
-    async with _Events(lab["sites"][site]["nats_url"], site) as events:
-        in_flight = [asyncio.ensure_future(_chat(lab, f"{i} {LONG_PROMPT}")) for i in range(2)]
-        await asyncio.sleep(0.3)
-        cut = await asyncio.to_thread(_prfaas, run_dir, "link", "dc-a", "dc-b", "--down")
-        assert cut.returncode == 0 and "DOWN (blackhole)" in cut.stdout, cut.stderr
-        during = await _chat(lab, f"cut {LONG_PROMPT}")
-        replies = await asyncio.gather(*in_flight) + [during]
-        outcomes = [await events.outcome(r.id) for r in replies]
-        assert all(o["status"] == "ok" for o in outcomes), outcomes
-        assert outcomes[-1]["route"] in ("local", "fallback") and outcomes[-1]["prefill_site"] == site
-        restored = await asyncio.to_thread(_prfaas, run_dir, "link", "dc-a", "dc-b", "--up")
-        assert restored.returncode == 0, restored.stderr
-        deadline = time.monotonic() + 30  # gateway reconnect (~1 s) and heartbeats seen again by the router
-        while True:
-            reply = await _chat(lab, f"{time.monotonic()} {LONG_PROMPT}")
-            outcome = await events.outcome(reply.id)
-            assert outcome["status"] == "ok"
-            if outcome["route"] == "remote":
-                break
-            assert time.monotonic() < deadline, "offloading did not resume within 30 s of the link's return"
-            await asyncio.sleep(0.5)
+    """Long prompts in flight when `lab link --down` cuts the link all finish; after `--up` they go remote again."""
+    await check_partition_loses_nothing(_endpoints(lab), _link_cli(lab))
 
 
 async def test_a_slower_link_makes_adaptive_offload_less(lab: dict) -> None:
-    """Long prompts all go remote at 10 Gbps; at 5 Mbps (seconds per KV) the adaptive policy keeps some local."""
-    run_dir = Path(lab["run_dir"])
-    site = _router_site(lab)
-    async with _Events(lab["sites"][site]["nats_url"], site) as events:
-
-        async def routes(n: int, tag: str) -> list[str]:
-            replies = [await _chat(lab, f"{tag} {i} {LONG_PROMPT}") for i in range(n)]
-            return [(await events.outcome(r.id))["route"] for r in replies]
-
-        assert await routes(2, "fast") == ["remote", "remote"]
-        slow = await asyncio.to_thread(_prfaas, run_dir, "link", "dc-a", "dc-b", "--gbps", "0.005")
-        assert slow.returncode == 0, slow.stderr
-        try:
-            # A 2K-token KV (~2.2 MB) now takes ~3.5 s to cross: the link's backlog, reported in
-            # LinkStats every second, raises the adaptive threshold above these prompts.
-            slow_routes = await routes(6, "slow")
-        finally:
-            restored = await asyncio.to_thread(_prfaas, run_dir, "link", "dc-a", "dc-b", "--gbps", "10")
-            assert restored.returncode == 0, restored.stderr
-        assert slow_routes.count("remote") <= 2, slow_routes  # the first goes before any LinkStats shows the slowdown
+    """Long prompts all go remote at 10 Gbps; after `lab link --gbps 0.005` the adaptive policy keeps most local."""
+    await check_slower_link_offloads_less(_endpoints(lab), _link_cli(lab), full_gbps=10)
 
 
 async def test_the_suggested_index_lookup_finds_the_demo_chat_prefix(lab: dict) -> None:
     """After a chat with the demo system prompt, `prfaas index lookup` of the printed text finds its blocks at dc-b."""
     assert f"prfaas index lookup --nats {lab['sites']['dc-a']['nats_url']} --text {shlex.quote(DEMO_PREFIX_TEXT)}" in lab["up_stdout"]
-    client = openai.AsyncOpenAI(base_url=lab["router_url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
-    async with client:
-        await client.chat.completions.create(model=lab["model"], max_tokens=4, messages=[
-            {"role": "system", "content": DEMO_PROMPT}, {"role": "user", "content": "Hello!"}])  # fmt: skip
+    await chat(_endpoints(lab), "Hello!", max_tokens=4, system=DEMO_PROMPT)
     full_blocks = len(DEMO_PREFIX_TEXT.encode()) // 64  # BOS + bytes; whole blocks only
     deadline = time.monotonic() + 15
     while True:

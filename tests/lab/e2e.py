@@ -1,0 +1,154 @@
+"""End-to-end checks of a running default-topology lab, shared by the native lab tests and the compose suite.
+
+A lab is described by :class:`Endpoints`; the checks only use the OpenAI API, the router site's
+NATS (decision and outcome events) and the link relay (bytes carried; changes through a callback
+so the native tests can go through ``prfaas lab link``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+import nats
+import openai
+
+from libs.common import subjects
+from libs.lab.wan_server import link_figures
+
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 45  # ~2,000 tokens: above the 1,212 threshold
+SHORT_PROMPT = "Say hello."
+LinkChange = Callable[..., Awaitable[None]]  # change(down=True) / change(up=True) / change(gbps=...)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """How to reach a running lab: router, model, API key, the router site's NATS, the dc-a <-> dc-b relay."""
+
+    router_url: str
+    model: str
+    api_key: str | None
+    router_site: str
+    router_nats_url: str
+    link_control_url: str
+
+
+async def chat(ep: Endpoints, prompt: str, max_tokens: int = 8, system: str | None = None):
+    """One chat completion through the OpenAI client."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    client = openai.AsyncOpenAI(base_url=ep.router_url + "/v1", api_key=ep.api_key or "unused", max_retries=0,
+                                timeout=90)  # fmt: skip
+    async with client:
+        return await client.chat.completions.create(model=ep.model, messages=messages, max_tokens=max_tokens)
+
+
+class Events:
+    """Decision and outcome events of the router's site, as dicts, by request id."""
+
+    def __init__(self, ep: Endpoints) -> None:
+        self.url, self.site = ep.router_nats_url, ep.router_site
+        self.decisions: dict[str, list[dict]] = {}
+        self.outcomes: dict[str, dict] = {}
+        self._arrived: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+
+    async def __aenter__(self) -> Events:
+        self.nc = await nats.connect(self.url, connect_timeout=5)
+
+        async def on_decision(msg) -> None:
+            event = msgspec.json.decode(msg.data)
+            self.decisions.setdefault(event["request_id"], []).append(event)
+
+        async def on_outcome(msg) -> None:
+            event = msgspec.json.decode(msg.data)
+            self.outcomes[event["request_id"]] = event
+            self._arrived[event["request_id"]].set()
+
+        await self.nc.subscribe(subjects.decisions(self.site), cb=on_decision)
+        await self.nc.subscribe(subjects.outcomes(self.site), cb=on_outcome)
+        await self.nc.flush()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.nc.close()
+
+    async def outcome(self, completion_id: str, timeout_s: float = 10.0) -> dict:
+        """The outcome of the request behind an OpenAI completion id (``chatcmpl-<request id>``)."""
+        request_id = completion_id.removeprefix("chatcmpl-")
+        async with asyncio.timeout(timeout_s):
+            await self._arrived[request_id].wait()
+        return self.outcomes[request_id]
+
+
+def forward_bytes(ep: Endpoints) -> int:
+    """Bytes the relay carried from dc-a to dc-b (the direction KV takes)."""
+    figures = link_figures(ep.link_control_url)
+    return next(d["bytes"] for d in figures["directions"] if (d["src"], d["dst"]) == ("dc-a", "dc-b"))
+
+
+async def check_short_chat_stays_local(ep: Endpoints) -> None:
+    """The openai client gets tokens; a subscriber at the router's site sees the decision (local) and the outcome."""
+    async with Events(ep) as events:
+        reply = await chat(ep, SHORT_PROMPT)
+        assert reply.choices[0].message.content and reply.usage.completion_tokens == 8
+        outcome = await events.outcome(reply.id)
+        assert (outcome["status"], outcome["route"]) == ("ok", "local")
+        (decision,) = events.decisions[reply.id.removeprefix("chatcmpl-")]
+        assert decision["route"] == "local" and decision["decision"]["prefill_site"] == ep.router_site
+
+
+async def check_long_prompt_crosses_the_link(ep: Endpoints) -> None:
+    """A ~2K-token prompt is prefilled at dc-a; its KV (megabytes) is counted by the dc-a -> dc-b relay."""
+    before = forward_bytes(ep)
+    async with Events(ep) as events:
+        reply = await chat(ep, LONG_PROMPT)
+        outcome = await events.outcome(reply.id)
+    assert (outcome["status"], outcome["route"], outcome["prefill_site"]) == ("ok", "remote", "dc-a")
+    kv_bytes = events.decisions[reply.id.removeprefix("chatcmpl-")][0]["decision"]["transfer_bytes"]
+    assert kv_bytes > 1_000_000
+    assert forward_bytes(ep) - before >= kv_bytes
+
+
+async def check_partition_loses_nothing(ep: Endpoints, change: LinkChange) -> None:
+    """Long prompts in flight when the link is cut all finish (local fallback); once it returns, they go remote again."""
+    async with Events(ep) as events:
+        in_flight = [asyncio.ensure_future(chat(ep, f"{i} {LONG_PROMPT}")) for i in range(2)]
+        await asyncio.sleep(0.3)
+        await change(down=True)
+        during = await chat(ep, f"cut {LONG_PROMPT}")
+        replies = await asyncio.gather(*in_flight) + [during]
+        outcomes = [await events.outcome(r.id) for r in replies]
+        assert all(o["status"] == "ok" for o in outcomes), outcomes
+        assert outcomes[-1]["route"] in ("local", "fallback") and outcomes[-1]["prefill_site"] == ep.router_site
+        await change(up=True)
+        deadline = time.monotonic() + 30  # gateway reconnect (~1 s) and heartbeats seen again by the router
+        while True:
+            reply = await chat(ep, f"{time.monotonic()} {LONG_PROMPT}")
+            outcome = await events.outcome(reply.id)
+            assert outcome["status"] == "ok"
+            if outcome["route"] == "remote":
+                break
+            assert time.monotonic() < deadline, "offloading did not resume within 30 s of the link's return"
+            await asyncio.sleep(0.5)
+
+
+async def check_slower_link_offloads_less(ep: Endpoints, change: LinkChange, full_gbps: float) -> None:
+    """Long prompts all go remote at full bandwidth; at 5 Mbps (seconds per KV) the adaptive policy keeps most local."""
+    async with Events(ep) as events:
+
+        async def routes(n: int, tag: str) -> list[str]:
+            replies = [await chat(ep, f"{tag} {i} {LONG_PROMPT}") for i in range(n)]
+            return [(await events.outcome(r.id))["route"] for r in replies]
+
+        assert await routes(2, "fast") == ["remote", "remote"]
+        await change(gbps=0.005)
+        try:
+            # A 2K-token KV (~2.2 MB) now takes ~3.5 s to cross: the link's backlog, reported in
+            # LinkStats every second, raises the adaptive threshold above these prompts.
+            slow_routes = await routes(6, "slow")
+        finally:
+            await change(gbps=full_gbps)
+        assert slow_routes.count("remote") <= 2, slow_routes  # the first goes before any LinkStats shows the slowdown
