@@ -179,7 +179,8 @@ class Outcome:
     final: DecodeFinished | ErrorReply | None = None
     status: PrefillFinished | ErrorReply | None = None
     first_token_s: float | None = None
-    end_s: float = 0.0
+    end_s: float = 0.0  # the decode side's last message
+    status_s: float = 0.0  # the prefill side's status
 
 
 class Caller:
@@ -280,6 +281,7 @@ class Caller:
                     at, kind, msg = await queue.get()
                     if kind == "status":
                         outcome.status = msg
+                        outcome.status_s = at - start
                     elif isinstance(msg, TokenChunk):
                         outcome.first_token_s = outcome.first_token_s or at - start
                         outcome.tokens += msg.token_ids

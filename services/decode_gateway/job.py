@@ -11,8 +11,9 @@ import nats.errors
 import numpy as np
 from opentelemetry import trace
 
+from libs.common import subjects
 from libs.common.errors import NoCapacity, PrfaasError, TransferFailed, UpstreamTimeout
-from libs.common.messages import DecodeFinished, DecodeTimings, ErrorReply, TokenChunk, encode
+from libs.common.messages import DecodeFinished, DecodeTimings, ErrorReply, JobCancel, TokenChunk, encode
 from libs.common.telemetry import inject_headers
 from libs.engine.backends import Restored
 from services.decode_gateway.reservations import Reservation
@@ -29,7 +30,11 @@ SHUTDOWN = "the decode instance is shutting down"
 
 
 async def run_job(svc: DecodeGatewayService, res: Reservation) -> None:
-    """Serve one reserved request to its end; every ending is a message on its reply subject."""
+    """Serve one reserved request to its end; every ending is a message on its reply subject.
+
+    A request that ends before its KV arrived (lease, deadline, bad transfer, shutdown) also
+    publishes a ``JobCancel``, so the prefill side stops computing for a slot that is gone.
+    """
     job = res.job
     final: msgspec.Struct | None = None
     with tracer.start_as_current_span("decode_gateway.job", context=res.trace_context) as span:
@@ -51,7 +56,8 @@ async def run_job(svc: DecodeGatewayService, res: Reservation) -> None:
         except PrfaasError as e:
             final = ErrorReply(code=e.code, message=e.message)
         finally:
-            if res.receiving:
+            kv_pending = res.receiving
+            if kv_pending:
                 svc.receiver.abort(job.transfer_id, res.cancel_reason or "request ended")
             svc.release(res)
         outcome = final.finish_reason if isinstance(final, DecodeFinished) else final.code
@@ -61,6 +67,9 @@ async def run_job(svc: DecodeGatewayService, res: Reservation) -> None:
             span.set_status(trace.Status(trace.StatusCode.ERROR, final.message))
             log.info("decode job failed", extra={"request_id": job.request_id, "code": final.code, "error": final.message})
         await _publish(svc, job.reply_subject, final, inject_headers())
+        if kv_pending and res.cancel_reason in ("", SHUTDOWN):  # not a JobCancel: tell the prefill side to stop
+            reason = final.message if isinstance(final, ErrorReply) else "the decode side ended the request"
+            await _publish(svc, subjects.JOB_CANCEL, JobCancel(request_id=job.request_id, reason=reason))
 
 
 async def _publish(svc: DecodeGatewayService, subject: str, msg: msgspec.Struct, headers: dict | None = None) -> None:

@@ -93,6 +93,22 @@ async def test_a_reservation_without_kv_expires_with_its_lease(pair, sites):
     assert load.free_decode_slots == 2
 
 
+async def test_an_expired_lease_stops_the_prefill_job_too(pair, sites):
+    """A job queued at the prefill side past its decode lease is dropped there at once, not computed."""
+    async with caller_for(sites, "slow") as caller:
+        ahead = asyncio.create_task(caller.request(PROMPT, "small-d0", model=MODEL, lease_s=5.0, request_id="ahead",
+                                                   wait_final=False))
+        load = await next_load(sites.prefill_nc, "dc-prfaas", "slow-p0", after=time.time())
+        while load.queue_depth == 0:  # "ahead" is computing
+            load = await next_load(sites.prefill_nc, "dc-prfaas", "slow-p0", after=load.ts)
+        behind = await caller.request(PROMPT[:4096], "small-d0", model=MODEL, lease_s=0.3)  # queued behind "ahead"
+        await sites.decode_nc.publish(subjects.JOB_CANCEL, encode(JobCancel(request_id="ahead")))
+        await ahead
+    assert behind.final.code == "transfer_failed" and "lease expired" in behind.final.message
+    assert isinstance(behind.status, ErrorReply) and "lease expired" in behind.status.message
+    assert behind.status_s < 1.5  # at the lease (0.3 s), not after the ~4.4 s prefill queued ahead of it
+
+
 async def test_a_full_decode_instance_answers_no_capacity_at_once(pair, sites):
     """With both slots reserved (or a transfer larger than its memory) a decode job is refused at once."""
     async with caller_for(sites, "slow") as caller:
