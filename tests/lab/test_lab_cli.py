@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +86,34 @@ def test_status_names_the_endpoints_and_every_process(lab: dict) -> None:
                             "decode_gateway", "router"])  # fmt: skip
     assert all(p["alive"] for p in lab["processes"]), lab["processes"]
     assert lab["router_url"] in lab["up_stdout"] and lab["sites"]["dc-a"]["nats_url"] in lab["up_stdout"]
+
+
+def _gateways_up(lab: dict) -> bool:
+    """True when dc-a has its gateway connections to dc-b both ways."""
+    with urllib.request.urlopen(lab["sites"]["dc-a"]["monitor_url"] + "/gatewayz", timeout=2) as resp:
+        gw = json.loads(resp.read())
+    return "dc-b" in (gw.get("outbound_gateways") or {}) and "dc-b" in (gw.get("inbound_gateways") or {})
+
+
+def _seconds_until(condition, timeout_s: float) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, f"not within {timeout_s:g}s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_the_nats_gateways_cross_the_relay_and_notice_a_cut_within_seconds(lab: dict) -> None:
+    """Both gateway connections go through the relay; a blackhole drops them within ~3 s, `--up` restores them."""
+    assert _gateways_up(lab) and link_figures(lab["links"][0]["control_url"])["connections"] >= 2
+    run_dir = Path(lab["run_dir"])
+    assert _prfaas(run_dir, "link", "dc-a", "dc-b", "--down").returncode == 0
+    try:
+        # Pings every 1 s, two missed: 2-3 s (NATS's default, 2 minutes, would miss the 6 s bound).
+        assert _seconds_until(lambda: not _gateways_up(lab), timeout_s=6.0) >= 1.0
+    finally:
+        assert _prfaas(run_dir, "link", "dc-a", "dc-b", "--up").returncode == 0
+    _seconds_until(lambda: _gateways_up(lab), timeout_s=10.0)  # explicit gateways redial every second
 
 
 async def test_a_short_chat_completion_stays_local_and_its_decision_is_published(lab: dict) -> None:
