@@ -1,25 +1,22 @@
-"""``prfaas lab up|status|down|link|compose``: run a multi-site lab natively, inspect it, change its links, render compose."""
+"""``prfaas lab up|status|down|demo|link|compose``: run a multi-site lab natively, drive it, change its links, render compose."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 from libs.common.errors import BadRequest, NotFound, UpstreamTimeout
+from libs.lab import demo
 from libs.lab.compose import render, write
-from libs.lab.runstate import alive, default_run_dir, read_status, running_status
+from libs.lab.demo import run_demo
+from libs.lab.runstate import alive, default_run_dir, read_status, running_status, stop_lab
 from libs.lab.topology import load_topology
 from libs.lab.up import DEMO_PROMPT, run_up
 from libs.lab.wan_server import change_link, link_figures
 
 __all__ = ["DEMO_PROMPT", "add_parser"]  # DEMO_PROMPT: the system prompt the lab's hints use
-
-_DOWN_TIMEOUT_S = 60.0
 
 
 def add_parser(subparsers) -> None:
@@ -46,6 +43,10 @@ def add_parser(subparsers) -> None:
     status.add_argument("--json", action="store_true", help="one JSON object")
 
     verb("down", "stop a detached lab (no process is left)", run_down)
+
+    demo_parser = verb("demo", "short and long prompts through the router, live progress, a summary table "
+                       "(starts the default lab if none runs, and stops what it started)", run_demo)  # fmt: skip
+    demo.add_arguments(demo_parser)
 
     link = verb("link", "change a running lab's WAN link between two sites", run_link)
     link.add_argument("src", help="a site")
@@ -137,30 +138,12 @@ def _gbps(value: float | None) -> str:
 
 def run_down(args: argparse.Namespace) -> int:
     """Stop the lab in the run directory: SIGTERM its supervisor, wait, then make sure no child is left."""
-    try:
-        status = read_status(args.run_dir)
-    except NotFound:
+    status = stop_lab(args.run_dir)
+    if status is None:
         print(f"no lab in {args.run_dir}", file=sys.stderr)
-        return 0
-    supervisor = status["supervisor"]
-    if alive(supervisor["pid"], supervisor["start_ticks"]):
-        os.kill(supervisor["pid"], signal.SIGTERM)
-        _wait_gone([(supervisor["pid"], supervisor["start_ticks"])], _DOWN_TIMEOUT_S)
-    leftovers = [(p["pid"], p["start_ticks"]) for p in status["processes"]
-                 if p["pid"] is not None and alive(p["pid"], p["start_ticks"])]  # fmt: skip
-    for pid, _ in leftovers:  # only if the supervisor died without stopping them
-        os.kill(pid, signal.SIGKILL)
-    _wait_gone(leftovers, 5.0)
-    print(f"lab {status['topology']!r} stopped (logs in {Path(status['run_dir']) / 'logs'})", file=sys.stderr)
+    else:
+        print(f"lab {status['topology']!r} stopped (logs in {Path(status['run_dir']) / 'logs'})", file=sys.stderr)
     return 0
-
-
-def _wait_gone(processes: list[tuple[int, int | None]], timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while any(alive(pid, ticks) for pid, ticks in processes):
-        if time.monotonic() > end:
-            raise UpstreamTimeout(f"processes {[pid for pid, _ in processes]} still run after {timeout_s:g}s")
-        time.sleep(0.05)
 
 
 def run_link(args: argparse.Namespace) -> int:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import time
 from pathlib import Path
 
-from libs.common.errors import ConfigError, NotFound
+from libs.common.errors import ConfigError, NotFound, UpstreamTimeout
 
 STATUS = "status.json"
 SUPERVISOR_LOG = "lab.log"
 RUN_DIR_ENV = "PRFAAS_LAB_DIR"
+STOP_TIMEOUT_S = 60.0  # a supervisor stops its children in order, each within its own deadline
 
 
 def default_run_dir() -> Path:
@@ -68,3 +71,29 @@ def running_status(run_dir: Path) -> dict | None:
         return None
     supervisor = status.get("supervisor") or {}
     return status if alive(supervisor.get("pid", -1), supervisor.get("start_ticks")) else None
+
+
+def stop_lab(run_dir: Path) -> dict | None:
+    """Stop the lab in ``run_dir`` (SIGTERM its supervisor, wait, kill any child it left); its status, None if none."""
+    try:
+        status = read_status(run_dir)
+    except NotFound:
+        return None
+    supervisor = status["supervisor"]
+    if alive(supervisor["pid"], supervisor["start_ticks"]):
+        os.kill(supervisor["pid"], signal.SIGTERM)
+        _wait_gone([(supervisor["pid"], supervisor["start_ticks"])], STOP_TIMEOUT_S)
+    leftovers = [(p["pid"], p["start_ticks"]) for p in status["processes"]
+                 if p["pid"] is not None and alive(p["pid"], p["start_ticks"])]  # fmt: skip
+    for pid, _ in leftovers:  # only if the supervisor died without stopping them
+        os.kill(pid, signal.SIGKILL)
+    _wait_gone(leftovers, 5.0)
+    return status
+
+
+def _wait_gone(processes: list[tuple[int, int | None]], timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while any(alive(pid, ticks) for pid, ticks in processes):
+        if time.monotonic() > end:
+            raise UpstreamTimeout(f"processes {[pid for pid, _ in processes]} still run after {timeout_s:g}s")
+        time.sleep(0.05)

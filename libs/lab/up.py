@@ -45,7 +45,8 @@ def run_up(args: argparse.Namespace) -> int:
                           "stop it with `prfaas lab down` or choose another --run-dir")  # fmt: skip
     topology = load_topology(args.topology)
     if args.detach:
-        return _detach(args, run_dir)
+        start_detached(run_dir, args.topology, log_level=args.log_level, ready_timeout_s=args.ready_timeout_s)
+        return 0
     _clear(run_dir, keep=(SUPERVISOR_LOG,))
     setup_logging(args.log_level)
     settings = LabSettings(api_key=secrets.token_urlsafe(24) if topology.router.api_key else None,
@@ -93,28 +94,29 @@ async def _serve(lab: Lab, args: argparse.Namespace) -> int:
         print(f"lab stopped (logs in {lab.run_dir / 'logs'})", file=sys.stderr, flush=True)
 
 
-def _detach(args: argparse.Namespace, run_dir: Path) -> int:
-    """Start the supervisor in its own session, wait until its status says ready, print the summary."""
+def start_detached(run_dir: Path, topology: str, *, log_level: str, ready_timeout_s: float, quiet: bool = False) -> dict:
+    """Start a supervisor in its own session, wait until its status says ready, print the summary; the status."""
     _clear(run_dir, keep=())
-    argv = [sys.executable, "-m", "libs.cli", "lab", "up", "--topology", args.topology, "--run-dir", str(run_dir),
-            "--log-level", args.log_level, "--ready-timeout-s", str(args.ready_timeout_s)]  # fmt: skip
+    argv = [sys.executable, "-m", "libs.cli", "lab", "up", "--topology", topology, "--run-dir", str(run_dir),
+            "--log-level", log_level, "--ready-timeout-s", str(ready_timeout_s)]  # fmt: skip
     with open(run_dir / SUPERVISOR_LOG, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     started = time.monotonic()
-    deadline = started + args.ready_timeout_s + _DETACH_GRACE_S
+    deadline = started + ready_timeout_s + _DETACH_GRACE_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise UpstreamTimeout(f"the lab did not start (exit code {proc.returncode}):\n{_log_tail(run_dir)}")
         if (run_dir / STATUS).exists():
             status = read_status(run_dir)
             if status["supervisor"]["pid"] == proc.pid and status["state"] == "ready":
-                print(summary(status, time.monotonic() - started, detached=True), flush=True)
-                return 0
+                if not quiet:
+                    print(summary(status, time.monotonic() - started, detached=True), flush=True)
+                return status
         time.sleep(0.1)
     proc.terminate()
     proc.wait(timeout=30)
-    raise UpstreamTimeout(f"the lab was not ready within {args.ready_timeout_s:g}s:\n{_log_tail(run_dir)}")
+    raise UpstreamTimeout(f"the lab was not ready within {ready_timeout_s:g}s:\n{_log_tail(run_dir)}")
 
 
 def summary(status: dict, elapsed_s: float, *, detached: bool) -> str:
