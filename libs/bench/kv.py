@@ -149,7 +149,7 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class _Child:
+class Child:
     """A spawned process driven over a pipe, watched while it is awaited."""
 
     def __init__(self, name: str, target, *args) -> None:
@@ -194,14 +194,14 @@ async def _bench(opts: Options, workdir: Path) -> dict:
         servers = Supercluster([SRC_SITE, DST_SITE], workdir=workdir / "nats")
     elif opts.processes > 1:
         servers = NatsServer(name=SRC_SITE, workdir=workdir / "nats")
-    children: list[_Child] = []
+    children: list[Child] = []
     hogs = []
     try:
         if servers is not None:
             await asyncio.to_thread(servers.start)
         capacity = opts.processes * 2 * opts.size_bytes + (64 << 20)
         receiver_url = servers.url(DST_SITE) if isinstance(servers, Supercluster) else ""
-        receiver = _Child("receiver process", receiver_process, opts.transport, capacity, receiver_url,
+        receiver = Child("receiver process", receiver_process, opts.transport, capacity, receiver_url,
                           workdir / "receiver.log")
         children.append(receiver)
         _, port, raw_port = await receiver.recv()
@@ -213,7 +213,7 @@ async def _bench(opts: Options, workdir: Path) -> dict:
         for i in range(opts.processes):
             spec = SenderSpec(opts.transport, opts.size_bytes, opts.codec, opts.budget_gbps, opts.connections,
                               opts.chunk_bytes, nats_url, port, workdir / f"sender-{i}.log")
-            senders.append(_Child(f"sender process {i}", sender_process, spec))
+            senders.append(Child(f"sender process {i}", sender_process, spec))
             children.append(senders[-1])
         ready = [await s.recv() for s in senders]
         expected, chunk = ready[0][1], ready[0][2]
@@ -237,7 +237,7 @@ async def _bench(opts: Options, workdir: Path) -> dict:
             await asyncio.to_thread(servers.stop)
 
 
-async def _transfer(opts, r: int, receiver: _Child, senders: list[_Child], expected, tag: str) -> tuple[list, list]:
+async def _transfer(opts, r: int, receiver: Child, senders: list[Child], expected, tag: str) -> tuple[list, list]:
     """Every given sender sends one transfer at once; their reports and the receiver's wire samples."""
     ids = [f"bench-{r}-{tag}-{i}" for i in range(len(senders))]
     receiver.pipe.send(("wait", ids))
@@ -252,7 +252,7 @@ async def _transfer(opts, r: int, receiver: _Child, senders: list[_Child], expec
     return reports, samples
 
 
-async def _throughput_round(opts, r, receiver: _Child, sender: _Child, raw_port, chunk, expected) -> dict:
+async def _throughput_round(opts, r, receiver: Child, sender: Child, raw_port, chunk, expected) -> dict:
     """Baseline then transfer."""
     if opts.transport == "tcp":
         _progress(f"round {r + 1}/{opts.repeat}: raw sockets, {opts.connections} connections ...")
@@ -272,7 +272,7 @@ async def _throughput_round(opts, r, receiver: _Child, sender: _Child, raw_port,
             "ratio": reports[0]["goodput_gbps"] / baseline, "chunks_resent": reports[0]["chunks_resent"]}
 
 
-async def _paced_round(opts, r, receiver: _Child, senders: list[_Child], expected) -> dict:
+async def _paced_round(opts, r, receiver: Child, senders: list[Child], expected) -> dict:
     """All senders at once (and, with several, the first one alone)."""
     budget = opts.budget_gbps
     _progress(f"round {r + 1}/{opts.repeat}: {len(senders)} x {opts.size_bytes / 2**20:.0f} MiB paced at "
@@ -280,15 +280,15 @@ async def _paced_round(opts, r, receiver: _Child, senders: list[_Child], expecte
     reports, samples = await _transfer(opts, r, receiver, senders, expected, "together")
     span = (max(rep["started"] for rep in reports), min(rep["ended"] for rep in reports))
     result = {
-        "achieved_gbps": _mean_gbps(samples, *span) if opts.transport == "tcp" else reports[0]["goodput_gbps"],
-        "max_window_gbps": _max_window_gbps(samples),
+        "achieved_gbps": mean_gbps(samples, *span) if opts.transport == "tcp" else reports[0]["goodput_gbps"],
+        "max_window_gbps": max_window_gbps(samples),
         "process_gbps": [rep["goodput_gbps"] for rep in reports],
     }
     if len(senders) > 1:
         _progress(f"round {r + 1}/{opts.repeat}: sender 0 alone, the others idle ...")
         alone, samples = await _transfer(opts, r, receiver, senders[:1], expected, "alone")
-        result["alone_gbps"] = _mean_gbps(samples, alone[0]["started"], alone[0]["ended"])
-        result["max_window_gbps"] = max(result["max_window_gbps"], _max_window_gbps(samples))
+        result["alone_gbps"] = mean_gbps(samples, alone[0]["started"], alone[0]["ended"])
+        result["max_window_gbps"] = max(result["max_window_gbps"], max_window_gbps(samples))
     return result
 
 
@@ -300,14 +300,14 @@ def _at(samples: list[tuple[float, int]], t: float) -> float:
     return samples[0][1] if t < samples[0][0] else samples[-1][1]
 
 
-def _mean_gbps(samples: list[tuple[float, int]], start: float, end: float) -> float:
+def mean_gbps(samples: list[tuple[float, int]], start: float, end: float) -> float:
     """Rate between ``start`` and ``end`` (monotonic s)."""
     if len(samples) < 2 or end <= start:
         return 0.0
     return (_at(samples, end) - _at(samples, start)) * 8 / (end - start) / 1e9
 
 
-def _max_window_gbps(samples: list[tuple[float, int]]) -> float:
+def max_window_gbps(samples: list[tuple[float, int]]) -> float:
     """Largest rate over any window of at least ``WINDOW_S`` between samples."""
     best = 0.0
     j = 0

@@ -46,8 +46,6 @@ CORE_CREDIT_EVERY = 8  # the core-NATS sink grants credit every this many messag
 DEADLINE_S = 120.0
 WIRE_SAMPLE_S = 0.01
 ACKED_SAMPLE_S = 0.05
-_TCPI_BYTES_RECEIVED = struct.Struct("<Q")  # offset 128 of Linux's struct tcp_info
-_TCPI_BYTES_RECEIVED_AT = 128
 _RAW_HELLO = struct.Struct("<IIIQ")  # connection index, connections, chunk bytes, total bytes
 
 
@@ -229,19 +227,13 @@ async def _core_sink(nc, subject: str, nbytes: int) -> None:
 # --- the receiver process ----------------------------------------------------------------------
 
 
-def tcp_bytes_received(sock: socket.socket) -> int:
-    """Bytes the kernel has received on a TCP socket (Linux ``tcpi_bytes_received``)."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    return _TCPI_BYTES_RECEIVED.unpack_from(info, _TCPI_BYTES_RECEIVED_AT)[0]
-
-
 class WireSampler:
-    """A thread sampling the bytes received on a server's connections: ``(monotonic s, bytes)`` pairs."""
+    """A thread sampling a server's ``wire_bytes_received``: ``(monotonic s, bytes)`` pairs."""
 
-    def __init__(self, server: TcpReceiverServer) -> None:
+    def __init__(self, server: TcpReceiverServer, period_s: float = WIRE_SAMPLE_S) -> None:
         self.server = server
+        self.period_s = period_s
         self.samples: list[tuple[float, int]] = []
-        self._seen: dict[socket.socket, int] = {}  # a closed connection keeps its last count
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wire-sampler", daemon=True)
 
@@ -254,16 +246,12 @@ class WireSampler:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(WIRE_SAMPLE_S):
+        while not self._stop.wait(self.period_s):
             before = time.monotonic()
-            for sock in self.server.connections():
-                try:
-                    self._seen[sock] = tcp_bytes_received(sock)
-                except OSError:  # closed under us: its last count stands
-                    pass
+            received = self.server.wire_bytes_received()
             after = time.monotonic()
-            if after - before < 0.002:  # a sample whose reading was interrupted has no exact time: drop it
-                self.samples.append(((before + after) / 2, sum(self._seen.values())))
+            if after - before < 0.002:  # a reading that was interrupted has no exact time: drop it
+                self.samples.append(((before + after) / 2, received))
 
 
 def receiver_process(pipe: Connection, transport: str, capacity_bytes: int, nats_url: str, log_path: Path) -> None:
@@ -363,8 +351,11 @@ async def _sender_main(pipe: Connection, spec: SenderSpec) -> None:
         dest = Destination(DST_SITE, INSTANCE)
     payload: memoryview | None = None
     try:
-        async with KvLinks(SRC_SITE, LinkConfig(default_budget_gbps=spec.budget_gbps)) as links:
+        config = LinkConfig(default_budget_gbps=spec.budget_gbps)
+        async with KvLinks(SRC_SITE, config, nc=nc) as links:
             sender = KvSender(transport, links)
+            if nc is not None:  # measure shares, not the start-up hold of a process that just joined its site
+                await asyncio.sleep(config.share_hold_intervals * config.share_interval_s)
             pipe.send(("ready", part_checksums(parts, DEFAULT_CHECKSUM), sender.chunk_bytes(DST_SITE)))
             while True:
                 try:

@@ -1,10 +1,11 @@
-"""Per site pair: the shared pacing bucket and traffic counters, published as ``LinkStats``.
+"""Per site pair: the pacing bucket and traffic counters, published as ``LinkStats``.
 
 A prefill gateway owns one ``KvLinks`` for its site; every transfer to a destination site uses
 that pair's ``Link`` (bucket and counters), from the event loop or from socket threads. While
-started, ``KvLinks`` publishes each pair's statistics every ``publish_interval_s`` on
-``subjects.link(src, dst)``; a router subscribes to ``subjects.LINK_ALL`` and decodes them with
-``messages.link_stats_decoder``.
+started with a NATS client, ``KvLinks`` publishes each pair's statistics every
+``publish_interval_s`` on ``subjects.link(src, dst)`` (one ``LinkStats`` per process, named by
+``sender``: a router adds up the processes of a pair), and shares each paced pair's budget with
+the other processes of its site (``libs.kvwire.sharing``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -22,25 +24,44 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from libs.common import subjects
+from libs.common.errors import ConfigError
 from libs.common.messages import LinkStats, encode
 from libs.kvwire.pacing import TokenBucket
+from libs.kvwire.sharing import SiteShares, process_id
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LinkConfig:
-    """Bandwidth budgets per destination site (Gbps, 0 = unpaced) and the telemetry period."""
+    """Bandwidth budgets per destination site (Gbps, 0 = unpaced), pacing, telemetry and sharing periods."""
 
     budgets_gbps: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     default_budget_gbps: float = 0.0
-    # Bucket depth in seconds of budget: enough to absorb a sender's scheduling hiccups (an event
-    # loop or a thread a few ms late keeps its tokens), small enough that no one-second window
-    # carries more than ~2% over the budget.
+    # Bucket depth in seconds of budget: enough to absorb a sender's scheduling hiccups (a thread a
+    # few ms late keeps its tokens), small enough that no one-second window carries more than ~2%
+    # over the budget.
     burst_s: float = 0.02
     min_burst_bytes: int = 256 << 10
     publish_interval_s: float = 1.0
     rtt_gain: float = 0.125  # EWMA gain of the smoothed RTT (as TCP's SRTT)
+    share_site: bool = True  # with a NATS client: share each paced pair's budget with the site's processes
+    share_interval_s: float = 0.15  # announcement period
+    share_hold_intervals: float = 2.0  # silent listening at start before letting anything out
+    share_lease_intervals: float = 3.0  # a bucket pauses this long after its last confirmed announcement
+    share_expire_intervals: float = 5.0  # a peer silent this long is forgotten (must exceed the lease)
+
+    def __post_init__(self) -> None:
+        for key, value in (("default_budget_gbps", self.default_budget_gbps), *(
+                (f"budgets_gbps[{site}]", gbps) for site, gbps in self.budgets_gbps.items())):
+            if not 0 <= value < math.inf:
+                raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+        for key in ("burst_s", "publish_interval_s", "share_interval_s", "share_hold_intervals"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if not 0 < self.share_lease_intervals < self.share_expire_intervals:
+            raise ConfigError(f"share_lease_intervals must be > 0 and below share_expire_intervals "
+                              f"({self.share_expire_intervals}), got {self.share_lease_intervals}")
 
     def budget_gbps(self, dst_site: str) -> float:
         """Budget towards ``dst_site``."""
@@ -92,15 +113,16 @@ class LinkCounters:
             self.retransmitted_bytes_total += nbytes
             self.retransmitted_chunks_total += 1
 
-    def transfer_started(self) -> None:
-        """A transfer began using the link."""
+    def transfer_started(self) -> int:
+        """A transfer began using the link; the transfers now active."""
         with self._lock:
             if self.active_transfers == 0:
                 self._busy_since = time.monotonic()
             self.active_transfers += 1
+            return self.active_transfers
 
-    def transfer_ended(self, ok: bool) -> None:
-        """A transfer stopped using the link."""
+    def transfer_ended(self, ok: bool) -> int:
+        """A transfer stopped using the link; the transfers still active."""
         with self._lock:
             self.active_transfers -= 1
             if ok:
@@ -110,8 +132,9 @@ class LinkCounters:
             if self.active_transfers == 0 and self._busy_since is not None:
                 self._busy_s += time.monotonic() - self._busy_since
                 self._busy_since = None
+            return self.active_transfers
 
-    def snapshot(self, src_site: str, dst_site: str, budget_gbps: float) -> LinkStats:
+    def snapshot(self, src_site: str, dst_site: str, budget_gbps: float, sender: str = "") -> LinkStats:
         """Statistics since the previous snapshot (interval figures reset)."""
         with self._lock:
             now = time.monotonic()
@@ -140,6 +163,7 @@ class LinkCounters:
                 retransmitted_chunks_total=self.retransmitted_chunks_total,
                 transfers_completed_total=self.transfers_completed_total,
                 transfers_failed_total=self.transfers_failed_total,
+                sender=sender,
             )
             self._last_acked = self.acked_bytes_total
             self._last_ts = now
@@ -148,18 +172,31 @@ class LinkCounters:
             return stats
 
 
-@dataclass(frozen=True)
 class Link:
-    """One direction between two sites: its pacing bucket and its counters."""
+    """One direction between two sites: its budget, pacing bucket and counters."""
 
-    src_site: str
-    dst_site: str
-    bucket: TokenBucket
-    counters: LinkCounters
+    def __init__(self, src_site: str, dst_site: str, budget_gbps: float, bucket: TokenBucket,
+                 counters: LinkCounters) -> None:
+        self.src_site = src_site
+        self.dst_site = dst_site
+        self.budget_gbps = budget_gbps  # the pair's (0: unpaced); the bucket's rate is this process's share
+        self.bucket = bucket
+        self.counters = counters
+        self.on_activity: Callable[[], None] | None = None  # the first transfer started or the last ended
 
-    def stats(self) -> LinkStats:
+    def transfer_started(self) -> None:
+        """A transfer began using the link (on the event loop)."""
+        if self.counters.transfer_started() == 1 and self.on_activity is not None:
+            self.on_activity()
+
+    def transfer_ended(self, ok: bool) -> None:
+        """A transfer stopped using the link (on the event loop)."""
+        if self.counters.transfer_ended(ok) == 0 and self.on_activity is not None:
+            self.on_activity()
+
+    def stats(self, sender: str = "") -> LinkStats:
         """Take a snapshot (resets the interval figures)."""
-        return self.counters.snapshot(self.src_site, self.dst_site, self.bucket.rate_gbps)
+        return self.counters.snapshot(self.src_site, self.dst_site, self.budget_gbps, sender)
 
 
 class KvLinks:
@@ -168,35 +205,55 @@ class KvLinks:
     def __init__(self, src_site: str, config: LinkConfig | None = None, nc: NatsClient | None = None) -> None:
         self.src_site = subjects.token(src_site, "site")
         self.config = config or LinkConfig()
+        self.process = process_id()
         self._nc = nc
         self._links: dict[str, Link] = {}
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._shares = SiteShares(nc, self.src_site, self.process, self.config) if nc and self.config.share_site else None
+        self._sharing = False
 
     def link(self, dst_site: str) -> Link:
         """The shared link towards ``dst_site`` (created on first use)."""
         with self._lock:
             found = self._links.get(dst_site)
-            if found is None:
-                rate = self.config.budget_gbps(dst_site)
-                burst = max(int(rate * 1e9 / 8 * self.config.burst_s), self.config.min_burst_bytes)
-                found = Link(self.src_site, subjects.token(dst_site, "site"), TokenBucket(rate, burst),
-                             LinkCounters(self.config.rtt_gain))
-                self._links[dst_site] = found
-            return found
+            if found is not None:
+                return found
+            budget = self.config.budget_gbps(dst_site)
+            found = Link(self.src_site, subjects.token(dst_site, "site"), budget,
+                         TokenBucket(budget, self.config.burst_s, self.config.min_burst_bytes),
+                         LinkCounters(self.config.rtt_gain))
+            self._links[dst_site] = found
+            share = self._sharing and budget > 0
+        if share:
+            self._shares.add(found)
+        return found
 
     async def start(self) -> None:
-        """Start publishing link statistics (when a NATS client was given)."""
-        if self._nc is not None and self._task is None:
-            self._task = asyncio.create_task(self._publish_loop(self._nc), name=f"kv-links-{self.src_site}")
+        """With a NATS client: start sharing paced pairs' budgets and publishing link statistics."""
+        if self._nc is None or self._task is not None:
+            return
+        if self._shares is not None:
+            await self._shares.start()
+            for dst_site in self.config.budgets_gbps:
+                self.link(dst_site)
+            with self._lock:
+                self._sharing = True
+                paced = [link for link in self._links.values() if link.budget_gbps > 0]
+            for link in paced:
+                self._shares.add(link)
+        self._task = asyncio.create_task(self._publish_loop(self._nc), name=f"kv-links-{self.src_site}")
 
     async def stop(self) -> None:
-        """Stop publishing (idempotent)."""
+        """Stop publishing and sharing (idempotent); shared pairs pause and their share goes back to the site."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._shares is not None and self._sharing:
+            self._sharing = False
+            await self._shares.stop()
 
     async def __aenter__(self) -> KvLinks:
         await self.start()
@@ -212,6 +269,6 @@ class KvLinks:
                 links = list(self._links.values())
             for link in links:
                 try:
-                    await nc.publish(subjects.link(link.src_site, link.dst_site), encode(link.stats()))
+                    await nc.publish(subjects.link(link.src_site, link.dst_site), encode(link.stats(self.process)))
                 except (nats.errors.Error, OSError) as e:  # telemetry goes on; the client reconnects
                     log.warning("link stats not published", extra={"dst_site": link.dst_site, "error": repr(e)})

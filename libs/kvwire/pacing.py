@@ -1,55 +1,117 @@
-"""Token-bucket pacing of KV bytes, shared by every transfer (and thread) on one site pair.
+"""Token-bucket pacing of KV bytes on one site pair, shared by every transfer (and thread) of a process.
 
-A sender reserves the bytes it is about to put on the wire and waits the returned delay; the
-bucket's level may go negative, so concurrent senders queue behind each other's debt. Over any
-interval ``T`` at most ``burst_bytes + rate * T`` bytes leave: with a burst of a few milliseconds
-of budget, no one-second window exceeds the budget by more than a fraction of a percent.
+Bytes are taken from the bucket at the moment they are about to leave, never reserved ahead: a
+sender that was starved (descheduled by a busy CPU, or waiting for the engine's next layer) finds
+at most ``burst_s`` of budget when it comes back, so it cannot catch up in a burst. Over any
+interval ``T`` a bucket lets out at most ``rate * T`` plus its burst, or one chunk if a chunk is
+larger; each sending thread holds at most one chunk between taking and sending.
+
+The rate may change at any time (the process's share of a site-wide budget, ``libs.kvwire.sharing``);
+a rate of 0 pauses the bucket, and a lease, when set, pauses it once it expires.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
+from collections.abc import Callable
+
+MAX_SLEEP_S = 0.02  # a waiting sender looks again at least this often (rate changes, stop requests)
 
 
 class TokenBucket:
-    """A thread-safe token bucket of ``rate_gbps`` (0: unlimited) holding at most ``burst_bytes``."""
+    """A thread-safe token bucket of ``rate_gbps`` (0 at construction: unlimited for life)."""
 
-    def __init__(self, rate_gbps: float, burst_bytes: int) -> None:
-        if rate_gbps < 0 or burst_bytes <= 0:
-            raise ValueError(f"rate_gbps must be >= 0 and burst_bytes > 0, got {rate_gbps}, {burst_bytes}")
-        self.rate_gbps = rate_gbps
-        self.burst_bytes = burst_bytes
-        self._bytes_per_s = rate_gbps * 1e9 / 8
+    def __init__(self, rate_gbps: float, burst_s: float = 0.02, min_burst_bytes: int = 256 << 10) -> None:
+        if not (rate_gbps >= 0 and burst_s > 0 and min_burst_bytes > 0) or math.isinf(rate_gbps):
+            raise ValueError(f"need a finite rate_gbps >= 0 and positive bursts, got {rate_gbps}, {burst_s}, "
+                             f"{min_burst_bytes}")
+        self.unlimited = rate_gbps == 0
+        self.burst_s = burst_s
+        self.min_burst_bytes = min_burst_bytes
         self._lock = threading.Lock()
-        self._level = float(burst_bytes)
+        self._bytes_per_s = 0.0
+        self.burst_bytes = min_burst_bytes
+        self._set(rate_gbps)
+        self._level = float(self.burst_bytes)
         self._stamp = time.monotonic()
+        self._lease_until = math.inf
+        self.granted_bytes = 0  # total bytes let out
+        self._limited = False  # a sender had to wait since the last ``take_limited``
+        self.on_limited: Callable[[], None] | None = None  # called (any thread) when a sender first waits
 
     @property
-    def unlimited(self) -> bool:
-        """True when the bucket never delays."""
-        return self._bytes_per_s == 0
+    def rate_gbps(self) -> float:
+        """The current rate (0: paused, or unlimited)."""
+        return self._bytes_per_s * 8 / 1e9
 
-    def reserve(self, nbytes: int) -> float:
-        """Take ``nbytes`` now; return the seconds the caller must wait before sending them."""
-        if self._bytes_per_s == 0:
+    def _set(self, rate_gbps: float) -> None:
+        self._bytes_per_s = rate_gbps * 1e9 / 8
+        self.burst_bytes = max(int(self._bytes_per_s * self.burst_s), self.min_burst_bytes)
+
+    def set_rate(self, rate_gbps: float) -> None:
+        """Change the rate of a limited bucket (0 pauses it); tokens held are kept up to the new burst."""
+        if self.unlimited:
+            raise ValueError("an unlimited bucket has no rate to set")
+        if not rate_gbps >= 0 or math.isinf(rate_gbps):
+            raise ValueError(f"rate_gbps must be finite and >= 0, got {rate_gbps}")
+        with self._lock:
+            self._refill(time.monotonic())
+            self._set(rate_gbps)
+            self._level = min(self._level, self.burst_bytes)
+
+    def renew_lease(self, until: float) -> None:
+        """Let bytes out only until the monotonic time ``until`` (then the bucket pauses until renewed)."""
+        with self._lock:
+            self._lease_until = until
+
+    def take_limited(self) -> bool:
+        """Whether a sender had to wait since the last call (and reset)."""
+        with self._lock:
+            limited, self._limited = self._limited, False
+            return limited
+
+    def _refill(self, now: float) -> None:
+        if now > self._stamp:
+            self._level = min(self.burst_bytes, self._level + (now - self._stamp) * self._bytes_per_s)
+        self._stamp = now
+
+    def take(self, nbytes: int) -> float:
+        """Take ``nbytes`` now and return 0, or take nothing and return the seconds to wait before asking again."""
+        if self.unlimited:
             return 0.0
+        notify = False
         with self._lock:
             now = time.monotonic()
-            self._level = min(self.burst_bytes, self._level + (now - self._stamp) * self._bytes_per_s)
-            self._stamp = now
-            self._level -= nbytes
-            return max(0.0, -self._level / self._bytes_per_s)
+            self._refill(now)
+            need = min(nbytes, self.burst_bytes)  # a chunk larger than the burst goes out of a full bucket
+            if self._level >= need and now < self._lease_until and self._bytes_per_s > 0:
+                self._level -= nbytes
+                self.granted_bytes += nbytes
+                return 0.0
+            notify = not self._limited
+            self._limited = True
+            paused = self._bytes_per_s == 0 or now >= self._lease_until
+            wait = MAX_SLEEP_S if paused else (need - self._level) / self._bytes_per_s
+        if notify and self.on_limited is not None:
+            self.on_limited()
+        return min(max(wait, 1e-4), MAX_SLEEP_S)
 
-    def wait_blocking(self, nbytes: int) -> None:
-        """Reserve and sleep in this (non-event-loop) thread."""
-        delay = self.reserve(nbytes)
-        if delay > 0:
-            time.sleep(delay)
+    def wait_blocking(self, nbytes: int, stop: threading.Event) -> bool:
+        """Take ``nbytes``, sleeping in this (non-event-loop) thread as needed; False if ``stop`` was set."""
+        while True:
+            delay = self.take(nbytes)
+            if delay == 0.0:
+                return True
+            if stop.wait(delay):
+                return False
 
     async def wait(self, nbytes: int) -> None:
-        """Reserve and sleep on the event loop."""
-        delay = self.reserve(nbytes)
-        if delay > 0:
+        """Take ``nbytes``, sleeping on the event loop as needed."""
+        while True:
+            delay = self.take(nbytes)
+            if delay == 0.0:
+                return
             await asyncio.sleep(delay)

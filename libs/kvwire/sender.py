@@ -159,7 +159,7 @@ class SenderConfig:
     max_attempts: int = 4  # session opens per transfer: the first one and the resumes
     retry_backoff_s: float = 0.2
     transfer_timeout_s: float = 300.0
-    paced_chunk_s: float = 0.01  # on a paced link, chunks of at most this much budget (smooth traffic)
+    paced_chunk_s: float = 0.005  # on a paced link, chunks of at most this much budget (smooth traffic)
     min_chunk_bytes: int = 64 << 10
 
 
@@ -212,10 +212,10 @@ class KvSender:
 
     def chunk_bytes(self, dst_site: str) -> int:
         """Chunk size towards ``dst_site``: the transport's, or less on a paced link (a power of two)."""
-        bucket = self.links.link(dst_site).bucket
-        if bucket.unlimited:
+        budget_gbps = self.links.link(dst_site).budget_gbps
+        if budget_gbps == 0:
             return self.transport.chunk_bytes
-        quantum = int(bucket.rate_gbps * 1e9 / 8 * self.config.paced_chunk_s)
+        quantum = int(budget_gbps * 1e9 / 8 * self.config.paced_chunk_s)
         size = 1 << (max(quantum, 1).bit_length() - 1)
         return max(self.config.min_chunk_bytes, min(size, self.transport.chunk_bytes))
 
@@ -256,7 +256,7 @@ class KvSender:
             raise BadRequest(f"manifest chunk_bytes {manifest.chunk_bytes} over the transport's {self.transport.chunk_bytes}")
         link = self.links.link(manifest.dst_site)
         run = _Run(self, manifest, dest, link)
-        link.counters.transfer_started()
+        link.transfer_started()
         ok = False
         try:
             async with asyncio.timeout(self.config.transfer_timeout_s):
@@ -268,7 +268,7 @@ class KvSender:
                                   f"{self.config.transfer_timeout_s:.0f}s") from e
         finally:
             await run.close()
-            link.counters.transfer_ended(ok)
+            link.transfer_ended(ok)
 
     async def abort(self, transfer_id: str, dest: Destination, reason: str = "aborted by sender") -> None:
         """Make the receiver drop a transfer and free its memory."""

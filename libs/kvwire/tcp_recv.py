@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -37,6 +38,14 @@ from libs.kvwire.sockets import Closed, read_frame, recv_exact, set_deadline
 
 log = logging.getLogger(__name__)
 
+_TCPI_BYTES_RECEIVED = struct.Struct("@Q")  # tcpi_bytes_received, at offset 128 of Linux's struct tcp_info
+_TCPI_BYTES_RECEIVED_AT = 128
+
+
+def _tcp_bytes_received(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_RECEIVED_AT + _TCPI_BYTES_RECEIVED.size)
+    return _TCPI_BYTES_RECEIVED.unpack_from(info, _TCPI_BYTES_RECEIVED_AT)[0]
+
 
 @dataclass(frozen=True)
 class TcpServerConfig:
@@ -58,6 +67,7 @@ class TcpReceiverServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
+        self._closed_wire_bytes = 0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -67,10 +77,17 @@ class TcpReceiverServer:
         host, port = self._listener.getsockname()[:2]
         return host, port
 
-    def connections(self) -> list[socket.socket]:
-        """Sockets of the connections open now (e.g. to read the kernel's ``TCP_INFO`` counters)."""
+    def wire_bytes_received(self) -> int:
+        """Bytes the kernel has received on every connection so far, closed ones included (Linux ``TCP_INFO``).
+
+        It counts what crossed the wire when it crossed, however late the receiving threads read it.
+        """
         with self._lock:
-            return list(self._conns)
+            total = self._closed_wire_bytes
+            for sock in self._conns:
+                with contextlib.suppress(OSError):  # closing under us: counted when closed
+                    total += _tcp_bytes_received(sock)
+            return total
 
     async def start(self) -> None:
         """Bind, listen and start accepting."""
@@ -129,9 +146,11 @@ class TcpReceiverServer:
             with contextlib.suppress(OSError):
                 sock.sendall(frame(encode(ErrorReply(code=e.code, message=e.message))))
         finally:
-            sock.close()
             with self._lock:
+                with contextlib.suppress(OSError):
+                    self._closed_wire_bytes += _tcp_bytes_received(sock)
                 self._conns.pop(sock, None)
+            sock.close()
 
 
 class _Connection:

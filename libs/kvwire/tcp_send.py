@@ -160,8 +160,7 @@ class _Conn:
                 # Checksummed here, in parallel with the other connections, just before the socket copies it.
                 header = frame(encode(item.chunk.header(transfer_id, item.attempt)))
                 payload = item.chunk.payload
-                delay = bucket.reserve(len(header) + len(payload))
-                if delay > 0 and self.stopping.wait(delay):
+                if not bucket.wait_blocking(len(header) + len(payload), self.stopping):
                     return
                 send_all(self.sock, header, payload)
                 item.sent_at = time.monotonic()
