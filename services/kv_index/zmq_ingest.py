@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 from zmq.utils.monitor import parse_monitor_message
 
 from libs.common import subjects
-from libs.common.errors import BadRequest, UpstreamTimeout
+from libs.common.errors import BadRequest
 from libs.common.messages import (
     AllBlocksCleared,
     BlocksEvicted,
@@ -207,13 +207,18 @@ class ZmqIngest:
         url = self.endpoint.replay_url
         if url is None:
             return {}, ""
+        where = {"site": self.endpoint.site, "instance": self.endpoint.instance, "replay_url": url}
         try:
-            raw = await fetch_replay(self.context, url, start, self.replay_timeout_s)
-        except (UpstreamTimeout, BadRequest) as e:
-            log.warning("engine replay failed", extra={"site": self.endpoint.site, "instance": self.endpoint.instance, "error": e.message})
+            raw, whole = await fetch_replay(self.context, url, start, self.replay_timeout_s)
+        except BadRequest as e:
+            log.warning("engine replay answer malformed: %s", e.message, extra=where)
+            return {}, "replay failed"
+        if not whole:
+            log.warning("engine replay incomplete within %.1fs; using the %d batches received", self.replay_timeout_s, len(raw), extra=where)
+        if not raw:
             return {}, "replay failed"
         self.metrics.engine_replayed_batches.labels(self._label).inc(len(raw))
-        return await asyncio.to_thread(lambda: {seq: self._decoded(payload) for seq, payload in raw if seq >= start}), ""
+        return await asyncio.to_thread(lambda: {seq: self._decoded(payload) for seq, payload in raw.items() if seq >= start}), ""
 
     def _decoded(self, payload: bytes) -> EngineBatch | None:
         try:

@@ -1,38 +1,73 @@
 """Ask an engine's replay socket (vLLM / SGLang ROUTER) for the batches it still buffers.
 
 A DEALER sends ``[b"", start_seq (8-byte big-endian)]``; the engine answers one message per
-buffered batch with ``seq >= start_seq``, oldest first, then one whose seq is -1. A fresh socket
-per request means a late answer to an abandoned request can never be taken for a new one.
+buffered batch with ``seq >= start_seq``, oldest first, then one whose seq is -1. The engine sends
+them in a tight loop and its ROUTER drops what exceeds its send queue (1,000 messages), so the
+DEALER's receive queue is unbounded (the answers leave the engine as fast as the network carries
+them) and answers lost anyway are asked for again, from the first one missing. A fresh socket per
+request means a late answer to an abandoned request can never be taken for a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import zmq
 import zmq.asyncio
 
-from libs.common.errors import BadRequest, UpstreamTimeout
+from libs.common.errors import BadRequest
 from services.kv_index.engine_events import END_OF_REPLAY, split_replay_frames
 
+MAX_REQUESTS = 5
+IDLE_S = 0.5  # an engine sends its answers back to back: a longer pause means the rest were lost
 
-async def fetch_replay(context: zmq.asyncio.Context, url: str, start_seq: int, timeout_s: float) -> list[tuple[int, bytes]]:
-    """``(seq, payload)`` of every batch the engine buffers from ``start_seq`` on, within ``timeout_s``."""
+
+async def _request(context: zmq.asyncio.Context, url: str, start_seq: int, deadline: float) -> tuple[dict[int, bytes], bool]:
+    """One request: the answers received before ``deadline`` (monotonic s) or a pause of ``IDLE_S``
+    between two of them, and whether the end marker came."""
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
     sock.connect(url)
-    batches: list[tuple[int, bytes]] = []
+    got: dict[int, bytes] = {}
     try:
-        async with asyncio.timeout(timeout_s):
-            await sock.send_multipart([b"", start_seq.to_bytes(8, "big")])
-            while True:
-                seq, payload = split_replay_frames(await sock.recv_multipart())
-                if seq == END_OF_REPLAY:
-                    return batches
-                batches.append((seq, payload))
+        await sock.send_multipart([b"", start_seq.to_bytes(8, "big")])
+        wait_s = deadline - time.monotonic()
+        while wait_s > 0:
+            seq, payload = split_replay_frames(await asyncio.wait_for(sock.recv_multipart(), wait_s))
+            if seq == END_OF_REPLAY:
+                return got, True
+            got[seq] = payload
+            wait_s = min(IDLE_S, deadline - time.monotonic())
+        return got, False
     except TimeoutError:
-        raise UpstreamTimeout(f"replay socket {url} did not finish within {timeout_s}s ({len(batches)} batches received)") from None
+        return got, False
     except BadRequest as e:
         raise BadRequest(f"replay socket {url}: {e.message}") from None
     finally:
         sock.close(linger=0)
+
+
+async def fetch_replay(context: zmq.asyncio.Context, url: str, start_seq: int, timeout_s: float) -> tuple[dict[int, bytes], bool]:
+    """``seq -> payload`` of the batches the engine buffers from ``start_seq`` on, within ``timeout_s``.
+
+    The flag says whether the answers ran without a hole from the oldest received to the engine's
+    end marker; ``BadRequest`` if an answer is malformed.
+    """
+    deadline = time.monotonic() + timeout_s
+    got: dict[int, bytes] = {}
+    ask = start_seq
+    for _ in range(MAX_REQUESTS):
+        answers, ended = await _request(context, url, ask, deadline)
+        new = answers.keys() - got.keys()
+        got.update(answers)
+        if not got:
+            return got, ended
+        hole = next((s for s in range(min(got), max(got) + 1) if s not in got), None)
+        if hole is None and ended:
+            return got, True
+        if not new or time.monotonic() >= deadline:
+            break
+        ask = max(got) + 1 if hole is None else hole
+    return got, False

@@ -12,9 +12,11 @@ import redis.asyncio as aioredis
 from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.messages import InstanceLoad, KvEvent, KvEventBatch, encode
+from libs.lab.servers import free_port
 from services.kv_index.client import KvIndexClient
 from services.kv_index.config import KvIndexConfig
 from services.kv_index.service import KvIndexService
+from tests.kv_index.vllm_publisher import EnginePublisher
 
 
 def index_config(nats_url: str, redis_url: str, **overrides) -> KvIndexConfig:
@@ -96,3 +98,21 @@ async def nc(nats_url: str):
 def client(nc) -> KvIndexClient:
     """A lookup client."""
     return KvIndexClient(nc, timeout_s=2.0)
+
+
+@pytest.fixture
+async def engines() -> AsyncIterator[Callable[..., Awaitable[EnginePublisher]]]:
+    """Starts publisher processes (``family``, ``replay``, ``buffer_steps``, ``ports``); all stopped at teardown."""
+    started: list[EnginePublisher] = []
+
+    async def start(family: str = "vllm-seven-fields", replay: bool = True, buffer_steps: int = 10_000, ports=None):
+        pub, rep = ports or (free_port(), free_port() if replay else None)
+        engine = await EnginePublisher.start(family, pub, rep, buffer_steps)
+        started.append(engine)
+        return engine
+
+    try:
+        yield start
+    finally:
+        for engine in started:
+            await engine.stop()

@@ -7,12 +7,11 @@ may have evicted.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 
 import pytest
 
 from libs.common.hashing import hash_list
-from libs.lab.servers import free_port
 from services.kv_index.config import parse_zmq_endpoints
 from tests.kv_index.conftest import eventually, index_config, start_index
 from tests.kv_index.vllm_publisher import EnginePublisher, clear, remove, store
@@ -66,28 +65,11 @@ def count(counter, *labels: str) -> float:
     return counter.labels(*labels)._value.get()
 
 
-@pytest.fixture
-async def engines() -> AsyncIterator[Callable[..., Awaitable[EnginePublisher]]]:
-    """Starts publisher processes (``family``, ``replay``, ``buffer_steps``, ``ports``); all stopped at teardown."""
-    started: list[EnginePublisher] = []
-
-    async def start(family: str = "vllm-seven-fields", replay: bool = True, buffer_steps: int = 10_000, ports=None):
-        pub, rep = ports or (free_port(), free_port() if replay else None)
-        engine = await EnginePublisher.start(family, pub, rep, buffer_steps)
-        started.append(engine)
-        return engine
-
-    try:
-        yield start
-    finally:
-        for engine in started:
-            await engine.stop()
-
-
 async def bridged_index(nats_url: str, redis_url: str, engine: EnginePublisher, **overrides):
     """An index service bridging ``engine`` as dc-pd/vllm-0; returns it and its closer."""
     endpoints = parse_zmq_endpoints((engine.endpoint(SITE, INSTANCE),))
-    config = index_config(nats_url, redis_url, zmq_endpoints=endpoints, zmq_heartbeat_s=0.1, zmq_replay_timeout_s=2.0, **overrides)
+    settings = {"zmq_heartbeat_s": 0.1, "zmq_replay_timeout_s": 2.0, **overrides}
+    config = index_config(nats_url, redis_url, zmq_endpoints=endpoints, **settings)
     return await start_index(config)
 
 
@@ -109,6 +91,20 @@ async def test_engine_running_before_the_index_is_found_and_a_dropped_batch_is_r
         assert count(service.metrics.engine_gaps_repaired, LABEL) == 1
         assert count(service.metrics.engine_resets, LABEL, "no replay socket") == 0
         assert count(service.metrics.engine_baselines, LABEL, "first contact") == 1
+    finally:
+        await close()
+
+
+async def test_a_replay_longer_than_the_engines_send_queue_arrives_whole(nats_url, redis_url, client, engines):
+    """First contact replays thousands of buffered batches (more than the engine's 1,000-answer send queue): all are found."""
+    engine = await engines("vllm-seven-fields")
+    prompts = [prompt(100_000 + i * 100, 1) for i in range(3_000)]
+    await engine.send_many([[store(p)] for p in prompts])
+    service, close = await bridged_index(nats_url, redis_url, engine, zmq_replay_timeout_s=10.0)
+    try:
+        await until_held(client, prompts[-1], 1, "the newest buffered batch")
+        assert [(await held(client, p))[0] for p in (prompts[0], prompts[999], prompts[2_500])] == [1, 1, 1]
+        assert count(service.metrics.engine_replayed_batches, LABEL) == 3_000
     finally:
         await close()
 
