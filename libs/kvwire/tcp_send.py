@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import queue
+import selectors
 import socket
 import threading
 import time
@@ -75,7 +78,7 @@ class TcpTransport:
         self.chunk_bytes = self.config.chunk_bytes
 
     async def open(self, manifest: KvManifest, dest: Destination, link: Link) -> _TcpSession:
-        """Connect, begin (or resume) the transfer and start the connection threads."""
+        """Connect, begin (or resume) the transfer, join the other connections and start their threads."""
         socks, state = await asyncio.to_thread(self._handshake, manifest, dest)
         session = _TcpSession(manifest, link, self.config, socks, state, asyncio.get_running_loop())
         session.start()
@@ -91,8 +94,43 @@ class TcpTransport:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _exchange(self, sock: socket.socket, msg: KvBegin | KvJoin) -> KvResumeState:
-        sock.sendall(frame(encode(msg)))
+    def _connect_all(self, dest: Destination) -> list[socket.socket]:
+        """Every connection of a transfer, their handshakes in flight at once (one round trip, not one each)."""
+        family, kind, proto, _, address = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)[0]
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(self.config.connections):
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setblocking(False)
+                if sock.connect_ex(address) not in (0, errno.EINPROGRESS):
+                    raise ConnectionRefusedError(f"connect to {dest.host}:{dest.port} failed")
+            deadline = time.monotonic() + self.config.connect_timeout_s
+            with selectors.DefaultSelector() as selector:
+                for sock in socks:
+                    selector.register(sock, selectors.EVENT_WRITE)
+                pending = len(socks)
+                while pending:
+                    events = selector.select(max(0.0, deadline - time.monotonic()))
+                    if not events:
+                        raise TimeoutError(f"connect to {dest.host}:{dest.port}: no answer in "
+                                           f"{self.config.connect_timeout_s:.0f}s")
+                    for key, _ in events:
+                        error = key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if error:
+                            raise OSError(error, f"connect to {dest.host}:{dest.port}: {os.strerror(error)}")
+                        selector.unregister(key.fileobj)
+                        pending -= 1
+            for sock in socks:
+                set_deadline(sock, self.config.io_timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return socks
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+
+    def _reply(self, sock: socket.socket) -> KvResumeState:
         reply = read_frame(sock, bytearray(FRAME_PREFIX.size), kv_receiver_frame_decoder)
         if isinstance(reply, ErrorReply):
             raise _error(reply)
@@ -101,14 +139,20 @@ class TcpTransport:
         return reply
 
     def _handshake(self, manifest: KvManifest, dest: Destination) -> tuple[list[socket.socket], KvResumeState]:
+        """Connect, begin on the first connection, then join the others all at once."""
         socks: list[socket.socket] = []
         try:
-            socks.append(self._connect(dest))
-            state = self._exchange(socks[0], KvBegin(manifest=manifest))
-            if not state.complete:
-                for i in range(1, self.config.connections):
-                    socks.append(self._connect(dest))
-                    self._exchange(socks[-1], KvJoin(transfer_id=manifest.transfer_id, conn=i))
+            socks = self._connect_all(dest)
+            socks[0].sendall(frame(encode(KvBegin(manifest=manifest))))
+            state = self._reply(socks[0])
+            if state.complete:
+                for sock in socks[1:]:
+                    sock.close()
+                return socks[:1], state
+            for i, sock in enumerate(socks[1:], 1):
+                sock.sendall(frame(encode(KvJoin(transfer_id=manifest.transfer_id, conn=i))))
+            for sock in socks[1:]:
+                self._reply(sock)
             return socks, state
         except (OSError, Closed) as e:
             for sock in socks:
