@@ -2,7 +2,8 @@
 
 Prefill side (one ``KvLinks`` per process, shared by every transfer)::
 
-    links = KvLinks("dc-prfaas", LinkConfig(budgets_gbps={"dc-pd": 10.0}), nc=nc)   # publishes LinkStats
+    links = KvLinks("dc-prfaas", LinkConfig(budgets_gbps={"dc-pd": 10.0}), nc=nc)
+    await links.start()   # publishes LinkStats; shares each pair's budget with the site's other processes
     sender = KvSender(TcpTransport(), links)            # or JetStreamTransport(nc)
     manifest = sender.manifest(transfer_id=..., dst_site="dc-pd", model=..., block_size=64,
                                num_tokens=n, specs=backend.plan_parts(n))   # PartSpecs; set codec per part
@@ -15,7 +16,10 @@ Decode side::
         with await receiver.wait(transfer_id, timeout_s=30) as transfer:   # every part verified
             use(transfer.parts)                                            # then the memory is freed
 
-Routers read ``LinkStats`` on ``subjects.LINK_ALL`` with ``messages.link_stats_decoder``.
+Routers read ``LinkStats`` on ``subjects.LINK_ALL`` with ``messages.link_stats_decoder``: one per
+sending process and pair (``sender`` names the process), to be added up per pair. The processes'
+share announcements travel on ``subjects.link_share`` (``prfaas.v1.linkshare.<src>.<dst>``),
+outside ``LINK_ALL``.
 """
 
 from libs.common.state_parts import PartSpec
