@@ -168,7 +168,11 @@ class Child:
                 raise TransferFailed(f"{self.name} exited with code {self.process.exitcode}")
             if time.monotonic() > deadline:
                 raise TransferFailed(f"{self.name} silent for {timeout_s:.0f}s")
-        return self.pipe.recv()
+        try:
+            return self.pipe.recv()
+        except EOFError:  # it closed its end: it is exiting
+            await asyncio.to_thread(self.process.join, 5.0)
+            raise TransferFailed(f"{self.name} exited with code {self.process.exitcode}") from None
 
     async def call(self, *command):
         """Send a command and return the reply."""
