@@ -180,6 +180,7 @@ class SiteShares:
         self.pairs: dict[str, PairShare] = {}
         self.bad_messages = 0
         self._heard: dict[str, dict[str, _Peer]] = {}  # peers of pairs this process does not use yet
+        self._warned: set[tuple[str, str]] = set()  # (peer, pair) announced with a budget other than ours
         self._listening_since = 0.0
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -247,6 +248,11 @@ class SiteShares:
         if pair is None:  # remembered for when this process starts using the pair
             self._heard.setdefault(announce.dst_site, {})[announce.process] = _Peer.of(announce, now)
             return
+        if announce.budget_gbps != pair.link.budget_gbps and (announce.process, announce.dst_site) not in self._warned:
+            self._warned.add((announce.process, announce.dst_site))
+            log.warning("a peer shares this pair with another budget; each process keeps to its own",
+                        extra={"dst_site": announce.dst_site, "peer": announce.process,
+                               "peer_budget_gbps": announce.budget_gbps, "budget_gbps": pair.link.budget_gbps})
         pair.heard(announce, now)
         self._wake.set()
 
