@@ -272,6 +272,7 @@ class SiteShares:
             tick = now >= next_tick
             if tick:
                 next_tick = now + interval
+                self._forget_silent(now)
             changed = []
             for pair in list(self.pairs.values()):
                 try:
@@ -286,6 +287,16 @@ class SiteShares:
                     await self._announce(changed, renew=tick)
                 except (nats.errors.Error, OSError, TimeoutError) as e:  # the lease runs out; the client reconnects
                     log.warning("link share not announced", extra={"site": self.src_site, "error": repr(e)})
+
+    def _forget_silent(self, now: float) -> None:
+        """Drop what was heard about unused pairs from peers silent too long."""
+        expire = self.config.share_expire_intervals
+        for dst_site, peers in list(self._heard.items()):
+            live = {p: peer for p, peer in peers.items() if now - peer.seen <= expire * peer.interval_s}
+            if live:
+                self._heard[dst_site] = live
+            else:
+                del self._heard[dst_site]
 
     async def _announce(self, pairs: list[PairShare], renew: bool) -> None:
         """Publish the pairs' announcements; with ``renew``, extend the leases once the server confirmed them."""
