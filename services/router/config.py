@@ -95,7 +95,7 @@ class RouterConfig:
     first_token_timeout_s: float = 60.0
     token_timeout_s: float = 30.0
     job_timeout_s: float = 120.0
-    max_attempts: int = 3
+    max_attempts: int = 4
     instance_ttl_s: float = 2.0
     pending_ttl_s: float = 10.0
     replan_interval_s: float = 300.0  # 0: no slow timescale

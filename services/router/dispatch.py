@@ -51,6 +51,8 @@ from services.router.mailbox import STATUS, Mailbox
 from services.router.scheduler import Prepared, Scheduler
 
 log = logging.getLogger(__name__)
+_RETRY_BACKOFF_S = 0.1
+_LIVENESS_CHECK_S = 0.25  # while waiting on a job: how often the instances' heartbeats are checked  # per attempt, before trying an instance that refused or failed once more
 tracer = trace.get_tracer(__name__)
 
 
@@ -68,6 +70,7 @@ class _Retry(Exception):
     error: PrfaasError
     exclude: frozenset[str] = frozenset()
     local_only: bool = False
+    gone: bool = False  # the excluded instance did not answer at all (not merely busy or failing this job)
 
 
 @dataclass
@@ -112,15 +115,14 @@ class RequestRun:
 
     async def tokens(self) -> AsyncIterator[list[int]]:
         """Token ids in order; raises the typed error when no attempt can serve the request."""
-        exclude: frozenset[str] = frozenset()
+        gone: frozenset[str] = frozenset()  # instances that did not answer: never retried
+        avoid: frozenset[str] = frozenset()  # instances that refused or failed a job: avoided while others exist
         local_only = False
         fallback_of = ""
         while True:
             attempt = self.record.attempts
             with tracer.start_as_current_span("router.decide") as span:
-                event = self.scheduler.decide(
-                    self.prepared, attempt=attempt, exclude=exclude, local_only=local_only, fallback_of=fallback_of
-                )
+                event = await self._decide(attempt, gone, avoid, local_only, fallback_of)
                 span.set_attribute("prfaas.route", event.route)
             self.record.attempts += 1
             self.record.decision = event
@@ -136,9 +138,25 @@ class RequestRun:
                 log.info("attempt failed; deciding again", extra={"request_id": self.prepared.request_id, "reason": retry.reason})
                 if self.record.attempts >= self.config.max_attempts:
                     raise retry.error from None
-                exclude = exclude | retry.exclude
+                if retry.gone:
+                    gone |= retry.exclude
+                else:
+                    avoid |= retry.exclude
                 local_only = local_only or retry.local_only
                 fallback_of = retry.reason
+
+    async def _decide(self, attempt: int, gone: frozenset[str], avoid: frozenset[str], local_only: bool,
+                      fallback_of: str) -> DecisionEvent:  # fmt: skip
+        """Decide avoiding what failed; if that leaves nothing, wait a moment and allow the busy ones again."""
+        try:
+            return self.scheduler.decide(self.prepared, attempt=attempt, exclude=gone | avoid, local_only=local_only,
+                                         fallback_of=fallback_of)  # fmt: skip
+        except NoCapacity:
+            if not avoid:
+                raise
+        await asyncio.sleep(min(_RETRY_BACKOFF_S * attempt, 1.0))
+        return self.scheduler.decide(self.prepared, attempt=attempt, exclude=gone, local_only=local_only,
+                                     fallback_of=fallback_of)  # fmt: skip
 
     async def _attempt(self, event: DecisionEvent) -> AsyncIterator[list[int]]:
         d = event.decision
@@ -218,7 +236,8 @@ class RequestRun:
                 )
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
                 err = UpstreamTimeout(f"{where} did not answer within {self.config.reserve_timeout_s}s ({type(e).__name__})")
-                raise _Retry(f"{where} unreachable", err, exclude=frozenset({d.decode_instance})) from None
+                gone = isinstance(e, nats.errors.NoRespondersError)
+                raise _Retry(f"{where} unreachable", err, exclude=frozenset({d.decode_instance}), gone=gone) from None
             reply = decode_job_reply_decoder.decode(msg.data)
         if isinstance(reply, ErrorReply):
             err = error_from_code(reply.code, reply.message)
@@ -236,7 +255,7 @@ class RequestRun:
         load = self.view.load_of(d.prefill_instance)
         if load is None or not load.cluster:
             err = NoCapacity(f"{where} no longer heartbeats")
-            raise _Retry(f"{where} gone", err, exclude=frozenset({d.prefill_instance}), local_only=remote)
+            raise _Retry(f"{where} gone", err, exclude=frozenset({d.prefill_instance}), local_only=remote, gone=True)
         job = PrefillJob(
             request_id=job_id,
             transfer_id=reservation.transfer_id,
@@ -259,7 +278,8 @@ class RequestRun:
                 )
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
                 err = UpstreamTimeout(f"{where} did not answer within {self.config.accept_timeout_s}s ({type(e).__name__})")
-                raise _Retry(f"{where} unreachable", err, exclude=frozenset({d.prefill_instance}), local_only=remote) from None
+                gone = isinstance(e, nats.errors.NoRespondersError)
+                raise _Retry(f"{where} unreachable", err, frozenset({d.prefill_instance}), local_only=remote, gone=gone) from None
             reply = prefill_job_reply_decoder.decode(msg.data)
         if isinstance(reply, ErrorReply):
             err = error_from_code(reply.code, reply.message)
@@ -278,16 +298,7 @@ class RequestRun:
         next_index = 0
         while True:
             started = rec.first_token_at is not None
-            timeout_s = self.config.token_timeout_s if started else self.config.first_token_timeout_s
-            try:
-                async with asyncio.timeout(timeout_s):
-                    kind, item = await queue.get()
-            except TimeoutError:
-                if started:
-                    raise DecodeFailed(f"decode instance {d.decode_instance} went silent for {timeout_s}s") from None
-                where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
-                err = UpstreamTimeout(f"no first token within {timeout_s}s ({where})")
-                raise _Retry(f"{where} timed out", err, exclude=frozenset({d.prefill_instance}), local_only=remote) from None
+            kind, item = await self._next(queue, d, started, remote)
             if isinstance(item, TokenChunk):
                 if item.index < next_index:
                     continue  # a duplicate
@@ -310,6 +321,33 @@ class RequestRun:
                 self._fail(item, event, started, prefill_failed=True, remote=remote)
             else:  # the decode leg failed (a transfer failure included)
                 self._fail(item, event, started, prefill_failed=False, remote=remote)
+
+    async def _next(self, queue: asyncio.Queue, d, started: bool, remote: bool):
+        """The job's next message; a silent stream or a leg whose instance stopped heartbeating is a failure."""
+        timeout_s = self.config.token_timeout_s if started else self.config.first_token_timeout_s
+        end = time.monotonic() + timeout_s
+        where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
+        while True:
+            try:
+                async with asyncio.timeout(min(_LIVENESS_CHECK_S, max(0.0, end - time.monotonic()))):
+                    return await queue.get()
+            except TimeoutError:
+                pass
+            decode_alive = self.view.is_alive(d.decode_instance)
+            if started and (not decode_alive or time.monotonic() >= end):
+                why = "stopped heartbeating" if not decode_alive else f"went silent for {timeout_s}s"
+                raise DecodeFailed(f"decode instance {d.decode_instance} {why} after the first token")
+            if started:
+                continue
+            if not decode_alive:
+                err = NoCapacity(f"decode instance {d.decode_instance} stopped heartbeating")
+                raise _Retry(f"decode instance {d.decode_instance} silent", err, frozenset({d.decode_instance}))
+            if self.record.prefill is None and not self.view.is_alive(d.prefill_instance):
+                err = NoCapacity(f"{where}: the instance stopped heartbeating")
+                raise _Retry(f"{where} silent", err, frozenset({d.prefill_instance}), local_only=remote)
+            if time.monotonic() >= end:
+                err = UpstreamTimeout(f"no first token within {timeout_s}s ({where})")
+                raise _Retry(f"{where} timed out", err, exclude=frozenset({d.prefill_instance}), local_only=remote)
 
     def _fail(self, reply: ErrorReply, event: DecisionEvent, started: bool, *, prefill_failed: bool, remote: bool) -> None:
         d = event.decision

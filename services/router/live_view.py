@@ -95,6 +95,11 @@ class LiveView:
         horizon = time.monotonic() - self.instance_ttl_s
         return [load for load, at in self._loads.values() if at >= horizon and (model is None or load.model == model)]
 
+    def is_alive(self, instance: str) -> bool:
+        """True while ``instance`` heartbeats within the instance TTL."""
+        entry = self._loads.get(instance)
+        return entry is not None and entry[1] >= time.monotonic() - self.instance_ttl_s
+
     def load_of(self, instance: str) -> InstanceLoad | None:
         """The latest heartbeat of ``instance`` (alive or not)."""
         entry = self._loads.get(instance)

@@ -27,10 +27,11 @@ class Fleet:
         self.procs: dict[str, GatewayProcess] = {}
 
     def start(self, *specs: tuple[str, str, str, dict]) -> None:
-        """Start ``(kind, site, instance, settings)`` gateways and wait for their first heartbeats."""
-        asyncio.run(self._start(specs))
+        """Start ``(kind, site, instance, settings)`` gateways and wait for their first heartbeats (no event loop running)."""
+        asyncio.run(self.start_async(*specs))
 
-    async def _start(self, specs) -> None:
+    async def start_async(self, *specs: tuple[str, str, str, dict]) -> None:
+        """Start gateways from a running event loop (the processes die with this thread)."""
         from libs.common.bus import connect
 
         waits = []

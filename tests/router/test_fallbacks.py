@@ -1,0 +1,115 @@
+"""No accepted request is lost: every failure before the first token is re-decided, after it the stream says so."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from tests.kv_index.conftest import index_config, start_index
+from tests.router.conftest import router_starter
+from tests.router.deployment import PD, PRFAAS, Fleet
+from tests.router.test_end_to_end import TOK, api, expected_text, reachable
+
+PROMPT = "Fallbacks keep every accepted request alive across sites. " * 6  # ~370 tokens
+
+
+@pytest.fixture
+def fleet(supercluster, tmp_path):
+    """Gateways owned by one test (it may kill some)."""
+    owned = Fleet(supercluster, tmp_path)
+    try:
+        yield owned
+    finally:
+        owned.stop_all()
+
+
+@pytest.fixture
+async def routed(supercluster, redis_url):
+    """Start a router at dc-pd over a fleet (KV index in this process); returns (router, decision events)."""
+    _, close = await start_index(index_config(supercluster.url(PD), redis_url))
+    got: list = []
+    try:
+        async with router_starter(supercluster.url(PD)) as start:
+
+            async def make(instances, **overrides):
+                settings = dict(policy="static-threshold", threshold_tokens=0, instance_ttl_s=2.0, first_token_timeout_s=10.0,
+                                token_timeout_s=2.0) | overrides  # fmt: skip
+                svc = await start(**settings)
+                await reachable(svc, supercluster, instances)
+                original = svc.events.decision
+
+                async def keep(event):
+                    got.append(event)
+                    await original(event)
+
+                svc.events.decision = keep
+                return svc, got
+
+            yield make
+    finally:
+        await close()
+
+
+async def _complete(svc, i: int) -> tuple[str, str]:
+    prompt = f"[{i}] {PROMPT}"
+    out = await api(svc).completions.create(model="reference", prompt=prompt, max_tokens=6, temperature=0)
+    return out.choices[0].text, expected_text(TOK.encode(prompt), 6)
+
+
+async def test_refused_remote_prefill_falls_back_to_local(fleet, routed):
+    """A PrfaaS instance that refuses (queue full) sends the request to local prefill, with a fallback decision."""
+    await fleet.start_async(("prefill_gateway", PRFAAS, "fb-p0", {"cluster": "fb-prfaas", "queue_limit": 1}),
+                ("prefill_gateway", PD, "fb-l0", {"cluster": "fb-pd"}), ("decode_gateway", PD, "fb-d0", {}))  # fmt: skip
+    svc, decisions = await routed(("fb-p0", "fb-l0", "fb-d0"))
+    results = await asyncio.gather(*(_complete(svc, i) for i in range(6)))
+    assert all(got == want for got, want in results)
+    fallbacks = [d for d in decisions if d.route == "fallback"]
+    refused = [d for d in fallbacks if "fb-p0 refused: no_capacity" in d.decision.fallback_of]
+    assert refused and all(d.decision.prefill_instance == "fb-l0" for d in refused)
+
+
+async def test_killed_remote_prefill_under_load_loses_no_request(fleet, routed):
+    """kill -9 of the PrfaaS prefill gateway mid-load: every request still ends in the right tokens."""
+    await fleet.start_async(("prefill_gateway", PRFAAS, "kl-p0", {"cluster": "kl-prfaas"}),
+                ("prefill_gateway", PD, "kl-l0", {"cluster": "kl-pd"}), ("decode_gateway", PD, "kl-d0", {}))  # fmt: skip
+    svc, decisions = await routed(("kl-p0", "kl-l0", "kl-d0"))
+    first = [asyncio.ensure_future(_complete(svc, i)) for i in range(8)]
+    while True:
+        if decisions:
+            break
+        await asyncio.sleep(0.005)
+    fleet.procs["kl-p0"].kill()
+    second = [asyncio.ensure_future(_complete(svc, i)) for i in range(8, 16)]  # routed while it still looks alive
+    results = await asyncio.gather(*first, *second)
+    assert all(got == want for got, want in results)
+    fallbacks = [d for d in decisions if d.route == "fallback"]
+    assert fallbacks and all(d.decision.prefill_instance == "kl-l0" and d.decision.fallback_of for d in fallbacks)
+
+
+async def test_dead_decode_instance_is_replaced_before_the_first_token(fleet, routed):
+    """A decode instance that died (still in the view) is replaced by another one; the request completes."""
+    await fleet.start_async(("prefill_gateway", PD, "dd-l0", {"cluster": "dd-pd"}), ("decode_gateway", PD, "dd-d0", {}),
+                ("decode_gateway", PD, "dd-d1", {}))  # fmt: skip
+    svc, decisions = await routed(("dd-l0", "dd-d0", "dd-d1"), instance_ttl_s=30.0)
+    fleet.procs["dd-d1"].kill()
+    results = [await _complete(svc, i) for i in range(8)]
+    assert all(got == want for got, want in results)
+    retried = [d for d in decisions if d.route == "fallback"]
+    assert retried and all(d.decision.decode_instance == "dd-d0" and "dd-d1" in d.decision.fallback_of for d in retried)
+
+
+async def test_decode_failure_after_tokens_ends_the_stream_with_an_error(fleet, routed):
+    """Once tokens were streamed, a dead decode instance ends the stream with an error event, not a silent close."""
+    await fleet.start_async(("prefill_gateway", PD, "mf-l0", {"cluster": "mf-pd"}), ("decode_gateway", PD, "mf-d0", {}))
+    svc, _ = await routed(("mf-l0", "mf-d0"))
+    stream = await api(svc).completions.create(model="reference", prompt="Keep talking.", max_tokens=4000, temperature=0.7,
+                                               seed=3, stream=True)  # fmt: skip
+    received = []
+    with pytest.raises(openai.APIError, match="decode instance mf-d0"):
+        async for chunk in stream:
+            received.append(chunk)
+            if len(received) == 1:
+                fleet.procs["mf-d0"].kill()
+    assert received
