@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,13 +24,14 @@ from libs.common.errors import UpstreamTimeout
 from libs.lab.plan import PYTHON, LabSettings, ProcessSpec, plan
 from libs.lab.readiness import Probes
 from libs.lab.runstate import start_ticks, write_status
-from libs.lab.servers import die_with_parent, find_nats_server, find_redis_server, free_port
+from libs.lab.servers import die_with_parent, find_nats_server, find_redis_server
 from libs.lab.topology import Topology
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # SIGTERM, then SIGKILL after this long
 _LOCAL = "127.0.0.1"
+_LAB_PORTS_FROM = 10_000
 
 
 class NativeAddresses:
@@ -47,11 +50,7 @@ class NativeAddresses:
     def port(self, process: str, what: str) -> int:
         key = (process, what)
         if key not in self._ports:
-            taken = set(self._ports.values())
-            port = free_port()
-            while port in taken:
-                port = free_port()
-            self._ports[key] = port
+            self._ports[key] = _lab_port(set(self._ports.values()))
         return self._ports[key]
 
     def path(self, process: str, what: str) -> str:
@@ -256,6 +255,28 @@ class Lab:
     def _fail(self, message: str) -> None:
         self.state, self.error = "failed", message
         raise UpstreamTimeout(f"lab {self.topology.name}: {message}")
+
+
+def _lab_port(taken: set[int]) -> int:
+    """A free port below the kernel's ephemeral range.
+
+    The plan picks every port before the processes bind them; ports from the ephemeral range (what
+    binding port 0 gives) may meanwhile go to any outgoing connection or to another test's server.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    while True:
+        port = random.randrange(_LAB_PORTS_FROM, max(low, _LAB_PORTS_FROM + 1000))
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((_LOCAL, port))
+            except OSError:
+                continue
+        return port
 
 
 def _executable(name: str) -> str:

@@ -22,7 +22,6 @@ from tests.lab.e2e import (
     check_long_prompt_crosses_the_link,
     check_partition_loses_nothing,
     check_short_chat_stays_local,
-    check_slower_link_offloads_less,
 )
 
 COMPOSE_DIR = Path(__file__).resolve().parents[2] / "compose"
@@ -69,8 +68,8 @@ def stack() -> Iterator[tuple[Endpoints, str]]:
 
 
 def _relay_change(ep: Endpoints):
-    async def change(*, down: bool = False, up: bool = False, gbps: float | None = None) -> None:
-        change_link(ep.link_control_url, {"up": False} if down else {"up": True} if up else {"gbps": gbps})
+    async def change(up: bool) -> None:
+        change_link(ep.link_control_url, {"up": up})
 
     return change
 
@@ -88,11 +87,6 @@ async def test_a_long_prompt_crosses_the_relay(stack: tuple[Endpoints, str]) -> 
 async def test_a_partition_loses_no_request(stack: tuple[Endpoints, str]) -> None:
     """As natively: requests in flight during a cut finish locally; offloading resumes after it."""
     await check_partition_loses_nothing(stack[0], _relay_change(stack[0]))
-
-
-async def test_a_slower_link_offloads_less(stack: tuple[Endpoints, str]) -> None:
-    """As natively: the adaptive policy keeps long prompts local when the link slows to 5 Mbps."""
-    await check_slower_link_offloads_less(stack[0], _relay_change(stack[0]), full_gbps=10)
 
 
 def test_every_service_sends_traces_to_jaeger(stack: tuple[Endpoints, str]) -> None:
