@@ -13,6 +13,7 @@ _COMMAND_MODULES = (
     "libs.lab.cli",
     "libs.cli.index",
     "libs.cli.bench",
+    "libs.cli.decisions",
     "libs.planner.cli_plan",
     "libs.planner.cli_sim",
 )
