@@ -30,11 +30,20 @@ MAX_HEADER_BYTES = 1 << 20  # a manifest of thousands of parts still fits; anyth
 DEFAULT_CHUNK_BYTES = 4 << 20
 
 
-def _available_checksums() -> dict[str, Callable[..., int]]:
-    """Checksum functions by name; ``crc32c`` (hardware CRC, ~3x zlib) when the package is installed."""
-    algos: dict[str, Callable[..., int]] = {"crc32": zlib.crc32}
+def _fast_crc32() -> Callable[..., int] | None:
+    """ISA-L's CRC-32 (``isal``): the same values as ``zlib.crc32``, about 8x faster (carry-less multiply)."""
     try:
-        from crc32c import crc32c
+        from isal.isal_zlib import crc32
+    except ImportError:
+        return None
+    return crc32
+
+
+def _available_checksums() -> dict[str, Callable[..., int]]:
+    """Checksum functions by name (every one releases the GIL on large buffers)."""
+    algos: dict[str, Callable[..., int]] = {"crc32": _fast_crc32() or zlib.crc32}
+    try:
+        from crc32c import crc32c  # hardware CRC-32C, ~4x zlib, half ISA-L's CRC-32
     except ImportError:
         return algos
     algos["crc32c"] = crc32c
@@ -42,7 +51,8 @@ def _available_checksums() -> dict[str, Callable[..., int]]:
 
 
 CHECKSUMS = _available_checksums()
-DEFAULT_CHECKSUM: ChecksumAlgo = "crc32c" if "crc32c" in CHECKSUMS else "crc32"
+# The fastest here; a receiver verifies whatever the manifest names (``crc32`` everywhere, slower without isal).
+DEFAULT_CHECKSUM: ChecksumAlgo = "crc32" if _fast_crc32() else "crc32c" if "crc32c" in CHECKSUMS else "crc32"
 
 
 def checksum_fn(algo: str) -> Callable[..., int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import msgspec
 import numpy as np
@@ -164,3 +165,12 @@ def test_arena_reuses_and_merges_freed_regions():
         arena.free(region)
     assert arena.used_bytes == 0 and arena.largest_free_bytes == arena.capacity_bytes
     assert arena.allocate(arena.capacity_bytes) is not None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=70_000), st.integers(min_value=0, max_value=2**32 - 1))
+def test_fast_crc32_is_zlibs_crc32(data, start):
+    """The ``crc32`` checksum gives zlib's values (a receiver without isal verifies what a sender with it sent)."""
+    pytest.importorskip("isal")
+    assert CHECKSUMS["crc32"](data, start) == zlib.crc32(data, start)
+    assert CHECKSUMS["crc32"] is not zlib.crc32
