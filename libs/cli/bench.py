@@ -10,6 +10,7 @@ BENCHES = {
     "kvindex": "libs.bench.kvindex",
     "engine": "libs.bench.engine",
     "policy": "libs.bench.policy",
+    "router": "libs.bench.router",
     "kv": "libs.bench.kv",
     "gateways": "libs.bench.gateways",
     "wan": "libs.bench.wan",
