@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 import msgspec
+import numpy as np
 
 from libs.common.errors import BadRequest, NotFound, PrfaasError
 from libs.common.hashing import hash_list
@@ -91,20 +92,20 @@ class Scheduler:
 
     # --- prompt ---------------------------------------------------------------------------
 
-    def _encode(self, req: GenerationRequest) -> list[int]:
+    def _encode(self, req: GenerationRequest) -> tuple[list[int], np.ndarray]:
         tok = self.tokenizer
         if req.kind == "chat":
-            return tok.encode(self.template.render(req.messages), add_special=not tok.template_has_bos)
-        return tok.encode(req.prompt_text, add_special=True)
+            return tok.encode_with_array(self.template.render(req.messages), add_special=not tok.template_has_bos)
+        return tok.encode_with_array(req.prompt_text, add_special=True)
 
-    async def prompt_ids(self, req: GenerationRequest) -> list[int]:
-        """Token ids of the request's prompt (token-id prompts are checked against the vocabulary)."""
+    async def prompt_ids(self, req: GenerationRequest) -> tuple[list[int], np.ndarray]:
+        """Token ids of the request's prompt, as a list and an array (token-id prompts are checked against the vocabulary)."""
         if req.prompt_ids is not None:
             vocab = self.tokenizer.vocab_size
             bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
             if bad is not None:
                 raise invalid("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
-            return req.prompt_ids
+            return req.prompt_ids, np.asarray(req.prompt_ids, dtype=np.int64)
         size = len(req.prompt_text) if req.kind == "text" else sum(len(m["content"]) for m in req.messages)
         if size > _THREAD_TOKENIZE_CHARS:
             return await asyncio.to_thread(self._encode, req)
@@ -114,7 +115,7 @@ class Scheduler:
         """Check the model and limits, tokenize, hash and look the prefix up (404/400 on a bad request)."""
         arrived = time.monotonic()
         self.check_model(req.model)
-        ids = await self.prompt_ids(req)
+        ids, id_array = await self.prompt_ids(req)
         limit = self.max_prompt_tokens(req.model)
         if limit is not None and len(ids) > limit:
             param = "messages" if req.kind == "chat" else "prompt"
@@ -126,7 +127,7 @@ class Scheduler:
             raise error
         profile = model_profile(self.config.profile_of(req.model))
         block_size = self.block_size(req.model)
-        lookup, status = await self._lookup(hash_list(ids, block_size), hybrid=profile.n_linear_layers > 0)
+        lookup, status = await self._lookup(hash_list(id_array, block_size), hybrid=profile.n_linear_layers > 0)
         sampling = req.sampling
         if self.tokenizer.eos_token_ids:
             sampling = Sampling(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,

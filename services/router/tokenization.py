@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from libs.common.errors import ConfigError
 from libs.engine.tokenizer import ByteTokenizer
 
@@ -34,6 +36,11 @@ class PromptTokenizer(ABC):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (special tokens dropped; an incomplete character becomes U+FFFD)."""
 
+    def encode_with_array(self, text: str, *, add_special: bool) -> tuple[list[int], np.ndarray]:
+        """The ids as a list (for messages) and as an int64 array (for hashing)."""
+        ids = self.encode(text, add_special=add_special)
+        return ids, np.asarray(ids, dtype=np.int64)
+
 
 class BytePromptTokenizer(PromptTokenizer):
     """The reference model's tokenizer: UTF-8 bytes, BOS first."""
@@ -50,6 +57,15 @@ class BytePromptTokenizer(PromptTokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the byte ids (BOS/EOS dropped)."""
         return self._tok.decode(ids)
+
+    def encode_with_array(self, text: str, *, add_special: bool) -> tuple[list[int], np.ndarray]:
+        """Both forms straight from the UTF-8 bytes (no per-token conversion)."""
+        data = text.encode("utf-8")
+        head = [self._tok.bos_id] if add_special else []
+        arr = np.empty(len(head) + len(data), dtype=np.int64)
+        arr[: len(head)] = head
+        arr[len(head) :] = np.frombuffer(data, dtype=np.uint8)
+        return head + list(data), arr
 
 
 def _token_text(value) -> str:
