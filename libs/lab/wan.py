@@ -50,7 +50,8 @@ MSS_BYTES = 1448
 _PIPE_BYTES = 1024 * 1024
 _MAX_PIPES = 32  # per connection and direction: 32 MiB in flight
 _F_SETPIPE_SZ = 1031
-_BURST_S = 0.002  # credit an idle direction may bank
+_BURST_S = 0.005  # credit a direction may bank: absorbs the relay's own scheduling stalls on a busy machine
+_CHUNK_S = 0.002  # below the pipe size, read what the link moves in this long (smooth pacing at low rates)
 _MIN_CHUNK = 16 * 1024
 _POLL_S = 0.05  # how often blocked waits look at a closed connection or a stopped relay
 _MIN_SLEEP_S = 50e-6
@@ -145,7 +146,7 @@ class Direction:
         rate_bps = min(self.gbps * 1e9, self.mathis_bps())
         if math.isinf(rate_bps):
             return _PIPE_BYTES
-        return max(_MIN_CHUNK, min(_PIPE_BYTES, int(rate_bps / 8 * _BURST_S)))
+        return max(_MIN_CHUNK, min(_PIPE_BYTES, int(rate_bps / 8 * _CHUNK_S)))
 
     def retransmit_delay_s(self, nbytes: int, rng: random.Random) -> float:
         """One RTT if a segment of this chunk is lost (sampled), else 0."""
