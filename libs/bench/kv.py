@@ -381,10 +381,11 @@ def _text(f: dict) -> str:
                   f"{name:<18} {_range(f[name])}  per round, target {f['targets'][name]}"]
     else:
         together = " (all senders together)" if f["processes"] > 1 else ""
+        source = "receiver's kernel byte counts" if f["transport"] == "tcp" else "sender's acknowledged bytes"
         lines += [f"budget             {f['budget_gbps']} Gbps shared by {f['processes']} sender process(es)",
                   f"achieved_vs_budget {_range(f['achieved_vs_budget'], '.3f')}{together}  target {PACED_MIN}-{PACED_MAX}",
                   f"max_window_vs_budget {f['max_window_vs_budget']:.3f}  (largest rate over any {WINDOW_S:.0f} s "
-                  f"window, all rounds; target <= {PACED_MAX})"]
+                  f"window, all rounds, from the {source}; target <= {PACED_MAX})"]
         if "alone_vs_budget" in f:
             lines += [f"process_share_vs_budget {_range(f['process_share_vs_budget'], '.3f')}  (each sender's goodput)",
                       f"alone_vs_budget    {_range(f['alone_vs_budget'], '.3f')}  (one sender, the others idle)"]
