@@ -101,12 +101,22 @@ async def check_short_chat_stays_local(ep: Endpoints) -> None:
 
 
 async def check_long_prompt_crosses_the_link(ep: Endpoints) -> None:
-    """A ~2K-token prompt is prefilled at dc-a; its KV (megabytes) is counted by the dc-a -> dc-b relay."""
-    before = forward_bytes(ep)
+    """A ~2K-token prompt is prefilled at dc-a; its KV (megabytes) is counted by the dc-a -> dc-b relay.
+
+    The adaptive policy may keep a prompt local while it sees pressure (a busy machine makes queues):
+    up to five prompts are sent one after another until one is offloaded.
+    """
     async with Events(ep) as events:
-        reply = await chat(ep, LONG_PROMPT)
-        outcome = await events.outcome(reply.id)
-    assert (outcome["status"], outcome["route"], outcome["prefill_site"]) == ("ok", "remote", "dc-a")
+        for attempt in range(5):
+            before = forward_bytes(ep)
+            reply = await chat(ep, f"{attempt} {LONG_PROMPT}")
+            outcome = await events.outcome(reply.id)
+            assert outcome["status"] == "ok", outcome
+            if outcome["route"] == "remote":
+                break
+        else:
+            raise AssertionError("none of five long prompts was prefilled remotely")
+    assert outcome["prefill_site"] == "dc-a"
     kv_bytes = events.decisions[reply.id.removeprefix("chatcmpl-")][0]["decision"]["transfer_bytes"]
     assert kv_bytes > 1_000_000
     assert forward_bytes(ep) - before >= kv_bytes

@@ -204,13 +204,13 @@ def test_a_foreground_lab_stops_everything_on_sigterm(tmp_path: Path) -> None:
 
 def test_the_demo_starts_a_lab_reports_both_routes_and_stops_it(tmp_path: Path) -> None:
     """`lab demo` with no lab running: starts the default one, sends a mix, prints the summary, leaves no process."""
-    demo = subprocess.run([*PRFAAS, "lab", "demo", "--requests", "6", "--json", "--run-dir", str(tmp_path)],
+    demo = subprocess.run([*PRFAAS, "lab", "demo", "--requests", "8", "--json", "--run-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert demo.returncode == 0, demo.stderr
     summary = json.loads(demo.stdout)
-    assert (summary["requests"], summary["failed"]) == (6, 0)
+    assert (summary["requests"], summary["failed"]) == (8, 0)
     routes = summary["ttft_by_route"]
-    assert sum(r["requests"] for r in routes.values()) == 6 and {"local", "remote"} <= set(routes)
+    assert sum(r["requests"] for r in routes.values()) == 8 and {"local", "remote"} <= set(routes)
     assert summary["offloaded"] == routes["remote"]["requests"] and 0 < summary["offloaded_share"] < 1
     assert summary["wan_bytes"] > 1_000_000  # at least one prompt's KV crossed the link
     assert summary["output_tokens_per_s"] > 0 and summary["cache_hits"] >= 1
