@@ -91,19 +91,20 @@ async def run_prefill(svc: PrefillGatewayService, run: PrefillRun) -> None:
             final = ErrorReply(code=e.code, message=e.message)
         finally:
             svc.finished(run)
-        if isinstance(final, ErrorReply):
-            if run.opened:
-                await _abort(svc, run, final.message)
+        failed = isinstance(final, ErrorReply)
+        svc.metrics.jobs.labels(final.code if failed else "ok").inc()
+        if failed:
             svc.metrics.failures.labels(final.code).inc()
             span.set_status(trace.Status(trace.StatusCode.ERROR, final.message))
             log.info("prefill job failed", extra={"request_id": job.request_id, "code": final.code, "error": final.message})
-        svc.metrics.jobs.labels("ok" if isinstance(final, PrefillFinished) else final.code).inc()
-        await run.instance.events.flush()
         if job.status_subject:
             try:
                 await svc.nc.publish(job.status_subject, encode(final), headers=inject_headers())
             except (nats.errors.Error, OSError) as e:
                 log.warning("status not published", extra={"request_id": job.request_id, "error": repr(e)})
+        if failed and run.opened:  # after the status: the caller need not wait for an unreachable receiver
+            await _abort(svc, run, final.message)
+        await run.instance.events.flush()
 
 
 async def _abort(svc: PrefillGatewayService, run: PrefillRun, reason: str) -> None:
