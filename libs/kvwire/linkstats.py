@@ -48,8 +48,8 @@ class LinkConfig:
     share_site: bool = True  # with a NATS client: share each paced pair's budget with the site's processes
     share_interval_s: float = 0.15  # announcement period
     share_hold_intervals: float = 2.0  # silent listening at start before letting anything out
-    share_lease_intervals: float = 3.0  # a bucket pauses this long after its last confirmed announcement
-    share_expire_intervals: float = 5.0  # a peer silent this long is forgotten (must exceed the lease)
+    share_lease_intervals: float = 4.0  # a bucket pauses this long after sending its last confirmed announcement
+    share_expire_intervals: float = 6.0  # a peer silent this long is forgotten (must exceed the lease)
 
     def __post_init__(self) -> None:
         for key, value in (("default_budget_gbps", self.default_budget_gbps), *(

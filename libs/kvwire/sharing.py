@@ -186,6 +186,7 @@ class SiteShares:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sub = None
         self._task: asyncio.Task[None] | None = None
+        self._confirming: asyncio.Task[None] | None = None
 
     def add(self, link: Link) -> None:
         """Share ``link``'s budget from now on (call after ``start``; its bucket pauses until the first decision)."""
@@ -206,11 +207,12 @@ class SiteShares:
 
     async def stop(self) -> None:
         """Stop announcing; pause every shared bucket and announce zero so the others take the share back."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._task, self._confirming):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._confirming = None
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
@@ -299,12 +301,24 @@ class SiteShares:
                 del self._heard[dst_site]
 
     async def _announce(self, pairs: list[PairShare], renew: bool) -> None:
-        """Publish the pairs' announcements; with ``renew``, extend the leases once the server confirmed them."""
+        """Publish the pairs' announcements; with ``renew``, extend the leases once the server confirms them."""
         sent_at = time.monotonic()
         for pair in pairs:
             await self.nc.publish(subjects.link_share(self.src_site, pair.link.dst_site), encode(pair.announce()))
-        if renew:
-            await self.nc.flush(timeout=self.config.share_interval_s)
-            lease = sent_at + self.config.share_lease_intervals * self.config.share_interval_s
-            for pair in self.pairs.values():
-                pair.link.bucket.renew_lease(lease)
+        if renew and (self._confirming is None or self._confirming.done()):
+            self._confirming = asyncio.create_task(self._confirm(sent_at), name=f"kv-shares-confirm-{self.src_site}")
+
+    async def _confirm(self, sent_at: float) -> None:
+        """Renew every lease once the server has the announcements sent at ``sent_at`` (off the decision loop).
+
+        The lease runs from the sending, not the confirmation: the peers' memory of this process
+        starts no earlier, so the lease always ends before they forget it.
+        """
+        lease = sent_at + self.config.share_lease_intervals * self.config.share_interval_s
+        try:
+            await self.nc.flush(timeout=max(lease - time.monotonic(), 1e-3))
+        except (nats.errors.Error, OSError, TimeoutError) as e:  # the lease runs out; the client reconnects
+            log.warning("link share announcements not confirmed", extra={"site": self.src_site, "error": repr(e)})
+            return
+        for pair in self.pairs.values():
+            pair.link.bucket.renew_lease(lease)

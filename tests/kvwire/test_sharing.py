@@ -64,7 +64,7 @@ def test_simultaneous_raises_split_the_headroom():
 
 
 def test_lowering_is_immediate_and_a_silent_peer_is_forgotten():
-    """A peer's demand halves our rate at once; once it is silent for five periods its share returns."""
+    """A peer's demand halves our rate at once; once it is silent for six periods its share returns."""
     pair, link = _pair()
     link.transfer_started()
     pair.activity()
@@ -72,9 +72,9 @@ def test_lowering_is_immediate_and_a_silent_peer_is_forgotten():
     assert pair.rate_gbps == 1.0  # alone
     _heard(pair, "peer", demand=1.0, rate=0.0, now=0.4)
     assert pair.decide(0.4) and pair.rate_gbps == pytest.approx(0.5)
-    pair.decide(0.4 + 5 * 0.15 - 0.01)
+    pair.decide(0.4 + 6 * 0.15 - 0.01)
     assert pair.rate_gbps == pytest.approx(0.5)  # still remembered
-    pair.decide(0.4 + 5 * 0.15 + 0.01)
+    pair.decide(0.4 + 6 * 0.15 + 0.01)
     assert pair.rate_gbps == 1.0 and not pair.peers
 
 
@@ -142,14 +142,14 @@ async def test_processes_share_a_pair_over_nats(nats_url):
                 await b.stop()
                 assert link_b.bucket.rate_gbps == 0.0
                 await eventually(lambda: link_a.bucket.rate_gbps == pytest.approx(0.8), timeout_s=5)
-                # A process that goes silent without a word: its share comes back after five periods, not before.
+                # A process that goes silent without a word: its share comes back after six periods, not before.
                 await b.start()
                 await eventually(lambda: link_a.bucket.rate_gbps == pytest.approx(0.4), timeout_s=5)
                 await ncs[1].close()
                 silenced = time.monotonic()
                 await eventually(lambda: link_a.bucket.rate_gbps == pytest.approx(0.8), timeout_s=5)
-                # Forgotten 5 periods after its last announcement, at most one period before the silence.
-                assert time.monotonic() - silenced >= 4 * config.share_interval_s
+                # Forgotten 6 periods after its last announcement, at most one period before the silence.
+                assert time.monotonic() - silenced >= 5 * config.share_interval_s
                 # Its own lease ran out meanwhile: it lets nothing out (it cannot know the others took its share).
                 assert link_b.bucket.take(1) > 0
     finally:
