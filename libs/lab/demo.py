@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -23,7 +24,7 @@ import numpy as np
 import openai
 
 from libs.common import subjects
-from libs.common.errors import UpstreamTimeout
+from libs.common.errors import BadRequest, UpstreamTimeout
 from libs.lab.runstate import running_status, stop_lab
 from libs.lab.up import DEMO_PROMPT, start_detached
 from libs.lab.wan_server import link_figures
@@ -54,24 +55,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="prompt lengths and documents (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the run directory of a lab the demo started (kept anyway when a request fails)")  # fmt: skip
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """Use the running lab (or start the default one), drive the traffic, print the table, stop what it started."""
     if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or args.length_scale <= 0:
-        raise SystemExit("prfaas lab demo: --requests, --concurrency and --max-tokens >= 1, --length-scale > 0")
+        raise BadRequest("--requests, --concurrency and --max-tokens must be >= 1 and --length-scale > 0")
     status = running_status(args.run_dir)
     started_here = status is None
     if started_here:
         print(f"no lab runs in {args.run_dir}: starting the default one ...", file=sys.stderr, flush=True)
         status = start_detached(args.run_dir, "default", log_level="INFO", ready_timeout_s=60.0, quiet=True)
         print(f"lab up: router {status['router_url']}", file=sys.stderr, flush=True)
+    summary = None
     try:
         summary = asyncio.run(_drive(status, args))
     finally:
         if started_here:
             stop_lab(args.run_dir)
-            print(f"stopped the lab the demo started (logs in {args.run_dir / 'logs'})", file=sys.stderr, flush=True)
+            if summary is not None and summary["failed"] == 0 and not args.keep_logs:
+                shutil.rmtree(args.run_dir, ignore_errors=True)
+                print("stopped the lab the demo started and removed its run directory", file=sys.stderr, flush=True)
+            else:
+                print(f"stopped the lab the demo started (logs kept in {args.run_dir / 'logs'})", file=sys.stderr,
+                      flush=True)  # fmt: skip
     print(json.dumps(summary, indent=2) if args.json else table(summary), flush=True)
     return 0 if summary["failed"] == 0 else 1
 
