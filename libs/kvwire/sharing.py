@@ -17,9 +17,9 @@ Each takes its max-min fair share of the budget among the processes with demand:
   announce) pauses before anyone takes its share.
 - Stopping announces zero, so the others take the share back at once.
 
-Demand: the whole budget while the bucket makes senders wait; else, while transfers are active,
-1.25 x what was let out over the last interval (a producer slower than its share leaves the rest
-to the others); 0 when idle.
+Demand: the whole budget as soon as a transfer starts and while the bucket makes senders wait;
+else, while transfers are active, 1.25 x what was let out over the last interval (a producer
+slower than its share leaves the rest to the others); 0 once a whole period passed idle.
 """
 
 from __future__ import annotations
@@ -115,11 +115,14 @@ class PairShare:
         else:
             self.demand_gbps = min(self.link.budget_gbps, sent_gbps * APP_LIMITED_HEADROOM)
 
-    def activity(self) -> None:
-        """Transfers started or all ended: want the whole budget, or nothing."""
-        active = self.link.counters.active_transfers > 0
-        self.demand_gbps = self.link.budget_gbps if active else 0.0
-        self.starved = self.starved and active
+    def activity(self) -> bool:
+        """Transfers started: want the whole budget at once (True). When the last ends, the share
+        stays until the next period's measure (False): back-to-back transfers do not hand it back and
+        forth."""
+        if self.link.counters.active_transfers == 0:
+            return False
+        self.demand_gbps = self.link.budget_gbps
+        return True
 
     def _live(self, now: float) -> dict[str, _Peer]:
         expire = self.config.share_expire_intervals
@@ -233,8 +236,8 @@ class SiteShares:
 
     def _activity(self, pair: PairShare) -> None:
         """The pair's first transfer started, or its last ended (on the loop)."""
-        pair.activity()
-        self._wake.set()
+        if pair.activity():
+            self._wake.set()
 
     async def _on_announce(self, msg) -> None:
         try:
