@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -330,6 +331,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-tokens", type=int, default=2048, help="prompt tokens of the prefix-reuse case")
     parser.add_argument("--paced-tokens", type=int, default=8192, help="prompt tokens of the pipelining case")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the work directory (kept anyway on failure)")
 
 
 class _Fleet:
@@ -342,7 +344,7 @@ class _Fleet:
 
     def add(self, kind: str, site: str, name: str, **settings: object) -> None:
         """Plan one gateway process (``name``: the instance whose heartbeat says it is ready)."""
-        env = gateway_env(kind, self.cluster.url(site), site=site, **settings)
+        env = gateway_env(kind, self.cluster.url(site), site=site, log_level="INFO", **settings)
         self.procs.append((GatewayProcess(kind, env, self.workdir / f"{kind}-{name}.log"), site, name))
 
     async def start(self, ncs: dict[str, NatsClient]) -> None:
@@ -536,8 +538,16 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its figures; exit status 1 if a target was missed."""
     if min(args.repeats, args.overhead_requests, args.max_tokens) < 1 or min(args.ref_tokens, args.prefix_tokens) < 128:
         raise ConfigError("--repeats, --overhead-requests and --max-tokens must be >= 1; prompts >= 128 tokens")
-    with tempfile.TemporaryDirectory(prefix="prfaas-bench-gateways-") as work:
-        figures = asyncio.run(_bench(args, Path(work)))
+    work = Path(tempfile.mkdtemp(prefix="prfaas-bench-gateways-"))
+    try:
+        figures = asyncio.run(_bench(args, work))
+    except BaseException:
+        print(f"gateway logs kept in {work}", file=sys.stderr)
+        raise
+    if args.keep_logs:
+        print(f"gateway logs kept in {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     missed = _missed(figures)
     figures["missed_targets"] = missed
     if args.json:
