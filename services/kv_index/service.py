@@ -25,6 +25,7 @@ from libs.common.bus import connect, ensure_consumer, ensure_stream
 from libs.common.errors import BadRequest, PrfaasError, UpstreamTimeout
 from libs.common.messages import KvSnapshotRequest, encode
 from libs.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from services.kv_index.cancellation import cancel_and_wait
 from services.kv_index.config import KvIndexConfig
 from services.kv_index.handlers import handle_kv_batch, handle_load, handle_lookup
 from services.kv_index.metrics import KvIndexMetrics
@@ -122,9 +123,7 @@ class KvIndexService:
             except nats.errors.Error:
                 pass
         self._subs.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
         self._tasks.clear()
         if self._zmq_context is not None:
             self._zmq_context.term()

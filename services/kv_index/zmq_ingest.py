@@ -48,12 +48,15 @@ from libs.common.messages import (
 )
 from services.kv_index.block_mapper import BlockMapper, MappedChange
 from services.kv_index.bridge_stream import BridgeStream
+from services.kv_index.cancellation import cancel_and_wait
 from services.kv_index.config import ZmqEndpoint
 from services.kv_index.engine_events import EngineBatch, decode_payload, split_pub_frames
 from services.kv_index.metrics import KvIndexMetrics
 from services.kv_index.zmq_replay import fetch_replay
 
 log = logging.getLogger(__name__)
+
+MAX_COALESCED = 256  # engine messages already queued that may share one batch of ours
 
 
 def to_events(changes: list[MappedChange]) -> list[KvEvent]:
@@ -109,12 +112,14 @@ class ZmqIngest:
         self._live_last: int | None = None  # last sequence seen on the PUB socket
         self._contact = "first contact"
         self._lock = asyncio.Lock()  # one batch of ours at a time, in order; the mapper is only used under it
+        self._pending: list[MappedChange] = []  # changes not yet published (flushed before the lock is released)
 
     async def run(self) -> None:
         """Receive, translate and publish until cancelled."""
         await self.out.resume()
         async with self._lock:
-            await self._drop_all("bridge started")
+            self._drop_all("bridge started")
+            await self._flush()
         snapshot_sub = await self.nc.subscribe(
             subjects.kv_snapshot_request(self.endpoint.site, self.endpoint.instance), cb=self._on_snapshot_request
         )
@@ -127,9 +132,7 @@ class ZmqIngest:
         try:
             await asyncio.gather(*tasks)  # none ends but by failing: then the supervisor restarts the bridge
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
             sock.disable_monitor()
             monitor.close(linger=0)
             sock.close(linger=0)
@@ -139,10 +142,18 @@ class ZmqIngest:
                 pass
 
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        """Handle engine messages in arrival order; what queued up meanwhile goes out as one batch of ours."""
         while True:
-            frames = await sock.recv_multipart()
+            queued = [await sock.recv_multipart()]
             async with self._lock:
-                await self._on_frames(frames)
+                while len(queued) < MAX_COALESCED:
+                    try:
+                        queued.append(await sock.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                for frames in queued:
+                    await self._on_frames(frames)
+                await self._flush()
 
     # --- engine batches ----------------------------------------------------------------------
 
@@ -166,7 +177,7 @@ class ZmqIngest:
                 self._count_reset("malformed batch", {"site": self.endpoint.site, "instance": self.endpoint.instance, "seq": seq})
                 await self._restart(seq, [])
             else:
-                await self._publish(await asyncio.to_thread(self._map_all, [(seq, batch)]))
+                self._queue(await asyncio.to_thread(self._map_all, [(seq, batch)]))
                 self._next = seq + 1
 
     async def _resync(self, start: int, live: tuple[int, bytes] | None, baseline: str = "") -> None:
@@ -184,7 +195,7 @@ class ZmqIngest:
         elif run and run[0][0] == start:
             self.metrics.engine_gaps_repaired.labels(self._label).inc()
             log.info("engine sequence gap repaired from %d replayed batches", len(run), extra=where)
-            await self._publish(await asyncio.to_thread(self._map_all, run))
+            self._queue(await asyncio.to_thread(self._map_all, run))
             self._next = run[-1][0] + 1
             return
         else:
@@ -195,7 +206,7 @@ class ZmqIngest:
     async def _restart(self, seq: int, run: list[tuple[int, EngineBatch]]) -> None:
         """Drop the instance's blocks and start again from ``run`` (or after ``seq`` if it is empty)."""
         self.mapper.reset()
-        await self._publish([MappedChange("cleared"), *await asyncio.to_thread(self._map_all, run)])
+        self._queue([MappedChange("cleared"), *await asyncio.to_thread(self._map_all, run)])
         self._next = (run[-1][0] if run else seq) + 1
 
     def _count_reset(self, reason: str, where: dict) -> None:
@@ -247,18 +258,23 @@ class ZmqIngest:
                 self.metrics.engine_skipped.labels(self._label, reason).inc(count - skipped.get(reason, 0))
         return changes
 
-    async def _publish(self, changes: list[MappedChange]) -> None:
-        if changes:
+    def _queue(self, changes: list[MappedChange]) -> None:
+        """Queue our changes; ``_flush`` publishes them before the lock is released."""
+        self._pending += changes
+
+    async def _flush(self) -> None:
+        if self._pending:
+            changes, self._pending = self._pending, []
             await self.out.publish(to_events(changes))
 
-    async def _drop_all(self, why: str) -> None:
+    def _drop_all(self, why: str) -> None:
         """Tell the index to drop the instance's blocks; the next engine batch is a baseline."""
         log.info("engine blocks dropped until the next baseline", extra={"site": self.endpoint.site,
                                                                          "instance": self.endpoint.instance, "reason": why})
         self.mapper.reset()
         self._next = None
         self._live_last = None
-        await self._publish([MappedChange("cleared")])
+        self._queue([MappedChange("cleared")])
 
     # --- index requests, connection, heartbeats -------------------------------------------------
 
@@ -287,11 +303,13 @@ class ZmqIngest:
                     async with self._lock:
                         if self._next is None:  # an idle engine's buffered batches are a baseline too
                             await self._resync(0, None, baseline=self._contact)
+                            await self._flush()
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected.clear()
                 async with self._lock:
                     self._contact = "reconnect"
-                    await self._drop_all("engine disconnected")
+                    self._drop_all("engine disconnected")
+                    await self._flush()
 
     async def _heartbeats(self) -> None:
         ep = self.endpoint

@@ -35,7 +35,9 @@ async def _request(context: zmq.asyncio.Context, url: str, start_seq: int, deadl
         await sock.send_multipart([b"", start_seq.to_bytes(8, "big")])
         wait_s = deadline - time.monotonic()
         while wait_s > 0:
-            seq, payload = split_replay_frames(await asyncio.wait_for(sock.recv_multipart(), wait_s))
+            async with asyncio.timeout(wait_s):  # not wait_for: on 3.11 it can swallow a cancellation
+                frames = await sock.recv_multipart()
+            seq, payload = split_replay_frames(frames)
             if seq == END_OF_REPLAY:
                 return got, True
             got[seq] = payload

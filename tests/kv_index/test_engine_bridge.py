@@ -7,6 +7,8 @@ may have evicted.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable
 
 import pytest
@@ -107,6 +109,19 @@ async def test_a_replay_longer_than_the_engines_send_queue_arrives_whole(nats_ur
         assert count(service.metrics.engine_replayed_batches, LABEL) == 3_000
     finally:
         await close()
+
+
+async def test_stopping_the_index_during_a_replay_returns_promptly(nats_url, redis_url, engines):
+    """An index stopped while it replays an engine's buffer stops at once (no cancellation lost on the way)."""
+    engine = await engines("vllm-map-events")
+    await engine.send_many([[store(prompt(100_000 + i * 100, 1))] for i in range(3_000)])
+    for delay_s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):  # somewhere in the replay: request, answers, decoding, mapping
+        service, close = await bridged_index(nats_url, redis_url, engine)
+        await asyncio.sleep(delay_s)
+        start = time.monotonic()
+        await asyncio.wait_for(close(), 20)
+        # A mapping thread already running is awaited (about 1 s for 3,000 batches); 10 s is slack for a loaded box.
+        assert time.monotonic() - start < 10
 
 
 async def test_without_replay_first_contact_is_a_baseline_and_a_gap_drops_the_blocks(nats_url, redis_url, client, engines):
