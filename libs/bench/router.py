@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
+import msgspec
+import nats.errors
 
 from libs.bench.gateways import Caller, GatewayProcess, gateway_env
 from libs.common import subjects
 from libs.common.bus import connect
-from libs.common.errors import ConfigError
-from libs.common.messages import InstanceLoad, Sampling, encode
+from libs.common.errors import ConfigError, UpstreamTimeout
+from libs.common.messages import DecisionEvent, InstanceLoad, Sampling, encode
 from libs.engine.tokenizer import ByteTokenizer
-from libs.lab.servers import NatsServer, RedisServer
-from services.kv_index.config import KvIndexConfig
-from services.kv_index.service import KvIndexService
+from libs.lab.servers import NatsServer, RedisServer, die_with_parent, free_port
 from services.router.config import RouterConfig
 from services.router.schemas import GenerationRequest
 from services.router.service import RouterService
@@ -44,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decisions", type=int, default=300, help="timed decisions per prompt length (default 300)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the overhead cases (default 3)")
     parser.add_argument("--requests", type=int, default=50, help="requests per round at concurrency 1 (default 50)")
+    parser.add_argument("--prefill-instances", type=int, default=8,
+                        help="simulated prefill instances behind both paths (default 8; 1 makes concurrency 50 a 50-deep queue)")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -66,24 +72,23 @@ def _loads() -> list[InstanceLoad]:
     return loads
 
 
-async def _decision_case(nats_url: str, redis_url: str, decisions: int) -> dict:
+async def _decision_case(nats_url: str, decisions: int) -> dict:
     """Time prepare + decide of 1K and 32K-token prompts against a live index and a 32-instance view."""
     nc = await connect(nats_url, name="bench-router")
-    index = KvIndexService(nc, _redis(redis_url), KvIndexConfig(nats_url=nats_url, redis_url=redis_url))
     config = RouterConfig(nats_url=nats_url, site=SITE, port=0, host="127.0.0.1", replan_interval_s=0, instance_ttl_s=600,
                           default_model_profile="kimi-linear-1t", policy="adaptive", threshold_tokens=19_392)  # fmt: skip
     router = RouterService(nc, config)
     out = {}
     try:
-        await index.start()
         await router.start()
         for load in _loads():
             await nc.publish(subjects.load(load.site, load.instance), encode(load))
         await nc.flush()
-        while True:
-            if len(router.view.alive()) >= 32:
-                break
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(60):
+            while True:
+                if len(router.view.alive()) >= 32 and (await router.readiness())["index"]:
+                    break
+                await asyncio.sleep(0.05)
         for name, tokens in (("decision_1k", 1024), ("decision_32k", 32768)):
             times = []
             for i in range(decisions + 20):
@@ -92,20 +97,62 @@ async def _decision_case(nats_url: str, redis_url: str, decisions: int) -> dict:
                 start = time.perf_counter()
                 prepared = await router.scheduler.prepare(req, f"b{i}", None)
                 router.scheduler.decide(prepared)
+                if prepared.index_status != "ok":
+                    raise UpstreamTimeout(f"the KV index did not answer a timed lookup: {prepared.index_status}")
                 if i >= 20:  # warm-up
                     times.append(time.perf_counter() - start)
             out[name] = _figure(times)
     finally:
         await router.stop()
-        await index.stop()
         await nc.drain()
     return out
 
 
-def _redis(url: str):
-    import redis.asyncio as aioredis
+class _Service:
+    """A service run as ``python -m services.<name>`` with env settings, stopped by its owner."""
 
-    return aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=None)
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env={**os.environ, **env}, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)  # fmt: skip
+
+    async def ready_http(self, url: str, body: dict, timeout_s: float = 60.0) -> None:
+        """Wait until a POST of ``body`` to ``url`` answers 200 (the process must stay alive meanwhile)."""
+        end = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
+            while time.monotonic() < end:
+                if self.proc.poll() is not None:
+                    raise UpstreamTimeout(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.post(url, json=body) as r:
+                        if r.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise UpstreamTimeout(f"{self.name} not ready at {url} within {timeout_s:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        """SIGTERM, wait, then SIGKILL."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _index_process(nats_url: str, redis_url: str, workdir: Path) -> _Service:
+    env = {"KV_INDEX_NATS_URL": nats_url, "KV_INDEX_REDIS_URL": redis_url, "KV_INDEX_LOG_LEVEL": "WARNING"}
+    return _Service("kv_index", env, workdir / "kv_index.log")
 
 
 async def _router_ttft(http: aiohttp.ClientSession, url: str, prompt: list[int]) -> float:
@@ -123,83 +170,111 @@ async def _router_ttft(http: aiohttp.ClientSession, url: str, prompt: list[int])
 async def _direct_ttft(caller: Caller, prompt: list[int]) -> float:
     first = asyncio.Event()
     start = time.perf_counter()
-    task = asyncio.ensure_future(caller.request(prompt, "bo-d0", model="reference", max_tokens=2, prefill_instance="bo-p0",
-                                                first_token=first))  # fmt: skip
-    await first.wait()
-    ttft = time.perf_counter() - start
-    await task
+    task = asyncio.ensure_future(caller.request(prompt, "bo-d0", model="reference", max_tokens=2, first_token=first))
+    try:
+        async with asyncio.timeout(60):
+            await first.wait()
+    finally:
+        ttft = time.perf_counter() - start
+        await task
     return ttft
 
 
-async def _overhead_case(nats_url: str, redis_url: str, workdir: Path, rounds: int, requests: int) -> dict:
-    """Router TTFT minus direct TTFT at concurrency 1 and 50, interleaved rounds."""
+async def _overhead_case(nats_url: str, index: _Service, workdir: Path, rounds: int, requests: int,
+                         prefill_instances: int) -> dict:
+    """Router TTFT minus direct TTFT at concurrency 1 and 50, interleaved rounds; every service its own process."""
+    port = free_port()
+    router_env = {"ROUTER_NATS_URL": nats_url, "ROUTER_SITE": SITE, "ROUTER_ID": "bench-router", "ROUTER_HOST": "127.0.0.1",
+                  "ROUTER_PORT": str(port), "ROUTER_POLICY": "adaptive", "ROUTER_THRESHOLD_TOKENS": "8192",
+                  "ROUTER_REPLAN_INTERVAL_S": "0", "ROUTER_LOG_LEVEL": "WARNING"}  # fmt: skip
+    names = [f"bo-p{i}" for i in range(prefill_instances)]
     procs = [
-        GatewayProcess("prefill_gateway", gateway_env("prefill_gateway", nats_url, site=SITE, cluster="pd", instances="bo-p0",
+        GatewayProcess("prefill_gateway", gateway_env("prefill_gateway", nats_url, site=SITE, cluster="pd", instances=",".join(names),
                        backend="simulated:h200", model="reference", queue_limit=256, heartbeat_s=0.2), workdir / "p.log"),
         GatewayProcess("decode_gateway", gateway_env("decode_gateway", nats_url, site=SITE, instance="bo-d0",
                        backend="simulated:h20", model="reference", heartbeat_s=0.2), workdir / "d.log"),
     ]  # fmt: skip
     nc = await connect(nats_url, name="bench-overhead")
-    index = KvIndexService(nc, _redis(redis_url), KvIndexConfig(nats_url=nats_url, redis_url=redis_url))
-    config = RouterConfig(nats_url=nats_url, site=SITE, port=0, host="127.0.0.1", replan_interval_s=0, log_level="WARNING")
-    router = RouterService(nc, config)
+    router = None
     tok = ByteTokenizer()
-    samples: dict[str, list[float]] = {"router_c1": [], "direct_c1": [], "router_c50": [], "direct_c50": []}
+    ttfts = {f"{path}_{label}": [[] for _ in range(rounds)] for path in ("router", "direct") for label in ("c1", "c50")}
+    pids = {"router": 0, "index": index.proc.pid, "client": os.getpid()}
+    cpu = {f"{proc}_{path}_{label}": 0.0 for proc in pids for path in ("router", "direct") for label in ("c1", "c50")}
     try:
         for proc in procs:
             proc.spawn()
         await asyncio.gather(procs[0].ready(nc, SITE, "bo-p0"), procs[1].ready(nc, SITE, "bo-d0"))
-        await index.start()
-        await router.start()
-        while True:
-            if {"bo-p0", "bo-d0"} <= {ld.instance for ld in router.view.alive()}:
-                break
-            await asyncio.sleep(0.05)
-        async with aiohttp.ClientSession() as http, Caller(nc, prefill_site=SITE, cluster="pd", decode_site=SITE) as caller:
+        router = _Service("router", router_env, workdir / "router.log")
+        pids["router"] = router.proc.pid
+        url = f"http://127.0.0.1:{port}"
+        await router.ready_http(url + "/v1/route/explain", {"model": "reference", "prompt": "ready?"})  # both instances seen
+        events = await nc.subscribe(subjects.DECISIONS_ALL)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)) as http, \
+                Caller(nc, prefill_site=SITE, cluster="pd", decode_site=SITE) as caller:  # fmt: skip
             n = 0
-            for _ in range(rounds):
+            for r in range(rounds):
                 for label, conc, count in (("c1", 1, requests), ("c50", 50, 50)):
                     for path in ("router", "direct"):
                         prompts = [tok.encode(f"[{n + i}] overhead probe " * 16) for i in range(count)]
                         n += count
+
+                        def call(p: list[int], path: str = path):
+                            return _router_ttft(http, url, p) if path == "router" else _direct_ttft(caller, p)
+
+                        before = {proc: _cpu_s(pid) for proc, pid in pids.items()}
                         if conc == 1:
-                            for p in prompts:
-                                samples[f"{path}_{label}"].append(
-                                    await (_router_ttft(http, router.url, p) if path == "router" else _direct_ttft(caller, p)))
+                            ttfts[f"{path}_{label}"][r] += [await call(p) for p in prompts]
                         else:
-                            calls = [_router_ttft(http, router.url, p) if path == "router" else _direct_ttft(caller, p)
-                                     for p in prompts]  # fmt: skip
-                            samples[f"{path}_{label}"] += await asyncio.gather(*calls)
+                            ttfts[f"{path}_{label}"][r] += await asyncio.gather(*(call(p) for p in prompts))
+                        for proc, pid in pids.items():
+                            cpu[f"{proc}_{path}_{label}"] += _cpu_s(pid) - before[proc]
+        decisions = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                decisions.append(msgspec.json.decode((await events.next_msg(timeout=0.5)).data, type=DecisionEvent))
     finally:
-        await router.stop()
-        await index.stop()
+        if router is not None:
+            router.stop()
         await nc.drain()
         for proc in procs:
             proc.stop()
-    out = {}
+    out = {"decisions": {"total": len(decisions), "index_not_ok": sum(d.index != "ok" for d in decisions),
+                         "retries": sum(d.attempt > 0 for d in decisions)}}  # fmt: skip
     for label in ("c1", "c50"):
-        r, d = samples[f"router_{label}"], samples[f"direct_{label}"]
+        per_round = [_pct(r, 0.5) - _pct(d, 0.5) for r, d in zip(ttfts[f"router_{label}"], ttfts[f"direct_{label}"], strict=True)]
+        r = [x for xs in ttfts[f"router_{label}"] for x in xs]
+        d = [x for xs in ttfts[f"direct_{label}"] for x in xs]
         out[f"overhead_{label}"] = {
             "p50_ms": (_pct(r, 0.5) - _pct(d, 0.5)) * 1000,
             "p99_ms": (_pct(r, 0.99) - _pct(d, 0.99)) * 1000,
+            "round_p50_ms": [x * 1000 for x in per_round],
+            "deciles_ms": {path: [[round(sorted(xs)[int(q * (len(xs) - 1))] * 1000, 1) for q in (0, .1, .25, .5, .75, .9, 1)]
+                                  for xs in ttfts[f"{path}_{label}"]] for path in ("router", "direct")},
             "router_ttft": _figure(r),
             "direct_ttft": _figure(d),
+            # CPU of the router and index processes per request, while requests go through the router and while
+            # they go straight to the gateways (the index also ingests the gateways' KV events then)
+            "cpu_ms_per_request": {k.rpartition("_")[0]: v * 1000 / len(r) for k, v in cpu.items() if k.endswith(f"_{label}")},
         }
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     """Run both cases and print the figures (JSON with ``--json``)."""
-    if min(args.decisions, args.rounds, args.requests) < 1:
-        raise ConfigError("--decisions, --rounds and --requests must be >= 1")
+    if min(args.decisions, args.rounds, args.requests, args.prefill_instances) < 1:
+        raise ConfigError("--decisions, --rounds, --requests and --prefill-instances must be >= 1")
     with tempfile.TemporaryDirectory(prefix="prfaas-bench-router-") as tmp:
         work = Path(tmp)
         nats = NatsServer(workdir=work / "nats").start()
         redis = RedisServer(workdir=work / "redis").start()
+        index = None
         try:
-            figures = asyncio.run(_decision_case(nats.url, redis.url, args.decisions))
-            figures |= asyncio.run(_overhead_case(nats.url, redis.url, work, args.rounds, args.requests))
+            index = _index_process(nats.url, redis.url, work)
+            figures = asyncio.run(_decision_case(nats.url, args.decisions))
+            figures |= asyncio.run(_overhead_case(nats.url, index, work, args.rounds, args.requests, args.prefill_instances))
         finally:
+            if index is not None:
+                index.stop()
             redis.stop()
             nats.stop()
     figures["decision_p50_ms"] = figures["decision_32k"]["p50_ms"]
@@ -214,7 +289,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: p50 {f['p50_ms']:.2f} ms  p99 {f['p99_ms']:.2f} ms  ({f['n']} decisions)")
     for name in ("overhead_c1", "overhead_c50"):
         f = figures[name]
-        print(f"{name}: p50 {f['p50_ms']:+.2f} ms  p99 {f['p99_ms']:+.2f} ms  (router TTFT p50 "
-              f"{f['router_ttft']['p50_ms']:.2f} ms vs direct {f['direct_ttft']['p50_ms']:.2f} ms)")  # fmt: skip
+        rounds = sorted(f["round_p50_ms"])
+        print(f"{name}: p50 {f['p50_ms']:+.2f} ms (rounds {rounds[0]:+.1f} .. {rounds[-1]:+.1f})  p99 {f['p99_ms']:+.2f} ms  "
+              f"(router TTFT p50 {f['router_ttft']['p50_ms']:.2f} ms vs direct {f['direct_ttft']['p50_ms']:.2f} ms; "
+              f"CPU ms per request {', '.join(f'{k} {v:.2f}' for k, v in f['cpu_ms_per_request'].items())})")  # fmt: skip
     return 0
 

@@ -25,9 +25,19 @@ class ConfigError(PrfaasError):
 
 
 class BadRequest(PrfaasError):
-    """The caller sent something malformed or inconsistent."""
+    """The caller sent something malformed or inconsistent; ``param`` names the offending field, if one does."""
 
     code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.param = param
+
+
+class Unauthorized(PrfaasError):
+    """The caller's API key is missing or wrong (HTTP 401)."""
+
+    code = "invalid_api_key"
 
 
 class NotFound(PrfaasError):
@@ -72,6 +82,7 @@ _BY_CODE: dict[str, type[PrfaasError]] = {
         PrfaasError,
         ConfigError,
         BadRequest,
+        Unauthorized,
         NotFound,
         NoCapacity,
         UpstreamTimeout,

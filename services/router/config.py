@@ -89,7 +89,8 @@ class RouterConfig:
     transport: str = "tcp"
     link_capacities: Mapping[tuple[str, str], float] = field(default_factory=dict)
     default_link_capacity_gbps: float = 100.0  # an unpaced pair without a configured capacity
-    index_timeout_s: float = 0.1
+    index_timeout_s: float = 0.1  # the longest wait for the KV index (shorter when a hit could save less)
+    index_min_timeout_s: float = 0.005  # the shortest
     reserve_timeout_s: float = 2.0
     accept_timeout_s: float = 2.0
     first_token_timeout_s: float = 60.0
@@ -117,6 +118,10 @@ class RouterConfig:
             raise ConfigError(
                 f"ROUTER_DEFAULT_MODEL_PROFILE={self.default_model_profile!r}: expected one of {', '.join(MODELS)}"
             )
+
+        if self.index_min_timeout_s > self.index_timeout_s:
+            raise ConfigError(f"ROUTER_INDEX_MIN_TIMEOUT_S={self.index_min_timeout_s!r}: must not exceed "
+                              f"ROUTER_INDEX_TIMEOUT_S={self.index_timeout_s!r}")  # fmt: skip
 
     def profile_of(self, model: str) -> str:
         """The libs.engine model profile used to predict ``model``'s timings."""
@@ -151,6 +156,7 @@ class RouterConfig:
             link_capacities=_capacities(r.list("LINK_CAPACITIES")),
             default_link_capacity_gbps=r.float("DEFAULT_LINK_CAPACITY_GBPS", d.default_link_capacity_gbps, minimum=0.001),
             index_timeout_s=r.float("INDEX_TIMEOUT_S", d.index_timeout_s, minimum=0.001),
+            index_min_timeout_s=r.float("INDEX_MIN_TIMEOUT_S", d.index_min_timeout_s, minimum=0.001),
             reserve_timeout_s=r.float("RESERVE_TIMEOUT_S", d.reserve_timeout_s, minimum=0.01),
             accept_timeout_s=r.float("ACCEPT_TIMEOUT_S", d.accept_timeout_s, minimum=0.01),
             first_token_timeout_s=r.float("FIRST_TOKEN_TIMEOUT_S", d.first_token_timeout_s, minimum=0.01),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -46,6 +45,7 @@ from libs.common.messages import (
 from libs.common.telemetry import inject_headers
 from services.router.config import RouterConfig
 from services.router.events import DecisionLog
+from services.router.ids import new_id
 from services.router.live_view import LiveView
 from services.router.mailbox import STATUS, Mailbox
 from services.router.scheduler import Prepared, Scheduler
@@ -214,7 +214,7 @@ class RequestRun:
         p = self.prepared
         job = DecodeJob(
             request_id=job_id,
-            transfer_id=uuid.uuid4().hex,
+            transfer_id=new_id(),
             model=p.model,
             prompt_tokens=p.prompt_ids,
             max_tokens=p.max_tokens,
@@ -328,6 +328,8 @@ class RequestRun:
         end = time.monotonic() + timeout_s
         where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
         while True:
+            if not queue.empty():  # already here (most messages of a busy stream): no timer to arm
+                return queue.get_nowait()
             try:
                 async with asyncio.timeout(min(_LIVENESS_CHECK_S, max(0.0, end - time.monotonic()))):
                     return await queue.get()

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from libs.common.errors import PrfaasError
+from libs.common.errors import PrfaasError, Unauthorized
 from libs.common.messages import json_encoder
 from services.router import lifecycle, responses
 from services.router.config import RouterConfig
+from services.router.ids import new_id
 from services.router.schemas import parse_chat, parse_completion, parse_explain
 
 if TYPE_CHECKING:
@@ -75,13 +76,13 @@ def _check_key(request: web.Request, keys: tuple[str, ...]) -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
-        raise PrfaasError("no API key given: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        raise Unauthorized("no API key given: send 'Authorization: Bearer <key>'")
     given = presented.strip().encode()
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(given, key.encode())
     if not matched:
-        raise PrfaasError("incorrect API key", code="invalid_api_key")
+        raise Unauthorized("incorrect API key")
 
 
 @web.middleware
@@ -104,7 +105,7 @@ async def _body(request: web.Request) -> bytes:
 
 
 async def _generate(request: web.Request, parse) -> web.StreamResponse:
-    request_id = request[_REQUEST_ID] = lifecycle.new_request_id()
+    request_id = request[_REQUEST_ID] = new_id()
     req = parse(await _body(request))
     return await lifecycle.serve(request.app[SERVICE], request, req, request_id)
 
@@ -121,7 +122,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def explain(request: web.Request) -> web.Response:
     """``POST /v1/route/explain``: the decision this request would get now, without running it."""
-    request_id = request[_REQUEST_ID] = lifecycle.new_request_id()
+    request_id = request[_REQUEST_ID] = new_id()
     req = parse_explain(await _body(request))
     svc = request.app[SERVICE]
     prepared = await svc.scheduler.prepare(req, request_id, lifecycle.ttft_slo_s(request))

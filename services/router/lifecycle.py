@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -24,7 +23,7 @@ from libs.common.messages import json_encoder
 from services.router import responses
 from services.router.dispatch import RequestRun
 from services.router.schemas import GenerationRequest, invalid
-from services.router.sse import SseStream
+from services.router.sse import SseStream, event
 from services.router.tokenization import IncrementalDecoder
 
 if TYPE_CHECKING:
@@ -36,11 +35,6 @@ tracer = trace.get_tracer(__name__)
 REQUEST_ID_HEADER = "x-prfaas-request-id"
 TTFT_SLO_HEADER = "x-prfaas-ttft-slo-ms"
 _CONTEXT_TOKENS = 6  # prompt tokens decoded before the first output token, for its context
-
-
-def new_request_id() -> str:
-    """A fresh request id (also the decision events' and the trace's)."""
-    return uuid.uuid4().hex
 
 
 def ttft_slo_s(request: web.Request) -> float | None:
@@ -133,26 +127,29 @@ async def _stream(svc: RouterService, request: web.Request, req: GenerationReque
     kind, model = req.kind, req.model
     cid, created = responses.completion_id(kind, request_id), int(time.time())
     usage_nulls = req.include_usage
+
+    def whole(body: dict) -> bytes:
+        return event(json_encoder.encode(body))
+
+    deltas = responses.DeltaEncoder(kind, cid, created, model, with_usage=usage_nulls)
     decoder = IncrementalDecoder(svc.scheduler.tokenizer, run.prepared.prompt_ids[-_CONTEXT_TOKENS:])
-    sse = await SseStream.open(request, {REQUEST_ID_HEADER: request_id})
     text = decoder.push(first) if first else ""
-    await sse.send(responses.chunk(kind, cid, created, model, text, first=True, with_usage=usage_nulls))
+    opening = whole(responses.chunk(kind, cid, created, model, text, first=True, with_usage=usage_nulls))
+    sse = await SseStream.open(request, {REQUEST_ID_HEADER: request_id}, opening)
     try:
         async for ids in tokens:
             delta = decoder.push(ids)
             if delta:
-                await sse.send(responses.chunk(kind, cid, created, model, delta, with_usage=usage_nulls))
+                await sse.send(deltas.event(delta))
     except PrfaasError as e:  # the decode side failed after tokens were sent: say so in the stream
         log.warning("stream ended by an error", extra={"request_id": request_id, "error": str(e)})
         run.record.status, run.record.error = "error", f"{e.code}: {e.message}"
-        await sse.send(responses.error_body(e, responses.status_of(e)))
-        await sse.done()
+        await sse.close(whole(responses.error_body(e, responses.status_of(e))))
         return sse.response
     tail = decoder.flush()
-    if tail:
-        await sse.send(responses.chunk(kind, cid, created, model, tail, with_usage=usage_nulls))
-    await sse.send(responses.chunk(kind, cid, created, model, None, _finish_reason(run), with_usage=usage_nulls))
+    last = deltas.event(tail) if tail else b""
+    last += whole(responses.chunk(kind, cid, created, model, None, _finish_reason(run), with_usage=usage_nulls))
     if req.include_usage:
-        await sse.send(responses.usage_chunk(kind, cid, created, model, _usage(run)))
-    await sse.done()
+        last += whole(responses.usage_chunk(kind, cid, created, model, _usage(run)))
+    await sse.close(last)
     return sse.response

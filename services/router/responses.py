@@ -9,8 +9,10 @@ from libs.common.errors import (
     NotFound,
     PrfaasError,
     TransferFailed,
+    Unauthorized,
     UpstreamTimeout,
 )
+from libs.common.messages import json_encoder
 
 _OBJECT = {"chat": "chat.completion", "text": "text_completion"}
 _CHUNK_OBJECT = {"chat": "chat.completion.chunk", "text": "text_completion"}
@@ -65,6 +67,22 @@ def chunk(kind: str, cid: str, created: int, model: str, text: str | None, finis
     return body
 
 
+_MARK = "\x00delta\x00"
+
+
+class DeltaEncoder:
+    """The text-delta chunks of one stream as SSE events: the chunk's fixed parts are encoded once, not per token."""
+
+    def __init__(self, kind: str, cid: str, created: int, model: str, *, with_usage: bool) -> None:
+        body = json_encoder.encode(chunk(kind, cid, created, model, _MARK, with_usage=with_usage))
+        head, _, tail = body.partition(json_encoder.encode(_MARK))
+        self._head, self._tail = b"data: " + head, tail + b"\n\n"
+
+    def event(self, text: str) -> bytes:
+        """The SSE event of one non-empty text delta."""
+        return self._head + json_encoder.encode(text) + self._tail
+
+
 def usage_chunk(kind: str, cid: str, created: int, model: str, use: dict) -> dict:
     """The last chunk when ``stream_options.include_usage``: usage and no choices."""
     return {"id": cid, "object": _CHUNK_OBJECT[kind], "created": created, "model": model, "choices": [], "usage": use}
@@ -77,13 +95,14 @@ def models(names: list[str], created: int) -> dict:
 
 _STATUS: tuple[tuple[type[PrfaasError], int], ...] = (
     (BadRequest, 400),
+    (Unauthorized, 401),
     (NotFound, 404),
     (NoCapacity, 503),
     (IndexUnavailable, 503),
     (UpstreamTimeout, 504),
     (TransferFailed, 502),
 )
-_BY_CODE = {"invalid_api_key": 401, "payload_too_large": 413, "request_timeout": 408, "decode_failed": 502}
+_BY_CODE = {"payload_too_large": 413, "request_timeout": 408, "decode_failed": 502}
 
 
 def status_of(error: PrfaasError) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from libs.common.errors import BadRequest, NotFound, PrfaasError
 from libs.common.hashing import hash_list
 from libs.common.messages import DecisionEvent, KvLookupReply, Sampling
-from libs.engine.profiles import ModelProfile, model_profile
+from libs.engine.profiles import HARDWARE, ModelProfile, hardware_profile, model_profile
 from libs.policy import PolicyConfig, RouteRequest, make_policy
 from services.kv_index.client import KvIndexClient
 from services.router.chat_template import ChatTemplate
@@ -118,16 +118,15 @@ class Scheduler:
         ids, id_array = await self.prompt_ids(req)
         limit = self.max_prompt_tokens(req.model)
         if limit is not None and len(ids) > limit:
-            param = "messages" if req.kind == "chat" else "prompt"
-            error = BadRequest(
+            raise BadRequest(
                 f"This model's maximum prompt length is {limit} tokens; the prompt has {len(ids)} tokens",
                 code="context_length_exceeded",
+                param="messages" if req.kind == "chat" else "prompt",
             )
-            error.param = param
-            raise error
         profile = model_profile(self.config.profile_of(req.model))
         block_size = self.block_size(req.model)
-        lookup, status = await self._lookup(hash_list(id_array, block_size), hybrid=profile.n_linear_layers > 0)
+        deadline_s = self.lookup_deadline_s(req.model, profile, len(ids), block_size)
+        lookup, status = await self._lookup(hash_list(id_array, block_size), profile.n_linear_layers > 0, deadline_s)
         sampling = req.sampling
         if self.tokenizer.eos_token_ids:
             sampling = Sampling(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
@@ -135,11 +134,29 @@ class Scheduler:
         max_tokens = req.max_tokens if req.max_tokens is not None else self.config.default_max_tokens
         return Prepared(request_id, req.model, profile, ids, max_tokens, sampling, block_size, lookup, status, ttft_slo_s, arrived)
 
-    async def _lookup(self, hashes: list[int], hybrid: bool) -> tuple[KvLookupReply | None, str]:
+    def lookup_deadline_s(self, model: str, profile: ModelProfile, prompt_tokens: int, block_size: int) -> float:
+        """How long to wait for the KV index: no longer than a full cache hit could save, within the configured bounds.
+
+        A hit saves at most the prompt's prefill less that of its last block, on the slowest prefill
+        hardware serving the model; waiting longer for the answer can only lose time.
+        """
+        cfg = self.config
+        hardware = {ld.hardware for ld in self.view.alive(model) if ld.role == "prefill"}
+        saving_s = max(
+            (profile.prefill_time_s(prompt_tokens, hw) - profile.prefill_time_s(min(prompt_tokens, block_size), hw)
+             for hw in (hardware_profile(h if h in HARDWARE else cfg.default_hardware) for h in hardware)),
+            default=cfg.index_timeout_s,
+        )  # fmt: skip
+        return min(cfg.index_timeout_s, max(cfg.index_min_timeout_s, saving_s))
+
+    async def _lookup(self, hashes: list[int], hybrid: bool, deadline_s: float) -> tuple[KvLookupReply | None, str]:
         if not hashes:
             return None, "ok"
         try:
-            return await self.index.lookup(hashes, hybrid=hybrid), "ok"
+            async with asyncio.timeout(deadline_s):
+                return await self.index.lookup(hashes, hybrid=hybrid), "ok"
+        except TimeoutError:
+            return None, f"unavailable: no answer within {deadline_s * 1000:.1f} ms (what a cache hit could save)"
         except PrfaasError as e:
             return None, f"unavailable: {e}"
 

@@ -19,9 +19,7 @@ from libs.common.messages import Sampling
 
 def invalid(param: str | None, message: str) -> BadRequest:
     """A 400 about one request field (``param`` is rendered in the OpenAI error body)."""
-    error = BadRequest(message)
-    error.param = param
-    return error
+    return BadRequest(message, param=param)
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):

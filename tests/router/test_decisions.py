@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import aiohttp
 import msgspec
 
+from libs.common import subjects
 from libs.common.hashing import hash_list
 from libs.common.messages import BlocksStored, DecisionEvent
+from libs.engine.profiles import HARDWARE, MODELS
 from libs.engine.tokenizer import ByteTokenizer
 from tests.kv_index.conftest import Producer, eventually
 from tests.router.conftest import PD, PRFAAS, heartbeat, load, ready_router
@@ -65,9 +69,27 @@ async def test_index_outage_routes_without_cache_knowledge(start_router, nc, kv_
 
 async def test_index_missing_routes_within_the_deadline(start_router, nc):
     """No index process at all: the lookup's deadline passes and the decision says so."""
-    svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=0.05)
+    svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=0.05, index_min_timeout_s=0.05)
     event = await explain(svc, {"model": "reference", "prompt": LONG})
     assert event.index.startswith("unavailable: upstream_timeout")
+
+
+async def test_lookup_waits_no_longer_than_a_hit_could_save(start_router, nc):
+    """An index that does not answer: a prompt whose full hit would save ~nothing gives up at the floor; a long one waits more."""
+    await nc.subscribe(subjects.KV_LOOKUP)  # takes lookups, never answers
+    svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=1.0, index_min_timeout_s=0.01)
+    started = time.monotonic()
+    event = await explain(svc, {"model": "reference", "prompt": LONG})  # the reference model prefills it in ~2 ms
+    assert event.index.startswith("unavailable: no answer within 10.0 ms")
+    assert time.monotonic() - started < 0.5  # the full deadline would be 1 s; 0.5 s leaves room on a loaded machine
+    slow = await ready_router(start_router, nc, *LOADS, index_timeout_s=1.0, index_min_timeout_s=0.01,
+                              model_profiles={"reference": "kimi-linear-1t"})  # fmt: skip
+    hit_saves_s = MODELS["kimi-linear-1t"].prefill_time_s(len(LONG) + 1, HARDWARE["h20"]) - MODELS[
+        "kimi-linear-1t"].prefill_time_s(64, HARDWARE["h20"])  # fmt: skip
+    event = await explain(slow, {"model": "reference", "prompt": LONG})
+    assert event.index.startswith(f"unavailable: no answer within {hit_saves_s * 1000:.1f} ms")
+    event = await explain(slow, {"model": "reference", "prompt": LONG * 30})  # 37K tokens: seconds to save
+    assert event.index.startswith("unavailable: no answer within 1000.0 ms")
 
 
 async def test_ttft_slo_is_recorded(start_router, nc, kv_index):
