@@ -85,7 +85,7 @@ class RouterConfig:
     default_max_tokens: int = 256
     block_size: int = DEFAULT_BLOCK_SIZE
     policy: str = "adaptive"
-    threshold_tokens: int = 8192  # t; `prfaas plan` derives it for a deployment
+    threshold_tokens: int | None = None  # t, required: it depends on the deployment (`prfaas plan` derives it)
     transport: str = "tcp"
     link_capacities: Mapping[tuple[str, str], float] = field(default_factory=dict)
     default_link_capacity_gbps: float = 100.0  # an unpaced pair without a configured capacity
@@ -96,6 +96,8 @@ class RouterConfig:
     first_token_timeout_s: float = 60.0
     token_timeout_s: float = 30.0
     job_timeout_s: float = 120.0
+    lease_min_s: float = 10.0  # the least reservation lease sent with a decode job
+    lease_margin: float = 2.0  # the lease is this many times the predicted wait for the first KV (queue + first layer)
     max_attempts: int = 4
     instance_ttl_s: float = 2.0
     pending_ttl_s: float = 10.0
@@ -110,6 +112,13 @@ class RouterConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        if self.threshold_tokens is None:
+            raise ConfigError(
+                "ROUTER_THRESHOLD_TOKENS is required: the offload threshold t depends on the model, hardware, instance "
+                "counts, link and workload (`prfaas plan` gives it for a deployment)"
+            )
+        if self.threshold_tokens < 0:
+            raise ConfigError(f"ROUTER_THRESHOLD_TOKENS={self.threshold_tokens!r}: expected an integer >= 0")
         if self.policy not in POLICIES:
             raise ConfigError(f"ROUTER_POLICY={self.policy!r}: expected one of {', '.join(sorted(POLICIES))}")
         if self.default_hardware not in HARDWARE:
@@ -133,7 +142,7 @@ class RouterConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> RouterConfig:
         """Read ``ROUTER_<FIELD>`` variables; unset ones keep their defaults."""
         r = EnvReader("ROUTER_", os.environ if env is None else env)
-        d = cls()
+        d = cls(threshold_tokens=0)  # the other fields' defaults
         return cls(
             nats_url=_nats_url(r.str("NATS_URL", d.nats_url)),
             site=_token("SITE", r.str("SITE", d.site)),
@@ -151,7 +160,7 @@ class RouterConfig:
             default_max_tokens=r.int("DEFAULT_MAX_TOKENS", d.default_max_tokens, minimum=1),
             block_size=r.int("BLOCK_SIZE", d.block_size, minimum=1),
             policy=_choice("POLICY", r.str("POLICY", d.policy), POLICIES),
-            threshold_tokens=r.int("THRESHOLD_TOKENS", d.threshold_tokens, minimum=0),
+            threshold_tokens=r.int("THRESHOLD_TOKENS", None, minimum=0),
             transport=_choice("TRANSPORT", r.str("TRANSPORT", d.transport), _TRANSPORTS),
             link_capacities=_capacities(r.list("LINK_CAPACITIES")),
             default_link_capacity_gbps=r.float("DEFAULT_LINK_CAPACITY_GBPS", d.default_link_capacity_gbps, minimum=0.001),
@@ -162,6 +171,8 @@ class RouterConfig:
             first_token_timeout_s=r.float("FIRST_TOKEN_TIMEOUT_S", d.first_token_timeout_s, minimum=0.01),
             token_timeout_s=r.float("TOKEN_TIMEOUT_S", d.token_timeout_s, minimum=0.01),
             job_timeout_s=r.float("JOB_TIMEOUT_S", d.job_timeout_s, minimum=0.1),
+            lease_min_s=r.float("LEASE_MIN_S", d.lease_min_s, minimum=0.01),
+            lease_margin=r.float("LEASE_MARGIN", d.lease_margin, minimum=1.0),
             max_attempts=r.int("MAX_ATTEMPTS", d.max_attempts, minimum=1),
             instance_ttl_s=r.float("INSTANCE_TTL_S", d.instance_ttl_s, minimum=0.1),
             pending_ttl_s=r.float("PENDING_TTL_S", d.pending_ttl_s, minimum=0.1),

@@ -209,6 +209,19 @@ class RequestRun:
         except nats.errors.Error as e:
             log.warning("cancel not published", extra={"request_id": job_id, "error": repr(e)})
 
+    def lease_s(self, event: DecisionEvent) -> float:
+        """How long the reservation waits for KV progress: the predicted wait for the first layer's KV, with a margin.
+
+        The transfer opens when the prefill starts, so a job queued at its prefill instance makes no
+        progress until then; a fixed lease would expire under a long queue. A prefill side that dies is
+        noticed by its heartbeats' silence and its jobs cancelled, so a long lease does not strand slots.
+        """
+        d = event.decision
+        rtt_s = d.signals.link_rtt_s if d.signals is not None and d.choice == "remote" else 0.0
+        first_kv_s = d.predicted_queue_s + d.predicted_prefill_s / self.prepared.profile.n_layers + rtt_s
+        cfg = self.config
+        return min(cfg.job_timeout_s, max(cfg.lease_min_s, cfg.lease_margin * first_kv_s))
+
     async def _reserve(self, event: DecisionEvent, job_id: str, reply_subject: str) -> DecodeReservation:
         d = event.decision
         p = self.prepared
@@ -223,6 +236,7 @@ class RequestRun:
             transport=self.config.transport if d.transport == "none" else d.transport,
             sampling=p.sampling,
             timeout_s=self.config.job_timeout_s,
+            lease_s=self.lease_s(event),
         )
         where = f"decode instance {d.decode_instance}"
         with tracer.start_as_current_span("router.decode_job") as span:

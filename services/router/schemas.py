@@ -113,16 +113,28 @@ _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]*)`")
 
 
+def _invalid_body(error: msgspec.ValidationError) -> BadRequest:
+    text = str(error)
+    found = _PATH.search(text) or _MISSING.search(text)
+    return invalid(found.group(1) if found and found.group(1) else None, f"invalid request body: {text}")
+
+
 def _decode(decoder: msgspec.json.Decoder, body: bytes):
     """Decode a body; a malformed or mistyped one is a 400 naming the field."""
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
-        text = str(e)
-        found = _PATH.search(text) or _MISSING.search(text)
-        raise invalid(found.group(1) if found and found.group(1) else None, f"invalid request body: {text}") from None
+        raise _invalid_body(e) from None
     except msgspec.DecodeError as e:
         raise invalid(None, f"request body is not valid JSON: {e}") from None
+
+
+def _convert(obj: dict, kind: type):
+    """An already decoded body as ``kind`` (a 400 naming the field if it does not fit)."""
+    try:
+        return msgspec.convert(obj, kind)
+    except msgspec.ValidationError as e:
+        raise _invalid_body(e) from None
 
 
 @dataclass(frozen=True)
@@ -199,7 +211,10 @@ _ROLES = ("system", "developer", "user", "assistant")
 
 def parse_chat(body: bytes) -> GenerationRequest:
     """Check a chat completion body."""
-    req = _decode(_chat_decoder, body)
+    return _check_chat(_decode(_chat_decoder, body))
+
+
+def _check_chat(req: ChatCompletionRequest) -> GenerationRequest:
     if not req.messages:
         raise invalid("messages", "messages must contain at least one message")
     if req.logprobs or req.top_logprobs:
@@ -239,7 +254,10 @@ def _prompt(value: Any) -> tuple[str | None, list[int] | None]:
 
 def parse_completion(body: bytes) -> GenerationRequest:
     """Check a text completion body."""
-    req = _decode(_completion_decoder, body)
+    return _check_completion(_decode(_completion_decoder, body))
+
+
+def _check_completion(req: CompletionRequest) -> GenerationRequest:
     if req.logprobs is not None:
         raise _refuse("logprobs", "log probabilities are not returned")
     if req.echo:
@@ -252,13 +270,13 @@ def parse_completion(body: bytes) -> GenerationRequest:
 
 
 def parse_explain(body: bytes) -> GenerationRequest:
-    """An explain body is a chat body (has ``messages``) or a completion body (has ``prompt``)."""
+    """An explain body is a chat body (has ``messages``) or a completion body (has ``prompt``); decoded once."""
     try:
-        head = msgspec.json.decode(body, type=dict[str, Any])
+        obj = msgspec.json.decode(body, type=dict[str, Any])
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise invalid(None, f"request body must be a JSON object: {e}") from None
-    if "messages" in head:
-        return parse_chat(body)
-    if "prompt" in head:
-        return parse_completion(body)
+    if "messages" in obj:
+        return _check_chat(_convert(obj, ChatCompletionRequest))
+    if "prompt" in obj:
+        return _check_completion(_convert(obj, CompletionRequest))
     raise invalid("messages", "give 'messages' (as for chat completions) or 'prompt' (as for completions)")

@@ -20,7 +20,7 @@ PD, PRFAAS = "dc-pd", "dc-prfaas"
 
 def router_config(nats_url: str, **overrides) -> RouterConfig:
     """A config on a free port with short deadlines suited to tests."""
-    base = dict(nats_url=nats_url, site=PD, router_id="test-router", host="127.0.0.1", port=0, replan_interval_s=0.0,
+    base = dict(nats_url=nats_url, site=PD, router_id="test-router", threshold_tokens=8192, host="127.0.0.1", port=0, replan_interval_s=0.0,
                 instance_ttl_s=5.0, reserve_timeout_s=2.0, accept_timeout_s=2.0, index_timeout_s=0.5,
                 index_min_timeout_s=0.5)  # fmt: skip
     base.update(overrides)

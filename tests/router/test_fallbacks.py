@@ -113,3 +113,21 @@ async def test_decode_failure_after_tokens_ends_the_stream_with_an_error(fleet, 
             if len(received) == 1:
                 fleet.procs["mf-d0"].kill()
     assert received
+
+
+async def test_queued_remote_job_outlives_the_default_lease(fleet, routed):
+    """Jobs queued behind others at their prefill instance keep their reservations: the lease covers the predicted wait.
+
+    The decode gateway's own lease (0.3 s) would expire while the third and fourth jobs wait ~0.8 and
+    ~1.2 s for a simulated H200 busy with ~0.4 s prefills; the router's lease is twice the predicted wait.
+    """
+    sim = {"backend": "simulated:h200", "model": "kimi-linear-1t", "byte_scale": 0.001}
+    await fleet.start_async(("prefill_gateway", PRFAAS, "ls-p0", {"cluster": "ls-prfaas"} | sim),
+                            ("decode_gateway", PD, "ls-d0", sim | {"backend": "simulated:h20", "lease_s": 0.3}))  # fmt: skip
+    svc, decisions = await routed(("ls-p0", "ls-d0"), lease_min_s=0.3)
+    client = api(svc)
+    outs = await asyncio.gather(*(client.completions.create(model="kimi-linear-1t", prompt=[i + 1] * 1024, max_tokens=3)
+                                  for i in range(4)))  # fmt: skip
+    assert [o.usage.completion_tokens for o in outs] == [3, 3, 3, 3]
+    assert len(decisions) == 4 and all(d.route == "remote" and d.attempt == 0 for d in decisions)
+    assert max(d.decision.predicted_queue_s for d in decisions) > 0.6  # the router saw the queue it covered

@@ -1,0 +1,31 @@
+"""Router settings from the environment: required keys and inconsistent values are errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from libs.common.errors import ConfigError
+from services.router.config import RouterConfig
+
+
+def test_threshold_is_required():
+    """Without ROUTER_THRESHOLD_TOKENS the router does not start on a guessed t; with it, t is taken as given."""
+    with pytest.raises(ConfigError, match="ROUTER_THRESHOLD_TOKENS is required"):
+        RouterConfig.from_env({})
+    assert RouterConfig.from_env({"ROUTER_THRESHOLD_TOKENS": "1212"}).threshold_tokens == 1212
+    with pytest.raises(ConfigError, match="ROUTER_THRESHOLD_TOKENS='-1'"):
+        RouterConfig.from_env({"ROUTER_THRESHOLD_TOKENS": "-1"})
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"ROUTER_INDEX_MIN_TIMEOUT_S": "0.5", "ROUTER_INDEX_TIMEOUT_S": "0.1"}, "ROUTER_INDEX_MIN_TIMEOUT_S=0.5"),
+        ({"ROUTER_LEASE_MARGIN": "0.5"}, "ROUTER_LEASE_MARGIN='0.5'"),
+        ({"ROUTER_POLICY": "round-robin"}, "ROUTER_POLICY='round-robin'"),
+    ],
+)
+def test_bad_values_name_their_key(env, key):
+    """A value out of range or inconsistent with another is refused with the key and the value."""
+    with pytest.raises(ConfigError, match=key):
+        RouterConfig.from_env({"ROUTER_THRESHOLD_TOKENS": "100"} | env)
