@@ -128,7 +128,7 @@ class RequestRun:
             self.record.decision = event
             if attempt == 0:
                 self.record.decide_done_at = time.perf_counter()
-                self.scheduler.observed_lengths.append(event.incremental_tokens)
+                self.scheduler.observe(event)
             await self.events.decision(event)
             try:
                 async for ids in self._attempt(event):

@@ -1,7 +1,7 @@
 """The slow timescale, live: every few minutes re-plan the threshold t from what the router has seen.
 
 The workload is the uncached lengths of the last ``replan_history`` requests, the link bandwidth the
-deliverable estimate of the link telemetry, the deployment the live instances (PrfaaS prefill at the
+median of what the decisions since the last re-plan read from the link telemetry, the deployment the live instances (PrfaaS prefill at the
 remote site, prefill and decode at this site). ``libs.planner.replan.SlowTimescale`` decides whether
 a new t raises the modelled throughput enough; the new t is applied to the policy and published as a
 ``ThresholdChanged`` event. Role changes (the proposed local prefill count) are reported, not applied:
@@ -16,6 +16,7 @@ import time
 from collections import Counter
 
 import numpy as np
+from prometheus_client import Gauge
 
 from libs.common.errors import PrfaasError
 from libs.common.messages import InstanceLoad, ThresholdChanged
@@ -38,8 +39,10 @@ def _most_common(values: list[str]) -> str:
 class Replanner:
     """Re-plans t periodically and publishes the change."""
 
-    def __init__(self, config: RouterConfig, scheduler: Scheduler, view: LiveView, events: DecisionLog) -> None:
+    def __init__(self, config: RouterConfig, scheduler: Scheduler, view: LiveView, events: DecisionLog,
+                 threshold_gauge: Gauge) -> None:  # fmt: skip
         self.config = config
+        self.threshold_gauge = threshold_gauge
         self.scheduler = scheduler
         self.view = view
         self.events = events
@@ -52,12 +55,14 @@ class Replanner:
                 await self.replan_once()
             except PrfaasError as e:
                 log.warning("re-plan skipped", extra={"error": str(e)})
+            except Exception:  # a bug in one re-plan must not end the slow timescale
+                log.exception("re-plan failed")
 
     def _hardware(self, loads: list[InstanceLoad]) -> str:
         return _most_common([ld.hardware if ld.hardware in HARDWARE else self.config.default_hardware for ld in loads])
 
-    def _inputs(self, lengths: list[int]) -> tuple[PlanInputs, int] | None:
-        """Plan inputs from the live deployment of the most deployed model, and the local prefill count."""
+    def _inputs(self, lengths: list[int]) -> tuple[PlanInputs, int, str] | None:
+        """Plan inputs from the live deployment of the most deployed model, the local prefill count, the PrfaaS site."""
         alive = self.view.alive()
         if not alive:
             return None
@@ -83,7 +88,7 @@ class Replanner:
             workload=Empirical(lengths=np.asarray(lengths, dtype=np.int64), source="observed"),
             output_tokens=self.config.default_max_tokens,
         )
-        return inputs, sum(1 for ld in local if ld.role == "prefill")
+        return inputs, sum(1 for ld in local if ld.role == "prefill"), prfaas_site
 
     async def replan_once(self) -> ThresholdChanged | None:
         """One re-plan: the event if t changed, else None (too few requests seen, or no better plan)."""
@@ -93,15 +98,21 @@ class Replanner:
         found = self._inputs(lengths)
         if found is None:
             return None
-        inputs, n_p = found
+        inputs, n_p, prfaas_site = found
         slow = SlowTimescale(inputs, history=len(lengths))
         slow.lengths.extend(lengths)
+        # The median of what the decisions since the last re-plan saw, so a transient does not move t (the view's
+        # bandwidth now if no decision saw the link); each sample is used once.
+        slow.bandwidths.extend(self.scheduler.observed_link_gbps.get(prfaas_site, ()))
+        self.scheduler.observed_link_gbps.clear()
+        link_gbps = slow.measured_link_gbps() or inputs.link_gbps
         old = self.scheduler.policy.config.threshold_tokens
-        proposal = await asyncio.to_thread(slow.propose, inputs.link_gbps, old, n_p)
+        proposal = await asyncio.to_thread(slow.propose, link_gbps, old, n_p)
         if proposal is None:
             return None
         threshold, proposed_n_p = proposal
         self.scheduler.set_threshold(threshold)
+        self.threshold_gauge.set(threshold)
         event = ThresholdChanged(
             site=self.config.site,
             router=self.config.router_id,
@@ -109,11 +120,11 @@ class Replanner:
             policy=self.scheduler.policy.name,
             old_threshold_tokens=old,
             threshold_tokens=threshold,
-            link_gbps=inputs.link_gbps,
+            link_gbps=link_gbps,
             observed_requests=len(lengths),
             n_p=n_p,
             proposed_n_p=proposed_n_p,
         )
-        log.info("threshold re-planned", extra={"old": old, "new": threshold, "link_gbps": round(inputs.link_gbps, 3)})
+        log.info("threshold re-planned", extra={"old": old, "new": threshold, "link_gbps": round(link_gbps, 3)})
         await self.events.plan(event)
         return event

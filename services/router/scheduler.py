@@ -66,7 +66,10 @@ class Scheduler:
         self.index = index
         self.policy = make_policy(config.policy, PolicyConfig(threshold_tokens=config.threshold_tokens, transport=config.transport))
         self.rng = random.Random()
-        self.observed_lengths: deque[int] = deque(maxlen=config.replan_history)  # uncached lengths, for re-planning
+        # For the slow timescale: uncached lengths of first decisions, and the link bandwidth each decision saw
+        # per PrfaaS site since the last re-plan.
+        self.observed_lengths: deque[int] = deque(maxlen=config.replan_history)
+        self.observed_link_gbps: dict[str, deque[float]] = {}
 
     # --- models and limits ------------------------------------------------------------------
 
@@ -207,6 +210,17 @@ class Scheduler:
             ttft_slo_s=slo,
             slo_met=None if slo is None else decision.predicted_ttft_s <= slo,
         )
+
+    def observe(self, event: DecisionEvent) -> None:
+        """Record a request's first decision for the slow timescale: its uncached length and the link it saw."""
+        self.observed_lengths.append(event.incremental_tokens)
+        d = event.decision
+        site = d.prefill_site if d.choice == "remote" else next((c.site for c in d.candidates if c.option == "remote"), "")
+        if site and d.signals is not None and d.signals.link_capacity_gbps > 0:
+            samples = self.observed_link_gbps.get(site)
+            if samples is None:
+                samples = self.observed_link_gbps[site] = deque(maxlen=self.config.replan_history)
+            samples.append(d.signals.link_goodput_gbps)  # the link's effective bandwidth as the policy read it
 
     def set_threshold(self, threshold_tokens: int) -> None:
         """Apply a re-planned threshold to the policy (the slow timescale)."""

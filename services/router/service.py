@@ -59,7 +59,7 @@ class RouterService:
         self.index = KvIndexClient(nc, timeout_s=config.index_timeout_s)
         self.scheduler = Scheduler(config, tokenizer, template, self.view, self.index)
         self.events = DecisionLog(nc, config.site, max_age_s=config.decisions_max_age_s, max_bytes=config.decisions_max_bytes)
-        self.replanner = Replanner(config, self.scheduler, self.view, self.events)
+        self.replanner = Replanner(config, self.scheduler, self.view, self.events, self.metrics.threshold)
         self.mailbox = Mailbox(nc)
         self.started_at = int(time.time())
         self.port = 0  # the bound HTTP port once started
