@@ -204,8 +204,8 @@ def test_a_foreground_lab_stops_everything_on_sigterm(tmp_path: Path) -> None:
 
 def test_the_demo_starts_a_lab_reports_both_routes_and_stops_it(tmp_path: Path) -> None:
     """`lab demo` with no lab running: starts the default one, sends a mix, prints the summary, leaves no process."""
-    demo = subprocess.run([*PRFAAS, "lab", "demo", "--requests", "8", "--json", "--run-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    demo = subprocess.run([*PRFAAS, "lab", "demo", "--requests", "8", "--json", "--run-dir", str(tmp_path),
+                           "--keep-logs"], capture_output=True, text=True, timeout=180)  # fmt: skip
     assert demo.returncode == 0, demo.stderr
     summary = json.loads(demo.stdout)
     assert (summary["requests"], summary["failed"]) == (8, 0)
