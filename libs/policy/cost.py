@@ -7,7 +7,8 @@ together, so the decode cluster is never starved of prefilled requests, and the 
 keeps the link under pressure in check); another option replaces it only when it is predicted to
 be faster and
   - its pool has an idle instance (the extra work uses spare capacity and delays no request
-    planned for that pool: greedy per-request choices would pile long prompts onto one path), and
+    planned for that pool: greedy per-request choices would pile long prompts onto one path), or
+    the request has a TTFT target that the plan is predicted to miss and this option to meet, and
   - it does not add optional traffic to a link over ``link_budget`` or already backlogged.
 """
 
@@ -34,18 +35,24 @@ class CostModel(Adaptive):
     def choose(self, view: ClusterView, request: RouteRequest, evaluation: Evaluation) -> Choice:
         """Start from the adaptive rule's option; take a faster one that passes both guards."""
         cfg = self.config
+        slo = request.ttft_slo_s
         plan = super().choose(view, request, evaluation)
         best = plan.option
+        rescued = False
         for option in evaluation.options():
             if option is plan.option or option.ttft_s >= best.ttft_s:
                 continue
-            if option.scored.least_wait_s > cfg.tie_tolerance_s:
-                continue  # no idle instance there: the extra work would delay the requests planned for it
             if option.link is not None and _over_budget(option, cfg.link_budget):
                 continue  # optional traffic on a link over its budget
-            best = option
+            rescues = slo is not None and best.ttft_s > slo >= option.ttft_s
+            if not rescues and option.scored.least_wait_s > cfg.tie_tolerance_s:
+                continue  # no idle instance there: the extra work would delay the requests planned for it
+            best, rescued = option, rescued or rescues
         if best is plan.option:
             reason = f"predicted TTFT {best.ttft_s:.2f}s, as planned ({plan.reason})"
+        elif rescued:
+            reason = (f"predicted TTFT {best.ttft_s:.2f}s meets the {slo:.2f}s target the plan's "
+                      f"{plan.option.ttft_s:.2f}s misses (plan: {plan.reason})")  # fmt: skip
         else:
             reason = (f"predicted TTFT {best.ttft_s:.2f}s beats the plan's {plan.option.ttft_s:.2f}s on idle capacity"
                       f" (plan: {plan.reason})")  # fmt: skip

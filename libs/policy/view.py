@@ -169,17 +169,19 @@ class ClusterView:
 
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
-    """One request to place: its length, and the usable cached prefix per instance (tokens)."""
+    """One request to place: its length, the usable cached prefix per instance (tokens), its TTFT target if any."""
 
     request_id: str
     prompt_tokens: int
     output_tokens: int = 1024
     cached_tokens: Mapping[str, int] = field(default_factory=dict)  # instance name -> usable prefix tokens
+    ttft_slo_s: float | None = None  # the client's time-to-first-token target (cost-model prefers options meeting it)
 
     @classmethod
     def from_lookup(
-        cls, request_id: str, prompt_tokens: int, reply: KvLookupReply, block_size: int, output_tokens: int = 1024
-    ) -> RouteRequest:
+        cls, request_id: str, prompt_tokens: int, reply: KvLookupReply, block_size: int, output_tokens: int = 1024,
+        ttft_slo_s: float | None = None,
+    ) -> RouteRequest:  # fmt: skip
         """Build a request from a KV-index lookup reply (usable blocks times the block size)."""
         cached = {p.instance: min(prompt_tokens, p.usable_blocks * block_size) for p in reply.instances}
-        return cls(request_id, prompt_tokens, output_tokens, MappingProxyType(cached))
+        return cls(request_id, prompt_tokens, output_tokens, MappingProxyType(cached), ttft_slo_s)

@@ -166,11 +166,12 @@ class Scheduler:
     # --- decisions ------------------------------------------------------------------------
 
     def route_request(self, prepared: Prepared) -> RouteRequest:
-        """The policy's request: length, output budget, usable cached prefix per instance."""
+        """The policy's request: length, output budget, usable cached prefix per instance, TTFT target."""
         n = len(prepared.prompt_ids)
         if prepared.lookup is None:
-            return RouteRequest(prepared.request_id, n, prepared.max_tokens)
-        return RouteRequest.from_lookup(prepared.request_id, n, prepared.lookup, prepared.block_size, prepared.max_tokens)
+            return RouteRequest(prepared.request_id, n, prepared.max_tokens, ttft_slo_s=prepared.ttft_slo_s)
+        return RouteRequest.from_lookup(prepared.request_id, n, prepared.lookup, prepared.block_size, prepared.max_tokens,
+                                        prepared.ttft_slo_s)  # fmt: skip
 
     def decide(
         self,

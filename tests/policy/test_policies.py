@@ -236,3 +236,19 @@ def test_view_and_request_from_bus_messages():
     assert req.cached_tokens == {"l0": 3200}
     d = make_policy("static-threshold", PolicyConfig(threshold_tokens=T)).decide(v, req, now=0.0, rng=random.Random(0))
     assert (d.choice, d.prefill_instance, d.reused_prefix_tokens) == ("local", "l0", 3200)
+
+
+def test_cost_model_takes_a_busy_path_that_meets_the_ttft_target():
+    """With both pools busy the cost model follows the plan, unless the plan misses the request's TTFT target and the
+    other path meets it; a target nothing meets changes nothing; adaptive ignores targets."""
+    v = view(local_waits=(6.0, 6.0, 6.0), remote_waits=(3.0, 3.0, 3.0, 3.0))
+    p = make_policy("cost-model", PolicyConfig(threshold_tokens=T))
+
+    def choose(policy, slo):
+        return policy.decide(v, RouteRequest("r1", 8_000, 1024, {}, slo), now=0.0, rng=random.Random(0))
+
+    assert choose(p, None).choice == "local" and choose(p, 60.0).choice == "local"  # the plan meets a loose target
+    met = choose(p, 5.0)
+    assert met.choice == "remote" and met.predicted_ttft_s <= 5.0 and "meets the 5.00s target" in met.reason
+    assert choose(p, 0.5).choice == "local"  # nothing meets it: as planned
+    assert choose(make_policy("adaptive", PolicyConfig(threshold_tokens=T)), 5.0).choice == "local"
