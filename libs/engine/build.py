@@ -11,6 +11,7 @@ from libs.engine.profiles import HARDWARE, MODELS, HardwareProfile, ModelProfile
 from libs.engine.simulated import SimulatedBackend
 
 REFERENCE = "reference"
+REFERENCE_HARDWARE = "cpu"
 SIMULATED = "simulated:"
 
 
@@ -47,8 +48,8 @@ class BackendSpec:
 
     @property
     def hardware_name(self) -> str:
-        """Hardware profile name ("reference" for the reference model)."""
-        return self.backend.removeprefix(SIMULATED)
+        """Hardware profile name (``cpu`` for the reference model, whose profile is fitted to a host CPU)."""
+        return self.backend.removeprefix(SIMULATED) if self.simulated else REFERENCE_HARDWARE
 
     def decode_limit(self) -> int:
         """Largest decode batch the backend supports (0: cannot decode)."""

@@ -143,7 +143,9 @@ class ModelProfile:
         )
 
     def max_batch(self, hardware: HardwareProfile) -> int:
-        """Largest decode batch meeting the TPOT target and fitting in memory (0: weights do not fit)."""
+        """Largest decode batch meeting the TPOT target and fitting in memory (0: weights do not fit, or a prefill-only chip)."""
+        if hardware.prefill_only:
+            return 0
         free = hardware.memory_bytes * hardware.usable_memory_fraction - self.weight_bytes
         if free <= 0:
             return 0
@@ -273,6 +275,25 @@ HARDWARE: dict[str, HardwareProfile] = {
             max_decode_batch=16,  # estimated: SRAM holds the weights, little room for KV; served in small batches
             source="public write-ups (230 MB SRAM, 80 TB/s, ~750 TOPS INT8 per chip); "
             "instance size, price and prefill speed estimated",
+        ),
+        # The reference model (numpy) on one host CPU: what the lab's reference instances run on,
+        # so a router's predictions for them are in the right units. Fitted to `prfaas bench
+        # engine` medians on a quiet 2-core build machine: prefill 1K / 4K / 16K tokens in
+        # 57 / 292 / 2,296 ms (a + b*k + c*k^2 through the three points), decode ~1 ms per step
+        # alone and ~8 ms for 16 sequences at 4K context. Other machines differ by their speed.
+        HardwareProfile(
+            name="cpu",
+            chip="host CPU running the numpy reference model",
+            gpus_per_instance=1,
+            memory_gb_per_gpu=24.0,  # the build machine's RAM
+            memory_bandwidth_tb_per_s_per_gpu=0.0103,  # fitted: effective bytes/s of a decode step
+            price_per_gpu_hour=0.05,  # assumed: two cores of a cloud VM
+            prefill_fixed_factor=1.0,  # fitted (reference model's fixed 2 ms)
+            prefill_linear_factor=4538.0,  # fitted: 48.9 ms per 1K tokens
+            prefill_attention_factor=2281.0,  # fitted: 5.9 ms per (1K tokens)^2
+            decode_overhead_s=0.0005,  # fitted
+            decode_bw_efficiency=1.0,  # the bandwidth above is already the effective one
+            source="fitted to prfaas bench engine on the build machine (reference model only)",
         ),
     )
 }

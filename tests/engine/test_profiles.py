@@ -95,3 +95,18 @@ def test_faster_chips_prefill_faster_and_lpu_decodes_small_batches_fast():
     assert MODELS["ring-2.5-1t"].max_batch(H20) == 0  # 1T at FP8 does not fit in 768 GB
     assert all(hw.price_per_hour > 0 for hw in HARDWARE.values())
     assert H200.price_per_hour == pytest.approx(2 * H20.price_per_hour)
+
+
+def test_prefill_only_chips_have_no_decode_batch() -> None:
+    """A prefill-only chip (Rubin CPX) never gets decode work, even for a model that would fit."""
+    cpx = hardware_profile("rubin-cpx")
+    assert cpx.prefill_only
+    assert all(model.max_batch(cpx) == 0 for model in MODELS.values())
+
+
+def test_cpu_profile_predicts_the_reference_model_in_its_measured_units() -> None:
+    """The reference model on ``cpu``: a 4K prefill in about 0.3 s and 16K in about 2.3 s (the fit's points)."""
+    model, cpu = model_profile("reference"), hardware_profile("cpu")
+    assert 0.25 <= model.prefill_time_s(4096, cpu) <= 0.35
+    assert 2.0 <= model.prefill_time_s(16384, cpu) <= 2.6
+    assert model.decode_step_s(1, cpu) < model.decode_step_s(16, cpu) < 0.025
