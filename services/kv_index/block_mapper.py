@@ -18,7 +18,8 @@ each group is learned from its stores.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from libs.common.hashing import ROOT_HASH, block_hash
 from libs.common.messages import StateKind, Tier
@@ -33,18 +34,22 @@ from services.kv_index.engine_events import (
 Key = tuple[StateKind, Tier]
 
 
-@dataclass
-class _Node:
-    """What we know of one engine block."""
+_KEY_BITS: dict[Key, int] = {(kind, tier): 1 << i for i, (kind, tier) in enumerate(
+    (k, t) for k in ("attn_kv", "linear_state") for t in ("device", "host", "disk")
+)}
+
+
+class _Node(NamedTuple):
+    """What we know of one engine block (kept as a plain tuple of atoms, which the GC stops tracking)."""
 
     parent: EngineHash | None
     our_parent: int  # our last complete block before the pending tokens
     pending: tuple[int, ...]  # tokens after that boundary, up to the end of this engine block
     foreign: bool = False  # named by more than its tokens: neither it nor its descendants are ours
-    covers: list[int] = field(default_factory=list)  # our blocks this engine block is part of
+    covers: tuple[int, ...] = ()  # our blocks this engine block is part of
     crossed_boundary: bool = False  # it completed at least one of our blocks
     ends_at_boundary: bool = False
-    present: set[Key] = field(default_factory=set)
+    present: int = 0  # bits of the (kind, tier) keys it is held under (``_KEY_BITS``)
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class BlockMapper:
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self._nodes: dict[EngineHash, _Node] = {}
+        self._nodes: dict[EngineHash, tuple] = {}  # plain tuples: a mapper of millions of blocks costs the GC nothing
         self._announced: dict[Key, set[int]] = {}
         self._group_kinds: dict[int | None, StateKind] = {}
         self.unmapped_blocks = 0
@@ -90,6 +95,10 @@ class BlockMapper:
                 out.append(MappedChange("cleared"))
         return out
 
+    def _node(self, engine_hash: EngineHash) -> _Node | None:
+        raw = self._nodes.get(engine_hash)
+        return None if raw is None else _Node(*raw)
+
     def _kind_of(self, kind: StateKind | None, group: int | None) -> StateKind:
         if kind is not None:
             self._group_kinds[group] = kind
@@ -99,6 +108,7 @@ class BlockMapper:
     def _stored(self, event: EngineBlockStored) -> list[MappedChange]:
         kind = self._kind_of(event.kind, event.group)
         key: Key = (kind, event.tier)
+        bit = _KEY_BITS[key]
         size = event.block_size
         if event.skip == "remote":  # held by another node: neither ours nor this instance's
             self.skipped_blocks["remote"] += len(event.block_hashes)
@@ -110,7 +120,7 @@ class BlockMapper:
         if parent is None:
             our_parent, pending, foreign = ROOT_HASH, (), False
         elif parent in self._nodes:
-            node = self._nodes[parent]
+            node = self._node(parent)
             our_parent, pending, foreign = node.our_parent, node.pending, node.foreign
         else:
             self.unmapped_blocks += len(event.block_hashes)
@@ -122,8 +132,8 @@ class BlockMapper:
                 foreign = True
             if foreign:
                 self.skipped_blocks[event.skip or ("extra_keys" if event.keyed_from is not None else "foreign_parent")] += 1
-                node = self._nodes.setdefault(engine_hash, _Node(parent=parent, our_parent=ROOT_HASH, pending=(), foreign=True))
-                node.present.add(key)
+                node = self._node(engine_hash) or _Node(parent=parent, our_parent=ROOT_HASH, pending=(), foreign=True)
+                self._nodes[engine_hash] = tuple(node._replace(present=node.present | bit))
                 parent = engine_hash
                 continue
             tokens = pending + tuple(event.token_ids[i * size : (i + 1) * size])
@@ -132,16 +142,20 @@ class BlockMapper:
                 our_parent = block_hash(our_parent, tokens[: self.block_size])
                 completed.append(our_parent)
                 tokens = tokens[self.block_size :]
-            node = self._nodes.get(engine_hash)
+            node = self._node(engine_hash)
             if node is None:
-                node = _Node(parent=parent, our_parent=our_parent, pending=tokens)
-                self._nodes[engine_hash] = node
-                node.covers = list(completed)
-                node.crossed_boundary = bool(completed)
-                node.ends_at_boundary = bool(completed) and not tokens
+                node = _Node(
+                    parent=parent,
+                    our_parent=our_parent,
+                    pending=tokens,
+                    covers=tuple(completed),
+                    crossed_boundary=bool(completed),
+                    ends_at_boundary=bool(completed) and not tokens,
+                )
                 if completed:
                     self._cover_ancestors(parent, completed[0])
-            node.present.add(key)
+            node = node._replace(present=node.present | bit)
+            self._nodes[engine_hash] = tuple(node)
             for ours in completed:
                 if ours in announced:
                     continue
@@ -149,7 +163,7 @@ class BlockMapper:
                     if node.ends_at_boundary and ours == completed[-1]:
                         announced.add(ours)
                         new.append(ours)
-                elif self._all_present(engine_hash, ours, key):
+                elif self._all_present(engine_hash, ours, bit):
                     announced.add(ours)
                     new.append(ours)
             parent, pending = engine_hash, tokens
@@ -158,22 +172,22 @@ class BlockMapper:
     def _cover_ancestors(self, parent: EngineHash | None, ours: int) -> None:
         """Record ``ours`` in the engine blocks before ``parent``'s boundary that it contains."""
         while parent is not None:
-            node = self._nodes.get(parent)
+            node = self._node(parent)
             if node is None or not node.pending:
                 return
-            node.covers.append(ours)
+            self._nodes[parent] = tuple(node._replace(covers=(*node.covers, ours)))
             if node.crossed_boundary:
                 return
             parent = node.parent
 
-    def _all_present(self, engine_hash: EngineHash, ours: int, key: Key) -> bool:
-        """True if every engine block that makes up our block ``ours`` is present under ``key``."""
+    def _all_present(self, engine_hash: EngineHash, ours: int, bit: int) -> bool:
+        """True if every engine block that makes up our block ``ours`` is present under the key ``bit``."""
         current: EngineHash | None = engine_hash
         while current is not None:
-            node = self._nodes.get(current)
+            node = self._node(current)
             if node is None or ours not in node.covers:
                 return True
-            if key not in node.present:
+            if not node.present & bit:
                 return False
             current = node.parent
         return True
@@ -183,17 +197,19 @@ class BlockMapper:
             return []
         kind = self._kind_of(event.kind, event.group)
         key: Key = (kind, event.tier)
+        bit = _KEY_BITS[key]
         announced = self._announced.setdefault(key, set())
         gone: list[int] = []
         for engine_hash in event.block_hashes:
-            node = self._nodes.get(engine_hash)
+            node = self._node(engine_hash)
             if node is None:
                 continue
-            node.present.discard(key)
             for ours in node.covers:
                 if ours in announced:
                     announced.discard(ours)
                     gone.append(ours)
-            if not node.present:
+            if node.present & ~bit:
+                self._nodes[engine_hash] = tuple(node._replace(present=node.present & ~bit))
+            else:
                 del self._nodes[engine_hash]
         return [MappedChange("evicted", kind, event.tier, tuple(gone))] if gone else []

@@ -60,15 +60,18 @@ MAX_COALESCED = 256  # engine messages already queued that may share one batch o
 
 
 def to_events(changes: list[MappedChange]) -> list[KvEvent]:
-    """Our KV events for the mapped changes."""
+    """Our KV events for the mapped changes, adjacent ones of the same op, kind and tier merged."""
     events: list[KvEvent] = []
+    previous: MappedChange | None = None
     for c in changes:
-        if c.op == "stored":
-            events.append(BlocksStored(block_hashes=list(c.block_hashes), kind=c.kind, tier=c.tier))
-        elif c.op == "evicted":
-            events.append(BlocksEvicted(block_hashes=list(c.block_hashes), kind=c.kind, tier=c.tier))
-        else:
+        if c.op == "cleared":
             events.append(AllBlocksCleared())
+        elif previous is not None and (previous.op, previous.kind, previous.tier) == (c.op, c.kind, c.tier):
+            events[-1].block_hashes.extend(c.block_hashes)
+        else:
+            kind = BlocksStored if c.op == "stored" else BlocksEvicted
+            events.append(kind(block_hashes=list(c.block_hashes), kind=c.kind, tier=c.tier))
+        previous = c
     return events
 
 
@@ -172,19 +175,17 @@ class ZmqIngest:
         elif seq > self._next:
             await self._resync(self._next, (seq, payload))
         else:
-            batch = await asyncio.to_thread(self._decoded, payload)
-            if batch is None:
+            changes, malformed = await asyncio.to_thread(self._map_run, [(seq, payload)])
+            if malformed is not None:
                 self._count_reset("malformed batch", {"site": self.endpoint.site, "instance": self.endpoint.instance, "seq": seq})
-                await self._restart(seq, [])
-            else:
-                self._queue(await asyncio.to_thread(self._map_all, [(seq, batch)]))
-                self._next = seq + 1
+            self._queue(changes)
+            self._next = seq + 1
 
     async def _resync(self, start: int, live: tuple[int, bytes] | None, baseline: str = "") -> None:
         """Catch up from engine sequence ``start`` (to the live batch, if any): replay, or restart."""
         batches, failure = await self._replayed(start)
         if live is not None:
-            batches[live[0]] = await asyncio.to_thread(self._decoded, live[1])
+            batches[live[0]] = live[1]
         elif not batches:
             return  # nothing to start from yet: wait for the engine's next batch
         run = _contiguous_tail(batches)
@@ -192,29 +193,28 @@ class ZmqIngest:
         if baseline:
             self.metrics.engine_baselines.labels(self._label, baseline).inc()
             log.info("engine baseline (%s) from %d batches", baseline, len(run), extra=where)
-        elif run and run[0][0] == start:
-            self.metrics.engine_gaps_repaired.labels(self._label).inc()
-            log.info("engine sequence gap repaired from %d replayed batches", len(run), extra=where)
-            self._queue(await asyncio.to_thread(self._map_all, run))
-            self._next = run[-1][0] + 1
-            return
+            self.mapper.reset()
+            self._queue([MappedChange("cleared")])
+        elif run[0][0] == start:
+            log.info("engine sequence gap: %d batches replayed", len(run), extra=where)
         else:
-            reason = failure or ("replay buffer moved on" if self.endpoint.replay_url else "no replay socket")
-            self._count_reset(reason, where)
-        await self._restart(max(batches), run)
-
-    async def _restart(self, seq: int, run: list[tuple[int, EngineBatch]]) -> None:
-        """Drop the instance's blocks and start again from ``run`` (or after ``seq`` if it is empty)."""
-        self.mapper.reset()
-        self._queue([MappedChange("cleared"), *await asyncio.to_thread(self._map_all, run)])
-        self._next = (run[-1][0] if run else seq) + 1
+            self._count_reset(failure or ("replay buffer moved on" if self.endpoint.replay_url else "no replay socket"), where)
+            self.mapper.reset()
+            self._queue([MappedChange("cleared")])
+        changes, malformed = await asyncio.to_thread(self._map_run, run)
+        if malformed is not None and not baseline:
+            self._count_reset("malformed batch", {**where, "seq": malformed})
+        elif not baseline and run[0][0] == start:
+            self.metrics.engine_gaps_repaired.labels(self._label).inc()
+        self._queue(changes)
+        self._next = run[-1][0] + 1
 
     def _count_reset(self, reason: str, where: dict) -> None:
         self.metrics.engine_resets.labels(self._label, reason).inc()
         log.warning("engine KV events lost (%s): the instance's blocks are dropped and rebuilt from the next batch", reason, extra=where)
 
-    async def _replayed(self, start: int) -> tuple[dict[int, EngineBatch | None], str]:
-        """The engine's buffered batches from ``start`` (decoded; None if malformed), and why none if so."""
+    async def _replayed(self, start: int) -> tuple[dict[int, bytes], str]:
+        """The engine's buffered batches from ``start`` (undecoded), and why there are none if so."""
         url = self.endpoint.replay_url
         if url is None:
             return {}, ""
@@ -229,7 +229,7 @@ class ZmqIngest:
         if not raw:
             return {}, "replay failed"
         self.metrics.engine_replayed_batches.labels(self._label).inc(len(raw))
-        return await asyncio.to_thread(lambda: {seq: self._decoded(payload) for seq, payload in raw.items() if seq >= start}), ""
+        return {seq: payload for seq, payload in raw.items() if seq >= start}, ""
 
     def _decoded(self, payload: bytes) -> EngineBatch | None:
         try:
@@ -242,15 +242,30 @@ class ZmqIngest:
         self.metrics.bad_messages.labels("zmq").inc()
         log.warning("malformed engine KV event", extra={"endpoint": self.endpoint.url, "error": e.message})
 
-    def _map_all(self, run: list[tuple[int, EngineBatch]]) -> list[MappedChange]:
-        """Our changes for consecutive engine batches (CPU-bound: run in a thread, under the lock)."""
+    def _map_run(self, run: list[tuple[int, bytes]]) -> tuple[list[MappedChange], int | None]:
+        """Decode and map consecutive engine batches, one at a time (CPU-bound: run in a thread, under the lock).
+
+        A malformed batch drops everything before it (``cleared``, mapper reset); returns the changes
+        and the sequence number of the last malformed batch, if any.
+        """
+        changes: list[MappedChange] = []
+        malformed = None
+        for seq, payload in run:
+            batch = self._decoded(payload)
+            if batch is None:
+                self.mapper.reset()
+                changes, malformed = [MappedChange("cleared")], seq
+            else:
+                changes += self._map(batch)
+        return changes, malformed
+
+    def _map(self, batch: EngineBatch) -> list[MappedChange]:
+        """Our changes for one engine batch, counting what could not be mapped."""
         mapper = self.mapper
         unmapped, skipped = mapper.unmapped_blocks, dict(mapper.skipped_blocks)
-        changes: list[MappedChange] = []
-        for _, batch in run:
-            changes += mapper.apply(batch.events)
-            if batch.ignored_events:
-                self.metrics.engine_ignored_events.labels(self._label).inc(batch.ignored_events)
+        changes = mapper.apply(batch.events)
+        if batch.ignored_events:
+            self.metrics.engine_ignored_events.labels(self._label).inc(batch.ignored_events)
         if mapper.unmapped_blocks > unmapped:
             self.metrics.engine_unmapped.labels(self._label).inc(mapper.unmapped_blocks - unmapped)
         for reason, count in mapper.skipped_blocks.items():
@@ -320,13 +335,12 @@ class ZmqIngest:
             await asyncio.sleep(self.heartbeat_s)
 
 
-def _contiguous_tail(batches: dict[int, EngineBatch | None]) -> list[tuple[int, EngineBatch]]:
-    """The newest run of consecutive, well-formed batches, oldest first."""
-    run: list[tuple[int, EngineBatch]] = []
+def _contiguous_tail(batches: dict[int, bytes]) -> list[tuple[int, bytes]]:
+    """The newest run of consecutive batches, oldest first."""
+    run: list[tuple[int, bytes]] = []
     for seq in sorted(batches, reverse=True):
-        batch = batches[seq]
-        if batch is None or (run and seq != run[-1][0] - 1):
+        if run and seq != run[-1][0] - 1:
             break
-        run.append((seq, batch))
+        run.append((seq, batches[seq]))
     run.reverse()
     return run

@@ -21,6 +21,7 @@ from services.kv_index.engine_events import END_OF_REPLAY, split_replay_frames
 
 MAX_REQUESTS = 5
 IDLE_S = 0.5  # an engine sends its answers back to back: a longer pause means the rest were lost
+YIELD_EVERY = 128
 
 
 async def _request(context: zmq.asyncio.Context, url: str, start_seq: int, deadline: float) -> tuple[dict[int, bytes], bool]:
@@ -41,6 +42,8 @@ async def _request(context: zmq.asyncio.Context, url: str, start_seq: int, deadl
             if seq == END_OF_REPLAY:
                 return got, True
             got[seq] = payload
+            if len(got) % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # answers already queued resolve at once: let lookups run meanwhile
             wait_s = min(IDLE_S, deadline - time.monotonic())
         return got, False
     except TimeoutError:
