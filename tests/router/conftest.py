@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,18 +11,17 @@ import pytest
 
 from libs.common import subjects
 from libs.common.bus import connect
-from libs.common.messages import InstanceLoad, encode
+from libs.common.messages import ErrorReply, InstanceLoad, encode
 from services.router.config import RouterConfig
 from services.router.service import RouterService
 from tests.kv_index.conftest import index_config, start_index
-
-PD, PRFAAS = "dc-pd", "dc-prfaas"
+from tests.router.deployment import PD, PRFAAS, Fleet
 
 
 def router_config(nats_url: str, **overrides) -> RouterConfig:
     """A config on a free port with short deadlines suited to tests."""
-    base = dict(nats_url=nats_url, site=PD, router_id="test-router", threshold_tokens=8192, host="127.0.0.1", port=0, replan_interval_s=0.0,
-                instance_ttl_s=5.0, reserve_timeout_s=2.0, accept_timeout_s=2.0, index_timeout_s=0.5,
+    base = dict(nats_url=nats_url, site=PD, router_id="test-router", threshold_tokens=8192, host="127.0.0.1", port=0,
+                replan_interval_s=0.0, instance_ttl_s=5.0, reserve_timeout_s=2.0, accept_timeout_s=2.0, index_timeout_s=0.5,
                 index_min_timeout_s=0.5)  # fmt: skip
     base.update(overrides)
     return RouterConfig(**base)
@@ -44,8 +44,6 @@ async def heartbeat(nc, *loads: InstanceLoad) -> None:
 
 async def until(check: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
     """Poll a predicate until it holds."""
-    import asyncio
-
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if check():
@@ -111,3 +109,56 @@ async def ready_router(start_router: StartRouter, nc, *loads: InstanceLoad, **ov
     await heartbeat(nc, *loads)
     await until(lambda: all(svc.view.load_of(ld.instance) is not None for ld in loads), what="heartbeats received")
     return svc
+
+
+async def reachable(svc, cluster, instances) -> None:
+    """Wait until the router sees ``instances`` and a status published at the PrfaaS site reaches its inbox."""
+    await until(lambda: set(instances) <= {ld.instance for ld in svc.view.alive()}, timeout_s=15, what="heartbeats")
+    nc = await connect(cluster.url(PRFAAS), name="probe")
+    queue = svc.mailbox.open("probe")
+    try:
+        async with asyncio.timeout(15):
+            while queue.empty():
+                await nc.publish(svc.mailbox.status_subject("probe"), encode(ErrorReply(code="probe", message="")))
+                await nc.flush()
+                await asyncio.sleep(0.1)
+    finally:
+        svc.mailbox.close("probe")
+        await nc.close()
+
+
+@pytest.fixture
+def fleet(supercluster, tmp_path):
+    """Gateways owned by one test (it may kill some)."""
+    owned = Fleet(supercluster, tmp_path)
+    try:
+        yield owned
+    finally:
+        owned.stop_all()
+
+
+@pytest.fixture
+async def routed(supercluster, redis_url):
+    """Start a router at dc-pd over a fleet (KV index in this process); returns (router, decision events)."""
+    _, close = await start_index(index_config(supercluster.url(PD), redis_url))
+    got: list = []
+    try:
+        async with router_starter(supercluster.url(PD)) as start:
+
+            async def make(instances, **overrides):
+                settings = dict(policy="static-threshold", threshold_tokens=0, instance_ttl_s=2.0, first_token_timeout_s=10.0,
+                                token_timeout_s=2.0) | overrides  # fmt: skip
+                svc = await start(**settings)
+                await reachable(svc, supercluster, instances)
+                original = svc.events.decision
+
+                async def keep(event):
+                    got.append(event)
+                    await original(event)
+
+                svc.events.decision = keep
+                return svc, got
+
+            yield make
+    finally:
+        await close()

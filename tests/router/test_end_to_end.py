@@ -15,17 +15,15 @@ from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.messages import (
     DecisionEvent,
-    ErrorReply,
     OutcomeEvent,
     analytics_event_decoder,
-    encode,
     instance_load_decoder,
 )
 from libs.engine.model import ReferenceModel
 from libs.engine.tokenizer import ByteTokenizer
 from services.router.chat_template import PLAIN_TEMPLATE, ChatTemplate
 from tests.kv_index.conftest import index_config, start_index
-from tests.router.conftest import router_starter, until
+from tests.router.conftest import reachable, router_starter
 from tests.router.deployment import PD, PRFAAS, fleet
 
 MODEL = ReferenceModel()
@@ -43,22 +41,6 @@ def refs(supercluster, tmp_path_factory, otlp):
     specs = [("prefill_gateway", PRFAAS, REMOTE, {"cluster": "rt-prfaas"}), ("prefill_gateway", PD, LOCAL, {"cluster": "rt-pd"}),
              ("decode_gateway", PD, DECODE, {})]  # fmt: skip
     yield from fleet(supercluster, tmp_path_factory.mktemp("router-e2e"), specs, env)
-
-
-async def reachable(svc, cluster, instances) -> None:
-    """Wait until the router sees ``instances`` and a status published at the PrfaaS site reaches its inbox."""
-    await until(lambda: set(instances) <= {ld.instance for ld in svc.view.alive()}, timeout_s=15, what="heartbeats")
-    nc = await connect(cluster.url(PRFAAS), name="probe")
-    queue = svc.mailbox.open("probe")
-    try:
-        async with asyncio.timeout(15):
-            while queue.empty():
-                await nc.publish(svc.mailbox.status_subject("probe"), encode(ErrorReply(code="probe", message="")))
-                await nc.flush()
-                await asyncio.sleep(0.1)
-    finally:
-        svc.mailbox.close("probe")
-        await nc.close()
 
 
 @pytest.fixture

@@ -7,49 +7,10 @@ import asyncio
 import openai
 import pytest
 
-from tests.kv_index.conftest import index_config, start_index
-from tests.router.conftest import router_starter
-from tests.router.deployment import PD, PRFAAS, Fleet
-from tests.router.test_end_to_end import TOK, api, expected_text, reachable
+from tests.router.deployment import PD, PRFAAS
+from tests.router.test_end_to_end import TOK, api, expected_text
 
 PROMPT = "Fallbacks keep every accepted request alive across sites. " * 6  # ~370 tokens
-
-
-@pytest.fixture
-def fleet(supercluster, tmp_path):
-    """Gateways owned by one test (it may kill some)."""
-    owned = Fleet(supercluster, tmp_path)
-    try:
-        yield owned
-    finally:
-        owned.stop_all()
-
-
-@pytest.fixture
-async def routed(supercluster, redis_url):
-    """Start a router at dc-pd over a fleet (KV index in this process); returns (router, decision events)."""
-    _, close = await start_index(index_config(supercluster.url(PD), redis_url))
-    got: list = []
-    try:
-        async with router_starter(supercluster.url(PD)) as start:
-
-            async def make(instances, **overrides):
-                settings = dict(policy="static-threshold", threshold_tokens=0, instance_ttl_s=2.0, first_token_timeout_s=10.0,
-                                token_timeout_s=2.0) | overrides  # fmt: skip
-                svc = await start(**settings)
-                await reachable(svc, supercluster, instances)
-                original = svc.events.decision
-
-                async def keep(event):
-                    got.append(event)
-                    await original(event)
-
-                svc.events.decision = keep
-                return svc, got
-
-            yield make
-    finally:
-        await close()
 
 
 async def _complete(svc, i: int) -> tuple[str, str]:
