@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from libs.common.hashing import ROOT_HASH, block_hash
+from libs.common.hashing import ROOT_HASH, block_hashes
 from libs.common.messages import StateKind, Tier
 from services.kv_index.engine_events import (
     EngineAllCleared,
@@ -126,47 +126,47 @@ class BlockMapper:
             self.unmapped_blocks += len(event.block_hashes)
             return []
         announced = self._announced.setdefault(key, set())
+        hashes = event.block_hashes
+        plain = 0 if foreign or event.skip == "lora" else len(hashes) if event.keyed_from is None else event.keyed_from
+        tokens = pending + tuple(event.token_ids[: plain * size])
+        ours = block_hashes(tokens, self.block_size, our_parent).tolist() if len(tokens) >= self.block_size else []
         new: list[int] = []
-        for i, engine_hash in enumerate(event.block_hashes):
-            if not foreign and (event.skip == "lora" or (event.keyed_from is not None and i >= event.keyed_from)):
-                foreign = True
-            if foreign:
-                self.skipped_blocks[event.skip or ("extra_keys" if event.keyed_from is not None else "foreign_parent")] += 1
-                node = self._node(engine_hash) or _Node(parent=parent, our_parent=ROOT_HASH, pending=(), foreign=True)
-                self._nodes[engine_hash] = tuple(node._replace(present=node.present | bit))
-                parent = engine_hash
-                continue
-            tokens = pending + tuple(event.token_ids[i * size : (i + 1) * size])
-            completed: list[int] = []
-            while len(tokens) >= self.block_size:
-                our_parent = block_hash(our_parent, tokens[: self.block_size])
-                completed.append(our_parent)
-                tokens = tokens[self.block_size :]
+        for i in range(plain):  # blocks named by their tokens alone: ours are computed from them
+            engine_hash = hashes[i]
+            done_before, done = (len(pending) + i * size) // self.block_size, (len(pending) + (i + 1) * size) // self.block_size
+            completed = ours[done_before:done]
             node = self._node(engine_hash)
             if node is None:
+                rest = tokens[done * self.block_size : len(pending) + (i + 1) * size]
                 node = _Node(
                     parent=parent,
-                    our_parent=our_parent,
-                    pending=tokens,
+                    our_parent=ours[done - 1] if done else our_parent,
+                    pending=rest,
                     covers=tuple(completed),
                     crossed_boundary=bool(completed),
-                    ends_at_boundary=bool(completed) and not tokens,
+                    ends_at_boundary=bool(completed) and not rest,
                 )
                 if completed:
                     self._cover_ancestors(parent, completed[0])
             node = node._replace(present=node.present | bit)
             self._nodes[engine_hash] = tuple(node)
-            for ours in completed:
-                if ours in announced:
+            for our in completed:
+                if our in announced:
                     continue
                 if kind == "linear_state":
-                    if node.ends_at_boundary and ours == completed[-1]:
-                        announced.add(ours)
-                        new.append(ours)
-                elif self._all_present(engine_hash, ours, bit):
-                    announced.add(ours)
-                    new.append(ours)
-            parent, pending = engine_hash, tokens
+                    if node.ends_at_boundary and our == completed[-1]:
+                        announced.add(our)
+                        new.append(our)
+                elif self._all_present(engine_hash, our, bit):
+                    announced.add(our)
+                    new.append(our)
+            parent = engine_hash
+        reason = event.skip or ("extra_keys" if event.keyed_from is not None and not foreign else "foreign_parent")
+        for engine_hash in hashes[plain:]:  # named by more than their tokens, or descending from such a block
+            self.skipped_blocks[reason] += 1
+            node = self._node(engine_hash) or _Node(parent=parent, our_parent=ROOT_HASH, pending=(), foreign=True)
+            self._nodes[engine_hash] = tuple(node._replace(present=node.present | bit))
+            parent = engine_hash
         return [MappedChange("stored", kind, event.tier, tuple(new))] if new else []
 
     def _cover_ancestors(self, parent: EngineHash | None, ours: int) -> None:
