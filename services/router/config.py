@@ -105,6 +105,7 @@ class RouterConfig:
     replan_history: int = 2000
     max_body_bytes: int = 4 << 20
     read_timeout_s: float = 30.0
+    write_timeout_s: float = 30.0  # a streaming client that takes no data this long is treated as gone
     retry_after_s: int = 1
     decisions_max_age_s: float = 7 * 24 * 3600.0
     decisions_max_bytes: int = 1 << 30
@@ -180,6 +181,7 @@ class RouterConfig:
             replan_history=r.int("REPLAN_HISTORY", d.replan_history, minimum=1),
             max_body_bytes=r.int("MAX_BODY_BYTES", d.max_body_bytes, minimum=1024),
             read_timeout_s=r.float("READ_TIMEOUT_S", d.read_timeout_s, minimum=0.01),
+            write_timeout_s=r.float("WRITE_TIMEOUT_S", d.write_timeout_s, minimum=0.01),
             retry_after_s=r.int("RETRY_AFTER_S", d.retry_after_s, minimum=0),
             decisions_max_age_s=r.float("DECISIONS_MAX_AGE_S", d.decisions_max_age_s, minimum=1.0),
             decisions_max_bytes=r.int("DECISIONS_MAX_BYTES", d.decisions_max_bytes, minimum=1 << 20),

@@ -135,7 +135,7 @@ async def _stream(svc: RouterService, request: web.Request, req: GenerationReque
     decoder = IncrementalDecoder(svc.scheduler.tokenizer, run.prepared.prompt_ids[-_CONTEXT_TOKENS:])
     text = decoder.push(first) if first else ""
     opening = whole(responses.chunk(kind, cid, created, model, text, first=True, with_usage=usage_nulls))
-    sse = await SseStream.open(request, {REQUEST_ID_HEADER: request_id}, opening)
+    sse = await SseStream.open(request, {REQUEST_ID_HEADER: request_id}, opening, svc.config.write_timeout_s)
     try:
         async for ids in tokens:
             delta = decoder.push(ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -112,15 +113,17 @@ class RouterService:
             await self._runner.cleanup()
             self._runner = None
         for sub in self._subs:
-            try:
-                await sub.drain()
-            except nats.errors.Error:
-                pass
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                async with asyncio.timeout(_SHUTDOWN_TIMEOUT_S):
+                    await sub.drain()
         self._subs.clear()
         await self.mailbox.stop()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(list(self._tasks), timeout=_SHUTDOWN_TIMEOUT_S)
+            if stuck:
+                log.warning("tasks still running after stop", extra={"tasks": len(stuck)})
         self._tasks.clear()
 
     def spawn(self, coro: Awaitable) -> asyncio.Task:

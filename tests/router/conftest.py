@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import pytest
 
 from libs.common import subjects
@@ -16,6 +17,8 @@ from services.router.config import RouterConfig
 from services.router.service import RouterService
 from tests.kv_index.conftest import index_config, start_index
 from tests.router.deployment import PD, PRFAAS, Fleet
+
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)  # no test request waits longer for the router
 
 
 def router_config(nats_url: str, **overrides) -> RouterConfig:

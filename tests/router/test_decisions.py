@@ -13,7 +13,7 @@ from libs.common.messages import BlocksStored, DecisionEvent
 from libs.engine.profiles import HARDWARE, MODELS
 from libs.engine.tokenizer import ByteTokenizer
 from tests.kv_index.conftest import Producer, eventually
-from tests.router.conftest import PD, PRFAAS, heartbeat, load, ready_router
+from tests.router.conftest import HTTP_TIMEOUT, PD, PRFAAS, heartbeat, load, ready_router
 
 LOADS = (load("d0"), load("p-local", role="prefill"), load("p-remote", role="prefill", site=PRFAAS))
 LONG = "a long document about prefill. " * 40  # 1,241 tokens with BOS
@@ -22,7 +22,7 @@ SHORT = "a short question"
 
 async def explain(svc, body: dict, headers: dict | None = None) -> DecisionEvent:
     """POST /v1/route/explain and decode the decision event it returns."""
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         async with http.post(svc.url + "/v1/route/explain", json=body, headers=headers) as r:
             assert r.status == 200, await r.text()
             assert r.headers["x-prfaas-request-id"]
@@ -100,7 +100,7 @@ async def test_ttft_slo_is_recorded(start_router, nc, kv_index):
     assert met.ttft_slo_s == 60.0 and met.slo_met is True
     missed = await explain(svc, body, {"x-prfaas-ttft-slo-ms": "0.0001"})
     assert missed.slo_met is False
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         async with http.post(svc.url + "/v1/route/explain", json=body, headers={"x-prfaas-ttft-slo-ms": "soon"}) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "x-prfaas-ttft-slo-ms"
 

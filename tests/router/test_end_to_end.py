@@ -23,7 +23,7 @@ from libs.engine.model import ReferenceModel
 from libs.engine.tokenizer import ByteTokenizer
 from services.router.chat_template import PLAIN_TEMPLATE, ChatTemplate
 from tests.kv_index.conftest import index_config, start_index
-from tests.router.conftest import reachable, router_starter
+from tests.router.conftest import HTTP_TIMEOUT, reachable, router_starter
 from tests.router.deployment import PD, PRFAAS, fleet
 
 MODEL = ReferenceModel()
@@ -170,8 +170,9 @@ async def test_repeated_long_prefix_is_a_cache_hit(router, events):
     body = {"model": "reference", "prompt": LONG_TEXT + "Second question?"}
 
     async def cached() -> int:
-        async with aiohttp.ClientSession() as http, http.post(router.url + "/v1/route/explain", json=body) as r:
-            return msgspec.json.decode(await r.read(), type=DecisionEvent).cached_tokens.get(PRFAAS, 0)
+        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+            async with http.post(router.url + "/v1/route/explain", json=body) as r:
+                return msgspec.json.decode(await r.read(), type=DecisionEvent).cached_tokens.get(PRFAAS, 0)
 
     async with asyncio.timeout(10):
         while True:
@@ -194,7 +195,7 @@ async def test_client_disconnect_cancels_the_gateways_work(router, events, super
     try:
         body = {"model": "reference", "prompt": "Stream a long answer.", "max_tokens": 4000, "temperature": 0.7,
                 "seed": 1, "stream": True}  # fmt: skip
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
             async with http.post(router.url + "/v1/completions", json=body) as r:
                 request_id = r.headers["x-prfaas-request-id"]
                 await r.content.readline()  # the first chunk: decoding is under way

@@ -37,10 +37,11 @@ async def test_killed_remote_prefill_under_load_loses_no_request(fleet, routed):
                 ("prefill_gateway", PD, "kl-l0", {"cluster": "kl-pd"}), ("decode_gateway", PD, "kl-d0", {}))  # fmt: skip
     svc, decisions = await routed(("kl-p0", "kl-l0", "kl-d0"))
     first = [asyncio.ensure_future(_complete(svc, i)) for i in range(8)]
-    while True:
-        if decisions:
-            break
-        await asyncio.sleep(0.005)
+    async with asyncio.timeout(30):
+        while True:
+            if decisions:
+                break
+            await asyncio.sleep(0.005)
     fleet.procs["kl-p0"].kill()
     second = [asyncio.ensure_future(_complete(svc, i)) for i in range(8, 16)]  # routed while it still looks alive
     results = await asyncio.gather(*first, *second)

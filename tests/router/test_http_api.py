@@ -6,7 +6,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.router.conftest import PRFAAS, heartbeat, load, ready_router, until
+from tests.router.conftest import HTTP_TIMEOUT, PRFAAS, heartbeat, load, ready_router, until
 
 LOADS = (load("d0"), load("p-local", role="prefill"), load("p-remote", role="prefill", site=PRFAAS))
 
@@ -27,7 +27,7 @@ async def test_models_lists_heartbeat_and_configured_models(start_router, nc):
 async def test_health_and_readiness(start_router, nc, kv_index, redis_server):
     """/healthz is always up; /readyz needs the index and a live decode instance."""
     svc = await start_router(instance_ttl_s=0.5)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         async with http.get(svc.url + "/healthz") as r:
             assert r.status == 200
         async with http.get(svc.url + "/readyz") as r:
@@ -47,7 +47,7 @@ async def test_decode_instance_silence_makes_router_unready(start_router, nc, kv
     """A decode instance that stops heartbeating leaves the view after the instance TTL."""
     svc = await ready_router(start_router, nc, load("d0"), instance_ttl_s=0.3)
     await until(lambda: not svc.view.alive(), timeout_s=2.0, what="decode instance expired")
-    async with aiohttp.ClientSession() as http, http.get(svc.url + "/readyz") as r:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http, http.get(svc.url + "/readyz") as r:
         assert r.status == 503
 
 
@@ -71,7 +71,7 @@ async def test_decode_instance_silence_makes_router_unready(start_router, nc, kv
 async def test_bad_chat_fields_are_400_naming_the_field(start_router, nc, kv_index, body, param):
     """A wrong type, a missing field, an unserved feature or a router-only field is a 400 naming it."""
     svc = await ready_router(start_router, nc, *LOADS)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         async with http.post(svc.url + "/v1/chat/completions", json=body) as r:
             error = (await r.json())["error"]
             assert r.status == 400, error
@@ -92,7 +92,7 @@ async def test_bad_completion_prompts_are_400(start_router, nc, kv_index):
 async def test_malformed_json_is_400(start_router, nc, kv_index):
     """A body that is not JSON is a 400 in OpenAI's error shape."""
     svc = await ready_router(start_router, nc, *LOADS)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         async with http.post(svc.url + "/v1/completions", data=b"{not json") as r:
             assert r.status == 400
             assert set((await r.json())["error"]) == {"message", "type", "param", "code"}
@@ -119,7 +119,7 @@ async def test_api_keys(start_router, nc, kv_index):
     svc = await ready_router(start_router, nc, *LOADS, api_keys=("k-one", "k-two"))
     with pytest.raises(openai.AuthenticationError):
         await client(svc, "wrong").models.list()
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         async with http.get(svc.url + "/v1/models") as r:
             assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
         async with http.get(svc.url + "/healthz") as r:
@@ -138,7 +138,7 @@ async def test_body_over_the_limit_is_413(start_router, nc, kv_index):
 async def test_no_capacity_is_503_with_retry_after(start_router, nc, kv_index):
     """A served model without a live decode instance is a 503 with Retry-After."""
     svc = await start_router(models=("reference",), retry_after_s=3)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         body = {"model": "reference", "prompt": "hello", "max_tokens": 2}
         async with http.post(svc.url + "/v1/completions", json=body) as r:
             assert r.status == 503 and r.headers["Retry-After"] == "3"
@@ -149,6 +149,23 @@ async def test_metrics_count_requests(start_router, nc, kv_index):
     """/metrics exposes request counters by endpoint and status."""
     svc = await ready_router(start_router, nc, *LOADS)
     await client(svc).models.list()
-    async with aiohttp.ClientSession() as http, http.get(svc.url + "/metrics") as r:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http, http.get(svc.url + "/metrics") as r:
         text = await r.text()
     assert 'prfaas_router_requests_total{endpoint="/v1/models",status="200"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "reference", "prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+        ({"model": "reference", "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"model": "reference", "prompt": "hi", "kv_transfer_params": {}}, "kv_transfer_params"),
+        ({"model": "reference"}, "messages"),
+    ],
+)
+async def test_explain_checks_the_body_as_its_endpoint_would(start_router, nc, body, param):
+    """/v1/route/explain refuses what the completion endpoints refuse, naming the field."""
+    svc = await ready_router(start_router, nc, *LOADS)
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+        async with http.post(svc.url + "/v1/route/explain", json=body) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == param

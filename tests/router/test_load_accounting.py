@@ -13,7 +13,7 @@ from libs.common.messages import BlocksStored, DecisionEvent
 from libs.engine.profiles import HARDWARE, MODELS, model_profile
 from libs.engine.tokenizer import ByteTokenizer
 from tests.kv_index.conftest import Producer, eventually
-from tests.router.conftest import PD, heartbeat, load, ready_router, until
+from tests.router.conftest import HTTP_TIMEOUT, PD, heartbeat, load, ready_router, until
 
 REFERENCE = model_profile("reference")
 
@@ -34,7 +34,7 @@ async def test_two_routers_count_each_job_once(fleet, routed):
     body = {"model": "reference", "prompt": "Stream a long answer.", "max_tokens": 4000, "temperature": 0.7, "seed": 1,
             "stream": True}  # ~20 s of decoding (no early end of sequence)
     async with contextlib.AsyncExitStack() as streams:
-        http = await streams.enter_async_context(aiohttp.ClientSession())
+        http = await streams.enter_async_context(aiohttp.ClientSession(timeout=HTTP_TIMEOUT))
         first = await streams.enter_async_context(http.post(a.url + "/v1/completions", json=body))
         await first.content.readline()  # decoding: router a's job is acknowledged
         assert free_slots(a, "tr-d0") == 3  # counted by a before any heartbeat shows it (1 s apart)
@@ -57,7 +57,7 @@ async def test_hot_prefix_spreads_once_waiting_exceeds_recomputing(start_router,
                                        BlocksStored(block_hashes=hashes, kind="linear_state"))  # fmt: skip
 
     async def explain() -> DecisionEvent:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
             async with http.post(svc.url + "/v1/route/explain", json={"model": "reference", "prompt": prompt}) as r:
                 return msgspec.json.decode(await r.read(), type=DecisionEvent)
 
