@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Awaitable
 
@@ -16,9 +15,10 @@ from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
 from libs.common.bus import connect
+from libs.common.entrypoint import run_service
 from libs.common.errors import TransferFailed
 from libs.common.messages import InstanceLoad, encode
-from libs.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from libs.common.telemetry import start_metrics_server
 from libs.engine.backends import Backend
 from libs.engine.build import build_backend
 from libs.engine.events import KvEventPublisher
@@ -284,16 +284,5 @@ async def run(config: DecodeGatewayConfig, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    """Entry point: ``python -m services.decode_gateway``."""
-    config = DecodeGatewayConfig.from_env()
-    setup_logging(config.log_level)
-    setup_tracing("decode_gateway")
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run(config, stop)
-
-    asyncio.run(_main())
+    """Entry point: ``python -m services.decode_gateway``; a bad setting or NATS unreachable is one line, exit 2."""
+    run_service("decode_gateway", DecodeGatewayConfig.from_env, run)

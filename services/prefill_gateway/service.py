@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Awaitable, Mapping
 
 import nats.errors
@@ -15,8 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
 from libs.common.bus import connect
+from libs.common.entrypoint import run_service
 from libs.common.messages import encode
-from libs.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from libs.common.telemetry import start_metrics_server
 from libs.engine.backends import Backend
 from libs.engine.build import build_backend
 from libs.kvwire import JetStreamTransport, KvLinks, KvSender, LinkConfig, SenderConfig, TcpConfig, TcpTransport
@@ -209,16 +209,5 @@ async def run(config: PrefillGatewayConfig, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    """Entry point: ``python -m services.prefill_gateway``."""
-    config = PrefillGatewayConfig.from_env()
-    setup_logging(config.log_level)
-    setup_tracing("prefill_gateway")
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run(config, stop)
-
-    asyncio.run(_main())
+    """Entry point: ``python -m services.prefill_gateway``; a bad setting or NATS unreachable is one line, exit 2."""
+    run_service("prefill_gateway", PrefillGatewayConfig.from_env, run)
