@@ -76,7 +76,10 @@ async def test_index_missing_routes_within_the_deadline(start_router, nc):
 
 async def test_lookup_waits_no_longer_than_a_hit_could_save(start_router, nc):
     """An index that does not answer: a prompt whose full hit would save ~nothing gives up at the floor; a long one waits more."""
-    await nc.subscribe(subjects.KV_LOOKUP)  # takes lookups, never answers
+    async def ignore(msg) -> None:
+        """Take a lookup and never answer it."""
+
+    await nc.subscribe(subjects.KV_LOOKUP, cb=ignore)
     svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=1.0, index_min_timeout_s=0.01)
     started = time.monotonic()
     event = await explain(svc, {"model": "reference", "prompt": LONG})  # the reference model prefills it in ~2 ms
