@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Awaitable
 
@@ -16,8 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
 from libs.common.bus import connect
+from libs.common.entrypoint import run_service
 from libs.common.errors import PrfaasError
-from libs.common.telemetry import setup_logging, setup_tracing
 from services.kv_index.client import KvIndexClient
 from services.router.chat_template import load_chat_template
 from services.router.config import RouterConfig
@@ -163,16 +162,5 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    """Entry point: ``python -m services.router``."""
-    config = RouterConfig.from_env()
-    setup_logging(config.log_level)
-    setup_tracing("router")
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run(config, stop)
-
-    asyncio.run(_main())
+    """Entry point: ``python -m services.router``; a bad setting or NATS unreachable is one line, exit 2."""
+    run_service("router", RouterConfig.from_env, run)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from libs.common.errors import ConfigError
@@ -29,3 +33,12 @@ def test_bad_values_name_their_key(env, key):
     """A value out of range or inconsistent with another is refused with the key and the value."""
     with pytest.raises(ConfigError, match=key):
         RouterConfig.from_env({"ROUTER_THRESHOLD_TOKENS": "100"} | env)
+
+
+def test_entry_point_refuses_a_missing_threshold_in_one_line():
+    """``python -m services.router`` without ROUTER_THRESHOLD_TOKENS: one line naming the key, exit code 2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
+    proc = subprocess.run([sys.executable, "-m", "services.router"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("router: config: ROUTER_THRESHOLD_TOKENS is required")
