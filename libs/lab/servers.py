@@ -38,8 +38,13 @@ def free_port() -> int:
 
 
 def ensure_port_free(port: int, what: str) -> None:
-    """Raise ``ConfigError`` if ``port`` on 127.0.0.1 is taken (so a server never attaches to a stranger's)."""
+    """Raise ``ConfigError`` if ``port`` on 127.0.0.1 is taken (so a server never attaches to a stranger's).
+
+    The probe binds as the servers do (``SO_REUSEADDR``): a listener on the port refuses it, while
+    connections of a stopped server still in TIME_WAIT do not (a restart on the same port works).
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
