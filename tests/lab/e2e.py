@@ -144,3 +144,36 @@ async def check_partition_loses_nothing(ep: Endpoints, change: LinkChange) -> No
             assert time.monotonic() < deadline, "offloading did not resume within 30 s of the link's return"
             await asyncio.sleep(0.5)
 
+
+
+LinkSpeed = Callable[[float], Awaitable[None]]  # await set_gbps(0.02) slows both directions of dc-a <-> dc-b
+
+
+async def check_a_slower_link_offloads_less(ep: Endpoints, set_gbps: LinkSpeed, fast_gbps: float) -> None:
+    """The adaptive policy offloads fewer of the same long prompts once the link is slowed to 20 Mbps.
+
+    A 2K-token prompt's KV (~2 MB) crosses a 20 Mbps link in ~0.9 s, several times its local prefill:
+    once a transfer has shown the slower link in the telemetry, the prompts stay local.
+    """
+
+    async def remote(tag: str, n: int, stop_at_first_remote: bool = False) -> int:
+        offloaded = 0
+        for i in range(n):
+            reply = await chat(ep, f"{tag} {i} {LONG_PROMPT}")
+            outcome = await events.outcome(reply.id, timeout_s=30)
+            assert outcome["status"] == "ok", outcome
+            offloaded += outcome["route"] == "remote"
+            if stop_at_first_remote and offloaded:
+                break
+        return offloaded
+
+    async with Events(ep) as events:
+        fast = await remote("fast", 6)
+        await set_gbps(0.02)
+        try:
+            await remote("probe", 5, stop_at_first_remote=True)  # a transfer over the slow link shows it
+            slow = await remote("slow", 6)
+        finally:
+            await set_gbps(fast_gbps)
+    assert fast >= 2, f"only {fast} of 6 long prompts went remote on the fast link"
+    assert slow < fast, f"{slow} of 6 went remote on the slow link, {fast} on the fast one"

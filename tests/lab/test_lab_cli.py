@@ -22,6 +22,7 @@ from tests.lab.e2e import (
     Endpoints,
     chat,
     check_long_prompt_crosses_the_link,
+    check_a_slower_link_offloads_less,
     check_partition_loses_nothing,
     check_short_chat_stays_local,
 )
@@ -127,6 +128,17 @@ async def test_a_long_prompt_is_prefilled_remotely_and_its_kv_crosses_the_link(l
 async def test_a_partition_loses_no_request_and_offloading_resumes_after_it(lab: dict) -> None:
     """Long prompts in flight when `lab link --down` cuts the link all finish; after `--up` they go remote again."""
     await check_partition_loses_nothing(_endpoints(lab), _link_cli(lab))
+
+
+async def test_a_slower_link_makes_adaptive_offload_less(lab: dict) -> None:
+    """`lab link --gbps 0.02` (from 10): the same long prompts are offloaded less by the adaptive policy."""
+    assert lab["links"][0]["gbps"] == 10.0
+
+    async def set_gbps(gbps: float) -> None:
+        done = await asyncio.to_thread(_prfaas, Path(lab["run_dir"]), "link", "dc-a", "dc-b", "--gbps", str(gbps))
+        assert done.returncode == 0, done.stderr
+
+    await check_a_slower_link_offloads_less(_endpoints(lab), set_gbps, fast_gbps=10.0)
 
 
 async def test_the_suggested_index_lookup_finds_the_demo_chat_prefix(lab: dict) -> None:
