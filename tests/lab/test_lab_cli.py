@@ -21,8 +21,8 @@ from libs.lab.wan_server import link_figures
 from tests.lab.e2e import (
     Endpoints,
     chat,
-    check_long_prompt_crosses_the_link,
     check_a_slower_link_offloads_less,
+    check_long_prompt_crosses_the_link,
     check_partition_loses_nothing,
     check_short_chat_stays_local,
 )
