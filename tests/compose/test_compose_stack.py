@@ -19,6 +19,7 @@ import pytest
 from libs.lab.wan_server import change_link
 from tests.lab.e2e import (
     Endpoints,
+    check_a_slower_link_offloads_less,
     check_long_prompt_crosses_the_link,
     check_partition_loses_nothing,
     check_short_chat_stays_local,
@@ -87,6 +88,16 @@ async def test_a_long_prompt_crosses_the_relay(stack: tuple[Endpoints, str]) -> 
 async def test_a_partition_loses_no_request(stack: tuple[Endpoints, str]) -> None:
     """As natively: requests in flight during a cut finish locally; offloading resumes after it."""
     await check_partition_loses_nothing(stack[0], _relay_change(stack[0]))
+
+
+async def test_a_slower_link_makes_adaptive_offload_less(stack: tuple[Endpoints, str]) -> None:
+    """As natively: slowing the relay to 20 Mbps makes the adaptive policy offload fewer long prompts."""
+    ep = stack[0]
+
+    async def set_gbps(gbps: float) -> None:
+        change_link(ep.link_control_url, {"gbps": gbps})
+
+    await check_a_slower_link_offloads_less(ep, set_gbps, fast_gbps=10.0)
 
 
 def test_every_service_sends_traces_to_jaeger(stack: tuple[Endpoints, str]) -> None:
