@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,9 +20,10 @@ from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
 from libs.common.bus import connect, ensure_consumer, ensure_stream
-from libs.common.errors import BadRequest, PrfaasError, UpstreamTimeout
+from libs.common.entrypoint import run_service
+from libs.common.errors import BadRequest, UpstreamTimeout
 from libs.common.messages import KvSnapshotRequest, encode
-from libs.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from libs.common.telemetry import start_metrics_server
 from services.kv_index.cancellation import cancel_and_wait
 from services.kv_index.config import KvIndexConfig
 from services.kv_index.handlers import handle_kv_batch, handle_load, handle_lookup
@@ -309,23 +308,6 @@ async def run(config: KvIndexConfig, stop: asyncio.Event) -> None:
         await redis_client.aclose()
 
 
-async def _serve(config: KvIndexConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await run(config, stop)
-
-
 def main() -> None:
     """Entry point: ``python -m services.kv_index``; bad config or an unreachable dependency is one line on stderr."""
-    try:
-        config = KvIndexConfig.from_env()
-        setup_logging(config.log_level)
-        setup_tracing("kv_index")
-        asyncio.run(_serve(config))
-    except (PrfaasError, OSError) as e:
-        sys.stderr.write(f"kv_index: {e}\n")
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    run_service("kv_index", KvIndexConfig.from_env, run)
