@@ -305,12 +305,20 @@ class RequestRun:
         return reply
 
     async def _stream(self, queue: asyncio.Queue, event: DecisionEvent, job_id: str, remote: bool) -> AsyncIterator[list[int]]:
-        """Token chunks until DecodeFinished; failures before the first token become retries."""
+        """Token ids until DecodeFinished; failures before the first token become retries.
+
+        Each yield carries every token already received, so a client write carries all there is to send
+        now; ``record.finished`` is set before the last yield when the stream's end arrived with it.
+        """
         d = event.decision
         rec = self.record
         rec.prefill = rec.finished = None
         next_index = 0
+        batch: list[int] = []
         while True:
+            if batch and queue.empty():
+                yield batch
+                batch = []
             started = rec.first_token_at is not None
             kind, item = await self._next(queue, d, started, remote)
             if isinstance(item, TokenChunk):
@@ -323,18 +331,20 @@ class RequestRun:
                     self.view.release(d.prefill_instance, job_id)
                 rec.last_token_at = now
                 rec.completion_tokens += len(item.token_ids)
-                if item.token_ids:
-                    yield item.token_ids
+                batch += item.token_ids
             elif isinstance(item, DecodeFinished):
                 rec.finished = item
+                if batch:
+                    yield batch
                 return
             elif isinstance(item, PrefillFinished):
                 rec.prefill = item
                 self.view.release(d.prefill_instance, job_id)
-            elif kind == STATUS:  # the prefill leg failed
-                self._fail(item, event, started, prefill_failed=True, remote=remote)
-            else:  # the decode leg failed (a transfer failure included)
-                self._fail(item, event, started, prefill_failed=False, remote=remote)
+            else:
+                if batch:  # what arrived before the failure reaches the client first
+                    yield batch
+                # a failed prefill leg (status) or decode leg (a transfer failure included)
+                self._fail(item, event, rec.first_token_at is not None, prefill_failed=kind == STATUS, remote=remote)
 
     async def _next(self, queue: asyncio.Queue, d, started: bool, remote: bool):
         """The job's next message; a silent stream or a leg whose instance stopped heartbeating is a failure."""

@@ -58,7 +58,7 @@ async def serve(svc: RouterService, request: web.Request, req: GenerationRequest
         span.set_attribute("prfaas.model", req.model)
         started = time.perf_counter()
         prepared = await svc.scheduler.prepare(req, request_id, ttft_slo_s(request))
-        if prepared.index_status != "ok":
+        if prepared.index_status.startswith("unavailable"):
             svc.metrics.index_errors.inc()
         run = RequestRun(svc.nc, svc.config, svc.scheduler, svc.view, svc.events, svc.mailbox, prepared)
         svc.metrics.in_flight.inc()
@@ -136,18 +136,21 @@ async def _stream(svc: RouterService, request: web.Request, req: GenerationReque
     text = decoder.push(first) if first else ""
     opening = whole(responses.chunk(kind, cid, created, model, text, first=True, with_usage=usage_nulls))
     sse = await SseStream.open(request, {REQUEST_ID_HEADER: request_id}, opening, svc.config.write_timeout_s)
+    held = b""  # the last text, sent with the end of the stream
     try:
         async for ids in tokens:
             delta = decoder.push(ids)
-            if delta:
+            if delta and run.record.finished is not None:
+                held += deltas.event(delta)
+            elif delta:
                 await sse.send(deltas.event(delta))
     except PrfaasError as e:  # the decode side failed after tokens were sent: say so in the stream
         log.warning("stream ended by an error", extra={"request_id": request_id, "error": str(e)})
         run.record.status, run.record.error = "error", f"{e.code}: {e.message}"
-        await sse.close(whole(responses.error_body(e, responses.status_of(e))))
+        await sse.close(held + whole(responses.error_body(e, responses.status_of(e))))
         return sse.response
     tail = decoder.flush()
-    last = deltas.event(tail) if tail else b""
+    last = held + (deltas.event(tail) if tail else b"")
     last += whole(responses.chunk(kind, cid, created, model, None, _finish_reason(run), with_usage=usage_nulls))
     if req.include_usage:
         last += whole(responses.usage_chunk(kind, cid, created, model, _usage(run)))

@@ -15,7 +15,7 @@ class RouterMetrics:
         self.decisions = Counter("prfaas_router_decisions", "Decisions by route", ["route"], registry=registry)
         self.fallbacks = Counter("prfaas_router_fallbacks", "Attempts that failed before the first token and were re-decided", registry=registry)
         self.bad_messages = Counter("prfaas_router_bad_messages", "Malformed bus messages", ["source"], registry=registry)
-        self.index_errors = Counter("prfaas_router_index_errors", "Requests routed without cache knowledge", registry=registry)
+        self.index_errors = Counter("prfaas_router_index_errors", "Requests routed without cache knowledge because the index failed or was late", registry=registry)
         self.cancelled = Counter("prfaas_router_cancelled", "Requests whose client went away", registry=registry)
         self.decision_seconds = Histogram(
             "prfaas_router_decision_seconds", "Tokenize, hash, index lookup, view and policy", buckets=_LATENCY_BUCKETS, registry=registry

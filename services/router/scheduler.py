@@ -43,7 +43,7 @@ class Prepared:
     sampling: Sampling
     block_size: int
     lookup: KvLookupReply | None
-    index_status: str  # "ok" or why the index could not be used
+    index_status: str  # "ok", "unavailable: <why>", or "not asked: <why>"
     ttft_slo_s: float | None
     arrived: float  # monotonic
 
@@ -141,7 +141,9 @@ class Scheduler:
         """How long to wait for the KV index: no longer than a full cache hit could save, within the configured bounds.
 
         A hit saves at most the prompt's prefill less that of its last block, on the slowest prefill
-        hardware serving the model; waiting longer for the answer can only lose time.
+        hardware serving the model; waiting longer for the answer can only lose time. 0 (do not ask)
+        when that saving is below the least wait and the prompt is within t, so the route is local
+        whatever is cached and the instance choice cannot change by more than the saving.
         """
         cfg = self.config
         hardware = {ld.hardware for ld in self.view.alive(model) if ld.role == "prefill"}
@@ -150,11 +152,15 @@ class Scheduler:
              for hw in (hardware_profile(h if h in HARDWARE else cfg.default_hardware) for h in hardware)),
             default=cfg.index_timeout_s,
         )  # fmt: skip
+        if saving_s < cfg.index_min_timeout_s and prompt_tokens <= self.policy.config.threshold_tokens:
+            return 0.0
         return min(cfg.index_timeout_s, max(cfg.index_min_timeout_s, saving_s))
 
     async def _lookup(self, hashes: list[int], hybrid: bool, deadline_s: float) -> tuple[KvLookupReply | None, str]:
         if not hashes:
             return None, "ok"
+        if deadline_s == 0:
+            return None, f"not asked: a full cache hit would save under {self.config.index_min_timeout_s * 1000:.1f} ms"
         try:
             async with asyncio.timeout(deadline_s):
                 return await self.index.lookup(hashes, hybrid=hybrid), "ok"

@@ -124,6 +124,7 @@ class RouterService:
             if stuck:
                 log.warning("tasks still running after stop", extra={"tasks": len(stuck)})
         self._tasks.clear()
+        await self.events.close()
 
     def spawn(self, coro: Awaitable) -> asyncio.Task:
         """Run ``coro`` as a task this service owns (cancelled at stop)."""

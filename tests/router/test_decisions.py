@@ -69,22 +69,25 @@ async def test_index_outage_routes_without_cache_knowledge(start_router, nc, kv_
 
 async def test_index_missing_routes_within_the_deadline(start_router, nc):
     """No index process at all: the lookup's deadline passes and the decision says so."""
-    svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=0.05, index_min_timeout_s=0.05)
+    svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=0.05, index_min_timeout_s=0.05, threshold_tokens=512)
     event = await explain(svc, {"model": "reference", "prompt": LONG})
     assert event.index.startswith("unavailable: upstream_timeout")
 
 
 async def test_lookup_waits_no_longer_than_a_hit_could_save(start_router, nc):
-    """An index that does not answer: a prompt whose full hit would save ~nothing gives up at the floor; a long one waits more."""
+    """An index that does not answer: a prompt whose full hit would save ~nothing gives up at the floor (or is not asked
+    about when within t); a long one waits more."""
     async def ignore(msg) -> None:
         """Take a lookup and never answer it."""
 
     await nc.subscribe(subjects.KV_LOOKUP, cb=ignore)
-    svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=1.0, index_min_timeout_s=0.01)
+    svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=1.0, index_min_timeout_s=0.01, threshold_tokens=512)
     started = time.monotonic()
     event = await explain(svc, {"model": "reference", "prompt": LONG})  # the reference model prefills it in ~2 ms
     assert event.index.startswith("unavailable: no answer within 10.0 ms")
     assert time.monotonic() - started < 0.5  # the full deadline would be 1 s; 0.5 s leaves room on a loaded machine
+    short = await explain(svc, {"model": "reference", "prompt": LONG[:500]})  # within t: local whatever is cached
+    assert short.index == "not asked: a full cache hit would save under 10.0 ms" and short.route == "local"
     slow = await ready_router(start_router, nc, *LOADS, index_timeout_s=1.0, index_min_timeout_s=0.01,
                               model_profiles={"reference": "kimi-linear-1t"})  # fmt: skip
     hit_saves_s = MODELS["kimi-linear-1t"].prefill_time_s(len(LONG) + 1, HARDWARE["h20"]) - MODELS[
