@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Awaitable
@@ -157,6 +158,7 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     nc = await connect(config.nats_url, name=f"router-{config.router_id}", connect_timeout_s=config.connect_timeout_s)
     try:
         async with RouterService(nc, config):
+            gc.freeze()  # what start-up made lives as long as the process: later collections skip it
             await stop.wait()
     finally:
         await nc.drain()
