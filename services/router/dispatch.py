@@ -51,8 +51,8 @@ from services.router.mailbox import STATUS, Mailbox
 from services.router.scheduler import Prepared, Scheduler
 
 log = logging.getLogger(__name__)
-_RETRY_BACKOFF_S = 0.1
-_LIVENESS_CHECK_S = 0.25  # while waiting on a job: how often the instances' heartbeats are checked  # per attempt, before trying an instance that refused or failed once more
+_RETRY_BACKOFF_S = 0.1  # per attempt, before trying an instance that refused or failed once more
+_LIVENESS_CHECK_S = 0.25  # while waiting on a job: how often the instances' heartbeats are checked
 tracer = trace.get_tracer(__name__)
 
 

@@ -165,7 +165,7 @@ class Scheduler:
             async with asyncio.timeout(deadline_s):
                 return await self.index.lookup(hashes, hybrid=hybrid), "ok"
         except TimeoutError:
-            return None, f"unavailable: no answer within {deadline_s * 1000:.1f} ms (what a cache hit could save)"
+            return None, f"unavailable: no answer within {deadline_s * 1000:.1f} ms"
         except PrfaasError as e:
             return None, f"unavailable: {e}"
 
