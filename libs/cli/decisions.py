@@ -171,7 +171,8 @@ def summarize(events: list, site: str = "") -> dict:
         "offload_share": remote / n if n else None,
         "cache_hit_share": hits / n if n else None,
         "fallbacks": sum(1 for d in decisions if d.route == "fallback"),
-        "index_unavailable": sum(1 for d in first if d.index != "ok"),
+        "index_unavailable": sum(1 for d in first if d.index.startswith("unavailable")),
+        "index_not_asked": sum(1 for d in first if d.index.startswith("not asked")),
         "outcomes": {status: sum(1 for o in outcomes if o.status == status) for status in sorted({o.status for o in outcomes})},
         "ttft_by_route": {route: _percentiles(v) for route, v in sorted(by_route.items())},
         "link_bytes": link_bytes,
@@ -190,7 +191,7 @@ def _text(summary: dict, since: str) -> str:
 
     rows = [f"last {since}: {summary['requests']} requests, offload {share(summary['offload_share'])}, "
             f"cache hits {share(summary['cache_hit_share'])}, fallbacks {summary['fallbacks']}, "
-            f"routed without the index {summary['index_unavailable']}",
+            f"index unavailable {summary['index_unavailable']}, not asked {summary['index_not_asked']}",
             f"outcomes: {', '.join(f'{k} {v}' for k, v in summary['outcomes'].items()) or 'none'}; "
             f"link bytes {summary['link_bytes']:,}"]  # fmt: skip
     for route, p in summary["ttft_by_route"].items():

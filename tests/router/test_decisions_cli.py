@@ -17,14 +17,14 @@ from libs.common.messages import DecisionEvent, OutcomeEvent, RouteDecision
 from services.router.events import DecisionLog
 
 
-def _decision(rid: str, route: str, cached: int = 0, attempt: int = 0) -> DecisionEvent:
+def _decision(rid: str, route: str, cached: int = 0, attempt: int = 0, index: str = "ok") -> DecisionEvent:
     d = RouteDecision(request_id=rid, policy="adaptive", ts=time.time(), choice="local" if route == "local" else "remote",
                       prefill_site="dc-pd" if route == "local" else "dc-prfaas", prefill_instance="p0", decode_site="dc-pd",
                       decode_instance="d0", transport="tcp", reason="test", predicted_queue_s=0, predicted_prefill_s=0.1,
                       predicted_transfer_s=0.0, predicted_ttft_s=0.2, transfer_bytes=0)  # fmt: skip
     return DecisionEvent(request_id=rid, ts=time.time(), site="dc-pd", router="r", model="m", prompt_tokens=100,
                          cached_tokens={"dc-pd": cached} if cached else {}, incremental_tokens=100 - cached,
-                         policy="adaptive", threshold_tokens=50, route=route, attempt=attempt, index="ok", decision=d)  # fmt: skip
+                         policy="adaptive", threshold_tokens=50, route=route, attempt=attempt, index=index, decision=d)  # fmt: skip
 
 
 def _outcome(rid: str, route: str, ttft_s: float, bytes_moved: int) -> OutcomeEvent:
@@ -34,16 +34,17 @@ def _outcome(rid: str, route: str, ttft_s: float, bytes_moved: int) -> OutcomeEv
 
 
 async def test_summary_replays_the_stream(nc, nats_url):
-    """Offload share, cache-hit share, TTFT by route, link bytes and prediction error from the replayed stream."""
+    """Offload share, cache-hit share, TTFT by route, link bytes, prediction error and index misses from the stream."""
     log = DecisionLog(nc, "dc-pd", max_age_s=3600, max_bytes=1 << 20)
     await log.ensure_stream()
-    await log.decision(_decision("a", "remote"))
+    await log.decision(_decision("a", "remote", index="unavailable: upstream_timeout: no answer"))
     await log.decision(_decision("b", "local", cached=64))
-    await log.decision(_decision("c", "local"))
+    await log.decision(_decision("c", "local", index="not asked: a full cache hit would save under 5.0 ms"))
     await log.decision(_decision("a", "fallback", attempt=1))
     await log.outcome(_outcome("a", "fallback", 0.5, 0))
     await log.outcome(_outcome("b", "local", 0.1, 0))
     await log.outcome(_outcome("c", "remote", 0.3, 1000))
+    await log.close()  # the outcomes still waiting for a decision to travel with
     await nc.flush()
     out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "libs.cli", "decisions", "summary", "--nats",
                                   nats_url, "--json", "--since", "5m"], capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -53,6 +54,7 @@ async def test_summary_replays_the_stream(nc, nats_url):
     assert summary["cache_hit_share"] == pytest.approx(1 / 3) and summary["fallbacks"] == 1
     assert summary["ttft_by_route"]["local"]["p50_s"] == pytest.approx(0.1) and summary["link_bytes"] == 1000
     assert summary["prediction_error"]["count"] == 3 and summary["prediction_error"]["median_s"] == pytest.approx(0.1)
+    assert (summary["index_unavailable"], summary["index_not_asked"]) == (1, 1)
 
 
 async def test_tail_prints_one_line_per_event(nc, nats_url):
