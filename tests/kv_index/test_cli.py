@@ -27,7 +27,7 @@ def test_lookup_without_a_server_is_a_clear_error():
 
 
 def test_kvindex_benchmark_prints_its_figures_as_json():
-    """A tiny run of the benchmark prints the three figures the issue names."""
+    """A tiny run of the benchmark prints its three figures (lookup p50, p99, ingest rate)."""
     result = subprocess.run(
         [*PRFAAS, "bench", "kvindex", "--blocks", "4096", "--instances", "4", "--prompt-blocks", "64", "--lookups", "20", "--json"],
         capture_output=True,

@@ -109,7 +109,7 @@ def test_trace_free_run_is_reproducible_and_drains():
 
 
 def test_sim_cli_json_keys(capsys):
-    """prfaas sim --json reports, per configuration, the keys the issue names."""
+    """prfaas sim --json reports, per configuration, every figure the table shows."""
     assert main(["sim", "--case-study", "--duration", "300", "--json", "--no-progress"]) == 0
     doc = json.loads(capsys.readouterr().out)
     keys = {"saturation_rps", "lambda_max", "throughput_rps", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
