@@ -278,9 +278,10 @@ HARDWARE: dict[str, HardwareProfile] = {
         ),
         # The reference model (numpy) on one host CPU: what the lab's reference instances run on,
         # so a router's predictions for them are in the right units. Fitted to `prfaas bench
-        # engine` medians on a quiet 2-core build machine: prefill 1K / 4K / 16K tokens in
-        # 57 / 292 / 2,296 ms (a + b*k + c*k^2 through the three points), decode ~1 ms per step
-        # alone and ~8 ms for 16 sequences at 4K context. Other machines differ by their speed.
+        # engine` medians with one BLAS thread (a gateway's default) on a 2-core build machine
+        # running other work: prefill 1K / 4K / 16K tokens in 93 / 441 / 3,517 ms (a + b*k + c*k^2
+        # through the three points), decode ~1 ms per step alone and ~8 ms for 16 sequences at 4K
+        # context. Other machines differ by their speed.
         HardwareProfile(
             name="cpu",
             chip="host CPU running the numpy reference model",
@@ -288,9 +289,9 @@ HARDWARE: dict[str, HardwareProfile] = {
             memory_gb_per_gpu=24.0,  # the build machine's RAM
             memory_bandwidth_tb_per_s_per_gpu=0.0103,  # fitted: effective bytes/s of a decode step
             price_per_gpu_hour=0.05,  # assumed: two cores of a cloud VM
-            prefill_fixed_factor=1.0,  # fitted (reference model's fixed 2 ms)
-            prefill_linear_factor=4538.0,  # fitted: 48.9 ms per 1K tokens
-            prefill_attention_factor=2281.0,  # fitted: 5.9 ms per (1K tokens)^2
+            prefill_fixed_factor=7.33,  # fitted: 15 ms of Python per prefill
+            prefill_linear_factor=6273.0,  # fitted: 68 ms per 1K tokens
+            prefill_attention_factor=3447.0,  # fitted: 8.9 ms per (1K tokens)^2
             decode_overhead_s=0.0005,  # fitted
             decode_bw_efficiency=1.0,  # the bandwidth above is already the effective one
             source="fitted to prfaas bench engine on the build machine (reference model only)",
