@@ -14,9 +14,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from libs.common.errors import BadRequest, NoCapacity, TransferFailed, UpstreamTimeout
+from libs.common.errors import BadRequest, NoCapacity, PrfaasError, TransferFailed, UpstreamTimeout
 from libs.common.messages import KvEnd, KvManifest, KvResumeState
 from libs.common.state_parts import StatePart
 from libs.kvwire.arena import Arena
@@ -80,11 +81,20 @@ class _Entry:
     claimed: bool = False
 
 
-class KvReceiver:
-    """Registry of incoming transfers of one decode instance, within a fixed memory arena."""
+Admission = Callable[[KvManifest, int], None]
 
-    def __init__(self, config: ReceiverConfig | None = None) -> None:
+
+class KvReceiver:
+    """Registry of incoming transfers of one decode instance, within a fixed memory arena.
+
+    ``admit(manifest, bytes_needed)``, if given, is asked before a new transfer takes memory; it
+    refuses by raising a ``PrfaasError`` (e.g. a transfer nobody reserved, or larger than its
+    reservation), which the sender receives as a typed error. It may run in a transport thread.
+    """
+
+    def __init__(self, config: ReceiverConfig | None = None, admit: Admission | None = None) -> None:
         self.config = config or ReceiverConfig()
+        self._admit = admit
         self.arena = Arena(self.config.max_total_bytes)
         self._lock = threading.Lock()
         self._active: dict[str, _Entry] = {}
@@ -145,6 +155,12 @@ class KvReceiver:
             if tid in self._finished:
                 return self._finished_state(tid)
             need = required_bytes(manifest)
+            if self._admit is not None:
+                try:
+                    self._admit(manifest, need)
+                except PrfaasError:
+                    self.totals.transfers_refused += 1
+                    raise
             if need > self.config.max_transfer_bytes:
                 self.totals.transfers_refused += 1
                 raise NoCapacity(f"transfer {tid} needs {need} bytes, over the per-transfer limit "

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.entrypoint import run_service
-from libs.common.errors import TransferFailed
-from libs.common.messages import InstanceLoad, encode
+from libs.common.errors import BadRequest, NoCapacity, TransferFailed
+from libs.common.messages import InstanceLoad, KvManifest, encode
 from libs.common.telemetry import start_metrics_server
 from libs.engine.backends import Backend
 from libs.engine.build import build_backend
@@ -52,7 +52,8 @@ class DecodeGatewayService:
                 max_total_bytes=config.kv_memory_bytes,
                 max_transfer_bytes=config.max_transfer_bytes,
                 transfer_timeout_s=config.transfer_timeout_s,
-            )
+            ),
+            admit=self._admit_transfer,
         )
         self.tcp = TcpReceiverServer(self.receiver, TcpServerConfig(host=config.tcp_host, port=config.tcp_port))
         self.jetstream = (
@@ -193,23 +194,30 @@ class DecodeGatewayService:
                     res.observe(assembly.received_bytes, now)
                     if first_seen:
                         self._gauges()
-                        self._check_manifest(res, assembly.manifest.skipped_block_hashes, assembly.manifest.num_tokens)
                 if res.lease_expired(now):
                     self.metrics.leases_expired.inc()
                     reason = f"lease expired: no KV progress for {res.lease_s:.2f}s"
                     log.info("lease expired", extra={"request_id": res.job.request_id, "transfer_id": res.job.transfer_id})
                     self.receiver.abort(res.job.transfer_id, reason)
 
-    def _check_manifest(self, res: Reservation, skipped: list[int], num_tokens: int) -> None:
-        """Abort at once a transfer that does not match its reservation (other prefix or length)."""
-        reason = ""
-        if list(skipped) != res.held_hashes:
-            reason = f"manifest skips {len(skipped)} blocks, the reservation holds {res.held_blocks} others"
-        elif num_tokens != len(res.job.prompt_tokens):
-            reason = f"manifest has {num_tokens} tokens, the job {len(res.job.prompt_tokens)}"
-        if reason:
-            log.warning("transfer refused", extra={"transfer_id": res.job.transfer_id, "reason": reason})
-            self.receiver.abort(res.job.transfer_id, reason)
+    def _admit_transfer(self, manifest: KvManifest, bytes_needed: int) -> None:
+        """Let a transfer in only into its reservation: same ids, held prefix and prompt length, within its bytes.
+
+        Called by the receiver (possibly in a transport thread) before the transfer takes memory; a
+        refusal reaches the sender as a typed error, so nobody fills the arena without a reservation.
+        """
+        res = self.reservations.get(manifest.request_id)
+        if res is None or res.job.transfer_id != manifest.transfer_id or not res.receiving:
+            raise BadRequest(f"transfer {manifest.transfer_id} has no reservation on {self.config.instance}")
+        if list(manifest.skipped_block_hashes) != res.held_hashes:
+            raise BadRequest(f"transfer {manifest.transfer_id} skips {len(manifest.skipped_block_hashes)} blocks; "
+                             f"the reservation holds {res.held_blocks} others")  # fmt: skip
+        if manifest.num_tokens != len(res.job.prompt_tokens):
+            raise BadRequest(f"transfer {manifest.transfer_id} has {manifest.num_tokens} tokens, "
+                             f"the job {len(res.job.prompt_tokens)}")  # fmt: skip
+        if bytes_needed > res.reserved_bytes:
+            raise NoCapacity(f"transfer {manifest.transfer_id} needs {bytes_needed} bytes, "
+                             f"over its reservation of {res.reserved_bytes}")  # fmt: skip
 
     # --- heartbeats -------------------------------------------------------------------------
 

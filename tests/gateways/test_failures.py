@@ -6,12 +6,15 @@ import asyncio
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 from libs.common import subjects
-from libs.common.errors import NoCapacity
+from libs.common.errors import BadRequest, NoCapacity
 from libs.common.messages import DecodeFinished, ErrorReply, JobCancel, PrefillFinished, encode
+from libs.common.state_parts import PartSpec, StatePart
 from libs.engine.profiles import hardware_profile, model_profile
+from libs.kvwire import Destination, KvLinks, KvSender, TcpTransport
 from libs.lab.servers import free_port
 from tests.gateways.conftest import caller_for, next_load
 
@@ -157,3 +160,17 @@ async def test_metrics_count_refusals_failures_and_expired_leases(pair, sites):
         await caller.request(PROMPT[:256], "small-d0", model=MODEL, send_prefill=False, lease_s=0.2)
     after = [await _metric("decode", expired), await _metric("decode", failed), await _metric("prefill", refused)]
     assert after[0] == before[0] + 1 and after[1] == before[1] + 1 and after[2] >= before[2] + 1
+
+
+async def test_a_transfer_without_a_reservation_is_refused_before_it_takes_memory(pair, sites):
+    """A sender that was given no reservation cannot fill a decode instance's receiver: BadRequest, no bytes held."""
+    load = await next_load(sites.decode_nc, "dc-pd", "small-d0")
+    part = StatePart(0, "attn_kv", "kv", np.zeros(1 << 20, np.uint8))
+    async with KvLinks("dc-prfaas") as links:
+        sender = KvSender(TcpTransport(), links)
+        manifest = sender.manifest(transfer_id="stranger", dst_site="dc-pd", model=MODEL, block_size=64,
+                                   num_tokens=1, specs=[PartSpec.of(part)], request_id="nobody")  # fmt: skip
+        with pytest.raises(BadRequest, match="transfer stranger has no reservation on small-d0"):
+            await sender.send(manifest, [part], Destination("dc-pd", "small-d0", load.tcp_host, load.tcp_port))
+    after = await next_load(sites.decode_nc, "dc-pd", "small-d0", after=time.time())
+    assert after.free_kv_bytes == load.free_kv_bytes

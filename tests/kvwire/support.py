@@ -14,7 +14,7 @@ import numpy as np
 from libs.common.state_parts import PartSpec, StatePart
 from libs.kvwire.codecs import INT8_GROUP_ELEMS
 from libs.kvwire.linkstats import KvLinks
-from libs.kvwire.receiver import KvReceiver, ReceiverConfig
+from libs.kvwire.receiver import Admission, KvReceiver, ReceiverConfig
 from libs.kvwire.sender import Destination, KvSender
 from libs.kvwire.tcp_recv import TcpReceiverServer
 from libs.kvwire.tcp_send import TcpConfig, TcpTransport
@@ -80,9 +80,11 @@ def assert_restored(sent: list[StatePart], received: list[StatePart], codecs: li
 
 
 @contextlib.asynccontextmanager
-async def tcp_receiver(config: ReceiverConfig | None = None) -> AsyncIterator[tuple[KvReceiver, TcpReceiverServer]]:
-    """A started receiver and TCP server on a free loopback port."""
-    receiver = KvReceiver(config or ReceiverConfig(max_total_bytes=64 << 20, transfer_timeout_s=30.0))
+async def tcp_receiver(
+    config: ReceiverConfig | None = None, admit: Admission | None = None
+) -> AsyncIterator[tuple[KvReceiver, TcpReceiverServer]]:
+    """A started receiver (with an optional admission check) and TCP server on a free loopback port."""
+    receiver = KvReceiver(config or ReceiverConfig(max_total_bytes=64 << 20, transfer_timeout_s=30.0), admit)
     async with receiver, TcpReceiverServer(receiver) as server:
         yield receiver, server
 

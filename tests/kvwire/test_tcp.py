@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from libs.common.errors import NoCapacity, TransferFailed
+from libs.common.errors import BadRequest, NoCapacity, TransferFailed
 from libs.common.state_parts import StatePart
 from libs.kvwire.codecs import encode
 from libs.kvwire.linkstats import KvLinks
@@ -224,3 +224,26 @@ def test_parts_are_sent_from_their_own_memory():
     array = np.arange(1000, dtype=np.float32)
     wire = encode(array, "raw")
     assert np.shares_memory(np.frombuffer(wire, dtype=np.uint8), array)
+
+
+async def test_admission_refuses_a_transfer_before_it_takes_memory():
+    """A receiver's admission check sees the manifest and the bytes it needs; its refusal reaches the sender typed."""
+    parts = hybrid_parts(seed=9)
+    asked: list[tuple[str, int]] = []
+
+    def admit(manifest, bytes_needed: int) -> None:
+        asked.append((manifest.transfer_id, bytes_needed))
+        if manifest.transfer_id != "t-admitted":
+            raise BadRequest(f"transfer {manifest.transfer_id} has no reservation")
+
+    async with tcp_receiver(admit=admit) as (receiver, server), KvLinks(SRC) as links:
+        with pytest.raises(BadRequest, match="t-stranger has no reservation"):
+            await _sender(links).send(_manifest(_sender(links), "t-stranger", parts), parts, tcp_dest(server))
+        assert receiver.used_bytes == 0 and receiver.totals.transfers_refused == 1
+        admitted = _manifest(_sender(links), "t-admitted", parts)
+        waiter = asyncio.create_task(receiver.wait(admitted.transfer_id, timeout_s=10))
+        await _sender(links).send(admitted, parts, tcp_dest(server))
+        with await waiter as done:
+            assert_restored(parts, done.parts, [s.codec for s in admitted.parts])
+    assert [tid for tid, _ in asked] == ["t-stranger", "t-admitted"]
+    assert all(need >= sum(p.nbytes for p in parts) for _, need in asked)
