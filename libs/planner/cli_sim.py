@@ -18,6 +18,7 @@ from libs.planner.cli_common import (
     inputs_from_args,
     is_paper_case_study,
 )
+from libs.planner.link import SHARING
 from libs.planner.progress import ProgressBar
 from libs.planner.scenarios import Degradation, case_study, link_degradation
 from libs.planner.search import search_prfaas_pd
@@ -49,6 +50,9 @@ def add_parser(subparsers) -> None:
                         "--link-gbps)")  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="a request without its first "
                         "token this long after arrival is lost (default %(default)g)")  # fmt: skip
+    parser.add_argument("--link-sharing", choices=SHARING, default="fair", help="how concurrent KV transfers share "
+                        "the link: fair (as TCP transfers do; default) or sender-fifo (each sender sends its "
+                        "transfers one after another)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="TTFT CDFs (configurations) or TTFT timeline (scenario); "
@@ -61,6 +65,9 @@ def _progress(args: argparse.Namespace):
     if args.no_progress:
         return None
     return lambda label, total_s: ProgressBar(label, total_s) if total_s >= 600 else None
+
+
+_SHARING_TEXT = {"fair": "fairly among transfers", "sender-fifo": "among senders, each sending its transfers in turn"}
 
 
 def _fmt(value, spec: str) -> str:
@@ -94,7 +101,7 @@ def _case_study_table(doc: dict) -> str:
         for label, key in (("paper TTFT mean (s)", "ttft_mean_s"), ("paper TTFT P90 (s)", "ttft_p90_s")):
             lines.append(f"{label:22}" + "".join(f"{PAPER[n][key]:>22.2f}" for n in CONFIG_NAMES))
     lines.append(f"\nrate {doc['rate_rps']:g} req/s for {doc['duration_s']:g} simulated s per configuration; "
-                 f"saturation runs offer 1.3x Lambda_max")  # fmt: skip
+                 f"saturation runs offer 1.3x Lambda_max; link shared {_SHARING_TEXT[doc['link_sharing']]}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -118,7 +125,8 @@ def _scenario_table(doc: dict) -> str:
                  f"every {s['replan_interval_s']:g} s")  # fmt: skip
     tel = s["telemetry"]
     lines.append(f"policies see the link as a router does: LinkStats from each sender every {tel['interval_s']:g} s, "
-                 f"{tel['lag_s']:g} s late, goodput smoothed over {tel['router']['smoothing_s']:g} s")  # fmt: skip
+                 f"{tel['lag_s']:g} s late, goodput smoothed over {tel['router']['smoothing_s']:g} s; link shared "
+                 f"{_SHARING_TEXT[s['link_sharing']]}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -171,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
             end_s=2 * duration / 3,
             degraded_gbps=degraded,
             request_timeout_s=timeout_s,
+            link_sharing=args.link_sharing,
             seed=args.seed,
         )
         policies = link_degradation(inputs, scenario, _progress(args), runs)
@@ -179,10 +188,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         rate = _positive("--rate", args.rate, DEFAULT_RATE_RPS)
         duration = _positive("--duration", args.duration, DEFAULT_DURATION_S)
-        configs = case_study(inputs, rate, duration, args.seed, _progress(args), runs, request_timeout_s=timeout_s)
+        configs = case_study(inputs, rate, duration, args.seed, _progress(args), runs, request_timeout_s=timeout_s,
+                             link_sharing=args.link_sharing)  # fmt: skip
         is_paper = is_paper_case_study(args, inputs)
         paper = {n: {k: PAPER[n][k] for k in ("ttft_mean_s", "ttft_p90_s", "lambda_max")} for n in CONFIG_NAMES}
         doc = {"configs": configs, "rate_rps": rate, "duration_s": duration, "timeout_s": timeout_s,
+               "link_sharing": args.link_sharing,
                "paper": paper if is_paper else None, "inputs": describe_inputs(inputs)}  # fmt: skip
     if args.plot:
         _plot(args, doc, runs)

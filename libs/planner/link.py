@@ -1,17 +1,25 @@
 """A fluid model of one inter-site link shared by concurrent layer-wise KV transfers.
 
 Each transfer (flow) produces its bytes at a steady rate while its prefill runs (layer by layer,
-approximated as continuous) and can send only what has been produced. The link's capacity is
-shared max-min fairly: a flow that has caught up with its prefill is capped at its production
-rate, every other flow takes an equal share of what is left. Rates change only at events (a flow
-starts, catches up, its prefill ends, it completes, or the capacity changes), so the simulator
-asks :meth:`FluidLink.next_event_s` and calls :meth:`FluidLink.advance` there.
+approximated as continuous) and can send only what has been produced. A flow that has caught up
+with its prefill is capped at its production rate. How the rest of the capacity is shared:
+
+- ``fair`` (what concurrent TCP transfers get): max-min fairly among the flows, every flow not
+  capped takes an equal share of what is left.
+- ``sender-fifo`` (a sender that sends its transfers one after another): max-min fairly among
+  the senders (``Flow.owner``); a sender gives its share to its flows in the order they started,
+  so a later transfer only gets what the earlier ones cannot use.
+
+Rates change only at events (a flow starts, catches up, its prefill ends, it completes, or the
+capacity changes), so the simulator asks :meth:`FluidLink.next_event_s` and calls
+:meth:`FluidLink.advance` there.
 """
 
 from __future__ import annotations
 
 _EPS_BYTES = 1.0
 _INF = float("inf")
+SHARING = ("fair", "sender-fifo")
 
 
 class Flow:
@@ -40,11 +48,28 @@ class Flow:
         return now < self.end_s and self.produced_bytes(now) - self.sent_bytes <= _EPS_BYTES
 
 
-class FluidLink:
-    """Max-min fair sharing of a (time-varying) capacity among layer-wise flows."""
+def _want(flows: list[Flow], now: float) -> float:
+    """Bytes/s a group of flows can use: their production rates while all are caught up, else unlimited."""
+    return sum(f.production_bps if f.caught_up(now) else _INF for f in flows)
 
-    def __init__(self, capacity_gbps: float, schedule: tuple[tuple[float, float], ...] = ()) -> None:
+
+def _hand_out(flows: list[Flow], bytes_per_s: float, now: float) -> None:
+    """Give a group's rate to its flows in order: each takes what it can use of what is left."""
+    for f in flows:
+        f.rate_bps = min(f.production_bps if f.caught_up(now) else _INF, bytes_per_s)
+        bytes_per_s -= f.rate_bps
+
+
+class FluidLink:
+    """Max-min fair sharing of a (time-varying) capacity among layer-wise flows, or among their senders."""
+
+    def __init__(
+        self, capacity_gbps: float, schedule: tuple[tuple[float, float], ...] = (), sharing: str = "fair"
+    ) -> None:
+        if sharing not in SHARING:
+            raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
         self.capacity_gbps = capacity_gbps
+        self.sharing = sharing
         self._schedule = sorted(schedule)  # (time_s, new capacity_gbps)
         self._next_change = 0
         self.flows: list[Flow] = []
@@ -120,17 +145,23 @@ class FluidLink:
 
     def _reallocate(self, now: float) -> None:
         """Water-filling: caught-up flows want their production rate, the others want all they can get."""
-        flows = sorted(self.flows, key=lambda f: f.production_bps if f.caught_up(now) else _INF)
+        if self.sharing == "fair":
+            groups = [[f] for f in self.flows]
+        else:
+            by_owner: dict[str, list[Flow]] = {}
+            for f in sorted(self.flows, key=lambda f: f.start_s):
+                by_owner.setdefault(f.owner, []).append(f)
+            groups = list(by_owner.values())
+        wanted = sorted(((_want(group, now), group) for group in groups), key=lambda item: item[0])
         remaining = self.capacity_bps
-        for i, f in enumerate(flows):
-            share = remaining / (len(flows) - i)
-            want = f.production_bps if f.caught_up(now) else _INF
+        for i, (want, group) in enumerate(wanted):
+            share = remaining / (len(wanted) - i)
             if want <= share:
-                f.rate_bps = want
+                _hand_out(group, want, now)
                 remaining -= want
             else:
-                for g in flows[i:]:
-                    g.rate_bps = share
+                for _, rest in wanted[i:]:
+                    _hand_out(rest, share, now)
                 break
 
     def next_event_s(self) -> float:

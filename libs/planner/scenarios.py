@@ -70,18 +70,19 @@ def case_study(
     progress: ProgressFactory | None = None,
     runs: dict[str, SimRun] | None = None,
     request_timeout_s: float = 60.0,
+    link_sharing: str = "fair",
 ) -> dict:
     """Each configuration at ``rate_rps`` (TTFT, throughput ...) and overloaded (saturation)."""
     out = {}
     for name, result in plans(inputs).items():
         policy = CONFIG_POLICIES[name]
         lam = result.throughput.lambda_max
-        spec = spec_for(inputs, result, policy, rate_rps, duration_s, seed, request_timeout_s=request_timeout_s)
+        extra = {"request_timeout_s": request_timeout_s, "link_sharing": link_sharing}
+        spec = spec_for(inputs, result, policy, rate_rps, duration_s, seed, **extra)
         run = _run(spec, f"{name} @ {rate_rps:g} req/s", progress)
         if runs is not None:
             runs[name] = run
-        overload = spec_for(inputs, result, policy, OVERLOAD_FACTOR * lam, duration_s, seed + 1, drain=False,
-                            request_timeout_s=request_timeout_s)  # fmt: skip
+        overload = spec_for(inputs, result, policy, OVERLOAD_FACTOR * lam, duration_s, seed + 1, drain=False, **extra)
         saturation = saturation_rps(_run(overload, f"{name} saturation", progress))
         figures = summarize(run)
         out[name] = {
@@ -106,6 +107,7 @@ class Degradation:
     replan_interval_s: float = 60.0  # slow timescale of the "+slow" variants
     request_timeout_s: float = 60.0  # a request without its first token by then is lost
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    link_sharing: str = "fair"  # how concurrent transfers share the link (libs.planner.link.SHARING)
     seed: int = 0
 
     def to_json(self) -> dict:
@@ -147,6 +149,7 @@ def link_degradation(
             replan_interval_s=replan,
             request_timeout_s=scenario.request_timeout_s,
             telemetry=scenario.telemetry,
+            link_sharing=scenario.link_sharing,
         )
         run = _run(spec, name, progress)
         if runs is not None:

@@ -81,8 +81,10 @@ class LinkSampler:
         for f in link.flows:
             if f.owner == sender:
                 active += 1
-                sending += f.rate_bps
-                in_flight += min(self.window_bytes, f.produced_bytes(now) - f.sent_bytes + f.rate_bps * self.base_rtt_s)
+                if f.rate_bps > 0:  # a transfer waiting for its turn has nothing on the wire
+                    sending += f.rate_bps
+                    unacked = f.produced_bytes(now) - f.sent_bytes + f.rate_bps * self.base_rtt_s
+                    in_flight += min(self.window_bytes, unacked)
         rtt = max(self.base_rtt_s, in_flight / sending) if sending > 0 else 0.0
         min_rtt = 0.0
         if bits > 0:  # acks arrived in the interval: RTT samples between the interval's start and now

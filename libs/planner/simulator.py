@@ -56,6 +56,7 @@ class SimSpec:
     warmup_s: float = 0.0
     link_rtt_s: float = 0.005  # assumed: same-region datacenters
     link_schedule: tuple[tuple[float, float], ...] = ()  # (time_s, capacity_gbps) changes
+    link_sharing: str = "fair"  # "fair" among transfers, or "sender-fifo": each sender's transfers in turn
     request_timeout_s: float = 60.0  # a request without its first token by then is lost
     prefix_hit_prob: float = 0.0  # chance that a request finds part of its prompt cached ...
     prefix_hit_fraction: float = 0.5  # ... this fraction of it, on one random prefill instance
@@ -105,7 +106,7 @@ class Simulator:
             self.slow = SlowTimescale(inputs)
         budget = spec.budget_gbps  # paced senders never send faster than the budget
         schedule = tuple((at, min(gbps, budget)) for at, gbps in spec.link_schedule)
-        self.link = FluidLink(min(spec.link_gbps, budget), schedule)
+        self.link = FluidLink(min(spec.link_gbps, budget), schedule, spec.link_sharing)
         tel = spec.telemetry
         self.senders = [s.name for s in self.prefill if s.site == PRFAAS_SITE] + [CACHE_SENDER]
         self.sampler = LinkSampler(self.link, PRFAAS_SITE, PD_SITE, budget, spec.link_rtt_s, tel.window_bytes)

@@ -46,3 +46,11 @@ def test_every_policy_keeps_up_with_the_offered_rate(scenario):
     """Over the whole run every policy completes about the offered 2.7 req/s."""
     for figures in scenario.values():
         assert figures["throughput_rps"] == pytest.approx(2.7, rel=0.05)
+
+
+def test_transfers_sent_in_turn_lose_nothing_where_fair_sharing_does():
+    """On seed 1 (where fair sharing costs adaptive one 128K prompt), senders that send their transfers in turn lose none."""
+    figures = link_degradation(INPUTS, Degradation(seed=1, link_sharing="sender-fifo"))
+    assert {name: f["lost_requests"] for name, f in figures.items()} == dict.fromkeys(figures, 0)
+    for name in ("adaptive", "cost-model"):
+        assert figures[name]["p90_degraded_vs_static"] <= 0.7

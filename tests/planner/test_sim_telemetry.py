@@ -76,6 +76,18 @@ def test_a_link_below_its_budget_fills_the_windows_and_shows_queueing():
     assert view.capacity_gbps == 100.0 and view.deliverable_gbps == pytest.approx(10.0)
 
 
+def test_a_transfer_waiting_for_its_turn_is_active_with_nothing_in_flight():
+    """Sender-fifo on a congested link: both transfers are active, only the one sending has a window in flight."""
+    link = FluidLink(10.0, sharing="sender-fifo")
+    for key in "ab":
+        link.add(Flow(key, 2e9, 0.0, 0.5, owner="p0"), 0.0)
+    run_until(link, 1.0)
+    s = sampler(link).sample("p0", 1.0)
+    assert s.active_transfers == 2
+    assert s.bytes_in_flight == WINDOW
+    assert s.rtt_s == pytest.approx(WINDOW / (10e9 / 8))
+
+
 def test_each_sender_reports_only_its_own_transfers():
     """Two senders on one link: each sample counts its own flows and bytes."""
     link = FluidLink(100.0)

@@ -73,6 +73,28 @@ def test_link_streams_layer_wise_and_shares_fairly():
     assert link.overload_s == pytest.approx(now)
 
 
+def test_sender_fifo_serves_each_senders_transfers_in_order():
+    """Fair: one sender's two 1 GB transfers on 8 Gbps both end at 2 s; sender-fifo: the first at 1 s, the second at 2 s.
+
+    Across senders sender-fifo is still fair: a second sender's transfer ends with the first one's at 2 s.
+    """
+    def ends(sharing: str, owners: str) -> dict[str, float]:
+        link = FluidLink(8.0, sharing=sharing)
+        for key, owner in zip("ab", owners, strict=True):
+            link.add(Flow(key, 1e9, 0.0, 0.001, owner), 0.0)  # produced at once
+        done = {}
+        while link.flows:
+            now = link.next_event_s()
+            done |= {f.key: now for f in link.advance(now)}
+        return done
+
+    assert ends("fair", "pp") == pytest.approx({"a": 2.0, "b": 2.0})
+    assert ends("sender-fifo", "pp") == pytest.approx({"a": 1.0, "b": 2.0})
+    assert ends("sender-fifo", "pq") == pytest.approx({"a": 2.0, "b": 2.0})
+    with pytest.raises(ValueError, match="sharing must be one of"):
+        FluidLink(8.0, sharing="priority")
+
+
 def test_link_capacity_schedule_applies():
     """A capacity drop slows a running transfer from the moment it happens."""
     link = FluidLink(8.0, schedule=((1.0, 4.0),))
