@@ -139,6 +139,7 @@ def test_sim_cli_json_keys(capsys):
     for name in ("prfaas_pd", "homogeneous", "naive_heterogeneous"):
         assert keys <= set(doc["configs"][name])
     assert doc["paper"]["homogeneous"]["ttft_p90_s"] == 9.73
+    assert doc["link_sharing"] == "fair"
 
 
 def test_progress_bar_reports_steps():
