@@ -158,7 +158,7 @@ class _JsSession:
             CHUNK_HEADER: base64.b64encode(encode(header)).decode(),
         }
         size = len(chunk.payload)
-        await self.link.bucket.wait(size + _OVERHEAD_BYTES)
+        await self.link.bucket.wait(size + _OVERHEAD_BYTES, self.link.order_of(self.manifest.transfer_id))
         sent_at = time.monotonic()
         try:
             future = await self.transport.js.publish_async(self.subject, chunk.payload, headers=headers)

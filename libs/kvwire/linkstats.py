@@ -183,16 +183,25 @@ class Link:
         self.bucket = bucket
         self.counters = counters
         self.on_activity: Callable[[], None] | None = None  # the first transfer started or the last ended
+        self._orders: dict[str, int] = {}  # transfer id -> its place in the pacing order (oldest first)
+        self._next_order = 0
 
-    def transfer_started(self) -> None:
-        """A transfer began using the link (on the event loop)."""
+    def transfer_started(self, transfer_id: str) -> None:
+        """A transfer began using the link (on the event loop); it is paced after every older one."""
+        self._next_order += 1
+        self._orders[transfer_id] = self._next_order
         if self.counters.transfer_started() == 1 and self.on_activity is not None:
             self.on_activity()
 
-    def transfer_ended(self, ok: bool) -> None:
+    def transfer_ended(self, transfer_id: str, ok: bool) -> None:
         """A transfer stopped using the link (on the event loop)."""
+        self._orders.pop(transfer_id, None)
         if self.counters.transfer_ended(ok) == 0 and self.on_activity is not None:
             self.on_activity()
+
+    def order_of(self, transfer_id: str) -> int:
+        """The transfer's pacing order (lower goes first; any thread)."""
+        return self._orders.get(transfer_id, self._next_order + 1)
 
     def stats(self, sender: str = "") -> LinkStats:
         """Take a snapshot (resets the interval figures)."""

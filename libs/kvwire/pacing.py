@@ -8,6 +8,12 @@ larger; each sending thread holds at most one chunk between taking and sending.
 
 The rate may change at any time (the process's share of a site-wide budget, ``libs.kvwire.sharing``);
 a rate of 0 pauses the bucket, and a lease, when set, pauses it once it expires.
+
+Transfers are served oldest first: a sender passes its transfer's ``order`` (lower = older) and,
+while a sender of an older transfer waits for tokens, younger ones do not take any. A transfer
+whose next bytes are not ready yet (its prefill is still computing) does not hold the others back.
+Equal sharing would stretch every transfer in flight when the link is short; oldest first
+finishes each as early as it can (its request's first token is not delayed by younger ones).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 MAX_SLEEP_S = 0.02  # a waiting sender looks again at least this often (rate changes, stop requests)
@@ -40,6 +47,7 @@ class TokenBucket:
         self._lease_until = math.inf
         self.granted_bytes = 0  # total bytes let out
         self._limited = False  # a sender had to wait since the last ``take_limited``
+        self._waiting: Counter[int] = Counter()  # orders of senders waiting for tokens
         self.on_limited: Callable[[], None] | None = None  # called (any thread) when a sender first waits
 
     @property
@@ -78,8 +86,11 @@ class TokenBucket:
             self._level = min(self.burst_bytes, self._level + (now - self._stamp) * self._bytes_per_s)
         self._stamp = now
 
-    def take(self, nbytes: int) -> float:
-        """Take ``nbytes`` now and return 0, or take nothing and return the seconds to wait before asking again."""
+    def take(self, nbytes: int, order: int = 0) -> float:
+        """Take ``nbytes`` now and return 0, or take nothing and return the seconds to wait before asking again.
+
+        Nothing is taken for a sender of ``order`` while one of an older (lower) order waits.
+        """
         if self.unlimited:
             return 0.0
         notify = False
@@ -87,7 +98,8 @@ class TokenBucket:
             now = time.monotonic()
             self._refill(now)
             need = min(nbytes, self.burst_bytes)  # a chunk larger than the burst goes out of a full bucket
-            if self._level >= need and now < self._lease_until and self._bytes_per_s > 0:
+            older_waiting = bool(self._waiting) and min(self._waiting) < order
+            if self._level >= need and now < self._lease_until and self._bytes_per_s > 0 and not older_waiting:
                 self._level -= nbytes
                 self.granted_bytes += nbytes
                 return 0.0
@@ -99,19 +111,36 @@ class TokenBucket:
             self.on_limited()
         return min(max(wait, 1e-4), MAX_SLEEP_S)
 
-    def wait_blocking(self, nbytes: int, stop: threading.Event) -> bool:
-        """Take ``nbytes``, sleeping in this (non-event-loop) thread as needed; False if ``stop`` was set."""
-        while True:
-            delay = self.take(nbytes)
-            if delay == 0.0:
-                return True
-            if stop.wait(delay):
-                return False
+    def _queue(self, order: int, joining: bool) -> None:
+        with self._lock:
+            self._waiting[order] += 1 if joining else -1
+            if not self._waiting[order]:
+                del self._waiting[order]
 
-    async def wait(self, nbytes: int) -> None:
+    def wait_blocking(self, nbytes: int, stop: threading.Event, order: int = 0) -> bool:
+        """Take ``nbytes``, sleeping in this (non-event-loop) thread as needed; False if ``stop`` was set."""
+        delay = self.take(nbytes, order)
+        if delay == 0.0:
+            return True
+        self._queue(order, True)
+        try:
+            while not stop.wait(delay):
+                delay = self.take(nbytes, order)
+                if delay == 0.0:
+                    return True
+            return False
+        finally:
+            self._queue(order, False)
+
+    async def wait(self, nbytes: int, order: int = 0) -> None:
         """Take ``nbytes``, sleeping on the event loop as needed."""
-        while True:
-            delay = self.take(nbytes)
-            if delay == 0.0:
-                return
-            await asyncio.sleep(delay)
+        delay = self.take(nbytes, order)
+        if delay == 0.0:
+            return
+        self._queue(order, True)
+        try:
+            while delay:
+                await asyncio.sleep(delay)
+                delay = self.take(nbytes, order)
+        finally:
+            self._queue(order, False)

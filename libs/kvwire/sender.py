@@ -256,7 +256,7 @@ class KvSender:
             raise BadRequest(f"manifest chunk_bytes {manifest.chunk_bytes} over the transport's {self.transport.chunk_bytes}")
         link = self.links.link(manifest.dst_site)
         run = _Run(self, manifest, dest, link)
-        link.transfer_started()
+        link.transfer_started(manifest.transfer_id)
         ok = False
         try:
             async with asyncio.timeout(self.config.transfer_timeout_s):
@@ -268,7 +268,7 @@ class KvSender:
                                   f"{self.config.transfer_timeout_s:.0f}s") from e
         finally:
             await run.close()
-            link.transfer_ended(ok)
+            link.transfer_ended(manifest.transfer_id, ok)
 
     async def abort(self, transfer_id: str, dest: Destination, reason: str = "aborted by sender") -> None:
         """Make the receiver drop a transfer and free its memory."""

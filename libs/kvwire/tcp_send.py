@@ -204,7 +204,8 @@ class _Conn:
                 # Checksummed here, in parallel with the other connections, just before the socket copies it.
                 header = frame(encode(item.chunk.header(transfer_id, item.attempt)))
                 payload = item.chunk.payload
-                if not bucket.wait_blocking(len(header) + len(payload), self.stopping):
+                order = self.session.link.order_of(transfer_id)
+                if not bucket.wait_blocking(len(header) + len(payload), self.stopping, order):
                     return
                 send_all(self.sock, header, payload)
                 item.sent_at = time.monotonic()

@@ -50,9 +50,10 @@ def add_parser(subparsers) -> None:
                         "--link-gbps)")  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="a request without its first "
                         "token this long after arrival is lost (default %(default)g)")  # fmt: skip
-    parser.add_argument("--link-sharing", choices=SHARING, default="fair", help="how concurrent KV transfers share "
-                        "the link: fair (as TCP transfers do; default) or sender-fifo (each sender sends its "
-                        "transfers one after another)")  # fmt: skip
+    parser.add_argument("--link-sharing", choices=SHARING, default="sender-fifo", help="how concurrent KV "
+                        "transfers share the link: sender-fifo (default, as kvwire paces: senders share the pair's "
+                        "budget, each serves its transfers oldest first) or fair (equal shares per transfer, as "
+                        "unpaced TCP connections get)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="TTFT CDFs (configurations) or TTFT timeline (scenario); "

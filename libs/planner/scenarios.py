@@ -70,7 +70,7 @@ def case_study(
     progress: ProgressFactory | None = None,
     runs: dict[str, SimRun] | None = None,
     request_timeout_s: float = 60.0,
-    link_sharing: str = "fair",
+    link_sharing: str = "sender-fifo",
 ) -> dict:
     """Each configuration at ``rate_rps`` (TTFT, throughput ...) and overloaded (saturation)."""
     out = {}
@@ -107,7 +107,7 @@ class Degradation:
     replan_interval_s: float = 60.0  # slow timescale of the "+slow" variants
     request_timeout_s: float = 60.0  # a request without its first token by then is lost
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
-    link_sharing: str = "fair"  # how concurrent transfers share the link (libs.planner.link.SHARING)
+    link_sharing: str = "sender-fifo"  # how concurrent transfers share the link (libs.planner.link.SHARING)
     seed: int = 0
 
     def to_json(self) -> dict:

@@ -56,7 +56,7 @@ class SimSpec:
     warmup_s: float = 0.0
     link_rtt_s: float = 0.005  # assumed: same-region datacenters
     link_schedule: tuple[tuple[float, float], ...] = ()  # (time_s, capacity_gbps) changes
-    link_sharing: str = "fair"  # "fair" among transfers, or "sender-fifo": each sender's transfers in turn
+    link_sharing: str = "sender-fifo"  # as kvwire paces (each sender's transfers oldest first), or "fair"
     request_timeout_s: float = 60.0  # a request without its first token by then is lost
     prefix_hit_prob: float = 0.0  # chance that a request finds part of its prompt cached ...
     prefix_hit_fraction: float = 0.5  # ... this fraction of it, on one random prefill instance

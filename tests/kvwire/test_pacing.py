@@ -148,6 +148,34 @@ async def test_concurrent_transfers_share_one_pair_budget():
     assert links.link(DST).counters.acked_bytes_total >= total
 
 
+async def test_a_paced_link_serves_the_older_transfer_first():
+    """Two transfers ready at once on a paced link: the older finishes in about its own time, not the pair's."""
+    budget_gbps = 0.2  # 25 MB/s: each transfer (~4.6 MB) alone takes ~0.19 s
+    parts_a, parts_b = hybrid_parts(seed=12, tokens=4096), hybrid_parts(seed=13, tokens=4096)
+    async with tcp_receiver() as (receiver, server), KvLinks(SRC, LinkConfig(default_budget_gbps=budget_gbps)) as links:
+        sender = tcp_sender(links)
+        older, younger = (
+            sender.manifest(transfer_id=f"t-order-{i}", dst_site=DST, model="ref", block_size=64, num_tokens=4096,
+                            specs=specs_of(parts))
+            for i, parts in enumerate((parts_a, parts_b))
+        )
+        started = time.monotonic()
+        finished: dict[str, float] = {}
+
+        async def send(manifest, parts) -> None:
+            await sender.send(manifest, parts, tcp_dest(server))
+            finished[manifest.transfer_id] = time.monotonic() - started
+
+        first = asyncio.create_task(send(older, parts_a))
+        await asyncio.sleep(0.01)  # the older one has begun
+        await asyncio.gather(first, send(younger, parts_b))
+        for m in (older, younger):
+            (await receiver.wait(m.transfer_id, timeout_s=5)).release()
+    # Equal sharing would end both near the same time (ratio ~1); oldest first ends the older one at
+    # about half the total (ratio ~0.5). 0.75 leaves room for a loaded machine's scheduling.
+    assert finished[older.transfer_id] <= 0.75 * finished[younger.transfer_id], finished
+
+
 async def _stalling(parts, stall_after: int, stall_s: float):
     """Yield parts; before part ``stall_after``, wait ``stall_s`` (an engine slower than the link)."""
     for i, part in enumerate(parts):

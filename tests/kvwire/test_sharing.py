@@ -42,7 +42,7 @@ def _heard(pair: PairShare, process: str, demand: float, rate: float, now: float
 def test_a_starting_process_listens_first_then_waits_for_headroom():
     """Nothing leaves during the hold; then a process takes only what its peers have announced leaving."""
     pair, link = _pair()
-    link.transfer_started()
+    link.transfer_started("t")
     pair.activity()
     _heard(pair, "peer", demand=1.0, rate=1.0, now=0.1)  # a peer holding the whole budget
     pair.decide(0.2)
@@ -56,7 +56,7 @@ def test_a_starting_process_listens_first_then_waits_for_headroom():
 def test_simultaneous_raises_split_the_headroom():
     """Two processes below their share raise into the same headroom by halves, never past the budget."""
     pair, link = _pair()
-    link.transfer_started()
+    link.transfer_started("t")
     pair.activity()
     _heard(pair, "leaving", demand=1.0, rate=0.5, now=0.3)  # still at 0.5 on its way down to 1/3
     _heard(pair, "other", demand=1.0, rate=0.0, now=0.3)  # as far from its share as we are
@@ -67,7 +67,7 @@ def test_simultaneous_raises_split_the_headroom():
 def test_lowering_is_immediate_and_a_silent_peer_is_forgotten():
     """A peer's demand halves our rate at once; once it is silent for six periods its share returns."""
     pair, link = _pair()
-    link.transfer_started()
+    link.transfer_started("t")
     pair.activity()
     pair.decide(0.31)
     assert pair.rate_gbps == 1.0  # alone
@@ -82,7 +82,7 @@ def test_lowering_is_immediate_and_a_silent_peer_is_forgotten():
 def test_a_producer_slower_than_its_share_leaves_the_rest():
     """Without waiting on its bucket, a process demands 1.25x what it let out; its peer gets the rest."""
     pair, link = _pair()
-    link.transfer_started()
+    link.transfer_started("t")
     pair.activity()
     pair.decide(0.31)
     pair.measure(0.31)
@@ -107,14 +107,14 @@ class _Greedy:
             pass
 
     def __enter__(self) -> _Greedy:
-        self.link.transfer_started()
+        self.link.transfer_started("t")
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
-        self.link.transfer_ended(ok=True)
+        self.link.transfer_ended("t", ok=True)
 
 
 async def test_processes_share_a_pair_over_nats(nats_url):

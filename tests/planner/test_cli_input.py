@@ -65,7 +65,7 @@ def test_scenario_defaults_to_the_case_study_and_reports_its_telemetry(capsys) -
     assert {"interval_s", "lag_s", "window_bytes", "budget_gbps", "router"} <= set(settings["telemetry"])
     assert {"smoothing_s", "stale_after_s", "congestion_delay_s", "hold_s"} <= set(settings["telemetry"]["router"])
     assert set(doc["policies"]) == {"static-threshold", "adaptive", "cost-model", "adaptive+slow", "cost-model+slow"}
-    assert settings["link_sharing"] == "fair"
+    assert settings["link_sharing"] == "sender-fifo"  # as kvwire paces
 
 
 def test_scenario_degrades_a_narrower_link_to_a_tenth(capsys) -> None:

@@ -139,7 +139,7 @@ def test_sim_cli_json_keys(capsys):
     for name in ("prfaas_pd", "homogeneous", "naive_heterogeneous"):
         assert keys <= set(doc["configs"][name])
     assert doc["paper"]["homogeneous"]["ttft_p90_s"] == 9.73
-    assert doc["link_sharing"] == "fair"
+    assert doc["link_sharing"] == "sender-fifo"  # as kvwire paces
 
 
 def test_progress_bar_reports_steps():
