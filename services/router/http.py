@@ -33,8 +33,10 @@ def _json(body: dict, status: int = 200, headers: dict[str, str] | None = None) 
     return web.Response(body=json_encoder.encode(body), status=status, content_type="application/json", headers=headers)
 
 
-def _error_response(error: PrfaasError, request: web.Request, retry_after_s: int) -> web.Response:
-    status = responses.status_of(error)
+def _error_response(
+    error: PrfaasError, request: web.Request, retry_after_s: int, status: int | None = None
+) -> web.Response:
+    status = status or responses.status_of(error)
     headers = {lifecycle.REQUEST_ID_HEADER: request[_REQUEST_ID]} if _REQUEST_ID in request else {}
     if status in (503, 504):
         headers["Retry-After"] = str(retry_after_s)
@@ -58,8 +60,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             message = f"request body is larger than {config.max_body_bytes} bytes"
         else:
             message = e.reason if e.status != 404 else f"no route for {request.method} {request.path}"
-        response = _error_response(PrfaasError(message, code=code), request, config.retry_after_s)
-        response.set_status(e.status)
+        response = _error_response(PrfaasError(message, code=code), request, config.retry_after_s, e.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -138,6 +139,14 @@ async def list_models(request: web.Request) -> web.Response:
     return _json(responses.models(svc.scheduler.served_models(), svc.started_at))
 
 
+async def retrieve_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: the model if served, else 404 ``model_not_found``."""
+    svc = request.app[SERVICE]
+    model = request.match_info["model"]
+    svc.scheduler.check_model(model)
+    return _json(responses.model(model, svc.started_at))
+
+
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: the process serves HTTP."""
     return _json({"status": "ok"})
@@ -167,6 +176,7 @@ def create_app(service: RouterService, config: RouterConfig) -> web.Application:
             web.post("/v1/completions", completions),
             web.post("/v1/route/explain", explain),
             web.get("/v1/models", list_models),
+            web.get("/v1/models/{model}", retrieve_model),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),

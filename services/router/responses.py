@@ -88,9 +88,14 @@ def usage_chunk(kind: str, cid: str, created: int, model: str, use: dict) -> dic
     return {"id": cid, "object": _CHUNK_OBJECT[kind], "created": created, "model": model, "choices": [], "usage": use}
 
 
+def model(name: str, created: int) -> dict:
+    """One model object, as ``GET /v1/models/{model}`` returns it."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "prfaas"}
+
+
 def models(names: list[str], created: int) -> dict:
     """``GET /v1/models``."""
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "prfaas"} for n in names]}
+    return {"object": "list", "data": [model(n, created) for n in names]}
 
 
 _STATUS: tuple[tuple[type[PrfaasError], int], ...] = (

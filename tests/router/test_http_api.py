@@ -22,6 +22,19 @@ async def test_models_lists_heartbeat_and_configured_models(start_router, nc):
     models = await client(svc).models.list()
     assert sorted(m.id for m in models.data) == ["extra-model", "reference"]
     assert all(m.object == "model" and m.owned_by == "prfaas" for m in models.data)
+    assert (await client(svc).models.retrieve("reference")).id == "reference"
+    with pytest.raises(openai.NotFoundError) as err:
+        await client(svc).models.retrieve("gpt-17")
+    assert err.value.body["code"] == "model_not_found" and err.value.body["type"] == "invalid_request_error"
+
+
+async def test_an_unknown_path_is_a_404_in_openai_shape(start_router):
+    """A path the router does not serve: 404, OpenAI's error JSON, a client error type."""
+    svc = await start_router()
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http, http.get(svc.url + "/v1/embeddings") as r:
+        body = await r.json()
+    assert r.status == 404
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == "not_found"
 
 
 async def test_health_and_readiness(start_router, nc, kv_index, redis_server):
