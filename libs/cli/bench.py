@@ -14,6 +14,7 @@ BENCHES = {
     "kv": "libs.bench.kv",
     "gateways": "libs.bench.gateways",
     "wan": "libs.bench.wan",
+    "bridge": "libs.bench.bridge",
 }
 
 

@@ -13,10 +13,10 @@ from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.messages import InstanceLoad, KvEvent, KvEventBatch, encode
 from libs.lab.servers import free_port
+from libs.lab.vllm_publisher import EnginePublisher
 from services.kv_index.client import KvIndexClient
 from services.kv_index.config import KvIndexConfig
 from services.kv_index.service import KvIndexService
-from tests.kv_index.vllm_publisher import EnginePublisher
 
 
 def index_config(nats_url: str, redis_url: str, **overrides) -> KvIndexConfig:

@@ -14,9 +14,9 @@ from collections.abc import Awaitable
 import pytest
 
 from libs.common.hashing import hash_list
+from libs.lab.vllm_publisher import EnginePublisher, clear, remove, store
 from services.kv_index.config import parse_zmq_endpoints
 from tests.kv_index.conftest import eventually, index_config, start_index
-from tests.kv_index.vllm_publisher import EnginePublisher, clear, remove, store
 
 SITE, INSTANCE = "dc-pd", "vllm-0"
 LABEL = f"{SITE}/{INSTANCE}"

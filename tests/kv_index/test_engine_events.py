@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from libs.common.errors import BadRequest
 from libs.common.hashing import hash_list
+from libs.lab.vllm_wire import FAMILIES, frames
 from services.kv_index.block_mapper import BlockMapper
 from services.kv_index.engine_events import (
     END_OF_REPLAY,
@@ -19,7 +20,6 @@ from services.kv_index.engine_events import (
     split_pub_frames,
     split_replay_frames,
 )
-from tests.kv_index.vllm_wire import FAMILIES, frames
 
 TOKENS = list(range(500, 500 + 64 * 4))  # four of our 64-token blocks
 OURS = hash_list(TOKENS, 64)

@@ -23,9 +23,9 @@ from libs.common.messages import (
     kv_lookup_result_decoder,
 )
 from libs.lab.servers import free_port
+from libs.lab.vllm_wire import FAMILIES, frames
 from services.kv_index.config import parse_zmq_endpoints
 from tests.kv_index.conftest import Producer, eventually, index_config, start_index
-from tests.kv_index.vllm_wire import FAMILIES, frames
 
 FAMILY = FAMILIES["vllm-map-events"]
 _RUNS = itertools.count(1)

@@ -8,8 +8,8 @@ import time
 import zmq.asyncio
 
 from libs.lab.servers import free_port
+from libs.lab.vllm_publisher import store
 from services.kv_index.zmq_replay import fetch_replay
-from tests.kv_index.vllm_publisher import store
 
 BUFFERED = 5_000  # 64 KB-ish TCP buffers and the engine's 1,000-message send queue hold far fewer
 

@@ -1,8 +1,8 @@
-"""Time the bridge's paths end to end: engine batch published -> lookup finds its blocks.
+"""The KV index's engine bridge, end to end: an engine's batch published -> a lookup finds its blocks.
 
-Run ``python -m tests.kv_index.bridge_timings [--rounds 5] [--buffered 10000]``. It starts
-nats-server, redis-server, publisher processes and an index in this process, then measures, in
-interleaved rounds: a batch on the normal path (the baseline), a batch after a dropped one
+``prfaas bench bridge [--rounds 5] [--buffered 10000]`` starts nats-server, redis-server, engine
+publisher processes (``libs.lab.vllm_publisher``, vLLM's wire format) and an index in this
+process, then measures, in interleaved rounds: a batch on the normal path (the baseline), a batch after a dropped one
 (repaired from the replay socket), a batch after a dropped one without a replay socket (reset);
 then a first contact that replays ``--buffered`` batches, against the same batches arriving live,
 and the latency of lookups answered meanwhile. Medians with their range; ratios to the baseline
@@ -13,19 +13,48 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import redis.asyncio as aioredis
+
+from libs.common.bus import connect
+from libs.common.errors import BadRequest
 from libs.common.hashing import hash_list
 from libs.lab.servers import NatsServer, RedisServer, free_port
+from libs.lab.vllm_publisher import EnginePublisher, store
 from services.kv_index.client import KvIndexClient
-from services.kv_index.config import parse_zmq_endpoints
-from tests.kv_index.conftest import index_config, start_index
-from tests.kv_index.vllm_publisher import EnginePublisher, store
+from services.kv_index.config import KvIndexConfig, parse_zmq_endpoints
+from services.kv_index.service import KvIndexService
 
 BLOCKS_PER_BATCH = 2  # of ours, i.e. 8 engine blocks of 16 tokens
+
+
+def _index_config(nats_url: str, redis_url: str, **overrides) -> KvIndexConfig:
+    """The index's settings with short deadlines, as a bench wants them."""
+    base = dict(nats_url=nats_url, redis_url=redis_url, lookup_timeout_s=0.5, redis_timeout_s=0.3,
+                fetch_timeout_s=0.2, retry_backoff_max_s=0.2)  # fmt: skip
+    return KvIndexConfig(**(base | overrides))
+
+
+async def _start_index(config: KvIndexConfig) -> tuple[KvIndexService, Callable[[], Awaitable[None]]]:
+    """An index service in this process; returns it and an async closer."""
+    nc = await connect(config.nats_url, name="kv_index-bench")
+    r = aioredis.Redis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
+                                socket_connect_timeout=config.redis_timeout_s, retry=None)  # fmt: skip
+    service = KvIndexService(nc, r, config)
+    await service.start()
+
+    async def close() -> None:
+        await service.stop()
+        await nc.drain()
+        await r.aclose()
+
+    return service, close
 
 
 class _Prompts:
@@ -72,12 +101,21 @@ def _p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100)[98]
 
 
-def _summary(name: str, samples: list[float], base: float | None = None, base_name: str = "the normal path") -> str:
-    ratio = f"  ({statistics.median(samples) / base:.2f}x {base_name})" if base else ""
-    return f"{name:<44} median {statistics.median(samples) * 1e3:8.1f} ms  range {min(samples) * 1e3:.1f}-{max(samples) * 1e3:.1f}{ratio}"
+def _figure(samples: list[float], base: float | None = None) -> dict:
+    """Median and range in ms (and the ratio of the median to ``base``, seconds)."""
+    fig = {"median_ms": statistics.median(samples) * 1e3, "min_ms": min(samples) * 1e3, "max_ms": max(samples) * 1e3}
+    if base:
+        fig["vs_baseline"] = statistics.median(samples) / base
+    return fig
 
 
-async def _run(rounds: int, buffered: int, workdir: Path) -> None:
+def _line(name: str, fig: dict, base_name: str = "") -> str:
+    ratio = f"  ({fig['vs_baseline']:.2f}x {base_name})" if "vs_baseline" in fig else ""
+    p99 = f"  p99 {fig['p99_ms']:.1f} ms" if "p99_ms" in fig else ""
+    return f"{name:<44} median {fig['median_ms']:8.1f} ms  range {fig['min_ms']:.1f}-{fig['max_ms']:.1f}{ratio}{p99}"
+
+
+async def _run(rounds: int, buffered: int, workdir: Path) -> dict:
     nats = NatsServer(workdir=workdir / "nats").start()
     redis = RedisServer(workdir=workdir / "redis").start()
     engines: list[EnginePublisher] = []
@@ -86,8 +124,8 @@ async def _run(rounds: int, buffered: int, workdir: Path) -> None:
         without = await EnginePublisher.start("vllm-map-events", free_port())
         engines += [with_replay, without]
         endpoints = parse_zmq_endpoints((with_replay.endpoint("dc", "replay"), without.endpoint("dc", "plain")))
-        config = index_config(nats.url, redis.url, zmq_endpoints=endpoints, zmq_heartbeat_s=0.1)
-        service, close = await start_index(config)
+        config = _index_config(nats.url, redis.url, zmq_endpoints=endpoints, zmq_heartbeat_s=0.1)
+        service, close = await _start_index(config)
         client = KvIndexClient(service.nc, timeout_s=5.0)
         prompts = _Prompts()
         try:
@@ -110,13 +148,15 @@ async def _run(rounds: int, buffered: int, workdir: Path) -> None:
                 await client.lookup(probe, hybrid=False)
                 idle.append(time.perf_counter() - start)
             base = statistics.median(normal)
-            print(_summary("normal path (baseline)", normal))
-            print(_summary("gap repaired from the replay socket", repaired, base))
-            print(_summary("gap without replay socket: reset", reset, base))
-            print(_summary("lookups, bridge idle (baseline)", idle) + f"  p99 {_p99(idle) * 1e3:.1f} ms")
+            figures = {
+                "normal": _figure(normal),
+                "repaired": _figure(repaired, base),
+                "reset": _figure(reset, base),
+                "lookups_idle": _figure(idle) | {"p99_ms": _p99(idle) * 1e3},
+            }
         finally:
             await close()
-        await _first_contact(nats.url, redis.url, engines, prompts, rounds, buffered)
+        return figures | await _first_contact(nats.url, redis.url, engines, prompts, rounds, buffered)
     finally:
         for engine in engines:
             await engine.stop()
@@ -124,7 +164,7 @@ async def _run(rounds: int, buffered: int, workdir: Path) -> None:
         nats.stop()
 
 
-async def _first_contact(nats_url: str, redis_url: str, engines: list, prompts: _Prompts, rounds: int, buffered: int) -> None:
+async def _first_contact(nats_url: str, redis_url: str, engines: list, prompts: _Prompts, rounds: int, buffered: int) -> dict:
     """A fresh index whose engine buffered ``buffered`` batches, against the same batches published live."""
     replayed, live, lookups = [], [], []
     for r in range(rounds):
@@ -135,8 +175,8 @@ async def _first_contact(nats_url: str, redis_url: str, engines: list, prompts: 
         await engine.send_many(batches)
         endpoints = parse_zmq_endpoints((engine.endpoint("dc", f"buffered-{r}"),))
         start = time.perf_counter()
-        config = index_config(nats_url, redis_url, zmq_endpoints=endpoints, zmq_heartbeat_s=0.1, lookup_timeout_s=5.0, redis_timeout_s=5.0)
-        service, close = await start_index(config)
+        config = _index_config(nats_url, redis_url, zmq_endpoints=endpoints, zmq_heartbeat_s=0.1, lookup_timeout_s=5.0, redis_timeout_s=5.0)
+        service, close = await _start_index(config)
         try:
             await _until_found(KvIndexClient(service.nc, timeout_s=10.0), f"buffered-{r}", last, latencies=lookups)
             replayed.append(time.perf_counter() - start)
@@ -149,20 +189,35 @@ async def _first_contact(nats_url: str, redis_url: str, engines: list, prompts: 
         finally:
             await close()
             await engine.stop()
-    print(_summary(f"{buffered} batches arriving live (baseline)", live))
-    print(_summary(f"first contact replaying {buffered} batches", replayed, statistics.median(live), "the live batches"))
-    print(_summary("lookups during the replay", lookups) + f"  p99 {_p99(lookups) * 1e3:.1f} ms")
+    return {
+        "live": _figure(live),
+        "first_contact_replay": _figure(replayed, statistics.median(live)),
+        "lookups_during_replay": _figure(lookups) | {"p99_ms": _p99(lookups) * 1e3},
+    }
 
 
-def main() -> None:
-    """Print the timings."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--buffered", type=int, default=10_000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as workdir:
-        asyncio.run(_run(args.rounds, args.buffered, Path(workdir)))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Benchmark options."""
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each path (default %(default)s)")
+    parser.add_argument("--buffered", type=int, default=10_000,
+                        help="batches an engine holds for replay at first contact (default %(default)s)")  # fmt: skip
 
 
-if __name__ == "__main__":
-    main()
+def run(args: argparse.Namespace) -> int:
+    """Start servers, engines and the index, measure every path, print the figures."""
+    if args.rounds < 1 or args.buffered < 1:
+        raise BadRequest(f"--rounds and --buffered must be >= 1, got {args.rounds} and {args.buffered}")
+    with tempfile.TemporaryDirectory(prefix="prfaas-bench-bridge-") as workdir:
+        figures = asyncio.run(_run(args.rounds, args.buffered, Path(workdir)))
+    figures |= {"rounds": args.rounds, "buffered": args.buffered}
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    print(_line("normal path (baseline)", figures["normal"]))
+    print(_line("gap repaired from the replay socket", figures["repaired"], "the normal path"))
+    print(_line("gap without replay socket: reset", figures["reset"], "the normal path"))
+    print(_line("lookups, bridge idle (baseline)", figures["lookups_idle"]))
+    print(_line(f"{args.buffered} batches arriving live (baseline)", figures["live"]))
+    print(_line(f"first contact replaying {args.buffered} batches", figures["first_contact_replay"], "the live batches"))
+    print(_line("lookups during the replay", figures["lookups_during_replay"]))
+    return 0

@@ -9,7 +9,7 @@ releases, without it in older ones and SGLang).
 Commands arrive as JSON lines on stdin, one batch each: ``{"events": [...], "drop": false}``
 (``drop``: number and buffer the batch but do not send it, as a PUB socket drops under load); each
 is answered with ``{"seq": n, "hashes": [...]}`` on stdout.
-``EnginePublisher`` drives the process from a test.
+``EnginePublisher`` drives the process (tests and `prfaas bench bridge` use it to stand in for an engine).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from tests.kv_index.vllm_wire import FAMILIES, Family, Hash
+from libs.lab.vllm_wire import FAMILIES, Family, Hash
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -136,7 +136,7 @@ class EnginePublisher:
         if replay_port is not None:
             args += ["--replay-port", str(replay_port)]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.kv_index.vllm_publisher", *args,
+            sys.executable, "-m", "libs.lab.vllm_publisher", *args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
         )
         publisher = cls(proc, FAMILIES[family], pub_port, replay_port)
