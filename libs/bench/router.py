@@ -12,10 +12,19 @@
   keep the same number of requests in flight; rounds are interleaved. ``p50_ms`` / ``p99_ms`` are
   the router's percentile minus the direct one over all rounds (target: ``overhead_c50.p50_ms``
   <= 3), ``round_p50_ms`` the same per round (their spread is the noise of the machine), and
-  ``cpu_ms_per_request`` the CPU the router, the index and this client spent per request on each
+  ``cpu_ms_per_request`` the CPU each process (this one is ``bench``) spent per request on each
   path (the index also ingests the gateways' KV events on both). ``decisions`` counts the router's
   decisions, those re-decided, and those made without cache knowledge (the index failed or was late,
   or was not asked because nothing cached could change the route).
+
+``--placement`` says which cores each process may run on (``os.sched_setaffinity``), the same for
+both paths. ``split`` (the default) is the deployment's: the router hosts' cores (the first half of
+this process's CPUs) take the router, this process (both clients, and the router of the decision
+case) and nothing else; the other half takes nats-server, Redis, the KV index and the gateways.
+``shared`` lets every process run on every core, so at concurrency 50 the router's CPU is taken
+from the saturated gateways. Where affinity cannot be set or fewer than two CPUs are available,
+``split`` falls back to ``shared`` and says why. ``placement`` in the figures names what ran and
+the CPUs each child process was allowed.
 """
 
 from __future__ import annotations
@@ -52,11 +61,103 @@ SITE, REMOTE = "dc-pd", "dc-prfaas"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Benchmark flags."""
+    parser.add_argument("--placement", choices=("split", "shared"), default="split",
+                        help="split: router and clients on half the CPUs, NATS, Redis, index and gateways on the "
+                             "other half; shared: every process on every CPU (default split)")  # fmt: skip
     parser.add_argument("--decisions", type=int, default=300, help="timed decisions per prompt length (default 300)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the overhead cases (default 3)")
     parser.add_argument("--requests", type=int, default=50, help="requests per round at concurrency 1 (default 50)")
     parser.add_argument("--prefill-instances", type=int, default=8,
                         help="simulated prefill instances behind both paths (default 8; 1 makes concurrency 50 a 50-deep queue)")
+
+
+class _Placement:
+    """Which CPUs the router side (router, clients) and the services side (NATS, Redis, index, gateways) may use."""
+
+    def __init__(self, requested: str) -> None:
+        self.requested = requested
+        self.name, self.note = "shared", ""
+        self.front: set[int] | None = None
+        self.back: set[int] | None = None
+        self._original: set[int] | None = None
+        if requested == "split":
+            self._split()
+
+    def _split(self) -> None:
+        if not hasattr(os, "sched_setaffinity"):
+            self.note = "split placement needs os.sched_setaffinity (Linux); ran shared"
+            return
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            self.note = f"split placement needs two CPUs, this process may use {len(cpus)}; ran shared"
+            return
+        front, back = set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])
+        try:
+            os.sched_setaffinity(0, back)
+            os.sched_setaffinity(0, set(cpus))
+        except OSError as e:
+            self.note = f"cannot set CPU affinity ({e}); ran shared"
+            return
+        self.name, self.front, self.back = "split", front, back
+
+    def __enter__(self) -> _Placement:
+        """Move this process onto the router side's CPUs (every thread it has)."""
+        if self.front is not None:
+            self._original = os.sched_getaffinity(0)
+            _pin_process(os.getpid(), self.front)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._original is not None:
+            _pin_process(os.getpid(), self._original)
+
+    @contextlib.contextmanager
+    def services(self):
+        """Within: processes started from this thread inherit the services side's CPUs."""
+        if self.back is None:
+            yield
+            return
+        os.sched_setaffinity(0, self.back)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, self.front)
+
+    def describe(self) -> dict:
+        """What ran, and the CPUs each process was allowed (from ``/proc``)."""
+        return {"name": self.name, "requested": self.requested, "note": self.note,
+                "router_side_cpus": sorted(self.front or []), "services_side_cpus": sorted(self.back or []),
+                "processes": {name: _allowed_cpus(pid) for name, pid in _processes().items()}}  # fmt: skip
+
+
+def _pin_process(pid: int, cpus: set[int]) -> None:
+    """Set the affinity of every thread of ``pid``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def _allowed_cpus(pid: int) -> str:
+    """The CPUs a process's threads may use, as ``/proc`` lists them (the union, if they differ)."""
+    lists = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            status = (task / "status").read_text()
+            lists.add(next((ln.split()[1] for ln in status.splitlines() if ln.startswith("Cpus_allowed_list")), "?"))
+    return " | ".join(sorted(lists))
+
+
+def _processes() -> dict[str, int]:
+    """This process (``bench``) and its children, by module (``router``) or program (``nats-server``): pids."""
+    out = {"bench": os.getpid()}
+    with contextlib.suppress(OSError):
+        tasks = Path("/proc/self/task").iterdir()
+        for pid in sorted({int(c) for task in tasks for c in (task / "children").read_text().split()}):
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                name = argv[argv.index("-m") + 1] if "-m" in argv else Path(argv[0].split()[0]).name
+                out[name.removeprefix("services.")] = pid
+    return out
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -187,14 +288,14 @@ async def _direct_ttft(caller: Caller, prompt: list[int]) -> float:
     return ttft
 
 
-async def _overhead_case(nats_url: str, index: _Service, workdir: Path, rounds: int, requests: int,
-                         prefill_instances: int) -> dict:
+async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace, placement: _Placement) -> dict:
     """Router TTFT minus direct TTFT at concurrency 1 and 50, interleaved rounds; every service its own process."""
     port = free_port()
     router_env = {"ROUTER_NATS_URL": nats_url, "ROUTER_SITE": SITE, "ROUTER_ID": "bench-router", "ROUTER_HOST": "127.0.0.1",
                   "ROUTER_PORT": str(port), "ROUTER_POLICY": "adaptive", "ROUTER_THRESHOLD_TOKENS": "8192",
                   "ROUTER_REPLAN_INTERVAL_S": "0", "ROUTER_LOG_LEVEL": "WARNING"}  # fmt: skip
-    names = [f"bo-p{i}" for i in range(prefill_instances)]
+    rounds, requests = args.rounds, args.requests
+    names = [f"bo-p{i}" for i in range(args.prefill_instances)]
     procs = [
         GatewayProcess("prefill_gateway", gateway_env("prefill_gateway", nats_url, site=SITE, cluster="pd", instances=",".join(names),
                        backend="simulated:h200", model="reference", queue_limit=256, heartbeat_s=0.2), workdir / "p.log"),
@@ -205,17 +306,18 @@ async def _overhead_case(nats_url: str, index: _Service, workdir: Path, rounds: 
     router = None
     tok = ByteTokenizer()
     ttfts = {f"{path}_{label}": [[] for _ in range(rounds)] for path in ("router", "direct") for label in ("c1", "c50")}
-    pids = {"router": 0, "index": index.proc.pid, "client": os.getpid()}
-    cpu = {f"{proc}_{path}_{label}": 0.0 for proc in pids for path in ("router", "direct") for label in ("c1", "c50")}
+    cpu = {f"{path}_{label}": {} for path in ("router", "direct") for label in ("c1", "c50")}
     try:
-        for proc in procs:
-            proc.spawn()
+        with placement.services():
+            for proc in procs:
+                proc.spawn()
         await asyncio.gather(procs[0].ready(nc, SITE, "bo-p0"), procs[1].ready(nc, SITE, "bo-d0"))
         router = _Service("router", router_env, workdir / "router.log")
-        pids["router"] = router.proc.pid
         url = f"http://127.0.0.1:{port}"
         await router.ready_http(url + "/v1/route/explain", {"model": "reference", "prompt": "ready?"})  # both instances seen
         events = await nc.subscribe(subjects.DECISIONS_ALL)
+        out = {"placement": placement.describe()}
+        pids = _processes()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)) as http, \
                 Caller(nc, prefill_site=SITE, cluster="pd", decode_site=SITE) as caller:  # fmt: skip
             n = 0
@@ -234,7 +336,8 @@ async def _overhead_case(nats_url: str, index: _Service, workdir: Path, rounds: 
                         else:
                             ttfts[f"{path}_{label}"][r] += await asyncio.gather(*(call(p) for p in prompts))
                         for proc, pid in pids.items():
-                            cpu[f"{proc}_{path}_{label}"] += _cpu_s(pid) - before[proc]
+                            used = cpu[f"{path}_{label}"]
+                            used[proc] = used.get(proc, 0.0) + _cpu_s(pid) - before[proc]
         decisions = []
         with contextlib.suppress(nats.errors.TimeoutError):
             while True:
@@ -245,9 +348,9 @@ async def _overhead_case(nats_url: str, index: _Service, workdir: Path, rounds: 
         await nc.drain()
         for proc in procs:
             proc.stop()
-    out = {"decisions": {"total": len(decisions), "retries": sum(d.attempt > 0 for d in decisions),
+    out["decisions"] = {"total": len(decisions), "retries": sum(d.attempt > 0 for d in decisions),
                          "index_unavailable": sum(d.index.startswith("unavailable") for d in decisions),
-                         "index_not_asked": sum(d.index.startswith("not asked") for d in decisions)}}  # fmt: skip
+                         "index_not_asked": sum(d.index.startswith("not asked") for d in decisions)}  # fmt: skip
     for label in ("c1", "c50"):
         per_round = [_pct(r, 0.5) - _pct(d, 0.5) for r, d in zip(ttfts[f"router_{label}"], ttfts[f"direct_{label}"], strict=True)]
         r = [x for xs in ttfts[f"router_{label}"] for x in xs]
@@ -260,31 +363,47 @@ async def _overhead_case(nats_url: str, index: _Service, workdir: Path, rounds: 
                                   for xs in ttfts[f"{path}_{label}"]] for path in ("router", "direct")},
             "router_ttft": _figure(r),
             "direct_ttft": _figure(d),
-            # CPU of the router and index processes per request, while requests go through the router and while
-            # they go straight to the gateways (the index also ingests the gateways' KV events then)
-            "cpu_ms_per_request": {k.rpartition("_")[0]: v * 1000 / len(r) for k, v in cpu.items() if k.endswith(f"_{label}")},
+            # CPU of each process per request, while requests go through the router and while they go straight
+            # to the gateways (the index ingests the gateways' KV events on both; heartbeats run on both)
+            "cpu_ms_per_request": {path: {proc: v * 1000 / len(r) for proc, v in cpu[f"{path}_{label}"].items()}
+                                   for path in ("router", "direct")},  # fmt: skip
         }
     return out
+
+
+def _cpu_text(cpu: dict[str, dict[str, float]]) -> str:
+    """``router 1.93/0.07, bench 0.67/0.60, ...``: each process's CPU ms per request via the router / direct."""
+    return ", ".join(f"{proc} {ms:.2f}/{cpu['direct'][proc]:.2f}" for proc, ms in cpu["router"].items())
+
+
+def _measure(args: argparse.Namespace, placement: _Placement, work: Path) -> dict:
+    """Start NATS, Redis and the index on the services side, then run both cases."""
+    with placement.services():
+        nats = NatsServer(workdir=work / "nats").start()
+    redis = index = None
+    try:
+        with placement.services():
+            redis = RedisServer(workdir=work / "redis").start()
+            index = _index_process(nats.url, redis.url, work)
+        figures = asyncio.run(_decision_case(nats.url, args.decisions))
+        return figures | asyncio.run(_overhead_case(nats.url, work, args, placement))
+    finally:
+        if index is not None:
+            index.stop()
+        if redis is not None:
+            redis.stop()
+        nats.stop()
 
 
 def run(args: argparse.Namespace) -> int:
     """Run both cases and print the figures (JSON with ``--json``)."""
     if min(args.decisions, args.rounds, args.requests, args.prefill_instances) < 1:
         raise ConfigError("--decisions, --rounds, --requests and --prefill-instances must be >= 1")
-    with tempfile.TemporaryDirectory(prefix="prfaas-bench-router-") as tmp:
-        work = Path(tmp)
-        nats = NatsServer(workdir=work / "nats").start()
-        redis = RedisServer(workdir=work / "redis").start()
-        index = None
-        try:
-            index = _index_process(nats.url, redis.url, work)
-            figures = asyncio.run(_decision_case(nats.url, args.decisions))
-            figures |= asyncio.run(_overhead_case(nats.url, index, work, args.rounds, args.requests, args.prefill_instances))
-        finally:
-            if index is not None:
-                index.stop()
-            redis.stop()
-            nats.stop()
+    placement = _Placement(args.placement)
+    if placement.note:
+        print(placement.note, file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="prfaas-bench-router-") as tmp, placement:
+        figures = _measure(args, placement, Path(tmp))
     figures["decision_p50_ms"] = figures["decision_32k"]["p50_ms"]
     figures["decision_p99_ms"] = figures["decision_32k"]["p99_ms"]
     figures["targets"] = {"decision_32k_p50_ms_max": TARGET_32K_P50_MS, "decision_32k_p99_ms_max": TARGET_32K_P99_MS,
@@ -292,6 +411,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
+    p = figures["placement"]
+    print(f"placement {p['name']}" + (f" ({p['note']})" if p["note"] else "") + ": "
+          + ", ".join(f"{name} on CPUs {cpus}" for name, cpus in p["processes"].items()))
     for name in ("decision_1k", "decision_32k"):
         f = figures[name]
         print(f"{name}: p50 {f['p50_ms']:.2f} ms  p99 {f['p99_ms']:.2f} ms  ({f['n']} decisions)")
@@ -303,6 +425,6 @@ def run(args: argparse.Namespace) -> int:
         rounds = sorted(f["round_p50_ms"])
         print(f"{name}: p50 {f['p50_ms']:+.2f} ms (rounds {rounds[0]:+.1f} .. {rounds[-1]:+.1f})  p99 {f['p99_ms']:+.2f} ms  "
               f"(router TTFT p50 {f['router_ttft']['p50_ms']:.2f} ms vs direct {f['direct_ttft']['p50_ms']:.2f} ms; "
-              f"CPU ms per request {', '.join(f'{k} {v:.2f}' for k, v in f['cpu_ms_per_request'].items())})")  # fmt: skip
+              f"CPU ms per request via the router / direct: {_cpu_text(f['cpu_ms_per_request'])})")  # fmt: skip
     return 0
 
