@@ -113,8 +113,11 @@ class LiveView:
         jobs = self._pending.get(load.instance)
         if not jobs:
             return load
-        for job_id in [j for j, p in jobs.items() if now - p.routed_at > self.pending_ttl_s]:
-            del jobs[job_id]
+        while jobs:  # oldest first (insertion order): only the expired front is visited
+            oldest = next(iter(jobs.values()))
+            if now - oldest.routed_at <= self.pending_ttl_s:
+                break
+            del jobs[oldest.job_id]
         if not jobs:
             return load
         if load.role == "decode":

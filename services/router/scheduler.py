@@ -129,7 +129,7 @@ class Scheduler:
         profile = model_profile(self.config.profile_of(req.model))
         block_size = self.block_size(req.model)
         deadline_s = self.lookup_deadline_s(req.model, profile, len(ids), block_size)
-        lookup, status = await self._lookup(hash_list(id_array, block_size), profile.n_linear_layers > 0, deadline_s)
+        lookup, status = await self._lookup(id_array, block_size, profile.n_linear_layers > 0, deadline_s)
         sampling = req.sampling
         if self.tokenizer.eos_token_ids:
             sampling = Sampling(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
@@ -156,11 +156,13 @@ class Scheduler:
             return 0.0
         return min(cfg.index_timeout_s, max(cfg.index_min_timeout_s, saving_s))
 
-    async def _lookup(self, hashes: list[int], hybrid: bool, deadline_s: float) -> tuple[KvLookupReply | None, str]:
-        if not hashes:
+    async def _lookup(self, ids: np.ndarray, block_size: int, hybrid: bool, deadline_s: float) -> tuple[KvLookupReply | None, str]:
+        """The index's answer for the prompt's full blocks (hashed only when the index is asked)."""
+        if len(ids) < block_size:  # no full block: nothing to look up
             return None, "ok"
         if deadline_s == 0:
             return None, f"not asked: a full cache hit would save under {self.config.index_min_timeout_s * 1000:.1f} ms"
+        hashes = hash_list(ids, block_size)
         try:
             async with asyncio.timeout(deadline_s):
                 return await self.index.lookup(hashes, hybrid=hybrid), "ok"

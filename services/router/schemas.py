@@ -245,7 +245,7 @@ def _prompt(value: Any) -> tuple[str | None, list[int] | None]:
         value = value[0]
     if isinstance(value, str):
         return value, None
-    if isinstance(value, list) and value and all(type(t) is int for t in value):
+    if isinstance(value, list) and value and set(map(type, value)) == {int}:  # every item an int (no bools)
         return None, value
     if isinstance(value, list) and len(value) > 1 and all(isinstance(p, str | list) for p in value):
         raise _refuse("prompt", f"one prompt per request, got a batch of {len(value)}")
