@@ -4,25 +4,30 @@
   Redis, and the index in its own process) + live view + policy, on a 32-instance view (8 PrfaaS
   prefill, 8 local prefill, 16 decode heartbeats), for 1K- and 32K-token prompts (targets at 32K:
   p50 <= 2 ms, p99 <= 10 ms).
-- ``overhead_c1`` / ``overhead_c50``: every service in its own process as deployed (router, KV
-  index, a prefill gateway with ``--prefill-instances`` simulated H200 instances, a simulated H20
-  decode gateway, the reference profile). The same prompts go through the router (HTTP, streamed,
-  time to the first SSE chunk) and straight to the gateways (both legs sent by a stand-in caller
-  on one NATS connection, time to the first token chunk); both clients live in this process and
-  keep the same number of requests in flight; rounds are interleaved. ``p50_ms`` / ``p99_ms`` are
-  the router's percentile minus the direct one over all rounds (target: ``overhead_c50.p50_ms``
-  <= 3), ``round_p50_ms`` the same per round (their spread is the noise of the machine), and
-  ``cpu_ms_per_request`` the CPU each process (this one is ``bench``) spent per request on each
-  path (the index also ingests the gateways' KV events on both). ``decisions`` counts the router's
-  decisions, those re-decided, and those made without cache knowledge (the index failed or was late,
-  or was not asked because nothing cached could change the route).
+- ``overhead_c1`` / ``overhead_c50``: every service in its own process as
+  deployed (router, KV index, a prefill gateway with ``--prefill-instances`` simulated H200
+  instances, a simulated H20 decode gateway, the reference profile). The same prompts go through
+  the router (HTTP, streamed, time to the first SSE chunk) and straight to the gateways (both legs
+  sent by a stand-in caller on one NATS connection, time to the first token chunk); both clients
+  live in this process and keep the same number of requests in flight; rounds are interleaved.
+  ``c1``: one client. ``c50``: 50 clients send ``--c50-requests`` per round between them, each
+  its next request once its last one finished and a random think time passed (exponential, mean
+  0.1 s, the same draws on both paths); these requests decode 16 tokens of 100 ms steps, so the
+  gateways are busy but not saturated.
+  ``p50_ms`` / ``p99_ms`` are the router's percentile minus the direct one over all rounds
+  (target: ``overhead_c50.p50_ms`` <= 3), ``round_p50_ms`` the same per round (their spread is
+  the noise of the machine), and ``cpu_ms_per_request`` the CPU each process (this one is
+  ``bench``) spent per request on each path (the index also ingests the gateways' KV events on
+  both). ``decisions`` counts the router's decisions, those re-decided, and those made without
+  cache knowledge (the index failed or was late, or was not asked because nothing cached could
+  change the route).
 
 ``--placement`` says which cores each process may run on (``os.sched_setaffinity``), the same for
 both paths. ``split`` (the default) is the deployment's: the router hosts' cores (the first half of
 this process's CPUs) take the router, this process (both clients, and the router of the decision
 case) and nothing else; the other half takes nats-server, Redis, the KV index and the gateways.
 ``shared`` lets every process run on every core, so at concurrency 50 the router's CPU is taken
-from the saturated gateways. Where affinity cannot be set or fewer than two CPUs are available,
+from the busy gateways'. Where affinity cannot be set or fewer than two CPUs are available,
 ``split`` falls back to ``shared`` and says why. ``placement`` in the figures names what ran and
 the CPUs each child process was allowed.
 """
@@ -34,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -57,6 +63,13 @@ from services.router.service import RouterService
 
 TARGET_32K_P50_MS, TARGET_32K_P99_MS, TARGET_C50_P50_MS = 2.0, 10.0, 3.0
 SITE, REMOTE = "dc-pd", "dc-prfaas"
+LABELS = ("c1", "c50")
+# Concurrency 50: the decode instance's steps last 20x the reference profile's (100 ms) and each request decodes 16
+# tokens, so 50 clients keep ~30 requests/s in flight, within what the gateways' core serves: a saturated gateway
+# core would hide the router's time (in a closed loop, time spent in the router is time not spent queueing there).
+# Each client pauses an exponential think time before each request: without it every new request would start just
+# after a decode step ends (when the one it replaces finished) and wait out the next step whatever the router added.
+DECODE_TIME_SCALE, C50_MAX_TOKENS, C50_THINK_S = 20.0, 16, 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decisions", type=int, default=300, help="timed decisions per prompt length (default 300)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the overhead cases (default 3)")
     parser.add_argument("--requests", type=int, default=50, help="requests per round at concurrency 1 (default 50)")
+    parser.add_argument("--c50-requests", type=int, default=300,
+                        help="requests per round from the 50 clients at concurrency 50 (default 300)")
     parser.add_argument("--prefill-instances", type=int, default=8,
                         help="simulated prefill instances behind both paths (default 8; 1 makes concurrency 50 a 50-deep queue)")
 
@@ -263,8 +278,8 @@ def _index_process(nats_url: str, redis_url: str, workdir: Path) -> _Service:
     return _Service("kv_index", env, workdir / "kv_index.log")
 
 
-async def _router_ttft(http: aiohttp.ClientSession, url: str, prompt: list[int]) -> float:
-    body = {"model": "reference", "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
+async def _router_ttft(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> float:
+    body = {"model": "reference", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start = time.perf_counter()
     async with http.post(url + "/v1/completions", json=body) as r:
         if r.status != 200:
@@ -275,10 +290,10 @@ async def _router_ttft(http: aiohttp.ClientSession, url: str, prompt: list[int])
     return ttft
 
 
-async def _direct_ttft(caller: Caller, prompt: list[int]) -> float:
+async def _direct_ttft(caller: Caller, prompt: list[int], max_tokens: int) -> float:
     first = asyncio.Event()
     start = time.perf_counter()
-    task = asyncio.ensure_future(caller.request(prompt, "bo-d0", model="reference", max_tokens=2, first_token=first))
+    task = asyncio.ensure_future(caller.request(prompt, "bo-d0", model="reference", max_tokens=max_tokens, first_token=first))
     try:
         async with asyncio.timeout(60):
             await first.wait()
@@ -286,6 +301,20 @@ async def _direct_ttft(caller: Caller, prompt: list[int]) -> float:
         ttft = time.perf_counter() - start
         await task
     return ttft
+
+
+async def _clients(call, prompts: list[list[int]], clients: int, think_s: float, rng: random.Random) -> list[float]:
+    """TTFT of every prompt, sent by ``clients`` concurrent clients, each pausing an exponential think time first."""
+    pending, ttfts = iter(prompts), []
+
+    async def client() -> None:
+        for prompt in pending:
+            if think_s:
+                await asyncio.sleep(rng.expovariate(1 / think_s))
+            ttfts.append(await call(prompt))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return ttfts
 
 
 async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace, placement: _Placement) -> dict:
@@ -300,13 +329,14 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
         GatewayProcess("prefill_gateway", gateway_env("prefill_gateway", nats_url, site=SITE, cluster="pd", instances=",".join(names),
                        backend="simulated:h200", model="reference", queue_limit=256, heartbeat_s=0.2), workdir / "p.log"),
         GatewayProcess("decode_gateway", gateway_env("decode_gateway", nats_url, site=SITE, instance="bo-d0",
-                       backend="simulated:h20", model="reference", heartbeat_s=0.2), workdir / "d.log"),
+                       backend="simulated:h20", model="reference", time_scale=DECODE_TIME_SCALE, heartbeat_s=0.2),
+                       workdir / "d.log"),
     ]  # fmt: skip
     nc = await connect(nats_url, name="bench-overhead")
     router = None
     tok = ByteTokenizer()
-    ttfts = {f"{path}_{label}": [[] for _ in range(rounds)] for path in ("router", "direct") for label in ("c1", "c50")}
-    cpu = {f"{path}_{label}": {} for path in ("router", "direct") for label in ("c1", "c50")}
+    ttfts = {f"{path}_{label}": [[] for _ in range(rounds)] for path in ("router", "direct") for label in LABELS}
+    cpu = {f"{path}_{label}": {} for path in ("router", "direct") for label in LABELS}
     try:
         with placement.services():
             for proc in procs:
@@ -322,19 +352,19 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
                 Caller(nc, prefill_site=SITE, cluster="pd", decode_site=SITE) as caller:  # fmt: skip
             n = 0
             for r in range(rounds):
-                for label, conc, count in (("c1", 1, requests), ("c50", 50, 50)):
+                cases = (("c1", 1, requests, 2, 0.0), ("c50", 50, args.c50_requests, C50_MAX_TOKENS, C50_THINK_S))
+                for label, clients, count, max_tokens, think_s in cases:
                     for path in ("router", "direct"):
                         prompts = [tok.encode(f"[{n + i}] overhead probe " * 16) for i in range(count)]
                         n += count
 
-                        def call(p: list[int], path: str = path):
-                            return _router_ttft(http, url, p) if path == "router" else _direct_ttft(caller, p)
+                        def call(p: list[int], path: str = path, max_tokens: int = max_tokens):
+                            if path == "router":
+                                return _router_ttft(http, url, p, max_tokens)
+                            return _direct_ttft(caller, p, max_tokens)
 
                         before = {proc: _cpu_s(pid) for proc, pid in pids.items()}
-                        if conc == 1:
-                            ttfts[f"{path}_{label}"][r] += [await call(p) for p in prompts]
-                        else:
-                            ttfts[f"{path}_{label}"][r] += await asyncio.gather(*(call(p) for p in prompts))
+                        ttfts[f"{path}_{label}"][r] += await _clients(call, prompts, clients, think_s, random.Random(r))
                         for proc, pid in pids.items():
                             used = cpu[f"{path}_{label}"]
                             used[proc] = used.get(proc, 0.0) + _cpu_s(pid) - before[proc]
@@ -351,7 +381,7 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
     out["decisions"] = {"total": len(decisions), "retries": sum(d.attempt > 0 for d in decisions),
                          "index_unavailable": sum(d.index.startswith("unavailable") for d in decisions),
                          "index_not_asked": sum(d.index.startswith("not asked") for d in decisions)}  # fmt: skip
-    for label in ("c1", "c50"):
+    for label in LABELS:
         per_round = [_pct(r, 0.5) - _pct(d, 0.5) for r, d in zip(ttfts[f"router_{label}"], ttfts[f"direct_{label}"], strict=True)]
         r = [x for xs in ttfts[f"router_{label}"] for x in xs]
         d = [x for xs in ttfts[f"direct_{label}"] for x in xs]
@@ -397,8 +427,9 @@ def _measure(args: argparse.Namespace, placement: _Placement, work: Path) -> dic
 
 def run(args: argparse.Namespace) -> int:
     """Run both cases and print the figures (JSON with ``--json``)."""
-    if min(args.decisions, args.rounds, args.requests, args.prefill_instances) < 1:
-        raise ConfigError("--decisions, --rounds, --requests and --prefill-instances must be >= 1")
+    for flag in ("decisions", "rounds", "requests", "c50_requests", "prefill_instances"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     placement = _Placement(args.placement)
     if placement.note:
         print(placement.note, file=sys.stderr)
@@ -420,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
     counts = figures["decisions"]
     print(f"decisions through the router: {counts['total']}, re-decided {counts['retries']}; index unavailable or late "
           f"{counts['index_unavailable']}, not asked {counts['index_not_asked']}")  # fmt: skip
-    for name in ("overhead_c1", "overhead_c50"):
+    for name in (f"overhead_{label}" for label in LABELS):
         f = figures[name]
         rounds = sorted(f["round_p50_ms"])
         print(f"{name}: p50 {f['p50_ms']:+.2f} ms (rounds {rounds[0]:+.1f} .. {rounds[-1]:+.1f})  p99 {f['p99_ms']:+.2f} ms  "
