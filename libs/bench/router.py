@@ -16,7 +16,12 @@
   gateways are busy but not saturated.
   ``p50_ms`` / ``p99_ms`` are the router's percentile minus the direct one over all rounds
   (target: ``overhead_c50.p50_ms`` <= 3), ``round_p50_ms`` the same per round (their spread is
-  the noise of the machine), and ``cpu_ms_per_request`` the CPU each process (this one is
+  the noise of the machine); ``net_p50_ms`` / ``net_round_p50_ms`` the same for TTFT less the time
+  the request waited where the router has no part, as the gateways report it (the prefill queue,
+  and the decode batch's next step and that step: the outcome event's ``queue_s`` and
+  ``first_step_s`` through the router, ``PrefillFinished`` and ``DecodeFinished`` direct), which
+  removes most of the spread at concurrency 50 (a router's delay in sending the prefill leg after
+  the reservation is counted in neither); and ``cpu_ms_per_request`` the CPU each process (this one is
   ``bench``) spent per request on each path (the index also ingests the gateways' KV events on
   both). ``decisions`` counts the router's decisions, those re-decided, and those made without
   cache knowledge (the index failed or was late, or was not asked because nothing cached could
@@ -54,7 +59,15 @@ from libs.bench.gateways import Caller, GatewayProcess, gateway_env
 from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.errors import ConfigError, UpstreamTimeout
-from libs.common.messages import DecisionEvent, InstanceLoad, Sampling, encode
+from libs.common.messages import (
+    DecisionEvent,
+    DecodeFinished,
+    InstanceLoad,
+    OutcomeEvent,
+    PrefillFinished,
+    Sampling,
+    encode,
+)
 from libs.engine.tokenizer import ByteTokenizer
 from libs.lab.servers import NatsServer, RedisServer, die_with_parent, free_port
 from services.router.config import RouterConfig
@@ -180,6 +193,10 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _flat(rounds: list[list[float]]) -> list[float]:
+    return [x for xs in rounds for x in xs]
+
+
 def _figure(values_s: list[float]) -> dict:
     return {"p50_ms": _pct(values_s, 0.5) * 1000, "p99_ms": _pct(values_s, 0.99) * 1000, "n": len(values_s)}
 
@@ -278,7 +295,8 @@ def _index_process(nats_url: str, redis_url: str, workdir: Path) -> _Service:
     return _Service("kv_index", env, workdir / "kv_index.log")
 
 
-async def _router_ttft(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> float:
+async def _router_ttft(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> tuple[float, str]:
+    """Time to the first SSE chunk, and the request id (its outcome event says where it waited)."""
     body = {"model": "reference", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start = time.perf_counter()
     async with http.post(url + "/v1/completions", json=body) as r:
@@ -287,10 +305,11 @@ async def _router_ttft(http: aiohttp.ClientSession, url: str, prompt: list[int],
         await r.content.readline()
         ttft = time.perf_counter() - start
         await r.read()
-    return ttft
+    return ttft, r.headers["x-prfaas-request-id"]
 
 
-async def _direct_ttft(caller: Caller, prompt: list[int], max_tokens: int) -> float:
+async def _direct_ttft(caller: Caller, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """Time to the first token chunk, and the time it waited in the gateways' queues (as they report it)."""
     first = asyncio.Event()
     start = time.perf_counter()
     task = asyncio.ensure_future(caller.request(prompt, "bo-d0", model="reference", max_tokens=max_tokens, first_token=first))
@@ -299,22 +318,29 @@ async def _direct_ttft(caller: Caller, prompt: list[int], max_tokens: int) -> fl
             await first.wait()
     finally:
         ttft = time.perf_counter() - start
-        await task
-    return ttft
+        outcome = await task
+    if not isinstance(outcome.status, PrefillFinished) or not isinstance(outcome.final, DecodeFinished):
+        raise ConfigError(f"direct request {outcome.request_id} failed: {outcome.status} / {outcome.final}")
+    return ttft, _waited_s(outcome.status.queue_s, outcome.final.timings.first_step_s)
 
 
-async def _clients(call, prompts: list[list[int]], clients: int, think_s: float, rng: random.Random) -> list[float]:
-    """TTFT of every prompt, sent by ``clients`` concurrent clients, each pausing an exponential think time first."""
-    pending, ttfts = iter(prompts), []
+def _waited_s(prefill_queue_s: float | None, first_step_s: float | None) -> float:
+    """Time a request spent where the router has no part: the prefill queue and the decode batch's first step."""
+    return (prefill_queue_s or 0.0) + (first_step_s or 0.0)
+
+
+async def _clients(call, prompts: list[list[int]], clients: int, think_s: float, rng: random.Random) -> list[tuple]:
+    """``call`` of every prompt, sent by ``clients`` concurrent clients, each pausing an exponential think time first."""
+    pending, results = iter(prompts), []
 
     async def client() -> None:
         for prompt in pending:
             if think_s:
                 await asyncio.sleep(rng.expovariate(1 / think_s))
-            ttfts.append(await call(prompt))
+            results.append(await call(prompt))
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    return ttfts
+    return results
 
 
 async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace, placement: _Placement) -> dict:
@@ -335,7 +361,7 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
     nc = await connect(nats_url, name="bench-overhead")
     router = None
     tok = ByteTokenizer()
-    ttfts = {f"{path}_{label}": [[] for _ in range(rounds)] for path in ("router", "direct") for label in LABELS}
+    samples = {f"{path}_{label}": [[] for _ in range(rounds)] for path in ("router", "direct") for label in LABELS}
     cpu = {f"{path}_{label}": {} for path in ("router", "direct") for label in LABELS}
     try:
         with placement.services():
@@ -346,6 +372,7 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
         url = f"http://127.0.0.1:{port}"
         await router.ready_http(url + "/v1/route/explain", {"model": "reference", "prompt": "ready?"})  # both instances seen
         events = await nc.subscribe(subjects.DECISIONS_ALL)
+        outcomes = await nc.subscribe(subjects.OUTCOMES_ALL)
         out = {"placement": placement.describe()}
         pids = _processes()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)) as http, \
@@ -364,14 +391,18 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
                             return _direct_ttft(caller, p, max_tokens)
 
                         before = {proc: _cpu_s(pid) for proc, pid in pids.items()}
-                        ttfts[f"{path}_{label}"][r] += await _clients(call, prompts, clients, think_s, random.Random(r))
+                        samples[f"{path}_{label}"][r] += await _clients(call, prompts, clients, think_s, random.Random(r))
                         for proc, pid in pids.items():
                             used = cpu[f"{path}_{label}"]
                             used[proc] = used.get(proc, 0.0) + _cpu_s(pid) - before[proc]
-        decisions = []
+        decisions, waited = [], {}
         with contextlib.suppress(nats.errors.TimeoutError):
             while True:
                 decisions.append(msgspec.json.decode((await events.next_msg(timeout=0.5)).data, type=DecisionEvent))
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                o = msgspec.json.decode((await outcomes.next_msg(timeout=0.5)).data, type=OutcomeEvent)
+                waited[o.request_id] = _waited_s(o.queue_s, o.first_step_s)
     finally:
         if router is not None:
             router.stop()
@@ -381,16 +412,25 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
     out["decisions"] = {"total": len(decisions), "retries": sum(d.attempt > 0 for d in decisions),
                          "index_unavailable": sum(d.index.startswith("unavailable") for d in decisions),
                          "index_not_asked": sum(d.index.startswith("not asked") for d in decisions)}  # fmt: skip
+    unseen = [ref for per_round in samples.values() for xs in per_round for _, ref in xs if isinstance(ref, str) and ref not in waited]
+    if unseen:
+        raise UpstreamTimeout(f"no outcome event for {len(unseen)} requests through the router (first: {unseen[0]})")
+    ttfts = {key: [[ttft for ttft, _ in xs] for xs in per_round] for key, per_round in samples.items()}
+    # TTFT less the time spent in the gateways' queues, which dominates the spread at concurrency 50
+    net = {key: [[ttft - (waited[ref] if isinstance(ref, str) else ref) for ttft, ref in xs] for xs in per_round]
+           for key, per_round in samples.items()}  # fmt: skip
     for label in LABELS:
         per_round = [_pct(r, 0.5) - _pct(d, 0.5) for r, d in zip(ttfts[f"router_{label}"], ttfts[f"direct_{label}"], strict=True)]
-        r = [x for xs in ttfts[f"router_{label}"] for x in xs]
-        d = [x for xs in ttfts[f"direct_{label}"] for x in xs]
+        r, d = _flat(ttfts[f"router_{label}"]), _flat(ttfts[f"direct_{label}"])
         out[f"overhead_{label}"] = {
             "p50_ms": (_pct(r, 0.5) - _pct(d, 0.5)) * 1000,
             "p99_ms": (_pct(r, 0.99) - _pct(d, 0.99)) * 1000,
             "round_p50_ms": [x * 1000 for x in per_round],
             "deciles_ms": {path: [[round(sorted(xs)[int(q * (len(xs) - 1))] * 1000, 1) for q in (0, .1, .25, .5, .75, .9, 1)]
                                   for xs in ttfts[f"{path}_{label}"]] for path in ("router", "direct")},
+            "net_p50_ms": (_pct(_flat(net[f"router_{label}"]), 0.5) - _pct(_flat(net[f"direct_{label}"]), 0.5)) * 1000,
+            "net_round_p50_ms": [(_pct(rn, 0.5) - _pct(dn, 0.5)) * 1000
+                                 for rn, dn in zip(net[f"router_{label}"], net[f"direct_{label}"], strict=True)],  # fmt: skip
             "router_ttft": _figure(r),
             "direct_ttft": _figure(d),
             # CPU of each process per request, while requests go through the router and while they go straight
@@ -454,7 +494,9 @@ def run(args: argparse.Namespace) -> int:
     for name in (f"overhead_{label}" for label in LABELS):
         f = figures[name]
         rounds = sorted(f["round_p50_ms"])
+        net = sorted(f["net_round_p50_ms"])
         print(f"{name}: p50 {f['p50_ms']:+.2f} ms (rounds {rounds[0]:+.1f} .. {rounds[-1]:+.1f})  p99 {f['p99_ms']:+.2f} ms  "
+              f"net of the gateways' queues p50 {f['net_p50_ms']:+.2f} ms (rounds {net[0]:+.1f} .. {net[-1]:+.1f})  "
               f"(router TTFT p50 {f['router_ttft']['p50_ms']:.2f} ms vs direct {f['direct_ttft']['p50_ms']:.2f} ms; "
               f"CPU ms per request via the router / direct: {_cpu_text(f['cpu_ms_per_request'])})")  # fmt: skip
     return 0

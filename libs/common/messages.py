@@ -256,6 +256,7 @@ class OutcomeEvent(_Msg, tag="route.outcome.v1"):
     queue_s: float | None = None  # prefill queue (prefill gateway's clock)
     prefill_s: float | None = None
     transfer_s: float | None = None  # transfer time left exposed after the prefill
+    first_step_s: float | None = None  # decode side: a complete state to the first token (the batch's next step)
     ttft_s: float | None = None  # request arrival at the router to the first token there
     tpot_s: float | None = None  # mean time per output token after the first
     bytes_moved: int = 0  # KV bytes sent to the decode instance
@@ -399,6 +400,11 @@ class DecodeTimings(msgspec.Struct, kw_only=True, frozen=True):
     queue_s: float  # complete state to a decode slot
     first_token_s: float  # reservation to the first token
     total_s: float
+
+    @property
+    def first_step_s(self) -> float:
+        """A decode slot to the first token: the wait for the batch's next step, and that step."""
+        return self.first_token_s - self.kv_wait_s - self.transfer_s - self.queue_s
 
 
 class DecodeFinished(_Msg, tag="decode.finished.v1"):

@@ -418,6 +418,7 @@ class RequestRun:
             queue_s=pre.queue_s if pre else None,
             prefill_s=pre.prefill_s if pre else None,
             transfer_s=pre.transfer_exposed_s if pre else None,
+            first_step_s=fin.timings.first_step_s if fin else None,
             ttft_s=ttft,
             tpot_s=tpot,
             bytes_moved=pre.sent_bytes if pre else (fin.received_bytes if fin else 0),

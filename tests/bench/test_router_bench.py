@@ -19,8 +19,8 @@ def test_router_benchmark_serves_every_case_through_both_paths(capsys) -> None:
     for name, requests in (("overhead_c1", 3), ("overhead_c50", 60)):
         case = figures[name]
         assert case["router_ttft"]["n"] == case["direct_ttft"]["n"] == requests, name
-        cpu = case["cpu_ms_per_request"]
-        assert cpu["router"]["router"] > cpu["direct"]["router"], name  # the router only works on its own path
+    cpu = figures["overhead_c50"]["cpu_ms_per_request"]  # (CPU clocks tick every 10 ms: 60 requests, not 3)
+    assert cpu["router"]["router"] > 3 * cpu["direct"]["router"]  # the router works on its own path only
     assert figures["decisions"]["total"] == 3 + 60 and figures["decisions"]["retries"] == 0
     assert figures["targets"]["overhead_c50_p50_ms_max"] == 3.0
 

@@ -160,6 +160,7 @@ async def test_long_prompt_offloaded_short_local(router, events):
     [o_long] = await for_request(events, long.headers["x-prfaas-request-id"], OutcomeEvent)
     assert o_long.status == "ok" and o_long.route == "remote" and o_long.bytes_moved > 0
     assert o_long.ttft_s > 0 and o_long.prefill_s is not None and o_long.completion_tokens == 4
+    assert 0 < o_long.first_step_s < o_long.ttft_s  # the decode side: a complete state to its first token
 
 
 async def test_repeated_long_prefix_is_a_cache_hit(router, events):
