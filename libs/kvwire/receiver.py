@@ -43,9 +43,11 @@ class ReceiverConfig:
 class ReceivedTransfer:
     """A complete, verified transfer; its arrays live in receiver memory until ``release()``."""
 
-    def __init__(self, manifest: KvManifest, parts: list[StatePart], release) -> None:
+    def __init__(self, manifest: KvManifest, parts: list[StatePart], release, *, began_at: float, completed_at: float) -> None:
         self.manifest = manifest
         self.parts = parts
+        self.began_at = began_at  # time.monotonic() when the manifest arrived (the transfer's first bytes)
+        self.completed_at = completed_at  # time.monotonic() when the last part verified
         self._release = release
 
     def release(self) -> None:
@@ -303,7 +305,8 @@ class KvReceiver:
             if entry is not None and entry.completed is not None and not entry.claimed:
                 entry.claimed = True
                 assembly = entry.assembly
-                future.set_result(ReceivedTransfer(assembly.manifest, assembly.parts(), lambda: self._release(tid)))
+                future.set_result(ReceivedTransfer(assembly.manifest, assembly.parts(), lambda: self._release(tid),
+                                                   began_at=entry.started, completed_at=entry.completed))  # fmt: skip
                 return
             reason = self._finished.get(tid)
         if reason:

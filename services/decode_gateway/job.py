@@ -108,12 +108,9 @@ async def _receive(svc: DecodeGatewayService, res: Reservation) -> Restored:
         transfer = await svc.receiver.wait(job.transfer_id, timeout_s=max(0.0, res.deadline - time.monotonic()))
     except UpstreamTimeout as e:
         raise TransferFailed(e.message) from None
-    now = time.monotonic()
-    res.complete_at = now
-    if res.begun_at is None:  # complete before the lease watcher saw it begin
-        res.begun_at = now
+    res.begun_at, res.complete_at = transfer.began_at, transfer.completed_at  # the receiver's own clock readings
     svc.metrics.kv_wait_seconds.observe(res.begun_at - res.reserved_at)
-    svc.metrics.transfer_seconds.observe(now - res.begun_at)
+    svc.metrics.transfer_seconds.observe(res.complete_at - res.begun_at)
     with transfer:
         manifest = transfer.manifest
         svc.metrics.received_bytes.labels(manifest.src_site, manifest.dst_site).inc(sum(p.nbytes for p in manifest.parts))

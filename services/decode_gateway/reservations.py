@@ -43,7 +43,7 @@ class Reservation:
     trace_context: Context
     reserved_at: float = field(default_factory=time.monotonic)
     progress_at: float = 0.0
-    begun_at: float | None = None  # the transfer was first seen at the receiver
+    begun_at: float | None = None  # the transfer was first seen at the receiver (by the watcher; its own reading once complete)
     complete_at: float | None = None
     received_bytes: int = 0
     generated: int = 0
