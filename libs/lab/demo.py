@@ -1,8 +1,8 @@
 """``prfaas lab demo``: short and long prompts through a lab's router, live progress, then a summary table.
 
 Prompt lengths follow the paper's case-study workload (log-normal, median ~19.9K tokens) scaled by
-``--length-scale`` (1/16 by default, as the default topology's threshold is, so about half of the
-prompts go remote). A quarter of the requests ask again about an earlier document, so prefix
+``--length-scale``; by default by the lab's offload threshold over the case study's (1/16 for the
+default topology, 1 for ``case-study``), so about half of the prompts go remote, as in the paper. A quarter of the requests ask again about an earlier document, so prefix
 caches get hits. Starts the default lab if none runs in the run directory, and stops what it started.
 """
 
@@ -33,6 +33,7 @@ from libs.planner.workloads import CASE_STUDY_WORKLOAD
 _WORDS = ("prefill", "decode", "cache", "link", "layer", "token", "block", "state", "site", "router", "budget",
           "queue", "latency", "hybrid", "attention", "linear", "transfer", "manifest", "chunk", "lease")  # fmt: skip
 _REUSE_SHARE = 0.25
+CASE_STUDY_THRESHOLD_TOKENS = 19_392  # the threshold t `prfaas plan --case-study` derives
 _OUTCOME_TIMEOUT_S = 10.0
 
 
@@ -50,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags."""
     parser.add_argument("--requests", type=int, default=24, help="how many requests (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=3, help="requests in flight at once (default %(default)s)")
-    parser.add_argument("--length-scale", type=float, default=1 / 16,
-                        help="factor on the case-study prompt lengths (default 1/16)")  # fmt: skip
+    parser.add_argument("--length-scale", type=float, default=None,
+                        help="factor on the case-study prompt lengths (default: the lab's threshold over the case "
+                             f"study's {CASE_STUDY_THRESHOLD_TOKENS:,}, 1/16 for the default topology)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="prompt lengths and documents (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Use the running lab (or start the default one), drive the traffic, print the table, stop what it started."""
-    if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or args.length_scale <= 0:
+    if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or (args.length_scale or 1) <= 0:
         raise BadRequest("--requests, --concurrency and --max-tokens must be >= 1 and --length-scale > 0")
     status = running_status(args.run_dir)
     started_here = status is None
@@ -85,6 +87,11 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
+def length_scale(status: dict) -> float:
+    """The lab's offload threshold over the case study's: prompts then go remote about as often as in the paper."""
+    return status.get("threshold_tokens", CASE_STUDY_THRESHOLD_TOKENS / 16) / CASE_STUDY_THRESHOLD_TOKENS
+
+
 def prompts(n: int, scale: float, seed: int, max_tokens: int) -> list[tuple[int, str]]:
     """``n`` user messages (document, question) with case-study lengths times ``scale``; some reuse a document."""
     rng = np.random.default_rng(seed)
@@ -105,7 +112,9 @@ def prompts(n: int, scale: float, seed: int, max_tokens: int) -> list[tuple[int,
 
 async def _drive(status: dict, args: argparse.Namespace) -> dict:
     router_site = next(site for site, url in status["routers"].items() if url == status["router_url"])
-    messages = prompts(args.requests, args.length_scale, args.seed, max_tokens=_max_prompt(status))
+    scale = args.length_scale or length_scale(status)
+    print(f"prompt lengths: the case study's x {scale:.4g}", file=sys.stderr, flush=True)
+    messages = prompts(args.requests, scale, args.seed, max_tokens=_max_prompt(status))
     wan_before = _wan_bytes(status)
     nc = await nats.connect(status["sites"][router_site]["nats_url"], connect_timeout=5)
     outcomes: dict[str, dict] = {}

@@ -161,6 +161,7 @@ class Lab:
             "topology": self.topology.name,
             "topology_source": self.topology.source,
             "model": self.topology.model,
+            "threshold_tokens": self.topology.router.threshold_tokens,
             "run_dir": str(self.run_dir),
             "supervisor": {"pid": os.getpid(), "start_ticks": start_ticks(os.getpid())},
             "router_url": routers.get(first_router),

@@ -229,3 +229,21 @@ def test_the_demo_starts_a_lab_reports_both_routes_and_stops_it(tmp_path: Path) 
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["state"] == "stopped"
     assert [p["name"] for p in status["processes"] if alive(p["pid"], p["start_ticks"])] == []
+
+
+def test_the_case_study_lab_serves_the_demo_at_its_own_scale(tmp_path: Path) -> None:
+    """The paper's deployment (simulated H200/H20): the demo scales prompts to its threshold, both routes serve."""
+    up = _prfaas(tmp_path, "up", "--topology", "case-study", "--detach", timeout=120)
+    assert up.returncode == 0, up.stderr
+    try:
+        demo = _prfaas(tmp_path, "demo", "--requests", "16", "--concurrency", "4", "--json", timeout=180)
+        assert demo.returncode == 0, demo.stderr
+        assert "prompt lengths: the case study's x 1" in demo.stderr  # its threshold is the case study's own
+        summary = json.loads(demo.stdout)
+        assert (summary["requests"], summary["failed"]) == (16, 0)
+        assert {"local", "remote"} <= set(summary["ttft_by_route"]) and summary["wan_bytes"] > 0
+    finally:
+        down = _prfaas(tmp_path, "down")
+    assert down.returncode == 0, down.stderr
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert [p["name"] for p in status["processes"] if alive(p["pid"], p["start_ticks"])] == []

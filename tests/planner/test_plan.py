@@ -8,6 +8,7 @@ import pytest
 
 from libs.cli import main
 from libs.engine.profiles import HARDWARE, MODELS
+from libs.lab.demo import CASE_STUDY_THRESHOLD_TOKENS
 from libs.planner.search import PlanInputs, homogeneous, naive_heterogeneous, planned_threshold, search_prfaas_pd
 from libs.planner.workloads import CASE_STUDY_WORKLOAD
 
@@ -47,6 +48,7 @@ def test_case_study_reproduces_the_paper_derived_results(capsys):
     assert doc["ratios"]["prfaas_pd"] == pytest.approx(1.54, rel=0.01)
     assert doc["ratios"]["naive_heterogeneous"] == pytest.approx(1.16, rel=0.02)
     assert planned_threshold(case_study()) == pd["threshold_tokens"]  # what a router's PolicyConfig is given
+    assert pd["threshold_tokens"] == CASE_STUDY_THRESHOLD_TOKENS  # the lab demo scales prompt lengths by it
 
 
 def test_calibration_inputs_are_restated_not_derived(capsys):
