@@ -4,28 +4,26 @@
   Redis, and the index in its own process) + live view + policy, on a 32-instance view (8 PrfaaS
   prefill, 8 local prefill, 16 decode heartbeats), for 1K- and 32K-token prompts (targets at 32K:
   p50 <= 2 ms, p99 <= 10 ms).
-- ``overhead_c1`` / ``overhead_c50``: every service in its own process as
-  deployed (router, KV index, a prefill gateway with ``--prefill-instances`` simulated H200
-  instances, a simulated H20 decode gateway, the reference profile). The same prompts go through
-  the router (HTTP, streamed, time to the first SSE chunk) and straight to the gateways (both legs
-  sent by a stand-in caller on one NATS connection, time to the first token chunk); both clients
-  live in this process and keep the same number of requests in flight; rounds are interleaved.
-  ``c1``: one client. ``c50``: 50 clients send ``--c50-requests`` per round between them, each
-  its next request once its last one finished and a random think time passed (exponential, mean
-  0.1 s, the same draws on both paths); these requests decode 16 tokens of 100 ms steps, so the
-  gateways are busy but not saturated.
-  ``p50_ms`` / ``p99_ms`` are the router's percentile minus the direct one over all rounds
-  (target: ``overhead_c50.p50_ms`` <= 3), ``round_p50_ms`` the same per round (their spread is
-  the noise of the machine); ``net_p50_ms`` / ``net_round_p50_ms`` the same for TTFT less the time
-  the request waited where the router has no part, as the gateways report it (the prefill queue,
-  and the decode batch's next step and that step: the outcome event's ``queue_s`` and
-  ``first_step_s`` through the router, ``PrefillFinished`` and ``DecodeFinished`` direct), which
-  removes most of the spread at concurrency 50 (a router's delay in sending the prefill leg after
-  the reservation is counted in neither); and ``cpu_ms_per_request`` the CPU each process (this one is
-  ``bench``) spent per request on each path (the index also ingests the gateways' KV events on
-  both). ``decisions`` counts the router's decisions, those re-decided, and those made without
-  cache knowledge (the index failed or was late, or was not asked because nothing cached could
-  change the route).
+- ``overhead_c1`` / ``overhead_c50``: every service in its own process as deployed (router, KV
+  index, a prefill gateway with ``--prefill-instances`` simulated H200 instances, a simulated H20
+  decode gateway, the reference profile). The same prompts go through the router (HTTP, streamed,
+  time to the first SSE chunk) and straight to the gateways (both legs sent by a stand-in caller on
+  one NATS connection, time to the first token chunk); both clients live in this process and keep
+  the same number of requests in flight; rounds are interleaved. ``c1``: one client. ``c50``: 50
+  clients send ``--c50-requests`` per round between them, each its next request once its last one
+  finished and a random think time passed (exponential, mean 0.1 s, the same draws on both paths);
+  these requests decode 16 tokens of 100 ms steps, so the gateways are busy but not saturated.
+  ``p50_ms`` / ``p99_ms`` are the router's percentile minus the direct one over all rounds (target:
+  ``overhead_c50.p50_ms`` <= 3), ``round_p50_ms`` the same per round (their spread is the noise of
+  the machine); ``net_p50_ms`` / ``net_round_p50_ms`` the same for TTFT less the time the request
+  waited where the router has no part, as the gateways report it (the prefill queue, and the decode
+  batch's next step and that step: the outcome event's ``queue_s`` and ``first_step_s`` through the
+  router, ``PrefillFinished`` and ``DecodeFinished`` direct), which removes most of the spread at
+  concurrency 50 (a router's delay in sending the prefill leg after the reservation is counted in
+  neither); and ``cpu_ms_per_request`` the CPU each process (this one is ``bench``) spent per
+  request on each path (the index also ingests the gateways' KV events on both). ``decisions``
+  counts the router's decisions, those re-decided, and those made without cache knowledge (the index
+  failed or was late, or was not asked because nothing cached could change the route).
 
 ``--placement`` says which cores each process may run on (``os.sched_setaffinity``), the same for
 both paths. ``split`` (the default) is the deployment's: the router hosts' cores (the first half of
