@@ -42,7 +42,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from libs.common import subjects
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.errors import ConfigError, UpstreamTimeout
 from libs.common.messages import (
     Codec,
@@ -201,7 +201,7 @@ class Caller:
 
     async def __aenter__(self) -> Caller:
         self._sub = await self.nc.subscribe(f"{self.prefix}.>", cb=self._on_message)
-        await self.nc.flush()
+        await settle(self.nc)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

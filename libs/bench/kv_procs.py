@@ -24,7 +24,7 @@ from pathlib import Path
 import nats
 import numpy as np
 
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.state_parts import PartSpec, StatePart
 from libs.common.telemetry import setup_logging
 from libs.kvwire.format import DEFAULT_CHECKSUM, checksum_fn
@@ -174,7 +174,7 @@ async def core_nats_source(nc, subject: str, payload: memoryview, chunk_bytes: i
             credits.release()
 
     sub = await nc.subscribe(subject + ".credit", cb=on_credit)
-    await nc.flush()
+    await settle(nc)
     started = time.perf_counter()
     for offset in range(0, len(payload), chunk_bytes):
         await credits.acquire()
@@ -217,7 +217,7 @@ async def _core_sink(nc, subject: str, nbytes: int) -> None:
 
     data = await nc.subscribe(subject, cb=on_data, pending_bytes_limit=1 << 30)
     ready = await nc.subscribe(subject + ".ready", cb=on_ready)
-    await nc.flush()
+    await settle(nc)
     async with asyncio.timeout(DEADLINE_S):
         await done.wait()
     await data.unsubscribe()

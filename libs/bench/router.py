@@ -55,7 +55,7 @@ import nats.errors
 
 from libs.bench.gateways import Caller, GatewayProcess, gateway_env
 from libs.common import subjects
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.errors import ConfigError, UpstreamTimeout
 from libs.common.messages import (
     DecisionEvent,
@@ -221,7 +221,7 @@ async def _decision_case(nats_url: str, decisions: int) -> dict:
         await router.start()
         for load in _loads():
             await nc.publish(subjects.load(load.site, load.instance), encode(load))
-        await nc.flush()
+        await settle(nc)
         async with asyncio.timeout(60):
             while True:
                 if len(router.view.alive()) >= 32 and (await router.readiness())["index"]:

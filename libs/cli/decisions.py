@@ -14,7 +14,7 @@ import nats.errors
 from nats.js import api
 
 from libs.common import subjects
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.errors import BadRequest
 from libs.common.messages import DecisionEvent, OutcomeEvent, ThresholdChanged, analytics_event_decoder
 
@@ -91,7 +91,7 @@ async def _tail(args: argparse.Namespace) -> int:
     try:
         for subject in (f"{subjects.PREFIX}.decisions.{site}", f"{subjects.PREFIX}.outcomes.{site}", f"{subjects.PREFIX}.plans.{site}"):
             await nc.subscribe(subject, cb=show)
-        await nc.flush()
+        await settle(nc)
         await done.wait()
     finally:
         await nc.drain()

@@ -65,6 +65,18 @@ async def connect(
     return nc
 
 
+async def settle(nc: NatsClient, timeout_s: float = 5.0) -> None:
+    """Return once the server has processed every command sent on ``nc`` so far.
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of subscriptions and
+    messages still queued for its flusher task, so one PONG does not prove they arrived: a
+    subscription made just before may miss a message another connection publishes next. The
+    first round trip lets the flusher write the queue; the second PING leaves behind it.
+    """
+    await nc.flush(timeout=timeout_s)
+    await nc.flush(timeout=timeout_s)
+
+
 async def _retry(what: str, deadline_s: float, op):
     """Run ``op()`` until it succeeds, retrying while JetStream is not ready, until the deadline."""
     end = time.monotonic() + deadline_s

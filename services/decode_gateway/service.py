@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.entrypoint import run_service
 from libs.common.errors import BadRequest, NoCapacity, TransferFailed
 from libs.common.messages import InstanceLoad, KvManifest, encode
@@ -92,7 +92,7 @@ class DecodeGatewayService:
         self._subs.append(await self.nc.subscribe(subjects.JOB_CANCEL, cb=self._on_cancel))
         self._spawn(self._heartbeat())
         self._spawn(self._watch_leases())
-        await self.nc.flush()
+        await settle(self.nc)
         log.info("decode gateway started", extra={"site": cfg.site, "instance": cfg.instance, "backend": self.backend.name,
                                                   "tcp_port": self.tcp_port, "max_batch": self.max_batch})
 

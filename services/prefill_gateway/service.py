@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.entrypoint import run_service
 from libs.common.messages import encode
 from libs.common.telemetry import start_metrics_server
@@ -93,7 +93,7 @@ class PrefillGatewayService:
                                               cb=self._instance_handler(name)))
         self._subs.append(await subscribe(subjects.JOB_CANCEL, cb=self._on_cancel))
         self._spawn(self._heartbeat())
-        await self.nc.flush()
+        await settle(self.nc)
         log.info("prefill gateway started", extra={"site": cfg.site, "cluster": cfg.cluster,
                                                    "instances": ",".join(self.instances), "backend": cfg.backend.backend})
 

@@ -15,7 +15,7 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.entrypoint import run_service
 from libs.common.errors import PrfaasError
 from services.kv_index.client import KvIndexClient
@@ -91,7 +91,7 @@ class RouterService:
         self._subs.append(await self.nc.subscribe(subjects.LOAD_ALL, cb=self._on_load))
         self._subs.append(await self.nc.subscribe(subjects.LINK_ALL, cb=self._on_link))
         await self.mailbox.start()
-        await self.nc.flush(timeout=self.config.connect_timeout_s)
+        await settle(self.nc, self.config.connect_timeout_s)
         self.metrics.threshold.set(self.scheduler.policy.config.threshold_tokens)
         if self.config.replan_interval_s > 0:
             self.spawn(self.replanner.run())

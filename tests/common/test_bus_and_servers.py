@@ -9,7 +9,7 @@ import time
 import pytest
 from nats.js import api
 
-from libs.common.bus import connect, ensure_consumer, ensure_stream
+from libs.common.bus import connect, ensure_consumer, ensure_stream, settle
 from libs.common.errors import MissingBinary, UpstreamTimeout
 from libs.lab import servers
 from libs.lab.servers import NatsServer, free_port
@@ -95,3 +95,44 @@ def test_stopped_server_leaves_no_process(tmp_path):
     server.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def _recording_relay(upstream_port: int, sent: bytearray) -> asyncio.Server:
+    """A loopback relay to the server that keeps every byte the client sends, in order."""
+
+    async def pipe(reader, writer, record: bytearray | None) -> None:
+        try:
+            while data := await reader.read(65536):
+                if record is not None:
+                    record.extend(data)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def serve(client_r, client_w) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", upstream_port)
+        await asyncio.gather(pipe(client_r, server_w, sent), pipe(server_r, client_w, None))
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_settle_waits_for_a_pong_sent_after_the_new_subscription(nats_server):
+    """After ``settle`` the server has processed a subscription made just before (its PING left after the SUB)."""
+    sent = bytearray()
+    relay = await _recording_relay(nats_server.port, sent)
+    nc = await connect(f"nats://127.0.0.1:{relay.sockets[0].getsockname()[1]}", name="settle")
+    try:
+        async def ignore(msg) -> None:
+            pass
+
+        await nc.subscribe("settle.check", cb=ignore)
+        await settle(nc)
+        sub_at = sent.index(b"SUB settle.check")
+        assert sent.rfind(b"PING\r\n") > sub_at, "the last PING left before the SUB: its PONG proves nothing"
+    finally:
+        await nc.close()
+        relay.close()
+        await relay.wait_closed()

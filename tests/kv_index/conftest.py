@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from libs.common import subjects
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.messages import InstanceLoad, KvEvent, KvEventBatch, encode
 from libs.lab.servers import free_port
 from libs.lab.vllm_publisher import EnginePublisher
@@ -57,7 +57,7 @@ class Producer:
         """Publish one load heartbeat."""
         load = InstanceLoad(site=self.site, instance=self.instance, role="prefill", ts=time.time())
         await self.nc.publish(subjects.load(self.site, self.instance), encode(load))
-        await self.nc.flush()
+        await settle(self.nc)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, what: str = "condition") -> None:

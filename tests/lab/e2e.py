@@ -18,6 +18,7 @@ import nats
 import openai
 
 from libs.common import subjects
+from libs.common.bus import settle
 from libs.lab.wan_server import link_figures
 
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 45  # ~2,000 tokens: above the 1,212 threshold
@@ -69,7 +70,7 @@ class Events:
 
         await self.nc.subscribe(subjects.decisions(self.site), cb=on_decision)
         await self.nc.subscribe(subjects.outcomes(self.site), cb=on_outcome)
-        await self.nc.flush()
+        await settle(self.nc)
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from libs.common import subjects
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.messages import ErrorReply, InstanceLoad, encode
 from services.router.config import RouterConfig
 from services.router.service import RouterService
@@ -42,7 +42,7 @@ async def heartbeat(nc, *loads: InstanceLoad) -> None:
     """Publish heartbeats and wait until the server has them."""
     for ld in loads:
         await nc.publish(subjects.load(ld.site, ld.instance), encode(ld))
-    await nc.flush()
+    await settle(nc)
 
 
 async def until(check: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from libs.cli import main
 from libs.cli.decisions import parse_duration_s
+from libs.common.bus import settle
 from libs.common.errors import BadRequest
 from libs.common.messages import DecisionEvent, OutcomeEvent, RouteDecision
 from services.router.events import DecisionLog
@@ -45,7 +46,7 @@ async def test_summary_replays_the_stream(nc, nats_url):
     await log.outcome(_outcome("b", "local", 0.1, 0))
     await log.outcome(_outcome("c", "remote", 0.3, 1000))
     await log.close()  # the outcomes still waiting for a decision to travel with
-    await nc.flush()
+    await settle(nc)
     out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "libs.cli", "decisions", "summary", "--nats",
                                   nats_url, "--json", "--since", "5m"], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -12,7 +12,7 @@ import pytest
 from opentelemetry import trace
 
 from libs.common import subjects
-from libs.common.bus import connect
+from libs.common.bus import connect, settle
 from libs.common.messages import (
     DecisionEvent,
     OutcomeEvent,
@@ -67,7 +67,7 @@ async def events(supercluster):
 
     await nc.subscribe(subjects.decisions(PD), cb=keep)
     await nc.subscribe(subjects.outcomes(PD), cb=keep)
-    await nc.flush()
+    await settle(nc)
     try:
         yield got
     finally:
