@@ -153,7 +153,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: 200 only when the bus, the KV index and at least one decode instance answer."""
+    """``GET /readyz``: 200 only when the bus, the KV index, a decode instance and a prefill instance answer."""
     checks = await request.app[SERVICE].readiness()
     ready = all(checks.values())
     return _json({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)

@@ -135,7 +135,7 @@ class RouterService:
         return task
 
     async def readiness(self) -> dict[str, bool]:
-        """What ``/readyz`` checks: the bus, the KV index (a lookup answered in time), a live decode instance."""
+        """What ``/readyz`` checks: the bus, the KV index (a lookup answered in time), live decode and prefill instances."""
         index_ok = False
         if self.nc.is_connected:
             try:
@@ -143,8 +143,10 @@ class RouterService:
                 index_ok = True
             except PrfaasError:
                 index_ok = False
-        decode = any(ld.role == "decode" and ld.site == self.config.site for ld in self.view.alive())
-        return {"bus": self.nc.is_connected, "index": index_ok, "decode_instances": decode}
+        alive = self.view.alive()
+        decode = any(ld.role == "decode" and ld.site == self.config.site for ld in alive)
+        prefill = any(ld.role == "prefill" for ld in alive)
+        return {"bus": self.nc.is_connected, "index": index_ok, "decode_instances": decode, "prefill_instances": prefill}
 
     async def _on_load(self, msg) -> None:
         await handle_load(self, msg)

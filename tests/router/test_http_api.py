@@ -38,16 +38,22 @@ async def test_an_unknown_path_is_a_404_in_openai_shape(start_router):
 
 
 async def test_health_and_readiness(start_router, nc, kv_index, redis_server):
-    """/healthz is always up; /readyz needs the index and a live decode instance."""
+    """/healthz is always up; /readyz needs the index, a live decode instance and a live prefill instance."""
     svc = await start_router(instance_ttl_s=0.5)
     async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         async with http.get(svc.url + "/healthz") as r:
             assert r.status == 200
         async with http.get(svc.url + "/readyz") as r:
             body = await r.json()
-            assert r.status == 503 and body["checks"] == {"bus": True, "index": True, "decode_instances": False}
+            assert r.status == 503 and body["checks"] == {"bus": True, "index": True, "decode_instances": False,
+                                                          "prefill_instances": False}  # fmt: skip
         await heartbeat(nc, load("d0"))
         await until(lambda: svc.view.alive(), what="decode heartbeat")
+        async with http.get(svc.url + "/readyz") as r:  # nothing could prefill a request yet
+            body = await r.json()
+            assert r.status == 503 and body["checks"]["decode_instances"] and not body["checks"]["prefill_instances"]
+        await heartbeat(nc, load("d0"), load("p-remote", role="prefill", site=PRFAAS))
+        await until(lambda: len(svc.view.alive()) == 2, what="prefill heartbeat")
         async with http.get(svc.url + "/readyz") as r:
             assert r.status == 200, await r.text()
         redis_server.stop()
