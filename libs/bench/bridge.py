@@ -17,19 +17,15 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
-from libs.common.bus import connect
 from libs.common.errors import BadRequest
 from libs.common.hashing import hash_list
 from libs.lab.servers import NatsServer, RedisServer, free_port
 from libs.lab.vllm_publisher import EnginePublisher, store
 from services.kv_index.client import KvIndexClient
 from services.kv_index.config import KvIndexConfig, parse_zmq_endpoints
-from services.kv_index.service import KvIndexService
+from services.kv_index.service import start_in_process
 
 BLOCKS_PER_BATCH = 2  # of ours, i.e. 8 engine blocks of 16 tokens
 
@@ -39,22 +35,6 @@ def _index_config(nats_url: str, redis_url: str, **overrides) -> KvIndexConfig:
     base = dict(nats_url=nats_url, redis_url=redis_url, lookup_timeout_s=0.5, redis_timeout_s=0.3,
                 fetch_timeout_s=0.2, retry_backoff_max_s=0.2)  # fmt: skip
     return KvIndexConfig(**(base | overrides))
-
-
-async def _start_index(config: KvIndexConfig) -> tuple[KvIndexService, Callable[[], Awaitable[None]]]:
-    """An index service in this process; returns it and an async closer."""
-    nc = await connect(config.nats_url, name="kv_index-bench")
-    r = aioredis.Redis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
-                                socket_connect_timeout=config.redis_timeout_s, retry=None)  # fmt: skip
-    service = KvIndexService(nc, r, config)
-    await service.start()
-
-    async def close() -> None:
-        await service.stop()
-        await nc.drain()
-        await r.aclose()
-
-    return service, close
 
 
 class _Prompts:
@@ -125,7 +105,7 @@ async def _run(rounds: int, buffered: int, workdir: Path) -> dict:
         engines += [with_replay, without]
         endpoints = parse_zmq_endpoints((with_replay.endpoint("dc", "replay"), without.endpoint("dc", "plain")))
         config = _index_config(nats.url, redis.url, zmq_endpoints=endpoints, zmq_heartbeat_s=0.1)
-        service, close = await _start_index(config)
+        service, close = await start_in_process(config, "kv_index-bench")
         client = KvIndexClient(service.nc, timeout_s=5.0)
         prompts = _Prompts()
         try:
@@ -176,15 +156,16 @@ async def _first_contact(nats_url: str, redis_url: str, engines: list, prompts: 
         endpoints = parse_zmq_endpoints((engine.endpoint("dc", f"buffered-{r}"),))
         start = time.perf_counter()
         config = _index_config(nats_url, redis_url, zmq_endpoints=endpoints, zmq_heartbeat_s=0.1, lookup_timeout_s=5.0, redis_timeout_s=5.0)
-        service, close = await _start_index(config)
+        service, close = await start_in_process(config, "kv_index-bench")
+        client = KvIndexClient(service.nc, timeout_s=10.0)
         try:
-            await _until_found(KvIndexClient(service.nc, timeout_s=10.0), f"buffered-{r}", last, latencies=lookups)
+            await _until_found(client, f"buffered-{r}", last, latencies=lookups)
             replayed.append(time.perf_counter() - start)
             batches = [[store(prompts.take())] for _ in range(buffered)]
             last = batches[-1][0]["tokens"]
             start = time.perf_counter()
             await engine.send_many(batches)
-            await _until_found(KvIndexClient(service.nc, timeout_s=10.0), f"buffered-{r}", last)
+            await _until_found(client, f"buffered-{r}", last)
             live.append(time.perf_counter() - start)
         finally:
             await close()

@@ -2,8 +2,9 @@
 
 Prompt lengths follow the paper's case-study workload (log-normal, median ~19.9K tokens) scaled by
 ``--length-scale``; by default by the lab's offload threshold over the case study's (1/16 for the
-default topology, 1 for ``case-study``), so about half of the prompts go remote, as in the paper. A quarter of the requests ask again about an earlier document, so prefix
-caches get hits. Starts the default lab if none runs in the run directory, and stops what it started.
+default topology, 1 for ``case-study``), so about half of the prompts go remote, as in the paper.
+A quarter of the requests ask again about an earlier document, so prefix caches get hits. Starts
+the default lab if none runs in the run directory, and stops what it started.
 """
 
 from __future__ import annotations

@@ -285,14 +285,31 @@ async def _wait_for_redis(client: aioredis.Redis, config: KvIndexConfig) -> None
         await asyncio.sleep(0.1)
 
 
+def open_redis(config: KvIndexConfig) -> aioredis.Redis:
+    """The index's Redis client: every call bounded by ``redis_timeout_s``, no retries of its own."""
+    return aioredis.Redis.from_url(
+        config.redis_url, socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s, retry=None
+    )
+
+
+async def start_in_process(config: KvIndexConfig, client_name: str) -> tuple[KvIndexService, Callable[[], Awaitable[None]]]:
+    """Connect and start an index in this process (tests, benchmarks); returns it and an async closer."""
+    nc = await connect(config.nats_url, name=client_name)
+    r = open_redis(config)
+    service = KvIndexService(nc, r, config)
+    await service.start()
+
+    async def close() -> None:
+        await service.stop()
+        await nc.drain()
+        await r.aclose()
+
+    return service, close
+
+
 async def run(config: KvIndexConfig, stop: asyncio.Event) -> None:
     """Connect (Redis, then NATS), serve until ``stop`` is set, then drain."""
-    redis_client = aioredis.Redis.from_url(
-        config.redis_url,
-        socket_timeout=config.redis_timeout_s,
-        socket_connect_timeout=config.redis_timeout_s,
-        retry=None,
-    )
+    redis_client = open_redis(config)
     try:
         await _wait_for_redis(redis_client, config)
         nc = await connect(config.nats_url, name="kv_index", connect_timeout_s=config.connect_timeout_s)

@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-import redis.asyncio as aioredis
 
 from libs.common import subjects
 from libs.common.bus import connect, settle
@@ -16,7 +15,7 @@ from libs.lab.servers import free_port
 from libs.lab.vllm_publisher import EnginePublisher
 from services.kv_index.client import KvIndexClient
 from services.kv_index.config import KvIndexConfig
-from services.kv_index.service import KvIndexService
+from services.kv_index.service import KvIndexService, start_in_process
 
 
 def index_config(nats_url: str, redis_url: str, **overrides) -> KvIndexConfig:
@@ -27,18 +26,8 @@ def index_config(nats_url: str, redis_url: str, **overrides) -> KvIndexConfig:
 
 
 async def start_index(config: KvIndexConfig) -> tuple[KvIndexService, Callable[[], Awaitable[None]]]:
-    """Connect clients and start a service; returns it and an async closer."""
-    nc = await connect(config.nats_url, name="kv_index-test")
-    r = aioredis.Redis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s, retry=None)
-    service = KvIndexService(nc, r, config)
-    await service.start()
-
-    async def close() -> None:
-        await service.stop()
-        await nc.drain()
-        await r.aclose()
-
-    return service, close
+    """An index service in this process; returns it and an async closer."""
+    return await start_in_process(config, "kv_index-test")
 
 
 class Producer:
