@@ -19,7 +19,7 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
-from libs.common.bus import connect, ensure_consumer, ensure_stream
+from libs.common.bus import connect, ensure_consumer, ensure_stream, settle
 from libs.common.entrypoint import run_service
 from libs.common.errors import BadRequest, UpstreamTimeout
 from libs.common.messages import KvSnapshotRequest, encode
@@ -90,6 +90,7 @@ class KvIndexService:
         )
         self._subs.append(await self.nc.subscribe(subjects.KV_LOOKUP, queue=QUEUE_GROUP, cb=self._on_lookup))
         self._subs.append(await self.nc.subscribe(subjects.LOAD_ALL, queue=QUEUE_GROUP, cb=self._on_load))
+        await settle(self.nc, self.config.connect_timeout_s)  # started means heartbeats and lookups reach it
         self._spawn(self._supervise("ingest", self._ingest))
         self._spawn(self._supervise("forget", self._forget_silent))
         if self.config.zmq_endpoints:
