@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Use the running lab (or start the default one), drive the traffic, print the table, stop what it started."""
-    if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or (args.length_scale or 1) <= 0:
+    bad_scale = args.length_scale is not None and args.length_scale <= 0
+    if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or bad_scale:
         raise BadRequest("--requests, --concurrency and --max-tokens must be >= 1 and --length-scale > 0")
     status = running_status(args.run_dir)
     started_here = status is None
@@ -113,7 +114,7 @@ def prompts(n: int, scale: float, seed: int, max_tokens: int) -> list[tuple[int,
 
 async def _drive(status: dict, args: argparse.Namespace) -> dict:
     router_site = next(site for site, url in status["routers"].items() if url == status["router_url"])
-    scale = args.length_scale or length_scale(status)
+    scale = length_scale(status) if args.length_scale is None else args.length_scale
     print(f"prompt lengths: the case study's x {scale:.4g}", file=sys.stderr, flush=True)
     messages = prompts(args.requests, scale, args.seed, max_tokens=_max_prompt(status))
     wan_before = _wan_bytes(status)
