@@ -284,6 +284,9 @@ AnalyticsEvent = DecisionEvent | OutcomeEvent | ThresholdChanged
 # --- Jobs: router -> decode gateway (reservation) -> prefill gateway -> KV -> tokens --------
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
+
 class Sampling(msgspec.Struct, kw_only=True, frozen=True):
     """How to pick tokens: greedy when ``temperature`` is 0, else temperature and top-p from ``seed``."""
 
@@ -293,8 +296,11 @@ class Sampling(msgspec.Struct, kw_only=True, frozen=True):
     stop: tuple[str, ...] = ()  # stop sequences (text); the matched text is not returned
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the request (not returned), like EOS
     ignore_eos: bool = False
+    logprobs: int | None = None  # return each token's log probability with this many top alternatives
 
     def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"sampling.logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if not self.temperature >= 0:
             raise BadRequest(f"sampling.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -384,12 +390,22 @@ class PrefillFinished(_Msg, tag="prefill.finished.v1"):
     sent_bytes: int
 
 
+class TokenLogprob(msgspec.Struct, kw_only=True, frozen=True):
+    """A generated token's log probability under the model's raw logits, and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top_ids: tuple[int, ...] = ()  # most likely first
+    top_logprobs: tuple[float, ...] = ()
+
+
 class TokenChunk(_Msg, tag="decode.tokens.v1"):
     """Tokens released by one decode step (``index`` counts chunks of the request from 0)."""
 
     request_id: str
     index: int
     token_ids: list[int]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token when the job's sampling asks for them
 
 
 class DecodeTimings(msgspec.Struct, kw_only=True, frozen=True):

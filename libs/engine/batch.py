@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from libs.common.errors import BadRequest
-from libs.engine.sampling import DecodeOutput, Sampler, Sampling, StopRules
+from libs.engine.sampling import DecodeOutput, Sampler, Sampling, StopRules, token_logprob
 from libs.engine.state import RequestState
 
 if TYPE_CHECKING:
@@ -22,6 +22,14 @@ class DecodeSequence:
         self.state = state
         self.sampler = Sampler(sampling)
         self.rules = StopRules(sampling, max_tokens, eos_id)
+        self.top_logprobs = sampling.logprobs
+
+    def sample(self) -> tuple[int, DecodeOutput]:
+        """The next token, sampled from the last logits, and what the stop rules release with it."""
+        logits = self.state.logits
+        token = self.sampler.pick(logits)
+        logprob = None if self.top_logprobs is None else token_logprob(logits, token, self.top_logprobs)
+        return token, self.rules.accept(token, logprob)
 
     @property
     def finished(self) -> bool:
@@ -33,8 +41,7 @@ def decode_step(model: ReferenceModel, sequences: list[DecodeSequence]) -> list[
     """Sample one token per sequence from its last logits, then feed the unfinished ones together."""
     outputs, fed, fed_tokens = [], [], []
     for seq in sequences:
-        token = seq.sampler.pick(seq.state.logits)
-        out = seq.rules.accept(token)
+        token, out = seq.sample()
         outputs.append(out)
         if out.finish_reason is None:
             fed.append(seq.state)

@@ -3,7 +3,11 @@
 Each layer is ``x += mixer(rms(x)); x += reglu(rms(x))`` (ReGLU: ``relu(x W_g) * (x W_u)``). Mixers are gated delta-rule linear
 attention (per-channel decay, KDA-like; see ``delta_rule``) in 3 of every 4 layers and causal GQA
 full attention without positional encoding (like Kimi Linear's MLA layers; see ``attention``) in
-the others. Logits come from an untied output head.
+the others. Each mixer's output is normalised per head (unit RMS, as Gated DeltaNet and Kimi
+Linear do) before its output projection, so what attention and the recurrence read from the state
+reaches the residual stream at ``mixer_gain`` whatever the prompt's length: the next token depends on
+every layer's state and on every block of the prompt (tests/engine/test_witness.py pins it). Logits
+come from an untied output head.
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ def _unit_inplace(x: np.ndarray) -> np.ndarray:
     norm = np.sqrt(np.einsum("...d,...d->...", x, x) + np.float32(_EPS))
     x /= norm[..., None]
     return x
+
+
+def _head_norm(o: np.ndarray, n_heads: int) -> np.ndarray:
+    """Mixer outputs (rows, n_heads * d) with each head's vector scaled to unit RMS, in place (as Gated DeltaNet's output norm)."""
+    heads = o.reshape(len(o), n_heads, -1)
+    ms = np.einsum("thd,thd->th", heads, heads) / np.float32(heads.shape[2])
+    heads *= (1.0 / np.sqrt(ms + np.float32(_EPS)))[..., None]
+    return o
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -126,11 +138,12 @@ class ReferenceModel:
         self, layer: int, lw: LayerWeights, x: np.ndarray, prefix_kv: tuple[np.ndarray, np.ndarray] | None
     ) -> LayerResult:
         """A full-attention layer over all rows of ``x`` (in place), keys and values after any prefix."""
+        cfg = self.config
         q, k, v = self._qkv(_rms(x) @ lw.mixer.w_qkv, len(x))
         if prefix_kv is not None:
             k = np.concatenate([prefix_kv[0], k])
             v = np.concatenate([prefix_kv[1], v])
-        x += attention.causal_prefill(q, k, v) @ lw.mixer.w_out
+        x += _head_norm(attention.causal_prefill(q, k, v), cfg.n_heads) @ lw.mixer.w_out
         self._mlp(x, lw)
         return LayerResult(layer, [StatePart(layer, "attn_kv", "k", k), StatePart(layer, "attn_kv", "v", v)], [])
 
@@ -181,7 +194,7 @@ class ReferenceModel:
             q, k, v, g, beta = self._linear_inputs(lw.mixer, xs)
             out, slab_states = delta_rule.chunked_prefill(q, k, v, g, beta, states[r0 // c], c)
             states[r0 // c + 1 : r0 // c + len(slab_states)] = slab_states[1:]
-            xs += out.reshape(len(xs), -1) @ lw.mixer.w_out
+            xs += _head_norm(out.reshape(len(xs), -1), cfg.n_heads) @ lw.mixer.w_out
             self._mlp(xs, lw)
         bs = cfg.block_size
         end = start + len(x)
@@ -225,7 +238,7 @@ class ReferenceModel:
                 for i, st in enumerate(states):
                     st.linear[layer] = s[i]
                 out = out.reshape(batch, -1)
-            x += out @ lw.mixer.w_out
+            x += _head_norm(out, cfg.n_heads) @ lw.mixer.w_out
             self._mlp(x, lw)
         logits = _rms(x) @ self.weights.unembedding + self.weights.output_bias
         for i, st in enumerate(states):

@@ -27,6 +27,9 @@ class ReferenceConfig:
     chunk_size: int = 64  # linear-attention prefill chunk; a power of two dividing block_size
     qk_scale: float = 8.0  # full attention scores are qk_scale * cos(q, k), so |score| <= qk_scale
     max_log_decay: float = 1.0  # per-token log decay of the linear state lies in (-max_log_decay, 0)
+    # RMS of each mixer's (attention or linear) contribution to the residual stream, relative to the
+    # embedding's 1: large enough that the next token depends on every layer's state and every block.
+    mixer_gain: float = 0.5
     max_prompt_tokens: int = 32768  # longest prompt a gateway accepts (no positions: a serving limit)
 
     def __post_init__(self) -> None:
@@ -36,6 +39,8 @@ class ReferenceConfig:
             raise ConfigError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.chunk_size * self.max_log_decay > 80:  # exp(+-80) stays inside float32
             raise ConfigError(f"chunk_size * max_log_decay = {self.chunk_size * self.max_log_decay} exceeds 80")
+        if not 0 < self.mixer_gain <= 4:
+            raise ConfigError(f"mixer_gain={self.mixer_gain} must lie in (0, 4]")
         if not 0 < self.qk_scale <= 64:  # a sum of a million exp(qk_scale) stays inside float32
             raise ConfigError(f"qk_scale={self.qk_scale} must lie in (0, 64]")
 

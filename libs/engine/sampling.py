@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 
 from libs.common.errors import BadRequest
-from libs.common.messages import Sampling
+from libs.common.messages import Sampling, TokenLogprob
 from libs.engine.tokenizer import ByteTokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -20,6 +20,17 @@ class DecodeOutput:
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per released token when the sampling asks for them
+
+
+def token_logprob(logits: np.ndarray, token_id: int, top: int) -> TokenLogprob:
+    """``token_id``'s log probability under ``logits`` (log-softmax in float64) and the ``top`` most likely ids."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    logp = z - np.log(np.exp(z).sum())
+    top_ids = np.argsort(-logp, kind="stable")[:top]
+    return TokenLogprob(token_id=token_id, logprob=float(logp[token_id]),
+                        top_ids=tuple(int(i) for i in top_ids), top_logprobs=tuple(float(logp[i]) for i in top_ids))
 
 
 class Sampler:
@@ -58,24 +69,24 @@ class StopRules:
             self._stop_ids.add(eos_id)
         self._max_tokens = max_tokens
         self._pending: list[int] = []
+        self._pending_logprobs: list[TokenLogprob] = []  # beside ``_pending`` when logprobs are asked for
         self.n_generated = 0
         self.finish_reason: FinishReason | None = None
 
-    def accept(self, token: int) -> DecodeOutput:
-        """Take one sampled token and say which tokens may be released now."""
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> DecodeOutput:
+        """Take one sampled token (and its log probability, if asked for) and say which tokens may be released now."""
         self.n_generated += 1
         if token in self._stop_ids:
-            return self._finish("stop", self._pending)
+            return self._finish("stop", len(self._pending))
         self._pending.append(token)
+        if logprob is not None:
+            self._pending_logprobs.append(logprob)
         for seq in self._stop_seqs:
             if self._pending[-len(seq) :] == seq:
-                return self._finish("stop", self._pending[: -len(seq)])
+                return self._finish("stop", len(self._pending) - len(seq))
         if self.n_generated >= self._max_tokens:
-            return self._finish("length", self._pending)
-        held = self._held_back()
-        released = self._pending[: len(self._pending) - held]
-        self._pending = self._pending[len(released) :]
-        return DecodeOutput(released)
+            return self._finish("length", len(self._pending))
+        return self._release(len(self._pending) - self._held_back())
 
     def _held_back(self) -> int:
         """Length of the longest tail of pending tokens that could still start a stop sequence."""
@@ -85,7 +96,15 @@ class StopRules:
                 return n
         return 0
 
-    def _finish(self, reason: FinishReason, released: list[int]) -> DecodeOutput:
+    def _release(self, n: int, reason: FinishReason | None = None) -> DecodeOutput:
+        """The first ``n`` pending tokens (and their log probabilities), no longer pending."""
+        out = DecodeOutput(self._pending[:n], reason, tuple(self._pending_logprobs[:n]))
+        del self._pending[:n], self._pending_logprobs[:n]
+        return out
+
+    def _finish(self, reason: FinishReason, released: int) -> DecodeOutput:
         self.finish_reason = reason
-        self._pending = []
-        return DecodeOutput(list(released), reason)
+        out = self._release(released, reason)
+        self._pending.clear()
+        self._pending_logprobs.clear()
+        return out

@@ -20,6 +20,7 @@ import numpy as np
 
 from libs.common.errors import BadRequest, NoCapacity, TransferFailed
 from libs.common.hashing import DEFAULT_BLOCK_SIZE, hash_list
+from libs.common.messages import TokenLogprob
 from libs.common.state_parts import PartSpec, StatePart
 from libs.engine.backends import DEFAULT_CACHE_BYTES, BackendLoad, Restored, check_layout, check_skip
 from libs.engine.cache import PrefixCache
@@ -240,7 +241,8 @@ class SimulatedBackend:
         """Deterministic text tokens at the modelled step time of the current batch size."""
         if self.max_batch < 1:
             raise NoCapacity(f"{self.model.name} cannot decode on {self.hardware.name}")
-        sequence = _SimSequence(restored.request_id, StopRules(sampling or Sampling(), max_tokens, _EOS_NEVER))
+        sampling = sampling or Sampling()
+        sequence = _SimSequence(restored.request_id, StopRules(sampling, max_tokens, _EOS_NEVER), sampling.logprobs)
         async for out in self._decoder.run(sequence):
             yield out
 
@@ -269,13 +271,17 @@ class SimulatedBackend:
 
 
 class _SimSequence:
-    """A simulated request: its tokens cycle through a fixed text from an offset set by its id."""
+    """A simulated request: its tokens cycle through a fixed text from an offset set by its id (each one certain)."""
 
-    def __init__(self, request_id: str, rules: StopRules) -> None:
+    def __init__(self, request_id: str, rules: StopRules, top_logprobs: int | None) -> None:
         self.rules = rules
+        self.top_logprobs = top_logprobs
         self._pos = _seed(request_id, "decode") % len(_TEXT)
 
     def next(self) -> DecodeOutput:
         token = _TEXT[self._pos % len(_TEXT)]
         self._pos += 1
-        return self.rules.accept(token)
+        if self.top_logprobs is None:
+            return self.rules.accept(token)
+        top = (token,)[: self.top_logprobs]
+        return self.rules.accept(token, TokenLogprob(token_id=token, logprob=0.0, top_ids=top, top_logprobs=(0.0,) * len(top)))

@@ -51,6 +51,7 @@ def init_weights(config: ReferenceConfig) -> ReferenceWeights:
     rng = np.random.default_rng(config.seed)
     d, h, hd = config.d_model, config.n_heads, config.head_dim
     residual_scale = 1.0 / np.sqrt(2 * config.n_layers)
+    mixer_gain = config.mixer_gain  # mixer outputs are unit-RMS per head (the model's output norm)
 
     def normal(rows: int, cols: int, scale: float) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
@@ -61,7 +62,7 @@ def init_weights(config: ReferenceConfig) -> ReferenceWeights:
         if config.is_full_attention(layer):
             mixer: LinearMixerWeights | AttentionWeights = AttentionWeights(
                 w_qkv=normal(d, (h + 2 * config.n_kv_heads) * hd, d**-0.5),
-                w_out=normal(h * hd, d, (h * hd) ** -0.5 * residual_scale),
+                w_out=normal(h * hd, d, (h * hd) ** -0.5 * mixer_gain),
             )
         else:
             mixer = LinearMixerWeights(
@@ -69,7 +70,7 @@ def init_weights(config: ReferenceConfig) -> ReferenceWeights:
                 # Per-channel decay biases spread memory time scales from ~2 to ~150 tokens.
                 b_decay=rng.uniform(-5.0, 0.0, h * hd).astype(np.float32),
                 b_beta=np.zeros(h, dtype=np.float32),
-                w_out=normal(h * hd, d, (h * hd) ** -0.5 * residual_scale),
+                w_out=normal(h * hd, d, (h * hd) ** -0.5 * mixer_gain),
             )
         layers.append(
             LayerWeights(

@@ -91,7 +91,8 @@ async def _serve(svc: DecodeGatewayService, res: Reservation) -> DecodeFinished:
             svc.metrics.first_token_seconds.observe(first_at - res.reserved_at)
         res.generated += 1
         if out.token_ids:
-            await _publish(svc, job.reply_subject, TokenChunk(request_id=job.request_id, index=index, token_ids=out.token_ids))
+            await _publish(svc, job.reply_subject, TokenChunk(request_id=job.request_id, index=index, token_ids=out.token_ids,
+                                                                   logprobs=out.logprobs))
             index += 1
             svc.metrics.tokens.inc(len(out.token_ids))
         if out.finish_reason is not None:
