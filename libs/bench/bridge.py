@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from libs.bench.targets import conclude
 from libs.common.errors import BadRequest
 from libs.common.hashing import hash_list
 from libs.lab.servers import NatsServer, RedisServer, free_port
@@ -185,20 +185,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start servers, engines and the index, measure every path, print the figures."""
+    """Start servers, engines and the index, measure every path, print the figures and verdicts (exit 1 on a miss)."""
     if args.rounds < 1 or args.buffered < 1:
         raise BadRequest(f"--rounds and --buffered must be >= 1, got {args.rounds} and {args.buffered}")
     with tempfile.TemporaryDirectory(prefix="prfaas-bench-bridge-") as workdir:
         figures = asyncio.run(_run(args.rounds, args.buffered, Path(workdir)))
     figures |= {"rounds": args.rounds, "buffered": args.buffered}
-    if args.json:
-        print(json.dumps(figures))
-        return 0
-    print(_line("normal path (baseline)", figures["normal"]))
-    print(_line("gap repaired from the replay socket", figures["repaired"], "the normal path"))
-    print(_line("gap without replay socket: reset", figures["reset"], "the normal path"))
-    print(_line("lookups, bridge idle (baseline)", figures["lookups_idle"]))
-    print(_line(f"{args.buffered} batches arriving live (baseline)", figures["live"]))
-    print(_line(f"first contact replaying {args.buffered} batches", figures["first_contact_replay"], "the live batches"))
-    print(_line("lookups during the replay", figures["lookups_during_replay"]))
-    return 0
+    rows = [
+        _line("normal path (baseline)", figures["normal"]),
+        _line("gap repaired from the replay socket", figures["repaired"], "the normal path"),
+        _line("gap without replay socket: reset", figures["reset"], "the normal path"),
+        _line("lookups, bridge idle (baseline)", figures["lookups_idle"]),
+        _line(f"{args.buffered} batches arriving live (baseline)", figures["live"]),
+        _line(f"first contact replaying {args.buffered} batches", figures["first_contact_replay"], "the live batches"),
+        _line("lookups during the replay", figures["lookups_during_replay"]),
+    ]
+    return conclude(args, figures, "\n".join(rows))

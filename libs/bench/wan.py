@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from libs.bench.targets import conclude
+from libs.common.errors import ConfigError
 from libs.lab.servers import free_port
 from libs.lab.wan_probe import EchoServer, ping_rtts_ms
 from libs.lab.wan_server import change_link, link_figures
@@ -40,30 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Measure and print the figures."""
+    """Measure and print the figures with their verdicts (exit 1 on a miss)."""
     try:
         set_gbps = [float(g) for g in args.gbps.split(",")]
     except ValueError:
-        raise SystemExit(f"prfaas bench wan: --gbps {args.gbps!r}: expected comma-separated numbers") from None
+        raise ConfigError(f"--gbps {args.gbps!r}: expected comma-separated numbers") from None
     if any(g <= 0 for g in set_gbps) or args.rounds < 1 or args.connections < 1 or args.rtt_ms < 0:
-        raise SystemExit("prfaas bench wan: --gbps > 0, --rtt-ms >= 0, --rounds >= 1 and --connections >= 1")
+        raise ConfigError("--gbps > 0, --rtt-ms >= 0, --rounds >= 1 and --connections >= 1")
     figures = _bench(args, set_gbps)
-    if args.json:
-        print(json.dumps(figures, indent=2))
-        return 0
     base = figures["baseline"]
-    print(f"direct loopback (baseline)  {base['gbps']:7.2f} Gbps  range {_range(base['gbps_range'])}  "
-          f"rtt {base['rtt_ms']:.3f} ms")  # fmt: skip
-    print(f"relay ceiling (no limit)    {figures['ceiling_gbps']:7.2f} Gbps  range {_range(figures['ceiling_range'])}  "
-          f"= {figures['ceiling_gbps'] / base['gbps']:.2f} of baseline")  # fmt: skip
-    for b in figures["bandwidth"]:
-        print(f"set {b['set_gbps']:6.2f} Gbps            {b['achieved_gbps']:7.2f} Gbps  range {_range(b['range'])}  "
-              f"= {b['ratio']:.3f} of set (target 0.95-1.05)")  # fmt: skip
+    rows = [f"direct loopback (baseline)  {base['gbps']:7.2f} Gbps  range {_range(base['gbps_range'])}  "
+            f"rtt {base['rtt_ms']:.3f} ms",
+            f"relay ceiling (no limit)    {figures['ceiling_gbps']:7.2f} Gbps  range {_range(figures['ceiling_range'])}  "
+            f"= {figures['ceiling_gbps'] / base['gbps']:.2f} of baseline"]  # fmt: skip
+    rows += [f"set {b['set_gbps']:6.2f} Gbps            {b['achieved_gbps']:7.2f} Gbps  range {_range(b['range'])}  "
+             f"= {b['ratio']:.3f} of set" for b in figures["bandwidth"]]  # fmt: skip
     d = figures["delay"]
-    print(f"set rtt {d['set_rtt_ms']:.1f} ms              {d['achieved_rtt_ms']:7.2f} ms    range {_range(d['range_ms'])}  "
-          f"(target within 2 ms)")  # fmt: skip
-    print(f"{figures['connections']} connections, {figures['rounds']} rounds, medians", file=sys.stderr)
-    return 0
+    rows.append(f"set rtt {d['set_rtt_ms']:.1f} ms              {d['achieved_rtt_ms']:7.2f} ms    range {_range(d['range_ms'])}")
+    rows.append(f"{figures['connections']} connections, {figures['rounds']} rounds, medians")
+    return conclude(args, figures, "\n".join(rows))
 
 
 def _range(r: list[float]) -> str:
@@ -90,6 +87,7 @@ def _bench(args: argparse.Namespace, set_gbps: list[float]) -> dict:
         rtt_relay = stack.enter_context(_Relay(echo.port, gbps=max(set_gbps), rtt_ms=args.rtt_ms))
         direct_rtts = ping_rtts_ms(("127.0.0.1", echo.port), args.pings)
         relay_rtts = ping_rtts_ms(("127.0.0.1", rtt_relay.port), args.pings)
+    ratios = [statistics.median(runs) / g for g, runs in achieved.items()]
     return {
         "bandwidth": [
             {
@@ -101,9 +99,11 @@ def _bench(args: argparse.Namespace, set_gbps: list[float]) -> dict:
             }
             for g, runs in achieved.items()
         ],
+        "bandwidth_ratio": {"min": min(ratios), "max": max(ratios)},  # the worst set bandwidths, either side
         "delay": {
             "set_rtt_ms": args.rtt_ms,
             "achieved_rtt_ms": statistics.median(relay_rtts),
+            "error_ms": abs(statistics.median(relay_rtts) - args.rtt_ms),
             "range_ms": [min(relay_rtts), max(relay_rtts)],
         },
         "ceiling_gbps": statistics.median(ceiling),
