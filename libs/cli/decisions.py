@@ -32,7 +32,8 @@ def parse_duration_s(text: str) -> float:
 
 def add_parser(subparsers) -> None:
     """Register ``decisions tail`` and ``decisions summary``."""
-    parser = subparsers.add_parser("decisions", help="routing decision and outcome events (live or replayed)")
+    parser = subparsers.add_parser("decisions", description="The routers' decision and outcome events, live or replayed "
+                                   "from PRFAAS_DECISIONS (at a running lab's router site unless --nats names one).")  # fmt: skip
     sub = parser.add_subparsers(dest="decisions_command", required=True, metavar="ACTION")
     tail = sub.add_parser("tail", help="print decisions and outcomes as they happen, one line each")
     tail.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL")

@@ -17,7 +17,7 @@ from services.kv_index.client import KvIndexClient
 
 def add_parser(subparsers) -> None:
     """Register ``index lookup``."""
-    index = subparsers.add_parser("index", help="query the KV index")
+    index = subparsers.add_parser("index", description="Query the KV index: where a prompt's prefix is cached.")
     verbs = index.add_subparsers(dest="verb", required=True, metavar="VERB")
     lookup = verbs.add_parser("lookup", help="print, as JSON, the usable prefix per site and instance for a prompt")
     lookup.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL of any site (default %(default)s)")

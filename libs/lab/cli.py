@@ -1,27 +1,26 @@
-"""``prfaas lab up|status|down|demo|link|compose``: run a multi-site lab natively, drive it, change its links, render compose."""
+"""``prfaas lab up|status|down|demo|link|compose``: run a multi-site lab natively, drive it, change its links, render compose.
+
+The verbs' flags are all defined here; ``up``, ``demo`` and ``compose`` import their modules (the supervisor,
+the OpenAI client, the topology models) only when they run, so ``status``, ``down`` and ``link`` start quickly.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
 from libs.common.errors import BadRequest, NotFound, UpstreamTimeout
-from libs.lab import demo
-from libs.lab.compose import render, write
-from libs.lab.demo import run_demo
 from libs.lab.runstate import alive, default_run_dir, read_status, running_status, stop_lab
-from libs.lab.topology import load_topology
-from libs.lab.up import DEMO_PROMPT, run_up
 from libs.lab.wan_server import change_link, link_figures
-
-__all__ = ["DEMO_PROMPT", "add_parser"]  # DEMO_PROMPT: the system prompt the lab's hints use
 
 
 def add_parser(subparsers) -> None:
     """Register ``lab`` and its verbs."""
-    lab = subparsers.add_parser("lab", help="run a multi-site lab on this machine (NATS, Redis, services, WAN links)")
+    lab = subparsers.add_parser("lab", description="Run a multi-site lab on this machine (NATS, Redis, services, WAN "
+                                "links), drive it, change its links, render it as a docker compose project.")  # fmt: skip
     verbs = lab.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help: str, func) -> argparse.ArgumentParser:  # noqa: A002 (argparse's word)
@@ -31,7 +30,8 @@ def add_parser(subparsers) -> None:
         p.set_defaults(func=func)
         return p
 
-    up = verb("up", "start every process of a topology, wait until all serve, print the endpoints", run_up)
+    up = verb("up", "start every process of a topology, wait until all serve, print the endpoints",
+              _when_run("libs.lab.up", "run_up"))  # fmt: skip
     up.add_argument("--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)")
     up.add_argument("--detach", action="store_true", help="return once ready; `prfaas lab down` stops the lab")
     up.add_argument("--ready-timeout-s", type=_positive, default=60.0, help="readiness deadline (default %(default)s)")
@@ -44,9 +44,21 @@ def add_parser(subparsers) -> None:
 
     verb("down", "stop a detached lab (no process is left)", run_down)
 
-    demo_parser = verb("demo", "short and long prompts through the router, live progress, a summary table "
-                       "(starts the default lab if none runs, and stops what it started)", run_demo)  # fmt: skip
-    demo.add_arguments(demo_parser)
+    demo = verb("demo", "short and long prompts through the router, live progress, a sample answer, a summary "
+                "table (starts a lab if none runs, and stops what it started); exit 1 if a request failed or a lab "
+                "with a remote prefill site offloaded nothing", _when_run("libs.lab.demo", "run_demo"))  # fmt: skip
+    demo.add_argument("--topology", help="the lab to start when none runs: a shipped topology name or a .toml file "
+                      "(default: default); a running lab of another topology is refused")  # fmt: skip
+    demo.add_argument("--requests", type=int, default=24, help="how many requests (default %(default)s)")
+    demo.add_argument("--concurrency", type=int, default=3, help="requests in flight at once (default %(default)s)")
+    demo.add_argument("--length-scale", type=float, default=None,
+                      help="factor on the case-study prompt lengths (default: the lab's threshold over the case "
+                           "study's, 1/16 for the default topology, 1 for case-study)")  # fmt: skip
+    demo.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="prompt lengths and documents (default %(default)s)")
+    demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    demo.add_argument("--keep-logs", action="store_true",
+                      help="keep the run directory of a lab the demo started (kept anyway when a request fails)")  # fmt: skip
 
     link = verb("link", "change a running lab's WAN link between two sites", run_link)
     link.add_argument("src", help="a site")
@@ -64,6 +76,15 @@ def add_parser(subparsers) -> None:
     compose.add_argument("--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)")
     compose.add_argument("--out", type=Path, required=True, help="directory to write into (e.g. compose/)")
     compose.set_defaults(func=run_compose)
+
+
+def _when_run(module: str, function: str):
+    """A verb's ``func`` that imports ``module`` only when the verb runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
 
 
 def _positive(text: str) -> float:
@@ -126,6 +147,9 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_compose(args: argparse.Namespace) -> int:
     """Render the topology's compose project into ``--out``."""
+    from libs.lab.compose import render, write
+    from libs.lab.topology import load_topology
+
     files = render(load_topology(args.topology), topology_arg=args.topology)
     for path in write(files, args.out):
         print(path)
@@ -140,9 +164,8 @@ def run_down(args: argparse.Namespace) -> int:
     """Stop the lab in the run directory: SIGTERM its supervisor, wait, then make sure no child is left."""
     status = stop_lab(args.run_dir)
     if status is None:
-        print(f"no lab in {args.run_dir}", file=sys.stderr)
-    else:
-        print(f"lab {status['topology']!r} stopped (logs in {Path(status['run_dir']) / 'logs'})", file=sys.stderr)
+        raise NotFound(f"no lab runs in {args.run_dir}")
+    print(f"lab {status['topology']!r} stopped (logs in {Path(status['run_dir']) / 'logs'})", file=sys.stderr)
     return 0
 
 

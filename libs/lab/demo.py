@@ -48,20 +48,6 @@ class _Result:
     ok: bool
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's flags."""
-    parser.add_argument("--requests", type=int, default=24, help="how many requests (default %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=3, help="requests in flight at once (default %(default)s)")
-    parser.add_argument("--length-scale", type=float, default=None,
-                        help="factor on the case-study prompt lengths (default: the lab's threshold over the case "
-                             f"study's {CASE_STUDY_THRESHOLD_TOKENS:,}, 1/16 for the default topology)")  # fmt: skip
-    parser.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt lengths and documents (default %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep the run directory of a lab the demo started (kept anyway when a request fails)")  # fmt: skip
-
-
 def run_demo(args: argparse.Namespace) -> int:
     """Use the running lab (or start the default one), drive the traffic, print the table, stop what it started."""
     bad_scale = args.length_scale is not None and args.length_scale <= 0

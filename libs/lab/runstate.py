@@ -74,13 +74,14 @@ def running_status(run_dir: Path) -> dict | None:
 
 
 def stop_lab(run_dir: Path) -> dict | None:
-    """Stop the lab in ``run_dir`` (SIGTERM its supervisor, wait, kill any child it left); its status, None if none."""
+    """Stop the lab in ``run_dir`` (SIGTERM its supervisor, wait, kill any child it left); its status, None if none ran."""
     try:
         status = read_status(run_dir)
     except NotFound:
         return None
     supervisor = status["supervisor"]
-    if alive(supervisor["pid"], supervisor["start_ticks"]):
+    supervised = alive(supervisor["pid"], supervisor["start_ticks"])
+    if supervised:
         os.kill(supervisor["pid"], signal.SIGTERM)
         _wait_gone([(supervisor["pid"], supervisor["start_ticks"])], STOP_TIMEOUT_S)
     leftovers = [(p["pid"], p["start_ticks"]) for p in status["processes"]
@@ -88,7 +89,7 @@ def stop_lab(run_dir: Path) -> dict | None:
     for pid, _ in leftovers:  # only if the supervisor died without stopping them
         os.kill(pid, signal.SIGKILL)
     _wait_gone(leftovers, 5.0)
-    return status
+    return status if supervised or leftovers else None
 
 
 def _wait_gone(processes: list[tuple[int, int | None]], timeout_s: float) -> None:

@@ -185,11 +185,11 @@ def test_link_changes_reach_the_relay_and_bad_ones_are_refused(lab: dict) -> Non
 
 
 def test_status_and_down_without_a_lab(tmp_path: Path) -> None:
-    """No lab in the run dir: status says so and exits 1, down is a no-op, link is refused."""
+    """No lab in the run dir: status and down say so and exit 2, link is refused."""
     status = _prfaas(tmp_path, "status")
     assert status.returncode == 2 and f"no lab in {tmp_path}" in status.stderr
     down = _prfaas(tmp_path, "down")
-    assert down.returncode == 0 and f"no lab in {tmp_path}" in down.stderr
+    assert down.returncode == 2 and f"no lab runs in {tmp_path}" in down.stderr
     link = _prfaas(tmp_path, "link", "dc-a", "dc-b", "--down")
     assert link.returncode == 2 and f"no lab runs in {tmp_path}" in link.stderr
 
