@@ -8,6 +8,7 @@ import json
 import re
 import statistics
 import time
+from pathlib import Path
 
 import msgspec
 import nats.errors
@@ -17,6 +18,7 @@ from libs.common import subjects
 from libs.common.bus import connect, settle
 from libs.common.errors import BadRequest
 from libs.common.messages import DecisionEvent, OutcomeEvent, ThresholdChanged, analytics_event_decoder
+from libs.lab.runstate import default_run_dir, router_nats_url
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -36,17 +38,23 @@ def add_parser(subparsers) -> None:
                                    "from PRFAAS_DECISIONS (at a running lab's router site unless --nats names one).")  # fmt: skip
     sub = parser.add_subparsers(dest="decisions_command", required=True, metavar="ACTION")
     tail = sub.add_parser("tail", help="print decisions and outcomes as they happen, one line each")
-    tail.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL")
+    _add_lab_arguments(tail)
     tail.add_argument("--site", default="*", help="only this router site (default: every site)")
     tail.add_argument("--count", type=int, default=0, help="stop after this many events (0: until Ctrl-C)")
     tail.set_defaults(func=run_tail)
     summary = sub.add_parser("summary", help="replay the stream: offload and cache-hit shares, TTFT by route, link bytes")
-    summary.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL")
+    _add_lab_arguments(summary)
     summary.add_argument("--since", default="10m", help="how far back to replay (90s, 10m, 2h, 1d; default 10m)")
     summary.add_argument("--site", default="", help="only this router site")
     summary.add_argument("--json", action="store_true", help="print one JSON object")
     summary.add_argument("--timeout-s", type=float, default=5.0, help="deadline for reaching NATS and replaying")
     summary.set_defaults(func=run_summary)
+
+
+def _add_lab_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats", help="NATS URL (default: the router site's of the lab running in --run-dir)")
+    parser.add_argument("--run-dir", type=Path, default=default_run_dir(),
+                        help="a running lab's run directory (default: $PRFAAS_LAB_DIR or %(default)s)")  # fmt: skip
 
 
 def line(event) -> str:
@@ -103,6 +111,7 @@ def run_tail(args: argparse.Namespace) -> int:
     """``prfaas decisions tail``."""
     if args.site != "*":
         subjects.token(args.site, "site")
+    args.nats = args.nats or router_nats_url(args.run_dir)
     return asyncio.run(_tail(args))
 
 
@@ -212,6 +221,6 @@ def run_summary(args: argparse.Namespace) -> int:
     since_s = parse_duration_s(args.since)
     if args.timeout_s <= 0:
         raise BadRequest(f"--timeout-s must be positive, got {args.timeout_s}")
-    summary = summarize(asyncio.run(replay(args.nats, since_s, args.timeout_s)), args.site)
+    summary = summarize(asyncio.run(replay(args.nats or router_nats_url(args.run_dir), since_s, args.timeout_s)), args.site)
     print(json.dumps(summary, indent=2) if args.json else _text(summary, args.since))
     return 0

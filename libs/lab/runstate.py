@@ -73,6 +73,19 @@ def running_status(run_dir: Path) -> dict | None:
     return status if alive(supervisor.get("pid", -1), supervisor.get("start_ticks")) else None
 
 
+def router_site(status: dict) -> str:
+    """The site of the lab's (first) router, whose NATS server carries its decision events."""
+    return next(site for site, url in status["routers"].items() if url == status["router_url"])
+
+
+def router_nats_url(run_dir: Path) -> str:
+    """The NATS URL at the router's site of the lab running in ``run_dir`` (NotFound if none runs)."""
+    status = running_status(run_dir)
+    if status is None:
+        raise NotFound(f"no lab runs in {run_dir}: start one with `prfaas lab up --detach`, or give --nats URL")
+    return status["sites"][router_site(status)]["nats_url"]
+
+
 def stop_lab(run_dir: Path) -> dict | None:
     """Stop the lab in ``run_dir`` (SIGTERM its supervisor, wait, kill any child it left); its status, None if none ran."""
     try:

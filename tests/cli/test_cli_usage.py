@@ -90,3 +90,12 @@ def test_lab_down_without_a_running_lab_says_so_and_fails(tmp_path: Path, capsys
     for run_dir in (empty, _stopped_lab(stopped)):
         assert main(["lab", "down", "--run-dir", str(run_dir)]) == 2
         assert capsys.readouterr().err.splitlines() == [f"prfaas: not_found: no lab runs in {run_dir}"]
+
+
+@pytest.mark.parametrize("verb", ["tail", "summary"])
+def test_decisions_without_nats_or_a_running_lab_say_how_to_name_one(tmp_path: Path, capsys, verb: str) -> None:
+    """No --nats and no lab in the run directory: one line at once, naming both ways, instead of a 5 s timeout."""
+    assert main(["decisions", verb, "--run-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"prfaas: not_found: no lab runs in {tmp_path}: start one with `prfaas lab up --detach`, or give --nats URL"
+    ]

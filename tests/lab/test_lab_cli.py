@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -157,6 +158,31 @@ async def test_the_suggested_index_lookup_finds_the_demo_chat_prefix(lab: dict) 
             break
         assert time.monotonic() < deadline, f"the index never showed the demo prefix: {held}"
         await asyncio.sleep(0.3)
+
+
+async def test_decisions_find_the_running_lab_without_nats(lab: dict) -> None:
+    """`decisions tail` and `decisions summary` without --nats read the lab in $PRFAAS_LAB_DIR, as `lab status` does."""
+    env = {**os.environ, "PRFAAS_LAB_DIR": lab["run_dir"]}
+    tail = await asyncio.create_subprocess_exec(*PRFAAS, "decisions", "tail", "--count", "1", env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        async with asyncio.timeout(60):
+            line = b""
+            while not line:  # chat until the tail, subscribed at some point, prints a decision
+                assert tail.returncode is None, (await tail.stderr.read()).decode()
+                await chat(_endpoints(lab), "Hello!", max_tokens=2)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        line = await tail.stdout.readline()
+        assert b" decide  " in line, line
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+        await tail.wait()
+    summary = await asyncio.to_thread(subprocess.run, [*PRFAAS, "decisions", "summary", "--json"], env=env,
+                                      capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert summary.returncode == 0, summary.stderr
+    assert json.loads(summary.stdout)["requests"] >= 1
 
 
 def test_a_second_lab_in_the_same_run_dir_is_refused(lab: dict) -> None:
