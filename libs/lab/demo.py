@@ -57,7 +57,7 @@ def run_demo(args: argparse.Namespace) -> int:
     started_here = status is None
     if started_here:
         print(f"no lab runs in {args.run_dir}: starting the default one ...", file=sys.stderr, flush=True)
-        status = start_detached(args.run_dir, "default", log_level="INFO", ready_timeout_s=60.0, quiet=True)
+        status = start_detached(args.run_dir, "default", log_level="INFO", ready_timeout_s=60.0)
         print(f"lab up: router {status['router_url']}", file=sys.stderr, flush=True)
     summary = None
     try:

@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 from libs.common.errors import ConfigError, UpstreamTimeout
+from libs.common.hashing import DEFAULT_BLOCK_SIZE
 from libs.common.telemetry import setup_logging
+from libs.engine.profiles import model_profile
 from libs.lab.plan import LabSettings
-from libs.lab.runstate import STATUS, SUPERVISOR_LOG, read_status, running_status
+from libs.lab.runstate import STATUS, SUPERVISOR_LOG, default_run_dir, read_status, running_status
 from libs.lab.supervisor import Lab
-from libs.lab.topology import load_topology
+from libs.lab.topology import Topology, load_topology
 from services.router.chat_template import PLAIN_TEMPLATE, ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ DEMO_PROMPT = (
 # that system prompt leaves in the KV index (so `prfaas index lookup` finds it).
 DEMO_PREFIX_TEXT = ChatTemplate(PLAIN_TEMPLATE).render([{"role": "system", "content": DEMO_PROMPT}],
                                                        add_generation_prompt=False)  # fmt: skip
+_BASH_ESCAPES = {"\n": "\\n", "\t": "\\t", "\\": "\\\\", "'": "\\'"}  # inside bash's $'...'
 _DETACH_GRACE_S = 15.0  # a detached supervisor gets this long beyond the readiness deadline
 
 
@@ -45,7 +48,9 @@ def run_up(args: argparse.Namespace) -> int:
                           "stop it with `prfaas lab down` or choose another --run-dir")  # fmt: skip
     topology = load_topology(args.topology)
     if args.detach:
-        start_detached(run_dir, args.topology, log_level=args.log_level, ready_timeout_s=args.ready_timeout_s)
+        started = time.monotonic()
+        status = start_detached(run_dir, args.topology, log_level=args.log_level, ready_timeout_s=args.ready_timeout_s)
+        print(summary(status, topology, time.monotonic() - started, detached=True), flush=True)
         return 0
     _clear(run_dir, keep=(SUPERVISOR_LOG,))
     setup_logging(args.log_level)
@@ -76,7 +81,7 @@ async def _serve(lab: Lab, args: argparse.Namespace) -> int:
             print("stopped before the lab was ready", file=sys.stderr)
             return 130
         starting.result()  # UpstreamTimeout: the CLI prints it, the finally below stops what started
-        print(summary(lab.status(), time.monotonic() - started, detached=False), flush=True)
+        print(summary(lab.status(), lab.topology, time.monotonic() - started, detached=False), flush=True)
         while not stop.is_set():
             exited = asyncio.ensure_future(lab.wait_exits())
             await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -94,24 +99,21 @@ async def _serve(lab: Lab, args: argparse.Namespace) -> int:
         print(f"lab stopped (logs in {lab.run_dir / 'logs'})", file=sys.stderr, flush=True)
 
 
-def start_detached(run_dir: Path, topology: str, *, log_level: str, ready_timeout_s: float, quiet: bool = False) -> dict:
-    """Start a supervisor in its own session, wait until its status says ready, print the summary; the status."""
+def start_detached(run_dir: Path, topology: str, *, log_level: str, ready_timeout_s: float) -> dict:
+    """Start a supervisor in its own session and wait until its status says ready; the status."""
     _clear(run_dir, keep=())
     argv = [sys.executable, "-m", "libs.cli", "lab", "up", "--topology", topology, "--run-dir", str(run_dir),
             "--log-level", log_level, "--ready-timeout-s", str(ready_timeout_s)]  # fmt: skip
     with open(run_dir / SUPERVISOR_LOG, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
-    started = time.monotonic()
-    deadline = started + ready_timeout_s + _DETACH_GRACE_S
+    deadline = time.monotonic() + ready_timeout_s + _DETACH_GRACE_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise UpstreamTimeout(f"the lab did not start (exit code {proc.returncode}):\n{_log_tail(run_dir)}")
         if (run_dir / STATUS).exists():
             status = read_status(run_dir)
             if status["supervisor"]["pid"] == proc.pid and status["state"] == "ready":
-                if not quiet:
-                    print(summary(status, time.monotonic() - started, detached=True), flush=True)
                 return status
         time.sleep(0.1)
     proc.terminate()
@@ -119,8 +121,8 @@ def start_detached(run_dir: Path, topology: str, *, log_level: str, ready_timeou
     raise UpstreamTimeout(f"the lab was not ready within {ready_timeout_s:g}s:\n{_log_tail(run_dir)}")
 
 
-def summary(status: dict, elapsed_s: float, *, detached: bool) -> str:
-    """What runs where, and what to try next."""
+def summary(status: dict, topology: Topology, elapsed_s: float, *, detached: bool) -> str:
+    """What runs where, and what to try next: each command on one line of its own, ready to paste into bash."""
     lines = [f"lab {status['topology']!r} is up in {elapsed_s:.1f}s (run dir {status['run_dir']})"]
     router = status["router_url"]
     key = status["api_key"]
@@ -131,21 +133,47 @@ def summary(status: dict, elapsed_s: float, *, detached: bool) -> str:
     for link in status["links"]:
         a, b = link["sites"]
         lines.append(f"  link {a} <-> {b}  {link['gbps']:g} Gbps, {link['rtt_ms']:g} ms RTT, {link['loss_pct']:g}% loss")
-    lines.append("try:")
-    if router:
+    lines.append("try (each command is one line):")
+    for what, command in _hints(status, topology, detached):
+        lines += [f"  {what}", f"    {command}"] if command else [f"  {what}"]
+    return "\n".join(lines)
+
+
+def _hints(status: dict, topology: Topology, detached: bool) -> list[tuple[str, str]]:
+    """(what it shows, the command) pairs for this lab; a pair without a command is advice."""
+    run_dir = "" if Path(status["run_dir"]) == default_run_dir() else f" --run-dir {shlex.quote(status['run_dir'])}"
+    hints = []
+    if status["router_url"]:
         body = {"model": status["model"], "messages": [{"role": "system", "content": DEMO_PROMPT},
                                                         {"role": "user", "content": "Hello!"}], "max_tokens": 16}  # fmt: skip
-        auth = f" -H 'Authorization: Bearer {key}'" if key else ""
-        lines.append(f"  curl -s {router}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
-                     f"-d {shlex.quote(json.dumps(body))}")  # fmt: skip
-    index_site = next(iter(status["sites"].values()))
-    lines.append(f"  prfaas index lookup --nats {index_site['nats_url']} --text {shlex.quote(DEMO_PREFIX_TEXT)}"
-                 "   (after the chat: where its system prompt's KV is cached)")  # fmt: skip
+        auth = f" -H 'Authorization: Bearer {status['api_key']}'" if status["api_key"] else ""
+        hints.append(("a chat completion through the router:",
+                      f"curl -s {status['router_url']}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+                      f"-d {shlex.quote(json.dumps(body))}"))  # fmt: skip
+        lookup = f"prfaas index lookup --nats {next(iter(status['sites'].values()))['nats_url']}"
+        if topology.block_size != DEFAULT_BLOCK_SIZE:
+            lookup += f" --block-size {topology.block_size}"
+        if model_profile(topology.model).n_linear_layers == 0:
+            lookup += " --no-hybrid"
+        hints.append(("after it, where the KV of its system prompt is cached:", f"{lookup} --text {_bash_quote(DEMO_PREFIX_TEXT)}"))
+        hints.append(("the routers' decisions so far (`prfaas decisions tail` follows them live):",
+                      f"prfaas decisions summary{run_dir}"))  # fmt: skip
     if status["links"]:
-        a, b = status["links"][0]["sites"]
-        lines.append(f"  prfaas lab link {a} {b} --gbps 1 --rtt-ms 40   (then --down / --up to cut and restore it)")
-    lines.append("  prfaas lab status" + ("; prfaas lab down stops it" if detached else "; Ctrl-C stops the lab"))
-    return "\n".join(lines)
+        link = status["links"][0]
+        a, b = link["sites"]
+        hints.append((f"a slower {a} <-> {b} link (then --down / --up cut and restore it):",
+                      f"prfaas lab link {a} {b} --gbps {link['gbps'] / 2:g} --rtt-ms {2 * link['rtt_ms'] or 10:g}{run_dir}"))
+    hints.append(("every process and link:" if detached else "every process and link (from another terminal):",
+                  f"prfaas lab status{run_dir}"))  # fmt: skip
+    hints.append(("stop the lab:", f"prfaas lab down{run_dir}") if detached else ("Ctrl-C stops the lab", ""))
+    return hints
+
+
+def _bash_quote(text: str) -> str:
+    """``text`` as one bash word on one line: plain quotes, or ``$'...'`` when it holds a newline or control byte."""
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + "".join(_BASH_ESCAPES.get(c, c if c.isprintable() else f"\\U{ord(c):08x}") for c in text) + "'"
 
 
 def _clear(run_dir: Path, keep: tuple[str, ...]) -> None:

@@ -36,6 +36,32 @@ def _prfaas(run_dir: Path, *args: str, timeout: float = 60) -> subprocess.Comple
                           timeout=timeout)  # fmt: skip
 
 
+def _hints(up_stdout: str) -> list[str]:
+    """The commands `lab up` suggests: the lines indented by four spaces after its ``try`` line."""
+    return [line[4:] for line in up_stdout.partition("\ntry")[2].splitlines() if line.startswith("    ")]
+
+
+def _run_hint(command: str) -> subprocess.CompletedProcess:
+    """``command`` run by bash as a user would paste it (``prfaas`` on the PATH, as after ``pip install``)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=60)
+
+
+def check_hints(up_stdout: str, status: dict) -> None:
+    """Run every hint but the last (bash, one line each); the last stops the lab in its run directory."""
+    hints = _hints(up_stdout)
+    assert len(hints) >= 5, up_stdout
+    assert hints[-1] == f"prfaas lab down --run-dir {shlex.quote(status['run_dir'])}", up_stdout
+    for hint in hints[:-1]:
+        done = _run_hint(hint)
+        assert done.returncode == 0 and done.stdout.strip(), f"{hint}\n{done.stdout}{done.stderr}"
+        assert not hint.startswith("curl ") or '"choices"' in done.stdout, f"{hint}\n{done.stdout}"
+    link = status["links"][0]
+    restore = _prfaas(Path(status["run_dir"]), "link", *link["sites"], "--gbps", str(link["gbps"]), "--rtt-ms",
+                      str(link["rtt_ms"]))  # fmt: skip
+    assert restore.returncode == 0, restore.stderr
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The default lab, detached; after the module, ``lab down`` must leave none of its processes."""
@@ -143,21 +169,24 @@ async def test_a_slower_link_makes_adaptive_offload_less(lab: dict) -> None:
 
 
 async def test_the_suggested_index_lookup_finds_the_demo_chat_prefix(lab: dict) -> None:
-    """After a chat with the demo system prompt, `prfaas index lookup` of the printed text finds its blocks at dc-b."""
-    assert f"prfaas index lookup --nats {lab['sites']['dc-a']['nats_url']} --text {shlex.quote(DEMO_PREFIX_TEXT)}" in lab["up_stdout"]
+    """After a chat with the demo system prompt, the printed `prfaas index lookup` finds its blocks at dc-b."""
+    [lookup] = [hint for hint in _hints(lab["up_stdout"]) if hint.startswith("prfaas index lookup ")]
     await chat(_endpoints(lab), "Hello!", max_tokens=4, system=DEMO_PROMPT)
     full_blocks = len(DEMO_PREFIX_TEXT.encode()) // 64  # BOS + bytes; whole blocks only
     deadline = time.monotonic() + 15
     while True:
-        lookup = await asyncio.to_thread(subprocess.run, [*PRFAAS, "index", "lookup", "--nats",
-                                         lab["sites"]["dc-a"]["nats_url"], "--text", DEMO_PREFIX_TEXT],
-                                         capture_output=True, text=True, timeout=30)  # fmt: skip
-        assert lookup.returncode == 0, lookup.stderr
-        held = {(i["site"], i["instance"]): i["usable_blocks"] for i in json.loads(lookup.stdout)["instances"]}
+        done = await asyncio.to_thread(_run_hint, lookup)
+        assert done.returncode == 0, done.stderr
+        held = {(i["site"], i["instance"]): i["usable_blocks"] for i in json.loads(done.stdout)["instances"]}
         if held.get(("dc-b", "pd-p0")) == full_blocks:
             break
         assert time.monotonic() < deadline, f"the index never showed the demo prefix: {held}"
         await asyncio.sleep(0.3)
+
+
+def test_every_command_lab_up_suggests_is_one_line_that_works(lab: dict) -> None:
+    """Each printed hint, pasted into bash as it stands, succeeds on this lab; the last one is its `lab down`."""
+    check_hints(lab["up_stdout"], lab)
 
 
 async def test_decisions_find_the_running_lab_without_nats(lab: dict) -> None:
@@ -268,6 +297,7 @@ def test_the_case_study_lab_serves_the_demo_at_its_own_scale(tmp_path: Path) -> 
         summary = json.loads(demo.stdout)
         assert (summary["requests"], summary["failed"]) == (16, 0)
         assert {"local", "remote"} <= set(summary["ttft_by_route"]) and summary["wan_bytes"] > 0
+        check_hints(up.stdout, json.loads((tmp_path / "status.json").read_text()))
     finally:
         down = _prfaas(tmp_path, "down")
     assert down.returncode == 0, down.stderr
