@@ -38,6 +38,7 @@ from libs.common.messages import (
     PrefillFinished,
     PrefillJob,
     TokenChunk,
+    TokenLogprob,
     decode_job_reply_decoder,
     encode,
     prefill_job_reply_decoder,
@@ -84,6 +85,7 @@ class RunRecord:
     first_token_at: float | None = None  # monotonic
     last_token_at: float | None = None
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of every token streamed, when asked for
     status: str = "ok"
     error: str = ""
     decide_done_at: float = 0.0  # perf_counter when the first decision was made
@@ -331,6 +333,7 @@ class RequestRun:
                     self.view.release(d.prefill_instance, job_id)
                 rec.last_token_at = now
                 rec.completion_tokens += len(item.token_ids)
+                rec.logprobs += item.logprobs
                 batch += item.token_ids
             elif isinstance(item, DecodeFinished):
                 rec.finished = item

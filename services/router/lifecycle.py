@@ -109,15 +109,23 @@ def _finish_reason(run: RequestRun) -> str:
     return fin.finish_reason if fin and fin.finish_reason in ("stop", "length") else "stop"
 
 
+def _logprobs(svc: RouterService, req: GenerationRequest) -> responses.LogprobsRenderer | None:
+    """A renderer of the request's log probabilities, if it asked for them."""
+    if req.sampling.logprobs is None:
+        return None
+    return responses.LogprobsRenderer(req.kind, svc.scheduler.tokenizer.token_piece)
+
+
 async def _whole(svc: RouterService, req: GenerationRequest, run: RequestRun, tokens, first, request_id: str) -> web.Response:
     decoder = IncrementalDecoder(svc.scheduler.tokenizer, run.prepared.prompt_ids[-_CONTEXT_TOKENS:])
     parts = [decoder.push(first)] if first else []
     async for ids in tokens:
         parts.append(decoder.push(ids))
     parts.append(decoder.flush())
+    renderer = _logprobs(svc, req)
     body = responses.completion(
         req.kind, responses.completion_id(req.kind, request_id), int(time.time()), req.model, "".join(parts),
-        _finish_reason(run), _usage(run),
+        _finish_reason(run), _usage(run), renderer.render(run.record.logprobs) if renderer else None,
     )  # fmt: skip
     return web.Response(body=json_encoder.encode(body), content_type="application/json", headers={REQUEST_ID_HEADER: request_id})
 
@@ -131,28 +139,64 @@ async def _stream(svc: RouterService, request: web.Request, req: GenerationReque
     def whole(body: dict) -> bytes:
         return event(json_encoder.encode(body))
 
-    deltas = responses.DeltaEncoder(kind, cid, created, model, with_usage=usage_nulls)
+    deltas = _Deltas(kind, cid, created, model, usage_nulls, run, _logprobs(svc, req))
     decoder = IncrementalDecoder(svc.scheduler.tokenizer, run.prepared.prompt_ids[-_CONTEXT_TOKENS:])
     text = decoder.push(first) if first else ""
-    opening = whole(responses.chunk(kind, cid, created, model, text, first=True, with_usage=usage_nulls))
+    opening = whole(responses.chunk(kind, cid, created, model, text, first=True, with_usage=usage_nulls,
+                                    logprobs=deltas.logprobs(len(first or ()))))  # fmt: skip
     sse = await SseStream.open(request, {REQUEST_ID_HEADER: request_id}, opening, svc.config.write_timeout_s)
     held = b""  # the last text, sent with the end of the stream
     try:
         async for ids in tokens:
-            delta = decoder.push(ids)
+            delta = deltas.push(decoder.push(ids), len(ids))
             if delta and run.record.finished is not None:
-                held += deltas.event(delta)
+                held += delta
             elif delta:
-                await sse.send(deltas.event(delta))
+                await sse.send(delta)
     except PrfaasError as e:  # the decode side failed after tokens were sent: say so in the stream
         log.warning("stream ended by an error", extra={"request_id": request_id, "error": str(e)})
         run.record.status, run.record.error = "error", f"{e.code}: {e.message}"
         await sse.close(held + whole(responses.error_body(e, responses.status_of(e))))
         return sse.response
-    tail = decoder.flush()
-    last = held + (deltas.event(tail) if tail else b"")
+    last = held + deltas.push(decoder.flush(), 0, last=True)
     last += whole(responses.chunk(kind, cid, created, model, None, _finish_reason(run), with_usage=usage_nulls))
     if req.include_usage:
         last += whole(responses.usage_chunk(kind, cid, created, model, _usage(run)))
     await sse.close(last)
     return sse.response
+
+
+class _Deltas:
+    """The SSE events of a stream's text deltas, each with its tokens' log probabilities when they were asked for.
+
+    Without log probabilities a delta's fixed parts are encoded once (``DeltaEncoder``); with them, the
+    tokens of a step whose text is held back (an incomplete character) go with the next delta.
+    """
+
+    def __init__(self, kind: str, cid: str, created: int, model: str, with_usage: bool, run: RequestRun,
+                 renderer: responses.LogprobsRenderer | None) -> None:  # fmt: skip
+        self._fields = (kind, cid, created, model)
+        self._with_usage = with_usage
+        self._encoder = responses.DeltaEncoder(kind, cid, created, model, with_usage=with_usage)
+        self._run = run
+        self._renderer = renderer
+        self._taken = 0  # log probabilities rendered so far
+        self._owed = 0  # tokens received whose log probabilities await a delta
+
+    def logprobs(self, n_tokens: int) -> dict | None:
+        """The log probabilities of the next ``n_tokens`` tokens (and any owed), rendered; None when not asked for."""
+        if self._renderer is None:
+            return None
+        end = self._taken + self._owed + n_tokens
+        entries, self._taken, self._owed = self._run.record.logprobs[self._taken : end], end, 0
+        return self._renderer.render(entries)
+
+    def push(self, text: str, n_tokens: int, *, last: bool = False) -> bytes:
+        """The event for ``text`` from ``n_tokens`` new tokens (b"" while nothing can be sent yet)."""
+        if self._renderer is None:
+            return self._encoder.event(text) if text else b""
+        if not text and not (last and self._owed):
+            self._owed += n_tokens
+            return b""
+        body = responses.chunk(*self._fields, text, with_usage=self._with_usage, logprobs=self.logprobs(n_tokens))
+        return event(json_encoder.encode(body))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from libs.common.errors import (
     BadRequest,
     IndexUnavailable,
@@ -12,7 +14,7 @@ from libs.common.errors import (
     Unauthorized,
     UpstreamTimeout,
 )
-from libs.common.messages import json_encoder
+from libs.common.messages import TokenLogprob, json_encoder
 
 _OBJECT = {"chat": "chat.completion", "text": "text_completion"}
 _CHUNK_OBJECT = {"chat": "chat.completion.chunk", "text": "text_completion"}
@@ -34,33 +36,73 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def _choice(kind: str, text: str, finish_reason: str | None) -> dict:
+class LogprobsRenderer:
+    """Log probabilities in OpenAI's shapes: chat ``{"content": [...]}``, completions' ``tokens``/``token_logprobs``/….
+
+    ``piece(token_id)`` gives a token's text and bytes; completions' ``text_offset`` runs on across
+    the chunks of one stream.
+    """
+
+    def __init__(self, kind: str, piece: Callable[[int], tuple[str, list[int] | None]]) -> None:
+        self.kind = kind
+        self.piece = piece
+        self._offset = 0
+
+    def render(self, entries: Sequence[TokenLogprob]) -> dict:
+        """The ``logprobs`` object of a choice holding these tokens."""
+        return self._chat(entries) if self.kind == "chat" else self._text(entries)
+
+    def _chat(self, entries: Sequence[TokenLogprob]) -> dict:
+        def item(token_id: int, logprob: float) -> dict:
+            text, raw = self.piece(token_id)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+
+        content = [
+            item(e.token_id, e.logprob) | {"top_logprobs": [item(i, lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=True)]}
+            for e in entries
+        ]
+        return {"content": content, "refusal": None}
+
+    def _text(self, entries: Sequence[TokenLogprob]) -> dict:
+        tokens, offsets, top = [], [], []
+        for e in entries:
+            text = self.piece(e.token_id)[0]
+            tokens.append(text)
+            offsets.append(self._offset)
+            self._offset += len(text)
+            alternatives = {self.piece(i)[0]: lp for i, lp in zip(e.top_ids, e.top_logprobs, strict=True)}
+            top.append(alternatives | {text: e.logprob})  # the chosen token too, as vLLM returns it
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top, "text_offset": offsets}
+
+
+def _choice(kind: str, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
     if kind == "chat":
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion(kind: str, cid: str, created: int, model: str, text: str, finish_reason: str, use: dict) -> dict:
+def completion(kind: str, cid: str, created: int, model: str, text: str, finish_reason: str, use: dict,
+               logprobs: dict | None = None) -> dict:  # fmt: skip
     """A whole (non-streamed) response."""
     return {
         "id": cid,
         "object": _OBJECT[kind],
         "created": created,
         "model": model,
-        "choices": [_choice(kind, text, finish_reason)],
+        "choices": [_choice(kind, text, finish_reason, logprobs)],
         "usage": use,
         "system_fingerprint": None,
     }
 
 
 def chunk(kind: str, cid: str, created: int, model: str, text: str | None, finish_reason: str | None = None,
-          *, first: bool = False, with_usage: bool = False) -> dict:  # fmt: skip
-    """One streamed chunk: a text delta, or the final one carrying ``finish_reason``."""
+          *, first: bool = False, with_usage: bool = False, logprobs: dict | None = None) -> dict:  # fmt: skip
+    """One streamed chunk: a text delta (with its tokens' log probabilities), or the final one carrying ``finish_reason``."""
     if kind == "chat":
         delta: dict = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     body = {"id": cid, "object": _CHUNK_OBJECT[kind], "created": created, "model": model, "choices": [choice]}
     if with_usage:
         body["usage"] = None

@@ -89,6 +89,27 @@ class Scheduler:
             limits.append(self.config.max_prompt_tokens)
         return min(limits) if limits else None
 
+    def _max_tokens(self, req: GenerationRequest, prompt_tokens: int) -> int:
+        """The request's ``max_tokens`` (by default what the context leaves, at most the configured default).
+
+        The model's context (its least heartbeated prompt limit) holds the prompt and the completion;
+        asking for more is a 400 ``context_length_exceeded``, as OpenAI and vLLM answer.
+        """
+        limit = self.max_prompt_tokens(req.model)
+        asked = req.max_tokens if req.max_tokens is not None else 0
+        if limit is not None and prompt_tokens + max(asked, 1) > limit:
+            where = "messages" if req.kind == "chat" else "prompt"
+            raise BadRequest(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_tokens + asked:,} tokens ({prompt_tokens:,} in the {where}, {asked:,} in the completion). "
+                f"Please reduce the length of the {where} or completion.",
+                code="context_length_exceeded",
+                param=where if prompt_tokens >= limit else "max_tokens",
+            )
+        if req.max_tokens is not None:
+            return req.max_tokens
+        return self.config.default_max_tokens if limit is None else min(self.config.default_max_tokens, limit - prompt_tokens)
+
     def block_size(self, model: str) -> int:
         """The block size the model's instances heartbeat (the config's if none does)."""
         return next((ld.block_size for ld in self.view.alive(model) if ld.block_size > 0), self.config.block_size)
@@ -119,22 +140,14 @@ class Scheduler:
         arrived = time.monotonic()
         self.check_model(req.model)
         ids, id_array = await self.prompt_ids(req)
-        limit = self.max_prompt_tokens(req.model)
-        if limit is not None and len(ids) > limit:
-            raise BadRequest(
-                f"This model's maximum prompt length is {limit} tokens; the prompt has {len(ids)} tokens",
-                code="context_length_exceeded",
-                param="messages" if req.kind == "chat" else "prompt",
-            )
+        max_tokens = self._max_tokens(req, len(ids))
         profile = model_profile(self.config.profile_of(req.model))
         block_size = self.block_size(req.model)
         deadline_s = self.lookup_deadline_s(req.model, profile, len(ids), block_size)
         lookup, status = await self._lookup(id_array, block_size, profile.n_linear_layers > 0, deadline_s)
         sampling = req.sampling
-        if self.tokenizer.eos_token_ids:
-            sampling = Sampling(temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                                stop=sampling.stop, stop_token_ids=self.tokenizer.eos_token_ids)  # fmt: skip
-        max_tokens = req.max_tokens if req.max_tokens is not None else self.config.default_max_tokens
+        if self.tokenizer.eos_token_ids and not sampling.ignore_eos:
+            sampling = msgspec.structs.replace(sampling, stop_token_ids=self.tokenizer.eos_token_ids)
         return Prepared(request_id, req.model, profile, ids, max_tokens, sampling, block_size, lookup, status, ttft_slo_s, arrived)
 
     def lookup_deadline_s(self, model: str, profile: ModelProfile, prompt_tokens: int, block_size: int) -> float:

@@ -1,8 +1,10 @@
 """OpenAI request bodies, decoded once per endpoint with msgspec, and checked into one GenerationRequest.
 
 A field of the wrong type, a value out of range, a feature the router does not serve (``n > 1``,
-``logprobs``, tools, penalties, …) or a field only the router may set (engine transfer parameters,
-routing hints) is a 400 that names the field.
+``echo``, tools, penalties, …) or a field only the router may set (engine transfer parameters,
+routing hints) is a 400 that names the field. Log probabilities are served (chat ``logprobs`` with
+``top_logprobs`` up to 20; completions ``logprobs`` up to 20, as vLLM allows), and so is vLLM's
+``ignore_eos``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Literal
 import msgspec
 
 from libs.common.errors import BadRequest
-from libs.common.messages import Sampling
+from libs.common.messages import MAX_TOP_LOGPROBS, Sampling
 
 
 def invalid(param: str | None, message: str) -> BadRequest:
@@ -67,6 +69,7 @@ class _Body(msgspec.Struct, kw_only=True):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
+    ignore_eos: bool | None = None  # vLLM's extension: generate past the end-of-sequence token
     # Refused when present (router-only fields).
     kv_transfer_params: Any = _U
     bootstrap_host: Any = _U
@@ -146,8 +149,8 @@ class GenerationRequest:
     prompt_text: str | None  # text to tokenize (None: ``prompt_ids`` given)
     prompt_ids: list[int] | None
     messages: list[dict[str, str]] | None  # chat: role and text content, for the template
-    max_tokens: int | None  # None: the router's default
-    sampling: Sampling
+    max_tokens: int | None  # None: the router's default, within what the context leaves
+    sampling: Sampling  # ``logprobs``: top alternatives per token to return (None: no log probabilities)
     stream: bool
     include_usage: bool
 
@@ -162,7 +165,14 @@ def _refuse(param: str, what: str) -> BadRequest:
     return invalid(param, f"'{param}' is not supported by this server: {what}")
 
 
-def _common(body: _Body, max_tokens: int | None) -> tuple[Sampling, int | None, bool, bool]:
+def _top_logprobs(param: str, value: int | None) -> int | None:
+    """The number of alternatives asked for, checked (None: no log probabilities)."""
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise invalid(param, f"{param} must be in [0, {MAX_TOP_LOGPROBS}], got {value}")
+    return value
+
+
+def _common(body: _Body, max_tokens: int | None, logprobs: int | None) -> tuple[Sampling, int | None, bool, bool]:
     """Sampling, max_tokens, stream and include_usage from the shared fields (400 naming a bad one)."""
     _refuse_internal(body)
     if body.n not in (None, 1):
@@ -189,7 +199,8 @@ def _common(body: _Body, max_tokens: int | None) -> tuple[Sampling, int | None, 
     if body.stream_options is not None and not stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
     include_usage = stream and body.stream_options is not None and body.stream_options.include_usage
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=body.seed, stop=stop)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=body.seed, stop=stop, ignore_eos=bool(body.ignore_eos),
+                        logprobs=logprobs)  # fmt: skip
     return sampling, max_tokens, stream, include_usage
 
 
@@ -217,8 +228,9 @@ def parse_chat(body: bytes) -> GenerationRequest:
 def _check_chat(req: ChatCompletionRequest) -> GenerationRequest:
     if not req.messages:
         raise invalid("messages", "messages must contain at least one message")
-    if req.logprobs or req.top_logprobs:
-        raise _refuse("logprobs" if req.logprobs else "top_logprobs", "log probabilities are not returned")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs", "top_logprobs needs logprobs set to true")
+    logprobs = (_top_logprobs("top_logprobs", req.top_logprobs) or 0) if req.logprobs else None
     if req.tools or req.functions:
         raise _refuse("tools" if req.tools else "functions", "tool calls are not served")
     if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
@@ -233,7 +245,7 @@ def _check_chat(req: ChatCompletionRequest) -> GenerationRequest:
             raise invalid(f"messages[{i}].role", f"role must be one of {', '.join(_ROLES)}, got '{m.role}'")
         messages.append({"role": m.role, "content": _message_text(i, m)})
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    sampling, max_tokens, stream, include_usage = _common(req, max_tokens)
+    sampling, max_tokens, stream, include_usage = _common(req, max_tokens, logprobs)
     if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
         raise invalid("max_completion_tokens", f"max_completion_tokens must be at least 1, got {max_tokens}")
     return GenerationRequest("chat", req.model, None, None, messages, max_tokens, sampling, stream, include_usage)
@@ -258,14 +270,12 @@ def parse_completion(body: bytes) -> GenerationRequest:
 
 
 def _check_completion(req: CompletionRequest) -> GenerationRequest:
-    if req.logprobs is not None:
-        raise _refuse("logprobs", "log probabilities are not returned")
     if req.echo:
         raise _refuse("echo", "the prompt is not echoed")
     if req.suffix:
         raise _refuse("suffix", "insertion after a suffix is not served")
     text, ids = _prompt(req.prompt)
-    sampling, max_tokens, stream, include_usage = _common(req, req.max_tokens)
+    sampling, max_tokens, stream, include_usage = _common(req, req.max_tokens, _top_logprobs("logprobs", req.logprobs))
     return GenerationRequest("text", req.model, text, ids, None, max_tokens, sampling, stream, include_usage)
 
 

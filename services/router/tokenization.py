@@ -36,6 +36,10 @@ class PromptTokenizer(ABC):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (special tokens dropped; an incomplete character becomes U+FFFD)."""
 
+    @abstractmethod
+    def token_piece(self, token_id: int) -> tuple[str, list[int] | None]:
+        """One token as OpenAI's log probabilities show it: its text and its UTF-8 bytes (None: a special token)."""
+
     def encode_with_array(self, text: str, *, add_special: bool) -> tuple[list[int], np.ndarray]:
         """The ids as a list (for messages) and as an int64 array (for hashing)."""
         ids = self.encode(text, add_special=add_special)
@@ -57,6 +61,12 @@ class BytePromptTokenizer(PromptTokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the byte ids (BOS/EOS dropped)."""
         return self._tok.decode(ids)
+
+    def token_piece(self, token_id: int) -> tuple[str, list[int] | None]:
+        """A byte's character, or ``bytes:\\xNN`` for a byte that is part of a longer character; BOS/EOS by name."""
+        if token_id >= 256:
+            return ("<|bos|>" if token_id == self._tok.bos_id else "<|eos|>"), None
+        return (chr(token_id) if token_id < 128 else f"bytes:\\x{token_id:02x}"), [token_id]
 
     def encode_with_array(self, text: str, *, add_special: bool) -> tuple[list[int], np.ndarray]:
         """Both forms straight from the UTF-8 bytes (no per-token conversion)."""
@@ -103,6 +113,11 @@ class HfPromptTokenizer(PromptTokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` without special tokens."""
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_piece(self, token_id: int) -> tuple[str, list[int] | None]:
+        """The token decoded alone (special tokens by name) and its UTF-8 bytes."""
+        text = self._tok.decode([token_id], skip_special_tokens=False)
+        return text, list(text.encode("utf-8"))
 
 
 def load_tokenizer(spec: str) -> PromptTokenizer:

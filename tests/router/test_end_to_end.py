@@ -20,8 +20,11 @@ from libs.common.messages import (
     instance_load_decoder,
 )
 from libs.engine.model import ReferenceModel
+from libs.engine.sampling import Sampling
 from libs.engine.tokenizer import ByteTokenizer
+from libs.engine.witness import LOGPROB_ATOL, WITNESS_STEPS, monolithic_logprobs
 from services.router.chat_template import PLAIN_TEMPLATE, ChatTemplate
+from services.router.tokenization import BytePromptTokenizer
 from tests.kv_index.conftest import index_config, start_index
 from tests.router.conftest import HTTP_TIMEOUT, reachable, router_starter
 from tests.router.deployment import PD, PRFAAS, fleet
@@ -31,6 +34,9 @@ TOK = ByteTokenizer()
 REMOTE, LOCAL, DECODE = "rt-p0", "rt-l0", "rt-d0"
 LONG_TEXT = "Long context: the KV cache of a hybrid model is small enough to cross datacenters. " * 8
 THRESHOLD = 512
+WITNESS_TOKENS = 32  # generated past EOS (vLLM's ignore_eos), so a lost or misplaced state cannot hide
+WITNESS = {"extra_body": {"ignore_eos": True}, "max_tokens": WITNESS_TOKENS, "temperature": 0}
+PIECE = BytePromptTokenizer().token_piece
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +85,25 @@ def api(svc) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=svc.url + "/v1", api_key="unused", max_retries=0, timeout=60.0)
 
 
-def expected_text(prompt_ids: list[int], max_tokens: int) -> str:
+def expected_text(prompt_ids: list[int], max_tokens: int, *, ignore_eos: bool = False) -> str:
     """What monolithic generation gives for the same prompt (greedy)."""
-    return TOK.decode(MODEL.generate(prompt_ids, max_tokens))
+    return TOK.decode(MODEL.generate(prompt_ids, max_tokens, Sampling(ignore_eos=ignore_eos)))
+
+
+def assert_logprobs_match(tokens: list[str], logprobs: list[float], top: list[dict[str, float]], prompt_ids: list[int]) -> None:
+    """The first steps' log probabilities (chosen token and alternatives) are monolithic generation's within 1e-4."""
+    for i, want in enumerate(monolithic_logprobs(MODEL, prompt_ids)):
+        assert tokens[i] == PIECE(want.token_id)[0]
+        assert abs(logprobs[i] - want.logprob) <= LOGPROB_ATOL, (i, logprobs[i], want.logprob)
+        for token_id, lp in zip(want.top_ids, want.top_logprobs, strict=True):
+            assert abs(top[i][PIECE(token_id)[0]] - lp) <= LOGPROB_ATOL, (i, token_id)
+
+
+def assert_chat_logprobs_match(content: list, prompt_ids: list[int]) -> None:
+    """``assert_logprobs_match`` on a chat choice's ``logprobs.content``."""
+    assert len(content) >= WITNESS_STEPS
+    top = [{alt.token: alt.logprob for alt in c.top_logprobs} for c in content]
+    assert_logprobs_match([c.token for c in content], [c.logprob for c in content], top, prompt_ids)
 
 
 def chat_ids(content: str) -> list[int]:
@@ -104,25 +126,31 @@ async def test_chat_completion_matches_monolithic_generation(router, stream):
     """Chat, streamed or not: the text of monolithic generation, usage, finish_reason, the request id header."""
     client = api(router)
     messages = [{"role": "user", "content": "Tell me about prefill."}]
-    want = expected_text(chat_ids(messages[0]["content"]), 12)
+    ids = chat_ids(messages[0]["content"])
+    want = expected_text(ids, WITNESS_TOKENS, ignore_eos=True)
     if not stream:
-        raw = await client.chat.completions.with_raw_response.create(model="reference", messages=messages, max_tokens=12,
-                                                                     temperature=0)  # fmt: skip
+        raw = await client.chat.completions.with_raw_response.create(model="reference", messages=messages, logprobs=True,
+                                                                     top_logprobs=20, **WITNESS)  # fmt: skip
         out = raw.parse()
         assert raw.headers["x-prfaas-request-id"] and out.id == "chatcmpl-" + raw.headers["x-prfaas-request-id"]
         assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
         assert out.choices[0].message.content == want and out.choices[0].finish_reason == "length"
-        assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(chat_ids(messages[0]["content"])), 12)
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), WITNESS_TOKENS)
+        assert len(out.choices[0].logprobs.content) == WITNESS_TOKENS
+        assert_chat_logprobs_match(out.choices[0].logprobs.content, ids)
         return
     chunks = [c async for c in await client.chat.completions.create(
-        model="reference", messages=messages, max_completion_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True})]  # fmt: skip
+        model="reference", messages=messages, stream=True, logprobs=True, top_logprobs=20,
+        stream_options={"include_usage": True}, **WITNESS)]  # fmt: skip
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == WITNESS_TOKENS
     assert all(c.usage is None for c in chunks[:-1])
+    content = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert len(content) == WITNESS_TOKENS
+    assert_chat_logprobs_match(content, ids)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -149,9 +177,13 @@ async def test_text_completion_with_token_ids_and_stop(router, stream):
 async def test_long_prompt_offloaded_short_local(router, events):
     """The decision events say the long prompt was prefilled at the PrfaaS site and the short one locally."""
     client = api(router)
-    long = await client.completions.with_raw_response.create(model="reference", prompt=LONG_TEXT, max_tokens=4, temperature=0)
+    long = await client.completions.with_raw_response.create(model="reference", prompt=LONG_TEXT, logprobs=20, **WITNESS)
     short = await client.completions.with_raw_response.create(model="reference", prompt="Hi", max_tokens=4, temperature=0)
-    assert long.parse().choices[0].text == expected_text(TOK.encode(LONG_TEXT), 4)
+    choice = long.parse().choices[0]
+    assert choice.text == expected_text(TOK.encode(LONG_TEXT), WITNESS_TOKENS, ignore_eos=True)
+    lp = choice.logprobs
+    assert len(lp.tokens) == WITNESS_TOKENS and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    assert_logprobs_match(lp.tokens, lp.token_logprobs, lp.top_logprobs, TOK.encode(LONG_TEXT))
     [d_long] = await for_request(events, long.headers["x-prfaas-request-id"], DecisionEvent)
     [d_short] = await for_request(events, short.headers["x-prfaas-request-id"], DecisionEvent)
     assert (d_long.route, d_long.decision.prefill_instance, d_long.decision.decode_instance) == ("remote", REMOTE, DECODE)
@@ -159,7 +191,7 @@ async def test_long_prompt_offloaded_short_local(router, events):
     assert (d_short.route, d_short.decision.prefill_instance) == ("local", LOCAL)
     [o_long] = await for_request(events, long.headers["x-prfaas-request-id"], OutcomeEvent)
     assert o_long.status == "ok" and o_long.route == "remote" and o_long.bytes_moved > 0
-    assert o_long.ttft_s > 0 and o_long.prefill_s is not None and o_long.completion_tokens == 4
+    assert o_long.ttft_s > 0 and o_long.prefill_s is not None and o_long.completion_tokens == WITNESS_TOKENS
     assert 0 < o_long.first_step_s < o_long.ttft_s  # the decode side: a complete state to its first token
 
 
@@ -180,14 +212,17 @@ async def test_repeated_long_prefix_is_a_cache_hit(router, events):
             if await cached() > 0:
                 break
             await asyncio.sleep(0.1)
-    raw = await client.completions.with_raw_response.create(max_tokens=2, temperature=0, **body)
+    raw = await client.completions.with_raw_response.create(logprobs=20, **WITNESS, **body)
     request_id = raw.headers["x-prfaas-request-id"]
     [decision] = await for_request(events, request_id, DecisionEvent)
     assert decision.cached_tokens[PRFAAS] >= len(LONG_TEXT) // 64 * 64 - 64
     assert decision.decision.reused_prefix_tokens == decision.cached_tokens[PRFAAS]
     [outcome] = await for_request(events, request_id, OutcomeEvent)
     assert outcome.cached_tokens >= decision.cached_tokens[PRFAAS]
-    assert raw.parse().choices[0].text == expected_text(TOK.encode(body["prompt"]), 2)
+    prompt_ids = TOK.encode(body["prompt"])
+    choice = raw.parse().choices[0]
+    assert choice.text == expected_text(prompt_ids, WITNESS_TOKENS, ignore_eos=True)
+    assert_logprobs_match(choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs, prompt_ids)
 
 
 async def test_client_disconnect_cancels_the_gateways_work(router, events, supercluster):

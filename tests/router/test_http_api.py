@@ -76,7 +76,7 @@ async def test_decode_instance_silence_makes_router_unready(start_router, nc, kv
         ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}, "max_tokens"),
         ({"model": "reference"}, "messages"),
         ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
-        ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+        ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
         ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
         ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "kv_transfer_params": {"x": 1}},
          "kv_transfer_params"),
@@ -131,6 +131,32 @@ async def test_prompt_over_the_limit_is_400(start_router, nc, kv_index):
     with pytest.raises(openai.BadRequestError) as e:
         await client(svc).completions.create(model="reference", prompt="x" * 200, max_tokens=2)
     assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "prompt"
+
+
+async def test_max_tokens_past_what_the_context_leaves_is_400(start_router, nc, kv_index):
+    """Prompt plus max_tokens over the context is a 400 context_length_exceeded naming max_tokens, as OpenAI answers."""
+    svc = await ready_router(start_router, nc, load("d0", max_prompt_tokens=100), load("p-local", role="prefill"))
+    api = client(svc)
+    with pytest.raises(openai.BadRequestError) as e:
+        await api.completions.create(model="reference", prompt="x" * 50, max_tokens=50)  # 51 prompt tokens with BOS
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
+    assert "maximum context length is 100 tokens" in e.value.body["message"] and "51 in the prompt" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        await api.chat.completions.create(model="reference", messages=[{"role": "user", "content": "x" * 120}], max_tokens=1)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+
+
+async def test_log_probability_requests_are_checked(start_router, nc, kv_index):
+    """top_logprobs over 20, top_logprobs without logprobs, completions logprobs over 20: 400s naming the field."""
+    svc = await ready_router(start_router, nc, *LOADS)
+    api, messages = client(svc), [{"role": "user", "content": "hi"}]
+    for kwargs, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs")):
+        with pytest.raises(openai.BadRequestError) as e:
+            await api.chat.completions.create(model="reference", messages=messages, max_tokens=2, **kwargs)
+        assert e.value.body["param"] == param, kwargs
+    with pytest.raises(openai.BadRequestError) as e:
+        await api.completions.create(model="reference", prompt="hi", max_tokens=2, logprobs=21)
+    assert e.value.body["param"] == "logprobs"
 
 
 async def test_api_keys(start_router, nc, kv_index):
