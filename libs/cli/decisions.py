@@ -68,7 +68,7 @@ def line(event) -> str:
                 f"cached[{cached}] t={event.threshold_tokens} pred_ttft={d.predicted_ttft_s * 1000:.0f}ms")  # fmt: skip
         if event.index != "ok":
             head += f" index={event.index}"
-        return f"{head} | {d.fallback_of + ' -> ' if d.fallback_of else ''}{d.reason}"
+        return f"{head} | {d.reason}"  # a fallback's reason starts with what failed
     if isinstance(event, OutcomeEvent):
         ttft = f"{event.ttft_s * 1000:.0f}ms" if event.ttft_s is not None else "-"
         tpot = f"{event.tpot_s * 1000:.1f}ms" if event.tpot_s is not None else "-"
@@ -162,13 +162,20 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def summarize(events: list, site: str = "") -> dict:
-    """Offload and cache-hit shares, TTFT percentiles by route, link bytes, prediction error."""
+    """Offload and cache-hit shares, TTFT percentiles by route, link bytes, prediction error.
+
+    A request counts as offloaded by where its prefill ran, as its outcome says: at another site, with
+    KV bytes sent from there. One decided remote whose prefill ran at the router's site fell back to local.
+    """
     decisions = [e for e in events if isinstance(e, DecisionEvent) and (not site or e.site == site)]
     outcomes = [e for e in events if isinstance(e, OutcomeEvent) and (not site or e.site == site)]
     plans = [e for e in events if isinstance(e, ThresholdChanged) and (not site or e.site == site)]
     first = [d for d in decisions if d.attempt == 0]
     n = len(first)
-    remote = sum(1 for d in first if d.route == "remote")
+    ran = {o.request_id: o for o in outcomes}
+    decided_remote = [d.request_id for d in first if d.route == "remote"]
+    offloaded = sum(1 for d in first if d.request_id in ran and _prefilled_remotely(ran[d.request_id]))
+    fell_back = sum(1 for r in decided_remote if r in ran and ran[r].prefill_site == ran[r].site)
     hits = sum(1 for d in first if any(v > 0 for v in d.cached_tokens.values()))
     by_route: dict[str, list[float]] = {}
     for o in outcomes:
@@ -178,7 +185,9 @@ def summarize(events: list, site: str = "") -> dict:
     link_bytes = sum(o.bytes_moved for o in outcomes if o.prefill_site and o.prefill_site != o.site)
     return {
         "requests": n,
-        "offload_share": remote / n if n else None,
+        "offload_share": offloaded / n if n else None,
+        "decided_remote_share": len(decided_remote) / n if n else None,
+        "fell_back_to_local": fell_back,
         "cache_hit_share": hits / n if n else None,
         "fallbacks": sum(1 for d in decisions if d.route == "fallback"),
         "index_unavailable": sum(1 for d in first if d.index.startswith("unavailable")),
@@ -195,11 +204,17 @@ def summarize(events: list, site: str = "") -> dict:
     }
 
 
+def _prefilled_remotely(outcome: OutcomeEvent) -> bool:
+    """The request's prefill ran at another site than its router's and its KV crossed."""
+    return outcome.prefill_site not in ("", outcome.site) and outcome.bytes_moved > 0
+
+
 def _text(summary: dict, since: str) -> str:
     def share(x):
         return "-" if x is None else f"{x:.1%}"
 
-    rows = [f"last {since}: {summary['requests']} requests, offload {share(summary['offload_share'])}, "
+    rows = [f"last {since}: {summary['requests']} requests, offload {share(summary['offload_share'])} "
+            f"(decided {share(summary['decided_remote_share'])}, fell back to local {summary['fell_back_to_local']}), "
             f"cache hits {share(summary['cache_hit_share'])}, fallbacks {summary['fallbacks']}, "
             f"index unavailable {summary['index_unavailable']}, not asked {summary['index_not_asked']}",
             f"outcomes: {', '.join(f'{k} {v}' for k, v in summary['outcomes'].items()) or 'none'}; "

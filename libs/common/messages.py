@@ -26,6 +26,7 @@ class ErrorReply(_Msg, tag="error.v1"):
 
     code: str
     message: str
+    lease_s: float = 0.0  # transfer_failed by an expired reservation lease: the no-progress limit that ran out (s)
 
 
 # --- KV events (producers: gateways and engine adapters; consumer: kv_index) -------------
@@ -485,6 +486,7 @@ class KvManifest(msgspec.Struct, kw_only=True, frozen=True):
     checksum: ChecksumAlgo = "crc32"
     skipped_block_hashes: list[int] = []  # cached prefix blocks the decode site already holds
     request_id: str = ""
+    kv_gap_s: float = 0.0  # the sender's predicted longest compute between two of its parts leaving (s; 0: none)
 
 
 class KvBegin(_Msg, tag="kv.begin.v1"):

@@ -79,6 +79,7 @@ class DecodeGatewayConfig:
     kv_memory_bytes: int = 1 << 30  # receiver arena: transfers in progress and reservations
     max_transfer_bytes: int = 1 << 30
     lease_s: float = 10.0  # a reservation without KV progress for this long expires
+    lease_margin: float = 2.0  # once KV flows, the lease covers this many times the sender's predicted longest gap
     progress_poll_s: float = 0.01  # how often reservations are checked for progress and leases
     transfer_timeout_s: float = 120.0  # receiver-side deadline from a transfer's begin to its end
     heartbeat_s: float = 0.5
@@ -121,6 +122,7 @@ class DecodeGatewayConfig:
             kv_memory_bytes=kv_memory,
             max_transfer_bytes=r.int("MAX_TRANSFER_BYTES", min(d.max_transfer_bytes, kv_memory), minimum=1),
             lease_s=r.float("LEASE_S", d.lease_s, minimum=0.01),
+            lease_margin=r.float("LEASE_MARGIN", d.lease_margin, minimum=1.0),
             progress_poll_s=r.float("PROGRESS_POLL_S", d.progress_poll_s, minimum=0.001),
             transfer_timeout_s=r.float("TRANSFER_TIMEOUT_S", d.transfer_timeout_s, minimum=0.1),
             heartbeat_s=r.float("HEARTBEAT_S", d.heartbeat_s, minimum=0.01),

@@ -54,7 +54,7 @@ async def run_job(svc: DecodeGatewayService, res: Reservation) -> None:
             final = ErrorReply(code=error.code, message=f"request {job.request_id} not done within its {job.timeout_s:.1f}s "
                                                         f"deadline ({'waiting for KV' if res.receiving else 'decoding'})")
         except PrfaasError as e:
-            final = ErrorReply(code=e.code, message=e.message)
+            final = ErrorReply(code=e.code, message=e.message, lease_s=res.expired_lease_s)
         finally:
             kv_pending = res.receiving
             if kv_pending:

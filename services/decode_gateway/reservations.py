@@ -38,7 +38,7 @@ class Reservation:
     tokens: np.ndarray  # the prompt, checked
     held_hashes: list[int]  # pinned leading attn_kv blocks (not sent)
     reserved_bytes: int
-    lease_s: float
+    lease_s: float  # the job's: how long to wait for the transfer to begin, and the least wait between its bytes
     deadline: float  # monotonic
     trace_context: Context
     reserved_at: float = field(default_factory=time.monotonic)
@@ -46,6 +46,8 @@ class Reservation:
     begun_at: float | None = None  # the transfer was first seen at the receiver (by the watcher; its own reading once complete)
     complete_at: float | None = None
     received_bytes: int = 0
+    gap_lease_s: float = 0.0  # once begun: the sender's predicted longest gap between its parts, times the margin
+    expired_lease_s: float = 0.0  # the no-progress limit that ran out (0: none did)
     generated: int = 0
     cancel_reason: str = ""
     task: asyncio.Task | None = None
@@ -76,6 +78,11 @@ class Reservation:
             self.received_bytes = received_bytes
             self.progress_at = now
 
+    @property
+    def lease_limit_s(self) -> float:
+        """The no-progress limit now: ``lease_s``, or the sender's predicted gap with its margin once begun if longer."""
+        return self.lease_s if self.begun_at is None else max(self.lease_s, self.gap_lease_s)
+
     def lease_expired(self, now: float) -> bool:
-        """True when the KV has made no progress (or not begun) for ``lease_s``."""
-        return self.receiving and now - self.progress_at > self.lease_s
+        """True when the KV has made no progress (or not begun) for its limit."""
+        return self.receiving and now - self.progress_at > self.lease_limit_s

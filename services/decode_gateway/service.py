@@ -178,7 +178,12 @@ class DecodeGatewayService:
     # --- leases -----------------------------------------------------------------------------
 
     async def _watch_leases(self) -> None:
-        """Renew leases from transfer progress; expire reservations whose KV stopped coming."""
+        """Renew leases from transfer progress; expire reservations whose KV stopped coming.
+
+        Until the transfer begins the job's lease applies (the predicted wait for the prefill to start);
+        then the sender's manifest says how long it expects to compute between two of its parts (its
+        slowest layer of this prompt), and the lease covers that times ``lease_margin``.
+        """
         while True:
             await asyncio.sleep(self.config.progress_poll_s)
             now = time.monotonic()
@@ -193,10 +198,12 @@ class DecodeGatewayService:
                     first_seen = res.begun_at is None
                     res.observe(assembly.received_bytes, now)
                     if first_seen:
+                        res.gap_lease_s = self.config.lease_margin * assembly.manifest.kv_gap_s
                         self._gauges()
                 if res.lease_expired(now):
                     self.metrics.leases_expired.inc()
-                    reason = f"lease expired: no KV progress for {res.lease_s:.2f}s"
+                    res.expired_lease_s = res.lease_limit_s
+                    reason = f"lease expired: no KV progress for {res.expired_lease_s:.2f}s"
                     log.info("lease expired", extra={"request_id": res.job.request_id, "transfer_id": res.job.transfer_id})
                     self.receiver.abort(res.job.transfer_id, reason)
 

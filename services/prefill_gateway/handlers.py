@@ -89,7 +89,7 @@ async def accept(svc: PrefillGatewayService, job: PrefillJob, named: str | None)
         instance=instance,
         tokens=tokens,
         hashes=hashes,
-        queued=QueuedJob(len(tokens) - cached * bs),
+        queued=QueuedJob(len(tokens) - cached * bs, cached * bs),
         deadline=now + job.timeout_s,
         trace_context=trace.set_span_in_context(trace.get_current_span()),
         received_at=now,

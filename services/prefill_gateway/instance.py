@@ -1,4 +1,4 @@
-"""One prefill instance of a gateway process: its backend, its queue, its cache events and its load."""
+"""One prefill instance of a gateway process: its backend, its queue, its layer times, its cache events and its load."""
 
 from __future__ import annotations
 
@@ -12,15 +12,18 @@ from libs.common.messages import InstanceLoad
 from libs.engine.backends import Backend
 from libs.engine.build import BackendSpec
 from libs.engine.events import KvEventPublisher
+from libs.engine.profiles import hardware_profile
+from services.prefill_gateway.layer_time import LayerClock, LayerTimes
 
-_RATE_GAIN = 0.3  # EWMA gain of the measured seconds per uncached token
+_CALIBRATION_TOKENS = 1024  # a reference instance times one prefill this long before it predicts anything
 
 
 @dataclass
 class QueuedJob:
-    """What the queue knows of a job ahead: its uncached tokens."""
+    """What the queue knows of a job ahead: its uncached tokens and the cached ones they follow."""
 
     uncached_tokens: int
+    cached_tokens: int = 0
 
 
 class PrefillInstance:
@@ -35,24 +38,26 @@ class PrefillInstance:
         self.events = KvEventPublisher(nc, site, name, backend.cache)
         self.slot = asyncio.Semaphore(1)
         self.queue: list[QueuedJob] = []  # accepted and not finished, in arrival order
-        self.s_per_token = self._modelled_s_per_token()
+        time_scale = spec.time_scale if spec.simulated else 1.0
+        self.times = LayerTimes(spec.model_profile, hardware_profile(spec.hardware_name), time_scale)
 
-    def _modelled_s_per_token(self) -> float:
-        """A first estimate before any prefill was measured (the profile's, scaled; 0 for the reference)."""
-        if not self.spec.simulated:
-            return 0.0
-        tokens = 8192
-        return self.spec.model_profile.prefill_time_s(tokens, self.spec.hardware) * self.spec.time_scale / tokens
+    async def calibrate(self) -> None:
+        """Time one short prefill of a reference backend, so the first predictions are in this host's units.
+
+        A simulated backend waits exactly its profile's time, so it needs none. The reference model's
+        profile was fitted on a quiet machine; a shared host runs it several times slower.
+        """
+        if self.spec.simulated:
+            return
+        clock = LayerClock(self.times, _CALIBRATION_TOKENS, 0)
+        tokens = [i % 256 for i in range(_CALIBRATION_TOKENS)]
+        async with self.slot:
+            async for parts in self.backend.prefill("calibration", tokens, use_cache=False):
+                clock.lap(parts[0].layer)
 
     def expected_wait_s(self) -> float:
-        """Seconds until a job accepted now would start (the jobs ahead at the measured rate)."""
-        return sum(job.uncached_tokens for job in self.queue) * self.s_per_token
-
-    def measured(self, uncached_tokens: int, compute_s: float) -> None:
-        """Fold one prefill's measured rate into the estimate."""
-        if uncached_tokens > 0:
-            rate = compute_s / uncached_tokens
-            self.s_per_token = rate if self.s_per_token == 0 else self.s_per_token + _RATE_GAIN * (rate - self.s_per_token)
+        """Seconds until a job accepted now would start (the predicted prefills of the jobs ahead)."""
+        return sum(self.times.prefill_s(job.uncached_tokens, job.cached_tokens) for job in self.queue)
 
     def load(self) -> InstanceLoad:
         """This instance's heartbeat now."""

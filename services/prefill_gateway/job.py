@@ -22,6 +22,7 @@ from libs.common.state_parts import PartSpec, StatePart
 from libs.common.telemetry import inject_headers
 from libs.kvwire import Destination, KvSender, SendReport
 from services.prefill_gateway.instance import PrefillInstance, QueuedJob
+from services.prefill_gateway.layer_time import LayerClock
 
 if TYPE_CHECKING:
     from services.prefill_gateway.service import PrefillGatewayService
@@ -121,6 +122,7 @@ async def _prefill_and_send(svc: PrefillGatewayService, run: PrefillRun) -> Pref
     backend, bs = instance.backend, instance.backend.block_size
     started = time.monotonic()
     cached = min(backend.cache.usable_blocks(run.hashes), (len(run.tokens) - 1) // bs)
+    clock = LayerClock(instance.times, len(run.tokens) - cached * bs, cached * bs)
     specs = part_specs(svc, run)
     sender = run.sender = svc.sender(job.destination.transport, sum(s.nbytes for s in specs))
     manifest = sender.manifest(
@@ -133,18 +135,23 @@ async def _prefill_and_send(svc: PrefillGatewayService, run: PrefillRun) -> Pref
         skipped_block_hashes=run.hashes[: job.skip_blocks],
         request_id=job.request_id,
     )
+    # Sent as compute starts: the decode side waits this long (times its margin) for the next part.
+    manifest = msgspec.structs.replace(manifest, kv_gap_s=clock.slowest_layer_s())
     queue: asyncio.Queue = asyncio.Queue()
     computed: list[float] = []
 
     async def compute() -> None:
         try:
             async for layer in backend.prefill(job.request_id, run.tokens, skip_blocks=job.skip_blocks):
+                clock.lap(layer[0].layer)
                 for part in layer:
                     queue.put_nowait(part)
             computed.append(time.monotonic())
             queue.put_nowait(_END)
         except Exception as e:  # the sender's part iterator raises it
             queue.put_nowait(e)
+        finally:
+            clock.stop()
 
     async def parts() -> AsyncIterator[StatePart]:
         while (item := await queue.get()) is not _END:
@@ -163,7 +170,6 @@ async def _prefill_and_send(svc: PrefillGatewayService, run: PrefillRun) -> Pref
     done = time.monotonic()
     compute_end = computed[0] if computed else done
     run.opened = False
-    instance.measured(len(run.tokens) - cached * bs, compute_end - started)
     m = svc.metrics
     m.queue_seconds.observe(started - run.received_at)
     m.prefill_seconds.observe(compute_end - started)

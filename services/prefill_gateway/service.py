@@ -77,13 +77,14 @@ class PrefillGatewayService:
         await self.stop()
 
     async def start(self) -> None:
-        """Announce each instance's cache, subscribe to the cluster's and instances' jobs, start heartbeats."""
+        """Time each instance's backend, announce its cache, subscribe to the cluster's and instances' jobs, start heartbeats."""
         if self._started:
             return
         self._started = True
         cfg = self.config
         await self.links.start()
         for instance in self.instances.values():
+            await instance.calibrate()
             await instance.events.start()
         subscribe = self.nc.subscribe
         self._subs.append(await subscribe(subjects.prefill_jobs(cfg.site, cfg.cluster),

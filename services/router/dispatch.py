@@ -8,6 +8,10 @@ status on one inbox. What fails before the first token is retried with a new dec
 - decode instance full, gone, or failed -> another decode instance;
 - a local prefill instance refused or failed -> another prefill instance.
 
+A fallback decision's reason starts with what failed. A transfer whose reservation lease ran out (no KV
+for the limit) is retried with at least the margin times that limit, since the same prompt waits as long
+for its next layer anywhere; when the hard deadline leaves no longer lease, it is not retried at all.
+
 A failed attempt's jobs are cancelled on ``jobs.cancel`` so the gateways free what they hold. After
 the first token a failure cannot be hidden: it ends the stream with an error (``DecodeFailed``).
 """
@@ -20,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from opentelemetry import trace
@@ -72,6 +77,7 @@ class _Retry(Exception):
     exclude: frozenset[str] = frozenset()
     local_only: bool = False
     gone: bool = False  # the excluded instance did not answer at all (not merely busy or failing this job)
+    expired_lease_s: float = 0.0  # the decode side's no-progress limit that ran out (0: not a lease expiry)
 
 
 @dataclass
@@ -113,6 +119,7 @@ class RequestRun:
         self.events = events
         self.prepared = prepared
         self.record = RunRecord()
+        self.lease_floor_s = 0.0  # raised after a lease ran out, so no retry waits as briefly again
         self._open_queue: asyncio.Queue | None = None  # the finished attempt's, kept until the prefill status arrives
 
     async def tokens(self) -> AsyncIterator[list[int]]:
@@ -138,7 +145,7 @@ class RequestRun:
                 return
             except _Retry as retry:
                 log.info("attempt failed; deciding again", extra={"request_id": self.prepared.request_id, "reason": retry.reason})
-                if self.record.attempts >= self.config.max_attempts:
+                if self.record.attempts >= self.config.max_attempts or not self._lengthen_lease(retry):
                     raise retry.error from None
                 if retry.gone:
                     gone |= retry.exclude
@@ -147,18 +154,27 @@ class RequestRun:
                 local_only = local_only or retry.local_only
                 fallback_of = retry.reason
 
+    def _lengthen_lease(self, retry: _Retry) -> bool:
+        """After a lease ran out, make the next one the margin longer; False when the deadline leaves none longer."""
+        if not retry.expired_lease_s:
+            return True
+        floor_s = min(self.config.job_timeout_s, self.config.lease_margin * retry.expired_lease_s)
+        self.lease_floor_s = max(self.lease_floor_s, floor_s)
+        return floor_s > retry.expired_lease_s
+
     async def _decide(self, attempt: int, gone: frozenset[str], avoid: frozenset[str], local_only: bool,
                       fallback_of: str) -> DecisionEvent:  # fmt: skip
         """Decide avoiding what failed; if that leaves nothing, wait a moment and allow the busy ones again."""
         try:
-            return self.scheduler.decide(self.prepared, attempt=attempt, exclude=gone | avoid, local_only=local_only,
-                                         fallback_of=fallback_of)  # fmt: skip
+            event = self.scheduler.decide(self.prepared, attempt=attempt, exclude=gone | avoid, local_only=local_only,
+                                          fallback_of=fallback_of)  # fmt: skip
         except NoCapacity:
             if not avoid:
                 raise
-        await asyncio.sleep(min(_RETRY_BACKOFF_S * attempt, 1.0))
-        return self.scheduler.decide(self.prepared, attempt=attempt, exclude=gone, local_only=local_only,
-                                     fallback_of=fallback_of)  # fmt: skip
+            await asyncio.sleep(min(_RETRY_BACKOFF_S * attempt, 1.0))
+            event = self.scheduler.decide(self.prepared, attempt=attempt, exclude=gone, local_only=local_only,
+                                          fallback_of=fallback_of)  # fmt: skip
+        return _fallback_reason(event, local_only) if fallback_of else event
 
     async def _attempt(self, event: DecisionEvent) -> AsyncIterator[list[int]]:
         d = event.decision
@@ -215,14 +231,16 @@ class RequestRun:
         """How long the reservation waits for KV progress: the predicted wait for the first layer's KV, with a margin.
 
         The transfer opens when the prefill starts, so a job queued at its prefill instance makes no
-        progress until then; a fixed lease would expire under a long queue. A prefill side that dies is
-        noticed by its heartbeats' silence and its jobs cancelled, so a long lease does not strand slots.
+        progress until then; a fixed lease would expire under a long queue. Once it opens, the decode
+        side waits at least this long between parts, longer if the prefill instance predicts a longer
+        layer (its manifest says). A prefill side that dies is noticed by its heartbeats' silence and
+        its jobs cancelled, so a long lease does not strand slots.
         """
         d = event.decision
         rtt_s = d.signals.link_rtt_s if d.signals is not None and d.choice == "remote" else 0.0
         first_kv_s = d.predicted_queue_s + d.predicted_prefill_s / self.prepared.profile.n_layers + rtt_s
         cfg = self.config
-        return min(cfg.job_timeout_s, max(cfg.lease_min_s, cfg.lease_margin * first_kv_s))
+        return min(cfg.job_timeout_s, max(cfg.lease_min_s, self.lease_floor_s, cfg.lease_margin * first_kv_s))
 
     async def _reserve(self, event: DecisionEvent, job_id: str, reply_subject: str) -> DecodeReservation:
         d = event.decision
@@ -385,8 +403,8 @@ class RequestRun:
             raise DecodeFailed(f"decode instance {d.decode_instance} failed after the first token: {reply.code}: {reply.message}")
         if prefill_failed or isinstance(err, TransferFailed):
             where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
-            raise _Retry(f"{where} failed: {reply.code}: {reply.message}", err,
-                         exclude=frozenset({d.prefill_instance}), local_only=remote)  # fmt: skip
+            raise _Retry(f"{where} failed: {reply.code}: {reply.message}", err, exclude=frozenset({d.prefill_instance}),
+                         local_only=remote, expired_lease_s=reply.lease_s)  # fmt: skip
         where = f"decode instance {d.decode_instance}"
         raise _Retry(f"{where} failed: {reply.code}: {reply.message}", err, exclude=frozenset({d.decode_instance}))
 
@@ -428,3 +446,13 @@ class RequestRun:
             predicted_ttft_s=d.predicted_ttft_s if d else None,
         )
 
+
+def _fallback_reason(event: DecisionEvent, local_only: bool) -> DecisionEvent:
+    """The event with a reason that starts with what failed, then what is done instead.
+
+    After a remote failure the router leaves the PrfaaS sites out of the view, so the policy's own words
+    for a view without them ("no PrfaaS site reachable") would misstate why the request stays local.
+    """
+    d = event.decision
+    then = f"local prefill on {d.prefill_site}/{d.prefill_instance}" if local_only else d.reason
+    return msgspec.structs.replace(event, decision=msgspec.structs.replace(d, reason=f"{d.fallback_of}; {then}"))
