@@ -372,6 +372,8 @@ def _finished(outcome: Outcome) -> tuple[DecodeFinished, PrefillFinished]:
     """The two final messages of a successful request (``UpstreamTimeout`` naming what failed otherwise)."""
     if not isinstance(outcome.final, DecodeFinished) or not isinstance(outcome.status, PrefillFinished):
         raise UpstreamTimeout(f"request {outcome.request_id} failed: decode {outcome.final!r}, prefill {outcome.status!r}")
+    if outcome.first_token_s is None:
+        raise UpstreamTimeout(f"request {outcome.request_id} finished without a token chunk: {outcome.final!r}")
     return outcome.final, outcome.status
 
 
@@ -562,7 +564,7 @@ async def _bench(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def _line(name: str, f: dict[str, float], unit: str = "", scale: float = 1.0) -> str:
-    return f"  {name:24s} {f['median'] * scale:10.4g}{unit}  [{f['min'] * scale:.4g} .. {f['max'] * scale:.4g}]"
+    return f"  {name:30s} {f['median'] * scale:10.4g}{unit}  [{f['min'] * scale:.4g} .. {f['max'] * scale:.4g}]"
 
 
 def _text(args: argparse.Namespace, figures: dict) -> str:

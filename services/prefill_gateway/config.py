@@ -50,6 +50,7 @@ class PrefillGatewayConfig:
     backend: BackendSpec = BackendSpec()
     queue_limit: int = 16  # jobs queued or running per instance; more are refused with no_capacity
     codec: str = "raw"  # attn_kv codec when the job names none (float parts only)
+    layerwise: bool = True  # stream each layer's parts as it is done (False: the whole state after the prefill)
     budgets_gbps: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # per destination site
     default_budget_gbps: float = 0.0  # other destination sites (0: unpaced)
     tcp_connections: int = 4  # connections striping one transfer's chunks (large transfers)
@@ -92,6 +93,7 @@ class PrefillGatewayConfig:
             backend=backend,
             queue_limit=r.int("QUEUE_LIMIT", d.queue_limit, minimum=1),
             codec=codec,
+            layerwise=r.bool("LAYERWISE", d.layerwise),
             budgets_gbps=_budgets(r.list("BUDGETS")),
             default_budget_gbps=r.float("DEFAULT_BUDGET_GBPS", d.default_budget_gbps, minimum=0.0),
             tcp_connections=r.int("TCP_CONNECTIONS", d.tcp_connections, minimum=1),

@@ -136,17 +136,22 @@ async def _prefill_and_send(svc: PrefillGatewayService, run: PrefillRun) -> Pref
         request_id=job.request_id,
     )
     # Sent as compute starts: the decode side waits this long (times its margin) for the next part.
-    manifest = msgspec.structs.replace(manifest, kv_gap_s=clock.slowest_layer_s())
+    gap_s = clock.slowest_layer_s() if svc.config.layerwise else clock.prefill_s()
+    manifest = msgspec.structs.replace(manifest, kv_gap_s=gap_s)
     queue: asyncio.Queue = asyncio.Queue()
     computed: list[float] = []
 
     async def compute() -> None:
         try:
+            held: list[StatePart] = []  # without layer-wise streaming: every part, sent once the prefill is done
+            hand_over = queue.put_nowait if svc.config.layerwise else held.append
             async for layer in backend.prefill(job.request_id, run.tokens, skip_blocks=job.skip_blocks):
                 clock.lap(layer[0].layer)
                 for part in layer:
-                    queue.put_nowait(part)
+                    hand_over(part)
             computed.append(time.monotonic())
+            for part in held:
+                queue.put_nowait(part)
             queue.put_nowait(_END)
         except Exception as e:  # the sender's part iterator raises it
             queue.put_nowait(e)

@@ -1,4 +1,4 @@
-"""``prfaas bench gateways``: a small run prints every documented figure as medians with their range."""
+"""``prfaas bench gateways``: a small run's figures are within their targets, and a missed target exits 1."""
 
 from __future__ import annotations
 
@@ -6,21 +6,31 @@ import json
 
 from libs.cli import main
 
+IMPOSSIBLE = "prefix_reuse.bytes_fraction.median=0.01"  # the linear states always travel: never 1% of the first
 
-def test_gateways_benchmark_prints_its_figures_as_json(capsys):
-    """reference.tcp/jetstream, pipelining, prefix_reuse and overhead_p50_ms are in the JSON; tokens are identical."""
-    argv = ["bench", "gateways", "--json", "--repeats", "1", "--overhead-requests", "3", "--ref-tokens", "128",
-            "--prefix-tokens", "640", "--paced-tokens", "1024", "--max-tokens", "4"]
-    code = main(argv)
-    figures = json.loads(capsys.readouterr().out)
-    assert code == (1 if figures["missed_targets"] else 0)
-    for transport in ("tcp", "jetstream"):
-        case = figures["reference"][transport]
-        assert case["tokens_identical"] is True
-        for key in ("ttft_s", "queue_s", "prefill_s", "transfer_s", "decode_first_token_s"):
-            assert case[key]["min"] <= case[key]["median"] <= case[key]["max"]
-    assert {"prefill_s", "transfer_s", "transfer_exposed_s"} <= set(figures["pipelining"])
-    reuse = figures["prefix_reuse"]
-    assert reuse["tokens_identical"] is True and reuse["bytes_second"]["median"] < reuse["bytes_first"]["median"]
-    assert reuse["held_blocks"]["median"] == int(0.8 * 640) // 64
-    assert figures["overhead_p50_ms"] == figures["overhead"]["overhead_ms"]["median"]
+
+def test_gateways_benchmark_figures_meet_their_targets_and_a_missed_one_exits_1(capsys):
+    """Tokens identical, layer-wise streaming hides most of what the no-overlap run exposes, the receiver gets the
+    budget, the held prefix is not resent; the impossible bytes target is missed, named, and the exit status is 1."""
+    argv = ["bench", "gateways", "--json", "--repeats", "1", "--overhead-requests", "10", "--ref-tokens", "128",
+            "--prefix-tokens", "640", "--paced-tokens", "1024", "--max-tokens", "4", "--target", IMPOSSIBLE]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    figures = json.loads(out)
+    verdicts = {v["figure"]: v for v in figures["verdicts"]}
+    assert "MISSED" in err and "prefix_reuse.bytes_fraction.median" in err
+    assert not verdicts["prefix_reuse.bytes_fraction.median"]["met"]
+    # The overhead target (5 ms over the modelled prefill and step) is for a quiet machine; the rest hold anywhere.
+    assert set(figures["missed"]) - {"overhead_p50_ms"} == {"prefix_reuse.bytes_fraction.median"}, figures["missed"]
+    assert verdicts["tokens_identical"]["met"] and verdicts["pipelining.exposed_fraction.median"]["met"]
+    assert verdicts["pipelining.receiver_vs_budget.median"]["met"]
+    pipelining = figures["pipelining"]
+    # Without layer-wise streaming the whole transfer follows the prefill: most of its bytes at the budget.
+    no_overlap = pipelining["no_overlap"]["transfer_exposed_s"]["median"]
+    assert 0.5 * pipelining["bytes_at_budget_s"] <= no_overlap <= 2 * pipelining["bytes_at_budget_s"]
+    assert figures["prefix_reuse"]["held_blocks"]["median"] == int(0.8 * 640) // 64
+    overhead = figures["overhead"]
+    assert overhead["requests"] == 10 and figures["overhead_p50_ms"] == overhead["overhead_ms"]["median"]
+    # TTFT cannot beat the modelled prefill and step it waits out. 50 ms: this figure read 15-25 ms on a 2-core
+    # machine loaded by other test runs (the simulated backend oversleeps), so a stray 50 ms in the path still shows.
+    assert 0 <= figures["overhead_p50_ms"] <= 50
