@@ -26,7 +26,7 @@ class ErrorReply(_Msg, tag="error.v1"):
 
     code: str
     message: str
-    lease_s: float = 0.0  # transfer_failed by an expired reservation lease: the no-progress limit that ran out (s)
+    lease_s: float = 0.0  # transfer_failed by a lease run out inside a begun transfer: its no-progress limit (s)
 
 
 # --- KV events (producers: gateways and engine adapters; consumer: kv_index) -------------

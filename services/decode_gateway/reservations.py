@@ -47,7 +47,7 @@ class Reservation:
     complete_at: float | None = None
     received_bytes: int = 0
     gap_lease_s: float = 0.0  # once begun: the sender's predicted longest gap between its parts, times the margin
-    expired_lease_s: float = 0.0  # the no-progress limit that ran out (0: none did)
+    expired_lease_s: float = 0.0  # the no-progress limit that ran out inside the begun transfer (0: none did)
     generated: int = 0
     cancel_reason: str = ""
     task: asyncio.Task | None = None
@@ -86,3 +86,11 @@ class Reservation:
     def lease_expired(self, now: float) -> bool:
         """True when the KV has made no progress (or not begun) for its limit."""
         return self.receiving and now - self.progress_at > self.lease_limit_s
+
+    def expire(self) -> str:
+        """Why the lease ran out; one inside the transfer is kept in ``expired_lease_s`` (the prompt's layer was slower)."""
+        limit = self.lease_limit_s
+        if self.begun_at is None:
+            return f"lease expired: no KV progress for {limit:.2f}s (the transfer had not begun)"
+        self.expired_lease_s = limit
+        return f"lease expired: no KV progress for {limit:.2f}s inside the transfer"

@@ -202,8 +202,7 @@ class DecodeGatewayService:
                         self._gauges()
                 if res.lease_expired(now):
                     self.metrics.leases_expired.inc()
-                    res.expired_lease_s = res.lease_limit_s
-                    reason = f"lease expired: no KV progress for {res.expired_lease_s:.2f}s"
+                    reason = res.expire()
                     log.info("lease expired", extra={"request_id": res.job.request_id, "transfer_id": res.job.transfer_id})
                     self.receiver.abort(res.job.transfer_id, reason)
 

@@ -8,9 +8,10 @@ status on one inbox. What fails before the first token is retried with a new dec
 - decode instance full, gone, or failed -> another decode instance;
 - a local prefill instance refused or failed -> another prefill instance.
 
-A fallback decision's reason starts with what failed. A transfer whose reservation lease ran out (no KV
-for the limit) is retried with at least the margin times that limit, since the same prompt waits as long
-for its next layer anywhere; when the hard deadline leaves no longer lease, it is not retried at all.
+A fallback decision's reason starts with what failed. A transfer whose lease ran out inside it (a layer
+of this prompt took longer than the decode side waits) is retried with at least the margin times that
+limit, since the same prompt's layer takes as long elsewhere; when the hard deadline leaves no longer
+lease, it is not retried at all. A transfer that never began is retried as any other failure.
 
 A failed attempt's jobs are cancelled on ``jobs.cancel`` so the gateways free what they hold. After
 the first token a failure cannot be hidden: it ends the stream with an error (``DecodeFailed``).
@@ -77,7 +78,7 @@ class _Retry(Exception):
     exclude: frozenset[str] = frozenset()
     local_only: bool = False
     gone: bool = False  # the excluded instance did not answer at all (not merely busy or failing this job)
-    expired_lease_s: float = 0.0  # the decode side's no-progress limit that ran out (0: not a lease expiry)
+    expired_lease_s: float = 0.0  # the decode side's no-progress limit that ran out inside the transfer (0: none)
 
 
 @dataclass
