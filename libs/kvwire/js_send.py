@@ -147,8 +147,9 @@ class _JsSession:
             raise TransferFailed(f"chunk {chunk.part}@{chunk.offset} of {self.manifest.transfer_id} "
                                  f"failed {attempt} times")
         try:
-            async with asyncio.timeout(self.config.ack_timeout_s):
-                await self._window.acquire()
+            with self.link.counters.window_wait(self._window.locked()):
+                async with asyncio.timeout(self.config.ack_timeout_s):
+                    await self._window.acquire()
         except TimeoutError as e:
             raise TransportBroken(f"transfer {self.manifest.transfer_id}: no publish ack for "
                                   f"{self.config.ack_timeout_s:.0f}s") from e

@@ -6,6 +6,20 @@ started with a NATS client, ``KvLinks`` publishes each pair's statistics every
 ``publish_interval_s`` on ``subjects.link(src, dst)`` (one ``LinkStats`` per process, named by
 ``sender``: a router adds up the processes of a pair), and shares each paced pair's budget with
 the other processes of its site (``libs.kvwire.sharing``).
+
+Besides goodput and RTT, each pair counts the time the link, not the sender, set the pace
+(``LinkStats.limited_s``) and what was acknowledged meanwhile, as a TCP sender marks its rate samples
+app-limited or not: a sample taken while the sender had nothing waiting on the link (its transfers
+waiting for the engine's next layer, sparse requests) says what the sender offered, not what the link
+can carry. Two things show that KV waited on the link:
+
+- a send waited for room in its transfer's window (the transports call ``window_wait``): every ack
+  meanwhile came at the link's pace;
+- a run of acks for chunks that were sent before the previous ack arrived (they waited in flight)
+  came spread out more than ``SPREAD_FACTOR`` times as far as those chunks were sent: the link
+  drained them slower than the sender put them out. A constant extra delay (a busy CPU acking late,
+  at either end) shifts acks without spreading them, and a sender paced by its budget or by its
+  prefill spreads its sends as much as the acks come.
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -30,6 +44,8 @@ from libs.kvwire.pacing import TokenBucket
 from libs.kvwire.sharing import SiteShares, process_id
 
 log = logging.getLogger(__name__)
+
+SPREAD_FACTOR = 2.0  # acks this many times as spread out as their chunks' sends: the link set the pace
 
 
 @dataclass(frozen=True)
@@ -68,12 +84,31 @@ class LinkConfig:
         return self.budgets_gbps.get(dst_site, self.default_budget_gbps)
 
 
-class LinkCounters:
-    """Thread-safe traffic counters of one site pair."""
+@dataclass
+class _AckRun:
+    """Acks in a row whose chunks had been sent before the previous ack: each waited in flight."""
 
-    def __init__(self, rtt_gain: float) -> None:
+    first_ack_at: float  # the ack just before the run
+    first_sent_at: float  # when that ack's chunk was sent
+    last_ack_at: float
+    last_sent_at: float  # the latest send among the run's chunks
+    acked_bytes: int = 0
+
+    def spread(self) -> tuple[float, int] | None:
+        """(seconds, bytes) the link set the pace over, or None when the sends were as spread as the acks."""
+        ack_s = self.last_ack_at - self.first_ack_at
+        if ack_s <= SPREAD_FACTOR * max(0.0, self.last_sent_at - self.first_sent_at):
+            return None
+        return ack_s, self.acked_bytes
+
+
+class LinkCounters:
+    """Thread-safe traffic counters of one site pair (``clock``: monotonic seconds)."""
+
+    def __init__(self, rtt_gain: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._gain = rtt_gain
+        self._clock = clock
         self.bytes_in_flight = 0
         self.acked_bytes_total = 0
         self.retransmitted_bytes_total = 0
@@ -86,7 +121,14 @@ class LinkCounters:
         self._busy_since: float | None = None
         self._busy_s = 0.0
         self._last_acked = 0
-        self._last_ts = time.monotonic()
+        self._last_ts = clock()
+        self._window_waits = 0  # sends waiting for room in their transfer's window
+        self._waiting_since = 0.0
+        self._ack_at: float | None = None  # the latest ack, and when its chunk was sent
+        self._ack_sent_at = 0.0
+        self._run: _AckRun | None = None
+        self._limited_s = 0.0
+        self._limited_bytes = 0
 
     def sent(self, nbytes: int) -> None:
         """Bytes put on the wire, not yet acknowledged."""
@@ -96,11 +138,50 @@ class LinkCounters:
     def acked(self, nbytes: int, rtt_s: float | None) -> None:
         """Bytes acknowledged, with the round trip of the ack when known."""
         with self._lock:
+            now = self._clock()
             self.bytes_in_flight -= nbytes
             self.acked_bytes_total += nbytes
             if rtt_s is not None:
                 self.srtt_s = rtt_s if self.srtt_s == 0 else self.srtt_s + self._gain * (rtt_s - self.srtt_s)
                 self._min_rtt_s = rtt_s if self._min_rtt_s == 0 else min(self._min_rtt_s, rtt_s)
+            sent_at = now if rtt_s is None else now - rtt_s
+            if self._window_waits:
+                self._end_run()
+                self._limited_s += now - max(now if self._ack_at is None else self._ack_at, self._waiting_since)
+                self._limited_bytes += nbytes
+            elif rtt_s is not None and self._ack_at is not None and sent_at <= self._ack_at:
+                if self._run is None:
+                    self._run = _AckRun(self._ack_at, self._ack_sent_at, now, sent_at)
+                self._run.last_ack_at = now
+                self._run.last_sent_at = max(self._run.last_sent_at, sent_at)
+                self._run.acked_bytes += nbytes
+            else:
+                self._end_run()
+            self._ack_at, self._ack_sent_at = now, sent_at
+
+    def _end_run(self) -> None:
+        """Count the current run of acks if the link spread it (lock held)."""
+        run, self._run = self._run, None
+        spread = run.spread() if run is not None else None
+        if spread is not None:
+            self._limited_s += spread[0]
+            self._limited_bytes += spread[1]
+
+    @contextlib.contextmanager
+    def window_wait(self, full: bool = True) -> Iterator[None]:
+        """Around a send's wait for room in its transfer's window (``full``: it does wait): the link sets the pace."""
+        if not full:
+            yield
+            return
+        with self._lock:
+            if self._window_waits == 0:
+                self._waiting_since = self._clock()
+            self._window_waits += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._window_waits -= 1
 
     def lost(self, nbytes: int) -> None:
         """Bytes in flight that will never be acknowledged (broken connection, rejected chunk)."""
@@ -117,7 +198,7 @@ class LinkCounters:
         """A transfer began using the link; the transfers now active."""
         with self._lock:
             if self.active_transfers == 0:
-                self._busy_since = time.monotonic()
+                self._busy_since = self._clock()
             self.active_transfers += 1
             return self.active_transfers
 
@@ -130,15 +211,20 @@ class LinkCounters:
             else:
                 self.transfers_failed_total += 1
             if self.active_transfers == 0 and self._busy_since is not None:
-                self._busy_s += time.monotonic() - self._busy_since
+                self._busy_s += self._clock() - self._busy_since
                 self._busy_since = None
             return self.active_transfers
 
     def snapshot(self, src_site: str, dst_site: str, budget_gbps: float, sender: str = "") -> LinkStats:
         """Statistics since the previous snapshot (interval figures reset)."""
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             interval_s = max(now - self._last_ts, 1e-9)
+            run = self._run
+            self._end_run()
+            if run is not None:  # the run goes on in the next interval, from its latest ack
+                self._run = _AckRun(run.last_ack_at, run.last_sent_at, run.last_ack_at, run.last_sent_at)
+            limited_s = self._limited_s
             busy_s = self._busy_s
             if self._busy_since is not None:
                 busy_s += now - self._busy_since
@@ -164,11 +250,15 @@ class LinkCounters:
                 transfers_completed_total=self.transfers_completed_total,
                 transfers_failed_total=self.transfers_failed_total,
                 sender=sender,
+                limited_s=limited_s,
+                limited_goodput_gbps=self._limited_bytes * 8 / limited_s / 1e9 if limited_s > 0 else 0.0,
             )
             self._last_acked = self.acked_bytes_total
             self._last_ts = now
             self._busy_s = 0.0
             self._min_rtt_s = 0.0
+            self._limited_s = 0.0
+            self._limited_bytes = 0
             return stats
 
 

@@ -296,8 +296,9 @@ class _TcpSession:
     async def send(self, chunk: OutChunk) -> None:
         """Queue a chunk on the next connection once the window has room."""
         self._check()
-        while self._inflight_bytes >= self.config.window_bytes:
-            await self._wait_progress("ack")
+        with self.link.counters.window_wait(self._inflight_bytes >= self.config.window_bytes):
+            while self._inflight_bytes >= self.config.window_bytes:
+                await self._wait_progress("ack")
         self._dispatch(chunk, 0)
 
     def _dispatch(self, chunk: OutChunk, attempt: int) -> None:

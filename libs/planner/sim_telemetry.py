@@ -7,7 +7,11 @@ it had a transfer on the link (a transfer starts with its prefill, as a layer-wi
 utilisation = goodput / budget; bytes in flight = per transfer, what is produced and not yet
 acknowledged, capped by the sender's window (``window_bytes``; the rest waits in the sender and is
 not visible); RTT = base RTT, or in-flight bytes / sending rate when the window holds a queue
-(Little's law). The router receives each sample ``lag_s`` after it was taken.
+(Little's law), plus ``ack_delay_s`` (a busy CPU acking late; the interval's least RTT stays the
+path's); limited time = the time one of its transfers had produced bytes waiting while the link ran
+below the pacing budget (KV waiting on the link, not on the prefill or the pacer), and the bytes it
+delivered meanwhile (:class:`MeteredLink` counts them). The router receives each sample ``lag_s``
+after it was taken.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from libs.common.errors import ConfigError
 from libs.common.messages import LinkStats
-from libs.planner.link import FluidLink
+from libs.planner.link import Flow, FluidLink
 from libs.policy import TelemetryConfig
 
 
@@ -29,10 +33,12 @@ class TelemetrySettings:
     window_bytes: int = 64 << 20  # unacknowledged bytes per transfer (kvwire TCP: window_bytes)
     budget_gbps: float | None = None  # the pair's pacing budget (None: the planned link bandwidth)
     router: TelemetryConfig = field(default_factory=TelemetryConfig)
+    ack_delay_s: float = 0.0  # CPU delay added to every ack's round trip (a loaded sender or receiver host)
 
     def __post_init__(self) -> None:
         checks = {"interval_s": self.interval_s > 0, "lag_s": self.lag_s >= 0, "window_bytes": self.window_bytes > 0,
-                  "budget_gbps": self.budget_gbps is None or self.budget_gbps > 0}  # fmt: skip
+                  "budget_gbps": self.budget_gbps is None or self.budget_gbps > 0,
+                  "ack_delay_s": self.ack_delay_s >= 0}  # fmt: skip
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"telemetry {key} must be positive, got {getattr(self, key)!r}")
@@ -42,27 +48,55 @@ class TelemetrySettings:
         return asdict(self)
 
 
+_WAITING_BYTES = 1.0  # produced and not sent: less is rounding (as in libs.planner.link)
+
+
+class MeteredLink(FluidLink):
+    """A fluid link that also counts, per sender, the time KV waited on it below the pacing budget and the bytes meanwhile."""
+
+    def __init__(self, capacity_gbps: float, budget_gbps: float, schedule: tuple[tuple[float, float], ...] = (),
+                 sharing: str = "fair") -> None:  # fmt: skip
+        super().__init__(capacity_gbps, schedule, sharing)
+        self.budget_gbps = budget_gbps
+        self.limited_s: dict[str, float] = {}  # per owner, since time zero
+        self.limited_bytes: dict[str, float] = {}
+
+    def _progress(self, now: float) -> list[Flow]:
+        dt = now - self.now
+        if dt > 0 and self.capacity_gbps < self.budget_gbps:  # rates are constant until ``now``
+            mid = self.now + dt / 2
+            waiting = {f.owner for f in self.flows if f.produced_bytes(mid) - f.sent_bytes - f.rate_bps * dt / 2 > _WAITING_BYTES}
+            for owner in waiting:
+                self.limited_s[owner] = self.limited_s.get(owner, 0.0) + dt
+                step = sum(min(f.total_bytes - f.sent_bytes, f.rate_bps * dt) for f in self.flows if f.owner == owner)
+                self.limited_bytes[owner] = self.limited_bytes.get(owner, 0.0) + step
+        return super()._progress(now)
+
+
 class _SenderState:
-    __slots__ = ("delivered", "busy_s", "at", "srtt_s", "rtt_s")
+    __slots__ = ("delivered", "busy_s", "limited_s", "limited_bytes", "at", "srtt_s", "rtt_s")
 
     def __init__(self) -> None:
         self.delivered = 0.0
         self.busy_s = 0.0
+        self.limited_s = 0.0
+        self.limited_bytes = 0.0
         self.at = 0.0
         self.srtt_s = 0.0
         self.rtt_s = 0.0
 
 
 class LinkSampler:
-    """Takes the LinkStats of one sender from the fluid link (counters since its previous sample)."""
+    """Takes the LinkStats of one sender from the metered fluid link (counters since its previous sample)."""
 
-    def __init__(self, link: FluidLink, src_site: str, dst_site: str, budget_gbps: float, base_rtt_s: float,
-                 window_bytes: int) -> None:  # fmt: skip
+    def __init__(self, link: MeteredLink, src_site: str, dst_site: str, base_rtt_s: float, window_bytes: int,
+                 ack_delay_s: float = 0.0) -> None:  # fmt: skip
         self.link = link
         self.src_site, self.dst_site = src_site, dst_site
-        self.budget_gbps = budget_gbps
+        self.budget_gbps = link.budget_gbps
         self.base_rtt_s = base_rtt_s
         self.window_bytes = window_bytes
+        self.ack_delay_s = ack_delay_s
         self._senders: dict[str, _SenderState] = {}
 
     def sample(self, sender: str, now: float) -> LinkStats:
@@ -73,9 +107,11 @@ class LinkSampler:
         link = self.link
         delivered = link.delivered_bytes.get(sender, 0.0)
         busy_s = link.busy_s.get(sender, 0.0)
+        limited_s, limited_bytes = link.limited_s.get(sender, 0.0), link.limited_bytes.get(sender, 0.0)
         interval_s = max(now - state.at, 1e-9)
         bits = (delivered - state.delivered) * 8
         busy = busy_s - state.busy_s
+        limited = limited_s - state.limited_s
         in_flight = sending = 0.0
         active = 0
         for f in link.flows:
@@ -102,7 +138,7 @@ class LinkSampler:
             goodput_gbps=goodput,
             busy_goodput_gbps=bits / busy / 1e9 if busy > 0 else 0.0,
             utilization=goodput / self.budget_gbps,
-            rtt_s=state.srtt_s,
+            rtt_s=state.srtt_s + self.ack_delay_s if state.srtt_s else 0.0,
             min_rtt_s=min_rtt,
             bytes_in_flight=int(in_flight),
             active_transfers=active,
@@ -112,6 +148,9 @@ class LinkSampler:
             transfers_completed_total=link.completed.get(sender, 0),
             transfers_failed_total=0,
             sender=sender,
+            limited_s=limited,
+            limited_goodput_gbps=(limited_bytes - state.limited_bytes) * 8 / limited / 1e9 if limited > 0 else 0.0,
         )
         state.delivered, state.busy_s, state.at = delivered, busy_s, now
+        state.limited_s, state.limited_bytes = limited_s, limited_bytes
         return stats

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from libs.engine.profiles import HardwareProfile, ModelProfile
-from libs.planner.link import Flow, FluidLink
+from libs.planner.link import Flow
 from libs.planner.replan import SlowTimescale
 from libs.planner.search import PlanInputs
 from libs.planner.sim_cluster import DecodeServer, PrefillServer, SimRequest
-from libs.planner.sim_telemetry import LinkSampler, TelemetrySettings
+from libs.planner.sim_telemetry import LinkSampler, MeteredLink, TelemetrySettings
 from libs.planner.workloads import Workload
 from libs.policy import ClusterView, LinkTelemetry, LinkView, PolicyConfig, RouteRequest, make_policy
 
@@ -106,10 +106,10 @@ class Simulator:
             self.slow = SlowTimescale(inputs)
         budget = spec.budget_gbps  # paced senders never send faster than the budget
         schedule = tuple((at, min(gbps, budget)) for at, gbps in spec.link_schedule)
-        self.link = FluidLink(min(spec.link_gbps, budget), schedule, spec.link_sharing)
+        self.link = MeteredLink(min(spec.link_gbps, budget), budget, schedule, spec.link_sharing)
         tel = spec.telemetry
         self.senders = [s.name for s in self.prefill if s.site == PRFAAS_SITE] + [CACHE_SENDER]
-        self.sampler = LinkSampler(self.link, PRFAAS_SITE, PD_SITE, budget, spec.link_rtt_s, tel.window_bytes)
+        self.sampler = LinkSampler(self.link, PRFAAS_SITE, PD_SITE, spec.link_rtt_s, tel.window_bytes, tel.ack_delay_s)
         self.telemetry = LinkTelemetry(tel.router, {(PRFAAS_SITE, PD_SITE): budget})
         self._in_transit: deque[tuple[float, str, object]] = deque()  # (received at, sender, LinkStats)
         self._events: list[tuple[float, int, int, object, int]] = []

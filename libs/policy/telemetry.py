@@ -2,22 +2,29 @@
 
 Every prefill gateway process publishes a ``LinkStats`` per destination site once a second
 (``libs/kvwire/linkstats.py``): goodput over the interval, busy goodput (over the time a transfer
-was active), utilisation against its pacing budget, smoothed ack RTT, bytes in flight, active
-transfers. What that can and cannot tell:
+was active), the time KV waited on the link and the goodput meanwhile, utilisation against its
+pacing budget, smoothed ack RTT, bytes in flight, active transfers. What that can and cannot tell:
 
 - A paced sender never delivers more than its budget and an idle link delivers nothing, so goodput
   says what the link carries, not what it could: the capacity is the pair's budget (or, unpaced,
   its provisioned figure).
-- A link that delivers less than the senders offer keeps their windows full, so the ack round trip
-  rises above its base: the queueing delay. While it is above ``congestion_delay_s``, busy goodput
-  is what the link delivers; the best such sample of the last ``bottleneck_window_s`` is the
-  ``deliverable_gbps`` estimate (an interval only partly congested understates the link, so a drop
-  shows within that window rather than at once). It is trusted for
-  ``hold_s``, then grows back towards the capacity by ``probe_per_s`` per second (a link that is
-  still degraded shows queueing again once traffic is routed past its rate; a recovered one does not).
+- A link that delivers less than the senders offer makes KV wait on it: a send waits for room in its
+  window, or chunks already in flight are acknowledged spread out more than they were sent. Senders
+  count that time (``limited_s``) and what was acknowledged meanwhile (``limited_goodput_gbps``), as a
+  TCP sender keeps only the rate samples that were not app-limited. Only that rate says what the link
+  delivers: goodput and busy goodput are what the senders offered (a transfer waiting for its
+  prefill's next layer, or a request now and then), and an ack round trip above its base may be a
+  busy CPU acking late. The rate pooled over the limited time of the last ``bottleneck_window_s``
+  becomes the ``deliverable_gbps`` estimate once that time reaches ``min_limited_s`` (a stalled
+  process spreads a few acks for tens of milliseconds; a degraded link does so for every backlogged
+  transfer). It is trusted for ``hold_s`` after the last limited sample, then grows back towards the
+  capacity by ``probe_per_s`` per second (a link that is still degraded makes KV wait again once
+  traffic is routed past its rate; a recovered one does not). The queueing delay (RTT above the
+  least of ``base_rtt_window_s``) counts only while KV waits on the link.
 - Several processes may publish for one pair: goodput, bytes in flight and active transfers are
-  summed over them, and their busy periods may not overlap, so what the link delivered while in use
-  is one sender's busy goodput, or the senders' summed goodput; the budget is the pair's, shared by them.
+  summed over them, and their limited periods may not overlap, so what the link delivered while KV
+  waited is the senders' acknowledged bytes over the longest of their limited times (exact when they
+  overlap, more than the link delivered when they do not); the budget is the pair's, shared by them.
 - A sender silent for ``stale_after_s`` no longer counts. With none left the view carries no load
   figures, keeps the bandwidth estimate, and ``age_s`` says how old the newest sample is.
 
@@ -42,9 +49,9 @@ class TelemetryConfig:
 
     smoothing_s: float = 5.0  # time constant of the goodput average
     stale_after_s: float = 3.5  # a sender silent this long no longer counts
-    congestion_delay_s: float = 0.02  # queueing delay (RTT above base) meaning the link limits delivery
-    bottleneck_window_s: float = 10.0  # deliverable: the best busy goodput of congested samples this recent ...
-    hold_s: float = 30.0  # ... trusted this long after the last congestion ...
+    min_limited_s: float = 0.25  # limited time needed before its rate reads as deliverable ...
+    bottleneck_window_s: float = 10.0  # ... pooled over limited samples this recent ...
+    hold_s: float = 30.0  # ... trusted this long after the last limited sample ...
     probe_per_s: float = 0.05  # ... then grows back towards capacity by this fraction per second
     base_rtt_window_s: float = 120.0  # the base RTT is the least one seen over this window
     transfer_size_gain: float = 1 / 32  # weight of each completed transfer in the mean transfer size
@@ -62,7 +69,7 @@ class _Pair:
     """What is known of one site pair."""
 
     __slots__ = ("senders", "goodput_gbps", "queue_delay_s", "rtt_s", "bytes_in_flight", "active_transfers",
-                 "budget_gbps", "peak_gbps", "updated_at", "bottlenecks", "bottleneck_at", "base_rtts",
+                 "budget_gbps", "peak_gbps", "updated_at", "limited", "limited_gbps", "bottleneck_at", "base_rtts",
                  "mean_transfer_bytes", "uncounted_bytes", "uncounted_transfers", "counting", "latest_gbps")  # fmt: skip
 
     def __init__(self) -> None:
@@ -76,8 +83,9 @@ class _Pair:
         self.budget_gbps = 0.0
         self.peak_gbps = 0.0  # highest busy goodput seen (the capacity of an unpaced, unprovisioned pair)
         self.updated_at: float | None = None
-        self.bottlenecks: deque[tuple[float, float]] = deque()  # (received at, busy goodput) when congested, front: best
-        self.bottleneck_at = 0.0  # when the link last showed congestion
+        self.limited: deque[tuple[float, float, float]] = deque()  # (received at, Gbps, seconds) KV waited on the link
+        self.limited_gbps: float | None = None  # their pooled rate, once they add up to min_limited_s
+        self.bottleneck_at = 0.0  # when a sample last showed KV waiting on the link
         self.base_rtts: deque[tuple[float, float]] = deque()  # (received at, RTT), RTTs increasing: front is least
         self.mean_transfer_bytes = 0.0  # acknowledged bytes per completed transfer (0: none completed yet)
         self.uncounted_bytes = 0  # acknowledged since the last completion folded into the mean
@@ -88,13 +96,6 @@ class _Pair:
 def _push_min(window: deque[tuple[float, float]], at: float, value: float) -> None:
     """Append to a sliding-window minimum (drops entries that can no longer be the least)."""
     while window and window[-1][1] >= value:
-        window.pop()
-    window.append((at, value))
-
-
-def _push_max(window: deque[tuple[float, float]], at: float, value: float) -> None:
-    """Append to a sliding-window maximum (drops entries that can no longer be the greatest)."""
-    while window and window[-1][1] <= value:
         window.pop()
     window.append((at, value))
 
@@ -124,7 +125,7 @@ class LinkTelemetry:
         if previous is not None:
             self._count_transfers(pair, previous[0], stats)
         pair.senders[sender] = (stats, received_at)
-        self._fold(pair, received_at)
+        self._fold(pair, received_at, stats.limited_s)
 
     def _count_transfers(self, pair: _Pair, before: LinkStats, after: LinkStats) -> None:
         """Fold the bytes acknowledged up to a sender's completions into the mean transfer size."""
@@ -148,11 +149,12 @@ class LinkTelemetry:
             weight = 1.0 - (1.0 - self.config.transfer_size_gain) ** completed
             pair.mean_transfer_bytes += weight * (size - pair.mean_transfer_bytes)
 
-    def _fold(self, pair: _Pair, now: float) -> None:
+    def _fold(self, pair: _Pair, now: float, limited_s: float) -> None:
+        """Recombine the live senders' latest samples; ``limited_s``: the newest sample's limited time."""
         cfg = self.config
         live = [(s, at) for s, at in pair.senders.values() if now - at <= cfg.stale_after_s]
         pair.senders = {name: entry for name, entry in pair.senders.items() if now - entry[1] <= cfg.stale_after_s}
-        goodput = acked_gbit = longest_busy_s = rtt = 0.0
+        goodput = acked_gbit = longest_busy_s = rtt = limited_gbit = longest_limited_s = 0.0
         delivering = 0  # senders that had bytes acknowledged in their interval
         in_flight = active = 0
         budget = 0.0
@@ -163,6 +165,9 @@ class LinkTelemetry:
             if s.busy_goodput_gbps > 0:
                 longest_busy_s = max(longest_busy_s, acked / s.busy_goodput_gbps)
                 delivering += 1
+            if s.limited_s > 0:
+                limited_gbit += s.limited_goodput_gbps * s.limited_s
+                longest_limited_s = max(longest_limited_s, s.limited_s)
             in_flight += s.bytes_in_flight
             active += s.active_transfers
             budget = max(budget, s.budget_gbps)
@@ -173,9 +178,10 @@ class LinkTelemetry:
         while pair.base_rtts and pair.base_rtts[0][0] < now - cfg.base_rtt_window_s:
             pair.base_rtts.popleft()
         base = pair.base_rtts[0][1] if pair.base_rtts else rtt
-        queue_delay = max(0.0, rtt - base) if rtt > 0 else 0.0
-        # What the link delivered while in use: one sender's busy goodput is exact; for several, whose busy
-        # periods may not overlap, their summed goodput (exact when the link was busy the whole interval).
+        # RTT above base is queueing only while KV waits on the link; otherwise it is a late ack (a busy CPU).
+        queue_delay = max(0.0, rtt - base) if rtt > 0 and longest_limited_s > 0 else 0.0
+        # An unpaced pair's capacity: one sender's busy goodput is exact; for several, whose busy periods may
+        # not overlap, their summed goodput (exact when the link was busy the whole interval).
         busy_goodput = acked_gbit / longest_busy_s if delivering == 1 else goodput
         weight = 1.0 if pair.updated_at is None else 1.0 - math.exp(-max(0.0, now - pair.updated_at) / cfg.smoothing_s)
         pair.goodput_gbps += weight * (goodput - pair.goodput_gbps)
@@ -185,12 +191,14 @@ class LinkTelemetry:
         pair.bytes_in_flight, pair.active_transfers = in_flight, active
         pair.budget_gbps = budget
         pair.peak_gbps = max(pair.peak_gbps, busy_goodput)
-        if active and queue_delay > cfg.congestion_delay_s and busy_goodput > 0:
-            # An interval only partly congested understates the link: keep the best recent one.
-            _push_max(pair.bottlenecks, now, busy_goodput)
+        if limited_s > 0:
+            pair.limited.append((now, limited_gbit / longest_limited_s, limited_s))
             pair.bottleneck_at = now
-        while pair.bottlenecks and pair.bottlenecks[0][0] < pair.bottleneck_at - cfg.bottleneck_window_s:
-            pair.bottlenecks.popleft()
+            while pair.limited[0][0] < now - cfg.bottleneck_window_s:
+                pair.limited.popleft()
+            limited_total_s = sum(seconds for _, _, seconds in pair.limited)
+            pair.limited_gbps = (sum(gbps * seconds for _, gbps, seconds in pair.limited) / limited_total_s
+                                 if limited_total_s >= cfg.min_limited_s else None)  # fmt: skip
 
     def _capacity_of(self, key: tuple[str, str], pair: _Pair | None) -> float | None:
         if pair is not None and pair.budget_gbps > 0:
@@ -211,9 +219,9 @@ class LinkTelemetry:
             return LinkView(src_site, dst_site, capacity, age_s=math.inf)
         cfg = self.config
         deliverable = None
-        if pair.bottlenecks:
+        if pair.limited_gbps is not None:
             probing_s = now - pair.bottleneck_at - cfg.hold_s
-            estimate = pair.bottlenecks[0][1]
+            estimate = pair.limited_gbps
             estimate *= math.exp(cfg.probe_per_s * probing_s) if probing_s > 0 else 1.0
             estimate = max(estimate, pair.latest_gbps)  # delivering more than the estimate proves more
             deliverable = estimate if estimate < capacity else None

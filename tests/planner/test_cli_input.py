@@ -63,7 +63,7 @@ def test_scenario_defaults_to_the_case_study_and_reports_its_telemetry(capsys) -
     settings = doc["settings"]
     assert settings["rate_rps"] == pytest.approx(2.7) and settings["degraded_gbps"] == 10.0
     assert {"interval_s", "lag_s", "window_bytes", "budget_gbps", "router"} <= set(settings["telemetry"])
-    assert {"smoothing_s", "stale_after_s", "congestion_delay_s", "hold_s"} <= set(settings["telemetry"]["router"])
+    assert {"smoothing_s", "stale_after_s", "min_limited_s", "hold_s"} <= set(settings["telemetry"]["router"])
     assert set(doc["policies"]) == {"static-threshold", "adaptive", "cost-model", "adaptive+slow", "cost-model+slow"}
     assert settings["link_sharing"] == "sender-fifo"  # as kvwire paces
 

@@ -16,14 +16,17 @@ BASE_RTT = 0.005
 
 def stats(*, goodput: float = 0.0, busy: float | None = None, budget: float = 100.0, rtt: float = BASE_RTT,
           min_rtt: float | None = None, in_flight: int = 0, active: int = 0, acked_total: int = 0,
-          completed_total: int = 0, sender: str = "", interval: float = 1.0) -> LinkStats:  # fmt: skip
-    """One LinkStats sample with kvwire's semantics (goodput and busy goodput over one interval)."""
+          completed_total: int = 0, sender: str = "", interval: float = 1.0, limited: float = 0.0,
+          limited_gbps: float | None = None) -> LinkStats:  # fmt: skip
+    """One LinkStats sample with kvwire's semantics (goodput, busy goodput, ``limited`` seconds of KV waiting)."""
+    busy = goodput if busy is None else busy
     return LinkStats(
         src_site=SRC, dst_site=DST, ts=0.0, interval_s=interval, budget_gbps=budget, goodput_gbps=goodput,
-        busy_goodput_gbps=goodput if busy is None else busy, utilization=goodput / budget if budget else 0.0,
+        busy_goodput_gbps=busy, utilization=goodput / budget if budget else 0.0,
         rtt_s=rtt, min_rtt_s=rtt if min_rtt is None else min_rtt, bytes_in_flight=in_flight, active_transfers=active,
         acked_bytes_total=acked_total, retransmitted_bytes_total=0, retransmitted_chunks_total=0,
-        transfers_completed_total=completed_total, transfers_failed_total=0, sender=sender,
+        transfers_completed_total=completed_total, transfers_failed_total=0, sender=sender, limited_s=limited,
+        limited_goodput_gbps=(busy if limited_gbps is None else limited_gbps) if limited else 0.0,
     )  # fmt: skip
 
 
@@ -59,12 +62,13 @@ def test_an_idle_or_lightly_used_link_keeps_its_capacity():
     assert view.queue_delay_s == 0.0
 
 
-def test_a_degraded_link_shows_as_queueing_and_its_busy_goodput_becomes_the_estimate():
-    """RTT well above its base while transfers are active: busy goodput is what the link delivers now."""
+def test_a_degraded_link_makes_kv_wait_and_the_rate_meanwhile_becomes_the_estimate():
+    """Windows full the whole interval (KV waits on the link): what it delivered meanwhile is what it delivers now."""
     tel = LinkTelemetry()
     tel.ingest(stats(goodput=4.0, busy=4.0, active=1), 0.0)  # base RTT learnt
     for t in range(1, 8):
-        tel.ingest(stats(goodput=10.0, busy=10.0, rtt=0.3, min_rtt=0.2, in_flight=5 * (64 << 20), active=5), float(t))
+        tel.ingest(stats(goodput=10.0, busy=10.0, rtt=0.3, min_rtt=0.2, in_flight=5 * (64 << 20), active=5,
+                         limited=1.0), float(t))  # fmt: skip
     view = tel.view(SRC, DST, 7.0)
     assert view.deliverable_gbps == pytest.approx(10.0)
     assert view.effective_gbps == pytest.approx(10.0)
@@ -73,24 +77,60 @@ def test_a_degraded_link_shows_as_queueing_and_its_busy_goodput_becomes_the_esti
     assert view.backlog_s == pytest.approx(0.295)
 
 
-def test_a_partly_congested_interval_does_not_drag_the_estimate_down():
-    """The estimate is the best congested busy goodput of the last bottleneck_window_s, not the latest one."""
+def test_a_partly_limited_interval_does_not_drag_the_estimate_down():
+    """Only the limited part of an interval counts; a lasting drop shows once bottleneck_window_s has passed."""
     tel = LinkTelemetry(TelemetryConfig(bottleneck_window_s=10.0))
     tel.ingest(stats(goodput=1.0, active=1), 0.0)
-    for t, gbps in enumerate((10.0, 10.0, 4.0), start=1):  # congestion ended inside the last interval
-        tel.ingest(stats(goodput=gbps, busy=gbps, rtt=0.2, active=4), float(t))
+    for t, (gbps, limited) in enumerate(((10.0, 1.0), (10.0, 1.0), (4.0, 0.4)), start=1):  # the backlog ended at 0.4 s
+        tel.ingest(stats(goodput=gbps, busy=gbps, rtt=0.2, active=4, limited=limited, limited_gbps=10.0), float(t))
     assert tel.view(SRC, DST, 3.0).deliverable_gbps == pytest.approx(10.0)
-    for t in range(4, 15):  # a further drop that lasts shows once the window has passed
-        tel.ingest(stats(goodput=5.0, busy=5.0, rtt=0.2, active=4), float(t))
+    for t in range(4, 15):
+        tel.ingest(stats(goodput=5.0, busy=5.0, rtt=0.2, active=4, limited=1.0), float(t))
+        if t == 8:
+            assert 5.0 < tel.view(SRC, DST, 8.0).deliverable_gbps < 10.0  # pooled over the window
     assert tel.view(SRC, DST, 14.0).deliverable_gbps == pytest.approx(5.0)
 
 
+def test_late_acks_without_kv_waiting_are_not_a_degraded_link():
+    """RTT far above its base on a sparsely used link (a busy CPU acking late): no estimate, no queueing delay."""
+    tel = LinkTelemetry()
+    tel.ingest(stats(goodput=0.1, active=1), 0.0)  # base RTT learnt
+    for t in range(1, 20):
+        tel.ingest(stats(goodput=0.05, busy=0.1, rtt=0.25, min_rtt=BASE_RTT, active=1), float(t))
+    view = tel.view(SRC, DST, 19.0)
+    assert view.deliverable_gbps is None and view.effective_gbps == 100.0
+    assert view.queue_delay_s == 0.0 and view.rtt_s == pytest.approx(0.25)
+
+
+def test_limited_time_must_add_up_before_it_reads_as_deliverable():
+    """A stalled process spreads a few acks briefly: below min_limited_s in the window nothing changes; more does."""
+    tel = LinkTelemetry(TelemetryConfig(min_limited_s=0.25, bottleneck_window_s=10.0))
+    tel.ingest(stats(goodput=0.1, active=1), 0.0)
+    for t in (1.0, 5.0):
+        tel.ingest(stats(goodput=0.05, active=1, rtt=0.1, limited=0.1, limited_gbps=0.5), t)
+    assert tel.view(SRC, DST, 5.0).deliverable_gbps is None  # 0.2 s in the window
+    tel.ingest(stats(goodput=0.2, active=1, rtt=0.1, limited=0.1, limited_gbps=2.0), 9.0)
+    assert tel.view(SRC, DST, 9.0).deliverable_gbps == pytest.approx(1.0)  # 0.3 s: (0.05 + 0.05 + 0.2) Gbit / 0.3 s
+    tel.ingest(stats(goodput=0.2, active=1, rtt=0.1, limited=0.1, limited_gbps=2.0), 21.0)
+    assert tel.view(SRC, DST, 21.0).deliverable_gbps is None  # the earlier ones left the window: 0.1 s again
+
+
+def test_senders_limited_together_add_up():
+    """Two processes backlogged on one link each get half of it: their limited rates add up to the link's."""
+    tel = LinkTelemetry()
+    tel.ingest(stats(goodput=1.0, active=1, sender="p0"), 0.0)
+    for t in range(1, 4):
+        for sender in ("p0", "p1"):
+            tel.ingest(stats(goodput=3.0, active=2, rtt=0.2, limited=1.0, sender=sender), float(t))
+    assert tel.view(SRC, DST, 3.0).deliverable_gbps == pytest.approx(6.0)
+
+
 def test_estimate_is_held_then_probes_back_to_capacity():
-    """After the last congestion the estimate holds for hold_s, then grows by probe_per_s until the budget."""
+    """After the last limited sample the estimate holds for hold_s, then grows by probe_per_s until the budget."""
     cfg = TelemetryConfig(hold_s=30.0, probe_per_s=0.05)
     tel = LinkTelemetry(cfg)
     tel.ingest(stats(goodput=1.0, active=1), 0.0)
-    tel.ingest(stats(goodput=10.0, busy=10.0, rtt=0.2, active=4), 1.0)
+    tel.ingest(stats(goodput=10.0, busy=10.0, rtt=0.2, active=4, limited=1.0), 1.0)
     for t in range(2, 100):
         tel.ingest(stats(goodput=2.0, busy=2.0, active=1), float(t))
         if t == 30:
