@@ -590,6 +590,8 @@ class LinkStats(_Msg, tag="link.stats.v1"):
     transfers_completed_total: int
     transfers_failed_total: int
     sender: str = ""  # the publishing process (samples of one sender replace each other; several may share a pair)
+    limited_s: float = 0.0  # time the link, not the sender, set the pace: KV waited on it (kvwire linkstats)
+    limited_goodput_gbps: float = 0.0  # acknowledged payload over limited_s
 
 
 class LinkShareAnnounce(_Msg, tag="link.share.v1"):
