@@ -281,17 +281,22 @@ def test_the_demo_starts_a_lab_reports_both_routes_and_stops_it(tmp_path: Path) 
     assert summary["offloaded"] == routes["remote"]["requests"] and 0 < summary["offloaded_share"] < 1
     assert summary["wan_bytes"] > 1_000_000  # at least one prompt's KV crossed the link
     assert summary["output_tokens_per_s"] > 0 and summary["cache_hits"] >= 1
+    assert summary["remote_prefill_sites"] == ["dc-a"] and summary["sample"]["completion"]
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["state"] == "stopped"
     assert [p["name"] for p in status["processes"] if alive(p["pid"], p["start_ticks"])] == []
 
 
 def test_the_case_study_lab_serves_the_demo_at_its_own_scale(tmp_path: Path) -> None:
-    """The paper's deployment (simulated H200/H20): the demo scales prompts to its threshold, both routes serve."""
+    """The paper's deployment (simulated H200/H20): `demo --topology case-study` scales prompts to its threshold, both
+    routes serve, another topology's demo is refused while it runs, and every printed hint works on it."""
     up = _prfaas(tmp_path, "up", "--topology", "case-study", "--detach", timeout=120)
     assert up.returncode == 0, up.stderr
     try:
-        demo = _prfaas(tmp_path, "demo", "--requests", "16", "--concurrency", "4", "--json", timeout=180)
+        other = _prfaas(tmp_path, "demo", "--topology", "default")
+        assert other.returncode == 2 and "a 'case-study' lab runs in" in other.stderr, other.stderr
+        demo = _prfaas(tmp_path, "demo", "--topology", "case-study", "--requests", "16", "--concurrency", "4", "--json",
+                       timeout=180)  # fmt: skip
         assert demo.returncode == 0, demo.stderr
         assert "prompt lengths: the case study's x 1" in demo.stderr  # its threshold is the case study's own
         summary = json.loads(demo.stdout)
