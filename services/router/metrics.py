@@ -4,13 +4,30 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.router.config import RouterConfig
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def longest_ttft_s(config: RouterConfig) -> float:
+    """A bound on a request's TTFT: each attempt may wait out its reserve, accept and first-token deadlines (and a
+    job's own deadline is ``job_timeout_s``)."""
+    per_attempt_s = config.reserve_timeout_s + config.accept_timeout_s + config.first_token_timeout_s
+    return max(config.job_timeout_s, config.max_attempts * per_attempt_s)
+
+
+def _ttft_buckets(longest_s: float) -> tuple[float, ...]:
+    """The latency buckets, doubled past 30 s until one reaches ``longest_s`` (no TTFT lands only in +Inf)."""
+    buckets = list(_LATENCY_BUCKETS)
+    while buckets[-1] < longest_s:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets)
 
 
 class RouterMetrics:
     """Counters and histograms the router updates."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, config: RouterConfig) -> None:
         self.requests = Counter("prfaas_router_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry)
         self.decisions = Counter("prfaas_router_decisions", "Decisions by route", ["route"], registry=registry)
         self.fallbacks = Counter("prfaas_router_fallbacks", "Attempts that failed before the first token and were re-decided", registry=registry)
@@ -21,7 +38,8 @@ class RouterMetrics:
             "prfaas_router_decision_seconds", "Tokenize, hash, index lookup, view and policy", buckets=_LATENCY_BUCKETS, registry=registry
         )
         self.ttft_seconds = Histogram(
-            "prfaas_router_ttft_seconds", "Arrival to first token, by route", ["route"], buckets=_LATENCY_BUCKETS, registry=registry
+            "prfaas_router_ttft_seconds", "Arrival to first token, by route", ["route"], buckets=_ttft_buckets(longest_ttft_s(config)),
+            registry=registry,
         )
         self.in_flight = Gauge("prfaas_router_in_flight", "Requests being served", registry=registry)
         self.threshold = Gauge("prfaas_router_threshold_tokens", "Offload threshold t in force", registry=registry)

@@ -44,7 +44,7 @@ class RouterService:
         self.nc = nc
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = RouterMetrics(self.registry)
+        self.metrics = RouterMetrics(self.registry, config)
         self.view = LiveView(
             config.site,
             instance_ttl_s=config.instance_ttl_s,
