@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Benchmark] = {
          Target("overhead_remote.p50_ms", at_most=3.0, unit=MS),
          Target("overhead_hit.p50_ms", at_most=3.0, unit=MS),
          Target("overhead_remote.remote_share", at_least=1.0),
+         Target("overhead_hit.remote_share", at_least=1.0),
          Target("overhead_hit.hit_share", at_least=1.0),
          Target("decision_32k.p50_ms", at_most=2.0, unit=MS, binding=False),
          Target("decision_32k.p99_ms", at_most=10.0, unit=MS, binding=False)),

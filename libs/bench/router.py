@@ -1,38 +1,42 @@
-"""The router's own cost: decision latency, and TTFT through the router minus TTFT straight to the gateways.
+"""The router's own cost: decision latency against its floor, and TTFT through the router minus straight to the gateways.
 
-- ``decision_1k`` / ``decision_32k``: one request's tokenize + hash + KV-index lookup (real NATS,
-  Redis, and the index in its own process) + live view + policy, on a 32-instance view (8 PrfaaS
-  prefill, 8 local prefill, 16 decode heartbeats), for 1K- and 32K-token prompts (targets at 32K:
-  p50 <= 2 ms, p99 <= 10 ms).
-- ``overhead_c1`` / ``overhead_c50``: every service in its own process as deployed (router, KV
-  index, a prefill gateway with ``--prefill-instances`` simulated H200 instances, a simulated H20
-  decode gateway, the reference profile). The same prompts go through the router (HTTP, streamed,
-  time to the first SSE chunk) and straight to the gateways (both legs sent by a stand-in caller on
-  one NATS connection, time to the first token chunk); both clients live in this process and keep
-  the same number of requests in flight; rounds are interleaved. ``c1``: one client. ``c50``: 50
-  clients send ``--c50-requests`` per round between them, each its next request once its last one
-  finished and a random think time passed (exponential, mean 0.1 s, the same draws on both paths);
-  these requests decode 16 tokens of 100 ms steps, so the gateways are busy but not saturated.
-  ``p50_ms`` / ``p99_ms`` are the router's percentile minus the direct one over all rounds (target:
-  ``overhead_c50.p50_ms`` <= 3), ``round_p50_ms`` the same per round (their spread is the noise of
-  the machine); ``net_p50_ms`` / ``net_round_p50_ms`` the same for TTFT less the time the request
-  waited where the router has no part, as the gateways report it (the prefill queue, and the decode
-  batch's next step and that step: the outcome event's ``queue_s`` and ``first_step_s`` through the
-  router, ``PrefillFinished`` and ``DecodeFinished`` direct), which removes most of the spread at
-  concurrency 50 (a router's delay in sending the prefill leg after the reservation is counted in
-  neither); and ``cpu_ms_per_request`` the CPU each process (this one is ``bench``) spent per
-  request on each path (the index also ingests the gateways' KV events on both). ``decisions``
-  counts the router's decisions, those re-decided, and those made without cache knowledge (the index
-  failed or was late, or was not asked because nothing cached could change the route).
+- ``decision_1k`` / ``decision_32k`` (``libs/bench/router_decision.py``): one request's tokenize
+  (a ``tokenizer.json``) + hash + KV-index lookup (real NATS, Redis, the index in its own process,
+  the prompt's prefix held there) + live view + policy on a 32-instance view; ``vs_floor`` is its
+  median over the median of the lookup alone on the same hashes, timed in the same run (target at
+  32K: <= 1.5; p50 <= 2 ms and p99 <= 10 ms are shown for information).
+- ``overhead_<case>``: every service in its own process as deployed (router, KV index, a local
+  prefill gateway with ``--prefill-instances`` simulated H200 instances, a PrfaaS prefill gateway
+  at the other site with one, a simulated H20 decode gateway reached from the other site through
+  the WAN link relay, the reference profile, t = 1,024 tokens). The same prompts go through the
+  router (HTTP, streamed, time to the first SSE chunk) and straight to the gateways (both legs sent
+  by a stand-in caller on one NATS connection, time to the first token chunk); both clients live in
+  this process and keep the same number of requests in flight; rounds are interleaved. Cases:
+  ``c1``: one client, ~330-token prompts (under t: local, the index not asked). ``c50``: 50 clients
+  send ``--c50-requests`` per round between them, each its next request once its last one finished
+  and a random think time passed (exponential, mean 0.1 s, the same draws on both paths); these
+  requests decode 16 tokens of 100 ms steps, so the gateways are busy but not saturated.
+  ``remote``: one client, ~1,500-token prompts with nothing cached (over t: the index asked, prefill
+  at the PrfaaS site, the KV across the relay). ``hit``: one client, a 1,024-token prefix every
+  prompt shares (cached at the PrfaaS instance and the decode instance after a warm-up request on
+  each path) and ~1,100 tokens of their own (the index asked and hit, prefill of the rest remotely,
+  only the rest's KV sent). ``p50_ms`` / ``p99_ms`` are the router's percentile minus the direct one
+  over all rounds (target <= 3 ms at ``c50``, ``remote`` and ``hit``), ``round_p50_ms`` the same per
+  round (their spread is the noise of the machine); ``net_p50_ms`` / ``net_round_p50_ms`` the same
+  for TTFT less the time the request waited where the router has no part, as the gateways report it
+  (the prefill queue, and the decode batch's next step and that step: the outcome event's
+  ``queue_s`` and ``first_step_s`` through the router, ``PrefillFinished`` and ``DecodeFinished``
+  direct), which removes most of the spread at concurrency 50; and ``cpu_ms_per_request`` the CPU
+  each process (this one is ``bench``) spent per request on each path. ``decisions`` counts the
+  router's decisions, those re-decided, those that asked the index (and those it failed or was
+  late for, or did not ask), and per case the requests routed remotely and, of those the index
+  answered in time, the ones that reused a cached prefix (``remote_share`` of ``remote`` and
+  ``hit``, ``hit_share`` of ``hit``: both must be 1). The router waits for the index no longer than
+  a hit could save (5 ms here), so on a loaded machine some lookups are late; they are counted.
 
-``--placement`` says which cores each process may run on (``os.sched_setaffinity``), the same for
-both paths. ``split`` (the default) is the deployment's: the router hosts' cores (the first half of
-this process's CPUs) take the router, this process (both clients, and the router of the decision
-case) and nothing else; the other half takes nats-server, Redis, the KV index and the gateways.
-``shared`` lets every process run on every core, so at concurrency 50 the router's CPU is taken
-from the busy gateways'. Where affinity cannot be set or fewer than two CPUs are available,
-``split`` falls back to ``shared`` and says why. ``placement`` in the figures names what ran and
-the CPUs each child process was allowed.
+``--placement`` (``libs/bench/placement.py``) says which cores each process may run on, the same
+for both paths: ``split`` (the default) puts the router and this process on one half of the CPUs
+and everything else on the other; ``shared`` lets every process run on every core.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import subprocess
@@ -51,139 +54,49 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
-import nats.errors
 
 from libs.bench.gateways import Caller, GatewayProcess, gateway_env
+from libs.bench.placement import Placement, processes
+from libs.bench.router_decision import decision_case
+from libs.bench.targets import conclude
+from libs.bench.wan import LinkRelay
 from libs.common import subjects
 from libs.common.bus import connect, settle
 from libs.common.errors import ConfigError, UpstreamTimeout
-from libs.common.messages import (
-    DecisionEvent,
-    DecodeFinished,
-    InstanceLoad,
-    OutcomeEvent,
-    PrefillFinished,
-    Sampling,
-    encode,
-)
+from libs.common.hashing import hash_list
+from libs.common.messages import DecisionEvent, DecodeFinished, OutcomeEvent, PrefillFinished
 from libs.engine.tokenizer import ByteTokenizer
 from libs.lab.servers import NatsServer, RedisServer, die_with_parent, free_port
-from services.router.config import RouterConfig
-from services.router.schemas import GenerationRequest
-from services.router.service import RouterService
+from services.kv_index.client import KvIndexClient
 
-TARGET_32K_P50_MS, TARGET_32K_P99_MS, TARGET_C50_P50_MS = 2.0, 10.0, 3.0
 SITE, REMOTE = "dc-pd", "dc-prfaas"
-LABELS = ("c1", "c50")
+THRESHOLD_TOKENS = 1024
+LABELS = ("c1", "c50", "remote", "hit")
+LINK_GBPS = 10.0  # the relay's bandwidth and the PrfaaS gateway's budget towards the decode site
 # Concurrency 50: the decode instance's steps last 20x the reference profile's (100 ms) and each request decodes 16
 # tokens, so 50 clients keep ~30 requests/s in flight, within what the gateways' core serves: a saturated gateway
 # core would hide the router's time (in a closed loop, time spent in the router is time not spent queueing there).
 # Each client pauses an exponential think time before each request: without it every new request would start just
 # after a decode step ends (when the one it replaces finished) and wait out the next step whatever the router added.
 DECODE_TIME_SCALE, C50_MAX_TOKENS, C50_THINK_S = 20.0, 16, 0.1
+_TOK = ByteTokenizer()
+_SHARED = _TOK.encode("[shared] A system prompt every hit request starts with. " * 20, bos=True)[:THRESHOLD_TOKENS]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Benchmark flags."""
     parser.add_argument("--placement", choices=("split", "shared"), default="split",
-                        help="split: router and clients on half the CPUs, NATS, Redis, index and gateways on the "
+                        help="split: router and clients on half the CPUs, NATS, Redis, index, gateways and relay on the "
                              "other half; shared: every process on every CPU (default split)")  # fmt: skip
     parser.add_argument("--decisions", type=int, default=300, help="timed decisions per prompt length (default 300)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the overhead cases (default 3)")
-    parser.add_argument("--requests", type=int, default=50, help="requests per round at concurrency 1 (default 50)")
+    parser.add_argument("--requests", type=int, default=50,
+                        help="requests per round of each concurrency-1 case: c1, remote, hit (default 50)")  # fmt: skip
     parser.add_argument("--c50-requests", type=int, default=300,
                         help="requests per round from the 50 clients at concurrency 50 (default 300)")
     parser.add_argument("--prefill-instances", type=int, default=8,
-                        help="simulated prefill instances behind both paths (default 8; 1 makes concurrency 50 a 50-deep queue)")
-
-
-class _Placement:
-    """Which CPUs the router side (router, clients) and the services side (NATS, Redis, index, gateways) may use."""
-
-    def __init__(self, requested: str) -> None:
-        self.requested = requested
-        self.name, self.note = "shared", ""
-        self.front: set[int] | None = None
-        self.back: set[int] | None = None
-        self._original: set[int] | None = None
-        if requested == "split":
-            self._split()
-
-    def _split(self) -> None:
-        if not hasattr(os, "sched_setaffinity"):
-            self.note = "split placement needs os.sched_setaffinity (Linux); ran shared"
-            return
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            self.note = f"split placement needs two CPUs, this process may use {len(cpus)}; ran shared"
-            return
-        front, back = set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])
-        try:
-            os.sched_setaffinity(0, back)
-            os.sched_setaffinity(0, set(cpus))
-        except OSError as e:
-            self.note = f"cannot set CPU affinity ({e}); ran shared"
-            return
-        self.name, self.front, self.back = "split", front, back
-
-    def __enter__(self) -> _Placement:
-        """Move this process onto the router side's CPUs (every thread it has)."""
-        if self.front is not None:
-            self._original = os.sched_getaffinity(0)
-            _pin_process(os.getpid(), self.front)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._original is not None:
-            _pin_process(os.getpid(), self._original)
-
-    @contextlib.contextmanager
-    def services(self):
-        """Within: processes started from this thread inherit the services side's CPUs."""
-        if self.back is None:
-            yield
-            return
-        os.sched_setaffinity(0, self.back)
-        try:
-            yield
-        finally:
-            os.sched_setaffinity(0, self.front)
-
-    def describe(self) -> dict:
-        """What ran, and the CPUs each process was allowed (from ``/proc``)."""
-        return {"name": self.name, "requested": self.requested, "note": self.note,
-                "router_side_cpus": sorted(self.front or []), "services_side_cpus": sorted(self.back or []),
-                "processes": {name: _allowed_cpus(pid) for name, pid in _processes().items()}}  # fmt: skip
-
-
-def _pin_process(pid: int, cpus: set[int]) -> None:
-    """Set the affinity of every thread of ``pid``."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(task.name), cpus)
-
-
-def _allowed_cpus(pid: int) -> str:
-    """The CPUs a process's threads may use, as ``/proc`` lists them (the union, if they differ)."""
-    lists = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            status = (task / "status").read_text()
-            lists.add(next((ln.split()[1] for ln in status.splitlines() if ln.startswith("Cpus_allowed_list")), "?"))
-    return " | ".join(sorted(lists))
-
-
-def _processes() -> dict[str, int]:
-    """This process (``bench``) and its children, by module (``router``) or program (``nats-server``): pids."""
-    out = {"bench": os.getpid()}
-    with contextlib.suppress(OSError):
-        tasks = Path("/proc/self/task").iterdir()
-        for pid in sorted({int(c) for task in tasks for c in (task / "children").read_text().split()}):
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-                name = argv[argv.index("-m") + 1] if "-m" in argv else Path(argv[0].split()[0]).name
-                out[name.removeprefix("services.")] = pid
-    return out
+                        help="simulated local prefill instances behind both paths (default 8; 1 makes concurrency 50 a "
+                             "50-deep queue)")  # fmt: skip
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -199,51 +112,13 @@ def _figure(values_s: list[float]) -> dict:
     return {"p50_ms": _pct(values_s, 0.5) * 1000, "p99_ms": _pct(values_s, 0.99) * 1000, "n": len(values_s)}
 
 
-def _loads() -> list[InstanceLoad]:
-    now = time.time()
-    loads = [InstanceLoad(site=REMOTE, instance=f"bp-r{i}", role="prefill", cluster="prfaas", hardware="h200", model="bench",
-                          queue_depth=i % 3, expected_wait_s=0.1 * i, ts=now) for i in range(8)]  # fmt: skip
-    loads += [InstanceLoad(site=SITE, instance=f"bp-l{i}", role="prefill", cluster="pd", hardware="h20", model="bench",
-                           queue_depth=i % 2, expected_wait_s=0.2 * i, ts=now) for i in range(8)]  # fmt: skip
-    loads += [InstanceLoad(site=SITE, instance=f"bp-d{i}", role="decode", cluster="pd", hardware="h20", model="bench",
-                           free_decode_slots=4 + i, max_batch=32, ts=now) for i in range(16)]  # fmt: skip
-    return loads
-
-
-async def _decision_case(nats_url: str, decisions: int) -> dict:
-    """Time prepare + decide of 1K and 32K-token prompts against a live index and a 32-instance view."""
-    nc = await connect(nats_url, name="bench-router")
-    config = RouterConfig(nats_url=nats_url, site=SITE, port=0, host="127.0.0.1", replan_interval_s=0, instance_ttl_s=600,
-                          default_model_profile="kimi-linear-1t", policy="adaptive", threshold_tokens=19_392)  # fmt: skip
-    router = RouterService(nc, config)
-    out = {}
-    try:
-        await router.start()
-        for load in _loads():
-            await nc.publish(subjects.load(load.site, load.instance), encode(load))
-        await settle(nc)
-        async with asyncio.timeout(60):
-            while True:
-                if len(router.view.alive()) >= 32 and (await router.readiness())["index"]:
-                    break
-                await asyncio.sleep(0.05)
-        for name, tokens in (("decision_1k", 1024), ("decision_32k", 32768)):
-            times = []
-            for i in range(decisions + 20):
-                text = f"{i:08d} " + "x" * (tokens - 10)  # distinct prompts: no lookup is cached anywhere
-                req = GenerationRequest("text", "bench", text, None, None, 16, Sampling(), False, False)
-                start = time.perf_counter()
-                prepared = await router.scheduler.prepare(req, f"b{i}", None)
-                router.scheduler.decide(prepared)
-                if prepared.index_status != "ok":
-                    raise UpstreamTimeout(f"the KV index did not answer a timed lookup: {prepared.index_status}")
-                if i >= 20:  # warm-up
-                    times.append(time.perf_counter() - start)
-            out[name] = _figure(times)
-    finally:
-        await router.stop()
-        await nc.drain()
-    return out
+def _prompt(label: str, n: int) -> list[int]:
+    """Request ``n``'s prompt of a case (byte tokens; distinct from the first block unless it is a hit)."""
+    if label == "remote":
+        return _TOK.encode(f"[{n}] a long prompt, over the threshold, with nothing cached anywhere " * 22, bos=True)[:1536]
+    if label == "hit":
+        return _SHARED + _TOK.encode(f" [{n}] and a question of its own, long enough to be offloaded " * 20)[:1100]
+    return _TOK.encode(f"[{n}] overhead probe " * 16)
 
 
 class _Service:
@@ -294,7 +169,7 @@ def _index_process(nats_url: str, redis_url: str, workdir: Path) -> _Service:
 
 
 async def _router_ttft(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> tuple[float, str]:
-    """Time to the first SSE chunk, and the request id (its outcome event says where it waited)."""
+    """Time to the first SSE chunk, and the request id (its events say where it went and where it waited)."""
     body = {"model": "reference", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start = time.perf_counter()
     async with http.post(url + "/v1/completions", json=body) as r:
@@ -341,49 +216,113 @@ async def _clients(call, prompts: list[list[int]], clients: int, think_s: float,
     return results
 
 
-async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace, placement: _Placement) -> dict:
-    """Router TTFT minus direct TTFT at concurrency 1 and 50, interleaved rounds; every service its own process."""
+class _Events:
+    """The router's decision and outcome events, by request id."""
+
+    def __init__(self, nc) -> None:
+        self.nc = nc
+        self.decisions: dict[str, list[DecisionEvent]] = {}
+        self.outcomes: dict[str, OutcomeEvent] = {}
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Subscribe to both subjects (settled: nothing published after this is missed)."""
+
+        async def on_decision(msg) -> None:
+            event = msgspec.json.decode(msg.data, type=DecisionEvent)
+            self.decisions.setdefault(event.request_id, []).append(event)
+
+        async def on_outcome(msg) -> None:
+            event = msgspec.json.decode(msg.data, type=OutcomeEvent)
+            self.outcomes[event.request_id] = event
+            self._changed.set()
+
+        await self.nc.subscribe(subjects.DECISIONS_ALL, cb=on_decision)
+        await self.nc.subscribe(subjects.OUTCOMES_ALL, cb=on_outcome)
+        await settle(self.nc)
+
+    async def wait_for(self, request_ids: set[str], timeout_s: float = 10.0) -> None:
+        """Until every request's outcome (published after its decisions) arrived."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while request_ids - self.outcomes.keys():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            missing = request_ids - self.outcomes.keys()
+            raise UpstreamTimeout(f"no outcome event for {len(missing)} requests through the router") from None
+
+
+async def _until_indexed(nc, hashes: list[int], instance: str, timeout_s: float = 30.0) -> None:
+    """Wait until the KV index says ``instance`` holds every block of ``hashes`` (its KV events ingested)."""
+    client = KvIndexClient(nc, timeout_s=5.0)
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        reply = await client.lookup(hashes)
+        if any(p.instance == instance and p.attn_kv_blocks == len(hashes) for p in reply.instances):
+            return
+        await asyncio.sleep(0.05)
+    raise UpstreamTimeout(f"the index did not show the shared prefix on {instance} within {timeout_s:.0f}s")
+
+
+def _gateway_procs(nats_url: str, workdir: Path, args: argparse.Namespace, decode_port: int, relay_port: int) -> list:
+    """The local prefill gateway, the PrfaaS one at the other site, and the decode gateway (reached through the relay)."""
+    names = ",".join(f"bo-p{i}" for i in range(args.prefill_instances))
+    common = {"backend": "simulated:h200", "model": "reference", "queue_limit": 256, "heartbeat_s": 0.2}
+    return [
+        GatewayProcess("prefill_gateway", gateway_env("prefill_gateway", nats_url, site=SITE, cluster="pd", instances=names,
+                       **common), workdir / "p.log"),
+        GatewayProcess("prefill_gateway", gateway_env("prefill_gateway", nats_url, site=REMOTE, cluster="prfaas",
+                       instances="bo-r0", budgets=f"{SITE}={LINK_GBPS}", **common), workdir / "r.log"),
+        GatewayProcess("decode_gateway", gateway_env("decode_gateway", nats_url, site=SITE, instance="bo-d0",
+                       backend="simulated:h20", model="reference", time_scale=DECODE_TIME_SCALE, heartbeat_s=0.2,
+                       tcp_port=decode_port, advertise_by_site=f"{REMOTE}=127.0.0.1:{relay_port}"), workdir / "d.log"),
+    ]  # fmt: skip
+
+
+async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace, placement: Placement,
+                         decode_port: int, relay_port: int) -> dict:  # fmt: skip
+    """Router TTFT minus direct TTFT in every case, interleaved rounds; every service its own process."""
     port = free_port()
     router_env = {"ROUTER_NATS_URL": nats_url, "ROUTER_SITE": SITE, "ROUTER_ID": "bench-router", "ROUTER_HOST": "127.0.0.1",
-                  "ROUTER_PORT": str(port), "ROUTER_POLICY": "adaptive", "ROUTER_THRESHOLD_TOKENS": "8192",
+                  "ROUTER_PORT": str(port), "ROUTER_POLICY": "adaptive", "ROUTER_THRESHOLD_TOKENS": str(THRESHOLD_TOKENS),
                   "ROUTER_REPLAN_INTERVAL_S": "0", "ROUTER_LOG_LEVEL": "WARNING"}  # fmt: skip
-    rounds, requests = args.rounds, args.requests
-    names = [f"bo-p{i}" for i in range(args.prefill_instances)]
-    procs = [
-        GatewayProcess("prefill_gateway", gateway_env("prefill_gateway", nats_url, site=SITE, cluster="pd", instances=",".join(names),
-                       backend="simulated:h200", model="reference", queue_limit=256, heartbeat_s=0.2), workdir / "p.log"),
-        GatewayProcess("decode_gateway", gateway_env("decode_gateway", nats_url, site=SITE, instance="bo-d0",
-                       backend="simulated:h20", model="reference", time_scale=DECODE_TIME_SCALE, heartbeat_s=0.2),
-                       workdir / "d.log"),
-    ]  # fmt: skip
+    rounds = args.rounds
+    procs = _gateway_procs(nats_url, workdir, args, decode_port, relay_port)
     nc = await connect(nats_url, name="bench-overhead")
     router = None
-    tok = ByteTokenizer()
     samples = {f"{path}_{label}": [[] for _ in range(rounds)] for path in ("router", "direct") for label in LABELS}
     cpu = {f"{path}_{label}": {} for path in ("router", "direct") for label in LABELS}
+    events = _Events(nc)
     try:
         with placement.services():
             for proc in procs:
                 proc.spawn()
-        await asyncio.gather(procs[0].ready(nc, SITE, "bo-p0"), procs[1].ready(nc, SITE, "bo-d0"))
+        await asyncio.gather(procs[0].ready(nc, SITE, "bo-p0"), procs[1].ready(nc, REMOTE, "bo-r0"),
+                             procs[2].ready(nc, SITE, "bo-d0"))  # fmt: skip
         router = _Service("router", router_env, workdir / "router.log")
         url = f"http://127.0.0.1:{port}"
-        await router.ready_http(url + "/v1/route/explain", {"model": "reference", "prompt": "ready?"})  # both instances seen
-        events = await nc.subscribe(subjects.DECISIONS_ALL)
-        outcomes = await nc.subscribe(subjects.OUTCOMES_ALL)
+        await router.ready_http(url + "/v1/route/explain", {"model": "reference", "prompt": "ready?"})  # instances seen
+        await events.start()
         out = {"placement": placement.describe()}
-        pids = _processes()
+        pids = processes()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)) as http, \
-                Caller(nc, prefill_site=SITE, cluster="pd", decode_site=SITE) as caller:  # fmt: skip
+                Caller(nc, prefill_site=SITE, cluster="pd", decode_site=SITE) as local, \
+                Caller(nc, prefill_site=REMOTE, cluster="prfaas", decode_site=SITE) as remote:  # fmt: skip
+            await remote.reachable(nc)
+            await _router_ttft(http, url, _prompt("hit", -1), 2)  # warm-up: the prefill and decode instances' caches
+            await _direct_ttft(remote, _prompt("hit", -2), 2)  # now hold the shared prefix, whichever path comes first
+            await _until_indexed(nc, hash_list(_SHARED, 64), "bo-r0")
             n = 0
             for r in range(rounds):
-                cases = (("c1", 1, requests, 2, 0.0), ("c50", 50, args.c50_requests, C50_MAX_TOKENS, C50_THINK_S))
-                for label, clients, count, max_tokens, think_s in cases:
+                cases = (("c1", 1, args.requests, 2, 0.0, local), ("c50", 50, args.c50_requests, C50_MAX_TOKENS, C50_THINK_S, local),
+                         ("remote", 1, args.requests, 2, 0.0, remote), ("hit", 1, args.requests, 2, 0.0, remote))  # fmt: skip
+                for label, clients, count, max_tokens, think_s, caller in cases:
                     for path in ("router", "direct"):
-                        prompts = [tok.encode(f"[{n + i}] overhead probe " * 16) for i in range(count)]
+                        prompts = [_prompt(label, n + i) for i in range(count)]
                         n += count
 
-                        def call(p: list[int], path: str = path, max_tokens: int = max_tokens):
+                        def call(p: list[int], path: str = path, max_tokens: int = max_tokens, caller: Caller = caller):
                             if path == "router":
                                 return _router_ttft(http, url, p, max_tokens)
                             return _direct_ttft(caller, p, max_tokens)
@@ -393,30 +332,45 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
                         for proc, pid in pids.items():
                             used = cpu[f"{path}_{label}"]
                             used[proc] = used.get(proc, 0.0) + _cpu_s(pid) - before[proc]
-        decisions, waited = [], {}
-        with contextlib.suppress(nats.errors.TimeoutError):
-            while True:
-                decisions.append(msgspec.json.decode((await events.next_msg(timeout=0.5)).data, type=DecisionEvent))
-        with contextlib.suppress(nats.errors.TimeoutError):
-            while True:
-                o = msgspec.json.decode((await outcomes.next_msg(timeout=0.5)).data, type=OutcomeEvent)
-                waited[o.request_id] = _waited_s(o.queue_s, o.first_step_s)
+        routed = {ref for label in LABELS for xs in samples[f"router_{label}"] for _, ref in xs}
+        await events.wait_for(routed)
     finally:
         if router is not None:
             router.stop()
         await nc.drain()
         for proc in procs:
             proc.stop()
-    out["decisions"] = {"total": len(decisions), "retries": sum(d.attempt > 0 for d in decisions),
-                         "index_unavailable": sum(d.index.startswith("unavailable") for d in decisions),
-                         "index_not_asked": sum(d.index.startswith("not asked") for d in decisions)}  # fmt: skip
-    unseen = [ref for per_round in samples.values() for xs in per_round for _, ref in xs if isinstance(ref, str) and ref not in waited]
-    if unseen:
-        raise UpstreamTimeout(f"no outcome event for {len(unseen)} requests through the router (first: {unseen[0]})")
+    out["decisions"] = _decision_counts(events, samples)
+    out |= _overheads(samples, events, cpu)
+    return out
+
+
+def _decision_counts(events: _Events, samples: dict) -> dict:
+    """The router's decisions: retries, how often it asked the index, and per case where it routed and what it reused."""
+    decisions = [d for ds in events.decisions.values() for d in ds]
+    first = {rid: min(ds, key=lambda d: d.attempt) for rid, ds in events.decisions.items()}
+    by_case = {}
+    for label in LABELS:
+        ids = [ref for xs in samples[f"router_{label}"] for _, ref in xs]
+        ds = [first[rid] for rid in ids]
+        answered = [d for d in ds if d.index == "ok"]
+        by_case[label] = {"requests": len(ids), "index_asked": sum(not d.index.startswith("not asked") for d in ds),
+                          "index_answered": len(answered), "remote": sum(d.route == "remote" for d in ds),
+                          "reused_prefix": sum(d.decision.reused_prefix_tokens > 0 for d in answered)}  # fmt: skip
+    return {"total": len(decisions), "retries": sum(d.attempt > 0 for d in decisions),
+            "index_asked": sum(not d.index.startswith("not asked") for d in decisions),
+            "index_unavailable": sum(d.index.startswith("unavailable") for d in decisions),
+            "index_not_asked": sum(d.index.startswith("not asked") for d in decisions), "by_case": by_case}  # fmt: skip
+
+
+def _overheads(samples: dict, events: _Events, cpu: dict) -> dict:
+    """Per case: router minus direct TTFT percentiles, per round, net of the gateways' queues; CPU per request."""
+    waited = {rid: _waited_s(o.queue_s, o.first_step_s) for rid, o in events.outcomes.items()}
     ttfts = {key: [[ttft for ttft, _ in xs] for xs in per_round] for key, per_round in samples.items()}
     # TTFT less the time spent in the gateways' queues, which dominates the spread at concurrency 50
     net = {key: [[ttft - (waited[ref] if isinstance(ref, str) else ref) for ttft, ref in xs] for xs in per_round]
            for key, per_round in samples.items()}  # fmt: skip
+    out = {}
     for label in LABELS:
         per_round = [_pct(r, 0.5) - _pct(d, 0.5) for r, d in zip(ttfts[f"router_{label}"], ttfts[f"direct_{label}"], strict=True)]
         r, d = _flat(ttfts[f"router_{label}"]), _flat(ttfts[f"direct_{label}"])
@@ -444,8 +398,9 @@ def _cpu_text(cpu: dict[str, dict[str, float]]) -> str:
     return ", ".join(f"{proc} {ms:.2f}/{cpu['direct'][proc]:.2f}" for proc, ms in cpu["router"].items())
 
 
-def _measure(args: argparse.Namespace, placement: _Placement, work: Path) -> dict:
-    """Start NATS, Redis and the index on the services side, then run both cases."""
+def _measure(args: argparse.Namespace, placement: Placement, work: Path) -> dict:
+    """Start NATS, Redis, the index and the link relay on the services side, then run both cases."""
+    decode_port = free_port()
     with placement.services():
         nats = NatsServer(workdir=work / "nats").start()
     redis = index = None
@@ -453,8 +408,11 @@ def _measure(args: argparse.Namespace, placement: _Placement, work: Path) -> dic
         with placement.services():
             redis = RedisServer(workdir=work / "redis").start()
             index = _index_process(nats.url, redis.url, work)
-        figures = asyncio.run(_decision_case(nats.url, args.decisions))
-        return figures | asyncio.run(_overhead_case(nats.url, work, args, placement))
+        figures = asyncio.run(decision_case(nats.url, redis.url, work, args.decisions))
+        with contextlib.ExitStack() as stack:
+            with placement.services():  # the relay process runs beside the gateways
+                relay = stack.enter_context(LinkRelay(decode_port, gbps=LINK_GBPS, rtt_ms=0.0))
+            return figures | asyncio.run(_overhead_case(nats.url, work, args, placement, decode_port, relay.port))
     finally:
         if index is not None:
             index.stop()
@@ -463,39 +421,48 @@ def _measure(args: argparse.Namespace, placement: _Placement, work: Path) -> dic
         nats.stop()
 
 
+def _text(figures: dict) -> str:
+    """The figures for people (the verdicts follow)."""
+    p = figures["placement"]
+    rows = [f"placement {p['name']}" + (f" ({p['note']})" if p["note"] else "") + ": "
+            + ", ".join(f"{name} on CPUs {cpus}" for name, cpus in p["processes"].items())]  # fmt: skip
+    for name in ("decision_1k", "decision_32k"):
+        f = figures[name]
+        floor = f["floor"]
+        rows.append(f"{name} ({f['prompt_tokens']} tokens, {f['held_blocks']} blocks held): p50 {f['p50_ms']:.2f} ms  "
+                    f"p99 {f['p99_ms']:.2f} ms  ({f['n']} decisions) = {f['vs_floor']:.2f}x the lookup alone "
+                    f"(p50 {floor['lookup_nats']['p50_ms']:.2f} ms over NATS, Lua walk {floor['lua_walk']['p50_ms']:.2f} ms); "
+                    f"tokenizing alone p50 {f['tokenize']['p50_ms']:.2f} ms")  # fmt: skip
+    counts = figures["decisions"]
+    rows.append(f"decisions through the router: {counts['total']}, re-decided {counts['retries']}; asked the index "
+                f"{counts['index_asked']} (unavailable or late {counts['index_unavailable']}), not asked "
+                f"{counts['index_not_asked']}; per case (requests, asked, answered in time, remote, reused a prefix): "
+                + ", ".join(f"{k} {c['requests']}/{c['index_asked']}/{c['index_answered']}/{c['remote']}/{c['reused_prefix']}"
+                            for k, c in counts["by_case"].items()))  # fmt: skip
+    for label in LABELS:
+        f = figures[f"overhead_{label}"]
+        rounds, net = sorted(f["round_p50_ms"]), sorted(f["net_round_p50_ms"])
+        rows.append(f"overhead_{label}: p50 {f['p50_ms']:+.2f} ms (rounds {rounds[0]:+.1f} .. {rounds[-1]:+.1f})  "
+                    f"p99 {f['p99_ms']:+.2f} ms  net of the gateways' queues p50 {f['net_p50_ms']:+.2f} ms (rounds "
+                    f"{net[0]:+.1f} .. {net[-1]:+.1f})  (router TTFT p50 {f['router_ttft']['p50_ms']:.2f} ms vs direct "
+                    f"{f['direct_ttft']['p50_ms']:.2f} ms; CPU ms per request via the router / direct: "
+                    f"{_cpu_text(f['cpu_ms_per_request'])})")  # fmt: skip
+    return "\n".join(rows)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run both cases and print the figures (JSON with ``--json``)."""
+    """Run both cases and print the figures with their verdicts (JSON with ``--json``); exit 1 on a miss."""
     for flag in ("decisions", "rounds", "requests", "c50_requests", "prefill_instances"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    placement = _Placement(args.placement)
+    placement = Placement(args.placement)
     if placement.note:
         print(placement.note, file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="prfaas-bench-router-") as tmp, placement:
         figures = _measure(args, placement, Path(tmp))
-    figures["decision_p50_ms"] = figures["decision_32k"]["p50_ms"]
-    figures["decision_p99_ms"] = figures["decision_32k"]["p99_ms"]
-    figures["targets"] = {"decision_32k_p50_ms_max": TARGET_32K_P50_MS, "decision_32k_p99_ms_max": TARGET_32K_P99_MS,
-                          "overhead_c50_p50_ms_max": TARGET_C50_P50_MS}  # fmt: skip
-    if args.json:
-        print(json.dumps(figures, indent=2))
-        return 0
-    p = figures["placement"]
-    print(f"placement {p['name']}" + (f" ({p['note']})" if p["note"] else "") + ": "
-          + ", ".join(f"{name} on CPUs {cpus}" for name, cpus in p["processes"].items()))
-    for name in ("decision_1k", "decision_32k"):
-        f = figures[name]
-        print(f"{name}: p50 {f['p50_ms']:.2f} ms  p99 {f['p99_ms']:.2f} ms  ({f['n']} decisions)")
-    counts = figures["decisions"]
-    print(f"decisions through the router: {counts['total']}, re-decided {counts['retries']}; index unavailable or late "
-          f"{counts['index_unavailable']}, not asked {counts['index_not_asked']}")  # fmt: skip
-    for name in (f"overhead_{label}" for label in LABELS):
-        f = figures[name]
-        rounds = sorted(f["round_p50_ms"])
-        net = sorted(f["net_round_p50_ms"])
-        print(f"{name}: p50 {f['p50_ms']:+.2f} ms (rounds {rounds[0]:+.1f} .. {rounds[-1]:+.1f})  p99 {f['p99_ms']:+.2f} ms  "
-              f"net of the gateways' queues p50 {f['net_p50_ms']:+.2f} ms (rounds {net[0]:+.1f} .. {net[-1]:+.1f})  "
-              f"(router TTFT p50 {f['router_ttft']['p50_ms']:.2f} ms vs direct {f['direct_ttft']['p50_ms']:.2f} ms; "
-              f"CPU ms per request via the router / direct: {_cpu_text(f['cpu_ms_per_request'])})")  # fmt: skip
-    return 0
-
+    cases = figures["decisions"]["by_case"]
+    for label in ("remote", "hit"):
+        figures[f"overhead_{label}"]["remote_share"] = cases[label]["remote"] / cases[label]["requests"]
+    # where the index answered in time, every hit request must have used the prefix it held
+    figures["overhead_hit"]["hit_share"] = cases["hit"]["reused_prefix"] / max(cases["hit"]["index_answered"], 1)
+    return conclude(args, figures, _text(figures))

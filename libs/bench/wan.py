@@ -20,7 +20,7 @@ import sys
 import time
 
 from libs.bench.targets import conclude
-from libs.common.errors import ConfigError
+from libs.common.errors import ConfigError, UpstreamTimeout
 from libs.lab.servers import free_port
 from libs.lab.wan_probe import EchoServer, ping_rtts_ms
 from libs.lab.wan_server import change_link, link_figures
@@ -70,8 +70,8 @@ def _range(r: list[float]) -> str:
 def _bench(args: argparse.Namespace, set_gbps: list[float]) -> dict:
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(_Sink())
-        free_link = stack.enter_context(_Relay(sink.port, gbps=None, rtt_ms=0.0))
-        shaped = stack.enter_context(_Relay(sink.port, gbps=set_gbps[0], rtt_ms=args.rtt_ms))
+        free_link = stack.enter_context(LinkRelay(sink.port, gbps=None, rtt_ms=0.0))
+        shaped = stack.enter_context(LinkRelay(sink.port, gbps=set_gbps[0], rtt_ms=args.rtt_ms))
         baseline: list[float] = []
         ceiling: list[float] = []
         achieved: dict[float, list[float]] = {g: [] for g in set_gbps}
@@ -84,7 +84,7 @@ def _bench(args: argparse.Namespace, set_gbps: list[float]) -> dict:
                 achieved[g].append(sink.measure(shaped.port, args))
         echo = EchoServer()
         stack.callback(echo.close)
-        rtt_relay = stack.enter_context(_Relay(echo.port, gbps=max(set_gbps), rtt_ms=args.rtt_ms))
+        rtt_relay = stack.enter_context(LinkRelay(echo.port, gbps=max(set_gbps), rtt_ms=args.rtt_ms))
         direct_rtts = ping_rtts_ms(("127.0.0.1", echo.port), args.pings)
         relay_rtts = ping_rtts_ms(("127.0.0.1", rtt_relay.port), args.pings)
     ratios = [statistics.median(runs) / g for g, runs in achieved.items()]
@@ -163,7 +163,7 @@ class _Sink:
         return (b1 - b0) * 8 / (t1 - t0) / 1e9
 
 
-class _Relay:
+class LinkRelay:
     """A link relay process carrying site a -> b to ``target_port``."""
 
     def __init__(self, target_port: int, *, gbps: float | None, rtt_ms: float) -> None:
@@ -174,7 +174,7 @@ class _Relay:
         if gbps is not None:
             self.argv += ["--gbps", str(gbps)]
 
-    def __enter__(self) -> _Relay:
+    def __enter__(self) -> LinkRelay:
         self.proc = subprocess.Popen(self.argv)
         end = time.monotonic() + _READY_TIMEOUT_S
         while True:
@@ -184,7 +184,7 @@ class _Relay:
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > end:
                     self.__exit__()
-                    raise RuntimeError(f"relay did not start: {' '.join(self.argv)}") from None
+                    raise UpstreamTimeout(f"relay did not start: {' '.join(self.argv)}") from None
                 time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:

@@ -1,28 +1,79 @@
-"""``prfaas bench router``: decision latency and the router's TTFT overhead, every service in its own process."""
+"""``prfaas bench router``: decisions against their floor, and the router's TTFT overhead in every case it claims."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
 
 from libs.cli import main
 
+REQUESTS, C50 = 6, 60
 
-def test_router_benchmark_serves_every_case_through_both_paths(capsys) -> None:
-    """Every request of every case gets its first token on both paths; each figure names what it measured."""
-    args = ["bench", "router", "--json", "--decisions", "5", "--rounds", "1", "--requests", "3", "--c50-requests", "60"]
-    assert main(args) == 0
-    figures = json.loads(capsys.readouterr().out)
-    for name in ("decision_1k", "decision_32k"):
-        assert figures[name]["n"] == 5 and 0 < figures[name]["p50_ms"] <= figures[name]["p99_ms"], name
-    for name, requests in (("overhead_c1", 3), ("overhead_c50", 60)):
-        case = figures[name]
-        assert case["router_ttft"]["n"] == case["direct_ttft"]["n"] == requests, name
-    cpu = figures["overhead_c50"]["cpu_ms_per_request"]  # (CPU clocks tick every 10 ms: 60 requests, not 3)
+
+@pytest.fixture(scope="module")
+def figures() -> dict:
+    """One small run of the benchmark (its exit status is judged by the verdicts it prints)."""
+    out, err = io.StringIO(), io.StringIO()
+    args = ["bench", "router", "--json", "--decisions", "10", "--rounds", "1", "--requests", str(REQUESTS),
+            "--c50-requests", str(C50)]  # fmt: skip
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    result = json.loads(out.getvalue())
+    result["exit_code"], result["stderr"] = code, err.getvalue()
+    return result
+
+
+def test_exit_status_and_printed_verdicts_follow_the_targets(figures) -> None:
+    """Exit 1 exactly when a binding target is missed, and each missed figure is printed MISSED."""
+    missed = [v["figure"] for v in figures["verdicts"] if v["binding"] and not v["met"]]
+    assert figures["missed"] == missed and figures["exit_code"] == (1 if missed else 0)
+    for figure in missed:
+        assert any(figure in line and "MISSED" in line for line in figures["stderr"].splitlines()), figure
+
+
+def test_each_case_went_where_it_claims(figures) -> None:
+    """Short prompts stay local without asking the index; long ones ask it and go remote; hits reuse the prefix."""
+    cases = figures["decisions"]["by_case"]
+    for label, count in (("c1", REQUESTS), ("c50", C50)):
+        assert (cases[label]["requests"], cases[label]["index_asked"], cases[label]["remote"]) == (count, 0, 0), label
+    for label in ("remote", "hit"):
+        assert cases[label]["requests"] == cases[label]["index_asked"] == cases[label]["remote"] == REQUESTS, label
+    assert cases["remote"]["reused_prefix"] == 0
+    # the router waits at most 5 ms for the index (a hit saves no more here): on a loaded machine a few are late
+    assert cases["hit"]["index_answered"] >= 1 and figures["overhead_hit"]["hit_share"] == 1.0
+    assert figures["decisions"]["total"] == 3 * REQUESTS + C50 + 1  # + the hit case's warm-up request
+    assert figures["decisions"]["retries"] == 0
+    verdicts = {v["figure"]: v["met"] for v in figures["verdicts"]}
+    assert verdicts["overhead_remote.remote_share"] and verdicts["overhead_hit.remote_share"] and verdicts["overhead_hit.hit_share"]
+
+
+def test_decisions_are_timed_against_their_floor_on_a_populated_index(figures) -> None:
+    """A 32K-token prompt of the tokenizer.json hits 511 held blocks; vs_floor is its median over the lookup's."""
+    d = figures["decision_32k"]
+    assert 32_768 <= d["prompt_tokens"] < 32_768 + 64 and d["held_blocks"] == 511 and d["n"] == 10
+    floor = d["floor"]
+    assert d["vs_floor"] == pytest.approx(d["p50_ms"] / floor["lookup_nats"]["p50_ms"])
+    # the lookup over NATS includes the Lua walk; the decision includes the lookup and the tokenizer
+    assert floor["lua_walk"]["p50_ms"] < floor["lookup_nats"]["p50_ms"] < d["p50_ms"]
+    assert d["tokenize"]["p50_ms"] > 0 and figures["decision_1k"]["held_blocks"] >= 15
+
+
+def test_router_overheads_are_bounded(figures) -> None:
+    """Router minus direct TTFT at concurrency 1, for local, remote and hit prompts, within a loaded machine's noise.
+
+    A 2-core machine shared with other test runs reads -5 .. +10 ms here (quiet: about +1.3 ms): 40 ms
+    leaves room for that noise and still catches a router that sleeps tens of milliseconds per request.
+    """
+    for label in ("c1", "remote", "hit"):
+        case = figures[f"overhead_{label}"]
+        assert case["router_ttft"]["n"] == case["direct_ttft"]["n"] == REQUESTS, label
+        assert -40 <= case["p50_ms"] <= 40, (label, case["p50_ms"])
+    assert figures["overhead_c50"]["router_ttft"]["n"] == C50
+    cpu = figures["overhead_c50"]["cpu_ms_per_request"]  # (CPU clocks tick every 10 ms: 60 requests, not 6)
     assert cpu["router"]["router"] > 3 * cpu["direct"]["router"]  # the router works on its own path only
-    assert figures["decisions"]["total"] == 3 + 60 and figures["decisions"]["retries"] == 0
-    assert figures["targets"]["overhead_c50_p50_ms_max"] == 3.0
 
 
 @pytest.mark.parametrize("flag", ["--decisions", "--rounds", "--requests", "--c50-requests", "--prefill-instances"])
