@@ -6,10 +6,10 @@ import pytest
 
 from libs.common.hashing import hash_list
 from libs.engine.backends import ReferenceBackend
-from libs.engine.build import BackendSpec
+from libs.engine.build import BackendSpec, build_backend
 from libs.engine.profiles import hardware_profile, model_profile
-from services.prefill_gateway.instance import _CALIBRATION_TOKENS, PrefillInstance
-from services.prefill_gateway.layer_time import LayerTimes
+from services.prefill_gateway.instance import _CALIBRATION_TOKENS, PrefillInstance, QueuedJob
+from services.prefill_gateway.layer_time import LayerClock, LayerTimes
 
 MODEL = model_profile("reference")  # 8 layers, full attention in layers 3 and 7
 CPU = hardware_profile("cpu")
@@ -44,6 +44,37 @@ def test_a_layer_stopped_past_its_prediction_raises_it():
     assert times.layer_s(3, 20_000) == pytest.approx(full)
     times.stopped(3, 20_000, 0, 4 * full)
     assert times.layer_s(7, 20_000) == pytest.approx(4 * full)
+
+
+def test_a_prefill_stopped_mid_layer_teaches_the_layer_under_way():
+    """A clock stopped after layer 0 finished reports layer 1 as running at least until then; a finished prefill does not."""
+    times = LayerTimes(MODEL, CPU, time_scale=1e-9)  # any elapsed time is far past these predictions
+    clock = LayerClock(times, 1024, 0)
+    clock.lap(0)
+    linear = times.ratio[False]
+    clock.stop()
+    assert times.ratio[False] > linear and times.ratio[True] == 1.0
+    done = LayerTimes(MODEL, CPU, time_scale=1e-9)
+    clock = LayerClock(done, 1024, 0)
+    for layer in range(9):  # eight layers, then the head
+        clock.lap(layer)
+    before = dict(done.ratio)
+    clock.stop()
+    assert done.ratio == before
+
+
+async def test_the_queue_wait_is_the_predicted_prefills_ahead():
+    """An instance's expected wait is its queued jobs' predicted prefills (a cached prefix counted as the backend does)."""
+    spec = BackendSpec(backend="simulated:h200", model="kimi-linear-1t", time_scale=0.5)
+    backend = build_backend(spec)
+    try:
+        instance = PrefillInstance(None, "s", "c", "i", backend, spec)
+        instance.queue = [QueuedJob(8192), QueuedJob(4096, 4096)]
+        kimi, h200 = model_profile("kimi-linear-1t"), hardware_profile("h200")
+        whole, part = kimi.prefill_time_s(8192, h200), kimi.prefill_time_s(4096, h200)
+        assert instance.expected_wait_s() == pytest.approx((2 * whole + kimi.prefill_time_s(0, h200) - part) * 0.5)
+    finally:
+        await backend.close()
 
 
 async def test_a_reference_instance_times_itself_without_caching_anything():

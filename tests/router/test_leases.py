@@ -103,8 +103,10 @@ async def test_a_failed_remote_transfer_falls_back_saying_so_and_counts_as_local
                                 ("decode_gateway", PD, "fl-d0", decode))  # fmt: skip
         svc, decisions = await routed(("fl-p0", "fl-l0", "fl-d0"), lease_min_s=LEASE_S, lease_margin=2.0)
         outcomes = _outcomes(svc)
-        out = await api(svc).completions.create(model="reference", prompt=PROMPT, max_tokens=2)
+        async with watching(fleet.cluster.url(PD), "prfaas.v1.decode.>", msgspec.msgpack.Decoder(DecodeJob)) as jobs:
+            out = await api(svc).completions.create(model="reference", prompt=PROMPT, max_tokens=2)
         assert out.usage.completion_tokens == 2
+        assert [j.lease_s for j in jobs.seen] == [LEASE_S, LEASE_S]  # a transfer that never began says nothing of layers
         first, fallback = decisions
         assert first.route == "remote" and fallback.route == "fallback"
         reason = fallback.decision.reason
