@@ -119,3 +119,34 @@ def test_the_build_context_leaves_out_the_virtualenv_and_git_and_keeps_what_the_
               for arg in line.split()[1:-1]]  # fmt: skip
     assert copied and all(source in sent for source in copied), copied
     assert "libs/cli/__init__.py" in sent and "services/router/service.py" in sent
+
+
+def _ci_copy(tmp_path: Path, apt_get: str) -> tuple[Path, dict[str, str]]:
+    """.ci/run beside a README whose commands only report that they ran; a PATH of the few tools it uses, with
+    ``apt-get`` being the given script (``$BIN`` names the PATH's one directory) and no docker-compose."""
+    (tmp_path / ".ci").mkdir(parents=True)
+    shutil.copy(ROOT / ".ci/run", tmp_path / ".ci/run")
+    (tmp_path / "README.md").write_text(
+        "<!-- ci:run-command -->\n```bash\necho RUN-COMMAND-RAN\n```\n\n<!-- ci:test-command -->\n```bash\n"
+        "mkdir -p .venv/bin && touch .venv/bin/activate && echo TEST-COMMAND-RAN\n```\n"
+    )  # fmt: skip
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "awk", "dirname", "uname", "mkdir", "touch", "timeout", "chmod"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    for name, script in (("apt-get", apt_get), ("ruff", "exit 0")):
+        (bin_dir / name).write_text(f"#!{shutil.which('bash')}\nBIN={bin_dir}\n{script}\n")
+        (bin_dir / name).chmod(0o755)
+    return tmp_path / ".ci/run", {"PATH": str(bin_dir)}
+
+
+def test_ci_fails_when_docker_compose_cannot_be_installed(tmp_path: Path) -> None:
+    """A failed or ineffective docker-compose install ends CI before the tests (which would skip the validation)."""
+    installs = 'if [ "$1" = install ]; then printf "#!/bin/sh\\nexit 0\\n" > "$BIN/docker-compose"; ' \
+               'chmod +x "$BIN/docker-compose"; fi'  # fmt: skip
+    for case, apt_get, expected in (("failing", "exit 100", 1), ("ineffective", "exit 0", 1), ("working", installs, 0)):
+        run, env = _ci_copy(tmp_path / case, apt_get)
+        done = subprocess.run([shutil.which("bash"), str(run)], env=env, capture_output=True, text=True, timeout=60)
+        assert (done.returncode != 0) == bool(expected), f"{case}: {done.returncode}\n{done.stdout}{done.stderr}"
+        assert ("TEST-COMMAND-RAN" in done.stdout) == (not expected), f"{case}: {done.stdout}"
+        assert not expected or "docker-compose" in done.stderr, f"{case}: {done.stderr}"
