@@ -6,13 +6,8 @@ import argparse
 import asyncio
 import json
 
-import msgspec
-
-from libs.common.bus import connect
 from libs.common.errors import BadRequest
 from libs.common.hashing import DEFAULT_BLOCK_SIZE, hash_list
-from libs.engine.tokenizer import ByteTokenizer
-from services.kv_index.client import KvIndexClient
 
 
 def add_parser(subparsers) -> None:
@@ -44,6 +39,12 @@ def parse_tokens(text: str) -> list[int]:
 
 def run_lookup(args: argparse.Namespace) -> int:
     """Hash the prompt, ask the index, print JSON."""
+    import msgspec  # the NATS client and the index's messages are imported only when a lookup runs
+
+    from libs.common.bus import connect
+    from libs.engine.tokenizer import ByteTokenizer
+    from services.kv_index.client import KvIndexClient
+
     if args.block_size <= 0:
         raise BadRequest(f"--block-size must be positive, got {args.block_size}")
     if not args.timeout_s > 0:

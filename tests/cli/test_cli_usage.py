@@ -81,6 +81,11 @@ def test_help_and_lab_status_import_no_heavy_library(tmp_path: Path, argv: list[
     assert _top_level_modules_after(*argv).isdisjoint(HEAVY)
 
 
+def test_index_help_imports_no_nats_client_nor_telemetry() -> None:
+    """`prfaas index --help` leaves the NATS client (and its aiohttp) and OpenTelemetry to the lookup itself."""
+    assert _top_level_modules_after("index", "lookup", "--help").isdisjoint({"nats", "aiohttp", "opentelemetry"})
+
+
 def test_lab_down_without_a_running_lab_says_so_and_fails(tmp_path: Path, capsys) -> None:
     """`lab down` where no lab runs (no status file, or a stopped lab's) is one line and a non-zero exit."""
     empty = tmp_path / "empty"
