@@ -70,7 +70,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         "libs.bench.bridge",
         "the KV index's engine bridge: repaired and reset batches against the normal path; a replayed first "
         "contact against the same batches live",
-        (Target("repaired.vs_baseline", at_most=1.5), Target("reset.vs_baseline", at_most=1.5),
+        (Target("repaired.vs_baseline", at_most=2.0), Target("reset.vs_baseline", at_most=2.0),
          Target("first_contact_replay.vs_baseline", at_most=1.0)),
     ),
 }
