@@ -16,6 +16,7 @@ from libs.policy import POLICIES
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRANSPORTS = ("tcp", "jetstream")
+_FIRST_TOKEN_GRACE_S = 5.0  # past the job deadline: time for the decode side's typed failure to arrive
 
 
 def _choice(key: str, value: str, allowed) -> str:
@@ -93,7 +94,7 @@ class RouterConfig:
     index_min_timeout_s: float = 0.005  # the shortest
     reserve_timeout_s: float = 2.0
     accept_timeout_s: float = 2.0
-    first_token_timeout_s: float = 60.0
+    first_token_timeout_s: float = 0.0  # 0: the job's deadline (job_timeout_s) and a grace: the decode side's leases catch stalls
     token_timeout_s: float = 30.0
     job_timeout_s: float = 120.0
     lease_min_s: float = 10.0  # the least reservation lease sent with a decode job
@@ -133,6 +134,11 @@ class RouterConfig:
             raise ConfigError(f"ROUTER_INDEX_MIN_TIMEOUT_S={self.index_min_timeout_s!r}: must not exceed "
                               f"ROUTER_INDEX_TIMEOUT_S={self.index_timeout_s!r}")  # fmt: skip
 
+    @property
+    def first_token_wait_s(self) -> float:
+        """How long an attempt waits for its first token (or a typed failure) while its instances heartbeat."""
+        return self.first_token_timeout_s or self.job_timeout_s + _FIRST_TOKEN_GRACE_S
+
     def profile_of(self, model: str) -> str:
         """The libs.engine model profile used to predict ``model``'s timings."""
         if model in self.model_profiles:
@@ -169,7 +175,7 @@ class RouterConfig:
             index_min_timeout_s=r.float("INDEX_MIN_TIMEOUT_S", d.index_min_timeout_s, minimum=0.001),
             reserve_timeout_s=r.float("RESERVE_TIMEOUT_S", d.reserve_timeout_s, minimum=0.01),
             accept_timeout_s=r.float("ACCEPT_TIMEOUT_S", d.accept_timeout_s, minimum=0.01),
-            first_token_timeout_s=r.float("FIRST_TOKEN_TIMEOUT_S", d.first_token_timeout_s, minimum=0.01),
+            first_token_timeout_s=r.float("FIRST_TOKEN_TIMEOUT_S", d.first_token_timeout_s, minimum=0.0),
             token_timeout_s=r.float("TOKEN_TIMEOUT_S", d.token_timeout_s, minimum=0.01),
             job_timeout_s=r.float("JOB_TIMEOUT_S", d.job_timeout_s, minimum=0.1),
             lease_min_s=r.float("LEASE_MIN_S", d.lease_min_s, minimum=0.01),

@@ -370,7 +370,7 @@ class RequestRun:
 
     async def _next(self, queue: asyncio.Queue, d, started: bool, remote: bool):
         """The job's next message; a silent stream or a leg whose instance stopped heartbeating is a failure."""
-        timeout_s = self.config.token_timeout_s if started else self.config.first_token_timeout_s
+        timeout_s = self.config.token_timeout_s if started else self.config.first_token_wait_s
         end = time.monotonic() + timeout_s
         where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
         while True:

@@ -12,7 +12,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.
 def longest_ttft_s(config: RouterConfig) -> float:
     """A bound on a request's TTFT: each attempt may wait out its reserve, accept and first-token deadlines (and a
     job's own deadline is ``job_timeout_s``)."""
-    per_attempt_s = config.reserve_timeout_s + config.accept_timeout_s + config.first_token_timeout_s
+    per_attempt_s = config.reserve_timeout_s + config.accept_timeout_s + config.first_token_wait_s
     return max(config.job_timeout_s, config.max_attempts * per_attempt_s)
 
 

@@ -42,3 +42,10 @@ def test_entry_point_refuses_a_missing_threshold_in_one_line():
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("router: config: ROUTER_THRESHOLD_TOKENS is required")
+
+
+def test_the_first_token_wait_follows_the_job_deadline():
+    """Unset, an attempt waits for its first token as long as the decode side may (its job deadline and a grace)."""
+    base = {"ROUTER_THRESHOLD_TOKENS": "100"}
+    assert RouterConfig.from_env(base | {"ROUTER_JOB_TIMEOUT_S": "300"}).first_token_wait_s == 305.0
+    assert RouterConfig.from_env(base | {"ROUTER_FIRST_TOKEN_TIMEOUT_S": "20"}).first_token_wait_s == 20.0
