@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from libs.common import subjects
+from libs.common.bus import settle
 from libs.common.errors import BadRequest, NoCapacity
-from libs.common.messages import DecodeFinished, ErrorReply, JobCancel, PrefillFinished, encode
+from libs.common.messages import DecodeFinished, ErrorReply, JobCancel, PrefillFinished, encode, link_stats_decoder
 from libs.common.state_parts import PartSpec, StatePart
 from libs.engine.profiles import hardware_profile, model_profile
 from libs.kvwire import Destination, KvLinks, KvSender, TcpTransport
@@ -22,7 +23,8 @@ MODEL = "kimi-linear-1t"
 SIM = {"model": MODEL, "byte_scale": 1e-2}
 LEASE_S = 0.5
 KV_MEMORY = 16 << 20
-SLOW = 6.0  # prefill time scale: an 8K prompt takes ~4.4 s, so a kill lands mid-transfer
+SLOW = 6.0  # prefill time scale: an 8K prompt takes ~4.4 s, its transfer as long
+STATS_S = 0.05  # the prefill gateways' LinkStats period: how soon a test sees the receiver's first bytes
 PROMPT = list(range(8192))
 SLOW_PREFILL_S = model_profile(MODEL).prefill_time_s(len(PROMPT), hardware_profile("h200")) * SLOW
 
@@ -37,7 +39,7 @@ def pair(module_gateways):
     async def start() -> None:
         await asyncio.gather(
             module_gateways.prefill("slow", "slow-p0", backend="simulated:h200", time_scale=SLOW,
-                                    metrics_port=METRICS["prefill"], **SIM),
+                                    metrics_port=METRICS["prefill"], link_stats_s=STATS_S, **SIM),
             module_gateways.decode("small-d0", backend="simulated:h20", max_batch=2, kv_memory_bytes=KV_MEMORY,
                                    lease_s=LEASE_S, metrics_port=METRICS["decode"], **SIM),
         )
@@ -53,12 +55,40 @@ async def _metric(role: str, line_start: str) -> float:
     return next((float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(line_start)), 0.0)
 
 
+class ReceiverBytes:
+    """Watches the prefill site's LinkStats towards the decode site for KV bytes the receiver acknowledged."""
+
+    def __init__(self, nc) -> None:
+        self.nc = nc
+        self.sub = None
+
+    async def __aenter__(self) -> ReceiverBytes:
+        self.sub = await self.nc.subscribe(subjects.link("dc-prfaas", "dc-pd"))
+        await settle(self.nc)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.sub.unsubscribe()
+
+    async def arrived(self, timeout_s: float = 10.0) -> None:
+        """Until a sender reports a transfer still active and more bytes acknowledged than when first heard or idle."""
+        before: dict[str, int] = {}
+        async with asyncio.timeout(timeout_s):
+            while True:
+                stats = link_stats_decoder.decode((await self.sub.next_msg(timeout=timeout_s)).data)
+                if before.setdefault(stats.sender, stats.acked_bytes_total) < stats.acked_bytes_total and stats.active_transfers:
+                    return
+                if not stats.active_transfers:
+                    before[stats.sender] = stats.acked_bytes_total
+
+
 async def test_killed_prefill_ends_the_request_with_transfer_failed_and_frees_the_slot(pair, gateways, sites):
     """kill -9 of the prefill gateway mid-transfer: TransferFailed within the lease, slot and memory back."""
-    proc, _ = await gateways.prefill("doomed", "doomed-p0", backend="simulated:h200", time_scale=SLOW, **SIM)
-    async with caller_for(sites, "doomed") as caller:
+    proc, _ = await gateways.prefill("doomed", "doomed-p0", backend="simulated:h200", time_scale=SLOW,
+                                     link_stats_s=STATS_S, **SIM)
+    async with caller_for(sites, "doomed") as caller, ReceiverBytes(sites.prefill_nc) as receiver:
         request = asyncio.create_task(caller.request(PROMPT, "small-d0", model=MODEL, wait_status=False))
-        await asyncio.sleep(1.0)  # ~14 of 60 layers sent
+        await receiver.arrived()  # the decode side holds some of the KV, the rest is still coming
         proc.kill()
         killed = time.monotonic()
         out = await request
@@ -73,9 +103,9 @@ async def test_killed_prefill_ends_the_request_with_transfer_failed_and_frees_th
 async def test_killed_decode_aborts_the_prefill_and_frees_the_instance(pair, gateways, sites):
     """kill -9 of the decode gateway mid-transfer: the prefill job fails fast, its compute stops, its queue empties."""
     proc, _ = await gateways.decode("doomed-d0", backend="simulated:h20", **SIM)
-    async with caller_for(sites, "slow") as caller:
+    async with caller_for(sites, "slow") as caller, ReceiverBytes(sites.prefill_nc) as receiver:
         request = asyncio.create_task(caller.request(PROMPT, "doomed-d0", model=MODEL, timeout_s=30, wait_final=False))
-        await asyncio.sleep(1.0)
+        await receiver.arrived()  # the transfer is under way
         proc.kill()
         killed = time.monotonic()
         out = await request
@@ -133,19 +163,24 @@ async def test_a_full_decode_instance_answers_no_capacity_at_once(pair, sites):
 
 async def test_sigterm_drains_requests_in_flight(gateways, sites):
     """SIGTERM to the prefill gateway mid-prefill and to the decode gateway mid-decode: the request completes."""
-    prefill, _ = await gateways.prefill("drain", "drain-p0", backend="simulated:h200", time_scale=1.0, **SIM)
+    prefill, _ = await gateways.prefill("drain", "drain-p0", backend="simulated:h200", time_scale=1.0,
+                                        link_stats_s=STATS_S, **SIM)
     decode, _ = await gateways.decode("drain-d0", backend="simulated:h20", time_scale=4.0, **SIM)
-    async with caller_for(sites, "drain") as caller:
+    async with caller_for(sites, "drain") as caller, ReceiverBytes(sites.prefill_nc) as receiver:
         first_token = asyncio.Event()
+        start = time.monotonic()
         request = asyncio.create_task(caller.request(PROMPT, "drain-d0", model=MODEL, max_tokens=30, first_token=first_token))
-        await asyncio.sleep(0.3)  # mid-prefill (~0.73 s)
+        await receiver.arrived()  # mid-prefill: layers stream as they are computed (~0.73 s in all)
         prefill.proc.terminate()
+        prefill_terminated = time.monotonic() - start
         async with asyncio.timeout(10):
             await first_token.wait()
         decode.proc.terminate()  # ~0.9 s of decoding left
+        decode_terminated = time.monotonic() - start
         out = await request
-    assert isinstance(out.status, PrefillFinished)
+    assert isinstance(out.status, PrefillFinished) and out.status_s > prefill_terminated  # it was in flight at SIGTERM
     assert isinstance(out.final, DecodeFinished) and out.final.completion_tokens == 30
+    assert out.end_s > decode_terminated
     assert await asyncio.to_thread(prefill.proc.wait, 10) == 0
     assert await asyncio.to_thread(decode.proc.wait, 10) == 0
 
