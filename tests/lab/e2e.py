@@ -24,6 +24,8 @@ from libs.lab.wan_server import link_figures
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 45  # ~2,000 tokens: above the 1,212 threshold
 SHORT_PROMPT = "Say hello."
 LinkChange = Callable[[bool], Awaitable[None]]  # await change(False) cuts the dc-a <-> dc-b link, change(True) restores it
+# A ~2K-token prompt's KV is ~2.2 MB; the NATS traffic crossing the relay (heartbeats, link stats) is a few KB a second.
+KV_MOVING_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Events:
         self.decisions: dict[str, list[dict]] = {}
         self.outcomes: dict[str, dict] = {}
         self._arrived: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+        self._new_decisions: asyncio.Queue[dict] = asyncio.Queue()  # first decisions, in arrival order
 
     async def __aenter__(self) -> Events:
         self.nc = await nats.connect(self.url, connect_timeout=5)
@@ -62,6 +65,8 @@ class Events:
         async def on_decision(msg) -> None:
             event = msgspec.json.decode(msg.data)
             self.decisions.setdefault(event["request_id"], []).append(event)
+            if event["attempt"] == 0:
+                self._new_decisions.put_nowait(event)
 
         async def on_outcome(msg) -> None:
             event = msgspec.json.decode(msg.data)
@@ -75,6 +80,11 @@ class Events:
 
     async def __aexit__(self, *exc) -> None:
         await self.nc.close()
+
+    async def next_decision(self, timeout_s: float = 30.0) -> dict:
+        """The next request's first decision event, in the order they arrived."""
+        async with asyncio.timeout(timeout_s):
+            return await self._new_decisions.get()
 
     async def outcome(self, completion_id: str, timeout_s: float = 10.0) -> dict:
         """The outcome of the request behind an OpenAI completion id (``chatcmpl-<request id>``)."""
@@ -123,11 +133,31 @@ async def check_long_prompt_crosses_the_link(ep: Endpoints) -> None:
     assert forward_bytes(ep) - before >= kv_bytes
 
 
+async def until_kv_moves(ep: Endpoints, since_bytes: int, at_least: int = KV_MOVING_BYTES, timeout_s: float = 30.0) -> None:
+    """Until the dc-a -> dc-b relay has carried ``at_least`` bytes more than ``since_bytes`` (KV, not heartbeats)."""
+    async with asyncio.timeout(timeout_s):
+        while True:  # the relay's counter is read over HTTP: poll it
+            if await asyncio.to_thread(forward_bytes, ep) - since_bytes >= at_least:
+                return
+            await asyncio.sleep(0.005)
+
+
 async def check_partition_loses_nothing(ep: Endpoints, change: LinkChange) -> None:
-    """Long prompts in flight when the link is cut all finish (local fallback); once it returns, they go remote again."""
+    """Long prompts in flight when the link is cut all finish (local fallback); once it returns, they go remote again.
+
+    The cut comes once a decision event has sent one of them to the remote site and its KV is crossing the link.
+    """
     async with Events(ep) as events:
-        in_flight = [asyncio.ensure_future(chat(ep, f"{i} {LONG_PROMPT}")) for i in range(2)]
-        await asyncio.sleep(0.3)
+        before = await asyncio.to_thread(forward_bytes, ep)
+        in_flight: list[asyncio.Future] = []
+        while True:  # the adaptive policy may keep a prompt local while it sees pressure: send another
+            assert len(in_flight) < 5, "none of five long prompts was sent to the remote site"
+            in_flight.append(asyncio.ensure_future(chat(ep, f"{len(in_flight)} {LONG_PROMPT}")))
+            remote = await events.next_decision()
+            if remote["route"] == "remote":
+                break
+        await until_kv_moves(ep, before)
+        assert remote["request_id"] not in events.outcomes, "the remote request ended before the cut"
         await change(False)
         during = await chat(ep, f"cut {LONG_PROMPT}")
         replies = await asyncio.gather(*in_flight) + [during]
