@@ -46,9 +46,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         "its budget",
         (Target("tcp_vs_raw_sockets.median", at_least=0.7, optional=True),
          Target("jetstream_vs_core_nats.median", at_least=0.6, optional=True),
-         Target("achieved_vs_budget.median", at_least=0.95, optional=True),
+         Target("achieved_vs_budget.median", at_least=0.95, at_most=1.05, optional=True),
          Target("max_window_vs_budget", at_most=1.05, optional=True),
-         Target("alone_vs_budget.median", at_least=0.95, optional=True)),
+         Target("alone_vs_budget.median", at_least=0.95, at_most=1.05, optional=True)),
     ),
     "gateways": Benchmark(
         "libs.bench.gateways",

@@ -339,7 +339,9 @@ def _figures(opts: Options, chunk: int, rounds: list[dict]) -> dict:
         budget = opts.budget_gbps
         figures["budget_gbps"] = budget
         figures["achieved_vs_budget"] = _spread([r["achieved_gbps"] / budget for r in rounds])
-        figures["max_window_vs_budget"] = max(r["max_window_gbps"] for r in rounds) / budget
+        max_window = max(r["max_window_gbps"] for r in rounds)
+        if max_window > 0:  # 0: no transfer lasted a whole window, so there is no window to judge
+            figures["max_window_vs_budget"] = max_window / budget
         if opts.processes > 1:
             figures["process_share_vs_budget"] = _spread([g / budget for r in rounds for g in r["process_gbps"]])
             figures["alone_vs_budget"] = _spread([r["alone_gbps"] / budget for r in rounds])
@@ -367,7 +369,8 @@ def _text(f: dict) -> str:
         lines += [f"budget             {f['budget_gbps']} Gbps shared by {f['processes']} sender process(es)",
                   f"achieved_vs_budget {_range(f['achieved_vs_budget'], '.3f')}{together}",
                   f"max_window_vs_budget {f['max_window_vs_budget']:.3f}  (largest rate over any {WINDOW_S:.0f} s "
-                  f"window, all rounds, from the {source})"]
+                  f"window, all rounds, from the {source})" if "max_window_vs_budget" in f
+                  else f"max_window_vs_budget: no transfer lasted {WINDOW_S:.0f} s (give a larger --size)"]
         if "alone_vs_budget" in f:
             lines += [f"process_share_vs_budget {_range(f['process_share_vs_budget'], '.3f')}  (each sender's goodput)",
                       f"alone_vs_budget    {_range(f['alone_vs_budget'], '.3f')}  (one sender, the others idle)"]

@@ -69,8 +69,8 @@ def test_a_missed_target_is_printed_and_exits_1(capsys) -> None:
 
 
 def test_a_met_target_exits_0_and_says_met(capsys) -> None:
-    """The policy decision within its 50 us target (a loaded 2-core machine measures ~40 us): exit 0, "met"."""
-    assert main(["bench", "policy", "--decisions", "300"]) == 0
+    """A policy decision within 5 ms (a loaded 2-core machine measures 30-60 us): exit 0, the figure "met"."""
+    assert main(["bench", "policy", "--decisions", "300", "--target", "decision_p50_us=5000"]) == 0
     out = capsys.readouterr().out
     assert "decision_p50_us" in out and out.rstrip().endswith("every target met")
 
