@@ -8,15 +8,21 @@ import openai
 import pytest
 
 from tests.router.deployment import PD, PRFAAS
-from tests.router.test_end_to_end import TOK, api, expected_text
+from tests.router.test_end_to_end import TOK, WITNESS, WITNESS_TOKENS, api, assert_logprobs_match, expected_text
 
 PROMPT = "Fallbacks keep every accepted request alive across sites. " * 6  # ~370 tokens
 
 
 async def _complete(svc, i: int) -> tuple[str, str]:
+    """32 tokens past EOS of a distinct prompt, and monolithic generation's; its first steps' log probabilities checked.
+
+    The monolithic run goes to a thread: on this event loop it would stall the router's, which serves the requests.
+    """
     prompt = f"[{i}] {PROMPT}"
-    out = await api(svc).completions.create(model="reference", prompt=prompt, max_tokens=6, temperature=0)
-    return out.choices[0].text, expected_text(TOK.encode(prompt), 6)
+    out = await api(svc).completions.create(model="reference", prompt=prompt, logprobs=20, **WITNESS)
+    lp = out.choices[0].logprobs
+    await asyncio.to_thread(assert_logprobs_match, lp.tokens, lp.token_logprobs, lp.top_logprobs, TOK.encode(prompt))
+    return out.choices[0].text, await asyncio.to_thread(expected_text, TOK.encode(prompt), WITNESS_TOKENS, ignore_eos=True)
 
 
 async def test_refused_remote_prefill_falls_back_to_local(fleet, routed):
