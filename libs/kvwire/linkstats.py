@@ -17,7 +17,8 @@ can carry. Two things show that KV waited on the link:
   meanwhile came at the link's pace;
 - a run of acks for chunks that were sent before the previous ack arrived (they waited in flight)
   came spread out more than ``SPREAD_FACTOR`` times as far as those chunks were sent: the link
-  drained them slower than the sender put them out. A constant extra delay (a busy CPU acking late,
+  drained them slower than the sender put them out (judged on the whole run so far, so a run whose
+  first part was paced by the prefill still counts whole once the link shows in it). A constant extra delay (a busy CPU acking late,
   at either end) shifts acks without spreading them, and a sender paced by its budget or by its
   prefill spreads its sends as much as the acks come.
 """
@@ -93,13 +94,18 @@ class _AckRun:
     last_ack_at: float
     last_sent_at: float  # the latest send among the run's chunks
     acked_bytes: int = 0
+    counted_to: float | None = None  # the run is counted up to this ack (None: not yet)
+    counted_bytes: int = 0
 
-    def spread(self) -> tuple[float, int] | None:
-        """(seconds, bytes) the link set the pace over, or None when the sends were as spread as the acks."""
+    def take(self) -> tuple[float, int]:
+        """(seconds, bytes) the link set the pace over not counted yet; (0, 0) while the whole run was not spread."""
         ack_s = self.last_ack_at - self.first_ack_at
         if ack_s <= SPREAD_FACTOR * max(0.0, self.last_sent_at - self.first_sent_at):
-            return None
-        return ack_s, self.acked_bytes
+            return 0.0, 0
+        taken = self.last_ack_at - (self.first_ack_at if self.counted_to is None else self.counted_to)
+        nbytes = self.acked_bytes - self.counted_bytes
+        self.counted_to, self.counted_bytes = self.last_ack_at, self.acked_bytes
+        return taken, nbytes
 
 
 class LinkCounters:
@@ -160,12 +166,16 @@ class LinkCounters:
             self._ack_at, self._ack_sent_at = now, sent_at
 
     def _end_run(self) -> None:
-        """Count the current run of acks if the link spread it (lock held)."""
-        run, self._run = self._run, None
-        spread = run.spread() if run is not None else None
-        if spread is not None:
-            self._limited_s += spread[0]
-            self._limited_bytes += spread[1]
+        """Count what the link spread of the current run and close it (lock held)."""
+        self._count_run()
+        self._run = None
+
+    def _count_run(self) -> None:
+        """Count what the link spread of the current run so far, judged on the whole run (lock held)."""
+        if self._run is not None:
+            seconds, nbytes = self._run.take()
+            self._limited_s += seconds
+            self._limited_bytes += nbytes
 
     @contextlib.contextmanager
     def window_wait(self, full: bool = True) -> Iterator[None]:
@@ -220,10 +230,7 @@ class LinkCounters:
         with self._lock:
             now = self._clock()
             interval_s = max(now - self._last_ts, 1e-9)
-            run = self._run
-            self._end_run()
-            if run is not None:  # the run goes on in the next interval, from its latest ack
-                self._run = _AckRun(run.last_ack_at, run.last_sent_at, run.last_ack_at, run.last_sent_at)
+            self._count_run()  # a run that goes on is judged whole again at its next count
             limited_s = self._limited_s
             busy_s = self._busy_s
             if self._busy_since is not None:

@@ -14,13 +14,16 @@ pacing budget, smoothed ack RTT, bytes in flight, active transfers. What that ca
   TCP sender keeps only the rate samples that were not app-limited. Only that rate says what the link
   delivers: goodput and busy goodput are what the senders offered (a transfer waiting for its
   prefill's next layer, or a request now and then), and an ack round trip above its base may be a
-  busy CPU acking late. The rate pooled over the limited time of the last ``bottleneck_window_s``
-  becomes the ``deliverable_gbps`` estimate once that time reaches ``min_limited_s`` (a stalled
-  process spreads a few acks for tens of milliseconds; a degraded link does so for every backlogged
-  transfer). It is trusted for ``hold_s`` after the last limited sample, then grows back towards the
-  capacity by ``probe_per_s`` per second (a link that is still degraded makes KV wait again once
-  traffic is routed past its rate; a recovered one does not). The queueing delay (RTT above the
-  least of ``base_rtt_window_s``) counts only while KV waits on the link.
+  busy CPU acking late. The rate held for most of the limited time of the last ``bottleneck_window_s``
+  (the time-weighted median: a few acks bunched up at a fast moment, or a run spread by a stall, weigh
+  only the little time they cover) becomes the ``deliverable_gbps`` estimate once that time reaches
+  ``min_limited_s`` (a stalled receiver spreads one transfer's acks for up to ~0.1 s; a degraded link
+  with backlogged transfers shows about a second per second, and 2 MB at 20 Mbps 0.9 s). It is
+  trusted for ``hold_s`` after the last limited sample, then grows back towards the capacity by
+  ``probe_per_s`` per second (a link that is still degraded makes KV wait again once traffic is
+  routed past its rate; a recovered one does not). The queueing delay (RTT above the least of
+  ``base_rtt_window_s``) counts only while KV waits on the link or it is read as slower than its
+  capacity.
 - Several processes may publish for one pair: goodput, bytes in flight and active transfers are
   summed over them, and their limited periods may not overlap, so what the link delivered while KV
   waited is the senders' acknowledged bytes over the longest of their limited times (exact when they
@@ -34,9 +37,11 @@ Pure: the caller passes the time a sample was received and the time a view is wa
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from itertools import accumulate
 
 from libs.common.errors import ConfigError
 from libs.common.messages import LinkStats
@@ -49,7 +54,7 @@ class TelemetryConfig:
 
     smoothing_s: float = 5.0  # time constant of the goodput average
     stale_after_s: float = 3.5  # a sender silent this long no longer counts
-    min_limited_s: float = 0.25  # limited time needed before its rate reads as deliverable ...
+    min_limited_s: float = 0.5  # limited time needed before its rate reads as deliverable ...
     bottleneck_window_s: float = 10.0  # ... pooled over limited samples this recent ...
     hold_s: float = 30.0  # ... trusted this long after the last limited sample ...
     probe_per_s: float = 0.05  # ... then grows back towards capacity by this fraction per second
@@ -70,13 +75,15 @@ class _Pair:
 
     __slots__ = ("senders", "goodput_gbps", "queue_delay_s", "rtt_s", "bytes_in_flight", "active_transfers",
                  "budget_gbps", "peak_gbps", "updated_at", "limited", "limited_gbps", "bottleneck_at", "base_rtts",
-                 "mean_transfer_bytes", "uncounted_bytes", "uncounted_transfers", "counting", "latest_gbps")  # fmt: skip
+                 "mean_transfer_bytes", "uncounted_bytes", "uncounted_transfers", "counting", "latest_gbps",
+                 "waiting")  # fmt: skip
 
     def __init__(self) -> None:
         self.senders: dict[str, tuple[LinkStats, float]] = {}  # sender -> (latest sample, received at)
         self.goodput_gbps = 0.0  # smoothed
         self.latest_gbps = 0.0  # summed over the senders' latest samples
-        self.queue_delay_s = 0.0
+        self.queue_delay_s = 0.0  # RTT above base: queueing if the link is slow, else late acks (a busy CPU)
+        self.waiting = False  # the latest samples show KV waiting on the link
         self.rtt_s = 0.0
         self.bytes_in_flight = 0
         self.active_transfers = 0
@@ -98,6 +105,16 @@ def _push_min(window: deque[tuple[float, float]], at: float, value: float) -> No
     while window and window[-1][1] >= value:
         window.pop()
     window.append((at, value))
+
+
+def _held_rate(limited: deque[tuple[float, float, float]], min_limited_s: float) -> float | None:
+    """The rate held for most of the limited time (time-weighted median), or None below ``min_limited_s`` of it."""
+    total_s = sum(seconds for _, _, seconds in limited)
+    if total_s < min_limited_s:
+        return None
+    rates = sorted((gbps, seconds) for _, gbps, seconds in limited)
+    covered_s = list(accumulate(seconds for _, seconds in rates))
+    return rates[bisect_left(covered_s, covered_s[-1] / 2)][0]
 
 
 class LinkTelemetry:
@@ -178,8 +195,7 @@ class LinkTelemetry:
         while pair.base_rtts and pair.base_rtts[0][0] < now - cfg.base_rtt_window_s:
             pair.base_rtts.popleft()
         base = pair.base_rtts[0][1] if pair.base_rtts else rtt
-        # RTT above base is queueing only while KV waits on the link; otherwise it is a late ack (a busy CPU).
-        queue_delay = max(0.0, rtt - base) if rtt > 0 and longest_limited_s > 0 else 0.0
+        queue_delay = max(0.0, rtt - base) if rtt > 0 else 0.0
         # An unpaced pair's capacity: one sender's busy goodput is exact; for several, whose busy periods may
         # not overlap, their summed goodput (exact when the link was busy the whole interval).
         busy_goodput = acked_gbit / longest_busy_s if delivering == 1 else goodput
@@ -187,7 +203,7 @@ class LinkTelemetry:
         pair.goodput_gbps += weight * (goodput - pair.goodput_gbps)
         pair.latest_gbps = goodput
         pair.updated_at = now
-        pair.queue_delay_s, pair.rtt_s = queue_delay, rtt
+        pair.queue_delay_s, pair.rtt_s, pair.waiting = queue_delay, rtt, longest_limited_s > 0
         pair.bytes_in_flight, pair.active_transfers = in_flight, active
         pair.budget_gbps = budget
         pair.peak_gbps = max(pair.peak_gbps, busy_goodput)
@@ -196,9 +212,7 @@ class LinkTelemetry:
             pair.bottleneck_at = now
             while pair.limited[0][0] < now - cfg.bottleneck_window_s:
                 pair.limited.popleft()
-            limited_total_s = sum(seconds for _, _, seconds in pair.limited)
-            pair.limited_gbps = (sum(gbps * seconds for _, gbps, seconds in pair.limited) / limited_total_s
-                                 if limited_total_s >= cfg.min_limited_s else None)  # fmt: skip
+            pair.limited_gbps = _held_rate(pair.limited, cfg.min_limited_s)
 
     def _capacity_of(self, key: tuple[str, str], pair: _Pair | None) -> float | None:
         if pair is not None and pair.budget_gbps > 0:
@@ -239,7 +253,8 @@ class LinkTelemetry:
             goodput_gbps=pair.goodput_gbps,
             utilization=pair.goodput_gbps / effective,
             rtt_s=pair.rtt_s,
-            queue_delay_s=pair.queue_delay_s,
+            # RTT above base is queueing while KV waits on the link or it is read as slow; else late acks (a busy CPU).
+            queue_delay_s=pair.queue_delay_s if pair.waiting or deliverable is not None else 0.0,
             bytes_in_flight=pair.bytes_in_flight,
             active_transfers=pair.active_transfers,
             mean_transfer_bytes=int(pair.mean_transfer_bytes),

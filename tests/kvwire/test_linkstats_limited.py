@@ -68,6 +68,14 @@ def test_chunks_paced_by_their_prefill_with_late_acks_are_not_limited():
     assert s.rtt_s == pytest.approx(0.2)
 
 
+def test_a_chunk_sent_after_the_last_ack_and_acked_late_is_latency_not_rate():
+    """Sent just after an ack, acked 200 ms later (a busy CPU): it did not wait behind anything on the link."""
+    c, clock = counters()
+    ack(c, clock, 1.0, 0.98)
+    ack(c, clock, 1.2, 1.0001)
+    assert snapshot(c, clock, 2.0).limited_s == 0.0
+
+
 def test_acks_held_back_then_handled_together_are_not_a_slow_link():
     """A burst acked 300 ms late in one go (a stalled process): the acks are not spread, the rate is not low."""
     c, clock = counters()
@@ -105,6 +113,20 @@ def test_a_spread_run_across_two_intervals_counts_in_both():
     assert first.limited_goodput_gbps == pytest.approx(second.limited_goodput_gbps)
 
 
+def test_a_run_is_judged_whole_not_per_interval():
+    """Sends paced by the prefill at first, then the rest at once: the link shows only later, and the run counts whole."""
+    c, clock = counters()
+    sends = [0.125 * k for k in range(4)] + [0.375] * 6
+    for k, sent_at in enumerate(sends):
+        ack(c, clock, 0.125 * (k + 1), sent_at)
+        if k == 3:
+            first = snapshot(c, clock, 0.55)
+    second = snapshot(c, clock, 2.0)
+    assert first.limited_s == 0.0  # so far the acks came as spread as the sends
+    assert second.limited_s == pytest.approx(1.125)  # from the first ack to the last
+    assert second.limited_goodput_gbps == pytest.approx(9 * CHUNK / 1.125 / GBIT)
+
+
 def _parts(layers: int, tokens: int = 2048) -> list[StatePart]:
     """``layers`` float16 K/V pairs of ``tokens`` tokens (256 KiB each)."""
     rng = np.random.default_rng(0)
@@ -112,7 +134,7 @@ def _parts(layers: int, tokens: int = 2048) -> list[StatePart]:
             for layer in range(layers) for name in ("k", "v")]  # fmt: skip
 
 
-async def _send_through(relay_gbps: float, parts: list[StatePart], gap_s: float = 0.0):
+async def _send_through(relay_gbps: float, parts: list[StatePart], gap_s: float = 0.0, window_bytes: int = 64 << 20):
     """A real paced (10 Gbps) TCP transfer through the lab's WAN relay at ``relay_gbps`` / 10 ms; its LinkStats."""
     async with tcp_receiver() as (receiver, server):
         port = free_port()
@@ -120,8 +142,8 @@ async def _send_through(relay_gbps: float, parts: list[StatePart], gap_s: float 
                           gbps=relay_gbps, rtt_ms=10.0).start()  # fmt: skip
         try:
             async with KvLinks(SRC, LinkConfig(default_budget_gbps=10.0)) as links:
-                sender = tcp_sender(links, connections=2)
-                manifest = sender.manifest(transfer_id=f"t-{int(relay_gbps * 1000)}-{int(gap_s * 1000)}", dst_site=DST, model="ref",
+                sender = tcp_sender(links, connections=2, window_bytes=window_bytes)
+                manifest = sender.manifest(transfer_id=f"t-{int(relay_gbps * 1000)}-{int(gap_s * 1000)}-{window_bytes}", dst_site=DST, model="ref",
                                            block_size=64, num_tokens=2048, specs=specs_of(parts))  # fmt: skip
 
                 async def produced():
@@ -145,6 +167,13 @@ async def test_a_real_transfer_through_a_slow_relay_is_limited_at_the_relays_rat
     # first ack (not counted) allow a few % more, and a loaded machine only slows it.
     assert 0.030 <= stats.limited_goodput_gbps <= 0.045
     assert stats.limited_s >= 0.5  # 4 MiB less the first chunks at 40 Mbps: ~0.8 s
+
+
+async def test_a_real_transfer_held_by_its_window_is_limited_throughout():
+    """4 MiB through a 40 Mbps relay with a 256 KiB window: sends wait for acks the whole time, all of it limited."""
+    stats = await _send_through(0.04, _parts(8), window_bytes=256 << 10)
+    assert 0.030 <= stats.limited_goodput_gbps <= 0.045  # bounds as above
+    assert stats.limited_s >= 0.5
 
 
 async def test_a_real_transfer_paced_by_its_prefill_is_not_limited():

@@ -42,6 +42,26 @@ def test_a_production_limited_transfer_on_an_ample_link():
     assert (s.src_site, s.dst_site, s.sender) == (PRFAAS_SITE, PD_SITE, "p0")
 
 
+def test_late_acks_raise_the_smoothed_rtt_not_the_least():
+    """A loaded host acks 60 ms late: the smoothed RTT carries the delay, the interval's least RTT stays the path's."""
+    link = MeteredLink(100.0, 100.0)
+    link.add(Flow("a", 1e9, 0.0, 2.0, owner="p0"), 0.0)
+    link.advance(1.0)
+    s = sampler(link, ack_delay_s=0.06).sample("p0", 1.0)
+    assert s.rtt_s == pytest.approx(BASE_RTT + 0.06) and s.min_rtt_s == pytest.approx(BASE_RTT)
+    assert s.limited_s == 0.0  # it kept up with its prefill: nothing waited on the link
+
+
+def test_a_backlogged_sender_beside_others_on_a_link_at_its_budget_is_not_limited():
+    """At the budget the pacer, not the link, sets the pace: a sender's backlog there is not KV waiting on the link."""
+    link = MeteredLink(10.0, 10.0)
+    link.add(Flow("a", 5e9, 0.0, 0.01, owner="p0"), 0.0)  # all at once: waits for its share
+    link.add(Flow("b", 0.5e9, 0.0, 1.0, owner="p1"), 0.0)  # 4 Gbps of prefill
+    run_until(link, 1.0)
+    a = sampler(link).sample("p0", 1.0)
+    assert a.busy_goodput_gbps == pytest.approx(6.0) and a.limited_s == 0.0
+
+
 def test_busy_goodput_covers_only_the_time_a_transfer_was_active():
     """A sender active half of the interval shows half the goodput but its full busy goodput."""
     link = MeteredLink(100.0, 100.0)
