@@ -75,13 +75,13 @@ class _Pair:
 
     __slots__ = ("senders", "goodput_gbps", "queue_delay_s", "rtt_s", "bytes_in_flight", "active_transfers",
                  "budget_gbps", "peak_gbps", "updated_at", "limited", "limited_gbps", "bottleneck_at", "base_rtts",
-                 "mean_transfer_bytes", "uncounted_bytes", "uncounted_transfers", "counting", "latest_gbps",
+                 "mean_transfer_bytes", "uncounted_bytes", "uncounted_transfers", "counting", "proven_gbps",
                  "waiting")  # fmt: skip
 
     def __init__(self) -> None:
         self.senders: dict[str, tuple[LinkStats, float]] = {}  # sender -> (latest sample, received at)
         self.goodput_gbps = 0.0  # smoothed
-        self.latest_gbps = 0.0  # summed over the senders' latest samples
+        self.proven_gbps = 0.0  # the most the senders' latest samples added up to since KV last waited on the link
         self.queue_delay_s = 0.0  # RTT above base: queueing if the link is slow, else late acks (a busy CPU)
         self.waiting = False  # the latest samples show KV waiting on the link
         self.rtt_s = 0.0
@@ -201,7 +201,6 @@ class LinkTelemetry:
         busy_goodput = acked_gbit / longest_busy_s if delivering == 1 else goodput
         weight = 1.0 if pair.updated_at is None else 1.0 - math.exp(-max(0.0, now - pair.updated_at) / cfg.smoothing_s)
         pair.goodput_gbps += weight * (goodput - pair.goodput_gbps)
-        pair.latest_gbps = goodput
         pair.updated_at = now
         pair.queue_delay_s, pair.rtt_s, pair.waiting = queue_delay, rtt, longest_limited_s > 0
         pair.bytes_in_flight, pair.active_transfers = in_flight, active
@@ -213,6 +212,9 @@ class LinkTelemetry:
             while pair.limited[0][0] < now - cfg.bottleneck_window_s:
                 pair.limited.popleft()
             pair.limited_gbps = _held_rate(pair.limited, cfg.min_limited_s)
+            pair.proven_gbps = goodput
+        else:  # a link that recovered carries the backlog at its budget: that proves it while the estimate holds
+            pair.proven_gbps = max(pair.proven_gbps, goodput)
 
     def _capacity_of(self, key: tuple[str, str], pair: _Pair | None) -> float | None:
         if pair is not None and pair.budget_gbps > 0:
@@ -235,9 +237,8 @@ class LinkTelemetry:
         deliverable = None
         if pair.limited_gbps is not None:
             probing_s = now - pair.bottleneck_at - cfg.hold_s
-            estimate = pair.limited_gbps
+            estimate = max(pair.limited_gbps, pair.proven_gbps)  # delivering more than the estimate proves more
             estimate *= math.exp(cfg.probe_per_s * probing_s) if probing_s > 0 else 1.0
-            estimate = max(estimate, pair.latest_gbps)  # delivering more than the estimate proves more
             deliverable = estimate if estimate < capacity else None
         newest = max(at for _, at in pair.senders.values()) if pair.senders else pair.updated_at
         age = max(0.0, now - newest)

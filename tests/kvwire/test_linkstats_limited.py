@@ -7,11 +7,16 @@ import asyncio
 import numpy as np
 import pytest
 
+from libs.common.bus import connect
 from libs.common.state_parts import StatePart
+from libs.kvwire.js_recv import JetStreamReceiver
+from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
 from libs.kvwire.linkstats import KvLinks, LinkConfig, LinkCounters
+from libs.kvwire.receiver import KvReceiver, ReceiverConfig
+from libs.kvwire.sender import Destination, KvSender
 from libs.lab.servers import free_port
 from libs.lab.wan import Forward, LinkRelay
-from tests.kvwire.support import DST, SRC, specs_of, tcp_dest, tcp_receiver, tcp_sender
+from tests.kvwire.support import DST, SRC, hybrid_parts, specs_of, tcp_dest, tcp_receiver, tcp_sender
 
 CHUNK = 1 << 20
 GBIT = 1e9 / 8  # bytes
@@ -180,3 +185,26 @@ async def test_a_real_transfer_paced_by_its_prefill_is_not_limited():
     """The same parts, one every 60 ms (the prefill), on an ample 2 Gbps relay: no limited time worth a rate."""
     stats = await _send_through(2.0, _parts(8), gap_s=0.06)
     assert stats.limited_s < 0.05 or stats.limited_goodput_gbps > 1.0
+
+
+async def test_jetstream_publishes_waiting_for_their_window_are_limited(supercluster):
+    """A one-publish window: every chunk waits for the previous one's stream ack, so what is acked meanwhile counts."""
+    parts = hybrid_parts(seed=7, tokens=4096, attn_layers=2)
+    nc_dst = await connect(supercluster.url(DST), name="test-limited-js")
+    nc_src = await connect(supercluster.url(SRC), name="test-limited-js-sender")
+    receiver = KvReceiver(ReceiverConfig(max_total_bytes=64 << 20, transfer_timeout_s=30.0))
+    try:
+        async with receiver, JetStreamReceiver(nc_dst, receiver, DST, "decode-lim"), KvLinks(SRC) as links:
+            transport = JetStreamTransport(nc_src, JetStreamConfig(chunk_bytes=256 << 10, window=1))
+            sender = KvSender(transport, links)
+            manifest = sender.manifest(transfer_id="t-js-window", dst_site=DST, model="ref", block_size=64,
+                                       num_tokens=4096, specs=specs_of(parts))  # fmt: skip
+            waiter = asyncio.create_task(receiver.wait(manifest.transfer_id, timeout_s=30))
+            await sender.send(manifest, parts, Destination(DST, "decode-lim"))
+            (await waiter).release()
+            stats = links.link(DST).stats()
+    finally:
+        await nc_src.close()
+        await nc_dst.close()
+    limited_bytes = stats.limited_goodput_gbps * 1e9 / 8 * stats.limited_s
+    assert stats.limited_s > 0 and limited_bytes >= stats.acked_bytes_total / 2  # all but the first chunks

@@ -158,6 +158,20 @@ def test_estimate_is_held_then_probes_back_to_capacity():
     assert tel.view(SRC, DST, 99.0).deliverable_gbps is None  # 10 * e^(0.05 * 68) > 100: back to the budget
 
 
+def test_a_recovered_link_proves_itself_by_what_it_carries():
+    """Once the link recovers, the backlog leaves at the budget (not limited): that goodput lifts the estimate and
+    stays, and probing starts from it."""
+    tel = LinkTelemetry(TelemetryConfig(hold_s=30.0, probe_per_s=0.05))
+    tel.ingest(stats(goodput=1.0, active=1), 0.0)
+    for t in (1.0, 2.0, 3.0):
+        tel.ingest(stats(goodput=10.0, active=4, rtt=0.2, limited=1.0), t)
+    tel.ingest(stats(goodput=60.0, active=2), 4.0)
+    assert tel.view(SRC, DST, 4.0).deliverable_gbps == pytest.approx(60.0)
+    tel.ingest(stats(goodput=5.0, active=1), 5.0)  # little traffic since: the proof stands
+    assert tel.view(SRC, DST, 5.0).deliverable_gbps == pytest.approx(60.0)
+    assert tel.view(SRC, DST, 38.0).deliverable_gbps == pytest.approx(60.0 * math.exp(0.05 * 5))
+
+
 def test_goodput_is_smoothed_over_the_configured_time_constant():
     """A step in goodput reaches 1 - 1/e of the new value after one time constant of samples."""
     tel = LinkTelemetry(TelemetryConfig(smoothing_s=5.0))
