@@ -19,8 +19,9 @@
   ``remote``: one client, ~1,500-token prompts with nothing cached (over t: the index asked, prefill
   at the PrfaaS site, the KV across the relay). ``hit``: one client, a 1,024-token prefix every
   prompt shares (cached at the PrfaaS instance and the decode instance by an untimed request on
-  each path at the start of each round's case: the remote case's KV evicts it) and ~1,100 tokens of their own (the index asked and hit, prefill of the rest remotely,
-  only the rest's KV sent). ``p50_ms`` / ``p99_ms`` are the router's percentile minus the direct one
+  each path at the start of each round's case: the remote case's KV evicts it) and ~1,100 tokens
+  of their own (the index asked and hit, prefill of the rest remotely, only the rest's KV sent).
+  ``p50_ms`` / ``p99_ms`` are the router's percentile minus the direct one
   over all rounds (target <= 3 ms at ``c50``, ``remote`` and ``hit``), ``round_p50_ms`` the same per
   round (their spread is the noise of the machine); ``net_p50_ms`` / ``net_round_p50_ms`` the same
   for TTFT less the time the request waited where the router has no part, as the gateways report it
