@@ -17,10 +17,10 @@ can carry. Two things show that KV waited on the link:
   meanwhile came at the link's pace;
 - a run of acks for chunks that were sent before the previous ack arrived (they waited in flight)
   came spread out more than ``SPREAD_FACTOR`` times as far as those chunks were sent: the link
-  drained them slower than the sender put them out (judged on the whole run so far, so a run whose
-  first part was paced by the prefill still counts whole once the link shows in it). A constant extra delay (a busy CPU acking late,
-  at either end) shifts acks without spreading them, and a sender paced by its budget or by its
-  prefill spreads its sends as much as the acks come.
+  drained them slower than the sender put them out. The run is judged whole so far, so one whose
+  first part was paced by the prefill counts whole once the link shows in it. A constant extra
+  delay (a busy CPU acking late, at either end) shifts acks without spreading them, and a sender
+  paced by its budget or by its prefill spreads its sends as much as the acks come.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ class _AckRun:
     first_sent_at: float  # when that ack's chunk was sent
     last_ack_at: float
     last_sent_at: float  # the latest send among the run's chunks
+    counted_to: float  # the run is counted up to this ack (first_ack_at: nothing counted yet)
     acked_bytes: int = 0
-    counted_to: float | None = None  # the run is counted up to this ack (None: not yet)
     counted_bytes: int = 0
 
     def take(self) -> tuple[float, int]:
@@ -102,7 +102,7 @@ class _AckRun:
         ack_s = self.last_ack_at - self.first_ack_at
         if ack_s <= SPREAD_FACTOR * max(0.0, self.last_sent_at - self.first_sent_at):
             return 0.0, 0
-        taken = self.last_ack_at - (self.first_ack_at if self.counted_to is None else self.counted_to)
+        taken = self.last_ack_at - self.counted_to
         nbytes = self.acked_bytes - self.counted_bytes
         self.counted_to, self.counted_bytes = self.last_ack_at, self.acked_bytes
         return taken, nbytes
@@ -157,7 +157,7 @@ class LinkCounters:
                 self._limited_bytes += nbytes
             elif rtt_s is not None and self._ack_at is not None and sent_at <= self._ack_at:
                 if self._run is None:
-                    self._run = _AckRun(self._ack_at, self._ack_sent_at, now, sent_at)
+                    self._run = _AckRun(self._ack_at, self._ack_sent_at, now, sent_at, counted_to=self._ack_at)
                 self._run.last_ack_at = now
                 self._run.last_sent_at = max(self._run.last_sent_at, sent_at)
                 self._run.acked_bytes += nbytes
