@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from libs.common import subjects
 from libs.common.errors import ConfigError
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -22,7 +25,11 @@ class EnvReader:
         return None if value is None or value.strip() == "" else value.strip()
 
     def _bad(self, key: str, raw: str, expected: str) -> ConfigError:
-        return ConfigError(f"{self.prefix}{key}={raw!r}: expected {expected}")
+        return self.error(key, raw, f"expected {expected}")
+
+    def error(self, key: str, value: object, why: str) -> ConfigError:
+        """The one shape of a bad setting: ``<PREFIX><KEY>=<value>: <why>``."""
+        return ConfigError(f"{self.prefix}{key}={value!r}: {why}")
 
     def str(self, key: str, default: str) -> str:
         """A string value."""
@@ -72,3 +79,36 @@ class EnvReader:
         if raw is None:
             return default
         return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        """One of ``allowed`` (compared as given)."""
+        value = self.str(key, default)
+        if value not in allowed:
+            raise self._bad(key, value, f"one of {', '.join(allowed)}")
+        return value
+
+    def name(self, key: str, default: str) -> str:
+        """A site, cluster or instance name: one NATS subject token."""
+        value = self.str(key, default)
+        try:
+            return subjects.token(value, key.lower())
+        except ValueError as e:
+            raise self.error(key, value, str(e)) from None
+
+    def url(self, key: str, default: str, schemes: tuple[str, ...]) -> str:
+        """A URL (or comma-separated URLs) with one of ``schemes``."""
+        value = self.str(key, default)
+        if not all(u.strip().startswith(schemes) for u in value.split(",")):
+            raise self._bad(key, value, f"{' or '.join(schemes)} URLs")
+        return value
+
+    def nats_url(self, default: str) -> str:
+        """``NATS_URL``: the NATS server(s) to connect to."""
+        return self.url("NATS_URL", default, NATS_SCHEMES)
+
+    def log_level(self, default: str) -> str:
+        """``LOG_LEVEL``: one of ``LOG_LEVELS``, any case."""
+        value = self.str("LOG_LEVEL", default).upper()
+        if value not in LOG_LEVELS:
+            raise self._bad("LOG_LEVEL", value, f"one of {', '.join(LOG_LEVELS)}")
+        return value

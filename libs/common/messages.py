@@ -6,7 +6,7 @@ Struct. Hot-path messages travel as msgpack; events for people and analytics as 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -311,6 +311,7 @@ class Sampling(msgspec.Struct, kw_only=True, frozen=True):
 
 
 Transport = Literal["tcp", "jetstream"]
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
 
 
 class KvDestination(msgspec.Struct, kw_only=True, frozen=True):

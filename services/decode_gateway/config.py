@@ -10,20 +10,10 @@ from types import MappingProxyType
 from libs.common import subjects
 from libs.common.config import EnvReader
 from libs.common.errors import ConfigError
+from libs.common.messages import TRANSPORTS
 from libs.engine.build import BackendSpec
 
 PREFIX = "DECODE_GATEWAY_"
-TRANSPORTS = ("tcp", "jetstream")
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def _name(r: EnvReader, key: str, default: str) -> str:
-    value = r.str(key, default)
-    try:
-        return subjects.token(value, key.lower())
-    except ValueError as e:
-        raise ConfigError(f"{PREFIX}{key}={value!r}: {e}") from None
-
 
 def _decode_backend(spec: BackendSpec) -> BackendSpec:
     """The spec, if its chip can decode the model at the asked batch; else a ConfigError saying why."""
@@ -85,6 +75,7 @@ class DecodeGatewayConfig:
     heartbeat_s: float = 0.5
     drain_timeout_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
     connect_timeout_s: float = 5.0
+    stop_timeout_s: float = 5.0  # each step of a stop (subscriptions, owned tasks, the final flush) gets this long
     metrics_port: int = 0
     log_level: str = "INFO"
 
@@ -101,18 +92,12 @@ class DecodeGatewayConfig:
         transports = r.list("TRANSPORTS", d.transports)
         if not transports or any(t not in TRANSPORTS for t in transports):
             raise ConfigError(f"{PREFIX}TRANSPORTS={','.join(transports)!r}: expected a list of {', '.join(TRANSPORTS)}")
-        nats_url = r.str("NATS_URL", d.nats_url)
-        if not all(u.strip().startswith(("nats://", "tls://", "ws://", "wss://")) for u in nats_url.split(",")):
-            raise ConfigError(f"{PREFIX}NATS_URL={nats_url!r}: expected nats:// URLs")
-        log_level = r.str("LOG_LEVEL", d.log_level).upper()
-        if log_level not in _LOG_LEVELS:
-            raise ConfigError(f"{PREFIX}LOG_LEVEL={log_level!r}: expected one of {', '.join(_LOG_LEVELS)}")
         kv_memory = r.int("KV_MEMORY_BYTES", d.kv_memory_bytes, minimum=1 << 16)
         return cls(
-            site=_name(r, "SITE", d.site),
-            instance=_name(r, "INSTANCE", d.instance),
-            cluster=_name(r, "CLUSTER", d.cluster),
-            nats_url=nats_url,
+            site=r.name("SITE", d.site),
+            instance=r.name("INSTANCE", d.instance),
+            cluster=r.name("CLUSTER", d.cluster),
+            nats_url=r.nats_url(d.nats_url),
             backend=_decode_backend(BackendSpec.from_env(r)),
             tcp_host=r.str("TCP_HOST", d.tcp_host),
             tcp_port=r.int("TCP_PORT", d.tcp_port, minimum=0),
@@ -128,6 +113,7 @@ class DecodeGatewayConfig:
             heartbeat_s=r.float("HEARTBEAT_S", d.heartbeat_s, minimum=0.01),
             drain_timeout_s=r.float("DRAIN_TIMEOUT_S", d.drain_timeout_s, minimum=0.0),
             connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
+            stop_timeout_s=r.float("STOP_TIMEOUT_S", d.stop_timeout_s, minimum=0.1),
             metrics_port=r.int("METRICS_PORT", d.metrics_port, minimum=0),
-            log_level=log_level,
+            log_level=r.log_level(d.log_level),
         )

@@ -5,31 +5,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+import msgspec
 import nats.errors
 import numpy as np
+from nats.aio.client import Client as NatsClient
 from opentelemetry import trace
 
 from libs.common import subjects
 from libs.common.errors import NoCapacity, PrfaasError, TransferFailed, UpstreamTimeout
+from libs.common.jobs import SHUTDOWN
 from libs.common.messages import DecodeFinished, DecodeTimings, ErrorReply, JobCancel, TokenChunk, encode
 from libs.common.telemetry import inject_headers
-from libs.engine.backends import Restored
-from services.decode_gateway.reservations import Reservation
-
-if TYPE_CHECKING:
-    import msgspec
-
-    from services.decode_gateway.service import DecodeGatewayService
+from libs.engine.backends import Backend, Restored
+from libs.engine.events import KvEventPublisher
+from libs.kvwire import KvReceiver
+from services.decode_gateway.metrics import DecodeGatewayMetrics
+from services.decode_gateway.reservations import Reservation, ReservationBook
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
-SHUTDOWN = "the decode instance is shutting down"
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a decode job touches: the bus, its instance's names, receiver, backend, reservations, KV events, metrics."""
+
+    nc: NatsClient
+    site: str
+    instance: str
+    receiver: KvReceiver
+    backend: Backend
+    book: ReservationBook
+    events: KvEventPublisher
+    metrics: DecodeGatewayMetrics
 
 
-async def run_job(svc: DecodeGatewayService, res: Reservation) -> None:
+async def run_job(svc: JobContext, res: Reservation) -> None:
     """Serve one reserved request to its end; every ending is a message on its reply subject.
 
     A request that ends before its KV arrived (lease, deadline, bad transfer, shutdown) also
@@ -59,7 +72,7 @@ async def run_job(svc: DecodeGatewayService, res: Reservation) -> None:
             kv_pending = res.receiving
             if kv_pending:
                 svc.receiver.abort(job.transfer_id, res.cancel_reason or "request ended")
-            svc.release(res)
+            svc.book.release(res)
         outcome = final.finish_reason if isinstance(final, DecodeFinished) else final.code
         svc.metrics.jobs.labels(outcome).inc()
         if isinstance(final, ErrorReply):
@@ -72,14 +85,14 @@ async def run_job(svc: DecodeGatewayService, res: Reservation) -> None:
             await _publish(svc, subjects.JOB_CANCEL, JobCancel(request_id=job.request_id, reason=reason))
 
 
-async def _publish(svc: DecodeGatewayService, subject: str, msg: msgspec.Struct, headers: dict | None = None) -> None:
+async def _publish(svc: JobContext, subject: str, msg: msgspec.Struct, headers: dict | None = None) -> None:
     try:
         await svc.nc.publish(subject, encode(msg), headers=headers)
     except (nats.errors.Error, OSError) as e:
         log.warning("reply not published", extra={"subject": subject, "error": repr(e)})
 
 
-async def _serve(svc: DecodeGatewayService, res: Reservation) -> DecodeFinished:
+async def _serve(svc: JobContext, res: Reservation) -> DecodeFinished:
     """Receive, restore and decode; the final ``DecodeFinished``."""
     restored = await _receive(svc, res)
     svc.metrics.held_tokens.inc(res.held_blocks * svc.backend.block_size)
@@ -102,7 +115,7 @@ async def _serve(svc: DecodeGatewayService, res: Reservation) -> DecodeFinished:
     return _finished(svc, res, finish, res.generated, ready_at, first_at or end)
 
 
-async def _receive(svc: DecodeGatewayService, res: Reservation) -> Restored:
+async def _receive(svc: JobContext, res: Reservation) -> Restored:
     """The request's state once its transfer is complete and verified (receiver memory freed)."""
     job = res.job
     try:
@@ -125,7 +138,7 @@ async def _receive(svc: DecodeGatewayService, res: Reservation) -> Restored:
 
 
 def _finished(
-    svc: DecodeGatewayService,
+    svc: JobContext,
     res: Reservation,
     reason: str,
     completion_tokens: int,
@@ -138,8 +151,8 @@ def _finished(
     complete = res.complete_at if res.complete_at is not None else now
     return DecodeFinished(
         request_id=res.job.request_id,
-        site=svc.config.site,
-        instance=svc.config.instance,
+        site=svc.site,
+        instance=svc.instance,
         finish_reason=reason,
         prompt_tokens=len(res.job.prompt_tokens),
         completion_tokens=completion_tokens,

@@ -45,22 +45,6 @@ def parse_zmq_endpoints(raw: tuple[str, ...], key: str = "KV_INDEX_ZMQ_ENDPOINTS
     return tuple(endpoints)
 
 
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def _url(key: str, value: str, schemes: tuple[str, ...]) -> str:
-    """The URL, if it starts with one of ``schemes`` (a comma-separated list of them for NATS)."""
-    if not all(part.strip().startswith(schemes) for part in value.split(",")):
-        raise ConfigError(f"KV_INDEX_{key}={value!r}: expected a URL starting with {' or '.join(schemes)}")
-    return value
-
-
-def _log_level(value: str) -> str:
-    if value.upper() not in _LOG_LEVELS:
-        raise ConfigError(f"KV_INDEX_LOG_LEVEL={value!r}: expected one of {', '.join(_LOG_LEVELS)}")
-    return value.upper()
-
-
 @dataclass(frozen=True)
 class KvIndexConfig:
     """Everything the KV index service needs to know; deadlines in seconds."""
@@ -84,6 +68,7 @@ class KvIndexConfig:
     zmq_heartbeat_s: float = 2.0
     zmq_replay_timeout_s: float = 5.0
     connect_timeout_s: float = 5.0
+    stop_timeout_s: float = 5.0  # each step of a stop (subscriptions, owned tasks, the final flush) gets this long
     max_concurrent_lookups: int = 64
     metrics_port: int = 0
     log_level: str = "INFO"
@@ -94,8 +79,8 @@ class KvIndexConfig:
         r = EnvReader("KV_INDEX_", os.environ if env is None else env)
         d = cls()
         return cls(
-            nats_url=_url("NATS_URL", r.str("NATS_URL", d.nats_url), ("nats://", "tls://", "ws://", "wss://")),
-            redis_url=_url("REDIS_URL", r.str("REDIS_URL", d.redis_url), ("redis://", "rediss://", "unix://")),
+            nats_url=r.nats_url(d.nats_url),
+            redis_url=r.url("REDIS_URL", d.redis_url, ("redis://", "rediss://", "unix://")),
             key_prefix=r.str("KEY_PREFIX", d.key_prefix),
             stream=r.str("STREAM", d.stream),
             durable=r.str("DURABLE", d.durable),
@@ -113,7 +98,8 @@ class KvIndexConfig:
             zmq_heartbeat_s=r.float("ZMQ_HEARTBEAT_S", d.zmq_heartbeat_s, minimum=0.05),
             zmq_replay_timeout_s=r.float("ZMQ_REPLAY_TIMEOUT_S", d.zmq_replay_timeout_s, minimum=0.01),
             connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
+            stop_timeout_s=r.float("STOP_TIMEOUT_S", d.stop_timeout_s, minimum=0.1),
             max_concurrent_lookups=r.int("MAX_CONCURRENT_LOOKUPS", d.max_concurrent_lookups, minimum=1),
             metrics_port=r.int("METRICS_PORT", d.metrics_port, minimum=0),
-            log_level=_log_level(r.str("LOG_LEVEL", d.log_level)),
+            log_level=r.log_level(d.log_level),
         )

@@ -13,11 +13,11 @@ from opentelemetry import trace
 
 from libs.common import subjects
 from libs.common.errors import BadRequest, IndexUnavailable, PrfaasError
+from libs.common.handling import answer, decoded, decoded_load
 from libs.common.messages import (
     AllBlocksCleared,
     BlocksEvicted,
     BlocksStored,
-    ErrorReply,
     InstancePrefix,
     KvEventBatch,
     KvLookupReply,
@@ -25,8 +25,6 @@ from libs.common.messages import (
     KvSnapshot,
     KvSnapshotRequest,
     SitePrefix,
-    encode,
-    instance_load_decoder,
     kv_event_batch_decoder,
     kv_lookup_request_decoder,
 )
@@ -102,13 +100,8 @@ async def handle_kv_batch(svc: KvIndexService, data: bytes) -> str:
 
 async def handle_load(svc: KvIndexService, msg: Msg) -> None:
     """Record a heartbeat: the instance stays in answers for ``instance_ttl_s``."""
-    try:
-        load = instance_load_decoder.decode(msg.data)
-        subjects.token(load.site, "site")
-        subjects.token(load.instance, "instance")
-    except (msgspec.DecodeError, ValueError) as e:
-        svc.metrics.bad_messages.labels("load").inc()
-        log.warning("malformed load heartbeat", extra={"subject": msg.subject, "error": str(e)})
+    load = decoded_load(msg, svc.metrics.bad_messages)
+    if load is None:
         return
     try:
         slot = await svc.store.slot_for(load.site, load.instance)
@@ -165,23 +158,21 @@ async def lookup(svc: KvIndexService, req: KvLookupRequest) -> KvLookupReply:
 async def handle_lookup(svc: KvIndexService, msg: Msg) -> None:
     """Reply to a lookup with ``KvLookupReply`` or a typed ``ErrorReply``."""
     start = time.perf_counter()
+    outcome = "ok"
+
+    async def answer_lookup() -> KvLookupReply:
+        req = decoded(kv_lookup_request_decoder, msg, "lookup", svc.metrics.bad_messages)
+        span.set_attribute("prfaas.blocks", len(req.block_hashes))
+        return await lookup(svc, req)
+
+    def failed(e: PrfaasError) -> None:
+        nonlocal outcome
+        outcome = e.code
+        log.warning("lookup failed", extra={"code": e.code, "error": e.message})
+
     with tracer.start_as_current_span("kv_index.lookup", context=extract_context(msg.headers)) as span:
-        try:
-            try:
-                req = kv_lookup_request_decoder.decode(msg.data)
-            except msgspec.DecodeError as e:
-                svc.metrics.bad_messages.labels("lookup").inc()
-                raise BadRequest(f"malformed lookup request: {e}") from None
-            span.set_attribute("prfaas.blocks", len(req.block_hashes))
-            reply: KvLookupReply | ErrorReply = await lookup(svc, req)
-            outcome = "ok"
-        except PrfaasError as e:
-            log.warning("lookup failed", extra={"code": e.code, "error": e.message})
-            reply = ErrorReply(code=e.code, message=e.message)
-            outcome = e.code
-        svc.metrics.lookups.labels(outcome).inc()
-        svc.metrics.lookup_seconds.observe(time.perf_counter() - start)
-        if msg.reply:
-            await msg.respond(encode(reply))
+        await answer(msg, answer_lookup, failed)
+    svc.metrics.lookups.labels(outcome).inc()
+    svc.metrics.lookup_seconds.observe(time.perf_counter() - start)
 
 

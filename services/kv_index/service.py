@@ -19,12 +19,12 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
-from libs.common.bus import connect, ensure_consumer, ensure_stream, settle
+from libs.common.bus import connect, ensure_consumer, ensure_stream
 from libs.common.entrypoint import run_service
 from libs.common.errors import BadRequest, UpstreamTimeout
 from libs.common.messages import KvSnapshotRequest, encode
+from libs.common.service import BusService
 from libs.common.telemetry import start_metrics_server
-from services.kv_index.cancellation import cancel_and_wait
 from services.kv_index.config import KvIndexConfig
 from services.kv_index.handlers import handle_kv_batch, handle_load, handle_lookup
 from services.kv_index.metrics import KvIndexMetrics
@@ -40,7 +40,7 @@ class _StoreReset(Exception):
     """Redis came back without our data: rebuild it by replaying the event stream."""
 
 
-class KvIndexService:
+class KvIndexService(BusService):
     """Consumes KV events (JetStream, durable) into Redis and answers lookups on NATS."""
 
     store_errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -52,31 +52,18 @@ class KvIndexService:
         config: KvIndexConfig,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.nc = nc
+        super().__init__(nc, stop_timeout_s=config.connect_timeout_s)
         self.js = nc.jetstream()
         self.config = config
         self.store = RedisKvStore(redis_client, config.key_prefix)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = KvIndexMetrics(self.registry)
-        self._subs = []
-        self._tasks: set[asyncio.Task] = set()
         self._lookup_slots = asyncio.Semaphore(config.max_concurrent_lookups)
         self._snapshot_requested_at: dict[tuple[str, str], float] = {}
         self._zmq_context: zmq.asyncio.Context | None = None
-        self._started = False
 
-    async def __aenter__(self) -> KvIndexService:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
+    async def setup(self) -> None:
         """Ensure the event stream, subscribe, and start ingest tasks."""
-        if self._started:
-            return
-        self._started = True
         await ensure_stream(
             self.js,
             api.StreamConfig(
@@ -88,11 +75,10 @@ class KvIndexService:
                 duplicate_window=120.0,
             ),
         )
-        self._subs.append(await self.nc.subscribe(subjects.KV_LOOKUP, queue=QUEUE_GROUP, cb=self._on_lookup))
-        self._subs.append(await self.nc.subscribe(subjects.LOAD_ALL, queue=QUEUE_GROUP, cb=self._on_load))
-        await settle(self.nc, self.config.connect_timeout_s)  # started means heartbeats and lookups reach it
-        self._spawn(self._supervise("ingest", self._ingest))
-        self._spawn(self._supervise("forget", self._forget_silent))
+        await self.subscribe(subjects.KV_LOOKUP, self._on_lookup, queue=QUEUE_GROUP)
+        await self.subscribe(subjects.LOAD_ALL, functools.partial(handle_load, self), queue=QUEUE_GROUP)
+        self.spawn(self._supervise("ingest", self._ingest))
+        self.spawn(self._supervise("forget", self._forget_silent))
         if self.config.zmq_endpoints:
             self._zmq_context = zmq.asyncio.Context()
             for endpoint in self.config.zmq_endpoints:
@@ -109,31 +95,14 @@ class KvIndexService:
                     context=self._zmq_context,
                     applied_seq=functools.partial(self._applied_seq, endpoint.site, endpoint.instance),
                 )
-                self._spawn(self._supervise(f"zmq {endpoint.url}", ingest.run))
+                self.spawn(self._supervise(f"zmq {endpoint.url}", ingest.run))
         log.info("kv_index started", extra={"stream": self.config.stream, "zmq_endpoints": len(self.config.zmq_endpoints)})
 
-    async def stop(self) -> None:
-        """Stop intake, drain subscriptions, cancel and await owned tasks (idempotent)."""
-        if not self._started:
-            return
-        self._started = False
-        for sub in self._subs:
-            try:
-                await sub.drain()
-            except nats.errors.Error:
-                pass
-        self._subs.clear()
-        await cancel_and_wait(list(self._tasks))
-        self._tasks.clear()
+    async def close(self) -> None:
+        """Release the ZMQ context of the engine bridges."""
         if self._zmq_context is not None:
             self._zmq_context.term()
             self._zmq_context = None
-
-    def _spawn(self, coro: Awaitable) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         """Run ``run()`` forever, restarting it with backoff after unexpected failures."""
@@ -263,14 +232,11 @@ class KvIndexService:
     # --- subscriptions --------------------------------------------------------------------
 
     async def _on_lookup(self, msg: Msg) -> None:
-        self._spawn(self._lookup(msg))
+        self.spawn(self._lookup(msg))
 
     async def _lookup(self, msg: Msg) -> None:
         async with self._lookup_slots:
             await handle_lookup(self, msg)
-
-    async def _on_load(self, msg: Msg) -> None:
-        await handle_load(self, msg)
 
 
 async def _wait_for_redis(client: aioredis.Redis, config: KvIndexConfig) -> None:

@@ -46,9 +46,9 @@ from libs.common.messages import (
     encode,
     kv_snapshot_request_decoder,
 )
+from libs.common.service import cancel_and_wait
 from services.kv_index.block_mapper import BlockMapper, MappedChange
 from services.kv_index.bridge_stream import BridgeStream
-from services.kv_index.cancellation import cancel_and_wait
 from services.kv_index.config import ZmqEndpoint
 from services.kv_index.engine_events import EngineBatch, decode_payload, split_pub_frames
 from services.kv_index.metrics import KvIndexMetrics

@@ -14,10 +14,9 @@ from libs.engine.build import BackendSpec
 
 PREFIX = "PREFILL_GATEWAY_"
 CODECS = ("raw", "zstd", "int8")
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-
-def _name(key: str, value: str) -> str:
+def _token(key: str, value: str) -> str:
+    """One name inside a list setting (``INSTANCES``, a site of ``BUDGETS``)."""
     try:
         return subjects.token(value, key.lower())
     except ValueError as e:
@@ -35,7 +34,7 @@ def _budgets(items: tuple[str, ...]) -> Mapping[str, float]:
             gbps = -1.0
         if not sep or gbps < 0:
             raise ConfigError(f"{PREFIX}BUDGETS={','.join(items)!r}: {item!r} is not of the form <site>=<Gbps >= 0>")
-        budgets[_name("BUDGETS", site.strip())] = gbps
+        budgets[_token("BUDGETS", site.strip())] = gbps
     return MappingProxyType(budgets)
 
 
@@ -61,6 +60,7 @@ class PrefillGatewayConfig:
     heartbeat_s: float = 0.5
     drain_timeout_s: float = 30.0  # on SIGTERM: jobs in flight get this long to finish
     connect_timeout_s: float = 5.0
+    stop_timeout_s: float = 5.0  # each step of a stop (subscriptions, owned tasks, the final flush) gets this long
     metrics_port: int = 0
     log_level: str = "INFO"
 
@@ -69,30 +69,21 @@ class PrefillGatewayConfig:
         """Read ``PREFILL_GATEWAY_<FIELD>`` variables; unset ones keep their defaults."""
         r = EnvReader(PREFIX, os.environ if env is None else env)
         d = cls()
-        instances = tuple(_name("INSTANCES", i) for i in r.list("INSTANCES", d.instances))
+        instances = tuple(_token("INSTANCES", i) for i in r.list("INSTANCES", d.instances))
         if not instances or len(set(instances)) != len(instances):
             raise ConfigError(f"{PREFIX}INSTANCES={','.join(instances)!r}: expected distinct instance names")
         backend = BackendSpec.from_env(r)
         if not backend.simulated and len(instances) > 1:
             raise ConfigError(f"{PREFIX}INSTANCES={','.join(instances)!r}: a reference-model instance is one process "
                               f"(several instances share a process only when simulated)")
-        codec = r.str("CODEC", d.codec)
-        if codec not in CODECS:
-            raise ConfigError(f"{PREFIX}CODEC={codec!r}: expected one of {', '.join(CODECS)}")
-        nats_url = r.str("NATS_URL", d.nats_url)
-        if not all(u.strip().startswith(("nats://", "tls://", "ws://", "wss://")) for u in nats_url.split(",")):
-            raise ConfigError(f"{PREFIX}NATS_URL={nats_url!r}: expected nats:// URLs")
-        log_level = r.str("LOG_LEVEL", d.log_level).upper()
-        if log_level not in _LOG_LEVELS:
-            raise ConfigError(f"{PREFIX}LOG_LEVEL={log_level!r}: expected one of {', '.join(_LOG_LEVELS)}")
         return cls(
-            site=_name("SITE", r.str("SITE", d.site)),
-            cluster=_name("CLUSTER", r.str("CLUSTER", d.cluster)),
+            site=r.name("SITE", d.site),
+            cluster=r.name("CLUSTER", d.cluster),
             instances=instances,
-            nats_url=nats_url,
+            nats_url=r.nats_url(d.nats_url),
             backend=backend,
             queue_limit=r.int("QUEUE_LIMIT", d.queue_limit, minimum=1),
-            codec=codec,
+            codec=r.choice("CODEC", d.codec, CODECS),
             layerwise=r.bool("LAYERWISE", d.layerwise),
             budgets_gbps=_budgets(r.list("BUDGETS")),
             default_budget_gbps=r.float("DEFAULT_BUDGET_GBPS", d.default_budget_gbps, minimum=0.0),
@@ -104,6 +95,7 @@ class PrefillGatewayConfig:
             heartbeat_s=r.float("HEARTBEAT_S", d.heartbeat_s, minimum=0.01),
             drain_timeout_s=r.float("DRAIN_TIMEOUT_S", d.drain_timeout_s, minimum=0.0),
             connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
+            stop_timeout_s=r.float("STOP_TIMEOUT_S", d.stop_timeout_s, minimum=0.1),
             metrics_port=r.int("METRICS_PORT", d.metrics_port, minimum=0),
-            log_level=log_level,
+            log_level=r.log_level(d.log_level),
         )

@@ -8,29 +8,29 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import msgspec
 import nats.errors
 import numpy as np
+from nats.aio.client import Client as NatsClient
 from opentelemetry import trace
 from opentelemetry.context import Context
 
 from libs.common.errors import NoCapacity, PrfaasError, UpstreamTimeout
+from libs.common.jobs import SHUTDOWN
 from libs.common.messages import ErrorReply, PrefillFinished, PrefillJob, encode
 from libs.common.state_parts import PartSpec, StatePart
 from libs.common.telemetry import inject_headers
 from libs.kvwire import Destination, KvSender, SendReport
+from services.prefill_gateway.config import PrefillGatewayConfig
 from services.prefill_gateway.instance import PrefillInstance, QueuedJob
 from services.prefill_gateway.layer_time import LayerClock
-
-if TYPE_CHECKING:
-    from services.prefill_gateway.service import PrefillGatewayService
+from services.prefill_gateway.metrics import PrefillGatewayMetrics
+from services.prefill_gateway.senders import Senders
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
-SHUTDOWN = "the prefill instance is shutting down"
 CANCELLED = "cancelled"  # error code of a job ended by a JobCancel
 _END = object()
 
@@ -50,7 +50,6 @@ class PrefillRun:
     cancel_reason: str = ""
     opened: bool = False  # the transfer may exist at the receiver (abort it on failure)
     sender: KvSender | None = None
-    task: asyncio.Task | None = None
 
     @property
     def destination(self) -> Destination:
@@ -59,7 +58,17 @@ class PrefillRun:
         return Destination(d.site, d.instance, d.host, d.port)
 
 
-def part_specs(svc: PrefillGatewayService, run: PrefillRun) -> list[PartSpec]:
+@dataclass(frozen=True)
+class JobContext:
+    """What a prefill job touches: the bus, the gateway's settings, its KV senders, its metrics."""
+
+    nc: NatsClient
+    config: PrefillGatewayConfig
+    senders: Senders
+    metrics: PrefillGatewayMetrics
+
+
+def part_specs(svc: JobContext, run: PrefillRun) -> list[PartSpec]:
     """The parts to send, with the job's codec on float ``attn_kv`` parts (the rest travels raw)."""
     codec = run.job.codec or svc.config.codec
     specs = run.instance.backend.plan_parts(len(run.tokens), run.job.skip_blocks)
@@ -69,7 +78,7 @@ def part_specs(svc: PrefillGatewayService, run: PrefillRun) -> list[PartSpec]:
     ]
 
 
-async def run_prefill(svc: PrefillGatewayService, run: PrefillRun) -> None:
+async def run_prefill(svc: JobContext, run: PrefillRun) -> None:
     """Serve one accepted job to its end; publish ``PrefillFinished`` or an ``ErrorReply`` on its status subject."""
     job = run.job
     final: msgspec.Struct
@@ -91,7 +100,9 @@ async def run_prefill(svc: PrefillGatewayService, run: PrefillRun) -> None:
         except PrfaasError as e:
             final = ErrorReply(code=e.code, message=e.message)
         finally:
-            svc.finished(run)
+            with contextlib.suppress(ValueError):
+                run.instance.queue.remove(run.queued)
+            svc.metrics.queue_depth.labels(run.instance.name).set(len(run.instance.queue))
         failed = isinstance(final, ErrorReply)
         svc.metrics.jobs.labels(final.code if failed else "ok").inc()
         if failed:
@@ -108,15 +119,15 @@ async def run_prefill(svc: PrefillGatewayService, run: PrefillRun) -> None:
         await run.instance.events.flush()
 
 
-async def _abort(svc: PrefillGatewayService, run: PrefillRun, reason: str) -> None:
+async def _abort(svc: JobContext, run: PrefillRun, reason: str) -> None:
     """Tell the receiver to drop the transfer and free its memory (best effort, bounded)."""
-    sender = run.sender or svc.senders[run.job.destination.transport]
+    sender = run.sender or svc.senders.of(run.job.destination.transport)
     with contextlib.suppress(PrfaasError, TimeoutError, OSError, nats.errors.Error):
         async with asyncio.timeout(svc.config.abort_timeout_s):
             await sender.abort(run.job.transfer_id, run.destination, reason)
 
 
-async def _prefill_and_send(svc: PrefillGatewayService, run: PrefillRun) -> PrefillFinished:
+async def _prefill_and_send(svc: JobContext, run: PrefillRun) -> PrefillFinished:
     """Compute and transfer at once: each layer's parts go out as soon as the layer is done."""
     job, instance = run.job, run.instance
     backend, bs = instance.backend, instance.backend.block_size
@@ -124,7 +135,7 @@ async def _prefill_and_send(svc: PrefillGatewayService, run: PrefillRun) -> Pref
     cached = min(backend.cache.usable_blocks(run.hashes), (len(run.tokens) - 1) // bs)
     clock = LayerClock(instance.times, len(run.tokens) - cached * bs, cached * bs)
     specs = part_specs(svc, run)
-    sender = run.sender = svc.sender(job.destination.transport, sum(s.nbytes for s in specs))
+    sender = run.sender = svc.senders.pick(job.destination.transport, sum(s.nbytes for s in specs))
     manifest = sender.manifest(
         transfer_id=job.transfer_id,
         dst_site=job.destination.site,

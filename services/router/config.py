@@ -11,32 +11,11 @@ from libs.common import subjects
 from libs.common.config import EnvReader
 from libs.common.errors import ConfigError
 from libs.common.hashing import DEFAULT_BLOCK_SIZE
+from libs.common.messages import TRANSPORTS
 from libs.engine.profiles import HARDWARE, MODELS
 from libs.policy import POLICIES
 
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_TRANSPORTS = ("tcp", "jetstream")
 _FIRST_TOKEN_GRACE_S = 5.0  # past the job deadline: time for the decode side's typed failure to arrive
-
-
-def _choice(key: str, value: str, allowed) -> str:
-    if value not in allowed:
-        raise ConfigError(f"ROUTER_{key}={value!r}: expected one of {', '.join(sorted(allowed))}")
-    return value
-
-
-def _nats_url(value: str) -> str:
-    schemes = ("nats://", "tls://", "ws://", "wss://")
-    if not all(part.strip().startswith(schemes) for part in value.split(",")):
-        raise ConfigError(f"ROUTER_NATS_URL={value!r}: expected a URL starting with {' or '.join(schemes)}")
-    return value
-
-
-def _token(key: str, value: str) -> str:
-    try:
-        return subjects.token(value, key.lower())
-    except ValueError as e:
-        raise ConfigError(f"ROUTER_{key}={value!r}: {e}") from None
 
 
 def _pairs(key: str, items: tuple[str, ...], known) -> dict[str, str]:
@@ -46,7 +25,9 @@ def _pairs(key: str, items: tuple[str, ...], known) -> dict[str, str]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise ConfigError(f"ROUTER_{key}: {item!r} is not of the form model=profile")
-        out[name.strip()] = _choice(key, value.strip(), known)
+        if value.strip() not in known:
+            raise ConfigError(f"ROUTER_{key}: {item!r}: expected a profile among {', '.join(sorted(known))}")
+        out[name.strip()] = value.strip()
     return out
 
 
@@ -62,7 +43,10 @@ def _capacities(items: tuple[str, ...]) -> dict[tuple[str, str], float]:
             value = -1.0
         if not sep or not arrow or value <= 0:
             raise ConfigError(f"ROUTER_LINK_CAPACITIES: {item!r} is not of the form src_site>dst_site=gbps")
-        out[(_token("LINK_CAPACITIES", src.strip()), _token("LINK_CAPACITIES", dst.strip()))] = value
+        try:
+            out[(subjects.token(src.strip(), "site"), subjects.token(dst.strip(), "site"))] = value
+        except ValueError as e:
+            raise ConfigError(f"ROUTER_LINK_CAPACITIES: {item!r}: {e}") from None
     return out
 
 
@@ -81,6 +65,10 @@ class RouterConfig:
     default_model_profile: str = "reference"
     default_hardware: str = "h200"  # for instances heartbeating a hardware name without a profile
     tokenizer: str = "byte"  # "byte" (the reference model) or a tokenizer.json file or its directory
+    tokenize_thread_chars: int = 4096  # longer texts are tokenized on a worker thread (~1 ms of tokenizing here)
+    token_cache_bytes: int = 256 << 20  # the prefix tokenization cache's memory (0: no cache)
+    token_cache_chunk_chars: int = 1024  # about how many characters the cache keeps per segment
+    token_cache_verify_fraction: float = 0.01  # requests also tokenized whole in the background to check the cache
     chat_template: str = ""  # a Jinja chat template file ("": the tokenizer's, else a plain default)
     max_prompt_tokens: int = 0  # 0: the least limit the model's instances heartbeat
     default_max_tokens: int = 256
@@ -111,6 +99,9 @@ class RouterConfig:
     decisions_max_age_s: float = 7 * 24 * 3600.0
     decisions_max_bytes: int = 1 << 30
     connect_timeout_s: float = 5.0
+    stop_timeout_s: float = 5.0  # each step of a stop (HTTP requests in flight, subscriptions, owned tasks) gets this long
+    ready_timeout_s: float = 1.0  # /readyz: how long the KV index may take to answer its probe lookup
+    settle_wait_s: float = 1.0  # after the last token: how long the outcome waits for a trailing prefill status
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -121,15 +112,8 @@ class RouterConfig:
             )
         if self.threshold_tokens < 0:
             raise ConfigError(f"ROUTER_THRESHOLD_TOKENS={self.threshold_tokens!r}: expected an integer >= 0")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"ROUTER_POLICY={self.policy!r}: expected one of {', '.join(sorted(POLICIES))}")
-        if self.default_hardware not in HARDWARE:
-            raise ConfigError(f"ROUTER_DEFAULT_HARDWARE={self.default_hardware!r}: expected one of {', '.join(HARDWARE)}")
-        if self.default_model_profile not in MODELS:
-            raise ConfigError(
-                f"ROUTER_DEFAULT_MODEL_PROFILE={self.default_model_profile!r}: expected one of {', '.join(MODELS)}"
-            )
-
+        if not 0.0 <= self.token_cache_verify_fraction <= 1.0:
+            raise ConfigError(f"ROUTER_TOKEN_CACHE_VERIFY_FRACTION={self.token_cache_verify_fraction!r}: expected 0..1")
         if self.index_min_timeout_s > self.index_timeout_s:
             raise ConfigError(f"ROUTER_INDEX_MIN_TIMEOUT_S={self.index_min_timeout_s!r}: must not exceed "
                               f"ROUTER_INDEX_TIMEOUT_S={self.index_timeout_s!r}")  # fmt: skip
@@ -151,24 +135,28 @@ class RouterConfig:
         r = EnvReader("ROUTER_", os.environ if env is None else env)
         d = cls(threshold_tokens=0)  # the other fields' defaults
         return cls(
-            nats_url=_nats_url(r.str("NATS_URL", d.nats_url)),
-            site=_token("SITE", r.str("SITE", d.site)),
-            router_id=_token("ID", r.str("ID", f"router-{socket.gethostname().split('.')[0]}-{os.getpid()}")),
+            nats_url=r.nats_url(d.nats_url),
+            site=r.name("SITE", d.site),
+            router_id=r.name("ID", f"router-{socket.gethostname().split('.')[0]}-{os.getpid()}"),
             host=r.str("HOST", d.host),
             port=r.int("PORT", d.port, minimum=0),
             api_keys=r.list("API_KEYS"),
             models=r.list("MODELS"),
             model_profiles=_pairs("MODEL_PROFILES", r.list("MODEL_PROFILES"), MODELS),
-            default_model_profile=_choice("DEFAULT_MODEL_PROFILE", r.str("DEFAULT_MODEL_PROFILE", d.default_model_profile), MODELS),
-            default_hardware=_choice("DEFAULT_HARDWARE", r.str("DEFAULT_HARDWARE", d.default_hardware), HARDWARE),
+            default_model_profile=r.choice("DEFAULT_MODEL_PROFILE", d.default_model_profile, tuple(sorted(MODELS))),
+            default_hardware=r.choice("DEFAULT_HARDWARE", d.default_hardware, tuple(HARDWARE)),
             tokenizer=r.str("TOKENIZER", d.tokenizer),
+            tokenize_thread_chars=r.int("TOKENIZE_THREAD_CHARS", d.tokenize_thread_chars, minimum=0),
+            token_cache_bytes=r.int("TOKEN_CACHE_BYTES", d.token_cache_bytes, minimum=0),
+            token_cache_chunk_chars=r.int("TOKEN_CACHE_CHUNK_CHARS", d.token_cache_chunk_chars, minimum=1),
+            token_cache_verify_fraction=r.float("TOKEN_CACHE_VERIFY_FRACTION", d.token_cache_verify_fraction, minimum=0.0),
             chat_template=r.str("CHAT_TEMPLATE", d.chat_template),
             max_prompt_tokens=r.int("MAX_PROMPT_TOKENS", d.max_prompt_tokens, minimum=0),
             default_max_tokens=r.int("DEFAULT_MAX_TOKENS", d.default_max_tokens, minimum=1),
             block_size=r.int("BLOCK_SIZE", d.block_size, minimum=1),
-            policy=_choice("POLICY", r.str("POLICY", d.policy), POLICIES),
+            policy=r.choice("POLICY", d.policy, tuple(sorted(POLICIES))),
             threshold_tokens=r.int("THRESHOLD_TOKENS", None, minimum=0),
-            transport=_choice("TRANSPORT", r.str("TRANSPORT", d.transport), _TRANSPORTS),
+            transport=r.choice("TRANSPORT", d.transport, TRANSPORTS),
             link_capacities=_capacities(r.list("LINK_CAPACITIES")),
             default_link_capacity_gbps=r.float("DEFAULT_LINK_CAPACITY_GBPS", d.default_link_capacity_gbps, minimum=0.001),
             index_timeout_s=r.float("INDEX_TIMEOUT_S", d.index_timeout_s, minimum=0.001),
@@ -192,5 +180,8 @@ class RouterConfig:
             decisions_max_age_s=r.float("DECISIONS_MAX_AGE_S", d.decisions_max_age_s, minimum=1.0),
             decisions_max_bytes=r.int("DECISIONS_MAX_BYTES", d.decisions_max_bytes, minimum=1 << 20),
             connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
-            log_level=_choice("LOG_LEVEL", r.str("LOG_LEVEL", d.log_level).upper(), _LOG_LEVELS),
+            stop_timeout_s=r.float("STOP_TIMEOUT_S", d.stop_timeout_s, minimum=0.1),
+            ready_timeout_s=r.float("READY_TIMEOUT_S", d.ready_timeout_s, minimum=0.01),
+            settle_wait_s=r.float("SETTLE_WAIT_S", d.settle_wait_s, minimum=0.0),
+            log_level=r.log_level(d.log_level),
         )

@@ -203,14 +203,14 @@ class RequestRun:
             if not done:  # failed, retried, or the client went away: free what the gateways hold
                 await self.cancel(job_id, "attempt abandoned")
 
-    async def settle(self, timeout_s: float = 1.0) -> None:
-        """After the last token: wait briefly for the prefill status (it may trail the decode stream)."""
+    async def settle(self) -> None:
+        """After the last token: wait up to ``settle_wait_s`` for the prefill status (it may trail the decode stream)."""
         queue, self._open_queue = self._open_queue, None
         if queue is None:
             return
         job_id = self.record.job_ids[-1]
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(self.config.settle_wait_s):
                 while self.record.prefill is None:
                     _, item = await queue.get()
                     if isinstance(item, PrefillFinished):

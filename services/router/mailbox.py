@@ -8,10 +8,8 @@ dropped while a fresh subscription's interest is still propagating.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -26,22 +24,10 @@ class Mailbox:
     """Routes ``<prefix>.tokens.<job>`` and ``<prefix>.status.<job>`` messages to the job's queue."""
 
     def __init__(self, nc: NatsClient) -> None:
-        self.nc = nc
         self.prefix = nc.new_inbox()
+        self.subject = f"{self.prefix}.>"  # what the router subscribes ``handle`` to
         self._queues: dict[str, asyncio.Queue[tuple[str, StreamItem]]] = {}
-        self._sub = None
         self.undecodable = 0
-
-    async def start(self) -> None:
-        """Subscribe to the inbox."""
-        self._sub = await self.nc.subscribe(f"{self.prefix}.>", cb=self._on_message)
-
-    async def stop(self) -> None:
-        """Unsubscribe (idempotent)."""
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
 
     def tokens_subject(self, job_id: str) -> str:
         """Where the decode side sends ``job_id``'s tokens."""
@@ -60,7 +46,8 @@ class Mailbox:
         """Stop collecting ``job_id``'s messages."""
         self._queues.pop(job_id, None)
 
-    async def _on_message(self, msg: Msg) -> None:
+    async def handle(self, msg: Msg) -> None:
+        """Put a job's message on its queue (a message for a job no longer collected is dropped)."""
         kind, _, job_id = msg.subject[len(self.prefix) + 1 :].partition(".")
         queue = self._queues.get(job_id)
         if queue is None:

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import gc
 import logging
 import time
-from collections.abc import Awaitable
 
-import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
 from libs.common import subjects
-from libs.common.bus import connect, settle
+from libs.common.bus import connect
 from libs.common.entrypoint import run_service
 from libs.common.errors import PrfaasError
+from libs.common.service import BusService
 from services.kv_index.client import KvIndexClient
 from services.router.chat_template import load_chat_template
 from services.router.config import RouterConfig
@@ -33,15 +32,12 @@ from services.router.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-_READY_LOOKUP_TIMEOUT_S = 1.0
-_SHUTDOWN_TIMEOUT_S = 5.0
 
-
-class RouterService:
+class RouterService(BusService):
     """Serves the HTTP API on ``config.host:config.port`` and routes each request over the bus."""
 
     def __init__(self, nc: NatsClient, config: RouterConfig, registry: CollectorRegistry | None = None) -> None:
-        self.nc = nc
+        super().__init__(nc, stop_timeout_s=config.stop_timeout_s)
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RouterMetrics(self.registry, config)
@@ -64,17 +60,7 @@ class RouterService:
         self.mailbox = Mailbox(nc)
         self.started_at = int(time.time())
         self.port = 0  # the bound HTTP port once started
-        self._subs = []
-        self._tasks: set[asyncio.Task] = set()
         self._runner: web.AppRunner | None = None
-        self._started = False
-
-    async def __aenter__(self) -> RouterService:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
 
     @property
     def url(self) -> str:
@@ -82,64 +68,39 @@ class RouterService:
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
         return f"http://{host}:{self.port}"
 
-    async def start(self) -> None:
-        """Ensure the decisions stream, subscribe to heartbeats and link telemetry, serve HTTP."""
-        if self._started:
-            return
-        self._started = True
+    async def setup(self) -> None:
+        """Ensure the decisions stream, subscribe to heartbeats, link telemetry and the job inbox, serve HTTP."""
         await self.events.ensure_stream()
-        self._subs.append(await self.nc.subscribe(subjects.LOAD_ALL, cb=self._on_load))
-        self._subs.append(await self.nc.subscribe(subjects.LINK_ALL, cb=self._on_link))
-        await self.mailbox.start()
-        await settle(self.nc, self.config.connect_timeout_s)
+        await self.subscribe(subjects.LOAD_ALL, functools.partial(handle_load, self))
+        await self.subscribe(subjects.LINK_ALL, functools.partial(handle_link_stats, self))
+        await self.subscribe(self.mailbox.subject, self.mailbox.handle)
         self.metrics.threshold.set(self.scheduler.policy.config.threshold_tokens)
         if self.config.replan_interval_s > 0:
             self.spawn(self.replanner.run())
-        self._runner = web.AppRunner(
-            create_app(self, self.config), handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT_S, access_log=None
-        )
+        self._runner = web.AppRunner(create_app(self, self.config), handler_cancellation=True,
+                                     shutdown_timeout=self.config.stop_timeout_s, access_log=None)  # fmt: skip
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
         log.info("router started", extra={"site": self.config.site, "url": self.url, "policy": self.config.policy})
 
-    async def stop(self) -> None:
-        """Stop HTTP intake, drain subscriptions, cancel and await owned tasks (idempotent)."""
-        if not self._started:
-            return
-        self._started = False
+    async def stop_intake(self) -> None:
+        """Stop the HTTP server; requests in flight get ``stop_timeout_s`` to finish while their tokens still arrive."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        for sub in self._subs:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                async with asyncio.timeout(_SHUTDOWN_TIMEOUT_S):
-                    await sub.drain()
-        self._subs.clear()
-        await self.mailbox.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            _, stuck = await asyncio.wait(list(self._tasks), timeout=_SHUTDOWN_TIMEOUT_S)
-            if stuck:
-                log.warning("tasks still running after stop", extra={"tasks": len(stuck)})
-        self._tasks.clear()
-        await self.events.close()
 
-    def spawn(self, coro: Awaitable) -> asyncio.Task:
-        """Run ``coro`` as a task this service owns (cancelled at stop)."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    async def close(self) -> None:
+        """Flush the decision log (outcomes still queued leave with it)."""
+        await self.events.close()
 
     async def readiness(self) -> dict[str, bool]:
         """What ``/readyz`` checks: the bus, the KV index (a lookup answered in time), live decode and prefill instances."""
         index_ok = False
         if self.nc.is_connected:
             try:
-                await KvIndexClient(self.nc, timeout_s=_READY_LOOKUP_TIMEOUT_S).lookup([1])
+                await KvIndexClient(self.nc, timeout_s=self.config.ready_timeout_s).lookup([1])
                 index_ok = True
             except PrfaasError:
                 index_ok = False
@@ -147,12 +108,6 @@ class RouterService:
         decode = any(ld.role == "decode" and ld.site == self.config.site for ld in alive)
         prefill = any(ld.role == "prefill" for ld in alive)
         return {"bus": self.nc.is_connected, "index": index_ok, "decode_instances": decode, "prefill_instances": prefill}
-
-    async def _on_load(self, msg) -> None:
-        await handle_load(self, msg)
-
-    async def _on_link(self, msg) -> None:
-        await handle_link_stats(self, msg)
 
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
