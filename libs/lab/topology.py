@@ -57,12 +57,13 @@ class Site(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True
 
 
 class Link(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """The WAN link between two sites: bandwidth per direction, round-trip time, loss."""
+    """The WAN link between two sites: bandwidth per direction, round-trip time, loss, TCP's restart after idle."""
 
     sites: tuple[str, str]
     gbps: Positive
     rtt_ms: NonNegative
     loss_pct: Annotated[float, msgspec.Meta(ge=0, lt=100)] = 0.0
+    slow_start_after_idle: bool = True  # false: connections keep their window when idle (a tuned host)
 
 
 class Placement(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -14,6 +14,17 @@ target at site B, and moves the bytes of each direction through that direction o
   TCP: a chunk that contains a lost segment (each 1,448-byte segment lost with probability p)
   arrives one RTT late (a fast retransmit, with the head-of-line blocking that follows), and each
   connection is held to the Mathis et al. rate ``MSS * 1.22 / (RTT * sqrt(p))`` (RTT at least 1 ms).
+- **TCP**: each connection behaves as TCP would over the path. Its handshake costs a round trip:
+  the client's connect is accepted at once, the target is connected one way later (when the SYN
+  would arrive), the client's bytes leave one RTT after the connect and the target's once the
+  client's ACK would have reached it (a refused connect reaches the client one RTT after it). Each
+  direction of a connection has a congestion window (:mod:`libs.lab.wan_cwnd`): 10 segments at
+  first, growing by each acknowledged byte (an acknowledgement comes back one return delay after
+  its chunk was delivered) while it limits the sender, so it doubles per RTT until the connection's
+  share of the bandwidth or the receive window (``window_bytes``, 32 MiB) limits it; after an idle
+  period longer than the RTO (RTT + 200 ms, Linux's with a steady RTT) with nothing in flight it
+  restarts from 10 segments, unless ``slow_start_after_idle`` is off (a tuned host).
+  :func:`libs.lab.wan_tcp_model.delivery_time_s` is the model it is judged against.
 - **Partition**: ``blackhole`` (the default) stops every byte in both directions, as a real cut
   does: connections stay open and silent, new ones are accepted but not carried, and the
   endpoints notice only through their own deadlines and pings (the lab's NATS servers ping every
@@ -22,8 +33,9 @@ target at site B, and moves the bytes of each direction through that direction o
 
 Bytes move with ``os.splice`` (socket -> pipe -> socket, never through Python), with blocking
 sockets and a reader and a writer thread per connection and direction; the pipes are the delay
-line, each holds one chunk of at most 1 MiB (32 per connection and direction: 32 MiB in flight,
-25 ms one way at 10 Gbps; a longer delay at that rate is window-bound, as real TCP would be).
+line, each holds one chunk of at most 1 MiB (32 per connection and direction: 32 MiB on its way,
+25 ms one way at 10 Gbps); before each chunk the reader polls for data (so an idle restart is
+decided when a byte is there to send) and reads no more than the window allows.
 Measured here: 1 MiB chunks cost about 0.32 CPU-s per GB at 10 Gbps against about 0.45 for
 256 KiB, and one asyncio loop driving every connection (non-blocking splices, timers) cost more
 than the threads. Unprivileged users get 1 MiB pipes within their pipe budget
@@ -36,7 +48,7 @@ import socket
 import struct
 import threading
 
-from libs.lab.wan_link import Direction, Forward
+from libs.lab.wan_link import DEFAULT_WINDOW_BYTES, Direction, Forward
 from libs.lab.wan_pump import Connection
 
 __all__ = ["Direction", "Forward", "LinkRelay"]
@@ -46,8 +58,9 @@ class LinkRelay:
     """Both directions of the link between two sites, and the forwards that cross it."""
 
     def __init__(
-        self, sites: tuple[str, str], *, gbps: float, rtt_ms: float, loss_pct: float = 0.0, forwards: list[Forward]
-    ) -> None:
+        self, sites: tuple[str, str], *, gbps: float, rtt_ms: float, loss_pct: float = 0.0, forwards: list[Forward],
+        window_bytes: int = DEFAULT_WINDOW_BYTES, slow_start_after_idle: bool = True,
+    ) -> None:  # fmt: skip
         a, b = sites
         if a == b:
             raise ValueError(f"a link joins two different sites, got {a} and {b}")
@@ -56,9 +69,10 @@ class LinkRelay:
                 raise ValueError(f"forward {f}: site {f.src!r} is not one of {a}, {b}")
         self.sites = sites
         self.forwards = forwards
+        tcp = {"window_bytes": window_bytes, "slow_start_after_idle": slow_start_after_idle}
         self._directions = {
-            (a, b): Direction(a, b, gbps, rtt_ms / 2, loss_pct),
-            (b, a): Direction(b, a, gbps, rtt_ms / 2, loss_pct),
+            (a, b): Direction(a, b, gbps, rtt_ms / 2, loss_pct, **tcp),
+            (b, a): Direction(b, a, gbps, rtt_ms / 2, loss_pct, **tcp),
         }
         self.refusing = False  # a reset partition refuses new connections
         self._listeners: list[socket.socket] = []
@@ -110,6 +124,7 @@ class LinkRelay:
         gbps: float | None = None,
         rtt_ms: float | None = None,
         loss_pct: float | None = None,
+        slow_start_after_idle: bool | None = None,
         up: bool | None = None,
         reset: bool = False,
         src: str | None = None,
@@ -117,7 +132,8 @@ class LinkRelay:
         """Change the link (both directions, or only the one leaving ``src``); ``up=False`` partitions it."""
         directions = [self.direction(src, self.other(src))] if src else list(self._directions.values())
         for d in directions:
-            d.configure(gbps=gbps, delay_ms=None if rtt_ms is None else rtt_ms / 2, loss_pct=loss_pct)
+            d.configure(gbps=gbps, delay_ms=None if rtt_ms is None else rtt_ms / 2, loss_pct=loss_pct,
+                        slow_start_after_idle=slow_start_after_idle)  # fmt: skip
         if up is not None:
             self.refusing = not up and reset
             for d in self._directions.values():
@@ -156,7 +172,8 @@ class LinkRelay:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 client.close()
                 continue
-            conn = Connection(self, client, forward)
+            out = self.direction(forward.src, self.other(forward.src))
+            conn = Connection(client, forward, out, self.direction(out.dst, out.src), on_close=self.forget)
             with self._lock:
                 self._connections.add(conn)
                 self.connections_total += 1

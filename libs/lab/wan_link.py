@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from libs.lab.wan_pump import Pump
 
 MSS_BYTES = 1448
+DEFAULT_WINDOW_BYTES = 32 * 1024 * 1024  # each connection's receive window (the relay's in-flight cap before windows)
 PIPE_BYTES = 1024 * 1024  # the largest chunk: one pipe of the delay line
 BURST_S = 0.005  # credit a direction may bank: absorbs the relay's own scheduling stalls on a busy machine
 _CHUNK_S = 0.002  # below the pipe size, read what the link moves in this long (smooth pacing at low rates)
@@ -49,18 +50,26 @@ def _host_port(text: str, whole: str) -> tuple[str, int]:
 
 
 class Direction:
-    """One direction of a link: a bandwidth all its connections share, a one-way delay, loss, up or down."""
+    """One direction of a link: a bandwidth all its connections share, a one-way delay, loss, TCP settings, up or down."""
 
-    def __init__(self, src: str, dst: str, gbps: float, delay_ms: float, loss_pct: float) -> None:
+    def __init__(
+        self, src: str, dst: str, gbps: float, delay_ms: float, loss_pct: float, *,
+        window_bytes: int = DEFAULT_WINDOW_BYTES, slow_start_after_idle: bool = True,
+    ) -> None:  # fmt: skip
         self.src, self.dst = src, dst
         self.gbps, self.delay_ms, self.loss_pct = gbps, delay_ms, loss_pct
+        self.window_bytes = window_bytes  # each connection's receive window: the most it may have in flight
+        self.slow_start_after_idle = slow_start_after_idle  # Linux's tcp_slow_start_after_idle on the sending host
         self.up = True
         self._finished_bytes = 0  # delivered by connections that have ended
         self._pumps: set[Pump] = set()
         self._clock = 0.0  # when the last reserved byte has been serialised (time.monotonic)
         self._cond = threading.Condition(threading.Lock())
 
-    def configure(self, *, gbps: float | None = None, delay_ms: float | None = None, loss_pct: float | None = None) -> None:
+    def configure(
+        self, *, gbps: float | None = None, delay_ms: float | None = None, loss_pct: float | None = None,
+        slow_start_after_idle: bool | None = None,
+    ) -> None:  # fmt: skip
         """Change some figures; chunks already in flight keep the delay they were given."""
         with self._cond:
             if gbps is not None:
@@ -69,6 +78,8 @@ class Direction:
                 self.delay_ms = delay_ms
             if loss_pct is not None:
                 self.loss_pct = loss_pct
+            if slow_start_after_idle is not None:
+                self.slow_start_after_idle = slow_start_after_idle
 
     def set_up(self, up: bool) -> None:
         """Cut (False) or restore (True) the direction; waiting chunks go on when it returns."""
@@ -144,6 +155,8 @@ class Direction:
                 "gbps": None if math.isinf(self.gbps) else self.gbps,
                 "delay_ms": self.delay_ms,
                 "loss_pct": self.loss_pct,
+                "window_bytes": self.window_bytes,
+                "slow_start_after_idle": self.slow_start_after_idle,
                 "up": self.up,
                 "bytes": delivered,
             }

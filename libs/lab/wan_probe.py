@@ -1,4 +1,4 @@
-"""Traffic that measures a link: a counting sink, a blaster, an echo server and a ping-pong (blocking sockets).
+"""Traffic that measures a link: a counting sink, a blaster, an echo server, a ping-pong, timed transfers (blocking sockets).
 
 Used by ``prfaas bench wan`` (each side in its own process: ``python -m libs.lab.wan_probe sink|blast``)
 and by the link tests.
@@ -14,6 +14,8 @@ import threading
 import time
 
 _CHUNK = 256 * 1024
+_TRANSFER_CHUNK = 1024 * 1024
+_ZEROS = memoryview(bytes(_TRANSFER_CHUNK))
 
 
 class CountingSink:
@@ -145,6 +147,51 @@ def ping_rtts_ms(address: tuple[str, int], count: int, timeout_s: float = 5.0) -
                 got += len(chunk)
             rtts.append((time.perf_counter() - t0) * 1000)
     return rtts
+
+
+class LinkedPair:
+    """A connection through a link to a listener of ours, and its far end once accepted: times transfers across it."""
+
+    def __init__(self, address: tuple[str, int], listener: socket.socket, timeout_s: float = 30.0) -> None:
+        self._listener, self._timeout_s = listener, timeout_s
+        self.opened_at = time.monotonic()  # just before the connect
+        self.near = socket.create_connection(address, timeout=timeout_s)
+        self.near.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.far: socket.socket | None = None
+
+    def transfer_s(self, nbytes: int, since: float | None = None) -> float:
+        """Send ``nbytes`` near -> far; seconds from ``since`` (default: now) until the last of them has arrived."""
+        t0 = time.monotonic() if since is None else since
+        sender = threading.Thread(target=_send, args=(self.near, nbytes), daemon=True)
+        sender.start()
+        if self.far is None:
+            self.far, _ = self._listener.accept()
+            self.far.settimeout(self._timeout_s)
+        buf = memoryview(bytearray(min(nbytes, _TRANSFER_CHUNK)))
+        got = 0
+        while got < nbytes:
+            n = self.far.recv_into(buf, min(len(buf), nbytes - got))
+            if not n:
+                raise ConnectionError(f"the far end closed after {got} of {nbytes} bytes")
+            got += n
+        took = time.monotonic() - t0
+        sender.join()
+        return took
+
+    def __enter__(self) -> LinkedPair:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s in (self.near, self.far):
+            if s is not None:
+                s.close()
+
+
+def _send(s: socket.socket, nbytes: int) -> None:
+    while nbytes:
+        n = min(nbytes, _TRANSFER_CHUNK)
+        s.sendall(_ZEROS[:n])
+        nbytes -= n
 
 
 def main(argv: list[str] | None = None) -> None:

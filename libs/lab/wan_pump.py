@@ -1,4 +1,8 @@
-"""Moving one connection's bytes across a link: a reader and a writer thread per direction, pipes as the delay line."""
+"""Moving one connection's bytes across a link: a reader and a writer thread per direction, pipes as the delay line.
+
+A connection behaves like TCP over the path: its handshake costs one round trip before a byte
+moves, and each direction sends only what its congestion window (:mod:`libs.lab.wan_cwnd`) allows.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,19 @@ import math
 import os
 import queue
 import random
+import select
 import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
+from libs.lab.wan_cwnd import CongestionWindow, rto_s
 from libs.lab.wan_link import BURST_S, PIPE_BYTES, Direction, Forward
-
-if TYPE_CHECKING:
-    from libs.lab.wan import LinkRelay
 
 log = logging.getLogger(__name__)
 
-_MAX_PIPES = 32  # per connection and direction: 32 MiB in flight
+_MAX_PIPES = 32  # per connection and direction: chunks on their way (the one-way part of what is in flight)
 _F_SETPIPE_SZ = 1031
 _POLL_S = 0.05  # how often blocked waits look at a closed connection or a stopped relay
 _MIN_SLEEP_S = 50e-6
@@ -29,30 +32,44 @@ _CONNECT_TIMEOUT_S = 5.0
 
 
 class Pump:
-    """One direction of one connection: reader (splice in, pace, stamp) and writer (wait, splice out)."""
+    """One direction of one connection: reader (data, window, splice in, pace, stamp) and writer (wait, splice out, ack)."""
 
-    def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket, direction: Direction) -> None:
+    def __init__(
+        self, conn: Connection, src: socket.socket, dst: socket.socket, direction: Direction, ack_direction: Direction,
+        *, start_at: float,
+    ) -> None:  # fmt: skip
         self.conn, self.src, self.dst, self.direction = conn, src, dst, direction
+        self.ack_direction = ack_direction  # the way acknowledgements come back
+        self.start_at = start_at  # no byte leaves before the handshake allows (time.monotonic)
+        self.window = CongestionWindow(direction.window_bytes)
         self.bytes = 0  # delivered (only the writer thread adds)
         self._free: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._pipes: list[tuple[int, int]] = []
         self._line: queue.SimpleQueue[tuple[tuple[int, int] | None, int, float]] = queue.SimpleQueue()
         self._own_clock = 0.0
+        self._last_ack_at = 0.0
+        self._readable = select.poll()
+        self._readable.register(src.fileno(), select.POLLIN)
         self._rng = random.Random()
 
     def read(self) -> None:
-        """Move chunks from the source socket into the delay line until EOF or an error."""
+        """Move chunks the window allows from the source socket into the delay line until EOF or an error."""
         closed = self.conn.closed
         try:
+            if not _sleep_until(self.start_at, closed):
+                return
             while not closed.is_set():
-                pipe = self._take_pipe()
+                self._readable.poll()  # a byte to send (or EOF, or an error): only now may idle restart the window
+                room = self._room()
+                pipe = None if room is None else self._take_pipe()
                 if pipe is None:
                     return
-                n = os.splice(self.src.fileno(), pipe[1], self.direction.chunk_bytes())
+                n = os.splice(self.src.fileno(), pipe[1], min(room, self.direction.chunk_bytes()))
                 if n == 0:
                     self._free.put(pipe)
                     self._line.put((None, 0, 0.0))
                     return
+                self.window.sent(n, time.monotonic())
                 if not self.direction.wait_up(closed):
                     return
                 sent = self._pace(n)
@@ -64,7 +81,7 @@ class Pump:
             self.conn.end(f"read from {self.direction.src} side: {e}")
 
     def write(self) -> None:
-        """Deliver chunks in order once their time has come; half-close the far side at EOF."""
+        """Deliver chunks in order once their time has come, then post their acknowledgement; half-close at EOF."""
         closed = self.conn.closed
         try:
             while True:
@@ -84,6 +101,8 @@ class Pump:
                     left -= os.splice(pipe[0], self.dst.fileno(), left)
                 self.bytes += n
                 self._free.put(pipe)
+                self._last_ack_at = max(self._last_ack_at, time.monotonic() + self.ack_direction.delay_ms / 1000)
+                self.window.acknowledge(n, self._last_ack_at)
         except OSError as e:
             self.conn.end(f"write to {self.direction.dst} side: {e}")
 
@@ -93,6 +112,19 @@ class Pump:
             os.close(r)
             os.close(w)
         self._pipes.clear()
+
+    def _room(self) -> int | None:
+        """Bytes the window lets this direction send now, waiting for acknowledgements if none; None once closed."""
+        w, closed = self.window, self.conn.closed
+        w.collect(time.monotonic())
+        if self.direction.slow_start_after_idle:
+            w.restart_if_idle(time.monotonic(), rto_s((self.direction.delay_ms + self.ack_direction.delay_ms) / 1000))
+        while not (room := w.room()):
+            due = w.next_ack_at(_POLL_S)
+            if closed.is_set() or (due is not None and not _sleep_until(due, closed)):
+                return None
+            w.collect(time.monotonic())
+        return room
 
     def _pace(self, n: int) -> float | None:
         """Sleep until the chunk has crossed the per-connection (loss) and the shared bandwidth."""
@@ -138,31 +170,43 @@ def _sleep_until(deadline: float, closed: threading.Event) -> bool:
 
 
 class Connection:
-    """One client connection carried across the link (four threads: a reader and a writer per direction)."""
+    """One client connection carried across a link's two directions (four threads: a reader and a writer per direction)."""
 
-    def __init__(self, relay: LinkRelay, client: socket.socket, forward: Forward) -> None:
-        self.relay, self.client, self.forward = relay, client, forward
+    def __init__(
+        self, client: socket.socket, forward: Forward, out: Direction, back: Direction, *,
+        on_close: Callable[[Connection], None],
+    ) -> None:  # fmt: skip
+        self.client, self.forward, self.out, self.back = client, forward, out, back
         self.upstream: socket.socket | None = None
         self.closed = threading.Event()
+        self._on_close = on_close
         self._lock = threading.Lock()
 
     def run(self) -> None:
-        """Connect to the target once the link carries traffic, then pump both ways until both ends close."""
-        out = self.relay.direction(self.forward.src, self.relay.other(self.forward.src))
-        back = self.relay.direction(self.relay.other(self.forward.src), self.forward.src)
+        """Open the far side as a TCP handshake would, then pump both ways until both ends close."""
         try:
-            if not out.wait_up(self.closed):
+            if not self.out.wait_up(self.closed):
+                return
+            opened = time.monotonic()
+            out_s, back_s = self.out.delay_ms / 1000, self.back.delay_ms / 1000
+            if not _sleep_until(opened + out_s, self.closed):  # the SYN reaches the far site
                 return
             try:
                 self.upstream = socket.create_connection(self.forward.target, timeout=_CONNECT_TIMEOUT_S)
             except OSError as e:
                 log.info("forward %s: cannot reach the target: %s", self.forward, e)
-                self.end("target unreachable", reset=True)
+                if _sleep_until(opened + out_s + back_s, self.closed):  # the refusal travels back
+                    self.end("target unreachable", reset=True)
+                return
+            if self.closed.is_set():  # ended while connecting: end() may have missed the new socket
                 return
             self.upstream.settimeout(None)
             for s in (self.client, self.upstream):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            pumps = [Pump(self, self.client, self.upstream, out), Pump(self, self.upstream, self.client, back)]
+            pumps = [  # the client sends once the SYN-ACK is back; the target once the client's ACK reached it
+                Pump(self, self.client, self.upstream, self.out, self.back, start_at=opened + out_s + back_s),
+                Pump(self, self.upstream, self.client, self.back, self.out, start_at=opened + 2 * out_s + back_s),
+            ]
             for p in pumps:
                 p.direction.attach(p)
             threads = [threading.Thread(target=f, daemon=True) for p in pumps for f in (p.read, p.write)]
@@ -178,7 +222,7 @@ class Connection:
             for s in (self.client, self.upstream):
                 if s is not None:
                     s.close()
-            self.relay.forget(self)
+            self._on_close(self)
 
     def end(self, why: str, *, reset: bool = False) -> None:
         """Stop both directions now (idempotent); ``reset`` makes the close an RST."""

@@ -2,8 +2,8 @@
 
 ``GET /health`` answers once every listener is bound; ``GET /link`` returns the link's figures
 (settings and bytes per direction, partition, connections); ``POST /link`` with a JSON object of
-``gbps``, ``rtt_ms``, ``loss_pct``, ``up`` (with ``reset``), and optionally ``src`` (change only
-the direction leaving that site) changes them at once. :func:`link_figures` and
+``gbps``, ``rtt_ms``, ``loss_pct``, ``slow_start_after_idle``, ``up`` (with ``reset``), and
+optionally ``src`` (change only the direction leaving that site) changes them at once. :func:`link_figures` and
 :func:`change_link` are the client side.
 """
 
@@ -21,19 +21,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from libs.common.errors import BadRequest, UpstreamTimeout
 from libs.lab.wan import Forward, LinkRelay
+from libs.lab.wan_link import DEFAULT_WINDOW_BYTES
 
 log = logging.getLogger(__name__)
 
 _NUMBERS = {"gbps": (0.0, False), "rtt_ms": (0.0, True), "loss_pct": (0.0, True)}  # key -> (bound, bound allowed)
+_FLAGS = ("slow_start_after_idle", "up", "reset")
+_KEYS = "gbps, rtt_ms, loss_pct, slow_start_after_idle, up, reset, src"
 
 
 def parse_changes(body: object, sites: tuple[str, str]) -> dict:
     """Validate a ``POST /link`` body into :meth:`LinkRelay.configure` arguments (BadRequest names the key)."""
     if not isinstance(body, dict) or not body:
-        raise BadRequest("expected a JSON object with some of gbps, rtt_ms, loss_pct, up, reset, src")
-    unknown = set(body) - {*_NUMBERS, "up", "reset", "src"}
+        raise BadRequest(f"expected a JSON object with some of {_KEYS}")
+    unknown = set(body) - {*_NUMBERS, *_FLAGS, "src"}
     if unknown:
-        raise BadRequest(f"unknown keys {sorted(unknown)}: expected gbps, rtt_ms, loss_pct, up, reset, src")
+        raise BadRequest(f"unknown keys {sorted(unknown)}: expected {_KEYS}")
     changes: dict = {}
     for key, (bound, inclusive) in _NUMBERS.items():
         if key not in body:
@@ -44,7 +47,7 @@ def parse_changes(body: object, sites: tuple[str, str]) -> dict:
             limit = "a number > 0" if key == "gbps" else "a number in [0, 100)" if key == "loss_pct" else "a number >= 0"
             raise BadRequest(f"{key}={value!r}: expected {limit}")
         changes[key] = float(value)
-    for key in ("up", "reset"):
+    for key in _FLAGS:
         if key in body:
             if not isinstance(body[key], bool):
                 raise BadRequest(f"{key}={body[key]!r}: expected true or false")
@@ -129,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gbps", type=float, default=math.inf, help="bandwidth per direction (default: unlimited)")
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time added by the link")
     parser.add_argument("--loss-pct", type=float, default=0.0, help="segment loss in percent (see libs.lab.wan)")
+    parser.add_argument("--window-mib", type=float, default=DEFAULT_WINDOW_BYTES / 2**20,
+                        help="each connection's receive window in MiB (default %(default)g)")  # fmt: skip
+    parser.add_argument("--no-slow-start-after-idle", dest="slow_start_after_idle", action="store_false",
+                        help="keep a connection's window over idle periods (a host with tcp_slow_start_after_idle=0)")  # fmt: skip
     parser.add_argument("--control", required=True, metavar="HOST:PORT", help="address of the control endpoint")
     parser.add_argument("--forward", action="append", default=[], metavar="SRC@HOST:PORT=HOST:PORT",
                         help="a listener at site SRC carried to a target at the other site (repeatable)")  # fmt: skip
@@ -139,8 +146,11 @@ def main(argv: list[str] | None = None) -> None:
         forwards = [Forward.parse(f) for f in args.forward]
         limited = {} if math.isinf(args.gbps) else {"gbps": args.gbps}
         figures = parse_changes({"rtt_ms": args.rtt_ms, "loss_pct": args.loss_pct} | limited, tuple(args.sites))
+        if not args.window_mib * 2**20 >= 1:
+            raise ValueError(f"--window-mib {args.window_mib:g}: expected a positive size")
         relay = LinkRelay(tuple(args.sites), gbps=args.gbps, rtt_ms=figures["rtt_ms"], loss_pct=figures["loss_pct"],
-                          forwards=forwards).start()  # fmt: skip
+                          forwards=forwards, window_bytes=int(args.window_mib * 2**20),
+                          slow_start_after_idle=args.slow_start_after_idle).start()  # fmt: skip
     except (ValueError, BadRequest, OSError) as e:
         parser.error(str(e))
     host, _, port = args.control.rpartition(":")

@@ -17,8 +17,9 @@ import pytest
 
 from libs.common.errors import BadRequest
 from libs.lab.servers import free_port
-from libs.lab.wan import Forward, LinkRelay
+from libs.lab.wan import Direction, Forward, LinkRelay
 from libs.lab.wan_probe import CountingSink, EchoServer, blast, ping_rtts_ms
+from libs.lab.wan_pump import Connection
 from libs.lab.wan_server import change_link, link_figures
 
 LOCAL = "127.0.0.1"
@@ -84,6 +85,26 @@ def test_rtt_is_added_and_changes_live(echo: EchoServer) -> None:
         assert 10.0 <= statistics.median(ping_rtts_ms((LOCAL, port), 20)) <= 14.0
     finally:
         relay.stop()
+
+
+def test_a_connection_needs_only_its_two_directions_and_a_close_callback(echo: EchoServer) -> None:
+    """``Connection`` carries a client both ways over the directions it is given and reports its end (no relay)."""
+    out, back = Direction("dc-a", "dc-b", 1.0, 1.0, 0.0), Direction("dc-b", "dc-a", 1.0, 1.0, 0.0)
+    listener = socket.create_server((LOCAL, 0))
+    ended: list[Connection] = []
+    done = threading.Event()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            accepted, _ = listener.accept()
+            conn = Connection(accepted, Forward("dc-a", listener.getsockname(), (LOCAL, echo.port)), out, back,
+                              on_close=lambda c: (ended.append(c), done.set()))  # fmt: skip
+            threading.Thread(target=conn.run, daemon=True).start()
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+        assert done.wait(5) and ended == [conn]
+        assert out.bytes == back.bytes == 4
+    finally:
+        listener.close()
 
 
 def test_bytes_arrive_whole_and_in_order_while_the_link_changes() -> None:
@@ -193,6 +214,7 @@ def test_the_relay_process_is_controlled_over_http(sink: CountingSink) -> None:
     url = f"http://{LOCAL}:{control}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "libs.lab.wan_server", "--sites", "dc-a", "dc-b", "--gbps", "10", "--rtt-ms", "20",
+         "--no-slow-start-after-idle", "--window-mib", "16",
          "--control", f"{LOCAL}:{control}", "--forward", f"dc-a@{LOCAL}:{port}={LOCAL}:{sink.port}"],
     )  # fmt: skip
     try:
@@ -204,14 +226,18 @@ def test_the_relay_process_is_controlled_over_http(sink: CountingSink) -> None:
             except Exception:
                 assert proc.poll() is None and time.monotonic() < end, "relay did not start"
                 time.sleep(0.05)
-        assert [(d["src"], d["gbps"], d["delay_ms"]) for d in figures["directions"]] == [
-            ("dc-a", 10.0, 10.0), ("dc-b", 10.0, 10.0)]  # fmt: skip
+        assert [(d["src"], d["gbps"], d["delay_ms"], d["slow_start_after_idle"], d["window_bytes"])
+                for d in figures["directions"]] == [("dc-a", 10.0, 10.0, False, 16 * 2**20), ("dc-b", 10.0, 10.0, False, 16 * 2**20)]  # fmt: skip
         blast((LOCAL, port), connections=1, duration_s=0.2)
         time.sleep(0.2)
         forward = link_figures(url)["directions"][0]
         assert forward["bytes"] == sink.bytes > 0
         changed = change_link(url, {"gbps": 1, "rtt_ms": 40, "src": "dc-b"})
         assert [(d["gbps"], d["delay_ms"]) for d in changed["directions"]] == [(10.0, 10.0), (1.0, 20.0)]
+        changed = change_link(url, {"slow_start_after_idle": True, "src": "dc-a"})
+        assert [d["slow_start_after_idle"] for d in changed["directions"]] == [True, False]
+        with pytest.raises(BadRequest, match=r"slow_start_after_idle=1: expected true or false"):
+            change_link(url, {"slow_start_after_idle": 1})
         with pytest.raises(BadRequest, match=r"gbps=-1: expected a number > 0"):
             change_link(url, {"gbps": -1})
         with pytest.raises(BadRequest, match=r"unknown keys \['bandwidth'\]"):
