@@ -3,6 +3,10 @@
 ``load_tokenizer("byte")`` gives the reference model's byte tokenizer. ``load_tokenizer(path)`` reads a
 ``tokenizer.json`` (the file, or the directory holding it); a ``tokenizer_config.json`` beside it, as
 Hugging Face models ship one, supplies the BOS/EOS tokens and the chat template.
+
+Threading: a Hugging Face tokenizer encodes through ``encode_batch_fast`` (``encode_batch`` before tokenizers
+0.20), which releases the GIL while it runs; ``Tokenizer.encode`` holds it throughout (a 195K-character text
+stalled every other thread for its whole 80 ms), so a worker thread running it would not free the event loop.
 """
 
 from __future__ import annotations
@@ -44,6 +48,22 @@ class PromptTokenizer(ABC):
         """The ids as a list (for messages) and as an int64 array (for hashing)."""
         ids = self.encode(text, add_special=add_special)
         return ids, np.asarray(ids, dtype=np.int64)
+
+    def encode_batch(self, texts: Sequence[str], *, add_special: bool) -> list[list[int]]:
+        """Token ids of each text, as ``encode`` gives them."""
+        return [self.encode(text, add_special=add_special) for text in texts]
+
+    def added_texts(self) -> tuple[str, ...]:
+        """Texts the tokenizer matches whole before splitting words (added and special tokens; normalized too)."""
+        return ()
+
+    def normalize(self, text: str) -> str | None:
+        """``text`` as the added tokens that match normalized text see it (None: no such tokens)."""
+        return None
+
+    def split_refusal(self) -> str:
+        """Why the ids of a text can never be those of its pieces ("": nothing known against it)."""
+        return ""
 
 
 class BytePromptTokenizer(PromptTokenizer):
@@ -105,10 +125,33 @@ class HfPromptTokenizer(PromptTokenizer):
         self.template_has_bos = bool(self.bos_token) and "bos_token" in self.chat_template
         eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.eos_token_ids = (eos_id,) if eos_id is not None else ()
+        self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # both release the GIL
+        added = self._tok.get_added_tokens_decoder().values()
+        self._normalizer = self._tok.normalizer if any(t.normalized for t in added) else None
+        normalized = {self._normalizer.normalize_str(t.content) for t in added if t.normalized} if self._normalizer else set()
+        self._added = tuple(sorted({t.content for t in added} | normalized))
 
     def encode(self, text: str, *, add_special: bool) -> list[int]:
         """Token ids from the tokenizer's model (and its post-processor's specials when ``add_special``)."""
-        return self._tok.encode(text, add_special_tokens=add_special).ids
+        return self._encode_batch([text], add_special_tokens=add_special)[0].ids
+
+    def encode_batch(self, texts: Sequence[str], *, add_special: bool) -> list[list[int]]:
+        """Token ids of each text, the texts in parallel, without the GIL."""
+        return [e.ids for e in self._encode_batch(list(texts), add_special_tokens=add_special)]
+
+    def added_texts(self) -> tuple[str, ...]:
+        """The added tokens' contents, and the normalized contents of those matched in normalized text."""
+        return self._added
+
+    def normalize(self, text: str) -> str | None:
+        """``text`` through the normalizer, when some added token matches normalized text."""
+        return None if self._normalizer is None else self._normalizer.normalize_str(text)
+
+    def split_refusal(self) -> str:
+        """Truncation or padding (they act on the whole text) and BPE dropout (random ids) rule splitting out."""
+        if self._tok.truncation or self._tok.padding:
+            return "the tokenizer truncates or pads"
+        return "the tokenizer's BPE dropout is random" if getattr(self._tok.model, "dropout", None) else ""
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` without special tokens."""
