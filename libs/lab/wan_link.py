@@ -16,6 +16,7 @@ MSS_BYTES = 1448
 DEFAULT_WINDOW_BYTES = 32 * 1024 * 1024  # each connection's receive window (the relay's in-flight cap before windows)
 PIPE_BYTES = 1024 * 1024  # the largest chunk: one pipe of the delay line
 BURST_S = 0.005  # credit a direction may bank: absorbs the relay's own scheduling stalls on a busy machine
+_IDLE_S = 0.02  # a direction whose clock ran out longer ago than this was idle: it starts afresh, with no credit
 _CHUNK_S = 0.002  # below the pipe size, read what the link moves in this long (smooth pacing at low rates)
 _MIN_CHUNK = 16 * 1024
 _POLL_S = 0.05  # how often a wait for the link to come back looks at a closed connection
@@ -103,7 +104,8 @@ class Direction:
             now = time.monotonic()
             if math.isinf(self.gbps):
                 return now
-            self._clock = max(self._clock, now - BURST_S) + nbytes * 8 / (self.gbps * 1e9)
+            busy = self._clock > now - _IDLE_S  # credit covers the relay's stalls, not an idle link
+            self._clock = (max(self._clock, now - BURST_S) if busy else now) + nbytes * 8 / (self.gbps * 1e9)
             return max(self._clock, now)
 
     def mathis_bps(self) -> float:

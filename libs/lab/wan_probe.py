@@ -178,13 +178,17 @@ class LinkedPair:
         sender.join()
         return took
 
+    def close(self) -> None:
+        """Close both ends."""
+        for s in (self.near, self.far):
+            if s is not None:
+                s.close()
+
     def __enter__(self) -> LinkedPair:
         return self
 
     def __exit__(self, *exc) -> None:
-        for s in (self.near, self.far):
-            if s is not None:
-                s.close()
+        self.close()
 
 
 def _send(s: socket.socket, nbytes: int) -> None:

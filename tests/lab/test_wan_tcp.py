@@ -88,9 +88,10 @@ def test_after_idle_past_the_rto_a_warm_connection_slow_starts_again_unless_turn
             relay.configure(slow_start_after_idle=False)
             time.sleep(0.5)
             kept = pair.transfer_s(8 * MIB)
-        # Bounds as in the cold test; the 5 ms burst credit is 7% of the open transfer's 77 ms.
+        # Bounds as in the cold test. An open window is never early: an idle link banks no credit
+        # (1% for timer granularity); the upper bound allows 19 ms of stalls, a restart costs 130 ms.
         assert 0.93 * restarted_model <= restarted <= 1.25 * restarted_model
-        assert 0.90 * open_model <= kept <= 1.25 * open_model
+        assert 0.99 * open_model <= kept <= 1.25 * open_model
     finally:
         relay.stop()
 
@@ -107,7 +108,7 @@ def test_a_one_byte_keepalive_every_100_ms_keeps_the_window_open(target: socket.
                 pair.transfer_s(1)
                 time.sleep(max(0.0, start + tick * 0.100 - time.monotonic()))  # the keepalive interval under test
             kept = pair.transfer_s(8 * MIB)
-        assert 0.90 * open_model <= kept <= 1.25 * open_model  # bounds as in the idle test; a restart costs 2.7x
+        assert 0.99 * open_model <= kept <= 1.25 * open_model  # bounds as in the idle test; a restart costs 2.7x
     finally:
         relay.stop()
 
