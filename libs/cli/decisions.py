@@ -115,10 +115,14 @@ def run_tail(args: argparse.Namespace) -> int:
     return asyncio.run(_tail(args))
 
 
-async def replay(nats_url: str, since_s: float, timeout_s: float) -> list:
-    """Every event of the stream newer than ``since_s`` seconds, in stream order."""
+async def replay(nats_url: str, since_s: float, timeout_s: float) -> tuple[list, int]:
+    """Every event of the stream newer than ``since_s`` seconds, in stream order, and how many were skipped.
+
+    An event of an older schema (``route.decision_event.v1``, before the fields it repeated were dropped)
+    or an undecodable one is skipped and counted, not guessed at.
+    """
     nc = await connect(nats_url, name="prfaas-decisions-summary", connect_timeout_s=timeout_s)
-    events = []
+    events, skipped = [], 0
     try:
         js = nc.jetstream()
         start = time.time() - since_s
@@ -129,7 +133,7 @@ async def replay(nats_url: str, since_s: float, timeout_s: float) -> list:
         except nats.errors.Error as e:
             raise BadRequest(f"stream {subjects.DECISIONS_STREAM} not found at {nats_url} ({e})") from None
         if info.state.messages == 0:
-            return []
+            return [], 0
         sub = await js.subscribe(f"{subjects.PREFIX}.>", stream=subjects.DECISIONS_STREAM, ordered_consumer=True,
                                  config=config)
         end = time.monotonic() + timeout_s
@@ -141,13 +145,13 @@ async def replay(nats_url: str, since_s: float, timeout_s: float) -> list:
             try:
                 events.append(analytics_event_decoder.decode(msg.data))
             except msgspec.DecodeError:
-                continue
+                skipped += 1
             if msg.metadata.num_pending == 0:
                 break
         await sub.unsubscribe()
     finally:
         await nc.drain()
-    return events
+    return events, skipped
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -161,7 +165,7 @@ def _percentiles(values: list[float]) -> dict:
     return {"count": len(values), "p50_s": pick(0.5), "p90_s": pick(0.9), "p99_s": pick(0.99), "mean_s": statistics.fmean(values)}
 
 
-def summarize(events: list, site: str = "") -> dict:
+def summarize(events: list, site: str = "", skipped: int = 0) -> dict:
     """Offload and cache-hit shares, TTFT percentiles by route, link bytes, prediction error.
 
     A request counts as offloaded by where its prefill ran, as its outcome says: at another site, with
@@ -201,6 +205,7 @@ def summarize(events: list, site: str = "") -> dict:
             "mean_abs_s": statistics.fmean(abs(e) for e in errors) if errors else None,
         },
         "thresholds": [{"ts": p.ts, "from": p.old_threshold_tokens, "to": p.threshold_tokens} for p in plans],
+        "skipped_events": skipped,  # of an older schema (or undecodable): not counted above
     }
 
 
@@ -228,6 +233,8 @@ def _text(summary: dict, since: str) -> str:
                     f"mean |error| {err['mean_abs_s'] * 1000:.0f} ms over {err['count']}")  # fmt: skip
     for t in summary["thresholds"]:
         rows.append(f"threshold re-planned {t['from']} -> {t['to']}")
+    if summary["skipped_events"]:
+        rows.append(f"{summary['skipped_events']} events of an older schema skipped (this prfaas reads decision events v2)")
     return "\n".join(rows)
 
 
@@ -236,6 +243,7 @@ def run_summary(args: argparse.Namespace) -> int:
     since_s = parse_duration_s(args.since)
     if args.timeout_s <= 0:
         raise BadRequest(f"--timeout-s must be positive, got {args.timeout_s}")
-    summary = summarize(asyncio.run(replay(args.nats or router_nats_url(args.run_dir), since_s, args.timeout_s)), args.site)
+    events, skipped = asyncio.run(replay(args.nats or router_nats_url(args.run_dir), since_s, args.timeout_s))
+    summary = summarize(events, args.site, skipped)
     print(json.dumps(summary, indent=2) if args.json else _text(summary, args.since))
     return 0

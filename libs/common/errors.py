@@ -58,6 +58,10 @@ class UpstreamTimeout(PrfaasError):
     code = "upstream_timeout"
 
 
+class Unreachable(UpstreamTimeout):
+    """Nobody listens where the request was sent (no responders): the instance is gone, not slow."""
+
+
 class IndexUnavailable(PrfaasError):
     """The KV index cannot answer (its store is down); route without cache knowledge."""
 

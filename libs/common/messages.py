@@ -179,7 +179,7 @@ class RouteSignals(msgspec.Struct, kw_only=True, frozen=True):
     effective_threshold_tokens: int  # after the adaptive raise (== threshold otherwise)
     kv_bytes: int  # KV/state of the whole prompt
     link_capacity_gbps: float
-    link_goodput_gbps: float
+    link_effective_gbps: float  # what the policy counted on: the measured rate of a degraded link, else the capacity
     link_utilization: float
     link_rtt_s: float
     prfaas_wait_s: float  # least expected wait among PrfaaS prefill instances
@@ -188,8 +188,13 @@ class RouteSignals(msgspec.Struct, kw_only=True, frozen=True):
     bandwidth: str  # "plentiful" or "scarce"
 
 
-class RouteDecision(_Msg, tag="route.decision.v1"):
-    """Where one request is prefilled and decoded, why, and the predicted timings (JSON event)."""
+class RouteDecision(_Msg, tag="route.decision.v2"):
+    """Where one request is prefilled and decoded, why, the signals it read and the predicted timings (JSON event).
+
+    v2 (v1 readers: update): ``signals`` is always present, its ``link_goodput_gbps`` is named for what
+    it holds (``link_effective_gbps``), and ``transport`` names the transport the KV takes also when
+    prefill and decode share a site (v1 said "none" there while the KV still moved).
+    """
 
     request_id: str
     policy: str
@@ -199,40 +204,61 @@ class RouteDecision(_Msg, tag="route.decision.v1"):
     prefill_instance: str
     decode_site: str
     decode_instance: str
-    transport: str  # "none" when prefill and decode share the site
+    transport: str  # how the KV moves from the prefill instance to the decode instance ("tcp" or "jetstream")
     reason: str
     predicted_queue_s: float
     predicted_prefill_s: float
     predicted_transfer_s: float
     predicted_ttft_s: float
     transfer_bytes: int  # KV bytes sent between sites for this request
+    signals: RouteSignals
     reused_prefix_tokens: int = 0
     prefix_source_site: str = ""
     shipped_prefix_bytes: int = 0  # cached prefix shipped between sites before prefill
     candidates: list[RouteCandidate] = []
-    signals: RouteSignals | None = None
     fallback_of: str = ""  # set when this decision replaces a failed one (names the failure)
 
 
-class DecisionEvent(_Msg, tag="route.decision_event.v1"):
-    """What a router decided for one request attempt, with what it knew (JSON on ``decisions.<site>``)."""
+class DecisionEvent(_Msg, tag="route.decision_event.v2"):
+    """What a router decided for one request attempt, with what it knew (JSON on ``decisions.<site>``).
+
+    v2 (v1 readers: update): the decision's own fields are no longer repeated here (v1 carried
+    ``prompt_tokens``, ``incremental_tokens``, ``policy`` and ``threshold_tokens`` twice); read them
+    from ``decision`` (the properties below do). ``prfaas decisions`` skips v1 events and says how many.
+    """
 
     request_id: str
     ts: float
     site: str  # the router's (decode) site
     router: str  # which router process decided
     model: str
-    prompt_tokens: int
     cached_tokens: dict[str, int]  # best usable cached prefix per site (tokens)
-    incremental_tokens: int  # uncached length the offload rule compared with the threshold
-    policy: str
-    threshold_tokens: int
     route: str  # "remote", "local" or "fallback" (a replacement for a failed attempt)
     attempt: int  # 0 for the first decision of the request
     index: str  # "ok", or why the KV index could not be used (routed without cache knowledge)
     decision: RouteDecision
     ttft_slo_s: float | None = None  # the client's TTFT target, if any
     slo_met: bool | None = None  # whether the predicted TTFT meets it
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's length in tokens."""
+        return self.decision.signals.prompt_tokens
+
+    @property
+    def incremental_tokens(self) -> int:
+        """The uncached length the offload rule compared with the threshold."""
+        return self.decision.signals.incremental_tokens
+
+    @property
+    def threshold_tokens(self) -> int:
+        """The threshold t the policy held."""
+        return self.decision.signals.threshold_tokens
+
+    @property
+    def policy(self) -> str:
+        """The policy that decided."""
+        return self.decision.policy
 
 
 class OutcomeEvent(_Msg, tag="route.outcome.v1"):

@@ -10,6 +10,7 @@ new threshold and local split when that raises the modelled Lambda_max by more t
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,51 +22,49 @@ MIN_OBSERVED = 500  # below this many observed lengths, plan with the configured
 
 
 class SlowTimescale:
-    """Proposes (t, N_p) from observed lengths and the measured deliverable bandwidth."""
+    """Keeps the history a re-plan needs (recent uncached lengths, link readings per site) and proposes (t, N_p).
 
-    def __init__(self, inputs: PlanInputs, history: int = 2000, min_gain: float = 0.02) -> None:
-        self.inputs = inputs
+    One long-lived object per router (or simulated cluster): it only observes between re-plans;
+    ``propose`` takes the deployment as it is then.
+    """
+
+    def __init__(self, history: int = 2000, min_gain: float = 0.02) -> None:
         self.lengths: deque[int] = deque(maxlen=history)
         self.min_gain = min_gain
-        self.bandwidths: list[float] = []  # effective link Gbps seen since the last proposal
+        self._bandwidths: dict[str, deque[float]] = {}  # effective link Gbps seen per site since the last reading
+        self._history = history
 
     def observe(self, prompt_tokens: int) -> None:
         """Record one arriving request's uncached length."""
         self.lengths.append(prompt_tokens)
 
-    def observe_link(self, effective_gbps: float) -> None:
-        """Record the link's effective bandwidth as the router sees it now."""
-        self.bandwidths.append(effective_gbps)
+    def observe_link(self, effective_gbps: float, site: str = "") -> None:
+        """Record the effective bandwidth of the link from ``site`` as the policy read it now."""
+        readings = self._bandwidths.get(site)
+        if readings is None:
+            readings = self._bandwidths[site] = deque(maxlen=self._history)
+        readings.append(effective_gbps)
 
-    def _workload(self) -> Workload:
+    def measured_link_gbps(self, site: str = "") -> float | None:
+        """The median effective bandwidth from ``site`` observed since the last call (a transient does not re-plan)."""
+        readings = self._bandwidths.pop(site, None)
+        return float(np.median(readings)) if readings else None
+
+    def observed(self) -> int:
+        """How many lengths are in the history (a re-plan needs ``MIN_OBSERVED``)."""
+        return sum(1 for n in self.lengths if n > 0)
+
+    def _workload(self, configured: Workload) -> Workload:
         if len(self.lengths) < MIN_OBSERVED:
-            return self.inputs.workload
+            return configured
         return Empirical(lengths=np.fromiter(self.lengths, dtype=np.int64), source="observed")
 
-    def measured_link_gbps(self) -> float | None:
-        """The median effective bandwidth observed since the last call (a transient does not re-plan roles)."""
-        if not self.bandwidths:
-            return None
-        median = float(np.median(self.bandwidths))
-        self.bandwidths.clear()
-        return median
-
-    def propose(self, link_gbps: float, threshold_tokens: int, n_p: int) -> tuple[int, int] | None:
-        """A better (t, N_p) for a link measured to deliver ``link_gbps``, or None to keep the current plan."""
-        base = self.inputs
-        inputs = PlanInputs(
-            model=base.model,
-            prfaas_hw=base.prfaas_hw,
-            n_prfaas=base.n_prfaas,
-            pd_hw=base.pd_hw,
-            n_pd=base.n_pd,
-            link_gbps=link_gbps,
-            workload=self._workload(),
-            output_tokens=base.output_tokens,
-        )
+    def propose(self, inputs: PlanInputs, link_gbps: float, threshold_tokens: int, n_p: int) -> tuple[int, int] | None:
+        """A better (t, N_p) for ``inputs``' deployment on a link measured to deliver ``link_gbps``, or None to keep the plan."""
+        inputs = replace(inputs, link_gbps=link_gbps, workload=self._workload(inputs.workload))
         best = search_prfaas_pd(inputs).throughput
         current = at_threshold(
-            inputs.deployment(base.n_prfaas, n_p, base.n_pd - n_p), inputs.workload, threshold_tokens
+            inputs.deployment(inputs.n_prfaas, n_p, inputs.n_pd - n_p), inputs.workload, threshold_tokens
         )
         if best.lambda_max <= current.lambda_max * (1 + self.min_gain):
             return None

@@ -99,11 +99,11 @@ class Simulator:
         self._decode_by_name = {s.name: s for s in self.decode}
         self.draining: set[str] = set()  # instances changing role: out of the view until idle
         self.role_changes: list[tuple[float, int, int]] = []  # (time, threshold, N_p) applied by the slow loop
-        self.slow = None
+        self.slow, self.plan_inputs = None, None
         if spec.replan_interval_s:
-            inputs = PlanInputs(spec.model, spec.prfaas_hw, spec.n_prfaas, spec.pd_hw, spec.n_p + spec.n_d,
-                                spec.link_gbps, spec.workload, spec.output_tokens)  # fmt: skip
-            self.slow = SlowTimescale(inputs)
+            self.slow = SlowTimescale()
+            self.plan_inputs = PlanInputs(spec.model, spec.prfaas_hw, spec.n_prfaas, spec.pd_hw, spec.n_p + spec.n_d,
+                                          spec.link_gbps, spec.workload, spec.output_tokens)  # fmt: skip
         budget = spec.budget_gbps  # paced senders never send faster than the budget
         schedule = tuple((at, min(gbps, budget)) for at, gbps in spec.link_schedule)
         self.link = MeteredLink(min(spec.link_gbps, budget), budget, schedule, spec.link_sharing)
@@ -222,7 +222,7 @@ class Simulator:
             return  # a role change is still in progress
         local_p = [s for s in self.prefill if s.site == PD_SITE]
         measured = self.slow.measured_link_gbps() or self._link_view(now).effective_gbps
-        proposal = self.slow.propose(measured, self.policy.config.threshold_tokens, len(local_p))
+        proposal = self.slow.propose(self.plan_inputs, measured, self.policy.config.threshold_tokens, len(local_p))
         if proposal is None:
             return
         threshold, n_p = proposal

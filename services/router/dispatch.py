@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -31,7 +31,15 @@ from nats.aio.client import Client as NatsClient
 from opentelemetry import trace
 
 from libs.common import subjects
-from libs.common.errors import BadRequest, NoCapacity, PrfaasError, TransferFailed, UpstreamTimeout, error_from_code
+from libs.common.errors import (
+    BadRequest,
+    NoCapacity,
+    PrfaasError,
+    TransferFailed,
+    Unreachable,
+    UpstreamTimeout,
+    error_from_code,
+)
 from libs.common.messages import (
     DecisionEvent,
     DecodeFinished,
@@ -45,15 +53,14 @@ from libs.common.messages import (
     PrefillJob,
     TokenChunk,
     TokenLogprob,
-    decode_job_reply_decoder,
     encode,
-    prefill_job_reply_decoder,
 )
-from libs.common.telemetry import inject_headers
+from services.decode_gateway.client import DecodeGatewayClient
+from services.prefill_gateway.client import PrefillGatewayClient
 from services.router.config import RouterConfig
 from services.router.events import DecisionLog
 from services.router.ids import new_id
-from services.router.live_view import LiveView
+from services.router.live_view import LiveView, Placement
 from services.router.mailbox import STATUS, Mailbox
 from services.router.scheduler import Prepared, Scheduler
 
@@ -81,6 +88,21 @@ class _Retry(Exception):
     expired_lease_s: float = 0.0  # the decode side's no-progress limit that ran out inside the transfer (0: none)
 
 
+@dataclass(frozen=True)
+class DispatchContext:
+    """What every request's run shares: the router's settings, scheduler, live view, event log, inbox and clients."""
+
+    nc: NatsClient
+    config: RouterConfig
+    scheduler: Scheduler
+    view: LiveView
+    events: DecisionLog
+    mailbox: Mailbox
+    decode: DecodeGatewayClient
+    prefill: PrefillGatewayClient
+    observe: Callable[[DecisionEvent], None]  # the slow timescale's intake of first decisions
+
+
 @dataclass
 class RunRecord:
     """What the run observed, for the outcome event."""
@@ -102,22 +124,11 @@ class RunRecord:
 class RequestRun:
     """Runs one prepared request; ``tokens()`` yields token-id lists as the decode side releases them."""
 
-    def __init__(
-        self,
-        nc: NatsClient,
-        config: RouterConfig,
-        scheduler: Scheduler,
-        view: LiveView,
-        events: DecisionLog,
-        mailbox: Mailbox,
-        prepared: Prepared,
-    ) -> None:
-        self.nc = nc
-        self.mailbox = mailbox
-        self.config = config
-        self.scheduler = scheduler
-        self.view = view
-        self.events = events
+    def __init__(self, ctx: DispatchContext, prepared: Prepared) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.view = ctx.view
+        self.mailbox = ctx.mailbox
         self.prepared = prepared
         self.record = RunRecord()
         self.lease_floor_s = 0.0  # raised after a lease ran out, so no retry waits as briefly again
@@ -138,8 +149,8 @@ class RequestRun:
             self.record.decision = event
             if attempt == 0:
                 self.record.decide_done_at = time.perf_counter()
-                self.scheduler.observe(event)
-            await self.events.decision(event)
+                self.ctx.observe(event)
+            await self.ctx.events.decision(event)
             try:
                 async for ids in self._attempt(event):
                     yield ids
@@ -166,15 +177,14 @@ class RequestRun:
     async def _decide(self, attempt: int, gone: frozenset[str], avoid: frozenset[str], local_only: bool,
                       fallback_of: str) -> DecisionEvent:  # fmt: skip
         """Decide avoiding what failed; if that leaves nothing, wait a moment and allow the busy ones again."""
+        decide = self.ctx.scheduler.decide
         try:
-            event = self.scheduler.decide(self.prepared, attempt=attempt, exclude=gone | avoid, local_only=local_only,
-                                          fallback_of=fallback_of)  # fmt: skip
+            event = decide(self.prepared, attempt=attempt, exclude=gone | avoid, local_only=local_only, fallback_of=fallback_of)
         except NoCapacity:
             if not avoid:
                 raise
             await asyncio.sleep(min(_RETRY_BACKOFF_S * attempt, 1.0))
-            event = self.scheduler.decide(self.prepared, attempt=attempt, exclude=gone, local_only=local_only,
-                                          fallback_of=fallback_of)  # fmt: skip
+            event = decide(self.prepared, attempt=attempt, exclude=gone, local_only=local_only, fallback_of=fallback_of)
         return _fallback_reason(event, local_only) if fallback_of else event
 
     async def _attempt(self, event: DecisionEvent) -> AsyncIterator[list[int]]:
@@ -182,23 +192,21 @@ class RequestRun:
         prepared = self.prepared
         job_id = prepared.request_id if event.attempt == 0 else f"{prepared.request_id}-a{event.attempt}"
         self.record.job_ids.append(job_id)
-        remote = d.prefill_site != d.decode_site
         queue = self.mailbox.open(job_id)
-        self.view.add_pending(d.decode_instance, job_id)
-        self.view.add_pending(d.prefill_instance, job_id, d.predicted_prefill_s)
+        placement = self.view.place(job_id, d.decode_instance, d.prefill_instance, d.predicted_prefill_s,
+                                    remote=d.prefill_site != d.decode_site)  # fmt: skip
         done = False
         try:
-            reservation = await self._reserve(event, job_id, self.mailbox.tokens_subject(job_id))
-            await self._start_prefill(event, job_id, reservation, self.mailbox.status_subject(job_id), remote)
-            async for ids in self._stream(queue, event, job_id, remote):
+            reservation = await self._reserve(event, placement)
+            await self._start_prefill(event, placement, reservation)
+            async for ids in self._stream(queue, event, placement):
                 yield ids
             done = True
         finally:
-            self.view.release(d.decode_instance, job_id)
+            placement.close()
             if done and self.record.prefill is None:
                 self._open_queue = queue
             else:
-                self.view.release(d.prefill_instance, job_id)
                 self.mailbox.close(job_id)
             if not done:  # failed, retried, or the client went away: free what the gateways hold
                 await self.cancel(job_id, "attempt abandoned")
@@ -208,7 +216,6 @@ class RequestRun:
         queue, self._open_queue = self._open_queue, None
         if queue is None:
             return
-        job_id = self.record.job_ids[-1]
         try:
             async with asyncio.timeout(self.config.settle_wait_s):
                 while self.record.prefill is None:
@@ -218,13 +225,12 @@ class RequestRun:
         except TimeoutError:
             pass
         finally:
-            self.view.release(self.record.decision.decision.prefill_instance, job_id)
-            self.mailbox.close(job_id)
+            self.mailbox.close(self.record.job_ids[-1])
 
     async def cancel(self, job_id: str, reason: str) -> None:
         """Tell every gateway to stop ``job_id`` and free what it holds."""
         try:
-            await self.nc.publish(subjects.JOB_CANCEL, encode(JobCancel(request_id=job_id, reason=reason)))
+            await self.ctx.nc.publish(subjects.JOB_CANCEL, encode(JobCancel(request_id=job_id, reason=reason)))
         except nats.errors.Error as e:
             log.warning("cancel not published", extra={"request_id": job_id, "error": repr(e)})
 
@@ -238,94 +244,73 @@ class RequestRun:
         its jobs cancelled, so a long lease does not strand slots.
         """
         d = event.decision
-        rtt_s = d.signals.link_rtt_s if d.signals is not None and d.choice == "remote" else 0.0
+        rtt_s = d.signals.link_rtt_s if d.choice == "remote" else 0.0
         first_kv_s = d.predicted_queue_s + d.predicted_prefill_s / self.prepared.profile.n_layers + rtt_s
         cfg = self.config
         return min(cfg.job_timeout_s, max(cfg.lease_min_s, self.lease_floor_s, cfg.lease_margin * first_kv_s))
 
-    async def _reserve(self, event: DecisionEvent, job_id: str, reply_subject: str) -> DecodeReservation:
-        d = event.decision
-        p = self.prepared
+    async def _reserve(self, event: DecisionEvent, placement: Placement) -> DecodeReservation:
+        """The decode instance's reservation; a refusal or silence is a retry elsewhere (a bad request is final)."""
+        d, p = event.decision, self.prepared
         job = DecodeJob(
-            request_id=job_id,
+            request_id=placement.job_id,
             transfer_id=new_id(),
             model=p.model,
             prompt_tokens=p.prompt_ids,
             max_tokens=p.max_tokens,
-            reply_subject=reply_subject,
+            reply_subject=self.mailbox.tokens_subject(placement.job_id),
             prefill_site=d.prefill_site,
-            transport=self.config.transport if d.transport == "none" else d.transport,
+            transport=d.transport,
             sampling=p.sampling,
             timeout_s=self.config.job_timeout_s,
             lease_s=self.lease_s(event),
         )
-        where = f"decode instance {d.decode_instance}"
         with tracer.start_as_current_span("router.decode_job") as span:
             span.set_attribute("prfaas.instance", d.decode_instance)
             try:
-                msg = await self.nc.request(
-                    subjects.decode_jobs(d.decode_site, d.decode_instance),
-                    encode(job),
-                    timeout=self.config.reserve_timeout_s,
-                    headers=inject_headers(),
-                )
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
-                err = UpstreamTimeout(f"{where} did not answer within {self.config.reserve_timeout_s}s ({type(e).__name__})")
-                gone = isinstance(e, nats.errors.NoRespondersError)
-                raise _Retry(f"{where} unreachable", err, exclude=frozenset({d.decode_instance}), gone=gone) from None
-            reply = decode_job_reply_decoder.decode(msg.data)
-        if isinstance(reply, ErrorReply):
-            err = error_from_code(reply.code, reply.message)
-            if isinstance(err, BadRequest):
-                raise err
-            raise _Retry(f"{where} refused: {reply.code}: {reply.message}", err, exclude=frozenset({d.decode_instance}))
-        self.view.acknowledged(d.decode_instance, job_id)
-        return reply
+                reservation = await self.ctx.decode.reserve(d.decode_site, d.decode_instance, job)
+            except BadRequest:
+                raise
+            except PrfaasError as e:
+                gone = isinstance(e, Unreachable)
+                raise _Retry(f"decode instance {d.decode_instance} {'unreachable' if gone else 'refused'}: {e.code}: "
+                             f"{e.message}", e, exclude=frozenset({d.decode_instance}), gone=gone) from None  # fmt: skip
+        placement.acked("decode")
+        return reservation
 
-    async def _start_prefill(
-        self, event: DecisionEvent, job_id: str, reservation: DecodeReservation, status_subject: str, remote: bool
-    ) -> PrefillAccepted:
-        d = event.decision
-        where = f"{'remote' if remote else 'local'} prefill instance {d.prefill_instance}"
+    async def _start_prefill(self, event: DecisionEvent, placement: Placement, reservation: DecodeReservation) -> PrefillAccepted:
+        """The prefill instance's acceptance; a refusal or silence is a retry (a failed remote one goes local)."""
+        d, remote = event.decision, placement.remote
+        where = placement.where
         load = self.view.load_of(d.prefill_instance)
         if load is None or not load.cluster:
-            err = NoCapacity(f"{where} no longer heartbeats")
+            err = NoCapacity(f"{where}: the instance no longer heartbeats")
             raise _Retry(f"{where} gone", err, exclude=frozenset({d.prefill_instance}), local_only=remote, gone=True)
         job = PrefillJob(
-            request_id=job_id,
+            request_id=placement.job_id,
             transfer_id=reservation.transfer_id,
             model=self.prepared.model,
             prompt_tokens=self.prepared.prompt_ids,
             destination=reservation.destination,
             skip_blocks=reservation.held_blocks,
-            status_subject=status_subject,
+            status_subject=self.mailbox.status_subject(placement.job_id),
             timeout_s=self.config.job_timeout_s,
         )
         with tracer.start_as_current_span("router.prefill_job") as span:
             span.set_attribute("prfaas.instance", d.prefill_instance)
             span.set_attribute("prfaas.remote", remote)
             try:
-                msg = await self.nc.request(
-                    subjects.prefill_instance_jobs(d.prefill_site, load.cluster, d.prefill_instance),
-                    encode(job),
-                    timeout=self.config.accept_timeout_s,
-                    headers=inject_headers(),
-                )
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
-                err = UpstreamTimeout(f"{where} did not answer within {self.config.accept_timeout_s}s ({type(e).__name__})")
-                gone = isinstance(e, nats.errors.NoRespondersError)
-                raise _Retry(f"{where} unreachable", err, frozenset({d.prefill_instance}), local_only=remote, gone=gone) from None
-            reply = prefill_job_reply_decoder.decode(msg.data)
-        if isinstance(reply, ErrorReply):
-            err = error_from_code(reply.code, reply.message)
-            if isinstance(err, BadRequest):
-                raise err
-            reason = f"{where} refused: {reply.code}: {reply.message}"
-            raise _Retry(reason, err, exclude=frozenset({d.prefill_instance}), local_only=remote)
-        self.view.acknowledged(d.prefill_instance, job_id)
-        return reply
+                accepted = await self.ctx.prefill.submit(d.prefill_site, load.cluster, job, instance=d.prefill_instance)
+            except BadRequest:
+                raise
+            except PrfaasError as e:
+                gone = isinstance(e, Unreachable)
+                raise _Retry(f"{where} {'unreachable' if gone else 'refused'}: {e.code}: {e.message}", e,
+                             exclude=frozenset({d.prefill_instance}), local_only=remote, gone=gone) from None  # fmt: skip
+        placement.acked("prefill")
+        return accepted
 
-    async def _stream(self, queue: asyncio.Queue, event: DecisionEvent, job_id: str, remote: bool) -> AsyncIterator[list[int]]:
+    async def _stream(self, queue: asyncio.Queue, event: DecisionEvent, placement: Placement) -> AsyncIterator[list[int]]:
         """Token ids until DecodeFinished; failures before the first token become retries.
 
         Each yield carries every token already received, so a client write carries all there is to send
@@ -341,7 +326,7 @@ class RequestRun:
                 yield batch
                 batch = []
             started = rec.first_token_at is not None
-            kind, item = await self._next(queue, d, started, remote)
+            kind, item = await self._next(queue, d, started, placement)
             if isinstance(item, TokenChunk):
                 if item.index < next_index:
                     continue  # a duplicate
@@ -349,7 +334,7 @@ class RequestRun:
                 now = time.monotonic()
                 if rec.first_token_at is None and item.token_ids:
                     rec.first_token_at = now
-                    self.view.release(d.prefill_instance, job_id)
+                    placement.prefill_done()
                 rec.last_token_at = now
                 rec.completion_tokens += len(item.token_ids)
                 rec.logprobs += item.logprobs
@@ -361,18 +346,18 @@ class RequestRun:
                 return
             elif isinstance(item, PrefillFinished):
                 rec.prefill = item
-                self.view.release(d.prefill_instance, job_id)
+                placement.prefill_done()
             else:
                 if batch:  # what arrived before the failure reaches the client first
                     yield batch
                 # a failed prefill leg (status) or decode leg (a transfer failure included)
-                self._fail(item, event, rec.first_token_at is not None, prefill_failed=kind == STATUS, remote=remote)
+                self._fail(item, event, rec.first_token_at is not None, prefill_failed=kind == STATUS, placement=placement)
 
-    async def _next(self, queue: asyncio.Queue, d, started: bool, remote: bool):
+    async def _next(self, queue: asyncio.Queue, d, started: bool, placement: Placement):
         """The job's next message; a silent stream or a leg whose instance stopped heartbeating is a failure."""
         timeout_s = self.config.token_timeout_s if started else self.config.first_token_wait_s
         end = time.monotonic() + timeout_s
-        where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
+        where, remote = placement.where, placement.remote
         while True:
             if not queue.empty():  # already here (most messages of a busy stream): no timer to arm
                 return queue.get_nowait()
@@ -397,15 +382,15 @@ class RequestRun:
                 err = UpstreamTimeout(f"no first token within {timeout_s}s ({where})")
                 raise _Retry(f"{where} timed out", err, exclude=frozenset({d.prefill_instance}), local_only=remote)
 
-    def _fail(self, reply: ErrorReply, event: DecisionEvent, started: bool, *, prefill_failed: bool, remote: bool) -> None:
+    def _fail(self, reply: ErrorReply, event: DecisionEvent, started: bool, *, prefill_failed: bool,
+              placement: Placement) -> None:  # fmt: skip
         d = event.decision
         err = error_from_code(reply.code, reply.message)
         if started:
             raise DecodeFailed(f"decode instance {d.decode_instance} failed after the first token: {reply.code}: {reply.message}")
         if prefill_failed or isinstance(err, TransferFailed):
-            where = f"{'remote' if remote else 'local'} prefill on {d.prefill_instance}"
-            raise _Retry(f"{where} failed: {reply.code}: {reply.message}", err, exclude=frozenset({d.prefill_instance}),
-                         local_only=remote, expired_lease_s=reply.lease_s)  # fmt: skip
+            raise _Retry(f"{placement.where} failed: {reply.code}: {reply.message}", err, exclude=frozenset({d.prefill_instance}),
+                         local_only=placement.remote, expired_lease_s=reply.lease_s)  # fmt: skip
         where = f"decode instance {d.decode_instance}"
         raise _Retry(f"{where} failed: {reply.code}: {reply.message}", err, exclude=frozenset({d.decode_instance}))
 

@@ -60,7 +60,7 @@ async def serve(svc: RouterService, request: web.Request, req: GenerationRequest
         prepared = await svc.scheduler.prepare(req, request_id, ttft_slo_s(request))
         if prepared.index_status.startswith("unavailable"):
             svc.metrics.index_errors.inc()
-        run = RequestRun(svc.nc, svc.config, svc.scheduler, svc.view, svc.events, svc.mailbox, prepared)
+        run = RequestRun(svc.dispatch, prepared)
         svc.metrics.in_flight.inc()
         status = "ok"
         try:

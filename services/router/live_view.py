@@ -1,12 +1,15 @@
-"""The router's live view: instance heartbeats, link telemetry, and its own routed-but-not-yet-visible work.
+"""The router's live view: instance heartbeats, link telemetry, and its own placements the heartbeats lag behind.
 
-Heartbeats (``InstanceLoad``) say what each instance holds as of its own clock. A request this router
-just placed is not in them yet, so until an instance heartbeats a state that includes it (a heartbeat
-stamped after the instance acknowledged the job) the router counts it itself: one decode slot less,
-one more prefill job with its predicted prefill time added to the wait. Another router's requests
-reach this view only through heartbeats, so two routers never count one request twice. The view
-handed to ``libs/policy`` is built by ``ClusterView.from_loads`` and ``LinkTelemetry``, as in the
-simulator.
+Heartbeats (``InstanceLoad``) say what each instance holds as of its own clock. Each attempt this
+router makes is a ``Placement`` on two instances, owned here: placed, acknowledged by each, its
+prefill done, closed. A job is in an instance's heartbeats from the first one stamped after the
+instance acknowledged it until the first one stamped after it ended, and the router corrects the
+heartbeat for what it knows better: a job placed but not yet shown counts one decode slot less or one
+more prefill job (its predicted prefill added to the wait); a job shown but already over counts the
+other way, so the request arriving right after a remote prefill ends does not see that prefill's
+queue. Another router's requests reach this view only through heartbeats, so two routers never count
+one request twice. The view handed to ``libs/policy`` is built by ``ClusterView.from_loads`` and
+``LinkTelemetry``, as in the simulator.
 """
 
 from __future__ import annotations
@@ -23,13 +26,50 @@ from libs.policy import ClusterView, LinkTelemetry, TelemetryConfig
 
 
 @dataclass(slots=True)
-class Pending:
-    """One job this router sent to an instance that its heartbeats may not show yet."""
+class _Leg:
+    """One instance's side of a placement, on this router's wall clock (what heartbeats are stamped with)."""
 
-    job_id: str
-    routed_at: float  # wall clock when routed
-    prefill_s: float  # predicted prefill time (prefill instances); 0 for decode
-    acked_at: float | None = None  # wall clock when the instance acknowledged it (None: not yet)
+    instance: str
+    placed_at: float
+    prefill_s: float  # the predicted prefill a prefill leg adds to its instance's wait; 0 for a decode leg
+    acked_at: float | None = None
+    ended_at: float | None = None
+
+    def correction(self, ts: float) -> int:
+        """+1 if a heartbeat stamped ``ts`` misses a live job, -1 if it still counts an ended one, else 0."""
+        if self.ended_at is None:
+            return 0 if self.acked_at is not None and self.acked_at <= ts else 1
+        return -1 if self.acked_at is not None and self.acked_at <= ts < self.ended_at else 0
+
+
+class Placement:
+    """One attempt of a request on its decode and prefill instances: placed, acknowledged per role, prefill done, closed."""
+
+    def __init__(self, job_id: str, decode_instance: str, prefill_instance: str, prefill_s: float, remote: bool) -> None:
+        now = time.time()
+        self.job_id = job_id
+        self.remote = remote
+        self.decode = _Leg(decode_instance, now, 0.0)
+        self.prefill = _Leg(prefill_instance, now, prefill_s)
+
+    @property
+    def where(self) -> str:
+        """``remote prefill on X`` or ``local prefill on X``, as reasons and errors say it."""
+        return f"{'remote' if self.remote else 'local'} prefill on {self.prefill.instance}"
+
+    def acked(self, role: str) -> None:
+        """The ``role`` ("decode" or "prefill") instance took its job: its heartbeats stamped from now include it."""
+        leg = self.decode if role == "decode" else self.prefill
+        leg.acked_at = leg.acked_at or time.time()
+
+    def prefill_done(self) -> None:
+        """The prefill leg is over (its status, the first token, or a failure): its instance no longer holds it."""
+        self.prefill.ended_at = self.prefill.ended_at or time.time()
+
+    def close(self) -> None:
+        """The attempt is over: both instances have let it go."""
+        self.prefill_done()
+        self.decode.ended_at = self.decode.ended_at or time.time()
 
 
 class LiveView:
@@ -52,41 +92,34 @@ class LiveView:
         self.default_hardware = default_hardware
         self.links = LinkTelemetry(telemetry, link_capacities, default_link_capacity_gbps)
         self._loads: dict[str, tuple[InstanceLoad, float]] = {}  # instance -> (heartbeat, received at, monotonic)
-        self._pending: dict[str, dict[str, Pending]] = {}  # instance -> job id -> pending
+        self._legs: dict[str, dict[str, _Leg]] = {}  # instance -> job id -> this router's leg there
 
     # --- intake ---------------------------------------------------------------------------
 
     def ingest_load(self, load: InstanceLoad) -> None:
-        """Take a heartbeat; jobs it already reflects stop being counted by the router."""
+        """Take a heartbeat; legs that ended before it was stamped need no correcting any more."""
         self._loads[load.instance] = (load, time.monotonic())
-        jobs = self._pending.get(load.instance)
-        if jobs:
-            for job_id in [j for j, p in jobs.items() if p.acked_at is not None and load.ts >= p.acked_at]:
-                del jobs[job_id]
+        legs = self._legs.get(load.instance)
+        if legs:
+            for job_id in [j for j, leg in legs.items() if leg.ended_at is not None and leg.ended_at <= load.ts]:
+                del legs[job_id]
 
     def ingest_link(self, stats: LinkStats, sender: str) -> None:
         """Take a LinkStats sample from one sending process."""
         self.links.ingest(stats, time.monotonic(), sender)
 
-    def add_pending(self, instance: str, job_id: str, prefill_s: float = 0.0) -> None:
-        """Count a job routed to ``instance`` until a heartbeat shows it."""
-        self._pending.setdefault(instance, {})[job_id] = Pending(job_id, time.time(), prefill_s)
+    def place(self, job_id: str, decode_instance: str, prefill_instance: str, prefill_s: float, remote: bool) -> Placement:
+        """Count an attempt on its two instances until their heartbeats show it, and after it ends until they stop."""
+        placement = Placement(job_id, decode_instance, prefill_instance, prefill_s, remote)
+        for leg in (placement.decode, placement.prefill):
+            self._legs.setdefault(leg.instance, {})[job_id] = leg
+        return placement
 
-    def acknowledged(self, instance: str, job_id: str) -> None:
-        """The instance took the job: its heartbeats stamped from now on include it."""
-        pending = self._pending.get(instance, {}).get(job_id)
-        if pending is not None:
-            pending.acked_at = time.time()
-
-    def release(self, instance: str, job_id: str) -> None:
-        """The job ended or was refused: stop counting it."""
-        jobs = self._pending.get(instance)
-        if jobs:
-            jobs.pop(job_id, None)
-
-    def pending_count(self, instance: str) -> int:
-        """Jobs this router counts on ``instance`` beyond its last heartbeat."""
-        return len(self._pending.get(instance, ()))
+    def corrections(self, instance: str) -> int:
+        """How many jobs this router adds to (or takes from) ``instance``'s last heartbeat."""
+        load = self.load_of(instance)
+        ts = load.ts if load is not None else 0.0
+        return sum(leg.correction(ts) for leg in self._legs.get(instance, {}).values())
 
     # --- reading --------------------------------------------------------------------------
 
@@ -109,32 +142,33 @@ class LiveView:
         """Models that live instances serve."""
         return {load.model for load in self.alive() if load.model}
 
-    def _with_pending(self, load: InstanceLoad, now: float) -> InstanceLoad:
-        jobs = self._pending.get(load.instance)
-        if not jobs:
+    def _corrected(self, load: InstanceLoad, now: float) -> InstanceLoad:
+        """``load`` with this router's placements it misses added and those it still counts after their end taken off."""
+        legs = self._legs.get(load.instance)
+        if not legs:
             return load
-        while jobs:  # oldest first (insertion order): only the expired front is visited
-            oldest = next(iter(jobs.values()))
-            if now - oldest.routed_at <= self.pending_ttl_s:
-                break
-            del jobs[oldest.job_id]
-        if not jobs:
+        for job_id in [j for j, leg in legs.items() if now - leg.placed_at > self.pending_ttl_s
+                       and (leg.acked_at is None or leg.ended_at is not None)]:  # fmt: skip
+            del legs[job_id]  # never acknowledged, or ended without a later heartbeat: stop guessing
+        added = [leg for leg in legs.values() if leg.correction(load.ts) > 0]
+        over = [leg for leg in legs.values() if leg.correction(load.ts) < 0]
+        if not added and not over:
             return load
         if load.role == "decode":
-            return msgspec.structs.replace(load, free_decode_slots=max(0, load.free_decode_slots - len(jobs)))
-        added_s = sum(p.prefill_s for p in jobs.values())
-        return msgspec.structs.replace(
-            load, queue_depth=load.queue_depth + len(jobs), expected_wait_s=load.expected_wait_s + added_s
-        )
+            free = min(load.max_batch or load.free_decode_slots + len(over), load.free_decode_slots - len(added) + len(over))
+            return msgspec.structs.replace(load, free_decode_slots=max(0, free))
+        wait_s = load.expected_wait_s + sum(leg.prefill_s for leg in added) - sum(leg.prefill_s for leg in over)
+        return msgspec.structs.replace(load, queue_depth=max(0, load.queue_depth + len(added) - len(over)),
+                                       expected_wait_s=max(0.0, wait_s))  # fmt: skip
 
     def cluster_view(
         self, model_name: str, profile: ModelProfile, *, exclude: Iterable[str] = (), local_only: bool = False
     ) -> ClusterView:
-        """The policy's view of ``model_name``'s live instances, with this router's pending jobs counted."""
+        """The policy's view of ``model_name``'s live instances, corrected by this router's placements."""
         now = time.time()
         skip = set(exclude)
         loads = [
-            self._with_pending(load, now)
+            self._corrected(load, now)
             for load in self.alive(model_name)
             if load.instance not in skip and not (local_only and load.site != self.decode_site)
         ]

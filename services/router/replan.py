@@ -19,7 +19,7 @@ import numpy as np
 from prometheus_client import Gauge
 
 from libs.common.errors import PrfaasError
-from libs.common.messages import InstanceLoad, ThresholdChanged
+from libs.common.messages import DecisionEvent, InstanceLoad, ThresholdChanged
 from libs.engine.profiles import HARDWARE, hardware_profile, model_profile
 from libs.planner.replan import MIN_OBSERVED, SlowTimescale
 from libs.planner.search import PlanInputs
@@ -46,6 +46,15 @@ class Replanner:
         self.scheduler = scheduler
         self.view = view
         self.events = events
+        self.slow = SlowTimescale(history=config.replan_history)
+
+    def observe(self, event: DecisionEvent) -> None:
+        """Record a request's first decision: its uncached length and the link bandwidth the policy read."""
+        self.slow.observe(event.incremental_tokens)
+        d = event.decision
+        site = d.prefill_site if d.choice == "remote" else next((c.site for c in d.candidates if c.option == "remote"), "")
+        if site and d.signals.link_capacity_gbps > 0:
+            self.slow.observe_link(d.signals.link_effective_gbps, site)
 
     async def run(self) -> None:
         """Re-plan every ``replan_interval_s`` until cancelled."""
@@ -61,7 +70,7 @@ class Replanner:
     def _hardware(self, loads: list[InstanceLoad]) -> str:
         return _most_common([ld.hardware if ld.hardware in HARDWARE else self.config.default_hardware for ld in loads])
 
-    def _inputs(self, lengths: list[int]) -> tuple[PlanInputs, int, str] | None:
+    def _inputs(self) -> tuple[PlanInputs, int, str] | None:
         """Plan inputs from the live deployment of the most deployed model, the local prefill count, the PrfaaS site."""
         alive = self.view.alive()
         if not alive:
@@ -85,29 +94,25 @@ class Replanner:
             pd_hw=hardware_profile(self._hardware(local)),
             n_pd=len(local),
             link_gbps=link_gbps,
-            workload=Empirical(lengths=np.asarray(lengths, dtype=np.int64), source="observed"),
+            workload=Empirical(lengths=np.fromiter(self.slow.lengths, dtype=np.int64), source="observed"),
             output_tokens=self.config.default_max_tokens,
         )
         return inputs, sum(1 for ld in local if ld.role == "prefill"), prfaas_site
 
     async def replan_once(self) -> ThresholdChanged | None:
         """One re-plan: the event if t changed, else None (too few requests seen, or no better plan)."""
-        lengths = [n for n in self.scheduler.observed_lengths if n > 0]
-        if len(lengths) < MIN_OBSERVED:
+        observed = self.slow.observed()
+        if observed < MIN_OBSERVED:
             return None
-        found = self._inputs(lengths)
+        found = self._inputs()
         if found is None:
             return None
         inputs, n_p, prfaas_site = found
-        slow = SlowTimescale(inputs, history=len(lengths))
-        slow.lengths.extend(lengths)
         # The median of what the decisions since the last re-plan saw, so a transient does not move t (the view's
         # bandwidth now if no decision saw the link); each sample is used once.
-        slow.bandwidths.extend(self.scheduler.observed_link_gbps.get(prfaas_site, ()))
-        self.scheduler.observed_link_gbps.clear()
-        link_gbps = slow.measured_link_gbps() or inputs.link_gbps
+        link_gbps = self.slow.measured_link_gbps(prfaas_site) or inputs.link_gbps
         old = self.scheduler.policy.config.threshold_tokens
-        proposal = await asyncio.to_thread(slow.propose, link_gbps, old, n_p)
+        proposal = await asyncio.to_thread(self.slow.propose, inputs, link_gbps, old, n_p)
         if proposal is None:
             return None
         threshold, proposed_n_p = proposal
@@ -121,7 +126,7 @@ class Replanner:
             old_threshold_tokens=old,
             threshold_tokens=threshold,
             link_gbps=link_gbps,
-            observed_requests=len(lengths),
+            observed_requests=observed,
             n_p=n_p,
             proposed_n_p=proposed_n_p,
         )

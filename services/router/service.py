@@ -17,9 +17,12 @@ from libs.common.bus import connect
 from libs.common.entrypoint import run_service
 from libs.common.errors import PrfaasError
 from libs.common.service import BusService
+from services.decode_gateway.client import DecodeGatewayClient
 from services.kv_index.client import KvIndexClient
+from services.prefill_gateway.client import PrefillGatewayClient
 from services.router.chat_template import load_chat_template
 from services.router.config import RouterConfig
+from services.router.dispatch import DispatchContext
 from services.router.events import DecisionLog
 from services.router.handlers import handle_link_stats, handle_load
 from services.router.http import create_app
@@ -58,6 +61,11 @@ class RouterService(BusService):
         self.events = DecisionLog(nc, config.site, max_age_s=config.decisions_max_age_s, max_bytes=config.decisions_max_bytes)
         self.replanner = Replanner(config, self.scheduler, self.view, self.events, self.metrics.threshold)
         self.mailbox = Mailbox(nc)
+        self.dispatch = DispatchContext(
+            nc, config, self.scheduler, self.view, self.events, self.mailbox,
+            decode=DecodeGatewayClient(nc, config.reserve_timeout_s), prefill=PrefillGatewayClient(nc, config.accept_timeout_s),
+            observe=self.replanner.observe,
+        )  # fmt: skip
         self.started_at = int(time.time())
         self.port = 0  # the bound HTTP port once started
         self._runner: web.AppRunner | None = None

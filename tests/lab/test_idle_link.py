@@ -142,4 +142,4 @@ async def test_after_remote_requests_on_a_loaded_host_an_idle_link_reads_its_bud
         (decision,) = events.decisions[reply.id.removeprefix("chatcmpl-")]
     signals = decision["decision"]["signals"]
     assert outcome["route"] == "remote", decision["decision"]["reason"]
-    assert signals["bandwidth"] == "plentiful" and signals["link_goodput_gbps"] == 10.0, signals
+    assert signals["bandwidth"] == "plentiful" and signals["link_effective_gbps"] == 10.0, signals

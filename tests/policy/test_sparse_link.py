@@ -88,7 +88,7 @@ def test_a_replan_from_those_readings_plans_for_the_budget():
     """The slow timescale's median reading is the budget, so t is re-planned as for an idle 10 Gbps link."""
     tel = LinkTelemetry()
     inputs = PlanInputs(MODEL, CPU, 1, CPU, 2, BUDGET_GBPS, Empirical(lengths=[PROMPT]), 8)
-    slow = SlowTimescale(inputs)
+    slow = SlowTimescale()
     lab_demo_lengths = np.clip(np.random.default_rng(0).lognormal(np.log(1_200), 1.0, 600), 64, 16_000)
     slow.lengths.extend(int(n) for n in lab_demo_lengths)
     for at, stats in enumerate(sparse_remote_requests()):
@@ -96,6 +96,6 @@ def test_a_replan_from_those_readings_plans_for_the_budget():
         slow.observe_link(tel.view(SRC, DST, float(at)).effective_gbps)
     measured = slow.measured_link_gbps()
     assert measured == BUDGET_GBPS
-    planned = slow.propose(BUDGET_GBPS, THRESHOLD, 1)
+    planned = slow.propose(inputs, BUDGET_GBPS, THRESHOLD, 1)
     assert planned is not None and planned[0] < 8_000  # the demo's lengths on an idle link: t of a few thousand
-    assert slow.propose(measured, THRESHOLD, 1) == planned
+    assert slow.propose(inputs, measured, THRESHOLD, 1) == planned

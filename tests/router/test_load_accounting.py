@@ -41,7 +41,7 @@ async def test_two_routers_count_each_job_once(fleet, routed):
         second = await streams.enter_async_context(http.post(b.url + "/v1/completions", json=body))
         await second.content.readline()
         for svc in (a, b):  # once heartbeats show both jobs, each router counts them once
-            await until(lambda svc=svc: svc.view.pending_count("tr-d0") == 0, timeout_s=5.0, what="heartbeat with both jobs")
+            await until(lambda svc=svc: svc.view.corrections("tr-d0") == 0, timeout_s=5.0, what="heartbeat with both jobs")
             await until(lambda svc=svc: free_slots(svc, "tr-d0") == 2, timeout_s=5.0, what="both jobs seen")
             assert svc.view.load_of("tr-d0").free_decode_slots == 2
 

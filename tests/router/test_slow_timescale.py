@@ -25,9 +25,9 @@ async def test_replan_publishes_a_new_threshold_from_what_decisions_saw(start_ro
     first = svc.scheduler.decide(await svc.scheduler.prepare(request, "probe", None))
     lengths = np.clip(np.random.default_rng(0).lognormal(9.90, 1.00, 600), 128, 131_072).astype(int)
     for i, n in enumerate(lengths):
-        signals = msgspec.structs.replace(first.decision.signals, link_goodput_gbps=1.0 if i % 40 == 0 else 50.0)
-        decision = msgspec.structs.replace(first.decision, signals=signals)
-        svc.scheduler.observe(msgspec.structs.replace(first, incremental_tokens=int(n), decision=decision))
+        signals = msgspec.structs.replace(first.decision.signals, link_effective_gbps=1.0 if i % 40 == 0 else 50.0,
+                                          incremental_tokens=int(n))  # fmt: skip
+        svc.replanner.observe(msgspec.structs.replace(first, decision=msgspec.structs.replace(first.decision, signals=signals)))
     changed = msgspec.json.decode((await plans.next_msg(timeout=20)).data, type=ThresholdChanged)
     assert (changed.old_threshold_tokens, changed.observed_requests, changed.link_gbps) == (1000, 600, 50.0)
     assert 10_000 < changed.threshold_tokens < 40_000  # the case study plans ~19K
