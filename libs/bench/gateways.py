@@ -5,7 +5,7 @@ Starts a two-site NATS supercluster, prefill gateways at ``dc-prfaas`` and decod
 both legs of each request (``DecodeJob`` for a reservation, then ``PrefillJob``). Figures:
 
 - ``reference.tcp`` / ``reference.jetstream``: reference-model tokens compared with monolithic
-  ``ReferenceModel.generate`` on the same prompt, and where the time to first token went;
+  ``libs.engine.generate.generate`` on the same prompt, and where the time to first token went;
 - ``pipelining``: simulated chips with the link paced so the transfer takes about as long as the
   prefill. Each repeat sends the same job twice, interleaved: to a prefill gateway streaming each
   layer as it is done, and to one with layer-wise streaming off (``PREFILL_GATEWAY_LAYERWISE=false``:
@@ -71,6 +71,7 @@ from libs.common.messages import (
     link_share_announce_decoder,
     prefill_status_decoder,
 )
+from libs.engine.generate import generate
 from libs.engine.model import ReferenceModel
 from libs.engine.profiles import hardware_profile, model_profile
 from libs.engine.tokenizer import ByteTokenizer
@@ -385,7 +386,7 @@ async def _reference_case(caller: Caller, args: argparse.Namespace, transport: T
         out = await caller.request(prompt, "ref-d0", model="reference", max_tokens=args.max_tokens, transport=transport,
                                    prefill_instance="ref-p0")
         final, status = _finished(out)
-        identical &= out.tokens == await asyncio.to_thread(model.generate, prompt, args.max_tokens, GREEDY)
+        identical &= out.tokens == await asyncio.to_thread(generate, model, prompt, args.max_tokens, GREEDY)
         t = final.timings
         rows.append((out.first_token_s, status.queue_s, status.prefill_s, status.transfer_s,
                      t.first_token_s - t.kv_wait_s - t.transfer_s))
@@ -463,7 +464,7 @@ async def _prefix_case(caller: Caller, args: argparse.Namespace) -> dict:
         outs = [await caller.request(p, "ref-d0", model="reference", max_tokens=args.max_tokens, prefill_instance="ref-p0")
                 for p in (first, second)]
         identical = all([
-            o.tokens == await asyncio.to_thread(model.generate, p, args.max_tokens, GREEDY)
+            o.tokens == await asyncio.to_thread(generate, model, p, args.max_tokens, GREEDY)
             for o, p in zip(outs, (first, second), strict=True)
         ])
         (_, one), (_, two) = _finished(outs[0]), _finished(outs[1])

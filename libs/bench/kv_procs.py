@@ -30,7 +30,8 @@ from libs.common.telemetry import setup_logging
 from libs.kvwire.format import DEFAULT_CHECKSUM, checksum_fn
 from libs.kvwire.js_recv import JetStreamReceiver
 from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
-from libs.kvwire.linkstats import KvLinks, LinkConfig
+from libs.kvwire.link import LinkConfig
+from libs.kvwire.linkstats import KvLinks
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
 from libs.kvwire.sender import Destination, KvSender
 from libs.kvwire.sockets import recv_exact, set_deadline

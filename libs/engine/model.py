@@ -20,9 +20,7 @@ import numpy as np
 from libs.common.errors import BadRequest
 from libs.common.state_parts import StatePart
 from libs.engine import attention, delta_rule
-from libs.engine.batch import DecodeBatch, DecodeSequence
 from libs.engine.reference_config import ReferenceConfig
-from libs.engine.sampling import Sampling
 from libs.engine.state import RequestState
 from libs.engine.tokenizer import ByteTokenizer
 from libs.engine.weights import AttentionWeights, LayerWeights, LinearMixerWeights, ReferenceWeights, init_weights
@@ -244,15 +242,3 @@ class ReferenceModel:
         for i, st in enumerate(states):
             st.tokens.append(toks[i])
             st.logits = logits[i]
-
-    def decode(self, state: RequestState, max_tokens: int, sampling: Sampling | None = None) -> Iterator[int]:
-        """Generate tokens from a prefilled state (greedy by default), honouring EOS and stop rules."""
-        batch = DecodeBatch(self)
-        batch.add(DecodeSequence("decode", state, max_tokens, sampling or Sampling(), self.config.eos_id))
-        while batch.sequences:
-            for out in batch.step().values():
-                yield from out.token_ids
-
-    def generate(self, tokens: Sequence[int] | np.ndarray, max_tokens: int, sampling: Sampling | None = None) -> list[int]:
-        """Prefill then decode in this process (the monolithic path)."""
-        return list(self.decode(self.prefill_state(tokens), max_tokens, sampling))

@@ -26,7 +26,8 @@ from libs.common.state_parts import PartSpec
 from libs.kvwire.format import build_manifest
 from libs.kvwire.js_recv import JetStreamReceiver, JetStreamReceiverConfig
 from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
-from libs.kvwire.linkstats import KvLinks, LinkConfig
+from libs.kvwire.link import LinkConfig
+from libs.kvwire.linkstats import KvLinks
 from libs.kvwire.receiver import KvReceiver, ReceivedTransfer, ReceiverConfig
 from libs.kvwire.sender import Destination, KvSender, SenderConfig, SendReport
 from libs.kvwire.tcp_recv import TcpReceiverServer, TcpServerConfig

@@ -36,7 +36,7 @@ from libs.common.messages import (
 )
 from libs.kvwire.format import held_map
 from libs.kvwire.js_recv import CHUNK_HEADER
-from libs.kvwire.linkstats import Link
+from libs.kvwire.link import Link
 from libs.kvwire.sender import Destination, MissingChunks, OutChunk, TransportBroken
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ from libs.kvwire.format import (
     part_key,
     unpack_bitmap,
 )
-from libs.kvwire.linkstats import KvLinks, Link
+from libs.kvwire.link import Link
+from libs.kvwire.linkstats import KvLinks
 
 log = logging.getLogger(__name__)
 

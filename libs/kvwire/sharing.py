@@ -33,7 +33,6 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import msgspec
 import nats.errors
@@ -41,9 +40,7 @@ from nats.aio.client import Client as NatsClient
 
 from libs.common import subjects
 from libs.common.messages import LinkShareAnnounce, encode, link_share_announce_decoder
-
-if TYPE_CHECKING:
-    from libs.kvwire.linkstats import Link, LinkConfig
+from libs.kvwire.link import Link, LinkConfig
 
 log = logging.getLogger(__name__)
 

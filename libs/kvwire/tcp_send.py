@@ -35,7 +35,7 @@ from libs.common.messages import (
     kv_receiver_frame_decoder,
 )
 from libs.kvwire.format import DEFAULT_CHUNK_BYTES, FRAME_PREFIX, frame, held_map
-from libs.kvwire.linkstats import Link
+from libs.kvwire.link import Link
 from libs.kvwire.sender import Destination, MissingChunks, OutChunk, TransportBroken
 from libs.kvwire.sockets import Closed, read_frame, send_all, set_deadline
 

@@ -11,6 +11,7 @@ from libs.common.errors import BadRequest, NoCapacity
 from libs.common.hashing import hash_list
 from libs.common.messages import BlocksEvicted, BlocksStored
 from libs.engine.backends import ReferenceBackend
+from libs.engine.generate import generate
 from libs.engine.model import ReferenceModel
 from libs.engine.sampling import Sampling
 from libs.engine.tokenizer import ByteTokenizer
@@ -47,7 +48,7 @@ async def test_prefill_streams_layers_then_head_and_decodes_like_the_model() -> 
         parts = [p for layer in layers for p in layer]
         assert [p.key for p in parts] == [s.key for s in backend.plan_parts(len(PROMPT))]
         tokens = await _decode(backend, "req", parts, 20)
-        assert tokens == backend.model.generate(PROMPT, 20, GREEDY)
+        assert tokens == generate(backend.model, PROMPT, 20, GREEDY)
 
 
 async def test_prefill_reports_blocks_and_resumes_from_them() -> None:
@@ -66,7 +67,7 @@ async def test_prefill_reports_blocks_and_resumes_from_them() -> None:
         fresh = model.prefill_state(longer)
         logits = resumed[-1].array
         assert np.abs(logits - fresh.logits).max() / np.abs(fresh.logits).max() <= 1e-4
-        assert await _decode(backend, "r2", resumed, 12) == model.generate(longer, 12, GREEDY)
+        assert await _decode(backend, "r2", resumed, 12) == generate(model, longer, 12, GREEDY)
         await _prefill(backend, longer, use_cache=False)
         assert model.prefix_tokens[-1] == 0
 
@@ -104,7 +105,7 @@ async def test_concurrent_decodes_share_steps() -> None:
         samplings = [GREEDY, Sampling(temperature=0.7, seed=9, ignore_eos=True), GREEDY]
         got = await asyncio.gather(*[_decode(backend, str(i), states[i], 16, samplings[i]) for i in range(3)])
         assert backend._decoder.steps == 16  # one batched step per token, not 48
-        assert got == [backend.model.generate(pr, 16, s) for pr, s in zip(prompts, samplings, strict=True)]
+        assert got == [generate(backend.model, pr, 16, s) for pr, s in zip(prompts, samplings, strict=True)]
 
 
 async def test_requests_beyond_max_batch_wait_for_a_slot() -> None:
@@ -117,7 +118,7 @@ async def test_requests_beyond_max_batch_wait_for_a_slot() -> None:
         load = backend.load()
         assert (load.decode_active + load.decode_waiting, load.free_decode_slots) == (3, 0)
         got = await asyncio.gather(*tasks)
-        alone = backend.model.generate(PROMPT, 30, GREEDY)
+        alone = generate(backend.model, PROMPT, 30, GREEDY)
         assert got == [alone[:4], alone, alone[:8]]
         assert backend.load().decode_active == 0
 
@@ -193,7 +194,7 @@ async def test_decode_side_restores_from_a_pinned_prefix_plus_the_missing_blocks
         restored = await decode.restore("r2", trimmed, held_blocks=held)
         assert restored.stored_blocks == len(hashes) - held
         tokens = [t async for out in decode.decode_restored(restored, 24, GREEDY) for t in out.token_ids]
-        assert tokens == decode.model.generate(second, 24, GREEDY)
+        assert tokens == generate(decode.model, second, 24, GREEDY)
 
 
 async def test_restore_refuses_parts_that_do_not_fit_the_held_prefix() -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from libs.common.errors import BadRequest, ConfigError
 from libs.engine.batch import DecodeBatch, DecodeSequence
+from libs.engine.generate import decode, generate
 from libs.engine.model import ReferenceModel
 from libs.engine.reference_config import ReferenceConfig
 from libs.engine.sampling import Sampling
@@ -118,18 +119,19 @@ def test_from_parts_rejects_missing_or_misshapen_parts(model: ReferenceModel) ->
 def test_generation_survives_serialisation_to_another_process(model: ReferenceModel, tmp_path: Path) -> None:
     """Monolithic generation == prefill, serialise, deserialise and decode in another process."""
     tokens = _tokens(PROMPTS[0])
-    expected = model.generate(tokens, 24, Sampling(ignore_eos=True))
+    expected = generate(model, tokens, 24, Sampling(ignore_eos=True))
     blob = tmp_path / "state.msgpack"
     blob.write_bytes(dump_parts(model.prefill_state(tokens).to_parts()))
     script = (
         "import json, sys\n"
+        "from libs.engine.generate import decode\n"
         "from libs.engine.model import ReferenceModel\n"
         "from libs.engine.sampling import Sampling\n"
         "from libs.engine.state import RequestState\n"
         "from tests.engine.parts_io import load_parts\n"
         "m = ReferenceModel()\n"
         "state = RequestState.from_parts(m.config, load_parts(open(sys.argv[1], 'rb').read()))\n"
-        "print(json.dumps(list(m.decode(state, 24, Sampling(ignore_eos=True)))))\n"
+        "print(json.dumps(list(decode(m, state, 24, Sampling(ignore_eos=True)))))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, str(blob)], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
@@ -144,13 +146,13 @@ def test_prefill_resumed_from_cached_blocks_matches_full_prefill(model: Referenc
     tokens = _tokens(prompt)
     results = list(model.prefill(tokens))
     full_logits = results[-1].parts[1].array
-    full_tokens = model.generate(tokens, 16, Sampling(ignore_eos=True))
+    full_tokens = generate(model, tokens, 16, Sampling(ignore_eos=True))
     for n_blocks in range(1, (len(tokens) - 1) // model.config.block_size + 1):
         prefix = _prefix_from(model, tokens, results, n_blocks)
         resumed = model.prefill_state(tokens, prefix)
         rel = np.abs(resumed.logits - full_logits).max() / np.abs(full_logits).max()
         assert rel <= 1e-4, (n_blocks, rel)
-        assert list(model.decode(resumed, 16, Sampling(ignore_eos=True))) == full_tokens
+        assert list(decode(model, resumed, 16, Sampling(ignore_eos=True))) == full_tokens
 
 
 def test_prefix_must_be_whole_blocks_of_the_same_tokens(model: ReferenceModel) -> None:
@@ -181,7 +183,7 @@ def test_batched_decode_equals_each_request_alone(model: ReferenceModel) -> None
     greedy = Sampling(ignore_eos=True)
     sampled = Sampling(temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
     jobs = [(PROMPTS[0], 20, greedy), (PROMPTS[1], 12, sampled), (PROMPTS[2], 16, greedy)]
-    alone = [model.generate(_tokens(p), n, s) for p, n, s in jobs]
+    alone = [generate(model, _tokens(p), n, s) for p, n, s in jobs]
     batch = DecodeBatch(model)
     got: dict[str, list[int]] = {}
     for step in range(40):
@@ -198,21 +200,21 @@ def test_seeded_sampling_is_reproducible(model: ReferenceModel) -> None:
     """The same seed gives the same tokens; another seed gives others; greedy is temperature 0."""
     state_tokens = _tokens(PROMPTS[1])
     s1 = Sampling(temperature=1.0, top_p=0.95, seed=42, ignore_eos=True)
-    a = model.generate(state_tokens, 24, s1)
-    assert model.generate(state_tokens, 24, s1) == a
-    assert model.generate(state_tokens, 24, Sampling(temperature=1.0, top_p=0.95, seed=43, ignore_eos=True)) != a
+    a = generate(model, state_tokens, 24, s1)
+    assert generate(model, state_tokens, 24, s1) == a
+    assert generate(model, state_tokens, 24, Sampling(temperature=1.0, top_p=0.95, seed=43, ignore_eos=True)) != a
     tiny_top_p = Sampling(temperature=1.0, top_p=1e-6, seed=1, ignore_eos=True)
-    assert model.generate(state_tokens, 24, tiny_top_p) == model.generate(state_tokens, 24, Sampling(ignore_eos=True))
+    assert generate(model, state_tokens, 24, tiny_top_p) == generate(model, state_tokens, 24, Sampling(ignore_eos=True))
 
 
 def test_stop_rules(model: ReferenceModel) -> None:
     """Stop tokens and stop sequences end a request without returning them; max_tokens caps it."""
     tokens = _tokens(PROMPTS[0])
-    free = model.generate(tokens, 30, Sampling(ignore_eos=True))
+    free = generate(model, tokens, 30, Sampling(ignore_eos=True))
     assert len(free) == 30
-    assert model.generate(tokens, 30, Sampling(stop_token_ids=(free[5],), ignore_eos=True)) == free[: free.index(free[5])]
+    assert generate(model, tokens, 30, Sampling(stop_token_ids=(free[5],), ignore_eos=True)) == free[: free.index(free[5])]
     stop_text = ByteTokenizer().decode(free[6:9])
-    got = model.generate(tokens, 30, Sampling(stop=(stop_text,), ignore_eos=True))
+    got = generate(model, tokens, 30, Sampling(stop=(stop_text,), ignore_eos=True))
     assert ByteTokenizer().decode(got) + stop_text in ByteTokenizer().decode(free)
     assert len(got) <= 6
 
@@ -223,8 +225,8 @@ def test_eos_ends_decode(model: ReferenceModel) -> None:
     weights.output_bias[model.config.eos_id] = 100.0  # EOS always wins
     eager = ReferenceModel(model.config, weights)
     tokens = _tokens(PROMPTS[2])
-    assert eager.generate(tokens, 10) == []
-    assert eager.generate(tokens, 10, Sampling(ignore_eos=True)) == [model.config.eos_id] * 10
+    assert generate(eager, tokens, 10) == []
+    assert generate(eager, tokens, 10, Sampling(ignore_eos=True)) == [model.config.eos_id] * 10
 
 
 def test_bad_requests_are_typed(model: ReferenceModel) -> None:
@@ -238,7 +240,7 @@ def test_bad_requests_are_typed(model: ReferenceModel) -> None:
     with pytest.raises(BadRequest):
         Sampling(temperature=-1.0)
     with pytest.raises(BadRequest):
-        model.generate([1, 2], 0)
+        generate(model, [1, 2], 0)
 
 
 def test_long_prompts_carry_state_across_slabs(model: ReferenceModel) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from libs.engine.generate import decode
 from libs.engine.model import ReferenceModel
 from libs.engine.sampling import Sampling
 from libs.engine.state import RequestState
@@ -70,7 +71,7 @@ def test_every_layers_state_moves_the_next_tokens(long_prompt, layer):
     broken = _copy(state)
     _zero_layer(broken, layer)
     assert logprob_mismatch(state_logprobs(MODEL, _copy(broken)), want) > 0.3
-    assert list(MODEL.decode(broken, 32, GREEDY_32)) != list(MODEL.decode(_copy(state), 32, GREEDY_32))
+    assert list(decode(MODEL, broken, 32, GREEDY_32)) != list(decode(MODEL, _copy(state), 32, GREEDY_32))
 
 
 def test_every_block_of_the_prompt_moves_the_next_token(long_prompt):

@@ -24,6 +24,7 @@ from libs.common.messages import (
     encode,
     kv_event_batch_decoder,
 )
+from libs.engine.generate import generate
 from libs.engine.model import ReferenceModel
 from libs.engine.tokenizer import ByteTokenizer
 from services.decode_gateway.client import DecodeGatewayClient
@@ -67,7 +68,7 @@ async def test_tokens_match_monolithic_generation(reference_pair, sites, transpo
     async with caller_for(sites, CLUSTER) as caller:
         out = await caller.request(prompt, DECODE, model="reference", max_tokens=24, sampling=sampling,
                                    transport=transport, codec=codec)
-    assert out.tokens == MODEL.generate(prompt, 24, sampling)
+    assert out.tokens == generate(MODEL, prompt, 24, sampling)
     assert isinstance(out.final, DecodeFinished) and out.final.finish_reason == "length"
     assert (out.final.prompt_tokens, out.final.completion_tokens, out.final.held_tokens) == (len(prompt), 24, 0)
     assert isinstance(out.status, PrefillFinished)
@@ -99,9 +100,9 @@ async def test_a_shared_prefix_sends_only_the_missing_blocks(reference_pair, sit
                 stored += [h for e in batch.events if isinstance(e, BlocksStored) and e.kind == "attn_kv" for h in e.block_hashes]
         assert stored == hash_list(first)  # the decode instance announces what it received
         two = await caller.request(second, DECODE, model="reference", max_tokens=24)
-    assert one.tokens == MODEL.generate(first, 8)
+    assert one.tokens == generate(MODEL, first, 8)
     assert two.reservation.held_blocks == 4 and two.final.held_tokens == 256
-    assert two.tokens == MODEL.generate(second, 24)
+    assert two.tokens == generate(MODEL, second, 24)
     assert two.status.payload_bytes == sum(s.nbytes for s in MODEL_PARTS(len(second), 4))
     assert two.status.cached_tokens == 256  # the prefill instance resumed from its own cache too
     whole = sum(s.nbytes for s in MODEL_PARTS(len(second)))
@@ -174,13 +175,13 @@ async def test_every_hop_joins_the_callers_trace(reference_pair, sites, otlp):
 async def test_a_stop_sequence_ends_the_stream_without_its_text(reference_pair, sites):
     """A stop sequence taken from the greedy continuation ends the request there: finish_reason stop, text not sent."""
     prompt = _prompt("stop sequence", 1)
-    free = MODEL.generate(prompt, 40, Sampling(ignore_eos=True))
+    free = generate(MODEL, prompt, 40, Sampling(ignore_eos=True))
     stop = ByteTokenizer().decode(free[20:23])
     sampling = Sampling(stop=(stop,), ignore_eos=True)
     async with caller_for(sites, CLUSTER) as caller:
         out = await caller.request(prompt, DECODE, model="reference", max_tokens=40, sampling=sampling)
     assert out.final.finish_reason == "stop"
-    assert out.tokens == MODEL.generate(prompt, 40, sampling)
+    assert out.tokens == generate(MODEL, prompt, 40, sampling)
     assert stop not in ByteTokenizer().decode(out.tokens)
 
 

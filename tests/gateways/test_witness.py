@@ -20,6 +20,7 @@ from libs.common.hashing import hash_list
 from libs.common.messages import Sampling
 from libs.common.state_parts import StatePart
 from libs.engine.backends import ReferenceBackend
+from libs.engine.generate import generate
 from libs.engine.model import ReferenceModel
 from libs.engine.state import RequestState
 from libs.engine.witness import LOGPROB_ATOL, logprob_mismatch, monolithic_logprobs
@@ -107,7 +108,7 @@ async def test_the_decode_side_continues_exactly_from_the_transferred_state(site
             out = await caller.request(prompt, DECODE, model="reference", max_tokens=32, sampling=WITNESS)
             assert out.reservation.held_blocks == held
             assert logprob_mismatch(out.logprobs, monolithic_logprobs(MODEL, prompt)) <= LOGPROB_ATOL
-            assert out.tokens == MODEL.generate(prompt, 32, WITNESS)
+            assert out.tokens == generate(MODEL, prompt, 32, WITNESS)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from libs.common.errors import NoCapacity, TransferFailed
 from libs.common.messages import KvChunk, encode, link_stats_decoder
 from libs.kvwire.js_recv import CHUNK_HEADER, JetStreamReceiver
 from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport, message_id
-from libs.kvwire.linkstats import KvLinks, LinkConfig
+from libs.kvwire.link import LinkConfig
+from libs.kvwire.linkstats import KvLinks
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
 from libs.kvwire.sender import Destination, KvSender, encode_part
 from tests.kvwire.support import DST, SRC, assert_restored, eventually, hybrid_parts, specs_of

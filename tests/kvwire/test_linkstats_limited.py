@@ -11,7 +11,8 @@ from libs.common.bus import connect
 from libs.common.state_parts import StatePart
 from libs.kvwire.js_recv import JetStreamReceiver
 from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
-from libs.kvwire.linkstats import KvLinks, LinkConfig, LinkCounters
+from libs.kvwire.link import LinkConfig
+from libs.kvwire.linkstats import KvLinks, LinkCounters
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
 from libs.kvwire.sender import Destination, KvSender
 from libs.lab.servers import free_port

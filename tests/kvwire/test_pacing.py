@@ -11,7 +11,8 @@ import pytest
 
 from libs.bench.kv import max_window_gbps, mean_gbps
 from libs.bench.kv_procs import WireSampler, busy_process
-from libs.kvwire.linkstats import KvLinks, LinkConfig, LinkCounters
+from libs.kvwire.link import LinkConfig
+from libs.kvwire.linkstats import KvLinks, LinkCounters
 from libs.kvwire.pacing import TokenBucket
 from libs.kvwire.receiver import ReceiverConfig
 from tests.kvwire.support import DST, SRC, hybrid_parts, specs_of, tcp_dest, tcp_receiver, tcp_sender

@@ -15,7 +15,8 @@ from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.messages import LinkShareAnnounce, LinkStats, link_stats_decoder
 from libs.kvwire.format import DEFAULT_CHECKSUM
-from libs.kvwire.linkstats import KvLinks, Link, LinkConfig, LinkCounters
+from libs.kvwire.link import Link, LinkConfig
+from libs.kvwire.linkstats import KvLinks, LinkCounters
 from libs.kvwire.pacing import TokenBucket
 from libs.kvwire.receiver import ReceiverConfig
 from libs.kvwire.sharing import PairShare, max_min_shares

@@ -19,6 +19,7 @@ from libs.common.messages import (
     analytics_event_decoder,
     instance_load_decoder,
 )
+from libs.engine.generate import generate
 from libs.engine.model import ReferenceModel
 from libs.engine.sampling import Sampling
 from libs.engine.tokenizer import ByteTokenizer
@@ -87,7 +88,7 @@ def api(svc) -> openai.AsyncOpenAI:
 
 def expected_text(prompt_ids: list[int], max_tokens: int, *, ignore_eos: bool = False) -> str:
     """What monolithic generation gives for the same prompt (greedy)."""
-    return TOK.decode(MODEL.generate(prompt_ids, max_tokens, Sampling(ignore_eos=ignore_eos)))
+    return TOK.decode(generate(MODEL, prompt_ids, max_tokens, Sampling(ignore_eos=ignore_eos)))
 
 
 def assert_logprobs_match(tokens: list[str], logprobs: list[float], top: list[dict[str, float]], prompt_ids: list[int]) -> None:
