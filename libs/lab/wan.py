@@ -7,8 +7,8 @@ target at site B, and moves the bytes of each direction through that direction o
 - **Bandwidth**: one virtual clock per direction, shared by every connection of that direction
   (the capacity of a real link). A chunk leaves when the clock says the bytes before it have been
   serialised; the reader waits for it, so a full link pushes back on the sender's TCP window. Up
-  to 5 ms of credit absorbs the relay's own stalls while the link is busy; a link idle for 20 ms
-  starts afresh (a real link gives no credit for idle time).
+  to 5 ms of credit makes up the relay's own lateness when bytes were waiting for it; bytes that
+  find the reader idle start from now (a real link gives no credit for idle time).
 - **Delay**: each chunk is delivered ``delay`` after it left (half the RTT per direction), in
   order: one FIFO per connection and direction, so nothing is ever reordered, even when the delay
   is lowered at run time.

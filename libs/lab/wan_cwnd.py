@@ -2,9 +2,11 @@
 
 Bytes in flight are those sent (read from the sender) and not yet acknowledged; an acknowledgement
 is posted by the writer thread when it delivers a chunk, due one return delay later. While the
-window limits the sender (Linux's rule in slow start: window < 2 x in flight), each acknowledged
-byte adds one to the window, so it doubles per round trip, up to the receive window. Without loss
-there is no congestion avoidance. Threading: :meth:`acknowledge` from any thread, the rest from the
+window limits the sender, each acknowledged byte adds one to the window, so it doubles per round
+trip, up to the receive window. Limits, as Linux judges it in slow start: the window is under twice
+the largest in flight of the current window of data (``max_packets_out``, renewed once all that
+was in flight when it was set is acknowledged), so a keepalive or a sender slower than the link
+does not grow it. Without loss there is no congestion avoidance. Threading: :meth:`acknowledge` from any thread, the rest from the
 reader thread only.
 """
 
@@ -34,6 +36,9 @@ class CongestionWindow:
         self.window_bytes = window_bytes
         self.cwnd_bytes = min(INITIAL_WINDOW_BYTES, window_bytes)
         self.in_flight = 0
+        self._sent = self._acked = 0  # bytes, since the start
+        self._peak = 0  # largest in flight of the current window of data
+        self._peak_until = 0  # the window ends once ``_acked`` reaches this
         self._last_send = -math.inf
         self._posted: queue.SimpleQueue[tuple[float, int]] = queue.SimpleQueue()  # (due, bytes) from the writer
         self._pending: deque[tuple[float, int]] = deque()  # taken from _posted, not yet due
@@ -47,9 +52,10 @@ class CongestionWindow:
         self._take_posted()
         while self._pending and self._pending[0][0] <= now:
             _, nbytes = self._pending.popleft()
-            if self.cwnd_bytes < 2 * self.in_flight:  # the window limits the sender: slow start grows it
+            if self.cwnd_bytes < 2 * self._peak:  # the window limits the sender: slow start grows it
                 self.cwnd_bytes = min(self.cwnd_bytes + nbytes, self.window_bytes)
             self.in_flight -= nbytes
+            self._acked += nbytes
 
     def restart_if_idle(self, now: float, rto_s: float) -> bool:
         """Back to the initial window if nothing is in flight and nothing was sent for over ``rto_s`` (RFC 5681 4.1)."""
@@ -61,7 +67,10 @@ class CongestionWindow:
     def sent(self, nbytes: int, now: float) -> None:
         """``nbytes`` left at ``now``."""
         self.in_flight += nbytes
+        self._sent += nbytes
         self._last_send = now
+        if self._acked >= self._peak_until or self.in_flight > self._peak:  # Linux's tcp_cwnd_validate
+            self._peak, self._peak_until = self.in_flight, self._sent
 
     def room(self) -> int:
         """Bytes that may be sent now (as of the last :meth:`collect`)."""

@@ -16,7 +16,6 @@ MSS_BYTES = 1448
 DEFAULT_WINDOW_BYTES = 32 * 1024 * 1024  # each connection's receive window (the relay's in-flight cap before windows)
 PIPE_BYTES = 1024 * 1024  # the largest chunk: one pipe of the delay line
 BURST_S = 0.005  # credit a direction may bank: absorbs the relay's own scheduling stalls on a busy machine
-_IDLE_S = 0.02  # a direction whose clock ran out longer ago than this was idle: it starts afresh, with no credit
 _CHUNK_S = 0.002  # below the pipe size, read what the link moves in this long (smooth pacing at low rates)
 _MIN_CHUNK = 16 * 1024
 _POLL_S = 0.05  # how often a wait for the link to come back looks at a closed connection
@@ -98,14 +97,17 @@ class Direction:
                 self._cond.wait(_POLL_S)
         return not closed.is_set()
 
-    def reserve(self, nbytes: int) -> float:
-        """When the last of ``nbytes`` read now has crossed the link's bandwidth (time.monotonic)."""
+    def reserve(self, nbytes: int, *, credit: bool) -> float:
+        """When the last of ``nbytes`` read now has crossed the link's bandwidth (time.monotonic).
+
+        ``credit``: the bytes were waiting for the relay, so up to ``BURST_S`` of its own lateness is
+        made up; without it (the sender was idle) the link starts from now, as a real one would.
+        """
         with self._cond:
             now = time.monotonic()
             if math.isinf(self.gbps):
                 return now
-            busy = self._clock > now - _IDLE_S  # credit covers the relay's stalls, not an idle link
-            self._clock = (max(self._clock, now - BURST_S) if busy else now) + nbytes * 8 / (self.gbps * 1e9)
+            self._clock = max(self._clock, now - BURST_S if credit else now) + nbytes * 8 / (self.gbps * 1e9)
             return max(self._clock, now)
 
     def mathis_bps(self) -> float:

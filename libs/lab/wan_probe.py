@@ -160,23 +160,39 @@ class LinkedPair:
         self.far: socket.socket | None = None
 
     def transfer_s(self, nbytes: int, since: float | None = None) -> float:
-        """Send ``nbytes`` near -> far; seconds from ``since`` (default: now) until the last of them has arrived."""
-        t0 = time.monotonic() if since is None else since
-        sender = threading.Thread(target=_send, args=(self.near, nbytes), daemon=True)
-        sender.start()
-        if self.far is None:
-            self.far, _ = self._listener.accept()
-            self.far.settimeout(self._timeout_s)
-        buf = memoryview(bytearray(min(nbytes, _TRANSFER_CHUNK)))
-        got = 0
-        while got < nbytes:
-            n = self.far.recv_into(buf, min(len(buf), nbytes - got))
-            if not n:
-                raise ConnectionError(f"the far end closed after {got} of {nbytes} bytes")
-            got += n
-        took = time.monotonic() - t0
-        sender.join()
-        return took
+        """Send ``nbytes`` near -> far; seconds from ``since`` (default: the send) until the last of them has arrived."""
+        running, outcome = threading.Event(), []
+        receiver = threading.Thread(target=self._receive, args=(nbytes, running, outcome), daemon=True)
+        receiver.start()
+        if not running.wait(self._timeout_s):
+            raise TimeoutError(f"the receiving thread did not start within {self._timeout_s:g}s")
+        t0 = time.monotonic() if since is None else since  # the thread's start is not part of the transfer
+        left = nbytes  # sent from the calling thread
+        while left:
+            n = min(left, _TRANSFER_CHUNK)
+            self.near.sendall(_ZEROS[:n])
+            left -= n
+        receiver.join(self._timeout_s)
+        if not outcome or isinstance(outcome[0], BaseException):
+            raise ConnectionError(f"{nbytes} bytes did not arrive: {outcome[0] if outcome else 'timed out'}")
+        return outcome[0] - t0
+
+    def _receive(self, nbytes: int, running: threading.Event, outcome: list) -> None:
+        running.set()
+        try:
+            if self.far is None:
+                self.far, _ = self._listener.accept()
+                self.far.settimeout(self._timeout_s)
+            buf = memoryview(bytearray(min(nbytes, _TRANSFER_CHUNK)))
+            got = 0
+            while got < nbytes:
+                n = self.far.recv_into(buf, min(len(buf), nbytes - got))
+                if not n:
+                    raise ConnectionError(f"the far end closed after {got} of {nbytes} bytes")
+                got += n
+            outcome.append(time.monotonic())
+        except OSError as e:  # ConnectionError is one
+            outcome.append(e)
 
     def close(self) -> None:
         """Close both ends."""
@@ -189,13 +205,6 @@ class LinkedPair:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _send(s: socket.socket, nbytes: int) -> None:
-    while nbytes:
-        n = min(nbytes, _TRANSFER_CHUNK)
-        s.sendall(_ZEROS[:n])
-        nbytes -= n
 
 
 def main(argv: list[str] | None = None) -> None:

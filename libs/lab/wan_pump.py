@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from libs.lab.wan_cwnd import CongestionWindow, rto_s
-from libs.lab.wan_link import BURST_S, PIPE_BYTES, Direction, Forward
+from libs.lab.wan_link import BURST_S, MSS_BYTES, PIPE_BYTES, Direction, Forward
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,14 @@ class Pump:
             if not _sleep_until(self.start_at, closed):
                 return
             while not closed.is_set():
-                self._readable.poll()  # a byte to send (or EOF, or an error): only now may idle restart the window
+                waiting = bool(self._readable.poll(0))  # else the sender was idle: no credit on the link
+                if not waiting:
+                    self._readable.poll()  # a byte to send (or EOF, or an error): only now may idle restart the window
                 room = self._room()
                 pipe = None if room is None else self._take_pipe()
                 if pipe is None:
                     return
-                n = os.splice(self.src.fileno(), pipe[1], min(room, self.direction.chunk_bytes()))
+                n = os.splice(self.src.fileno(), pipe[1], min(room, self._chunk_bytes()))
                 if n == 0:
                     self._free.put(pipe)
                     self._line.put((None, 0, 0.0))
@@ -72,7 +74,7 @@ class Pump:
                 self.window.sent(n, time.monotonic())
                 if not self.direction.wait_up(closed):
                     return
-                sent = self._pace(n)
+                sent = self._pace(n, credit=waiting)
                 if sent is None:
                     return
                 lag_s = self.direction.delay_ms / 1000 + self.direction.retransmit_delay_s(n, self._rng)
@@ -101,7 +103,11 @@ class Pump:
                     left -= os.splice(pipe[0], self.dst.fileno(), left)
                 self.bytes += n
                 self._free.put(pipe)
-                self._last_ack_at = max(self._last_ack_at, time.monotonic() + self.ack_direction.delay_ms / 1000)
+                # From the scheduled delivery: the relay's own lateness is not the path's; a receiver
+                # that held the chunk up longer (its window was full) delays the acknowledgement.
+                delivered = time.monotonic()
+                delivered = deliver_at if delivered - deliver_at <= BURST_S else delivered
+                self._last_ack_at = max(self._last_ack_at, delivered + self.ack_direction.delay_ms / 1000)
                 self.window.acknowledge(n, self._last_ack_at)
         except OSError as e:
             self.conn.end(f"write to {self.direction.dst} side: {e}")
@@ -112,6 +118,10 @@ class Pump:
             os.close(r)
             os.close(w)
         self._pipes.clear()
+
+    def _chunk_bytes(self) -> int:
+        """The direction's chunk, at most an eighth of the window: a round's first acknowledgement is not held back long."""
+        return min(self.direction.chunk_bytes(), max(MSS_BYTES, self.window.cwnd_bytes // 8))
 
     def _room(self) -> int | None:
         """Bytes the window lets this direction send now, waiting for acknowledgements if none; None once closed."""
@@ -126,7 +136,7 @@ class Pump:
             w.collect(time.monotonic())
         return room
 
-    def _pace(self, n: int) -> float | None:
+    def _pace(self, n: int, *, credit: bool) -> float | None:
         """Sleep until the chunk has crossed the per-connection (loss) and the shared bandwidth."""
         closed = self.conn.closed
         mathis = self.direction.mathis_bps()
@@ -134,7 +144,7 @@ class Pump:
             self._own_clock = max(self._own_clock, time.monotonic() - BURST_S) + n * 8 / mathis
             if not _sleep_until(self._own_clock, closed):
                 return None
-        sent = self.direction.reserve(n)
+        sent = self.direction.reserve(n, credit=credit)
         return sent if _sleep_until(sent, closed) else None
 
     def _take_pipe(self) -> tuple[int, int] | None:

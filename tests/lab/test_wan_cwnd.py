@@ -20,6 +20,28 @@ def test_the_window_starts_at_ten_segments_and_doubles_per_round() -> None:
     assert (w.room(), w.cwnd_bytes, w.in_flight) == (2 * IW, 2 * IW, 0)
 
 
+def test_acknowledgements_collected_together_all_grow_a_window_limited_sender() -> None:
+    """A round sent as eight chunks whose acknowledgements are taken in one go still doubles the window."""
+    w = CongestionWindow(window_bytes=32 * 1024 * 1024)
+    for i in range(8):
+        w.sent(IW // 8, now=i * 1e-4)
+        w.acknowledge(IW // 8, at=0.020 + i * 1e-4)
+    w.collect(now=0.021)
+    assert (w.cwnd_bytes, w.in_flight) == (2 * IW, 0)
+
+
+def test_a_rounds_acknowledgements_taken_in_two_batches_with_a_send_between_still_double_the_window() -> None:
+    """Linux's rule: the window limits the sender while it is under twice the largest in flight of the current window."""
+    w = CongestionWindow(window_bytes=32 * 1024 * 1024)
+    for i in range(8):
+        w.sent(IW // 8, now=i * 1e-4)
+        w.acknowledge(IW // 8, at=0.020 + i * 1e-4)
+    w.collect(now=0.0206)  # seven are due
+    w.sent(w.cwnd_bytes // 8, now=0.0206)  # the reader sends one chunk before it looks again
+    w.collect(now=0.021)
+    assert w.cwnd_bytes == 2 * IW
+
+
 def test_the_window_grows_only_while_it_limits_the_sender_and_never_past_the_receive_window() -> None:
     """A keepalive's byte, acknowledged, leaves the window as it was; growth stops at the receive window."""
     w = CongestionWindow(window_bytes=3 * IW)
