@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-s", type=float, default=1.5, help="measured window (default %(default)s)")
     parser.add_argument("--pings", type=int, default=50, help="ping-pongs per RTT measurement (default %(default)s)")
     parser.add_argument("--tcp-rtt-ms", default="20,80", help="RTTs of the TCP timing cases (default %(default)s)")
-    parser.add_argument("--tcp-gbps", type=float, default=10.0, help="bandwidth of the TCP timing cases (default %(default)s)")
+    parser.add_argument("--tcp-gbps", type=float, default=5.0, help="bandwidth of the TCP timing cases (default %(default)s)")
     parser.add_argument("--tcp-sizes-mib", default="1,16,256", help="transfer sizes of the TCP timing cases (default %(default)s)")
     parser.add_argument("--tcp-idle-s", type=float, default=1.0, help="idle period before a warm case (default %(default)s)")
     parser.add_argument("--tcp-rounds", type=int, default=3, help="rounds of the TCP timing cases (default %(default)s)")

@@ -1,4 +1,4 @@
-"""``prfaas bench wan``: the link relay's bandwidth and RTT judged against what was set; a miss exits 1."""
+"""``prfaas bench wan``: the link relay's bandwidth, RTT and TCP timing judged against their targets; a miss exits 1."""
 
 from __future__ import annotations
 
@@ -8,12 +8,22 @@ from libs.cli import main
 
 
 def test_wan_benchmark_meets_a_small_link_and_exits_1_on_an_impossible_target(capsys) -> None:
-    """0.2 Gbps and 5 ms set: achieved within 5% and 2 ms; an RTT error bound of 0.1 us is missed, exit status 1."""
+    """0.2 Gbps and 5 ms set: achieved within 5% and 2 ms; TCP timing within 10% of the model; an RTT bound of 0.1 us exits 1."""
     argv = ["bench", "wan", "--json", "--gbps", "0.2", "--rtt-ms", "5", "--rounds", "1", "--warmup-s", "0.2",
-            "--window-s", "0.5", "--pings", "10", "--target", "delay.error_ms=0.0001"]  # fmt: skip
+            "--window-s", "0.5", "--pings", "10", "--tcp-rtt-ms", "20", "--tcp-gbps", "1", "--tcp-sizes-mib", "1,4",
+            "--tcp-idle-s", "0.3", "--tcp-rounds", "1", "--keepalive-ms", "100,300", "--keepalive-mib", "4",
+            "--target", "delay.error_ms=0.0001"]  # fmt: skip
     assert main(argv) == 1
     out, err = capsys.readouterr()
     figures = json.loads(out)
     assert figures["missed"] == ["delay.error_ms"] and "MISSED" in err
     assert 0.95 <= figures["bandwidth_ratio"]["min"] <= figures["bandwidth_ratio"]["max"] <= 1.05
     assert 5.0 <= figures["delay"]["achieved_rtt_ms"] <= 7.0  # never under the set delay; 2 ms is the target's slack
+    met = {v["figure"]: v["met"] for v in figures["verdicts"]}
+    assert met["tcp_model.max_error"] and met["keepalive.max_error"]
+    cases = {(c["case"], c["size_mib"]) for c in figures["tcp_model"]["cases"]}
+    assert cases == {(case, size) for case in ("new connection", "idle, slow start after idle", "idle, window kept")
+                     for size in (1.0, 4.0)}  # fmt: skip
+    kept, restarted = figures["keepalive"]["cases"]  # 100 ms is under the 220 ms RTO, 300 ms is over it
+    assert (kept["case"], restarted["case"]) == ("keepalive 100 ms, window kept", "keepalive 300 ms, slow start")
+    assert kept["measured_ms"] < 0.5 * restarted["measured_ms"]  # 4 MiB at line rate vs 8 slow-start rounds
