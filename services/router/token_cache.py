@@ -40,8 +40,9 @@ from services.router.tokenization import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
-_CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")  # then str.isalpha: a letter (\p{L}), not a numeric that \w also takes
+_CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")  # a space after a non-space, before a letter (or a letter-like numeral)
 _ENTRY_OVERHEAD_BYTES = 300  # key tuple, dictionary slot, segment object, list and array headers
+_INT_BYTES = 32  # an int object a cached list points to
 _SAMPLE_WORDS = ("the", "Quick", "naïve", "Straße", "日本語", "текст", "λόγος", "don't", "it's", "I'M", "x2", "42",
                  "3.14", "(a)", "[b]", "#c", "e\u0301", "😀", "▁", "’s", "\u00a0", "_x", "...", "`code`")  # fmt: skip
 _SAMPLE_SEPARATORS = (" ", " ", " ", " ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \n", "\n ", ", ", ". ", "", "\u3000")
@@ -94,7 +95,6 @@ class TokenCache:
         self._entries: OrderedDict[tuple[int, str], _Segment] = OrderedDict()
         self._lock = threading.Lock()
         self._nodes = itertools.count(1)  # node 0 is a text's start
-        self._ints = list(range(tokenizer.vocab_size))  # one int object per id, shared by every cached list
         self._rng = random.Random()
         self._verify_slot = threading.Lock()
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="token-cache-verify") if verify_fraction > 0 else None
@@ -116,7 +116,7 @@ class TokenCache:
         match = _CUT.search(text, min_gap_chars)
         while match is not None:
             i = match.start()
-            if text[i + 1].isalpha() and not self._near_added(text, i):
+            if not self._near_added(text, i):
                 cuts.append(i)
                 match = _CUT.search(text, i + min_gap_chars)
             else:
@@ -162,25 +162,29 @@ class TokenCache:
             return self._tok.encode_with_array(plan.text, add_special=plan.add_special)
         todo = plan.pieces[len(plan.hits) :]
         *fresh, last = self._tok.encode_batch(todo, add_special=False)
-        segments = plan.hits + [self._segment(piece, ids) for piece, ids in zip(todo, fresh, strict=False)]
-        self._keep(plan.pieces, segments)
         head, tail = (self._head, self._tail) if plan.add_special else ([], [])
         ids = list(head)
-        for segment in segments:
+        for segment in plan.hits:
             ids += segment.ids
+        start = len(ids)
+        for piece_ids in fresh:
+            ids += piece_ids
         ids += last
         ids += tail
-        arrays = [np.asarray(head, dtype=np.int32), *(s.array for s in segments), np.asarray(last + tail, dtype=np.int32)]
+        rest = np.asarray(ids[start:], dtype=np.int64)  # one conversion: the worker holds the GIL as briefly as it can
+        bounds = itertools.accumulate(map(len, fresh), initial=0)
+        segments = [self._segment(piece, piece_ids, rest[a:b]) for piece, piece_ids, (a, b)
+                    in zip(todo, fresh, itertools.pairwise(bounds), strict=False)]  # fmt: skip
+        self._keep(plan.pieces, plan.hits + segments)
         self._from_cache.inc(plan.reused_chars)
         self._from_tokenizer.inc(plan.todo_chars)
         self._maybe_verify(plan, ids)
-        return ids, np.concatenate(arrays, dtype=np.int64)
+        return ids, np.concatenate([np.asarray(head, dtype=np.int64), *(s.array for s in plan.hits), rest], dtype=np.int64)
 
-    def _segment(self, piece: str, ids: list[int]) -> _Segment:
-        interned = list(map(self._ints.__getitem__, ids))
-        array = np.asarray(ids, dtype=np.int32)
-        size = sys.getsizeof(piece) + sys.getsizeof(interned) + array.nbytes + _ENTRY_OVERHEAD_BYTES
-        return _Segment(next(self._nodes), interned, array, size)
+    def _segment(self, piece: str, ids: list[int], array: np.ndarray) -> _Segment:
+        kept = array.astype(np.int32)
+        size = sys.getsizeof(piece) + sys.getsizeof(ids) + _INT_BYTES * len(ids) + kept.nbytes + _ENTRY_OVERHEAD_BYTES
+        return _Segment(next(self._nodes), ids, kept, size)
 
     def _keep(self, pieces: list[str], segments: list[_Segment]) -> None:
         """Store the segments from the text's start (those already held stay), the start most recent; evict past the bound."""

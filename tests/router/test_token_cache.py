@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from services.router.token_cache import TokenCache
 from services.router.tokenization import BytePromptTokenizer, PromptTokenizer, load_tokenizer
 from tests.router import tokenizers_trained as trained
 
-EXACT = ("byte", "gpt2", "llama3", "bert", "metaspace")  # tokenizers the self-test must keep the cache for
+EXACT = ("byte", "gpt2", "llama3", "whitespace", "bert", "metaspace")  # tokenizers the self-test must keep the cache for
 PIECES = trained.WORDS + trained.SPECIALS + trained.WORDLIKE + ("MAGIC WORD", "magic word", "▁", "'s", "’", "\u00a0", "😀")
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -26,7 +25,8 @@ def tokenizers(tmp_path_factory) -> dict[str, PromptTokenizer]:
     """Each kind of tokenizer the tests use, loaded as the router loads them."""
     root = tmp_path_factory.mktemp("tokenizers")
     dirs = {"gpt2": trained.gpt2_like(root / "gpt2"), "llama3": trained.llama3_like(root / "llama3"),
-            "bert": trained.bert_like(root / "bert"), "metaspace": trained.metaspace(root / "ms", split=True),
+            "whitespace": trained.whitespace_runs(root / "ws"), "bert": trained.bert_like(root / "bert"),
+            "metaspace": trained.metaspace(root / "ms", split=True),
             "metaspace_whole": trained.metaspace(root / "msw", split=False)}  # fmt: skip
     return {"byte": load_tokenizer("byte")} | {name: load_tokenizer(str(d)) for name, d in dirs.items()}
 
@@ -131,20 +131,15 @@ def test_runtime_verification_disables_the_cache_on_a_mismatch(caplog):
     tok = _SplitSensitive()
     registry = CollectorRegistry()
     cache = cache_of(tok, chunk_chars=1, verify_fraction=1.0, registry=registry)
-    try:
-        assert cache.enabled, cache.disabled_reason
-        text = "a prompt that says zq zq somewhere in it"
-        with caplog.at_level(logging.ERROR, logger="services.router.token_cache"):
-            first = cache.encode(text, add_special=True)[0]  # split before " zq": the pair is lost
-            deadline = time.monotonic() + 10  # one background tokenization of 40 bytes
-            while cache.enabled and time.monotonic() < deadline:
-                time.sleep(0.01)
-        assert first != tok.encode(text, add_special=True) and not cache.enabled
-        assert registry.get_sample_value("prfaas_router_token_cache_mismatches_total") == 1
-        assert any("token cache disabled" in r.getMessage() for r in caplog.records)
-        assert cache.encode(text, add_special=True)[0] == tok.encode(text, add_special=True) and cache.size_bytes == 0
-    finally:
-        cache.close()
+    assert cache.enabled, cache.disabled_reason
+    text = "a prompt that says zq zq somewhere in it"
+    with caplog.at_level(logging.ERROR, logger="services.router.token_cache"):
+        first = cache.encode(text, add_special=True)[0]  # split before " zq": the pair is lost
+        cache.close()  # waits for the verification under way
+    assert first != tok.encode(text, add_special=True) and not cache.enabled
+    assert registry.get_sample_value("prfaas_router_token_cache_mismatches_total") == 1
+    assert any("token cache disabled" in r.getMessage() for r in caplog.records)
+    assert cache.encode(text, add_special=True)[0] == tok.encode(text, add_special=True) and cache.size_bytes == 0
 
 
 def test_memory_is_bounded_and_least_recent_goes_first(tokenizers):

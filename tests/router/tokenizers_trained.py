@@ -68,6 +68,17 @@ def gpt2_like(directory: Path) -> Path:
     return _save(tok, directory, {"bos_token": "<s>", "eos_token": "</s>"})
 
 
+def whitespace_runs(directory: Path) -> Path:
+    """Byte-level BPE behind a split that keeps each whitespace run one piece (a cut inside a run would break it)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    return _save(tok, directory)
+
+
 def bert_like(directory: Path) -> Path:
     """WordPiece behind a lowercasing normalizer; [CLS] before and [SEP] after; a normalized added token with a space."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
