@@ -12,6 +12,13 @@ timed on the same prompt's block hashes: the lookup request/reply over NATS to t
 decision's median over the lookup's; ``tokenize`` times the tokenizer alone on a sample;
 ``index_late`` counts decisions whose lookup missed the router's deadline (the router then decides
 without it, as it would in service).
+
+The router caches tokenizations by prompt prefix (``services/router/token_cache.py``), and these
+prompts share all but their question, so the figures are those of a prompt whose shared text the
+router has tokenized before (warm: its last request's). ``cold`` times, interleaved with them, the
+decision for a prompt the router has never seen (its token cache cleared first: a restarted router,
+or another router's conversation), against the same floor; only its question differs from the warm
+ones, so the index still holds its prefix.
 """
 
 from __future__ import annotations
@@ -107,6 +114,18 @@ def _figure(values_s: list[float]) -> dict:
     return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "n": len(ordered)}
 
 
+async def _decision(router: RouterService, text: str, request_id: str, held: int):
+    """One decision's time and its prepared request (an answered lookup must have found the held prefix)."""
+    req = GenerationRequest("text", MODEL, text, None, None, 16, Sampling(), False, False)
+    start = time.perf_counter()
+    prepared = await router.scheduler.prepare(req, request_id, None)
+    router.scheduler.decide(prepared)
+    elapsed = time.perf_counter() - start
+    if prepared.lookup is not None and not any(p.instance == HOLDER and p.usable_blocks >= held for p in prepared.lookup.instances):
+        raise PrfaasError(f"a timed lookup missed the {held} blocks stored on {HOLDER}")
+    return elapsed, prepared  # no lookup: the index was late (past the router's deadline) or failed; counted
+
+
 async def _one_length(router: RouterService, shared: str, store: RedisKvStore, seq: int, decisions: int) -> dict:
     """Time decisions of prompts ``shared`` + a question, whose shared blocks the index holds, and their floors."""
     common = _hashes(router, _prompt(shared, 0))
@@ -114,17 +133,14 @@ async def _one_length(router: RouterService, shared: str, store: RedisKvStore, s
     held = next((k for k, (a, b) in enumerate(zip(common, other, strict=False)) if a != b), min(len(common), len(other)))
     client = KvIndexClient(router.nc, timeout_s=5.0)
     await _store_prefix(client, seq, common[:held])
-    times, nats_s, lua_s, lengths, late = [], [], [], [], 0
+    times, cold_s, nats_s, lua_s, lengths, late, cold_late = [], [], [], [], [], 0, 0
     for i in range(decisions + WARMUP):
-        req = GenerationRequest("text", MODEL, _prompt(shared, i), None, None, 16, Sampling(), False, False)
-        start = time.perf_counter()
-        prepared = await router.scheduler.prepare(req, f"b{seq}-{i}", None)
-        router.scheduler.decide(prepared)
-        elapsed = time.perf_counter() - start
-        if prepared.lookup is None:  # the index was late (past the router's deadline) or failed: counted
-            late += i >= WARMUP
-        elif not any(p.instance == HOLDER and p.usable_blocks >= held for p in prepared.lookup.instances):
-            raise PrfaasError(f"a timed lookup missed the {held} blocks stored on {HOLDER}")
+        router.scheduler.token_cache.clear()  # a prompt the router has not seen
+        elapsed, prepared = await _decision(router, _prompt(shared, -1 - i), f"b{seq}-cold-{i}", held)
+        cold_late += i >= WARMUP and prepared.lookup is None
+        cold_s.append(elapsed)
+        elapsed, prepared = await _decision(router, _prompt(shared, i), f"b{seq}-{i}", held)  # shares the one before
+        late += i >= WARMUP and prepared.lookup is None
         hashes = hash_list(np.asarray(prepared.prompt_ids, dtype=np.int64), prepared.block_size)
         start = time.perf_counter()
         await client.lookup(hashes, hybrid=prepared.profile.n_linear_layers > 0)
@@ -143,10 +159,12 @@ async def _one_length(router: RouterService, shared: str, store: RedisKvStore, s
         start = time.perf_counter()
         router.scheduler.tokenizer.encode_with_array(text, add_special=True)
         tokenize_s.append(time.perf_counter() - start)
-    figure = _figure(times)
+    figure, cold = _figure(times), _figure(cold_s[WARMUP:])
     floor = {"lookup_nats": _figure(nats_s), "lua_walk": _figure(lua_s)}
+    cold |= {"vs_floor": cold["p50_ms"] / floor["lookup_nats"]["p50_ms"], "index_late": cold_late}
     return figure | {"prompt_tokens": int(statistics.median(lengths)), "held_blocks": held, "index_late": late, "floor": floor,
-                     "vs_floor": figure["p50_ms"] / floor["lookup_nats"]["p50_ms"], "tokenize": _figure(tokenize_s)}  # fmt: skip
+                     "vs_floor": figure["p50_ms"] / floor["lookup_nats"]["p50_ms"], "cold": cold,
+                     "tokenize": _figure(tokenize_s)}  # fmt: skip
 
 
 async def decision_case(nats_url: str, redis_url: str, workdir: Path, decisions: int) -> dict:
