@@ -22,11 +22,14 @@ target at site B, and moves the bytes of each direction through that direction o
   client's ACK would have reached it (a refused connect reaches the client one RTT after it). Each
   direction of a connection has a congestion window (:mod:`libs.lab.wan_cwnd`): 10 segments at
   first, growing by each acknowledged byte (an acknowledgement comes back one return delay after
-  its chunk was delivered) while it limits the sender, so it doubles per RTT until the connection's
-  share of the bandwidth or the receive window (``window_bytes``, 32 MiB) limits it; after an idle
-  period longer than the RTO (RTT + 200 ms, Linux's with a steady RTT) with nothing in flight it
-  restarts from 10 segments, unless ``slow_start_after_idle`` is off (a tuned host).
-  :func:`libs.lab.wan_tcp_model.delivery_time_s` is the model it is judged against.
+  its chunk was due at the far end, or after it arrived if the receiver held it up) while it limits
+  the sender, so it doubles per RTT until the connection's share of the bandwidth or the receive
+  window (``window_bytes``, 32 MiB) limits it; a chunk is at most an eighth of the window, so a
+  round's first acknowledgement is not held back by a large chunk. After an idle period longer than
+  the RTO (RTT + 200 ms, Linux's with a steady RTT) with nothing in flight the window restarts from
+  10 segments (RFC 5681; Linux halves it per idle RTO down to that), unless
+  ``slow_start_after_idle`` is off (a tuned host). :func:`libs.lab.wan_tcp_model.delivery_time_s`
+  is the model it is judged against (``prfaas bench wan``).
 - **Partition**: ``blackhole`` (the default) stops every byte in both directions, as a real cut
   does: connections stay open and silent, new ones are accepted but not carried, and the
   endpoints notice only through their own deadlines and pings (the lab's NATS servers ping every

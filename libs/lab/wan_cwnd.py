@@ -3,11 +3,13 @@
 Bytes in flight are those sent (read from the sender) and not yet acknowledged; an acknowledgement
 is posted by the writer thread when it delivers a chunk, due one return delay later. While the
 window limits the sender, each acknowledged byte adds one to the window, so it doubles per round
-trip, up to the receive window. Limits, as Linux judges it in slow start: the window is under twice
-the largest in flight of the current window of data (``max_packets_out``, renewed once all that
-was in flight when it was set is acknowledged), so a keepalive or a sender slower than the link
-does not grow it. Without loss there is no congestion avoidance. Threading: :meth:`acknowledge` from any thread, the rest from the
-reader thread only.
+trip, up to the receive window. The window limits the sender as Linux judges it in slow start:
+it is under twice the largest in flight of the current window of data (``max_packets_out``,
+renewed once all that was in flight when it was set is acknowledged), so a keepalive or a sender
+slower than the link does not grow it. Without loss there is no congestion avoidance. After idle,
+the window restarts from 10 segments (RFC 5681 4.1); Linux's ``tcp_cwnd_restart`` halves it per
+idle RTO down to that, so for idle periods of a few RTOs Linux keeps more than this does.
+Threading: :meth:`acknowledge` from any thread, the rest from the reader thread only.
 """
 
 from __future__ import annotations
