@@ -101,6 +101,7 @@ class TokenCache:
         added = [t for t in tokenizer.added_texts() if t]
         self._added = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
         self._reach = 2 * max(map(len, added), default=0)  # twice: normalizing may drop characters (accents)
+        self._normalized_added = bool(added) and tokenizer.normalize("") is not None
         self._head: list[int] = []
         self._tail: list[int] = []
         self.disabled_reason = "no memory for it (0 bytes)" if max_bytes == 0 else self._self_test()
@@ -112,26 +113,33 @@ class TokenCache:
 
     def safe_cuts(self, text: str, min_gap_chars: int) -> list[int]:
         """Safe cuts of ``text``, each at least ``min_gap_chars`` after the one before (the first after its start)."""
-        cuts = []
+        zones = self._added_zones(text)
+        cuts, z = [], 0
         match = _CUT.search(text, min_gap_chars)
         while match is not None:
             i = match.start()
-            if not self._near_added(text, i):
+            while z < len(zones) and zones[z][1] < i:
+                z += 1
+            if z < len(zones) and zones[z][0] <= i:
+                match = _CUT.search(text, zones[z][1] + 1)
+            elif self._normalized_added and self._near_normalized_added(text, i):
+                match = _CUT.search(text, i + 1)
+            else:
                 cuts.append(i)
                 match = _CUT.search(text, i + min_gap_chars)
-            else:
-                match = _CUT.search(text, i + 1)
         return cuts
 
-    def _near_added(self, text: str, i: int) -> bool:
-        """Whether an added token's text (raw or normalized) occurs within reach of position ``i``."""
+    def _added_zones(self, text: str) -> list[tuple[int, int]]:
+        """Spans within reach of an added token's text, in order. An occurrence the scan skips overlaps one it found,
+        so the reach around those found covers it."""
         if self._added is None:
-            return False
+            return []
+        return [(m.start() - self._reach, m.end() + self._reach) for m in self._added.finditer(text)]
+
+    def _near_normalized_added(self, text: str, i: int) -> bool:
+        """Whether an added token matched in normalized text occurs there within reach of position ``i``."""
         lo, hi = max(0, i - self._reach), i + self._reach + 1
-        if self._added.search(text, lo, hi) is not None:
-            return True
-        normalized = self._tok.normalize(text[lo:hi])
-        return normalized is not None and self._added.search(normalized) is not None
+        return self._added.search(self._tok.normalize(text[lo:hi])) is not None
 
     # --- ids ----------------------------------------------------------------------------
 

@@ -79,6 +79,19 @@ def test_prompts_sharing_prefixes_get_the_ids_of_the_whole(tokenizers, name, bas
 
 
 @pytest.mark.parametrize("name", EXACT)
+def test_prompts_differing_only_just_before_a_cut_keep_their_own_ids(tokenizers, name):
+    """A prompt that differs from a cached one only in the character before a cut, or in one character more, is not
+    given the cached segment's ids."""
+    tok = tokenizers[name]
+    cache = cache_of(tok)
+    text = " ".join(trained.WORDS[:20])
+    for cut in cache.safe_cuts(text, 8):
+        for variant in (text[: cut - 1] + "Z" + text[cut:], text[:cut] + "s" + text[cut:]):
+            for prompt in (text, variant):
+                assert cache.encode(prompt, add_special=True)[0] == tok.encode(prompt, add_special=True)
+
+
+@pytest.mark.parametrize("name", EXACT)
 def test_a_conversation_reuses_its_earlier_turns(tokenizers, name):
     """Each turn of a growing chat transcript (specials between turns) is exact and reuses the turns before it."""
     tok = tokenizers[name]
