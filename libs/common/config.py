@@ -108,7 +108,7 @@ class EnvReader:
 
     def log_level(self, default: str) -> str:
         """``LOG_LEVEL``: one of ``LOG_LEVELS``, any case."""
-        value = self.str("LOG_LEVEL", default).upper()
-        if value not in LOG_LEVELS:
-            raise self._bad("LOG_LEVEL", value, f"one of {', '.join(LOG_LEVELS)}")
-        return value
+        raw = self.str("LOG_LEVEL", default)
+        if raw.upper() not in LOG_LEVELS:
+            raise self._bad("LOG_LEVEL", raw, f"one of {', '.join(LOG_LEVELS)}")
+        return raw.upper()

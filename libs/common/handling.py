@@ -1,6 +1,8 @@
-"""Handling a bus message, once for every service: decode it, answer with a reply or a typed error, drop garbage.
+"""Handling a bus message, once for every service: ask, decode, answer with a reply or a typed error, drop garbage.
 
-A request (a message with a reply inbox) is answered by ``answer``: the handler's reply, or the
+A client asks with ``ask``: the reply, or the typed error the service answered, ``Unreachable`` when
+nobody listens, ``UpstreamTimeout`` past the deadline. A request (a message with a reply inbox) is
+answered by ``answer``: the handler's reply, or the
 ``ErrorReply`` of the ``PrfaasError`` it raised, so typed errors cross the bus intact. A message
 that fails to decode is a client error: ``decoded`` counts it and raises ``BadRequest`` (which
 ``answer`` sends back); ``decoded_or_none`` counts and logs it and the subscription goes on.
@@ -14,16 +16,33 @@ from typing import TypeVar
 
 import msgspec
 import nats.errors
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from libs.common import subjects
-from libs.common.errors import BadRequest, PrfaasError
+from libs.common.errors import BadRequest, PrfaasError, Unreachable, UpstreamTimeout, error_from_code
 from libs.common.messages import ErrorReply, InstanceLoad, encode, instance_load_decoder
+from libs.common.telemetry import inject_headers
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+async def ask(nc: NatsClient, subject: str, request: msgspec.Struct, reply_decoder: msgspec.msgpack.Decoder,
+              timeout_s: float, where: str) -> msgspec.Struct:  # fmt: skip
+    """Send ``request`` to ``subject`` (trace context in its headers) and return the reply, or raise its typed error."""
+    try:
+        msg = await nc.request(subject, encode(request), timeout=timeout_s, headers=inject_headers())
+    except nats.errors.NoRespondersError as e:
+        raise Unreachable(f"{where} is not listening") from e
+    except nats.errors.TimeoutError as e:
+        raise UpstreamTimeout(f"{where} did not answer within {timeout_s}s") from e
+    reply = reply_decoder.decode(msg.data)
+    if isinstance(reply, ErrorReply):
+        raise error_from_code(reply.code, reply.message)
+    return reply
 
 
 def decoded(decoder: msgspec.msgpack.Decoder, msg: Msg, what: str, bad_messages: Counter) -> T:
@@ -69,6 +88,16 @@ async def answer(msg: Msg, handle: Callable[[], Awaitable[msgspec.Struct]],
             refused(e)
         reply = ErrorReply(code=e.code, message=e.message)
     await respond(msg, reply)
+
+
+def counted_refusal(jobs: Counter, what: str) -> Callable[[PrfaasError], None]:
+    """What ``answer`` does with a refusal of a job: count it by code under ``jobs`` and log it."""
+
+    def refused(e: PrfaasError) -> None:
+        jobs.labels(e.code).inc()
+        log.info("%s refused", what, extra={"code": e.code, "error": e.message})
+
+    return refused
 
 
 async def respond(msg: Msg, reply: msgspec.Struct) -> None:

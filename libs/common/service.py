@@ -26,9 +26,11 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from prometheus_client import CollectorRegistry
 
 from libs.common.bus import settle
 from libs.common.messages import encode
+from libs.common.telemetry import start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,18 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task], timeout_s: float | None
         if task.done() and not task.cancelled():
             task.exception()  # retrieved here: a failure that raced the stop is not worth a warning at exit
     return len(pending)
+
+
+async def serve(service: BusService, stop: asyncio.Event, *, metrics_port: int, registry: CollectorRegistry) -> None:
+    """Run ``service`` (its Prometheus endpoint on ``metrics_port`` unless 0) until ``stop`` is set, then drain its connection."""
+    if metrics_port:
+        start_metrics_server(metrics_port, registry=registry)
+    try:
+        async with service:
+            await stop.wait()
+    finally:
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await service.nc.drain()
 
 
 async def heartbeat(nc: NatsClient, subject: str, make: Callable[[], msgspec.Struct], every_s: float) -> None:

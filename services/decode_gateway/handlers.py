@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from libs.common.errors import PrfaasError
-from libs.common.handling import answer, decoded
+from libs.common.handling import answer, counted_refusal, decoded
 from libs.common.messages import DecodeReservation, KvDestination, decode_job_decoder
 from libs.common.telemetry import extract_context
 from services.decode_gateway.job import run_job
@@ -42,12 +41,8 @@ async def handle_job(svc: DecodeGatewayService, msg: Msg) -> None:
             lease_s=res.lease_s,
         )
 
-    def refused(e: PrfaasError) -> None:
-        svc.metrics.jobs.labels(e.code).inc()
-        log.info("decode job refused", extra={"code": e.code, "error": e.message})
-
     with tracer.start_as_current_span("decode_gateway.reserve", context=extract_context(msg.headers)) as span:
-        await answer(msg, reserve, refused)
+        await answer(msg, reserve, counted_refusal(svc.metrics.jobs, "decode job"))
 
 
 async def handle_cancel(svc: DecodeGatewayService, msg: Msg) -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 
-import nats.errors
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
@@ -17,8 +15,7 @@ from libs.common.bus import connect
 from libs.common.entrypoint import run_service
 from libs.common.jobs import JobTable
 from libs.common.messages import InstanceLoad
-from libs.common.service import BusService, heartbeat
-from libs.common.telemetry import start_metrics_server
+from libs.common.service import BusService, heartbeat, serve
 from libs.engine.backends import Backend
 from libs.engine.build import build_backend
 from libs.engine.events import KvEventPublisher
@@ -130,17 +127,12 @@ class DecodeGatewayService(BusService):
 async def run(config: DecodeGatewayConfig, stop: asyncio.Event) -> None:
     """Connect, serve until ``stop`` is set, then drain."""
     backend = build_backend(config.backend)
-    nc = await connect(config.nats_url, name=f"decode_gateway.{config.instance}", connect_timeout_s=config.connect_timeout_s)
     try:
+        nc = await connect(config.nats_url, name=f"decode_gateway.{config.instance}", connect_timeout_s=config.connect_timeout_s)
         service = DecodeGatewayService(nc, backend, config)
-        if config.metrics_port:
-            start_metrics_server(config.metrics_port, registry=service.registry)
-        async with service:
-            await stop.wait()
+        await serve(service, stop, metrics_port=config.metrics_port, registry=service.registry)
     finally:
         await backend.close()
-        with contextlib.suppress(nats.errors.Error):
-            await nc.drain()
 
 
 def main() -> None:

@@ -23,8 +23,7 @@ from libs.common.bus import connect, ensure_consumer, ensure_stream
 from libs.common.entrypoint import run_service
 from libs.common.errors import BadRequest, UpstreamTimeout
 from libs.common.messages import KvSnapshotRequest, encode
-from libs.common.service import BusService
-from libs.common.telemetry import start_metrics_server
+from libs.common.service import BusService, serve
 from services.kv_index.config import KvIndexConfig
 from services.kv_index.handlers import handle_kv_batch, handle_load, handle_lookup
 from services.kv_index.metrics import KvIndexMetrics
@@ -280,14 +279,8 @@ async def run(config: KvIndexConfig, stop: asyncio.Event) -> None:
     try:
         await _wait_for_redis(redis_client, config)
         nc = await connect(config.nats_url, name="kv_index", connect_timeout_s=config.connect_timeout_s)
-        try:
-            service = KvIndexService(nc, redis_client, config)
-            if config.metrics_port:
-                start_metrics_server(config.metrics_port, registry=service.registry)
-            async with service:
-                await stop.wait()
-        finally:
-            await nc.drain()
+        service = KvIndexService(nc, redis_client, config)
+        await serve(service, stop, metrics_port=config.metrics_port, registry=service.registry)
     finally:
         await redis_client.aclose()
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from libs.common import subjects
-from libs.common.errors import Unreachable, UpstreamTimeout, error_from_code
-from libs.common.messages import ErrorReply, PrefillAccepted, PrefillJob, encode, prefill_job_reply_decoder
-from libs.common.telemetry import inject_headers
+from libs.common.handling import ask
+from libs.common.messages import PrefillAccepted, PrefillJob, prefill_job_reply_decoder
 
 
 class PrefillGatewayClient:
@@ -23,13 +21,4 @@ class PrefillGatewayClient:
         ``Unreachable`` if nobody listens, ``UpstreamTimeout`` past the deadline."""
         subject = subjects.prefill_instance_jobs(site, cluster, instance) if instance else subjects.prefill_jobs(site, cluster)
         where = f"prefill instance {site}/{instance}" if instance else f"prefill cluster {site}/{cluster}"
-        try:
-            msg = await self.nc.request(subject, encode(job), timeout=self.timeout_s, headers=inject_headers())
-        except nats.errors.NoRespondersError as e:
-            raise Unreachable(f"{where} is not listening") from e
-        except nats.errors.TimeoutError as e:
-            raise UpstreamTimeout(f"{where} did not answer within {self.timeout_s}s") from e
-        reply = prefill_job_reply_decoder.decode(msg.data)
-        if isinstance(reply, ErrorReply):
-            raise error_from_code(reply.code, reply.message)
-        return reply
+        return await ask(self.nc, subject, job, prefill_job_reply_decoder, self.timeout_s, where)

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from libs.common.errors import PrfaasError
-from libs.common.handling import answer, decoded
+from libs.common.handling import answer, counted_refusal, decoded
 from libs.common.messages import PrefillAccepted, prefill_job_decoder
 from libs.common.telemetry import extract_context
 from services.prefill_gateway.intake import admit
@@ -34,12 +33,8 @@ async def handle_job(svc: PrefillGatewayService, msg: Msg, named: str | None = N
             svc.queue(run, run_prefill(svc.job_context, run))
         return accepted
 
-    def refused(e: PrfaasError) -> None:
-        svc.metrics.jobs.labels(e.code).inc()
-        log.info("prefill job refused", extra={"code": e.code, "error": e.message})
-
     with tracer.start_as_current_span("prefill_gateway.accept", context=extract_context(msg.headers)) as span:
-        await answer(msg, accept, refused)
+        await answer(msg, accept, counted_refusal(svc.metrics.jobs, "prefill job"))
 
 
 async def handle_cancel(svc: PrefillGatewayService, msg: Msg) -> None:

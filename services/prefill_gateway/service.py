@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Mapping
 
-import nats.errors
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 
@@ -16,8 +14,7 @@ from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.entrypoint import run_service
 from libs.common.jobs import JobTable
-from libs.common.service import BusService, heartbeat
-from libs.common.telemetry import start_metrics_server
+from libs.common.service import BusService, heartbeat, serve
 from libs.engine.backends import Backend
 from libs.engine.build import build_backend
 from libs.kvwire import KvLinks, LinkConfig
@@ -99,18 +96,13 @@ class PrefillGatewayService(BusService):
 async def run(config: PrefillGatewayConfig, stop: asyncio.Event) -> None:
     """Connect, serve until ``stop`` is set, then drain."""
     backends = {name: build_backend(config.backend) for name in config.instances}
-    nc = await connect(config.nats_url, name=f"prefill_gateway.{config.cluster}", connect_timeout_s=config.connect_timeout_s)
     try:
+        nc = await connect(config.nats_url, name=f"prefill_gateway.{config.cluster}", connect_timeout_s=config.connect_timeout_s)
         service = PrefillGatewayService(nc, backends, config)
-        if config.metrics_port:
-            start_metrics_server(config.metrics_port, registry=service.registry)
-        async with service:
-            await stop.wait()
+        await serve(service, stop, metrics_port=config.metrics_port, registry=service.registry)
     finally:
         for backend in backends.values():
             await backend.close()
-        with contextlib.suppress(nats.errors.Error):
-            await nc.drain()
 
 
 def main() -> None:

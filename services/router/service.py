@@ -16,7 +16,7 @@ from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.entrypoint import run_service
 from libs.common.errors import PrfaasError
-from libs.common.service import BusService
+from libs.common.service import BusService, serve
 from services.decode_gateway.client import DecodeGatewayClient
 from services.kv_index.client import KvIndexClient
 from services.prefill_gateway.client import PrefillGatewayClient
@@ -121,12 +121,9 @@ class RouterService(BusService):
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     """Connect, serve until ``stop`` is set, then drain."""
     nc = await connect(config.nats_url, name=f"router-{config.router_id}", connect_timeout_s=config.connect_timeout_s)
-    try:
-        async with RouterService(nc, config):
-            gc.freeze()  # what start-up made lives as long as the process: later collections skip it
-            await stop.wait()
-    finally:
-        await nc.drain()
+    service = RouterService(nc, config)
+    gc.freeze()  # what start-up made (tokenizer, template, policy) lives as long as the process: collections skip it
+    await serve(service, stop, metrics_port=0, registry=service.registry)  # /metrics is on the router's own port
 
 
 def main() -> None:
