@@ -11,6 +11,7 @@ import atexit
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,8 +31,31 @@ _PR_SET_PDEATHSIG = 1
 _LIVE: weakref.WeakSet[_Process] = weakref.WeakSet()
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections and ``bind(0)``."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, chosen below the ephemeral range.
+
+    A port from ``bind(0)`` lies in the range the kernel also gives every outgoing connection, so
+    between the choice and the server's bind another process's connection could take it (seen:
+    a nats-server monitor port "already in use"). Below the range only another explicit listener
+    could, and a random choice among thousands makes that rare.
+    """
+    high = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(max(1024, high - 20000), high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
