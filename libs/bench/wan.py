@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gbps", default="1,10", help="bandwidths to set, comma-separated (default %(default)s)")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="link RTT during every measurement (default %(default)s)")
     parser.add_argument("--connections", type=int, default=4, help="blaster connections (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved bandwidth rounds (default %(default)s)")
     parser.add_argument("--warmup-s", type=float, default=0.5, help="traffic before the window (default %(default)s)")
     parser.add_argument("--window-s", type=float, default=1.5, help="measured window (default %(default)s)")
     parser.add_argument("--pings", type=int, default=50, help="ping-pongs per RTT measurement (default %(default)s)")
