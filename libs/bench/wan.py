@@ -11,7 +11,8 @@ Figures are medians over ``--rounds`` with their range (this machine is shared: 
 TCP's timing (``tcp_model``): at each ``--tcp-rtt-ms`` and ``--tcp-gbps``, the time to deliver
 each of ``--tcp-sizes-mib`` on a new connection (connect to the last byte received), then on the
 largest one's connection after ``--tcp-idle-s`` idle with slow start after idle (it restarts from
-10 segments) and without it (it keeps its window), each against
+10 segments) and without it (it keeps its window, opened past the bandwidth-delay product first if
+the largest size did not), each against
 :func:`libs.lab.wan_tcp_model.delivery_time_s`; ``max_error`` is the largest relative error of a
 case's median. ``keepalive``: at the first RTT, a warm connection sends one byte every
 ``--keepalive-ms`` through the idle period, then ``--keepalive-mib``: below the RTO (RTT + 200 ms)
@@ -196,11 +197,14 @@ def _tcp_cases(
         yield "new connection", size, pair.transfer_s(size, since=pair.opened_at), model(size)
         if size != sizes[-1]:
             pair.close()
-    with pair:  # the largest transfer opened the window
+    with pair:
         for size in sizes:
             time.sleep(args.tcp_idle_s)  # the idle period under test
             yield "idle, slow start after idle", size, pair.transfer_s(size), model(size, handshake=False)
         change_link(relay.control_url, {"slow_start_after_idle": False})
+        opening = int(4 * min(args.tcp_gbps * 1e9 / 8 * rtt_ms / 1000, DEFAULT_WINDOW_BYTES))
+        if sizes[-1] < opening:  # slow start passes the bandwidth-delay product after sending about twice it
+            pair.transfer_s(opening)
         for size in sizes:
             time.sleep(args.tcp_idle_s)
             yield "idle, window kept", size, pair.transfer_s(size), model(size, handshake=False,
