@@ -60,6 +60,26 @@ def test_a_new_connection_pays_one_rtt_before_its_first_byte_crosses(target: soc
         relay.stop()
 
 
+def test_a_refused_connect_reaches_the_client_one_rtt_after_it() -> None:
+    """A target that refuses (nothing listens) is seen by the client as the end of its connection 40 ms after it."""
+    port = free_port()  # nothing listens there: connecting is refused
+    forward = Forward("dc-a", (LOCAL, free_port()), (LOCAL, port))
+    relay = LinkRelay(("dc-a", "dc-b"), forwards=[forward], gbps=1.0, rtt_ms=40.0).start()
+    address = forward.listen
+    try:
+        t0 = time.monotonic()
+        with socket.create_connection(address, timeout=5.0) as client:
+            try:
+                assert client.recv(1) == b""  # the relay ends it (FIN, then RST)
+            except ConnectionResetError:
+                pass
+        # Lower bound: the SYN's way out and the RST's way back. Upper: 20 ms of wake-ups on a loaded
+        # 2-core machine, under the 40 ms of one more round trip.
+        assert 0.040 <= time.monotonic() - t0 <= 0.060
+    finally:
+        relay.stop()
+
+
 def test_a_cold_transfer_takes_the_tcp_models_time(target: socket.socket) -> None:
     """4 MiB on a new connection over 1 Gbps / 20 ms: handshake, 8 slow-start rounds, the rest at line rate (~194 ms)."""
     relay, address = _relay(target, gbps=1.0, rtt_ms=20.0)
