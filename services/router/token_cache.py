@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 _CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")  # a space after a non-space, before a letter (or a letter-like numeral)
 _ENTRY_OVERHEAD_BYTES = 300  # key tuple, dictionary slot, segment object, list and array headers
 _INT_BYTES = 32  # an int object a cached list points to
+_LAST_SHARED_INT = 256  # CPython keeps one object for each int up to this
 _SAMPLE_WORDS = ("the", "Quick", "naïve", "Straße", "日本語", "текст", "λόγος", "don't", "it's", "I'M", "x2", "42",
                  "3.14", "(a)", "[b]", "#c", "e\u0301", "😀", "▁", "’s", "\u00a0", "_x", "...", "`code`")  # fmt: skip
 _SAMPLE_SEPARATORS = (" ", " ", " ", " ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \n", "\n ", ", ", ". ", "", "\u3000")
@@ -191,7 +192,8 @@ class TokenCache:
 
     def _segment(self, piece: str, ids: list[int], array: np.ndarray) -> _Segment:
         kept = array.astype(np.int32)
-        size = sys.getsizeof(piece) + sys.getsizeof(ids) + _INT_BYTES * len(ids) + kept.nbytes + _ENTRY_OVERHEAD_BYTES
+        ints = int(np.count_nonzero(kept > _LAST_SHARED_INT))  # ids up to 256 are ints Python shares
+        size = sys.getsizeof(piece) + sys.getsizeof(ids) + _INT_BYTES * ints + kept.nbytes + _ENTRY_OVERHEAD_BYTES
         return _Segment(next(self._nodes), ids, kept, size)
 
     def _keep(self, pieces: list[str], segments: list[_Segment]) -> None:
