@@ -71,6 +71,11 @@ def add_parser(subparsers) -> None:
     state.add_argument("--up", action="store_true", help="restore a partitioned link")
     link.add_argument("--reset", action="store_true", help="with --down: end connections at once and refuse new ones")
     link.add_argument("--one-way", action="store_true", help="change only the SRC -> DST direction (bandwidth, delay, loss)")
+    restart = link.add_mutually_exclusive_group()
+    restart.add_argument("--no-slow-start-after-idle", dest="slow_start_after_idle", action="store_false", default=None,
+                         help="keep a connection's window across idle periods (a host with tcp_slow_start_after_idle=0)")
+    restart.add_argument("--slow-start-after-idle", dest="slow_start_after_idle", action="store_true",
+                         help="restart from 10 segments after an idle RTO (Linux's default)")
 
     compose = verbs.add_parser("compose", help="render a topology as a docker compose project (compose file, NATS configs)")
     compose.add_argument("--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)")
@@ -184,8 +189,10 @@ def run_link(args: argparse.Namespace) -> int:
         raise BadRequest("--reset goes with --down")
     if args.down or args.up:
         changes |= {"up": args.up} | ({"reset": True} if args.reset else {})
+    if args.slow_start_after_idle is not None:
+        changes["slow_start_after_idle"] = args.slow_start_after_idle
     if not changes:
-        raise BadRequest("nothing to change: give --gbps, --rtt-ms, --loss-pct, --down or --up")
+        raise BadRequest("nothing to change: give --gbps, --rtt-ms, --loss-pct, --down, --up or --[no-]slow-start-after-idle")
     if args.one_way:
         if "up" in changes:
             raise BadRequest("--down/--up cut or restore both directions; drop --one-way")

@@ -184,6 +184,8 @@ class _Planner:
                 "--control", f"{self.a.bind(name)}:{ports['control']}", "--log-level", self.s.log_level]  # fmt: skip
         for f in forwards:
             argv += ["--forward", f]
+        if not link.slow_start_after_idle:
+            argv.append("--no-slow-start-after-idle")
         control = f"http://{self.a.host(name)}:{ports['control']}"
         return ProcessSpec(name, "wan", tuple(argv), {}, None, None, Ready("http", control + "/health"), ports=ports)
 

@@ -92,3 +92,23 @@ def test_instance_names_are_numbered_per_cluster_and_role() -> None:
     )
     (pd,) = t.site("dc-b").clusters
     assert [instance_names(pd, i) for i in range(3)] == [["pd-p0"], ["pd-d0"], ["pd-d1", "pd-d2"]]
+
+
+def test_a_link_that_keeps_its_window_when_idle_reaches_its_relay() -> None:
+    """`slow_start_after_idle = false` on a topology link is passed to that link's relay process."""
+    from libs.lab.compose import ComposeAddresses
+    from libs.lab.plan import plan
+
+    tuned = load_topology(str(_write(DEFAULT.replace("rtt_ms = 20.0", "rtt_ms = 20.0\nslow_start_after_idle = false"))))
+    [relay] = [spec for spec in plan(tuned, ComposeAddresses()) if spec.role == "wan"]
+    assert "--no-slow-start-after-idle" in relay.argv
+    [default_relay] = [spec for spec in plan(load_topology("default"), ComposeAddresses()) if spec.role == "wan"]
+    assert "--no-slow-start-after-idle" not in default_relay.argv
+
+
+def _write(text: str) -> Path:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "tuned.toml"
+    path.write_text(text)
+    return path
