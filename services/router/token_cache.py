@@ -3,8 +3,8 @@ safe cut, then the ids of the rest.
 
 A *safe cut* is the position of a single space that follows a non-space character and precedes a letter, with no
 added or special token's text within reach (so no added token, nor the whitespace it strips, spans it). Pre-tokenizer
-splits of the GPT-2 / Llama 3 kind (``\\s*[\\r\\n]+`` and ``\\s+(?!\\S)`` included), Metaspace with ``split`` and
-BERT's never join the characters on both sides of such a space into one piece, and the space opens the next word's
+splits of the GPT-2 / Llama 3 kind (``\\s*[\\r\\n]+`` and ``\\s+(?!\\S)`` included), whitespace runs, Metaspace with
+``split`` and BERT's never join the characters on both sides of such a space into one piece, and the space opens the next word's
 piece wherever it stands, so the ids of a text are the ids of its pieces between cuts, concatenated, between the
 specials the post-processor adds (BOS first, e.g. [SEP] last). Whether a tokenizer keeps that promise is checked when
 the cache is built (the self-test: sample texts split at every safe cut against whole; a failure turns the cache off,
@@ -14,8 +14,8 @@ and logged).
 A text is cut into segments of at least ``chunk_chars`` characters; each segment's ids are kept under the key
 (previous segment's node, segment text), so a lookup walks a prompt's segments from its start, hashing each once,
 and the dictionary's own equality check compares the text: a hit is exact, not probable. Least recently used
-segments go first once the cache holds more than ``max_bytes``; a hit refreshes its prefix root first, so a
-prefix's deepest segments go before its shared start.
+segments go first once the cache holds more than ``max_bytes``; each use refreshes a prompt's segments deepest
+first, its start last, so a prefix's deepest segments go before its shared start.
 
 Threading: ``plan`` and ``finish`` may run on any thread (the dictionary is guarded by a lock); verification runs on
 one worker thread of its own, at most one text at a time (a sample drawn while it is busy is skipped).
