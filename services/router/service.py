@@ -57,7 +57,7 @@ class RouterService(BusService):
             config.chat_template, tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
         )
         self.index = KvIndexClient(nc, timeout_s=config.index_timeout_s)
-        self.scheduler = Scheduler(config, tokenizer, template, self.view, self.index)
+        self.scheduler = Scheduler(config, tokenizer, template, self.view, self.index, registry=self.registry)
         self.events = DecisionLog(nc, config.site, max_age_s=config.decisions_max_age_s, max_bytes=config.decisions_max_bytes)
         self.replanner = Replanner(config, self.scheduler, self.view, self.events, self.metrics.threshold)
         self.mailbox = Mailbox(nc)
@@ -100,8 +100,9 @@ class RouterService(BusService):
             self._runner = None
 
     async def close(self) -> None:
-        """Flush the decision log (outcomes still queued leave with it)."""
+        """Flush the decision log (outcomes still queued leave with it); stop the token cache's background check."""
         await self.events.close()
+        self.scheduler.token_cache.close()
 
     async def readiness(self) -> dict[str, bool]:
         """What ``/readyz`` checks: the bus, the KV index (a lookup answered in time), live decode and prefill instances."""
