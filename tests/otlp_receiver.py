@@ -70,7 +70,9 @@ class OtlpReceiver:
                 service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
                 for ss in rs.scope_spans:
                     for s in ss.spans:
-                        self.spans.append(ReceivedSpan(service, s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex()))
+                        self.spans.append(
+                            ReceivedSpan(service, s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex())
+                        )
 
     def take(self) -> list[ReceivedSpan]:
         """The spans received so far, clearing the list."""

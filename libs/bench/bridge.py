@@ -32,8 +32,14 @@ BLOCKS_PER_BATCH = 2  # of ours, i.e. 8 engine blocks of 16 tokens
 
 def _index_config(nats_url: str, redis_url: str, **overrides) -> KvIndexConfig:
     """The index's settings with short deadlines, as a bench wants them."""
-    base = dict(nats_url=nats_url, redis_url=redis_url, lookup_timeout_s=0.5, redis_timeout_s=0.3,
-                fetch_timeout_s=0.2, retry_backoff_max_s=0.2)  # fmt: skip
+    base = dict(
+        nats_url=nats_url,
+        redis_url=redis_url,
+        lookup_timeout_s=0.5,
+        redis_timeout_s=0.3,
+        fetch_timeout_s=0.2,
+        retry_backoff_max_s=0.2,
+    )
     return KvIndexConfig(**(base | overrides))
 
 
@@ -50,7 +56,11 @@ class _Prompts:
 
 
 async def _until_found(
-    client: KvIndexClient, instance: str, tokens: list[int], timeout_s: float = 120.0, latencies: list[float] | None = None
+    client: KvIndexClient,
+    instance: str,
+    tokens: list[int],
+    timeout_s: float = 120.0,
+    latencies: list[float] | None = None,
 ) -> None:
     """Poll lookups until the index finds ``tokens`` on ``instance`` (each lookup's latency into ``latencies``)."""
     hashes = hash_list(tokens, 64)
@@ -144,7 +154,9 @@ async def _run(rounds: int, buffered: int, workdir: Path) -> dict:
         nats.stop()
 
 
-async def _first_contact(nats_url: str, redis_url: str, engines: list, prompts: _Prompts, rounds: int, buffered: int) -> dict:
+async def _first_contact(
+    nats_url: str, redis_url: str, engines: list, prompts: _Prompts, rounds: int, buffered: int
+) -> dict:
     """A fresh index whose engine buffered ``buffered`` batches, against the same batches published live."""
     replayed, live, lookups = [], [], []
     for r in range(rounds):
@@ -155,7 +167,9 @@ async def _first_contact(nats_url: str, redis_url: str, engines: list, prompts: 
         await engine.send_many(batches)
         endpoints = parse_zmq_endpoints((engine.endpoint("dc", f"buffered-{r}"),))
         start = time.perf_counter()
-        config = _index_config(nats_url, redis_url, zmq_endpoints=endpoints, zmq_heartbeat_s=0.1, lookup_timeout_s=5.0, redis_timeout_s=5.0)
+        config = _index_config(
+            nats_url, redis_url, zmq_endpoints=endpoints, zmq_heartbeat_s=0.1, lookup_timeout_s=5.0, redis_timeout_s=5.0
+        )
         service, close = await start_in_process(config, "kv_index-bench")
         client = KvIndexClient(service.nc, timeout_s=10.0)
         try:
@@ -180,8 +194,12 @@ async def _first_contact(nats_url: str, redis_url: str, engines: list, prompts: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Benchmark options."""
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each path (default %(default)s)")
-    parser.add_argument("--buffered", type=int, default=10_000,
-                        help="batches an engine holds for replay at first contact (default %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--buffered",
+        type=int,
+        default=10_000,
+        help="batches an engine holds for replay at first contact (default %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,8 +11,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "libs.bench.kvindex",
         "KV index lookup of a 2,048-block prompt over 1M indexed blocks, end to end through NATS; ingest rate "
         "through JetStream",
-        (Target("lookup_p50_ms", at_most=5.0, unit=MS), Target("lookup_p99_ms", at_most=20.0, unit=MS),
-         Target("ingest_events_per_s", at_least=20_000.0)),
+        (
+            Target("lookup_p50_ms", at_most=5.0, unit=MS),
+            Target("lookup_p99_ms", at_most=20.0, unit=MS),
+            Target("ingest_events_per_s", at_least=20_000.0),
+        ),
     ),
     "engine": Benchmark(
         "libs.bench.engine",
@@ -30,49 +33,61 @@ BENCHMARKS: dict[str, Benchmark] = {
         "router decision at 1K/32K tokens (tokenizer.json, populated index) against the index lookup alone; "
         "TTFT through the router minus straight to the gateways (1 and 50 clients, remote across a relay, "
         "cache hits)",
-        (Target("decision_32k.vs_floor", at_most=1.5),
-         Target("overhead_c50.p50_ms", at_most=3.0, unit=MS),
-         Target("overhead_remote.p50_ms", at_most=3.0, unit=MS),
-         Target("overhead_hit.p50_ms", at_most=3.0, unit=MS),
-         Target("overhead_remote.remote_share", at_least=1.0),
-         Target("overhead_hit.remote_share", at_least=1.0),
-         Target("overhead_hit.hit_share", at_least=1.0),
-         Target("decision_32k.p50_ms", at_most=2.0, unit=MS, binding=False),
-         Target("decision_32k.p99_ms", at_most=10.0, unit=MS, binding=False)),
+        (
+            Target("decision_32k.vs_floor", at_most=1.5),
+            Target("overhead_c50.p50_ms", at_most=3.0, unit=MS),
+            Target("overhead_remote.p50_ms", at_most=3.0, unit=MS),
+            Target("overhead_hit.p50_ms", at_most=3.0, unit=MS),
+            Target("overhead_remote.remote_share", at_least=1.0),
+            Target("overhead_hit.remote_share", at_least=1.0),
+            Target("overhead_hit.hit_share", at_least=1.0),
+            Target("decision_32k.p50_ms", at_most=2.0, unit=MS, binding=False),
+            Target("decision_32k.p99_ms", at_most=10.0, unit=MS, binding=False),
+        ),
     ),
     "kv": Benchmark(
         "libs.bench.kv",
-        "KV transfer between processes against raw sockets / plain NATS of the same shape; pacing against "
-        "its budget",
-        (Target("tcp_vs_raw_sockets.median", at_least=0.7, optional=True),
-         Target("jetstream_vs_core_nats.median", at_least=0.6, optional=True),
-         Target("achieved_vs_budget.median", at_least=0.95, at_most=1.05, optional=True),
-         Target("max_window_vs_budget", at_most=1.05, optional=True),
-         Target("alone_vs_budget.median", at_least=0.95, at_most=1.05, optional=True)),
+        "KV transfer between processes against raw sockets / plain NATS of the same shape; pacing against its budget",
+        (
+            Target("tcp_vs_raw_sockets.median", at_least=0.7, optional=True),
+            Target("jetstream_vs_core_nats.median", at_least=0.6, optional=True),
+            Target("achieved_vs_budget.median", at_least=0.95, at_most=1.05, optional=True),
+            Target("max_window_vs_budget", at_most=1.05, optional=True),
+            Target("alone_vs_budget.median", at_least=0.95, at_most=1.05, optional=True),
+        ),
     ),
     "gateways": Benchmark(
         "libs.bench.gateways",
         "gateways across two sites: reference tokens vs monolithic generation; exposed transfer with layer-wise "
         "streaming vs without it; bytes of an 80%-shared prompt; TTFT over the modelled prefill and step",
-        (Target.true("tokens_identical"),
-         Target("pipelining.exposed_fraction.median", at_most=0.25),
-         Target("pipelining.receiver_vs_budget.median", at_least=0.9, at_most=1.1),
-         Target("prefix_reuse.bytes_fraction.median", at_most=0.3),
-         Target("overhead_p50_ms", at_most=5.0, unit=MS)),
+        (
+            Target.true("tokens_identical"),
+            Target("pipelining.exposed_fraction.median", at_most=0.25),
+            Target("pipelining.receiver_vs_budget.median", at_least=0.9, at_most=1.1),
+            Target("prefix_reuse.bytes_fraction.median", at_most=0.3),
+            Target("overhead_p50_ms", at_most=5.0, unit=MS),
+        ),
     ),
     "wan": Benchmark(
         "libs.bench.wan",
         "the WAN link relay: achieved bandwidth and RTT against what was set; its ceiling vs direct loopback; "
         "delivery times on new, idle and kept-alive connections against the TCP model",
-        (Target("bandwidth_ratio.min", at_least=0.95), Target("bandwidth_ratio.max", at_most=1.05),
-         Target("delay.error_ms", at_most=2.0, unit=MS), Target("tcp_model.max_error", at_most=0.10),
-         Target("keepalive.max_error", at_most=0.10)),
+        (
+            Target("bandwidth_ratio.min", at_least=0.95),
+            Target("bandwidth_ratio.max", at_most=1.05),
+            Target("delay.error_ms", at_most=2.0, unit=MS),
+            Target("tcp_model.max_error", at_most=0.10),
+            Target("keepalive.max_error", at_most=0.10),
+        ),
     ),
     "bridge": Benchmark(
         "libs.bench.bridge",
         "the KV index's engine bridge: repaired and reset batches against the normal path; a replayed first "
         "contact against the same batches live",
-        (Target("repaired.vs_baseline", at_most=2.0), Target("reset.vs_baseline", at_most=2.0),
-         Target("first_contact_replay.vs_baseline", at_most=1.0)),
+        (
+            Target("repaired.vs_baseline", at_most=2.0),
+            Target("reset.vs_baseline", at_most=2.0),
+            Target("first_contact_replay.vs_baseline", at_most=1.0),
+        ),
     ),
 }

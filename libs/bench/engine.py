@@ -41,9 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Benchmark options."""
     parser.add_argument("--lengths", default="1024,4096,16384", help="prefill lengths in tokens (default %(default)s)")
     parser.add_argument("--batches", default="1,16", help="decode batch sizes (default %(default)s)")
-    parser.add_argument("--decode-tokens", type=_positive_int, default=64, help="timed decode steps (default %(default)s)")
-    parser.add_argument("--repeats", type=_positive_int, default=5, help="tries per figure, median kept (default %(default)s)")
-    parser.add_argument("--gemm-size", type=_positive_int, default=2048, help="square GEMM size for the baseline (default %(default)s)")
+    parser.add_argument(
+        "--decode-tokens", type=_positive_int, default=64, help="timed decode steps (default %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats", type=_positive_int, default=5, help="tries per figure, median kept (default %(default)s)"
+    )
+    parser.add_argument(
+        "--gemm-size", type=_positive_int, default=2048, help="square GEMM size for the baseline (default %(default)s)"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -164,9 +170,17 @@ def run(args: argparse.Namespace) -> int:
         return f"{fig['median']:{fmt}}  [{fig['min']:{fmt}} .. {fig['max']:{fmt}}]"
 
     rows = [f"medians of {args.repeats} tries [range]"]
-    rows += [f"prefill {int(n):>6} tokens   {spread(fig, ',.0f')} tokens/s" for n, fig in figures["prefill_tokens_per_s"].items()]
-    rows += [f"decode  batch {int(b):>3}       {spread(fig, ',.0f')} tokens/s" for b, fig in figures["decode_tokens_per_s"].items()]
-    rows += [f"numpy float32 GEMM ({args.gemm_size}^3)  {spread(figures['gemm_gflops'], '.1f')} GFLOP/s",
-             f"4K prefill: {figures['prefill_4k_model_gflop']:.2f} model GFLOP at {spread(prefill_4k, '.1f')} GFLOP/s"
-             f" = {spread(fraction, '.1%')} of GEMM"]  # fmt: skip
+    rows += [
+        f"prefill {int(n):>6} tokens   {spread(fig, ',.0f')} tokens/s"
+        for n, fig in figures["prefill_tokens_per_s"].items()
+    ]
+    rows += [
+        f"decode  batch {int(b):>3}       {spread(fig, ',.0f')} tokens/s"
+        for b, fig in figures["decode_tokens_per_s"].items()
+    ]
+    rows += [
+        f"numpy float32 GEMM ({args.gemm_size}^3)  {spread(figures['gemm_gflops'], '.1f')} GFLOP/s",
+        f"4K prefill: {figures['prefill_4k_model_gflop']:.2f} model GFLOP at {spread(prefill_4k, '.1f')} GFLOP/s"
+        f" = {spread(fraction, '.1%')} of GEMM",
+    ]
     return conclude(args, figures, "\n".join(rows))

@@ -133,7 +133,9 @@ class GatewayProcess:
                     code = None if self.proc is None else self.proc.returncode
                     raise UpstreamTimeout(f"{self.kind} exited with {code}:\n{self.log_tail()}")
                 if time.monotonic() > end:
-                    raise UpstreamTimeout(f"{self.kind} {site}/{instance} silent after {timeout_s:.0f}s:\n{self.log_tail()}")
+                    raise UpstreamTimeout(
+                        f"{self.kind} {site}/{instance} silent after {timeout_s:.0f}s:\n{self.log_tail()}"
+                    )
                 with contextlib.suppress(nats.errors.TimeoutError):
                     return instance_load_decoder.decode((await sub.next_msg(timeout=0.2)).data)
         except BaseException:
@@ -199,8 +201,15 @@ class Outcome:
 class Caller:
     """A router stand-in at the decode site: sends both legs of each request and collects what comes back."""
 
-    def __init__(self, nc: NatsClient, *, prefill_site: str = PREFILL_SITE, cluster: str = CLUSTER,
-                 decode_site: str = DECODE_SITE, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        prefill_site: str = PREFILL_SITE,
+        cluster: str = CLUSTER,
+        decode_site: str = DECODE_SITE,
+        timeout_s: float = 5.0,
+    ) -> None:
         self.nc = nc
         self.prefill_site = prefill_site
         self.cluster = cluster
@@ -236,7 +245,9 @@ class Caller:
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
-                    await prefill_nc.publish(f"{self.prefix}.status.{probe}", encode(ErrorReply(code="probe", message="")))
+                    await prefill_nc.publish(
+                        f"{self.prefix}.status.{probe}", encode(ErrorReply(code="probe", message=""))
+                    )
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.2):
                             await queue.get()
@@ -277,20 +288,46 @@ class Caller:
         queue = self._streams[request_id] = asyncio.Queue()
         start = time.monotonic()
         try:
-            reservation = await self.decode.reserve(self.decode_site, decode_instance, DecodeJob(
-                request_id=request_id, transfer_id=f"t{request_id}", model=model, prompt_tokens=prompt,
-                max_tokens=max_tokens, reply_subject=f"{self.prefix}.reply.{request_id}", prefill_site=self.prefill_site,
-                transport=transport, sampling=sampling, timeout_s=timeout_s, lease_s=lease_s))
+            reservation = await self.decode.reserve(
+                self.decode_site,
+                decode_instance,
+                DecodeJob(
+                    request_id=request_id,
+                    transfer_id=f"t{request_id}",
+                    model=model,
+                    prompt_tokens=prompt,
+                    max_tokens=max_tokens,
+                    reply_subject=f"{self.prefix}.reply.{request_id}",
+                    prefill_site=self.prefill_site,
+                    transport=transport,
+                    sampling=sampling,
+                    timeout_s=timeout_s,
+                    lease_s=lease_s,
+                ),
+            )
             accepted = None
             if send_prefill:
-                accepted = await self.prefill.submit(self.prefill_site, self.cluster, PrefillJob(
-                    request_id=request_id, transfer_id=f"t{request_id}", model=model, prompt_tokens=prompt,
-                    destination=reservation.destination, skip_blocks=reservation.held_blocks,
-                    status_subject=f"{self.prefix}.status.{request_id}", codec=codec, timeout_s=timeout_s),
-                    instance=prefill_instance)
+                accepted = await self.prefill.submit(
+                    self.prefill_site,
+                    self.cluster,
+                    PrefillJob(
+                        request_id=request_id,
+                        transfer_id=f"t{request_id}",
+                        model=model,
+                        prompt_tokens=prompt,
+                        destination=reservation.destination,
+                        skip_blocks=reservation.held_blocks,
+                        status_subject=f"{self.prefix}.status.{request_id}",
+                        codec=codec,
+                        timeout_s=timeout_s,
+                    ),
+                    instance=prefill_instance,
+                )
             outcome = Outcome(request_id, reservation, accepted)
             async with asyncio.timeout(timeout_s + 10):
-                while (wait_final and outcome.final is None) or (send_prefill and wait_status and outcome.status is None):
+                while (wait_final and outcome.final is None) or (
+                    send_prefill and wait_status and outcome.status is None
+                ):
                     at, kind, msg = await queue.get()
                     if kind == "status":
                         outcome.status = msg
@@ -372,7 +409,9 @@ class _Fleet:
 def _finished(outcome: Outcome) -> tuple[DecodeFinished, PrefillFinished]:
     """The two final messages of a successful request (``UpstreamTimeout`` naming what failed otherwise)."""
     if not isinstance(outcome.final, DecodeFinished) or not isinstance(outcome.status, PrefillFinished):
-        raise UpstreamTimeout(f"request {outcome.request_id} failed: decode {outcome.final!r}, prefill {outcome.status!r}")
+        raise UpstreamTimeout(
+            f"request {outcome.request_id} failed: decode {outcome.final!r}, prefill {outcome.status!r}"
+        )
     if outcome.first_token_s is None:
         raise UpstreamTimeout(f"request {outcome.request_id} finished without a token chunk: {outcome.final!r}")
     return outcome.final, outcome.status
@@ -383,13 +422,26 @@ async def _reference_case(caller: Caller, args: argparse.Namespace, transport: T
     model, rows, identical = ReferenceModel(), [], True
     for i in range(args.repeats):
         prompt = _prompt(f"{transport}-{i}", args.ref_tokens)
-        out = await caller.request(prompt, "ref-d0", model="reference", max_tokens=args.max_tokens, transport=transport,
-                                   prefill_instance="ref-p0")
+        out = await caller.request(
+            prompt,
+            "ref-d0",
+            model="reference",
+            max_tokens=args.max_tokens,
+            transport=transport,
+            prefill_instance="ref-p0",
+        )
         final, status = _finished(out)
         identical &= out.tokens == await asyncio.to_thread(generate, model, prompt, args.max_tokens, GREEDY)
         t = final.timings
-        rows.append((out.first_token_s, status.queue_s, status.prefill_s, status.transfer_s,
-                     t.first_token_s - t.kv_wait_s - t.transfer_s))
+        rows.append(
+            (
+                out.first_token_s,
+                status.queue_s,
+                status.prefill_s,
+                status.transfer_s,
+                t.first_token_s - t.kv_wait_s - t.transfer_s,
+            )
+        )
     names = ("ttft_s", "queue_s", "prefill_s", "transfer_s", "decode_first_token_s")
     return {"tokens_identical": identical, **{n: _figure([r[i] for r in rows]) for i, n in enumerate(names)}}
 
@@ -420,20 +472,30 @@ async def _until_link_idle(nc: NatsClient, src: str, dst: str, timeout_s: float 
         await sub.unsubscribe()
 
 
-async def _paced_request(caller: Caller, prefill_nc: NatsClient, prompt: list[int], instance: str, step_s: float,
-                         budget_gbps: float) -> dict:  # fmt: skip
+async def _paced_request(
+    caller: Caller, prefill_nc: NatsClient, prompt: list[int], instance: str, step_s: float, budget_gbps: float
+) -> dict:
     """One job on the paced link once it is idle: its prefill, exposed transfer and the receiver's rate."""
     await _until_link_idle(prefill_nc, PREFILL_SITE, DECODE_SITE)
     out = await caller.request(prompt, "sim-d0", model=PIPELINE_MODEL, max_tokens=2, prefill_instance=instance)
     final, status = _finished(out)
     receiving_s = final.timings.transfer_s - status.prefill_s  # manifest at compute start -> last part verified
-    paced_bytes = max(status.sent_bytes - TokenBucket(budget_gbps).burst_bytes, 0)  # the pacer lets its burst out at once
-    return {"prefill_s": status.prefill_s, "ttft_s": out.first_token_s,
-            "transfer_exposed_s": out.first_token_s - status.prefill_s - step_s, "transfer_wall_s": status.transfer_s,
-            "sent_bytes": status.sent_bytes, "receiver_gbps": paced_bytes * 8 / receiving_s / 1e9 if receiving_s > 0 else 0.0}  # fmt: skip
+    paced_bytes = max(
+        status.sent_bytes - TokenBucket(budget_gbps).burst_bytes, 0
+    )  # the pacer lets its burst out at once
+    return {
+        "prefill_s": status.prefill_s,
+        "ttft_s": out.first_token_s,
+        "transfer_exposed_s": out.first_token_s - status.prefill_s - step_s,
+        "transfer_wall_s": status.transfer_s,
+        "sent_bytes": status.sent_bytes,
+        "receiver_gbps": paced_bytes * 8 / receiving_s / 1e9 if receiving_s > 0 else 0.0,
+    }
 
 
-async def _pipelining_case(caller: Caller, prefill_nc: NatsClient, args: argparse.Namespace, budget_gbps: float) -> dict:
+async def _pipelining_case(
+    caller: Caller, prefill_nc: NatsClient, args: argparse.Namespace, budget_gbps: float
+) -> dict:
     """The same job with and without layer-wise streaming, interleaved: how much of the transfer each leaves exposed."""
     step_s = _step_s(PIPELINE_MODEL, "h20")
     layerwise, no_overlap = [], []
@@ -446,8 +508,9 @@ async def _pipelining_case(caller: Caller, prefill_nc: NatsClient, args: argpars
     return {
         "layerwise": {k: _figure([r[k] for r in layerwise]) for k in keys},
         "no_overlap": {k: _figure([r[k] for r in no_overlap]) for k in (*keys, "receiver_gbps")},
-        "exposed_fraction": _figure([a["transfer_exposed_s"] / b["transfer_exposed_s"]
-                                     for a, b in zip(layerwise, no_overlap, strict=True)]),  # fmt: skip
+        "exposed_fraction": _figure(
+            [a["transfer_exposed_s"] / b["transfer_exposed_s"] for a, b in zip(layerwise, no_overlap, strict=True)]
+        ),
         "receiver_vs_budget": _figure([r["receiver_gbps"] / budget_gbps for r in no_overlap]),
         "bytes_at_budget_s": statistics.median(r["sent_bytes"] for r in no_overlap) * 8 / (budget_gbps * 1e9),
         "budget_gbps": budget_gbps,
@@ -461,12 +524,16 @@ async def _prefix_case(caller: Caller, args: argparse.Namespace) -> dict:
         first = _prompt(f"prefix-{i}", args.prefix_tokens)
         shared = int(0.8 * len(first))
         second = first[:shared] + _prompt(f"other ending {i}", len(first) - shared)[1:] + [10]
-        outs = [await caller.request(p, "ref-d0", model="reference", max_tokens=args.max_tokens, prefill_instance="ref-p0")
-                for p in (first, second)]
-        identical = all([
-            o.tokens == await asyncio.to_thread(generate, model, p, args.max_tokens, GREEDY)
-            for o, p in zip(outs, (first, second), strict=True)
-        ])
+        outs = [
+            await caller.request(p, "ref-d0", model="reference", max_tokens=args.max_tokens, prefill_instance="ref-p0")
+            for p in (first, second)
+        ]
+        identical = all(
+            [
+                o.tokens == await asyncio.to_thread(generate, model, p, args.max_tokens, GREEDY)
+                for o, p in zip(outs, (first, second), strict=True)
+            ]
+        )
         (_, one), (_, two) = _finished(outs[0]), _finished(outs[1])
         rows.append((one.sent_bytes, two.sent_bytes, identical, outs[1].reservation.held_blocks))
     return {
@@ -493,12 +560,24 @@ async def _overhead_case(caller: Caller, args: argparse.Namespace, rtt_ms: float
         out = await caller.request(prompt, "ovh-d0", model=OVERHEAD_MODEL, max_tokens=1, prefill_instance="ovh-p0")
         final, status = _finished(out)
         ttft = out.first_token_s
-        rows.append((ttft - modelled_prefill_s - step_s, ttft, status.prefill_s, status.transfer_exposed_s,
-                     final.timings.first_step_s))  # fmt: skip
+        rows.append(
+            (
+                ttft - modelled_prefill_s - step_s,
+                ttft,
+                status.prefill_s,
+                status.transfer_exposed_s,
+                final.timings.first_step_s,
+            )
+        )
     names = ("overhead_ms", "ttft_ms", "prefill_ms", "transfer_exposed_ms", "decode_first_step_ms")
     figures = {n: _figure([r[i] * 1e3 for r in rows]) for i, n in enumerate(names)}
-    return {**figures, "overhead_rtts": figures["overhead_ms"]["median"] / rtt_ms,
-            "modelled_prefill_ms": modelled_prefill_s * 1e3, "modelled_step_ms": step_s * 1e3, "requests": len(rows)}  # fmt: skip
+    return {
+        **figures,
+        "overhead_rtts": figures["overhead_ms"]["median"] / rtt_ms,
+        "modelled_prefill_ms": modelled_prefill_s * 1e3,
+        "modelled_step_ms": step_s * 1e3,
+        "requests": len(rows),
+    }
 
 
 async def _nats_rtt_ms(caller_nc: NatsClient, prefill_nc: NatsClient, n: int = 50) -> dict[str, float]:
@@ -535,12 +614,28 @@ async def _bench(args: argparse.Namespace, workdir: Path) -> dict:
     fleet.add("decode_gateway", DECODE_SITE, "ref-d0", instance="ref-d0")
     pipeline = {"model": PIPELINE_MODEL, "byte_scale": PIPELINE_BYTE_SCALE}
     for name, layerwise in (("paced-p0", True), ("flat-p0", False)):  # the same chip, with and without overlap
-        fleet.add("prefill_gateway", PREFILL_SITE, name, cluster="bench", instances=name, backend="simulated:h200",
-                  budgets=f"{DECODE_SITE}={budget_gbps}", layerwise=str(layerwise).lower(), **pipeline)
+        fleet.add(
+            "prefill_gateway",
+            PREFILL_SITE,
+            name,
+            cluster="bench",
+            instances=name,
+            backend="simulated:h200",
+            budgets=f"{DECODE_SITE}={budget_gbps}",
+            layerwise=str(layerwise).lower(),
+            **pipeline,
+        )
     fleet.add("decode_gateway", DECODE_SITE, "sim-d0", instance="sim-d0", backend="simulated:h20", **pipeline)
     overhead = {"model": OVERHEAD_MODEL}
-    fleet.add("prefill_gateway", PREFILL_SITE, "ovh-p0", cluster="bench", instances="ovh-p0",
-              backend="simulated:h200", **overhead)
+    fleet.add(
+        "prefill_gateway",
+        PREFILL_SITE,
+        "ovh-p0",
+        cluster="bench",
+        instances="ovh-p0",
+        backend="simulated:h200",
+        **overhead,
+    )
     fleet.add("decode_gateway", DECODE_SITE, "ovh-d0", instance="ovh-d0", backend="simulated:h20", **overhead)
     ncs = {}
     try:
@@ -554,8 +649,10 @@ async def _bench(args: argparse.Namespace, workdir: Path) -> dict:
             figures["prefix_reuse"] = await _prefix_case(caller, args)
             figures["overhead"] = await _overhead_case(caller, args, figures["nats_rtt_ms"]["median"])
         figures["overhead_p50_ms"] = figures["overhead"]["overhead_ms"]["median"]
-        figures["tokens_identical"] = (all(figures["reference"][t]["tokens_identical"] for t in ("tcp", "jetstream"))
-                                       and figures["prefix_reuse"]["tokens_identical"])  # fmt: skip
+        figures["tokens_identical"] = (
+            all(figures["reference"][t]["tokens_identical"] for t in ("tcp", "jetstream"))
+            and figures["prefix_reuse"]["tokens_identical"]
+        )
         return figures
     finally:
         for nc in ncs.values():
@@ -570,28 +667,40 @@ def _line(name: str, f: dict[str, float], unit: str = "", scale: float = 1.0) ->
 
 def _text(args: argparse.Namespace, figures: dict) -> str:
     """The figures for people (the verdicts follow)."""
-    rows = [f"medians of {args.repeats} requests per case [range]; NATS round trip across the sites "
-            f"{figures['nats_rtt_ms']['median']:.2f} ms"]  # fmt: skip
+    rows = [
+        f"medians of {args.repeats} requests per case [range]; NATS round trip across the sites "
+        f"{figures['nats_rtt_ms']['median']:.2f} ms"
+    ]
     for transport, f in figures["reference"].items():
         rows.append(f"reference.{transport}: tokens identical {f['tokens_identical']}")
-        rows += [_line(key, f[key], " s") for key in ("ttft_s", "queue_s", "prefill_s", "transfer_s", "decode_first_token_s")]
+        rows += [
+            _line(key, f[key], " s") for key in ("ttft_s", "queue_s", "prefill_s", "transfer_s", "decode_first_token_s")
+        ]
     p = figures["pipelining"]
-    rows.append(f"pipelining ({PIPELINE_MODEL}, link paced at {p['budget_gbps']} Gbps, {p['bytes_at_budget_s']:.3f} s of "
-                f"bytes at the budget): exposed with / without layer-wise streaming {p['exposed_fraction']['median']:.3f}, "
-                f"no-overlap receiver at {p['receiver_vs_budget']['median']:.3f} of the budget")  # fmt: skip
+    rows.append(
+        f"pipelining ({PIPELINE_MODEL}, link paced at {p['budget_gbps']} Gbps, {p['bytes_at_budget_s']:.3f} s of "
+        f"bytes at the budget): exposed with / without layer-wise streaming {p['exposed_fraction']['median']:.3f}, "
+        f"no-overlap receiver at {p['receiver_vs_budget']['median']:.3f} of the budget"
+    )
     for mode in ("layerwise", "no_overlap"):
         rows += [_line(f"{mode}.{key}", f, " s") for key, f in p[mode].items() if key != "receiver_gbps"]
     rows.append(_line("no_overlap.receiver_gbps", p["no_overlap"]["receiver_gbps"], " Gbps"))
     r = figures["prefix_reuse"]
-    rows.append(f"prefix_reuse (80% shared): bytes second / first {r['bytes_fraction']['median']:.3f}, "
-                f"tokens identical {r['tokens_identical']}")  # fmt: skip
+    rows.append(
+        f"prefix_reuse (80% shared): bytes second / first {r['bytes_fraction']['median']:.3f}, "
+        f"tokens identical {r['tokens_identical']}"
+    )
     rows += [_line(key, r[key]) for key in ("bytes_first", "bytes_second", "held_blocks")]
     o = figures["overhead"]
-    rows.append(f"overhead ({o['requests']} sequential requests, {OVERHEAD_MODEL} profile): TTFT over the modelled "
-                f"prefill {o['modelled_prefill_ms']:.2f} ms and first step {o['modelled_step_ms']:.2f} ms: p50 "
-                f"{figures['overhead_p50_ms']:.2f} ms = {o['overhead_rtts']:.1f} NATS round trips")  # fmt: skip
-    rows += [_line(key, o[key], " ms") for key in ("overhead_ms", "ttft_ms", "prefill_ms", "transfer_exposed_ms",
-                                                  "decode_first_step_ms")]  # fmt: skip
+    rows.append(
+        f"overhead ({o['requests']} sequential requests, {OVERHEAD_MODEL} profile): TTFT over the modelled "
+        f"prefill {o['modelled_prefill_ms']:.2f} ms and first step {o['modelled_step_ms']:.2f} ms: p50 "
+        f"{figures['overhead_p50_ms']:.2f} ms = {o['overhead_rtts']:.1f} NATS round trips"
+    )
+    rows += [
+        _line(key, o[key], " ms")
+        for key in ("overhead_ms", "ttft_ms", "prefill_ms", "transfer_exposed_ms", "decode_first_step_ms")
+    ]
     return "\n".join(rows)
 
 

@@ -11,9 +11,48 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-_SYLLABLES = ("pre", "fill", "ser", "vice", "de", "code", "lay", "er", "cache", "hy", "brid", "at", "ten", "tion",
-              "link", "site", "block", "hash", "to", "ken", "the", "in", "of", "rou", "gate", "way", "trans", "fer",
-              "state", "qu", "ery", "mo", "del", "ba", "tch", "lin", "ear", "wan", "pa", "ce")  # fmt: skip
+_SYLLABLES = (
+    "pre",
+    "fill",
+    "ser",
+    "vice",
+    "de",
+    "code",
+    "lay",
+    "er",
+    "cache",
+    "hy",
+    "brid",
+    "at",
+    "ten",
+    "tion",
+    "link",
+    "site",
+    "block",
+    "hash",
+    "to",
+    "ken",
+    "the",
+    "in",
+    "of",
+    "rou",
+    "gate",
+    "way",
+    "trans",
+    "fer",
+    "state",
+    "qu",
+    "ery",
+    "mo",
+    "del",
+    "ba",
+    "tch",
+    "lin",
+    "ear",
+    "wan",
+    "pa",
+    "ce",
+)
 
 
 class Prose:
@@ -38,8 +77,12 @@ def write_tokenizer(directory: Path, prose: Prose, vocab_size: int = 2048) -> Pa
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator((prose.text(500, seed) for seed in range(400)), trainer)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "tokenizer.json"

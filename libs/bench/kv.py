@@ -201,8 +201,9 @@ async def _bench(opts: Options, workdir: Path) -> dict:
             await asyncio.to_thread(servers.start)
         capacity = opts.processes * 2 * opts.size_bytes + (64 << 20)
         receiver_url = servers.url(DST_SITE) if isinstance(servers, Supercluster) else ""
-        receiver = Child("receiver process", receiver_process, opts.transport, capacity, receiver_url,
-                          workdir / "receiver.log")
+        receiver = Child(
+            "receiver process", receiver_process, opts.transport, capacity, receiver_url, workdir / "receiver.log"
+        )
         children.append(receiver)
         _, port, raw_port = await receiver.recv()
         if isinstance(servers, Supercluster):
@@ -211,8 +212,17 @@ async def _bench(opts: Options, workdir: Path) -> dict:
             nats_url = servers.url
         senders = []
         for i in range(opts.processes):
-            spec = SenderSpec(opts.transport, opts.size_bytes, opts.codec, opts.budget_gbps, opts.connections,
-                              opts.chunk_bytes, nats_url, port, workdir / f"sender-{i}.log")
+            spec = SenderSpec(
+                opts.transport,
+                opts.size_bytes,
+                opts.codec,
+                opts.budget_gbps,
+                opts.connections,
+                opts.chunk_bytes,
+                nats_url,
+                port,
+                workdir / f"sender-{i}.log",
+            )
             senders.append(Child(f"sender process {i}", sender_process, spec))
             children.append(senders[-1])
         ready = [await s.recv() for s in senders]
@@ -268,15 +278,20 @@ async def _throughput_round(opts, r, receiver: Child, sender: Child, raw_port, c
         await receiver.recv()
     _progress(f"round {r + 1}/{opts.repeat}: {opts.size_bytes / 2**20:.0f} MiB over kvwire {opts.transport} ...")
     reports, _ = await _transfer(opts, r, receiver, [sender], expected, "unpaced")
-    return {"baseline_gbps": baseline, "goodput_gbps": reports[0]["goodput_gbps"],
-            "ratio": reports[0]["goodput_gbps"] / baseline, "chunks_resent": reports[0]["chunks_resent"]}
+    return {
+        "baseline_gbps": baseline,
+        "goodput_gbps": reports[0]["goodput_gbps"],
+        "ratio": reports[0]["goodput_gbps"] / baseline,
+        "chunks_resent": reports[0]["chunks_resent"],
+    }
 
 
 async def _paced_round(opts, r, receiver: Child, senders: list[Child], expected) -> dict:
     """All senders at once (and, with several, the first one alone)."""
     budget = opts.budget_gbps
-    _progress(f"round {r + 1}/{opts.repeat}: {len(senders)} x {opts.size_bytes / 2**20:.0f} MiB paced at "
-              f"{budget} Gbps ...")
+    _progress(
+        f"round {r + 1}/{opts.repeat}: {len(senders)} x {opts.size_bytes / 2**20:.0f} MiB paced at {budget} Gbps ..."
+    )
     reports, samples = await _transfer(opts, r, receiver, senders, expected, "together")
     span = (max(rep["started"] for rep in reports), min(rep["ended"] for rep in reports))
     result = {
@@ -327,9 +342,17 @@ def _spread(values: list[float]) -> dict:
 
 
 def _figures(opts: Options, chunk: int, rounds: list[dict]) -> dict:
-    figures = {"transport": opts.transport, "size_bytes": opts.size_bytes, "codec": opts.codec,
-               "chunk_bytes": chunk, "connections": opts.connections, "processes": opts.processes,
-               "load": opts.load, "rounds": rounds, "verified": opts.codec != "int8"}
+    figures = {
+        "transport": opts.transport,
+        "size_bytes": opts.size_bytes,
+        "codec": opts.codec,
+        "chunk_bytes": chunk,
+        "connections": opts.connections,
+        "processes": opts.processes,
+        "load": opts.load,
+        "rounds": rounds,
+        "verified": opts.codec != "int8",
+    }
     if opts.budget_gbps == 0:
         name = "tcp_vs_raw_sockets" if opts.transport == "tcp" else "jetstream_vs_core_nats"
         figures["goodput_gbps"] = _spread([r["goodput_gbps"] for r in rounds])
@@ -353,25 +376,38 @@ def _range(s: dict, fmt: str = ".2f") -> str:
 
 
 def _text(f: dict) -> str:
-    lines = [f"transport          {f['transport']}  ({f['size_bytes'] / 2**20:.0f} MiB per transfer, codec {f['codec']}, "
-             f"chunks {f['chunk_bytes'] >> 10} KiB, verified {f['verified']}, {len(f['rounds'])} rounds"
-             + (f", {f['load']} busy processes beside" if f["load"] else "") + ")"]
+    lines = [
+        f"transport          {f['transport']}  ({f['size_bytes'] / 2**20:.0f} MiB per transfer, codec {f['codec']}, "
+        f"chunks {f['chunk_bytes'] >> 10} KiB, verified {f['verified']}, {len(f['rounds'])} rounds"
+        + (f", {f['load']} busy processes beside" if f["load"] else "")
+        + ")"
+    ]
     if "budget_gbps" not in f:
-        baseline = (f"raw sockets ({f['connections']} connections, two processes)" if f["transport"] == "tcp"
-                    else "plain NATS across the gateway")
+        baseline = (
+            f"raw sockets ({f['connections']} connections, two processes)"
+            if f["transport"] == "tcp"
+            else "plain NATS across the gateway"
+        )
         name = "tcp_vs_raw_sockets" if f["transport"] == "tcp" else "jetstream_vs_core_nats"
-        lines += [f"baseline           {_range(f['baseline_gbps'])} Gbps  {baseline}",
-                  f"kvwire {f['transport']:<11} {_range(f['goodput_gbps'])} Gbps",
-                  f"{name:<18} {_range(f[name])}  per round"]
+        lines += [
+            f"baseline           {_range(f['baseline_gbps'])} Gbps  {baseline}",
+            f"kvwire {f['transport']:<11} {_range(f['goodput_gbps'])} Gbps",
+            f"{name:<18} {_range(f[name])}  per round",
+        ]
     else:
         together = " (all senders together)" if f["processes"] > 1 else ""
         source = "receiver's kernel byte counts" if f["transport"] == "tcp" else "sender's acknowledged bytes"
-        lines += [f"budget             {f['budget_gbps']} Gbps shared by {f['processes']} sender process(es)",
-                  f"achieved_vs_budget {_range(f['achieved_vs_budget'], '.3f')}{together}",
-                  f"max_window_vs_budget {f['max_window_vs_budget']:.3f}  (largest rate over any {WINDOW_S:.0f} s "
-                  f"window, all rounds, from the {source})" if "max_window_vs_budget" in f
-                  else f"max_window_vs_budget: no transfer lasted {WINDOW_S:.0f} s (give a larger --size)"]
+        lines += [
+            f"budget             {f['budget_gbps']} Gbps shared by {f['processes']} sender process(es)",
+            f"achieved_vs_budget {_range(f['achieved_vs_budget'], '.3f')}{together}",
+            f"max_window_vs_budget {f['max_window_vs_budget']:.3f}  (largest rate over any {WINDOW_S:.0f} s "
+            f"window, all rounds, from the {source})"
+            if "max_window_vs_budget" in f
+            else f"max_window_vs_budget: no transfer lasted {WINDOW_S:.0f} s (give a larger --size)",
+        ]
         if "alone_vs_budget" in f:
-            lines += [f"process_share_vs_budget {_range(f['process_share_vs_budget'], '.3f')}  (each sender's goodput)",
-                      f"alone_vs_budget    {_range(f['alone_vs_budget'], '.3f')}  (one sender, the others idle)"]
+            lines += [
+                f"process_share_vs_budget {_range(f['process_share_vs_budget'], '.3f')}  (each sender's goodput)",
+                f"alone_vs_budget    {_range(f['alone_vs_budget'], '.3f')}  (one sender, the others idle)",
+            ]
     return "\n".join(lines)

@@ -262,8 +262,9 @@ def receiver_process(pipe: Connection, transport: str, capacity_bytes: int, nats
 
 
 async def _receiver_main(pipe: Connection, transport: str, capacity_bytes: int, nats_url: str) -> None:
-    config = ReceiverConfig(max_total_bytes=capacity_bytes, max_transfer_bytes=capacity_bytes, prefault=True,
-                            transfer_timeout_s=DEADLINE_S)
+    config = ReceiverConfig(
+        max_total_bytes=capacity_bytes, max_transfer_bytes=capacity_bytes, prefault=True, transfer_timeout_s=DEADLINE_S
+    )
     nc = await connect(nats_url, name=f"bench-{INSTANCE}") if transport == "jetstream" else None
     sink = np.empty(0, dtype=np.uint8)
     async with KvReceiver(config) as receiver:
@@ -383,8 +384,14 @@ async def _sender_main(pipe: Connection, spec: SenderSpec) -> None:
 
 async def _send(sender: KvSender, links: KvLinks, specs, parts, dest: Destination, transfer_id: str) -> dict:
     """One transfer; its report, its start and end (monotonic s) and the acknowledged bytes over time."""
-    manifest = sender.manifest(transfer_id=transfer_id, dst_site=DST_SITE, model="synthetic", block_size=64,
-                               num_tokens=parts[-1].array.shape[0], specs=specs)
+    manifest = sender.manifest(
+        transfer_id=transfer_id,
+        dst_site=DST_SITE,
+        model="synthetic",
+        block_size=64,
+        num_tokens=parts[-1].array.shape[0],
+        specs=specs,
+    )
     sampler = asyncio.create_task(_sample_acked(links))
     started = time.monotonic()
     try:
@@ -393,9 +400,17 @@ async def _send(sender: KvSender, links: KvLinks, specs, parts, dest: Destinatio
         ended = time.monotonic()
         sampler.cancel()
         samples = await sampler
-    return {"goodput_gbps": report.goodput_gbps, "duration_s": report.duration_s, "payload_bytes": report.payload_bytes,
-            "wire_bytes": report.wire_bytes, "chunks_sent": report.chunks_sent,
-            "chunks_resent": report.chunks_resent, "started": started, "ended": ended, "acked_samples": samples}
+    return {
+        "goodput_gbps": report.goodput_gbps,
+        "duration_s": report.duration_s,
+        "payload_bytes": report.payload_bytes,
+        "wire_bytes": report.wire_bytes,
+        "chunks_sent": report.chunks_sent,
+        "chunks_resent": report.chunks_resent,
+        "started": started,
+        "ended": ended,
+        "acked_samples": samples,
+    }
 
 
 async def _sample_acked(links: KvLinks) -> list[tuple[float, int]]:

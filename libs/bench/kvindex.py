@@ -32,12 +32,18 @@ from services.kv_index.client import KvIndexClient
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Benchmark options."""
-    parser.add_argument("--blocks", type=int, default=1_000_000, help="attn_kv blocks in the index (default %(default)s)")
+    parser.add_argument(
+        "--blocks", type=int, default=1_000_000, help="attn_kv blocks in the index (default %(default)s)"
+    )
     parser.add_argument("--instances", type=int, default=16, help="instances holding them (default %(default)s)")
-    parser.add_argument("--prompt-blocks", type=int, default=2048, help="blocks in the looked-up prompt (default %(default)s)")
+    parser.add_argument(
+        "--prompt-blocks", type=int, default=2048, help="blocks in the looked-up prompt (default %(default)s)"
+    )
     parser.add_argument("--lookups", type=int, default=500, help="timed lookups (default %(default)s)")
     parser.add_argument("--batch-blocks", type=int, default=512, help="block hashes per event (default %(default)s)")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the work dir (server and index logs) after success")
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the work dir (server and index logs) after success"
+    )
 
 
 def _log(msg: str) -> None:
@@ -177,7 +183,9 @@ def _run_servers_and_bench(args: argparse.Namespace, workdir: Path) -> dict:
     """NATS, Redis and the index in its own process (log in ``workdir``), then the measurement."""
     nats_server = NatsServer(workdir=workdir / "nats").start()
     redis_server = RedisServer(workdir=workdir / "redis").start()
-    env = dict(os.environ, KV_INDEX_NATS_URL=nats_server.url, KV_INDEX_REDIS_URL=redis_server.url, KV_INDEX_LOG_LEVEL="WARNING")
+    env = dict(
+        os.environ, KV_INDEX_NATS_URL=nats_server.url, KV_INDEX_REDIS_URL=redis_server.url, KV_INDEX_LOG_LEVEL="WARNING"
+    )
     with open(workdir / "kv_index.log", "wb") as log:
         service = subprocess.Popen([sys.executable, "-m", "services.kv_index"], env=env, stdout=log, stderr=log)
     try:
@@ -194,8 +202,10 @@ def _run_servers_and_bench(args: argparse.Namespace, workdir: Path) -> dict:
 
 def _text(figures: dict) -> str:
     """The figures for people (the verdicts follow)."""
-    return "\n".join([
-        *(f"{key:22s} {figures[key]:>12,.3f}" for key in ("lookup_p50_ms", "lookup_p99_ms", "ingest_events_per_s")),
-        f"index: {figures['index_blocks']:,} blocks over {figures['instances']} instances; prompt "
-        f"{figures['prompt_blocks']} blocks held (in part) by {figures['instances_holding_prompt']} instances",
-    ])
+    return "\n".join(
+        [
+            *(f"{key:22s} {figures[key]:>12,.3f}" for key in ("lookup_p50_ms", "lookup_p99_ms", "ingest_events_per_s")),
+            f"index: {figures['index_blocks']:,} blocks over {figures['instances']} instances; prompt "
+            f"{figures['prompt_blocks']} blocks held (in part) by {figures['instances_holding_prompt']} instances",
+        ]
+    )

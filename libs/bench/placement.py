@@ -68,9 +68,14 @@ class Placement:
 
     def describe(self) -> dict:
         """What ran, and the CPUs each process was allowed (from ``/proc``)."""
-        return {"name": self.name, "requested": self.requested, "note": self.note,
-                "router_side_cpus": sorted(self.front or []), "services_side_cpus": sorted(self.back or []),
-                "processes": {name: _allowed_cpus(pid) for name, pid in processes().items()}}  # fmt: skip
+        return {
+            "name": self.name,
+            "requested": self.requested,
+            "note": self.note,
+            "router_side_cpus": sorted(self.front or []),
+            "services_side_cpus": sorted(self.back or []),
+            "processes": {name: _allowed_cpus(pid) for name, pid in processes().items()},
+        }
 
 
 def _pin_process(pid: int, cpus: set[int]) -> None:

@@ -42,8 +42,9 @@ def build_view(rng: random.Random) -> ClusterView:
         InstanceView(f"pd-d{i}", "dc-pd", "decode", h20, free_decode_slots=rng.randint(0, 20)) for i in range(16)
     ]
     util = rng.uniform(0, 0.6)
-    link = LinkView("dc-prfaas", "dc-pd", 100.0, goodput_gbps=100.0 * util, utilization=util, rtt_s=0.005,
-                    active_transfers=3)  # fmt: skip
+    link = LinkView(
+        "dc-prfaas", "dc-pd", 100.0, goodput_gbps=100.0 * util, utilization=util, rtt_s=0.005, active_transfers=3
+    )
     return ClusterView(MODELS["kimi-linear-1t"], "dc-pd", tuple(instances), (link,))
 
 
@@ -62,8 +63,9 @@ def build_requests(rng: random.Random, view: ClusterView, n: int) -> list[RouteR
 
 def case_study_config() -> PolicyConfig:
     """Policy knobs with the threshold the planner derives for the paper's case study."""
-    inputs = PlanInputs(MODELS["kimi-linear-1t"], HARDWARE["h200"], 4, HARDWARE["h20"], 8, 100.0,
-                        CASE_STUDY_WORKLOAD, 1024)  # fmt: skip
+    inputs = PlanInputs(
+        MODELS["kimi-linear-1t"], HARDWARE["h200"], 4, HARDWARE["h20"], 8, 100.0, CASE_STUDY_WORKLOAD, 1024
+    )
     return PolicyConfig(threshold_tokens=planned_threshold(inputs))
 
 
@@ -105,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     rows = [f"{'policy':20}{'p50 (us)':>12}{'p99 (us)':>12}"]
-    rows += [f"{name:20}{f['decision_p50_us']:>12.1f}{f['decision_p99_us']:>12.1f}" for name, f in doc["policies"].items()]
-    rows += [f"{'all':20}{doc['decision_p50_us']:>12.1f}{doc['decision_p99_us']:>12.1f}",
-             f"{doc['decisions']} decisions on a {doc['instances']}-instance view"]  # fmt: skip
+    rows += [
+        f"{name:20}{f['decision_p50_us']:>12.1f}{f['decision_p99_us']:>12.1f}" for name, f in doc["policies"].items()
+    ]
+    rows += [
+        f"{'all':20}{doc['decision_p50_us']:>12.1f}{doc['decision_p99_us']:>12.1f}",
+        f"{doc['decisions']} decisions on a {doc['instances']}-instance view",
+    ]
     return conclude(args, doc, "\n".join(rows))

@@ -86,18 +86,33 @@ _SHARED = _TOK.encode("[shared] A system prompt every hit request starts with. "
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Benchmark flags."""
-    parser.add_argument("--placement", choices=("split", "shared"), default="split",
-                        help="split: router and clients on half the CPUs, NATS, Redis, index, gateways and relay on the "
-                             "other half; shared: every process on every CPU (default split)")  # fmt: skip
+    parser.add_argument(
+        "--placement",
+        choices=("split", "shared"),
+        default="split",
+        help="split: router and clients on half the CPUs, NATS, Redis, index, gateways and relay on the "
+        "other half; shared: every process on every CPU (default split)",
+    )
     parser.add_argument("--decisions", type=int, default=300, help="timed decisions per prompt length (default 300)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the overhead cases (default 3)")
-    parser.add_argument("--requests", type=int, default=50,
-                        help="requests per round of each concurrency-1 case: c1, remote, hit (default 50)")  # fmt: skip
-    parser.add_argument("--c50-requests", type=int, default=300,
-                        help="requests per round from the 50 clients at concurrency 50 (default 300)")
-    parser.add_argument("--prefill-instances", type=int, default=8,
-                        help="simulated local prefill instances behind both paths (default 8; 1 makes concurrency 50 a "
-                             "50-deep queue)")  # fmt: skip
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=50,
+        help="requests per round of each concurrency-1 case: c1, remote, hit (default 50)",
+    )
+    parser.add_argument(
+        "--c50-requests",
+        type=int,
+        default=300,
+        help="requests per round from the 50 clients at concurrency 50 (default 300)",
+    )
+    parser.add_argument(
+        "--prefill-instances",
+        type=int,
+        default=8,
+        help="simulated local prefill instances behind both paths (default 8; 1 makes concurrency 50 a 50-deep queue)",
+    )
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -116,7 +131,9 @@ def _figure(values_s: list[float]) -> dict:
 def _prompt(label: str, n: int) -> list[int]:
     """Request ``n``'s prompt of a case (byte tokens; distinct from the first block unless it is a hit)."""
     if label == "remote":
-        return _TOK.encode(f"[{n}] a long prompt, over the threshold, with nothing cached anywhere " * 22, bos=True)[:1536]
+        return _TOK.encode(f"[{n}] a long prompt, over the threshold, with nothing cached anywhere " * 22, bos=True)[
+            :1536
+        ]
     if label == "hit":
         return _SHARED + _TOK.encode(f" [{n}] and a question of its own, long enough to be offloaded " * 20)[:1100]
     return _TOK.encode(f"[{n}] overhead probe " * 16)
@@ -129,9 +146,14 @@ class _Service:
         self.name = name
         self.log_path = log_path
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env={**os.environ, **env}, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+            )
 
     async def ready_http(self, url: str, body: dict, timeout_s: float = 60.0) -> None:
         """Wait until a POST of ``body`` to ``url`` answers 200 (the process must stay alive meanwhile)."""
@@ -186,7 +208,9 @@ async def _direct_ttft(caller: Caller, prompt: list[int], max_tokens: int) -> tu
     """Time to the first token chunk, and the time it waited in the gateways' queues (as they report it)."""
     first = asyncio.Event()
     start = time.perf_counter()
-    task = asyncio.ensure_future(caller.request(prompt, "bo-d0", model="reference", max_tokens=max_tokens, first_token=first))
+    task = asyncio.ensure_future(
+        caller.request(prompt, "bo-d0", model="reference", max_tokens=max_tokens, first_token=first)
+    )
     try:
         async with asyncio.timeout(60):
             await first.wait()
@@ -279,23 +303,59 @@ def _gateway_procs(nats_url: str, workdir: Path, args: argparse.Namespace, decod
     names = ",".join(f"bo-p{i}" for i in range(args.prefill_instances))
     common = {"backend": "simulated:h200", "model": "reference", "queue_limit": 256, "heartbeat_s": 0.2}
     return [
-        GatewayProcess("prefill_gateway", gateway_env("prefill_gateway", nats_url, site=SITE, cluster="pd", instances=names,
-                       **common), workdir / "p.log"),
-        GatewayProcess("prefill_gateway", gateway_env("prefill_gateway", nats_url, site=REMOTE, cluster="prfaas",
-                       instances="bo-r0", budgets=f"{SITE}={LINK_GBPS}", **common), workdir / "r.log"),
-        GatewayProcess("decode_gateway", gateway_env("decode_gateway", nats_url, site=SITE, instance="bo-d0",
-                       backend="simulated:h20", model="reference", time_scale=DECODE_TIME_SCALE, heartbeat_s=0.2,
-                       tcp_port=decode_port, advertise_by_site=f"{REMOTE}=127.0.0.1:{relay_port}"), workdir / "d.log"),
-    ]  # fmt: skip
+        GatewayProcess(
+            "prefill_gateway",
+            gateway_env("prefill_gateway", nats_url, site=SITE, cluster="pd", instances=names, **common),
+            workdir / "p.log",
+        ),
+        GatewayProcess(
+            "prefill_gateway",
+            gateway_env(
+                "prefill_gateway",
+                nats_url,
+                site=REMOTE,
+                cluster="prfaas",
+                instances="bo-r0",
+                budgets=f"{SITE}={LINK_GBPS}",
+                **common,
+            ),
+            workdir / "r.log",
+        ),
+        GatewayProcess(
+            "decode_gateway",
+            gateway_env(
+                "decode_gateway",
+                nats_url,
+                site=SITE,
+                instance="bo-d0",
+                backend="simulated:h20",
+                model="reference",
+                time_scale=DECODE_TIME_SCALE,
+                heartbeat_s=0.2,
+                tcp_port=decode_port,
+                advertise_by_site=f"{REMOTE}=127.0.0.1:{relay_port}",
+            ),
+            workdir / "d.log",
+        ),
+    ]
 
 
-async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace, placement: Placement,
-                         decode_port: int, relay_port: int) -> dict:  # fmt: skip
+async def _overhead_case(
+    nats_url: str, workdir: Path, args: argparse.Namespace, placement: Placement, decode_port: int, relay_port: int
+) -> dict:
     """Router TTFT minus direct TTFT in every case, interleaved rounds; every service its own process."""
     port = free_port()
-    router_env = {"ROUTER_NATS_URL": nats_url, "ROUTER_SITE": SITE, "ROUTER_ID": "bench-router", "ROUTER_HOST": "127.0.0.1",
-                  "ROUTER_PORT": str(port), "ROUTER_POLICY": "adaptive", "ROUTER_THRESHOLD_TOKENS": str(THRESHOLD_TOKENS),
-                  "ROUTER_REPLAN_INTERVAL_S": "0", "ROUTER_LOG_LEVEL": "WARNING"}  # fmt: skip
+    router_env = {
+        "ROUTER_NATS_URL": nats_url,
+        "ROUTER_SITE": SITE,
+        "ROUTER_ID": "bench-router",
+        "ROUTER_HOST": "127.0.0.1",
+        "ROUTER_PORT": str(port),
+        "ROUTER_POLICY": "adaptive",
+        "ROUTER_THRESHOLD_TOKENS": str(THRESHOLD_TOKENS),
+        "ROUTER_REPLAN_INTERVAL_S": "0",
+        "ROUTER_LOG_LEVEL": "WARNING",
+    }
     rounds = args.rounds
     procs = _gateway_procs(nats_url, workdir, args, decode_port, relay_port)
     nc = await connect(nats_url, name="bench-overhead")
@@ -307,22 +367,31 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
         with placement.services():
             for proc in procs:
                 proc.spawn()
-        await asyncio.gather(procs[0].ready(nc, SITE, "bo-p0"), procs[1].ready(nc, REMOTE, "bo-r0"),
-                             procs[2].ready(nc, SITE, "bo-d0"))  # fmt: skip
+        await asyncio.gather(
+            procs[0].ready(nc, SITE, "bo-p0"), procs[1].ready(nc, REMOTE, "bo-r0"), procs[2].ready(nc, SITE, "bo-d0")
+        )
         router = _Service("router", router_env, workdir / "router.log")
         url = f"http://127.0.0.1:{port}"
         await router.ready_http(url + "/v1/route/explain", {"model": "reference", "prompt": "ready?"})  # instances seen
         await events.start()
         out = {"placement": placement.describe()}
         pids = processes()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)) as http, \
-                Caller(nc, prefill_site=SITE, cluster="pd", decode_site=SITE) as local, \
-                Caller(nc, prefill_site=REMOTE, cluster="prfaas", decode_site=SITE) as remote:  # fmt: skip
+        async with (
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
+            ) as http,
+            Caller(nc, prefill_site=SITE, cluster="pd", decode_site=SITE) as local,
+            Caller(nc, prefill_site=REMOTE, cluster="prfaas", decode_site=SITE) as remote,
+        ):
             await remote.reachable(nc)
             n = 0
             for r in range(rounds):
-                cases = (("c1", 1, args.requests, 2, 0.0, local), ("c50", 50, args.c50_requests, C50_MAX_TOKENS, C50_THINK_S, local),
-                         ("remote", 1, args.requests, 2, 0.0, remote), ("hit", 1, args.requests, 2, 0.0, remote))  # fmt: skip
+                cases = (
+                    ("c1", 1, args.requests, 2, 0.0, local),
+                    ("c50", 50, args.c50_requests, C50_MAX_TOKENS, C50_THINK_S, local),
+                    ("remote", 1, args.requests, 2, 0.0, remote),
+                    ("hit", 1, args.requests, 2, 0.0, remote),
+                )
                 for label, clients, count, max_tokens, think_s, caller in cases:
                     if label == "hit":  # the remote case's KV has evicted the shared prefix since the last round
                         await _warm_shared_prefix(http, url, remote, nc, r)
@@ -336,7 +405,9 @@ async def _overhead_case(nats_url: str, workdir: Path, args: argparse.Namespace,
                             return _direct_ttft(caller, p, max_tokens)
 
                         before = {proc: _cpu_s(pid) for proc, pid in pids.items()}
-                        samples[f"{path}_{label}"][r] += await _clients(call, prompts, clients, think_s, random.Random(r))
+                        samples[f"{path}_{label}"][r] += await _clients(
+                            call, prompts, clients, think_s, random.Random(r)
+                        )
                         for proc, pid in pids.items():
                             used = cpu[f"{path}_{label}"]
                             used[proc] = used.get(proc, 0.0) + _cpu_s(pid) - before[proc]
@@ -362,13 +433,21 @@ def _decision_counts(events: _Events, samples: dict) -> dict:
         ids = [ref for xs in samples[f"router_{label}"] for _, ref in xs]
         ds = [first[rid] for rid in ids]
         answered = [d for d in ds if d.index == "ok"]
-        by_case[label] = {"requests": len(ids), "index_asked": sum(not d.index.startswith("not asked") for d in ds),
-                          "index_answered": len(answered), "remote": sum(d.route == "remote" for d in ds),
-                          "reused_prefix": sum(d.decision.reused_prefix_tokens > 0 for d in answered)}  # fmt: skip
-    return {"total": len(decisions), "retries": sum(d.attempt > 0 for d in decisions),
-            "index_asked": sum(not d.index.startswith("not asked") for d in decisions),
-            "index_unavailable": sum(d.index.startswith("unavailable") for d in decisions),
-            "index_not_asked": sum(d.index.startswith("not asked") for d in decisions), "by_case": by_case}  # fmt: skip
+        by_case[label] = {
+            "requests": len(ids),
+            "index_asked": sum(not d.index.startswith("not asked") for d in ds),
+            "index_answered": len(answered),
+            "remote": sum(d.route == "remote" for d in ds),
+            "reused_prefix": sum(d.decision.reused_prefix_tokens > 0 for d in answered),
+        }
+    return {
+        "total": len(decisions),
+        "retries": sum(d.attempt > 0 for d in decisions),
+        "index_asked": sum(not d.index.startswith("not asked") for d in decisions),
+        "index_unavailable": sum(d.index.startswith("unavailable") for d in decisions),
+        "index_not_asked": sum(d.index.startswith("not asked") for d in decisions),
+        "by_case": by_case,
+    }
 
 
 def _overheads(samples: dict, events: _Events, cpu: dict) -> dict:
@@ -376,27 +455,40 @@ def _overheads(samples: dict, events: _Events, cpu: dict) -> dict:
     waited = {rid: _waited_s(o.queue_s, o.first_step_s) for rid, o in events.outcomes.items()}
     ttfts = {key: [[ttft for ttft, _ in xs] for xs in per_round] for key, per_round in samples.items()}
     # TTFT less the time spent in the gateways' queues, which dominates the spread at concurrency 50
-    net = {key: [[ttft - (waited[ref] if isinstance(ref, str) else ref) for ttft, ref in xs] for xs in per_round]
-           for key, per_round in samples.items()}  # fmt: skip
+    net = {
+        key: [[ttft - (waited[ref] if isinstance(ref, str) else ref) for ttft, ref in xs] for xs in per_round]
+        for key, per_round in samples.items()
+    }
     out = {}
     for label in LABELS:
-        per_round = [_pct(r, 0.5) - _pct(d, 0.5) for r, d in zip(ttfts[f"router_{label}"], ttfts[f"direct_{label}"], strict=True)]
+        per_round = [
+            _pct(r, 0.5) - _pct(d, 0.5) for r, d in zip(ttfts[f"router_{label}"], ttfts[f"direct_{label}"], strict=True)
+        ]
         r, d = _flat(ttfts[f"router_{label}"]), _flat(ttfts[f"direct_{label}"])
         out[f"overhead_{label}"] = {
             "p50_ms": (_pct(r, 0.5) - _pct(d, 0.5)) * 1000,
             "p99_ms": (_pct(r, 0.99) - _pct(d, 0.99)) * 1000,
             "round_p50_ms": [x * 1000 for x in per_round],
-            "deciles_ms": {path: [[round(sorted(xs)[int(q * (len(xs) - 1))] * 1000, 1) for q in (0, .1, .25, .5, .75, .9, 1)]
-                                  for xs in ttfts[f"{path}_{label}"]] for path in ("router", "direct")},
+            "deciles_ms": {
+                path: [
+                    [round(sorted(xs)[int(q * (len(xs) - 1))] * 1000, 1) for q in (0, 0.1, 0.25, 0.5, 0.75, 0.9, 1)]
+                    for xs in ttfts[f"{path}_{label}"]
+                ]
+                for path in ("router", "direct")
+            },
             "net_p50_ms": (_pct(_flat(net[f"router_{label}"]), 0.5) - _pct(_flat(net[f"direct_{label}"]), 0.5)) * 1000,
-            "net_round_p50_ms": [(_pct(rn, 0.5) - _pct(dn, 0.5)) * 1000
-                                 for rn, dn in zip(net[f"router_{label}"], net[f"direct_{label}"], strict=True)],  # fmt: skip
+            "net_round_p50_ms": [
+                (_pct(rn, 0.5) - _pct(dn, 0.5)) * 1000
+                for rn, dn in zip(net[f"router_{label}"], net[f"direct_{label}"], strict=True)
+            ],
             "router_ttft": _figure(r),
             "direct_ttft": _figure(d),
             # CPU of each process per request, while requests go through the router and while they go straight
             # to the gateways (the index ingests the gateways' KV events on both; heartbeats run on both)
-            "cpu_ms_per_request": {path: {proc: v * 1000 / len(r) for proc, v in cpu[f"{path}_{label}"].items()}
-                                   for path in ("router", "direct")},  # fmt: skip
+            "cpu_ms_per_request": {
+                path: {proc: v * 1000 / len(r) for proc, v in cpu[f"{path}_{label}"].items()}
+                for path in ("router", "direct")
+            },
         }
     return out
 
@@ -432,30 +524,42 @@ def _measure(args: argparse.Namespace, placement: Placement, work: Path) -> dict
 def _text(figures: dict) -> str:
     """The figures for people (the verdicts follow)."""
     p = figures["placement"]
-    rows = [f"placement {p['name']}" + (f" ({p['note']})" if p["note"] else "") + ": "
-            + ", ".join(f"{name} on CPUs {cpus}" for name, cpus in p["processes"].items())]  # fmt: skip
+    rows = [
+        f"placement {p['name']}"
+        + (f" ({p['note']})" if p["note"] else "")
+        + ": "
+        + ", ".join(f"{name} on CPUs {cpus}" for name, cpus in p["processes"].items())
+    ]
     for name in ("decision_1k", "decision_32k"):
         f = figures[name]
         floor = f["floor"]
-        rows.append(f"{name} ({f['prompt_tokens']} tokens, {f['held_blocks']} blocks held, index late {f['index_late']}): "
-                    f"p50 {f['p50_ms']:.2f} ms  "
-                    f"p99 {f['p99_ms']:.2f} ms  ({f['n']} decisions) = {f['vs_floor']:.2f}x the lookup alone "
-                    f"(p50 {floor['lookup_nats']['p50_ms']:.2f} ms over NATS, Lua walk {floor['lua_walk']['p50_ms']:.2f} ms); "
-                    f"tokenizing alone p50 {f['tokenize']['p50_ms']:.2f} ms")  # fmt: skip
+        rows.append(
+            f"{name} ({f['prompt_tokens']} tokens, {f['held_blocks']} blocks held, index late {f['index_late']}): "
+            f"p50 {f['p50_ms']:.2f} ms  "
+            f"p99 {f['p99_ms']:.2f} ms  ({f['n']} decisions) = {f['vs_floor']:.2f}x the lookup alone "
+            f"(p50 {floor['lookup_nats']['p50_ms']:.2f} ms over NATS, Lua walk {floor['lua_walk']['p50_ms']:.2f} ms); "
+            f"tokenizing alone p50 {f['tokenize']['p50_ms']:.2f} ms"
+        )
     counts = figures["decisions"]
-    rows.append(f"decisions through the router: {counts['total']}, re-decided {counts['retries']}; asked the index "
-                f"{counts['index_asked']} (unavailable or late {counts['index_unavailable']}), not asked "
-                f"{counts['index_not_asked']}; per case (requests, asked, answered in time, remote, reused a prefix): "
-                + ", ".join(f"{k} {c['requests']}/{c['index_asked']}/{c['index_answered']}/{c['remote']}/{c['reused_prefix']}"
-                            for k, c in counts["by_case"].items()))  # fmt: skip
+    rows.append(
+        f"decisions through the router: {counts['total']}, re-decided {counts['retries']}; asked the index "
+        f"{counts['index_asked']} (unavailable or late {counts['index_unavailable']}), not asked "
+        f"{counts['index_not_asked']}; per case (requests, asked, answered in time, remote, reused a prefix): "
+        + ", ".join(
+            f"{k} {c['requests']}/{c['index_asked']}/{c['index_answered']}/{c['remote']}/{c['reused_prefix']}"
+            for k, c in counts["by_case"].items()
+        )
+    )
     for label in LABELS:
         f = figures[f"overhead_{label}"]
         rounds, net = sorted(f["round_p50_ms"]), sorted(f["net_round_p50_ms"])
-        rows.append(f"overhead_{label}: p50 {f['p50_ms']:+.2f} ms (rounds {rounds[0]:+.1f} .. {rounds[-1]:+.1f})  "
-                    f"p99 {f['p99_ms']:+.2f} ms  net of the gateways' queues p50 {f['net_p50_ms']:+.2f} ms (rounds "
-                    f"{net[0]:+.1f} .. {net[-1]:+.1f})  (router TTFT p50 {f['router_ttft']['p50_ms']:.2f} ms vs direct "
-                    f"{f['direct_ttft']['p50_ms']:.2f} ms; CPU ms per request via the router / direct: "
-                    f"{_cpu_text(f['cpu_ms_per_request'])})")  # fmt: skip
+        rows.append(
+            f"overhead_{label}: p50 {f['p50_ms']:+.2f} ms (rounds {rounds[0]:+.1f} .. {rounds[-1]:+.1f})  "
+            f"p99 {f['p99_ms']:+.2f} ms  net of the gateways' queues p50 {f['net_p50_ms']:+.2f} ms (rounds "
+            f"{net[0]:+.1f} .. {net[-1]:+.1f})  (router TTFT p50 {f['router_ttft']['p50_ms']:.2f} ms vs direct "
+            f"{f['direct_ttft']['p50_ms']:.2f} ms; CPU ms per request via the router / direct: "
+            f"{_cpu_text(f['cpu_ms_per_request'])})"
+        )
     return "\n".join(rows)
 
 

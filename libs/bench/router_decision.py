@@ -55,12 +55,48 @@ TOKENIZE_SAMPLES = 20
 
 def _loads() -> list[InstanceLoad]:
     now = time.time()
-    loads = [InstanceLoad(site=REMOTE, instance=f"bp-r{i}", role="prefill", cluster="prfaas", hardware="h200", model=MODEL,
-                          queue_depth=i % 3, expected_wait_s=0.1 * i, ts=now) for i in range(8)]  # fmt: skip
-    loads += [InstanceLoad(site=SITE, instance=f"bp-l{i}", role="prefill", cluster="pd", hardware="h20", model=MODEL,
-                           queue_depth=i % 2, expected_wait_s=0.2 * i, ts=now) for i in range(8)]  # fmt: skip
-    loads += [InstanceLoad(site=SITE, instance=f"bp-d{i}", role="decode", cluster="pd", hardware="h20", model=MODEL,
-                           free_decode_slots=4 + i, max_batch=32, ts=now) for i in range(16)]  # fmt: skip
+    loads = [
+        InstanceLoad(
+            site=REMOTE,
+            instance=f"bp-r{i}",
+            role="prefill",
+            cluster="prfaas",
+            hardware="h200",
+            model=MODEL,
+            queue_depth=i % 3,
+            expected_wait_s=0.1 * i,
+            ts=now,
+        )
+        for i in range(8)
+    ]
+    loads += [
+        InstanceLoad(
+            site=SITE,
+            instance=f"bp-l{i}",
+            role="prefill",
+            cluster="pd",
+            hardware="h20",
+            model=MODEL,
+            queue_depth=i % 2,
+            expected_wait_s=0.2 * i,
+            ts=now,
+        )
+        for i in range(8)
+    ]
+    loads += [
+        InstanceLoad(
+            site=SITE,
+            instance=f"bp-d{i}",
+            role="decode",
+            cluster="pd",
+            hardware="h20",
+            model=MODEL,
+            free_decode_slots=4 + i,
+            max_batch=32,
+            ts=now,
+        )
+        for i in range(16)
+    ]
     return loads
 
 
@@ -96,8 +132,13 @@ def _hashes(router: RouterService, text: str) -> list[int]:
 async def _store_prefix(client: KvIndexClient, seq: int, hashes: list[int], timeout_s: float = 30.0) -> None:
     """Publish ``hashes`` as held by ``HOLDER`` (both state kinds) through JetStream; wait until a lookup finds them."""
     nc = client.nc
-    batch = KvEventBatch(site=REMOTE, instance=HOLDER, seq=seq, ts=time.time(),
-                         events=[BlocksStored(block_hashes=hashes), BlocksStored(block_hashes=hashes, kind="linear_state")])  # fmt: skip
+    batch = KvEventBatch(
+        site=REMOTE,
+        instance=HOLDER,
+        seq=seq,
+        ts=time.time(),
+        events=[BlocksStored(block_hashes=hashes), BlocksStored(block_hashes=hashes, kind="linear_state")],
+    )
     await nc.jetstream(timeout=10).publish(subjects.kv_events(REMOTE, HOLDER), encode(batch))
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -121,7 +162,9 @@ async def _decision(router: RouterService, text: str, request_id: str, held: int
     prepared = await router.scheduler.prepare(req, request_id, None)
     router.scheduler.decide(prepared)
     elapsed = time.perf_counter() - start
-    if prepared.lookup is not None and not any(p.instance == HOLDER and p.usable_blocks >= held for p in prepared.lookup.instances):
+    if prepared.lookup is not None and not any(
+        p.instance == HOLDER and p.usable_blocks >= held for p in prepared.lookup.instances
+    ):
         raise PrfaasError(f"a timed lookup missed the {held} blocks stored on {HOLDER}")
     return elapsed, prepared  # no lookup: the index was late (past the router's deadline) or failed; counted
 
@@ -130,7 +173,9 @@ async def _one_length(router: RouterService, shared: str, store: RedisKvStore, s
     """Time decisions of prompts ``shared`` + a question, whose shared blocks the index holds, and their floors."""
     common = _hashes(router, _prompt(shared, 0))
     other = _hashes(router, _prompt(shared, 1))
-    held = next((k for k, (a, b) in enumerate(zip(common, other, strict=False)) if a != b), min(len(common), len(other)))
+    held = next(
+        (k for k, (a, b) in enumerate(zip(common, other, strict=False)) if a != b), min(len(common), len(other))
+    )
     client = KvIndexClient(router.nc, timeout_s=5.0)
     await _store_prefix(client, seq, common[:held])
     times, cold_s, nats_s, lua_s, lengths, late, cold_late = [], [], [], [], [], 0, 0
@@ -162,9 +207,15 @@ async def _one_length(router: RouterService, shared: str, store: RedisKvStore, s
     figure, cold = _figure(times), _figure(cold_s[WARMUP:])
     floor = {"lookup_nats": _figure(nats_s), "lua_walk": _figure(lua_s)}
     cold |= {"vs_floor": cold["p50_ms"] / floor["lookup_nats"]["p50_ms"], "index_late": cold_late}
-    return figure | {"prompt_tokens": int(statistics.median(lengths)), "held_blocks": held, "index_late": late, "floor": floor,
-                     "vs_floor": figure["p50_ms"] / floor["lookup_nats"]["p50_ms"], "cold": cold,
-                     "tokenize": _figure(tokenize_s)}  # fmt: skip
+    return figure | {
+        "prompt_tokens": int(statistics.median(lengths)),
+        "held_blocks": held,
+        "index_late": late,
+        "floor": floor,
+        "vs_floor": figure["p50_ms"] / floor["lookup_nats"]["p50_ms"],
+        "cold": cold,
+        "tokenize": _figure(tokenize_s),
+    }
 
 
 async def decision_case(nats_url: str, redis_url: str, workdir: Path, decisions: int) -> dict:
@@ -172,9 +223,18 @@ async def decision_case(nats_url: str, redis_url: str, workdir: Path, decisions:
     prose = Prose()
     tokenizer = await asyncio.to_thread(write_tokenizer, workdir / "tokenizer", prose)
     nc = await connect(nats_url, name="bench-router")
-    config = RouterConfig(nats_url=nats_url, site=SITE, port=0, host="127.0.0.1", replan_interval_s=0, instance_ttl_s=600,
-                          default_model_profile=PROFILE, policy="adaptive", threshold_tokens=19_392,
-                          tokenizer=str(tokenizer))  # fmt: skip
+    config = RouterConfig(
+        nats_url=nats_url,
+        site=SITE,
+        port=0,
+        host="127.0.0.1",
+        replan_interval_s=0,
+        instance_ttl_s=600,
+        default_model_profile=PROFILE,
+        policy="adaptive",
+        threshold_tokens=19_392,
+        tokenizer=str(tokenizer),
+    )
     router = RouterService(nc, config)
     redis = aioredis.Redis.from_url(redis_url)
     stop = asyncio.Event()

@@ -164,8 +164,13 @@ def judge(targets: Iterable[Target], figures: Mapping) -> list[Verdict]:
 
 def add_target_argument(parser: argparse.ArgumentParser) -> None:
     """``--target FIGURE=BOUND`` (repeatable), shared by every benchmark."""
-    parser.add_argument("--target", action="append", default=[], metavar="FIGURE=BOUND",
-                        help="replace a target's bound for this run (a number, or LOW..HIGH); repeatable")  # fmt: skip
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="FIGURE=BOUND",
+        help="replace a target's bound for this run (a number, or LOW..HIGH); repeatable",
+    )
 
 
 def conclude(args: argparse.Namespace, figures: dict, text: str = "") -> int:

@@ -49,25 +49,40 @@ _READY_TIMEOUT_S = 15.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Benchmark flags."""
     parser.add_argument("--gbps", default="1,10", help="bandwidths to set, comma-separated (default %(default)s)")
-    parser.add_argument("--rtt-ms", type=float, default=20.0, help="link RTT during every measurement (default %(default)s)")
+    parser.add_argument(
+        "--rtt-ms", type=float, default=20.0, help="link RTT during every measurement (default %(default)s)"
+    )
     parser.add_argument("--connections", type=int, default=4, help="blaster connections (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved bandwidth rounds (default %(default)s)")
     parser.add_argument("--warmup-s", type=float, default=0.5, help="traffic before the window (default %(default)s)")
     parser.add_argument("--window-s", type=float, default=1.5, help="measured window (default %(default)s)")
     parser.add_argument("--pings", type=int, default=50, help="ping-pongs per RTT measurement (default %(default)s)")
     parser.add_argument("--tcp-rtt-ms", default="20,80", help="RTTs of the TCP timing cases (default %(default)s)")
-    parser.add_argument("--tcp-gbps", type=float, default=5.0, help="bandwidth of the TCP timing cases (default %(default)s)")
-    parser.add_argument("--tcp-sizes-mib", default="1,16,256", help="transfer sizes of the TCP timing cases (default %(default)s)")
-    parser.add_argument("--tcp-idle-s", type=float, default=1.0, help="idle period before a warm case (default %(default)s)")
-    parser.add_argument("--tcp-rounds", type=int, default=3, help="rounds of the TCP timing cases (default %(default)s)")
-    parser.add_argument("--keepalive-ms", default="100,300", help="keepalive intervals, at the first RTT (default %(default)s)")
-    parser.add_argument("--keepalive-mib", type=float, default=16.0, help="transfer after the keepalives (default %(default)s)")
+    parser.add_argument(
+        "--tcp-gbps", type=float, default=5.0, help="bandwidth of the TCP timing cases (default %(default)s)"
+    )
+    parser.add_argument(
+        "--tcp-sizes-mib", default="1,16,256", help="transfer sizes of the TCP timing cases (default %(default)s)"
+    )
+    parser.add_argument(
+        "--tcp-idle-s", type=float, default=1.0, help="idle period before a warm case (default %(default)s)"
+    )
+    parser.add_argument(
+        "--tcp-rounds", type=int, default=3, help="rounds of the TCP timing cases (default %(default)s)"
+    )
+    parser.add_argument(
+        "--keepalive-ms", default="100,300", help="keepalive intervals, at the first RTT (default %(default)s)"
+    )
+    parser.add_argument(
+        "--keepalive-mib", type=float, default=16.0, help="transfer after the keepalives (default %(default)s)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Measure and print the figures with their verdicts (exit 1 on a miss)."""
-    set_gbps, rtts_ms, sizes_mib, keepalive_ms = (_numbers(args, flag) for flag in ("gbps", "tcp_rtt_ms", "tcp_sizes_mib",
-                                                                                     "keepalive_ms"))  # fmt: skip
+    set_gbps, rtts_ms, sizes_mib, keepalive_ms = (
+        _numbers(args, flag) for flag in ("gbps", "tcp_rtt_ms", "tcp_sizes_mib", "keepalive_ms")
+    )
     if any(g <= 0 for g in set_gbps) or args.rounds < 1 or args.connections < 1 or args.rtt_ms < 0:
         raise ConfigError("--gbps > 0, --rtt-ms >= 0, --rounds >= 1 and --connections >= 1")
     if min(rtts_ms + sizes_mib + keepalive_ms) <= 0 or args.tcp_gbps <= 0 or args.tcp_rounds < 1 or args.tcp_idle_s < 0:
@@ -75,19 +90,28 @@ def run(args: argparse.Namespace) -> int:
     figures = _bench(args, set_gbps)
     figures |= _tcp(args, rtts_ms, [int(m * 2**20) for m in sorted(sizes_mib)], sorted(keepalive_ms))
     base = figures["baseline"]
-    rows = [f"direct loopback (baseline)  {base['gbps']:7.2f} Gbps  range {_range(base['gbps_range'])}  "
-            f"rtt {base['rtt_ms']:.3f} ms",
-            f"relay ceiling (no limit)    {figures['ceiling_gbps']:7.2f} Gbps  range {_range(figures['ceiling_range'])}  "
-            f"= {figures['ceiling_gbps'] / base['gbps']:.2f} of baseline"]  # fmt: skip
-    rows += [f"set {b['set_gbps']:6.2f} Gbps            {b['achieved_gbps']:7.2f} Gbps  range {_range(b['range'])}  "
-             f"= {b['ratio']:.3f} of set" for b in figures["bandwidth"]]  # fmt: skip
+    rows = [
+        f"direct loopback (baseline)  {base['gbps']:7.2f} Gbps  range {_range(base['gbps_range'])}  "
+        f"rtt {base['rtt_ms']:.3f} ms",
+        f"relay ceiling (no limit)    {figures['ceiling_gbps']:7.2f} Gbps  range {_range(figures['ceiling_range'])}  "
+        f"= {figures['ceiling_gbps'] / base['gbps']:.2f} of baseline",
+    ]
+    rows += [
+        f"set {b['set_gbps']:6.2f} Gbps            {b['achieved_gbps']:7.2f} Gbps  range {_range(b['range'])}  "
+        f"= {b['ratio']:.3f} of set"
+        for b in figures["bandwidth"]
+    ]
     d = figures["delay"]
-    rows.append(f"set rtt {d['set_rtt_ms']:.1f} ms              {d['achieved_rtt_ms']:7.2f} ms    range {_range(d['range_ms'])}")
+    rows.append(
+        f"set rtt {d['set_rtt_ms']:.1f} ms              {d['achieved_rtt_ms']:7.2f} ms    range {_range(d['range_ms'])}"
+    )
     rows.append(f"{figures['connections']} connections, {figures['rounds']} rounds, medians")
     rows.append(f"delivery time vs TCP model at {args.tcp_gbps:g} Gbps, {args.tcp_rounds} rounds, medians:")
     for c in figures["tcp_model"]["cases"] + figures["keepalive"]["cases"]:
-        rows.append(f"  {c['rtt_ms']:g} ms {c['case']:<34} {c['size_mib']:6g} MiB  {c['measured_ms']:8.1f} ms  "
-                    f"range {_range(c['range_ms'], 1)}  model {c['model_ms']:8.1f} ms  error {c['error']:+.3f}")  # fmt: skip
+        rows.append(
+            f"  {c['rtt_ms']:g} ms {c['case']:<34} {c['size_mib']:6g} MiB  {c['measured_ms']:8.1f} ms  "
+            f"range {_range(c['range_ms'], 1)}  model {c['model_ms']:8.1f} ms  error {c['error']:+.3f}"
+        )
     return conclude(args, figures, "\n".join(rows))
 
 
@@ -172,22 +196,40 @@ def _tcp(args: argparse.Namespace, rtts_ms: list[float], sizes: list[int], keepa
     cases = []
     for (rtt_ms, case, size), took in runs.items():
         model_s = models[(rtt_ms, case, size)]
-        cases.append({"rtt_ms": rtt_ms, "case": case, "size_mib": size / 2**20, "model_ms": model_s * 1e3,
-                      "measured_ms": statistics.median(took) * 1e3, "range_ms": [min(took) * 1e3, max(took) * 1e3],
-                      "error": statistics.median(took) / model_s - 1, "runs_ms": [t * 1e3 for t in took]})  # fmt: skip
+        cases.append(
+            {
+                "rtt_ms": rtt_ms,
+                "case": case,
+                "size_mib": size / 2**20,
+                "model_ms": model_s * 1e3,
+                "measured_ms": statistics.median(took) * 1e3,
+                "range_ms": [min(took) * 1e3, max(took) * 1e3],
+                "error": statistics.median(took) / model_s - 1,
+                "runs_ms": [t * 1e3 for t in took],
+            }
+        )
     tcp = [c for c in cases if not c["case"].startswith("keepalive")]
     kept = [c for c in cases if c["case"].startswith("keepalive")]
     return {
-        "tcp_model": {"gbps": args.tcp_gbps, "idle_s": args.tcp_idle_s, "rounds": args.tcp_rounds, "cases": tcp,
-                      "max_error": max(abs(c["error"]) for c in tcp)},
+        "tcp_model": {
+            "gbps": args.tcp_gbps,
+            "idle_s": args.tcp_idle_s,
+            "rounds": args.tcp_rounds,
+            "cases": tcp,
+            "max_error": max(abs(c["error"]) for c in tcp),
+        },
         "keepalive": {"cases": kept, "max_error": max((abs(c["error"]) for c in kept), default=0.0)},
-    }  # fmt: skip
+    }
 
 
 def _tcp_cases(
-    relay: LinkRelay, target: socket.socket, args: argparse.Namespace, rtt_ms: float, sizes: list[int],
+    relay: LinkRelay,
+    target: socket.socket,
+    args: argparse.Namespace,
+    rtt_ms: float,
+    sizes: list[int],
     keepalive_ms: list[float],
-) -> Iterator[tuple[str, int, float, float]]:  # fmt: skip
+) -> Iterator[tuple[str, int, float, float]]:
     """(case, bytes, seconds taken, seconds modelled) at one RTT: new connections, idle ones, kept-alive ones."""
     change_link(relay.control_url, {"rtt_ms": rtt_ms, "slow_start_after_idle": True})
     model = functools.partial(delivery_time_s, gbps=args.tcp_gbps, rtt_s=rtt_ms / 1000)
@@ -207,8 +249,12 @@ def _tcp_cases(
             pair.transfer_s(opening)
         for size in sizes:
             time.sleep(args.tcp_idle_s)
-            yield "idle, window kept", size, pair.transfer_s(size), model(size, handshake=False,
-                                                                           cwnd_bytes=DEFAULT_WINDOW_BYTES)  # fmt: skip
+            yield (
+                "idle, window kept",
+                size,
+                pair.transfer_s(size),
+                model(size, handshake=False, cwnd_bytes=DEFAULT_WINDOW_BYTES),
+            )
         change_link(relay.control_url, {"slow_start_after_idle": True})
         size = int(args.keepalive_mib * 2**20)
         for interval_ms in keepalive_ms:  # ascending: a kept window stays open for the next interval
@@ -249,10 +295,18 @@ class _Sink:
         """Gbps the sink receives from a blaster process sending to ``port`` (after warm-up, over the window)."""
         duration_s = args.warmup_s + args.window_s + 0.5
         blaster = subprocess.Popen(
-            [*_PROBE, "blast", "--to", f"127.0.0.1:{port}", "--connections", str(args.connections),
-             "--duration-s", str(duration_s)],
+            [
+                *_PROBE,
+                "blast",
+                "--to",
+                f"127.0.0.1:{port}",
+                "--connections",
+                str(args.connections),
+                "--duration-s",
+                str(duration_s),
+            ],
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         try:
             time.sleep(args.warmup_s)
             b0, t0 = self.sample()
@@ -273,8 +327,18 @@ class LinkRelay:
     def __init__(self, target_port: int, *, gbps: float | None, rtt_ms: float) -> None:
         self.port, control = free_port(), free_port()
         self.control_url = f"http://127.0.0.1:{control}"
-        self.argv = [*_RELAY, "--sites", "a", "b", "--rtt-ms", str(rtt_ms), "--control", f"127.0.0.1:{control}",
-                     "--forward", f"a@127.0.0.1:{self.port}=127.0.0.1:{target_port}"]  # fmt: skip
+        self.argv = [
+            *_RELAY,
+            "--sites",
+            "a",
+            "b",
+            "--rtt-ms",
+            str(rtt_ms),
+            "--control",
+            f"127.0.0.1:{control}",
+            "--forward",
+            f"a@127.0.0.1:{self.port}=127.0.0.1:{target_port}",
+        ]
         if gbps is not None:
             self.argv += ["--gbps", str(gbps)]
 

@@ -34,15 +34,20 @@ def parse_duration_s(text: str) -> float:
 
 def add_parser(subparsers) -> None:
     """Register ``decisions tail`` and ``decisions summary``."""
-    parser = subparsers.add_parser("decisions", description="The routers' decision and outcome events, live or replayed "
-                                   "from PRFAAS_DECISIONS (at a running lab's router site unless --nats names one).")  # fmt: skip
+    parser = subparsers.add_parser(
+        "decisions",
+        description="The routers' decision and outcome events, live or replayed "
+        "from PRFAAS_DECISIONS (at a running lab's router site unless --nats names one).",
+    )
     sub = parser.add_subparsers(dest="decisions_command", required=True, metavar="ACTION")
     tail = sub.add_parser("tail", help="print decisions and outcomes as they happen, one line each")
     _add_lab_arguments(tail)
     tail.add_argument("--site", default="*", help="only this router site (default: every site)")
     tail.add_argument("--count", type=int, default=0, help="stop after this many events (0: until Ctrl-C)")
     tail.set_defaults(func=run_tail)
-    summary = sub.add_parser("summary", help="replay the stream: offload and cache-hit shares, TTFT by route, link bytes")
+    summary = sub.add_parser(
+        "summary", help="replay the stream: offload and cache-hit shares, TTFT by route, link bytes"
+    )
     _add_lab_arguments(summary)
     summary.add_argument("--since", default="10m", help="how far back to replay (90s, 10m, 2h, 1d; default 10m)")
     summary.add_argument("--site", default="", help="only this router site")
@@ -53,8 +58,12 @@ def add_parser(subparsers) -> None:
 
 def _add_lab_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", help="NATS URL (default: the router site's of the lab running in --run-dir)")
-    parser.add_argument("--run-dir", type=Path, default=default_run_dir(),
-                        help="a running lab's run directory (default: $PRFAAS_LAB_DIR or %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=default_run_dir(),
+        help="a running lab's run directory (default: $PRFAAS_LAB_DIR or %(default)s)",
+    )
 
 
 def line(event) -> str:
@@ -63,9 +72,11 @@ def line(event) -> str:
     if isinstance(event, DecisionEvent):
         d = event.decision
         cached = ",".join(f"{s}={n}" for s, n in sorted(event.cached_tokens.items())) or "none"
-        head = (f"{stamp} decide  {event.request_id[:12]} {event.route:<8} prefill {d.prefill_site}/{d.prefill_instance} "
-                f"decode {d.decode_instance} prompt={event.prompt_tokens} uncached={event.incremental_tokens} "
-                f"cached[{cached}] t={event.threshold_tokens} pred_ttft={d.predicted_ttft_s * 1000:.0f}ms")  # fmt: skip
+        head = (
+            f"{stamp} decide  {event.request_id[:12]} {event.route:<8} prefill {d.prefill_site}/{d.prefill_instance} "
+            f"decode {d.decode_instance} prompt={event.prompt_tokens} uncached={event.incremental_tokens} "
+            f"cached[{cached}] t={event.threshold_tokens} pred_ttft={d.predicted_ttft_s * 1000:.0f}ms"
+        )
         if event.index != "ok":
             head += f" index={event.index}"
         return f"{head} | {d.reason}"  # a fallback's reason starts with what failed
@@ -74,11 +85,15 @@ def line(event) -> str:
         tpot = f"{event.tpot_s * 1000:.1f}ms" if event.tpot_s is not None else "-"
         pred = f"{event.predicted_ttft_s * 1000:.0f}ms" if event.predicted_ttft_s is not None else "-"
         tail = f" {event.error}" if event.error else ""
-        return (f"{stamp} outcome {event.request_id[:12]} {event.route:<8} {event.status} ttft={ttft} (pred {pred}) "
-                f"tpot={tpot} tokens={event.prompt_tokens}+{event.completion_tokens} bytes={event.bytes_moved} "
-                f"attempts={event.attempts}{tail}")  # fmt: skip
-    return (f"{stamp} plan    t {event.old_threshold_tokens} -> {event.threshold_tokens} link={event.link_gbps:.2f}Gbps "
-            f"from {event.observed_requests} requests (N_p {event.n_p} -> proposed {event.proposed_n_p})")  # fmt: skip
+        return (
+            f"{stamp} outcome {event.request_id[:12]} {event.route:<8} {event.status} ttft={ttft} (pred {pred}) "
+            f"tpot={tpot} tokens={event.prompt_tokens}+{event.completion_tokens} bytes={event.bytes_moved} "
+            f"attempts={event.attempts}{tail}"
+        )
+    return (
+        f"{stamp} plan    t {event.old_threshold_tokens} -> {event.threshold_tokens} link={event.link_gbps:.2f}Gbps "
+        f"from {event.observed_requests} requests (N_p {event.n_p} -> proposed {event.proposed_n_p})"
+    )
 
 
 async def _tail(args: argparse.Namespace) -> int:
@@ -98,7 +113,11 @@ async def _tail(args: argparse.Namespace) -> int:
             done.set()
 
     try:
-        for subject in (f"{subjects.PREFIX}.decisions.{site}", f"{subjects.PREFIX}.outcomes.{site}", f"{subjects.PREFIX}.plans.{site}"):
+        for subject in (
+            f"{subjects.PREFIX}.decisions.{site}",
+            f"{subjects.PREFIX}.outcomes.{site}",
+            f"{subjects.PREFIX}.plans.{site}",
+        ):
             await nc.subscribe(subject, cb=show)
         await settle(nc)
         await done.wait()
@@ -126,16 +145,19 @@ async def replay(nats_url: str, since_s: float, timeout_s: float) -> tuple[list,
     try:
         js = nc.jetstream()
         start = time.time() - since_s
-        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
-                                    opt_start_time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)) + "Z")  # fmt: skip
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_TIME,
+            opt_start_time=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)) + "Z",
+        )
         try:
             info = await js.stream_info(subjects.DECISIONS_STREAM)
         except nats.errors.Error as e:
             raise BadRequest(f"stream {subjects.DECISIONS_STREAM} not found at {nats_url} ({e})") from None
         if info.state.messages == 0:
             return [], 0
-        sub = await js.subscribe(f"{subjects.PREFIX}.>", stream=subjects.DECISIONS_STREAM, ordered_consumer=True,
-                                 config=config)
+        sub = await js.subscribe(
+            f"{subjects.PREFIX}.>", stream=subjects.DECISIONS_STREAM, ordered_consumer=True, config=config
+        )
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             try:
@@ -162,7 +184,13 @@ def _percentiles(values: list[float]) -> dict:
     def pick(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-    return {"count": len(values), "p50_s": pick(0.5), "p90_s": pick(0.9), "p99_s": pick(0.99), "mean_s": statistics.fmean(values)}
+    return {
+        "count": len(values),
+        "p50_s": pick(0.5),
+        "p90_s": pick(0.9),
+        "p99_s": pick(0.99),
+        "mean_s": statistics.fmean(values),
+    }
 
 
 def summarize(events: list, site: str = "", skipped: int = 0) -> dict:
@@ -185,7 +213,9 @@ def summarize(events: list, site: str = "", skipped: int = 0) -> dict:
     for o in outcomes:
         if o.status == "ok" and o.ttft_s is not None:
             by_route.setdefault(o.route, []).append(o.ttft_s)
-    errors = [o.ttft_s - o.predicted_ttft_s for o in outcomes if o.ttft_s is not None and o.predicted_ttft_s is not None]
+    errors = [
+        o.ttft_s - o.predicted_ttft_s for o in outcomes if o.ttft_s is not None and o.predicted_ttft_s is not None
+    ]
     link_bytes = sum(o.bytes_moved for o in outcomes if o.prefill_site and o.prefill_site != o.site)
     return {
         "requests": n,
@@ -196,7 +226,9 @@ def summarize(events: list, site: str = "", skipped: int = 0) -> dict:
         "fallbacks": sum(1 for d in decisions if d.route == "fallback"),
         "index_unavailable": sum(1 for d in first if d.index.startswith("unavailable")),
         "index_not_asked": sum(1 for d in first if d.index.startswith("not asked")),
-        "outcomes": {status: sum(1 for o in outcomes if o.status == status) for status in sorted({o.status for o in outcomes})},
+        "outcomes": {
+            status: sum(1 for o in outcomes if o.status == status) for status in sorted({o.status for o in outcomes})
+        },
         "ttft_by_route": {route: _percentiles(v) for route, v in sorted(by_route.items())},
         "link_bytes": link_bytes,
         "prediction_error": {
@@ -218,23 +250,31 @@ def _text(summary: dict, since: str) -> str:
     def share(x):
         return "-" if x is None else f"{x:.1%}"
 
-    rows = [f"last {since}: {summary['requests']} requests, offload {share(summary['offload_share'])} "
-            f"(decided {share(summary['decided_remote_share'])}, fell back to local {summary['fell_back_to_local']}), "
-            f"cache hits {share(summary['cache_hit_share'])}, fallbacks {summary['fallbacks']}, "
-            f"index unavailable {summary['index_unavailable']}, not asked {summary['index_not_asked']}",
-            f"outcomes: {', '.join(f'{k} {v}' for k, v in summary['outcomes'].items()) or 'none'}; "
-            f"link bytes {summary['link_bytes']:,}"]  # fmt: skip
+    rows = [
+        f"last {since}: {summary['requests']} requests, offload {share(summary['offload_share'])} "
+        f"(decided {share(summary['decided_remote_share'])}, fell back to local {summary['fell_back_to_local']}), "
+        f"cache hits {share(summary['cache_hit_share'])}, fallbacks {summary['fallbacks']}, "
+        f"index unavailable {summary['index_unavailable']}, not asked {summary['index_not_asked']}",
+        f"outcomes: {', '.join(f'{k} {v}' for k, v in summary['outcomes'].items()) or 'none'}; "
+        f"link bytes {summary['link_bytes']:,}",
+    ]
     for route, p in summary["ttft_by_route"].items():
-        rows.append(f"TTFT {route:<8} n={p['count']:<5} p50 {p['p50_s'] * 1000:.0f} ms  p90 {p['p90_s'] * 1000:.0f} ms  "
-                    f"p99 {p['p99_s'] * 1000:.0f} ms")  # fmt: skip
+        rows.append(
+            f"TTFT {route:<8} n={p['count']:<5} p50 {p['p50_s'] * 1000:.0f} ms  p90 {p['p90_s'] * 1000:.0f} ms  "
+            f"p99 {p['p99_s'] * 1000:.0f} ms"
+        )
     err = summary["prediction_error"]
     if err["count"]:
-        rows.append(f"TTFT prediction error (observed - predicted): median {err['median_s'] * 1000:+.0f} ms, "
-                    f"mean |error| {err['mean_abs_s'] * 1000:.0f} ms over {err['count']}")  # fmt: skip
+        rows.append(
+            f"TTFT prediction error (observed - predicted): median {err['median_s'] * 1000:+.0f} ms, "
+            f"mean |error| {err['mean_abs_s'] * 1000:.0f} ms over {err['count']}"
+        )
     for t in summary["thresholds"]:
         rows.append(f"threshold re-planned {t['from']} -> {t['to']}")
     if summary["skipped_events"]:
-        rows.append(f"{summary['skipped_events']} events of an older schema skipped (this prfaas reads decision events v2)")
+        rows.append(
+            f"{summary['skipped_events']} events of an older schema skipped (this prfaas reads decision events v2)"
+        )
     return "\n".join(rows)
 
 

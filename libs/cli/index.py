@@ -19,9 +19,13 @@ def add_parser(subparsers) -> None:
     prompt = lookup.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--text", help="prompt text (tokenized with the reference byte-level tokenizer, BOS first)")
     prompt.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
-    lookup.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per block (default %(default)s)")
+    lookup.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per block (default %(default)s)"
+    )
     lookup.add_argument("--sites", help="comma-separated sites to include (default: all)")
-    lookup.add_argument("--no-hybrid", action="store_true", help="pure attention model: ignore linear_state checkpoints")
+    lookup.add_argument(
+        "--no-hybrid", action="store_true", help="pure attention model: ignore linear_state checkpoints"
+    )
     lookup.add_argument("--timeout-s", type=float, default=2.0, help="deadline for the answer (default %(default)s)")
     lookup.set_defaults(func=run_lookup)
 

@@ -60,7 +60,9 @@ async def connect(
             )
     except (OSError, nats.errors.Error, TimeoutError) as e:
         cause = first_errors[-1] if first_errors else e
-        raise UpstreamTimeout(f"cannot connect to NATS at {', '.join(servers)} within {connect_timeout_s}s: {cause!r}") from e
+        raise UpstreamTimeout(
+            f"cannot connect to NATS at {', '.join(servers)} within {connect_timeout_s}s: {cause!r}"
+        ) from e
     connected = True
     return nc
 

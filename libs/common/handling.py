@@ -30,8 +30,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def ask(nc: NatsClient, subject: str, request: msgspec.Struct, reply_decoder: msgspec.msgpack.Decoder,
-              timeout_s: float, where: str) -> msgspec.Struct:  # fmt: skip
+async def ask(
+    nc: NatsClient,
+    subject: str,
+    request: msgspec.Struct,
+    reply_decoder: msgspec.msgpack.Decoder,
+    timeout_s: float,
+    where: str,
+) -> msgspec.Struct:
     """Send ``request`` to ``subject`` (trace context in its headers) and return the reply, or raise its typed error."""
     try:
         msg = await nc.request(subject, encode(request), timeout=timeout_s, headers=inject_headers())
@@ -78,8 +84,9 @@ def decoded_load(msg: Msg, bad_messages: Counter) -> InstanceLoad | None:
     return load
 
 
-async def answer(msg: Msg, handle: Callable[[], Awaitable[msgspec.Struct]],
-                 refused: Callable[[PrfaasError], None] | None = None) -> None:  # fmt: skip
+async def answer(
+    msg: Msg, handle: Callable[[], Awaitable[msgspec.Struct]], refused: Callable[[PrfaasError], None] | None = None
+) -> None:
     """Reply to ``msg`` with what ``handle()`` returns, or with the ``ErrorReply`` of the typed error it raised."""
     try:
         reply = await handle()

@@ -82,4 +82,3 @@ class JobTable(Generic[R]):
     def _forget(self, request_id: str, task: asyncio.Task) -> None:
         if self._tasks.get(request_id) is task:
             del self._tasks[request_id], self._records[request_id]
-

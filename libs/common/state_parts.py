@@ -51,7 +51,14 @@ class PartSpec(msgspec.Struct, kw_only=True, frozen=True):
     @classmethod
     def of(cls, part: StatePart, codec: Codec = "raw") -> PartSpec:
         """The spec of an existing part."""
-        return cls(layer=part.layer, kind=part.kind, name=part.name, shape=tuple(part.array.shape), dtype=part.array.dtype.str, codec=codec)
+        return cls(
+            layer=part.layer,
+            kind=part.kind,
+            name=part.name,
+            shape=tuple(part.array.shape),
+            dtype=part.array.dtype.str,
+            codec=codec,
+        )
 
     @property
     def key(self) -> str:

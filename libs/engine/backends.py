@@ -64,8 +64,10 @@ class Restored:
 def check_skip(n_tokens: int, skip_blocks: int, block_size: int) -> int:
     """Tokens not sent for ``skip_blocks`` held blocks (``BadRequest`` unless the last token is still sent)."""
     if not 0 <= skip_blocks <= (n_tokens - 1) // block_size:
-        raise BadRequest(f"skip_blocks={skip_blocks} must lie in [0, {(n_tokens - 1) // block_size}] "
-                         f"for {n_tokens} tokens in blocks of {block_size}")
+        raise BadRequest(
+            f"skip_blocks={skip_blocks} must lie in [0, {(n_tokens - 1) // block_size}] "
+            f"for {n_tokens} tokens in blocks of {block_size}"
+        )
     return skip_blocks * block_size
 
 
@@ -77,8 +79,9 @@ def check_layout(specs: Sequence[PartSpec], parts: Sequence[StatePart]) -> dict[
     for spec in specs:
         array = by_key[spec.key].array
         if array.shape != spec.shape or array.dtype != np.dtype(spec.dtype):
-            raise BadRequest(f"state part {spec.key} has shape {array.shape} {array.dtype}, "
-                             f"expected {spec.shape} {spec.dtype}")
+            raise BadRequest(
+                f"state part {spec.key} has shape {array.shape} {array.dtype}, expected {spec.shape} {spec.dtype}"
+            )
     return by_key
 
 
@@ -191,7 +194,9 @@ class ReferenceBackend:
         skip = check_skip(len(toks), skip_blocks, self.block_size)
         async for parts in run_ahead(self._prefill(request_id, toks, use_cache)):
             if skip:
-                parts = [StatePart(p.layer, p.kind, p.name, p.array[skip:]) if p.name in ("k", "v") else p for p in parts]
+                parts = [
+                    StatePart(p.layer, p.kind, p.name, p.array[skip:]) if p.name in ("k", "v") else p for p in parts
+                ]
             yield parts
 
     async def _prefill(self, request_id: str, tokens: np.ndarray, use_cache: bool) -> AsyncIterator[list[StatePart]]:
@@ -244,7 +249,9 @@ class ReferenceBackend:
             for b in range(first, end)
         ]
         ckpts = {layer: {p.name: p.array for p in by_layer[layer].checkpoints} for layer in cfg.linear_layers}
-        linear = [{layer: ckpts[layer][f"ckpt.{b + 1}"].copy() for layer in cfg.linear_layers} for b in range(first, end)]
+        linear = [
+            {layer: ckpts[layer][f"ckpt.{b + 1}"].copy() for layer in cfg.linear_layers} for b in range(first, end)
+        ]
         return [
             ("attn_kv", attn, cfg.attn_kv_bytes_per_token * bs),
             ("linear_state", linear, cfg.linear_state_bytes),
@@ -290,8 +297,13 @@ class ReferenceBackend:
                 arrays[f"{layer}/attn_kv/{name}"] = np.concatenate([*(block[layer][i] for block in prefix), received])
         state = RequestState.from_parts(cfg, [StatePart(*_split_key(key), array) for key, array in arrays.items()])
         blocks = [
-            {layer: (state.keys[layer].view[b * bs : (b + 1) * bs].copy(), state.values[layer].view[b * bs : (b + 1) * bs].copy())
-             for layer in cfg.full_layers}
+            {
+                layer: (
+                    state.keys[layer].view[b * bs : (b + 1) * bs].copy(),
+                    state.values[layer].view[b * bs : (b + 1) * bs].copy(),
+                )
+                for layer in cfg.full_layers
+            }
             for b in range(first, end)
         ]
         return state, blocks
@@ -300,7 +312,9 @@ class ReferenceBackend:
         self, restored: Restored, max_tokens: int, sampling: Sampling | None = None
     ) -> AsyncIterator[DecodeOutput]:
         """Tokens of a restored request, step by step, in a shared batch."""
-        sequence = DecodeSequence(restored.request_id, restored.state, max_tokens, sampling or Sampling(), self.config.eos_id)
+        sequence = DecodeSequence(
+            restored.request_id, restored.state, max_tokens, sampling or Sampling(), self.config.eos_id
+        )
         async for out in self._decoder.run(sequence):
             yield out
 

@@ -71,14 +71,18 @@ class BackendSpec:
         if backend != REFERENCE:
             hardware = backend.removeprefix(SIMULATED)
             if not backend.startswith(SIMULATED) or hardware not in HARDWARE:
-                raise ConfigError(f"{r.prefix}BACKEND={backend!r}: expected {REFERENCE!r} or "
-                                  f"'simulated:<hardware>' with hardware one of {', '.join(sorted(HARDWARE))}")
+                raise ConfigError(
+                    f"{r.prefix}BACKEND={backend!r}: expected {REFERENCE!r} or "
+                    f"'simulated:<hardware>' with hardware one of {', '.join(sorted(HARDWARE))}"
+                )
         model = r.str("MODEL", d.model)
         if model not in MODELS:
             raise ConfigError(f"{r.prefix}MODEL={model!r}: expected one of {', '.join(sorted(MODELS))}")
         if backend == REFERENCE and r.str("MODEL", REFERENCE) != REFERENCE:
-            raise ConfigError(f"{r.prefix}MODEL={model!r}: the reference backend serves the model {REFERENCE!r}; "
-                              f"other models run on 'simulated:<hardware>'")
+            raise ConfigError(
+                f"{r.prefix}MODEL={model!r}: the reference backend serves the model {REFERENCE!r}; "
+                f"other models run on 'simulated:<hardware>'"
+            )
         time_scale = r.float("TIME_SCALE", d.time_scale, minimum=0.0)
         byte_scale = r.float("BYTE_SCALE", d.byte_scale)
         if byte_scale <= 0:

@@ -123,7 +123,9 @@ class PrefixCache:
                 else:
                     runs.append([h])
         for run in runs:
-            self._events.append(BlocksStored(block_hashes=run, kind=kind, parent_hash=self._entries[(kind, run[0])].parent))
+            self._events.append(
+                BlocksStored(block_hashes=run, kind=kind, parent_hash=self._entries[(kind, run[0])].parent)
+            )
         for ev_kind, ev_hashes in evicted.items():
             old = [h for h in ev_hashes if not (ev_kind == kind and h in new)]
             if old:

@@ -39,7 +39,9 @@ class KvEventPublisher:
     async def start(self) -> None:
         """Announce the cache as it is (a snapshot) and answer snapshot requests."""
         if self._sub is None:
-            self._sub = await self.nc.subscribe(subjects.kv_snapshot_request(self.site, self.instance), cb=self._on_request)
+            self._sub = await self.nc.subscribe(
+                subjects.kv_snapshot_request(self.site, self.instance), cb=self._on_request
+            )
             await self.publish_snapshot()
 
     async def stop(self) -> None:

@@ -12,7 +12,9 @@ from libs.engine.sampling import Sampling
 from libs.engine.state import RequestState
 
 
-def decode(model: ReferenceModel, state: RequestState, max_tokens: int, sampling: Sampling | None = None) -> Iterator[int]:
+def decode(
+    model: ReferenceModel, state: RequestState, max_tokens: int, sampling: Sampling | None = None
+) -> Iterator[int]:
     """Tokens generated from a prefilled state (greedy by default), honouring EOS and stop rules; advances ``state``."""
     batch = DecodeBatch(model)
     batch.add(DecodeSequence("decode", state, max_tokens, sampling or Sampling(), model.config.eos_id))
@@ -21,7 +23,8 @@ def decode(model: ReferenceModel, state: RequestState, max_tokens: int, sampling
             yield from out.token_ids
 
 
-def generate(model: ReferenceModel, tokens: Sequence[int] | np.ndarray, max_tokens: int,
-             sampling: Sampling | None = None) -> list[int]:  # fmt: skip
+def generate(
+    model: ReferenceModel, tokens: Sequence[int] | np.ndarray, max_tokens: int, sampling: Sampling | None = None
+) -> list[int]:
     """Prefill then decode ``tokens`` in this process."""
     return list(decode(model, model.prefill_state(tokens), max_tokens, sampling))

@@ -85,7 +85,9 @@ class ReferenceModel:
 
     # --- prefill ------------------------------------------------------------------------------
 
-    def prefill(self, tokens: Sequence[int] | np.ndarray, prefix_state: RequestState | None = None) -> Iterator[LayerResult]:
+    def prefill(
+        self, tokens: Sequence[int] | np.ndarray, prefix_state: RequestState | None = None
+    ) -> Iterator[LayerResult]:
         """Run the prompt layer by layer, yielding each layer's state as soon as it is done, then the head.
 
         ``prefix_state`` (from cached blocks) covers the first ``k * block_size`` tokens of
@@ -97,7 +99,9 @@ class ReferenceModel:
         x = self.weights.embedding[toks[start:]]
         for layer, lw in enumerate(self.weights.layers):
             if isinstance(lw.mixer, AttentionWeights):
-                prefix_kv = None if prefix_state is None else (prefix_state.keys[layer].view, prefix_state.values[layer].view)
+                prefix_kv = (
+                    None if prefix_state is None else (prefix_state.keys[layer].view, prefix_state.values[layer].view)
+                )
                 yield self._attention_prefill(layer, lw, x, prefix_kv)
             else:
                 state0 = None if prefix_state is None else prefix_state.linear[layer]
@@ -110,7 +114,9 @@ class ReferenceModel:
             [],
         )
 
-    def prefill_state(self, tokens: Sequence[int] | np.ndarray, prefix_state: RequestState | None = None) -> RequestState:
+    def prefill_state(
+        self, tokens: Sequence[int] | np.ndarray, prefix_state: RequestState | None = None
+    ) -> RequestState:
         """Run the whole prefill and return the request state decode starts from."""
         parts = [p for result in self.prefill(tokens, prefix_state) for p in result.parts]
         return RequestState.from_parts(self.config, parts)

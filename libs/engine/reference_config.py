@@ -34,7 +34,9 @@ class ReferenceConfig:
 
     def __post_init__(self) -> None:
         if self.block_size % self.chunk_size or self.chunk_size & (self.chunk_size - 1):
-            raise ConfigError(f"chunk_size={self.chunk_size} must be a power of two dividing block_size={self.block_size}")
+            raise ConfigError(
+                f"chunk_size={self.chunk_size} must be a power of two dividing block_size={self.block_size}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.chunk_size * self.max_log_decay > 80:  # exp(+-80) stays inside float32

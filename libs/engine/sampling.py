@@ -29,8 +29,12 @@ def token_logprob(logits: np.ndarray, token_id: int, top: int) -> TokenLogprob:
     z -= z.max()
     logp = z - np.log(np.exp(z).sum())
     top_ids = np.argsort(-logp, kind="stable")[:top]
-    return TokenLogprob(token_id=token_id, logprob=float(logp[token_id]),
-                        top_ids=tuple(int(i) for i in top_ids), top_logprobs=tuple(float(logp[i]) for i in top_ids))
+    return TokenLogprob(
+        token_id=token_id,
+        logprob=float(logp[token_id]),
+        top_ids=tuple(int(i) for i in top_ids),
+        top_logprobs=tuple(float(logp[i]) for i in top_ids),
+    )
 
 
 class Sampler:

@@ -97,7 +97,9 @@ class SimulatedBackend:
         self.byte_scale = byte_scale
         self.block_size = block_size
         self.verify = verify
-        kinds = [k for k, n in (("attn_kv", self.model.n_full_layers), ("linear_state", self.model.n_linear_layers)) if n]
+        kinds = [
+            k for k, n in (("attn_kv", self.model.n_full_layers), ("linear_state", self.model.n_linear_layers)) if n
+        ]
         self.cache = PrefixCache(cache_capacity_bytes, kinds)
         self._prefill_lock = asyncio.Lock()
         self._prefill_queue = 0
@@ -128,7 +130,9 @@ class SimulatedBackend:
         if toks.ndim != 1 or toks.size == 0 or toks.dtype.kind not in "iu" or toks.min() < 0 or toks.max() >= 2**31:
             raise BadRequest("a prompt needs at least one token, every id an integer in [0, 2**31)")
         if toks.size > self.max_prompt_tokens:
-            raise BadRequest(f"prompt of {toks.size} tokens is over {self.model.name}'s limit of {self.max_prompt_tokens}")
+            raise BadRequest(
+                f"prompt of {toks.size} tokens is over {self.model.name}'s limit of {self.max_prompt_tokens}"
+            )
         return np.ascontiguousarray(toks, dtype=np.int32)
 
     def plan_parts(self, n_tokens: int, skip_blocks: int = 0) -> list[PartSpec]:
@@ -214,7 +218,10 @@ class SimulatedBackend:
         n, bs = len(tokens), self.block_size
         specs = self.plan_parts(n, held_blocks)
         by_key = check_layout(specs, parts)
-        if held_blocks and self.cache.leading_blocks("attn_kv", hash_list(tokens[: held_blocks * bs], bs)) < held_blocks:
+        if (
+            held_blocks
+            and self.cache.leading_blocks("attn_kv", hash_list(tokens[: held_blocks * bs], bs)) < held_blocks
+        ):
             raise BadRequest(f"request {request_id}: a prefix block is not held by this instance")
         if self.verify:
             kv_offset = self._kv_bytes(held_blocks * bs)
@@ -231,7 +238,9 @@ class SimulatedBackend:
             hashes = hash_list(tokens, bs)
             new = hashes[held_blocks:]
             size = self._scaled(self.model.attn_kv_bytes_per_token * bs)
-            self.cache.store("attn_kv", new, [None] * len(new), [size] * len(new), hashes[held_blocks - 1] if held_blocks else None)
+            self.cache.store(
+                "attn_kv", new, [None] * len(new), [size] * len(new), hashes[held_blocks - 1] if held_blocks else None
+            )
             stored = len(new)
         return Restored(request_id, n, None, stored)
 
@@ -284,4 +293,6 @@ class _SimSequence:
         if self.top_logprobs is None:
             return self.rules.accept(token)
         top = (token,)[: self.top_logprobs]
-        return self.rules.accept(token, TokenLogprob(token_id=token, logprob=0.0, top_ids=top, top_logprobs=(0.0,) * len(top)))
+        return self.rules.accept(
+            token, TokenLogprob(token_id=token, logprob=0.0, top_ids=top, top_logprobs=(0.0,) * len(top))
+        )

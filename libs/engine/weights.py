@@ -84,6 +84,4 @@ def init_weights(config: ReferenceConfig) -> ReferenceWeights:
     output_bias[32:127] = 0.0
     output_bias[ord("\n")] = 0.0
     output_bias[config.eos_id] = -3.0
-    return ReferenceWeights(
-        embedding=embedding, unembedding=unembedding, output_bias=output_bias, layers=tuple(layers)
-    )
+    return ReferenceWeights(embedding=embedding, unembedding=unembedding, output_bias=output_bias, layers=tuple(layers))

@@ -22,14 +22,16 @@ WITNESS_STEPS = 2  # the prefill's logits, then the first decode step over the w
 WITNESS_TOP = 20  # alternatives compared per step (OpenAI's top_logprobs limit)
 
 
-def monolithic_logprobs(model: ReferenceModel, prompt: Sequence[int], steps: int = WITNESS_STEPS,
-                        top: int = WITNESS_TOP) -> list[TokenLogprob]:  # fmt: skip
+def monolithic_logprobs(
+    model: ReferenceModel, prompt: Sequence[int], steps: int = WITNESS_STEPS, top: int = WITNESS_TOP
+) -> list[TokenLogprob]:
     """Log probabilities of the first ``steps`` greedy tokens of ``prompt`` prefilled and decoded in this process."""
     return state_logprobs(model, model.prefill_state(prompt), steps, top)
 
 
-def state_logprobs(model: ReferenceModel, state: RequestState, steps: int = WITNESS_STEPS,
-                   top: int = WITNESS_TOP) -> list[TokenLogprob]:  # fmt: skip
+def state_logprobs(
+    model: ReferenceModel, state: RequestState, steps: int = WITNESS_STEPS, top: int = WITNESS_TOP
+) -> list[TokenLogprob]:
     """Log probabilities of the first ``steps`` greedy tokens decoded from ``state`` (which it advances)."""
     batch = DecodeBatch(model)
     batch.add(DecodeSequence("witness", state, steps, Sampling(ignore_eos=True, logprobs=top), model.config.eos_id))
@@ -49,7 +51,10 @@ def logprob_mismatch(got: Sequence[TokenLogprob], want: Sequence[TokenLogprob]) 
             return float("inf")
         by_id = dict(zip(g.top_ids, g.top_logprobs, strict=True))
         floor = min(g.top_logprobs, default=0.0)  # an alternative missing from ``got`` is at most this likely there
-        diffs = [abs(by_id[i] - lp) if i in by_id else max(0.0, lp - floor) for i, lp in zip(w.top_ids, w.top_logprobs, strict=True)]
+        diffs = [
+            abs(by_id[i] - lp) if i in by_id else max(0.0, lp - floor)
+            for i, lp in zip(w.top_ids, w.top_logprobs, strict=True)
+        ]
         worst = max(worst, abs(g.logprob - w.logprob), *diffs)
     return worst
 

@@ -147,8 +147,9 @@ class JetStreamReceiver:
         if isinstance(request, KvBegin):
             tid = request.manifest.transfer_id
             if request.manifest.chunk_bytes > self.config.pull_max_bytes:
-                raise BadRequest(f"chunk_bytes {request.manifest.chunk_bytes} over the pull size "
-                                 f"{self.config.pull_max_bytes}")
+                raise BadRequest(
+                    f"chunk_bytes {request.manifest.chunk_bytes} over the pull size {self.config.pull_max_bytes}"
+                )
             state = self.receiver.begin(request.manifest)
             if not state.complete and tid not in self._pulls:
                 try:
@@ -227,8 +228,14 @@ class JetStreamReceiver:
                     if status in ("408", "409") and "Nats-Pending-Messages" in msg.headers:
                         outstanding -= int(msg.headers["Nats-Pending-Messages"])
                     elif status != "100":
-                        log.warning("pull status", extra={"transfer_id": tid, "status": status,
-                                                          "description": msg.headers.get("Description", "")})
+                        log.warning(
+                            "pull status",
+                            extra={
+                                "transfer_id": tid,
+                                "status": status,
+                                "description": msg.headers.get("Description", ""),
+                            },
+                        )
                         outstanding = 0
                     continue
                 outstanding -= 1

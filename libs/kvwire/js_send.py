@@ -144,15 +144,17 @@ class _JsSession:
 
     async def _publish(self, chunk: OutChunk, attempt: int) -> None:
         if attempt >= self.config.max_chunk_attempts:
-            raise TransferFailed(f"chunk {chunk.part}@{chunk.offset} of {self.manifest.transfer_id} "
-                                 f"failed {attempt} times")
+            raise TransferFailed(
+                f"chunk {chunk.part}@{chunk.offset} of {self.manifest.transfer_id} failed {attempt} times"
+            )
         try:
             with self.link.counters.window_wait(self._window.locked()):
                 async with asyncio.timeout(self.config.ack_timeout_s):
                     await self._window.acquire()
         except TimeoutError as e:
-            raise TransportBroken(f"transfer {self.manifest.transfer_id}: no publish ack for "
-                                  f"{self.config.ack_timeout_s:.0f}s") from e
+            raise TransportBroken(
+                f"transfer {self.manifest.transfer_id}: no publish ack for {self.config.ack_timeout_s:.0f}s"
+            ) from e
         header = chunk.header(self.manifest.transfer_id, attempt)
         headers = {
             "Nats-Msg-Id": message_id(self.manifest.transfer_id, chunk.part, chunk.offset, attempt),
@@ -203,8 +205,10 @@ class _JsSession:
                 async with asyncio.timeout(self.config.ack_timeout_s):
                     await self._idle.wait()
             except TimeoutError as e:
-                raise TransportBroken(f"transfer {self.manifest.transfer_id}: {len(self._pending)} publish acks "
-                                      f"missing after {self.config.ack_timeout_s:.0f}s") from e
+                raise TransportBroken(
+                    f"transfer {self.manifest.transfer_id}: {len(self._pending)} publish acks "
+                    f"missing after {self.config.ack_timeout_s:.0f}s"
+                ) from e
             if not self._failed:
                 return
             await self._republish_failed()
@@ -229,8 +233,9 @@ class _JsSession:
                 return
             for chunk in missing(held_map(state.held)):
                 await self._publish(chunk, self._round)  # a new message id per round
-        raise TransferFailed(f"transfer {self.manifest.transfer_id}: incomplete after "
-                             f"{self.config.max_end_rounds} end rounds")
+        raise TransferFailed(
+            f"transfer {self.manifest.transfer_id}: incomplete after {self.config.max_end_rounds} end rounds"
+        )
 
     async def _await_round(self) -> KvResumeState:
         """The receiver's state once it processed this round's end marker (or completed)."""
@@ -242,8 +247,10 @@ class _JsSession:
             if state.complete or state.end_round >= self._round:
                 return state
             if time.monotonic() > deadline:
-                raise TransportBroken(f"transfer {self.manifest.transfer_id}: end round {self._round} not "
-                                      f"processed after {self.config.ack_timeout_s:.0f}s")
+                raise TransportBroken(
+                    f"transfer {self.manifest.transfer_id}: end round {self._round} not "
+                    f"processed after {self.config.ack_timeout_s:.0f}s"
+                )
 
     async def close(self) -> None:
         """Forget outstanding acks (idempotent); what the stream stored stays for a resume."""

@@ -39,16 +39,20 @@ class LinkConfig:
     share_expire_intervals: float = 6.0  # a peer silent this long is forgotten (must exceed the lease)
 
     def __post_init__(self) -> None:
-        for key, value in (("default_budget_gbps", self.default_budget_gbps), *(
-                (f"budgets_gbps[{site}]", gbps) for site, gbps in self.budgets_gbps.items())):
+        for key, value in (
+            ("default_budget_gbps", self.default_budget_gbps),
+            *((f"budgets_gbps[{site}]", gbps) for site, gbps in self.budgets_gbps.items()),
+        ):
             if not 0 <= value < math.inf:
                 raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
         for key in ("burst_s", "publish_interval_s", "share_interval_s", "share_hold_intervals"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         if not 0 < self.share_lease_intervals < self.share_expire_intervals:
-            raise ConfigError(f"share_lease_intervals must be > 0 and below share_expire_intervals "
-                              f"({self.share_expire_intervals}), got {self.share_lease_intervals}")
+            raise ConfigError(
+                f"share_lease_intervals must be > 0 and below share_expire_intervals "
+                f"({self.share_expire_intervals}), got {self.share_lease_intervals}"
+            )
 
     def budget_gbps(self, dst_site: str) -> float:
         """Budget towards ``dst_site``."""
@@ -58,8 +62,9 @@ class LinkConfig:
 class Link:
     """One direction between two sites: its budget, pacing bucket and counters."""
 
-    def __init__(self, src_site: str, dst_site: str, budget_gbps: float, bucket: TokenBucket,
-                 counters: LinkCounters) -> None:
+    def __init__(
+        self, src_site: str, dst_site: str, budget_gbps: float, bucket: TokenBucket, counters: LinkCounters
+    ) -> None:
         self.src_site = src_site
         self.dst_site = dst_site
         self.budget_gbps = budget_gbps  # the pair's (0: unpaced); the bucket's rate is this process's share

@@ -242,7 +242,9 @@ class KvLinks:
         self._links: dict[str, Link] = {}
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._shares = SiteShares(nc, self.src_site, self.process, self.config) if nc and self.config.share_site else None
+        self._shares = (
+            SiteShares(nc, self.src_site, self.process, self.config) if nc and self.config.share_site else None
+        )
         self._sharing = False
 
     def link(self, dst_site: str) -> Link:
@@ -252,9 +254,13 @@ class KvLinks:
             if found is not None:
                 return found
             budget = self.config.budget_gbps(dst_site)
-            found = Link(self.src_site, subjects.token(dst_site, "site"), budget,
-                         TokenBucket(budget, self.config.burst_s, self.config.min_burst_bytes),
-                         LinkCounters(self.config.rtt_gain))
+            found = Link(
+                self.src_site,
+                subjects.token(dst_site, "site"),
+                budget,
+                TokenBucket(budget, self.config.burst_s, self.config.min_burst_bytes),
+                LinkCounters(self.config.rtt_gain),
+            )
             self._links[dst_site] = found
             share = self._sharing and budget > 0
         if share:

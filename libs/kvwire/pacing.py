@@ -33,8 +33,9 @@ class TokenBucket:
 
     def __init__(self, rate_gbps: float, burst_s: float = 0.02, min_burst_bytes: int = 256 << 10) -> None:
         if not (rate_gbps >= 0 and burst_s > 0 and min_burst_bytes > 0) or math.isinf(rate_gbps):
-            raise ValueError(f"need a finite rate_gbps >= 0 and positive bursts, got {rate_gbps}, {burst_s}, "
-                             f"{min_burst_bytes}")
+            raise ValueError(
+                f"need a finite rate_gbps >= 0 and positive bursts, got {rate_gbps}, {burst_s}, {min_burst_bytes}"
+            )
         self.unlimited = rate_gbps == 0
         self.burst_s = burst_s
         self.min_burst_bytes = min_burst_bytes

@@ -43,7 +43,9 @@ class ReceiverConfig:
 class ReceivedTransfer:
     """A complete, verified transfer; its arrays live in receiver memory until ``release()``."""
 
-    def __init__(self, manifest: KvManifest, parts: list[StatePart], release, *, began_at: float, completed_at: float) -> None:
+    def __init__(
+        self, manifest: KvManifest, parts: list[StatePart], release, *, began_at: float, completed_at: float
+    ) -> None:
         self.manifest = manifest
         self.parts = parts
         self.began_at = began_at  # time.monotonic() when the manifest arrived (the transfer's first bytes)
@@ -165,13 +167,16 @@ class KvReceiver:
                     raise
             if need > self.config.max_transfer_bytes:
                 self.totals.transfers_refused += 1
-                raise NoCapacity(f"transfer {tid} needs {need} bytes, over the per-transfer limit "
-                                 f"{self.config.max_transfer_bytes}")
+                raise NoCapacity(
+                    f"transfer {tid} needs {need} bytes, over the per-transfer limit {self.config.max_transfer_bytes}"
+                )
             region = self.arena.allocate(need)
             if region is None:
                 self.totals.transfers_refused += 1
-                raise NoCapacity(f"transfer {tid} needs {need} bytes; receiver holds {self.arena.used_bytes} of "
-                                 f"{self.arena.capacity_bytes} (largest free {self.arena.largest_free_bytes})")
+                raise NoCapacity(
+                    f"transfer {tid} needs {need} bytes; receiver holds {self.arena.used_bytes} of "
+                    f"{self.arena.capacity_bytes} (largest free {self.arena.largest_free_bytes})"
+                )
             assembly = TransferAssembly(manifest, self.arena, region, lambda: self.arena.free(region))
             self._active[tid] = _Entry(assembly, time.monotonic())
         log.info("transfer begun", extra={"transfer_id": tid, "bytes": need, "parts": len(manifest.parts)})
@@ -305,8 +310,15 @@ class KvReceiver:
             if entry is not None and entry.completed is not None and not entry.claimed:
                 entry.claimed = True
                 assembly = entry.assembly
-                future.set_result(ReceivedTransfer(assembly.manifest, assembly.parts(), lambda: self._release(tid),
-                                                   began_at=entry.started, completed_at=entry.completed))  # fmt: skip
+                future.set_result(
+                    ReceivedTransfer(
+                        assembly.manifest,
+                        assembly.parts(),
+                        lambda: self._release(tid),
+                        began_at=entry.started,
+                        completed_at=entry.completed,
+                    )
+                )
                 return
             reason = self._finished.get(tid)
         if reason:

@@ -189,8 +189,9 @@ def encode_part(index: int, part: StatePart, manifest: KvManifest) -> EncodedPar
     spec = manifest.parts[index]
     array = part.array
     if array.dtype.str != spec.dtype or list(array.shape) != spec.shape:
-        raise BadRequest(f"part {part.key}: got {array.dtype.str}{list(array.shape)}, manifest says "
-                         f"{spec.dtype}{spec.shape}")
+        raise BadRequest(
+            f"part {part.key}: got {array.dtype.str}{list(array.shape)}, manifest says {spec.dtype}{spec.shape}"
+        )
     return EncodedPart(index, encode(array, spec.codec), manifest.chunk_bytes, manifest.checksum, array)
 
 
@@ -254,7 +255,9 @@ class KvSender:
     ) -> SendReport:
         """Send every part of ``manifest`` (yielded in any order, e.g. layer by layer) to ``dest``."""
         if manifest.chunk_bytes > self.transport.chunk_bytes:
-            raise BadRequest(f"manifest chunk_bytes {manifest.chunk_bytes} over the transport's {self.transport.chunk_bytes}")
+            raise BadRequest(
+                f"manifest chunk_bytes {manifest.chunk_bytes} over the transport's {self.transport.chunk_bytes}"
+            )
         link = self.links.link(manifest.dst_site)
         run = _Run(self, manifest, dest, link)
         link.transfer_started(manifest.transfer_id)
@@ -265,8 +268,9 @@ class KvSender:
             ok = True
             return report
         except TimeoutError as e:
-            raise UpstreamTimeout(f"transfer {manifest.transfer_id}: not done after "
-                                  f"{self.config.transfer_timeout_s:.0f}s") from e
+            raise UpstreamTimeout(
+                f"transfer {manifest.transfer_id}: not done after {self.config.transfer_timeout_s:.0f}s"
+            ) from e
         finally:
             await run.close()
             link.transfer_ended(manifest.transfer_id, ok)
@@ -356,11 +360,18 @@ class _Run:
         await self.close()
         while True:
             if self.attempts >= self.sender.config.max_attempts:
-                raise TransferFailed(f"transfer {self.manifest.transfer_id}: gave up after {self.attempts} "
-                                     f"attempts: {cause!r}") from cause
+                raise TransferFailed(
+                    f"transfer {self.manifest.transfer_id}: gave up after {self.attempts} attempts: {cause!r}"
+                ) from cause
             if self.attempts:
-                log.warning("transfer resuming", extra={"transfer_id": self.manifest.transfer_id,
-                                                        "attempt": self.attempts + 1, "cause": repr(cause)})
+                log.warning(
+                    "transfer resuming",
+                    extra={
+                        "transfer_id": self.manifest.transfer_id,
+                        "attempt": self.attempts + 1,
+                        "cause": repr(cause),
+                    },
+                )
                 await asyncio.sleep(self.sender.config.retry_backoff_s * self.attempts)
             self.attempts += 1
             try:

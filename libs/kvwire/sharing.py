@@ -78,8 +78,9 @@ class _Peer:
 class PairShare:
     """This process's share of one pair: what it heard, what it wants, what it lets out (no I/O)."""
 
-    def __init__(self, link: Link, process: str, config: LinkConfig, hold_until: float,
-                 peers: dict[str, _Peer] | None = None) -> None:
+    def __init__(
+        self, link: Link, process: str, config: LinkConfig, hold_until: float, peers: dict[str, _Peer] | None = None
+    ) -> None:
         self.link = link
         self.process = process
         self.config = config
@@ -252,9 +253,15 @@ class SiteShares:
             return
         if announce.budget_gbps != pair.link.budget_gbps and (announce.process, announce.dst_site) not in self._warned:
             self._warned.add((announce.process, announce.dst_site))
-            log.warning("a peer shares this pair with another budget; each process keeps to its own",
-                        extra={"dst_site": announce.dst_site, "peer": announce.process,
-                               "peer_budget_gbps": announce.budget_gbps, "budget_gbps": pair.link.budget_gbps})
+            log.warning(
+                "a peer shares this pair with another budget; each process keeps to its own",
+                extra={
+                    "dst_site": announce.dst_site,
+                    "peer": announce.process,
+                    "peer_budget_gbps": announce.budget_gbps,
+                    "budget_gbps": pair.link.budget_gbps,
+                },
+            )
         pair.heard(announce, now)
         self._wake.set()
 

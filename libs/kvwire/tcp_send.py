@@ -113,8 +113,9 @@ class TcpTransport:
                 while pending:
                     events = selector.select(max(0.0, deadline - time.monotonic()))
                     if not events:
-                        raise TimeoutError(f"connect to {dest.host}:{dest.port}: no answer in "
-                                           f"{self.config.connect_timeout_s:.0f}s")
+                        raise TimeoutError(
+                            f"connect to {dest.host}:{dest.port}: no answer in {self.config.connect_timeout_s:.0f}s"
+                        )
                     for key, _ in events:
                         error = key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         if error:
@@ -157,7 +158,9 @@ class TcpTransport:
         except (OSError, Closed) as e:
             for sock in socks:
                 sock.close()
-            raise TransportBroken(f"cannot open transfer {manifest.transfer_id} at {dest.host}:{dest.port}: {e!r}") from e
+            raise TransportBroken(
+                f"cannot open transfer {manifest.transfer_id} at {dest.host}:{dest.port}: {e!r}"
+            ) from e
         except BaseException:
             for sock in socks:
                 sock.close()
@@ -289,8 +292,9 @@ class _TcpSession:
             async with asyncio.timeout(self.config.io_timeout_s):
                 await self._progress.wait()
         except TimeoutError as e:
-            raise TransportBroken(f"transfer {self.manifest.transfer_id}: no {what} for "
-                                  f"{self.config.io_timeout_s:.0f}s") from e
+            raise TransportBroken(
+                f"transfer {self.manifest.transfer_id}: no {what} for {self.config.io_timeout_s:.0f}s"
+            ) from e
         self._check()
 
     async def send(self, chunk: OutChunk) -> None:
@@ -329,11 +333,21 @@ class _TcpSession:
                 self.link.counters.retransmitted(size)
                 self.resent_chunks += 1
                 if flight.attempt + 1 >= self.config.max_chunk_attempts:
-                    self._fail(TransferFailed(f"chunk {msg.part}@{msg.offset} of {msg.transfer_id} rejected "
-                                              f"{flight.attempt + 1} times"))
+                    self._fail(
+                        TransferFailed(
+                            f"chunk {msg.part}@{msg.offset} of {msg.transfer_id} rejected {flight.attempt + 1} times"
+                        )
+                    )
                     return
-                log.info("chunk rejected, resending", extra={"transfer_id": msg.transfer_id, "part": msg.part,
-                                                             "offset": msg.offset, "attempt": flight.attempt + 1})
+                log.info(
+                    "chunk rejected, resending",
+                    extra={
+                        "transfer_id": msg.transfer_id,
+                        "part": msg.part,
+                        "offset": msg.offset,
+                        "attempt": flight.attempt + 1,
+                    },
+                )
                 self._dispatch(flight.chunk, flight.attempt + 1)
             self._progress.set()
         elif isinstance(msg, KvResumeState):
@@ -375,8 +389,9 @@ class _TcpSession:
             for chunk in missing(held_map(state.held)):
                 self.resent_chunks += 1
                 await self.send(chunk)
-        raise TransferFailed(f"transfer {self.manifest.transfer_id}: incomplete after "
-                             f"{self.config.max_end_rounds} end rounds")
+        raise TransferFailed(
+            f"transfer {self.manifest.transfer_id}: incomplete after {self.config.max_end_rounds} end rounds"
+        )
 
     async def close(self) -> None:
         """Stop and join the connection threads (idempotent)."""

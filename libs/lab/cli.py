@@ -19,46 +19,76 @@ from libs.lab.wan_server import change_link, link_figures
 
 def add_parser(subparsers) -> None:
     """Register ``lab`` and its verbs."""
-    lab = subparsers.add_parser("lab", description="Run a multi-site lab on this machine (NATS, Redis, services, WAN "
-                                "links), drive it, change its links, render it as a docker compose project.")  # fmt: skip
+    lab = subparsers.add_parser(
+        "lab",
+        description="Run a multi-site lab on this machine (NATS, Redis, services, WAN "
+        "links), drive it, change its links, render it as a docker compose project.",
+    )
     verbs = lab.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help: str, func) -> argparse.ArgumentParser:  # noqa: A002 (argparse's word)
         p = verbs.add_parser(name, help=help, description=help)
-        p.add_argument("--run-dir", type=Path, default=default_run_dir(),
-                       help="the lab's run directory: status, logs, configs (default: $PRFAAS_LAB_DIR or %(default)s)")  # fmt: skip
+        p.add_argument(
+            "--run-dir",
+            type=Path,
+            default=default_run_dir(),
+            help="the lab's run directory: status, logs, configs (default: $PRFAAS_LAB_DIR or %(default)s)",
+        )
         p.set_defaults(func=func)
         return p
 
-    up = verb("up", "start every process of a topology, wait until all serve, print the endpoints",
-              _when_run("libs.lab.up", "run_up"))  # fmt: skip
-    up.add_argument("--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)")
+    up = verb(
+        "up",
+        "start every process of a topology, wait until all serve, print the endpoints",
+        _when_run("libs.lab.up", "run_up"),
+    )
+    up.add_argument(
+        "--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)"
+    )
     up.add_argument("--detach", action="store_true", help="return once ready; `prfaas lab down` stops the lab")
     up.add_argument("--ready-timeout-s", type=_positive, default=60.0, help="readiness deadline (default %(default)s)")
     up.add_argument("--duration-s", type=_positive, help="stop after this many seconds (default: until Ctrl-C/SIGTERM)")
-    up.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                    help="services' log level (their logs are in the run directory; default %(default)s)")  # fmt: skip
+    up.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="services' log level (their logs are in the run directory; default %(default)s)",
+    )
 
     status = verb("status", "each process's state and the lab's endpoints", run_status)
     status.add_argument("--json", action="store_true", help="one JSON object")
 
     verb("down", "stop a detached lab (no process is left)", run_down)
 
-    demo = verb("demo", "short and long prompts through the router, live progress, a sample answer, a summary "
-                "table (starts a lab if none runs, and stops what it started); exit 1 if a request failed or a lab "
-                "with a remote prefill site offloaded nothing", _when_run("libs.lab.demo", "run_demo"))  # fmt: skip
-    demo.add_argument("--topology", help="the lab to start when none runs: a shipped topology name or a .toml file "
-                      "(default: default); a running lab of another topology is refused")  # fmt: skip
+    demo = verb(
+        "demo",
+        "short and long prompts through the router, live progress, a sample answer, a summary "
+        "table (starts a lab if none runs, and stops what it started); exit 1 if a request failed or a lab "
+        "with a remote prefill site offloaded nothing",
+        _when_run("libs.lab.demo", "run_demo"),
+    )
+    demo.add_argument(
+        "--topology",
+        help="the lab to start when none runs: a shipped topology name or a .toml file "
+        "(default: default); a running lab of another topology is refused",
+    )
     demo.add_argument("--requests", type=int, default=24, help="how many requests (default %(default)s)")
     demo.add_argument("--concurrency", type=int, default=3, help="requests in flight at once (default %(default)s)")
-    demo.add_argument("--length-scale", type=float, default=None,
-                      help="factor on the case-study prompt lengths (default: the lab's threshold over the case "
-                           "study's, 1/16 for the default topology, 1 for case-study)")  # fmt: skip
+    demo.add_argument(
+        "--length-scale",
+        type=float,
+        default=None,
+        help="factor on the case-study prompt lengths (default: the lab's threshold over the case "
+        "study's, 1/16 for the default topology, 1 for case-study)",
+    )
     demo.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (default %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="prompt lengths and documents (default %(default)s)")
     demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    demo.add_argument("--keep-logs", action="store_true",
-                      help="keep the run directory of a lab the demo started (kept anyway when a request fails)")  # fmt: skip
+    demo.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the run directory of a lab the demo started (kept anyway when a request fails)",
+    )
 
     link = verb("link", "change a running lab's WAN link between two sites", run_link)
     link.add_argument("src", help="a site")
@@ -70,15 +100,30 @@ def add_parser(subparsers) -> None:
     state.add_argument("--down", action="store_true", help="partition the link (blackhole: connections hang)")
     state.add_argument("--up", action="store_true", help="restore a partitioned link")
     link.add_argument("--reset", action="store_true", help="with --down: end connections at once and refuse new ones")
-    link.add_argument("--one-way", action="store_true", help="change only the SRC -> DST direction (bandwidth, delay, loss)")
+    link.add_argument(
+        "--one-way", action="store_true", help="change only the SRC -> DST direction (bandwidth, delay, loss)"
+    )
     restart = link.add_mutually_exclusive_group()
-    restart.add_argument("--no-slow-start-after-idle", dest="slow_start_after_idle", action="store_false", default=None,
-                         help="keep a connection's window across idle periods (a host with tcp_slow_start_after_idle=0)")
-    restart.add_argument("--slow-start-after-idle", dest="slow_start_after_idle", action="store_true",
-                         help="restart from 10 segments after an idle RTO (Linux's default)")
+    restart.add_argument(
+        "--no-slow-start-after-idle",
+        dest="slow_start_after_idle",
+        action="store_false",
+        default=None,
+        help="keep a connection's window across idle periods (a host with tcp_slow_start_after_idle=0)",
+    )
+    restart.add_argument(
+        "--slow-start-after-idle",
+        dest="slow_start_after_idle",
+        action="store_true",
+        help="restart from 10 segments after an idle RTO (Linux's default)",
+    )
 
-    compose = verbs.add_parser("compose", help="render a topology as a docker compose project (compose file, NATS configs)")
-    compose.add_argument("--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)")
+    compose = verbs.add_parser(
+        "compose", help="render a topology as a docker compose project (compose file, NATS configs)"
+    )
+    compose.add_argument(
+        "--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)"
+    )
     compose.add_argument("--out", type=Path, required=True, help="directory to write into (e.g. compose/)")
     compose.set_defaults(func=run_compose)
 
@@ -132,21 +177,29 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"lab {status['topology']!r}: {status['state']}   run dir {status['run_dir']}")
     if status.get("error"):
         print(f"  error: {status['error']}")
-    print(f"  router   {status['router_url'] or '-'}" + (f"   API key {status['api_key']}" if status["api_key"] else ""))
+    print(
+        f"  router   {status['router_url'] or '-'}" + (f"   API key {status['api_key']}" if status["api_key"] else "")
+    )
     for site in status["sites"].values():
         print(f"  NATS     {site['name']:<12} {site['nats_url']}")
     for link in status["links"]:
         live = link["live"]
         if live:
-            dirs = "; ".join(f"{d['src']}->{d['dst']} {_gbps(d['gbps'])} {2 * d['delay_ms']:g} ms RTT {d['bytes']:,} B"
-                             for d in live["directions"])  # fmt: skip
+            dirs = "; ".join(
+                f"{d['src']}->{d['dst']} {_gbps(d['gbps'])} {2 * d['delay_ms']:g} ms RTT {d['bytes']:,} B"
+                for d in live["directions"]
+            )
             print(f"  link     {'-'.join(link['sites']):<12} {live['partition'] or 'up'}; {dirs}")
         else:
-            print(f"  link     {'-'.join(link['sites']):<12} {link['gbps']:g} Gbps, {link['rtt_ms']:g} ms RTT (not answering)")
+            print(
+                f"  link     {'-'.join(link['sites']):<12} {link['gbps']:g} Gbps, {link['rtt_ms']:g} ms RTT (not answering)"
+            )
     print(f"  {'process':<22} {'site':<8} {'pid':>7}  state")
     for p in status["processes"]:
         state = "alive" if p["alive"] else ("not started" if p["pid"] is None else f"exited ({p['exit_code']})")
-        print(f"  {p['name']:<22} {p['site'] or '-':<8} {p['pid'] or '-':>7}  {state}{'' if p['ready'] else ', not ready'}")
+        print(
+            f"  {p['name']:<22} {p['site'] or '-':<8} {p['pid'] or '-':>7}  {state}{'' if p['ready'] else ', not ready'}"
+        )
     return 0 if running else 1
 
 
@@ -183,8 +236,9 @@ def run_link(args: argparse.Namespace) -> int:
     if link is None:
         pairs = ", ".join(" ".join(lk["sites"]) for lk in status["links"])
         raise BadRequest(f"no link between {args.src} and {args.dst} in this lab (links: {pairs})")
-    changes: dict = {k: v for k, v in (("gbps", args.gbps), ("rtt_ms", args.rtt_ms), ("loss_pct", args.loss_pct))
-                     if v is not None}  # fmt: skip
+    changes: dict = {
+        k: v for k, v in (("gbps", args.gbps), ("rtt_ms", args.rtt_ms), ("loss_pct", args.loss_pct)) if v is not None
+    }
     if args.reset and not args.down:
         raise BadRequest("--reset goes with --down")
     if args.down or args.up:
@@ -192,14 +246,17 @@ def run_link(args: argparse.Namespace) -> int:
     if args.slow_start_after_idle is not None:
         changes["slow_start_after_idle"] = args.slow_start_after_idle
     if not changes:
-        raise BadRequest("nothing to change: give --gbps, --rtt-ms, --loss-pct, --down, --up or --[no-]slow-start-after-idle")
+        raise BadRequest(
+            "nothing to change: give --gbps, --rtt-ms, --loss-pct, --down, --up or --[no-]slow-start-after-idle"
+        )
     if args.one_way:
         if "up" in changes:
             raise BadRequest("--down/--up cut or restore both directions; drop --one-way")
         changes["src"] = args.src
     figures = change_link(link["control_url"], changes)
     for d in figures["directions"]:
-        print(f"{d['src']} -> {d['dst']}: {_gbps(d['gbps'])}, {2 * d['delay_ms']:g} ms RTT, {d['loss_pct']:g}% loss, "
-              f"{'up' if d['up'] else 'DOWN (' + str(figures['partition']) + ')'}, {d['bytes']:,} bytes carried")  # fmt: skip
+        print(
+            f"{d['src']} -> {d['dst']}: {_gbps(d['gbps'])}, {2 * d['delay_ms']:g} ms RTT, {d['loss_pct']:g}% loss, "
+            f"{'up' if d['up'] else 'DOWN (' + str(figures['partition']) + ')'}, {d['bytes']:,} bytes carried"
+        )
     return 0
-

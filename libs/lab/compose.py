@@ -24,10 +24,22 @@ OTLP_ENDPOINT = "http://jaeger:4318"
 PUBLISH_HOST = "${PRFAAS_PUBLISH_HOST:-127.0.0.1}"  # host ports are on loopback unless the variable says otherwise
 API_KEY_VARIABLE = "${PRFAAS_API_KEY:?set PRFAAS_API_KEY: this topology requires an API key}"
 COMPOSE_FILE = "docker-compose.yml"
-_FIXED_PORTS = {"client": 4222, "monitor": 8222, "cluster": 6222, "gateway": 7222, "redis": 6379, "http": 8000,
-                "kv": 9400, "control": 9000}  # fmt: skip
+_FIXED_PORTS = {
+    "client": 4222,
+    "monitor": 8222,
+    "cluster": 6222,
+    "gateway": 7222,
+    "redis": 6379,
+    "http": 8000,
+    "kv": 9400,
+    "control": 9000,
+}
 _FIRST_FORWARD_PORT = 7301
-_HOST_PORTS = {"router": ("http", 8000), "nats": ("client", 4222), "wan": ("control", 9000)}  # role -> (port, first host port)
+_HOST_PORTS = {
+    "router": ("http", 8000),
+    "nats": ("client", 4222),
+    "wan": ("control", 9000),
+}  # role -> (port, first host port)
 _HEALTH = {"interval": "2s", "timeout": "6s", "retries": 30, "start_period": "5s"}
 
 
@@ -90,7 +102,7 @@ def _reaches(spec: ProcessSpec, host_port: int) -> str:
         return f"{spec.name + ' (OpenAI API)':<26} http://localhost:{host_port}/v1   (site {spec.site})"
     if spec.role == "nats":
         return f"NATS {spec.site:<21} nats://localhost:{host_port}"
-    return f"{spec.name + ' control':<26} http://localhost:{host_port}/link   (POST {{\"gbps\": 1}} or {{\"up\": false}})"
+    return f'{spec.name + " control":<26} http://localhost:{host_port}/link   (POST {{"gbps": 1}} or {{"up": false}})'
 
 
 def write(files: dict[str, str], out: Path) -> list[Path]:
@@ -122,8 +134,10 @@ def _service(spec: ProcessSpec, files: dict[str, str], host_port: int | None) ->
         service["image"] = IMAGE
         service["command"] = ["python" if a == PYTHON else a for a in spec.argv]
         ready = spec.ready
-        service["healthcheck"] = {"test": ["CMD", "python", "-m", "libs.lab.readiness", ready.kind, ready.url,
-                                           *ready.names], **_HEALTH}  # fmt: skip
+        service["healthcheck"] = {
+            "test": ["CMD", "python", "-m", "libs.lab.readiness", ready.kind, ready.url, *ready.names],
+            **_HEALTH,
+        }
     if spec.env:
         service["environment"] = {k: _escape(v) for k, v in spec.env.items()}
     for path, text in spec.files.items():

@@ -33,8 +33,28 @@ from libs.lab.up import DEMO_PROMPT, start_detached
 from libs.lab.wan_server import link_figures
 from libs.planner.workloads import CASE_STUDY_WORKLOAD
 
-_WORDS = ("prefill", "decode", "cache", "link", "layer", "token", "block", "state", "site", "router", "budget",
-          "queue", "latency", "hybrid", "attention", "linear", "transfer", "manifest", "chunk", "lease")  # fmt: skip
+_WORDS = (
+    "prefill",
+    "decode",
+    "cache",
+    "link",
+    "layer",
+    "token",
+    "block",
+    "state",
+    "site",
+    "router",
+    "budget",
+    "queue",
+    "latency",
+    "hybrid",
+    "attention",
+    "linear",
+    "transfer",
+    "manifest",
+    "chunk",
+    "lease",
+)
 _REUSE_SHARE = 0.25
 CASE_STUDY_THRESHOLD_TOKENS = 19_392  # the threshold t `prfaas plan --case-study` derives
 _OUTCOME_TIMEOUT_S = 10.0
@@ -47,8 +67,10 @@ def run_demo(args: argparse.Namespace) -> int:
         raise BadRequest("--requests, --concurrency and --max-tokens must be >= 1 and --length-scale > 0")
     status = running_status(args.run_dir)
     if status is not None and args.topology is not None and load_topology(args.topology).name != status["topology"]:
-        raise ConfigError(f"a {status['topology']!r} lab runs in {args.run_dir}: stop it with `prfaas lab down` to "
-                          f"run the demo on {args.topology!r}, or leave out --topology")  # fmt: skip
+        raise ConfigError(
+            f"a {status['topology']!r} lab runs in {args.run_dir}: stop it with `prfaas lab down` to "
+            f"run the demo on {args.topology!r}, or leave out --topology"
+        )
     started_here = status is None
     if started_here:
         topology = args.topology or "default"
@@ -66,8 +88,11 @@ def run_demo(args: argparse.Namespace) -> int:
                 shutil.rmtree(args.run_dir, ignore_errors=True)
                 print("stopped the lab the demo started and removed its run directory", file=sys.stderr, flush=True)
             else:
-                print(f"stopped the lab the demo started (logs kept in {args.run_dir / 'logs'})", file=sys.stderr,
-                      flush=True)  # fmt: skip
+                print(
+                    f"stopped the lab the demo started (logs kept in {args.run_dir / 'logs'})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     print(json.dumps(summary, indent=2) if args.json else table(summary), flush=True)
     for problem in problems(summary):
         print(f"prfaas lab demo: {problem}", file=sys.stderr, flush=True)
@@ -113,8 +138,9 @@ async def _drive(status: dict, args: argparse.Namespace) -> dict:
         arrived.setdefault(event["request_id"], asyncio.Event()).set()
 
     await nc.subscribe(subjects.outcomes(site), cb=on_outcome)
-    client = openai.AsyncOpenAI(base_url=status["router_url"] + "/v1", api_key=status["api_key"] or "unused",
-                                max_retries=0, timeout=120)  # fmt: skip
+    client = openai.AsyncOpenAI(
+        base_url=status["router_url"] + "/v1", api_key=status["api_key"] or "unused", max_retries=0, timeout=120
+    )
     slots = asyncio.Semaphore(args.concurrency)
     results: list[Result] = []
     progress = Progress(args.requests, sys.stdout)
@@ -135,8 +161,13 @@ async def _drive(status: dict, args: argparse.Namespace) -> dict:
     wall_s = time.monotonic() - started
     wan_after = _wan_bytes(status)
     remote_sites = sorted({p["site"] for p in status["processes"] if p["role"] == "prefill_gateway"} - {site})
-    return summarize(results, wall_s, {k: wan_after[k] - wan_before.get(k, 0) for k in wan_after},
-                     threshold_tokens=status["threshold_tokens"], remote_prefill_sites=remote_sites)  # fmt: skip
+    return summarize(
+        results,
+        wall_s,
+        {k: wan_after[k] - wan_before.get(k, 0) for k in wan_after},
+        threshold_tokens=status["threshold_tokens"],
+        remote_prefill_sites=remote_sites,
+    )
 
 
 async def _request(client, model: str, text: str, max_tokens: int, outcomes: dict, arrived: dict) -> Result:
@@ -147,9 +178,12 @@ async def _request(client, model: str, text: str, max_tokens: int, outcomes: dic
     answer: list[str] = []
     try:
         stream = await client.chat.completions.create(
-            model=model, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
+            model=model,
+            max_tokens=max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
             messages=[{"role": "system", "content": DEMO_PROMPT}, {"role": "user", "content": text}],
-        )  # fmt: skip
+        )
         async for chunk in stream:
             request_id = chunk.id.removeprefix("chatcmpl-")
             if chunk.choices and chunk.choices[0].delta.content:
@@ -165,9 +199,15 @@ async def _request(client, model: str, text: str, max_tokens: int, outcomes: dic
         await asyncio.wait_for(event.wait(), _OUTCOME_TIMEOUT_S)
     route = outcomes.get(request_id, {}).get("route", "unknown")
     details = usage.prompt_tokens_details if usage else None
-    return Result(route, usage.prompt_tokens if usage else 0, (details.cached_tokens or 0) if details else 0,
-                  usage.completion_tokens if usage else 0, (first or time.monotonic()) - start, usage is not None,
-                  "".join(answer))  # fmt: skip
+    return Result(
+        route,
+        usage.prompt_tokens if usage else 0,
+        (details.cached_tokens or 0) if details else 0,
+        usage.completion_tokens if usage else 0,
+        (first or time.monotonic()) - start,
+        usage is not None,
+        "".join(answer),
+    )
 
 
 def _max_prompt(status: dict) -> int:

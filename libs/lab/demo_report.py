@@ -38,9 +38,12 @@ class Progress:
         self.done += 1
         if result.ok and self.done % self.every and self.done != self.total:
             return
-        print(f"[{self.done:>3}/{self.total}] {result.route:<8} {result.prompt_tokens:>6,} prompt tokens  cached "
-              f"{result.cached_tokens:>6,}  TTFT {result.ttft_s:6.3f} s" + ("" if result.ok else "  FAILED"),
-              file=self.stream, flush=True)  # fmt: skip
+        print(
+            f"[{self.done:>3}/{self.total}] {result.route:<8} {result.prompt_tokens:>6,} prompt tokens  cached "
+            f"{result.cached_tokens:>6,}  TTFT {result.ttft_s:6.3f} s" + ("" if result.ok else "  FAILED"),
+            file=self.stream,
+            flush=True,
+        )
 
 
 def sample_line(text: str, limit_chars: int = SAMPLE_CHARS) -> str:
@@ -55,15 +58,24 @@ def sample_line(text: str, limit_chars: int = SAMPLE_CHARS) -> str:
     return f"{kept} … (+{len(flat) - len(kept):,} more characters)"
 
 
-def summarize(results: list[Result], wall_s: float, wan_bytes: dict[str, int], *, threshold_tokens: int,
-              remote_prefill_sites: list[str]) -> dict:  # fmt: skip
+def summarize(
+    results: list[Result],
+    wall_s: float,
+    wan_bytes: dict[str, int],
+    *,
+    threshold_tokens: int,
+    remote_prefill_sites: list[str],
+) -> dict:
     """The demo's figures; ``over_threshold`` counts answered prompts whose uncached part exceeds t."""
     ok = [r for r in results if r.ok]
     by_route: dict[str, dict] = {}
     for route in sorted({r.route for r in ok}):
         ttfts = sorted(r.ttft_s for r in ok if r.route == route)
-        by_route[route] = {"requests": len(ttfts), "ttft_p50_s": statistics.median(ttfts),
-                           "ttft_p90_s": float(np.percentile(ttfts, 90))}  # fmt: skip
+        by_route[route] = {
+            "requests": len(ttfts),
+            "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p90_s": float(np.percentile(ttfts, 90)),
+        }
     sample = next((r for r in ok if r.text), None)
     return {
         "requests": len(results),
@@ -84,18 +96,21 @@ def summarize(results: list[Result], wall_s: float, wan_bytes: dict[str, int], *
         "wall_s": wall_s,
         "output_tokens_per_s": sum(r.completion_tokens for r in ok) / wall_s,
         "prompt_tokens_per_s": sum(r.prompt_tokens for r in ok) / wall_s,
-        "sample": {"route": sample.route, "prompt_tokens": sample.prompt_tokens, "completion": sample.text} if sample
+        "sample": {"route": sample.route, "prompt_tokens": sample.prompt_tokens, "completion": sample.text}
+        if sample
         else None,
-    }  # fmt: skip
+    }
 
 
 def problems(s: dict) -> list[str]:
     """Why the demo did not show what it is for: failed requests, or a lab built to offload that offloaded nothing."""
     found = [f"{s['failed']} of {s['requests']} requests failed"] if s["failed"] else []
     if s["remote_prefill_sites"] and s["over_threshold"] and not s["offloaded"]:
-        found.append(f"nothing was offloaded, although {s['over_threshold']} prompts were longer than the threshold "
-                     f"t = {s['threshold_tokens']:,} tokens and {', '.join(s['remote_prefill_sites'])} serve remote "
-                     "prefill (`prfaas decisions summary` and the router's log tell why)")  # fmt: skip
+        found.append(
+            f"nothing was offloaded, although {s['over_threshold']} prompts were longer than the threshold "
+            f"t = {s['threshold_tokens']:,} tokens and {', '.join(s['remote_prefill_sites'])} serve remote "
+            "prefill (`prfaas decisions summary` and the router's log tell why)"
+        )
     return found
 
 
@@ -119,6 +134,8 @@ def table(s: dict) -> str:
     ]
     if s["sample"]:
         sample = s["sample"]
-        lines.append(f"sample answer     ({sample['route']}, {sample['prompt_tokens']:,} prompt tokens): "
-                     f"{sample_line(sample['completion'])}")  # fmt: skip
+        lines.append(
+            f"sample answer     ({sample['route']}, {sample['prompt_tokens']:,} prompt tokens): "
+            f"{sample_line(sample['completion'])}"
+        )
     return "\n".join(lines)

@@ -119,8 +119,16 @@ def gateways(topology: Topology) -> list[Gateway]:
                     out += [Gateway(f"decode-{n}", "decode", site.name, cluster, (n,), group) for n in names]
                     continue
                 for k in range(0, len(names), group.per_process):
-                    out.append(Gateway(f"prefill-{cluster.name}-{n_prefill}", "prefill", site.name, cluster,
-                                       tuple(names[k : k + group.per_process]), group))  # fmt: skip
+                    out.append(
+                        Gateway(
+                            f"prefill-{cluster.name}-{n_prefill}",
+                            "prefill",
+                            site.name,
+                            cluster,
+                            tuple(names[k : k + group.per_process]),
+                            group,
+                        )
+                    )
                     n_prefill += 1
     return out
 
@@ -178,10 +186,26 @@ class _Planner:
                 what = "gateway" if target.startswith("nats-") else "kv"
                 key = f"{src}>{target}:{what}"
                 ports[key] = self.a.port(name, key)
-                forwards.append(f"{src}@{self.a.bind(name)}:{ports[key]}={self.a.host(target)}:{self.a.port(target, what)}")
-        argv = [PYTHON, "-m", "libs.lab.wan_server", "--sites", *sites, "--gbps", _num(link.gbps),
-                "--rtt-ms", _num(link.rtt_ms), "--loss-pct", _num(link.loss_pct),
-                "--control", f"{self.a.bind(name)}:{ports['control']}", "--log-level", self.s.log_level]  # fmt: skip
+                forwards.append(
+                    f"{src}@{self.a.bind(name)}:{ports[key]}={self.a.host(target)}:{self.a.port(target, what)}"
+                )
+        argv = [
+            PYTHON,
+            "-m",
+            "libs.lab.wan_server",
+            "--sites",
+            *sites,
+            "--gbps",
+            _num(link.gbps),
+            "--rtt-ms",
+            _num(link.rtt_ms),
+            "--loss-pct",
+            _num(link.loss_pct),
+            "--control",
+            f"{self.a.bind(name)}:{ports['control']}",
+            "--log-level",
+            self.s.log_level,
+        ]
         for f in forwards:
             argv += ["--forward", f]
         if not link.slow_start_after_idle:
@@ -228,16 +252,47 @@ class _Planner:
             ]
         monitor = f"http://{self.a.host(name)}:{ports['monitor']}"
         after = tuple(wan_name(*link.sites) for link in self.t.links if site in link.sites)
-        return ProcessSpec(name, "nats", ("nats-server", "-c", conf), {}, site, site, Ready("nats", monitor, tuple(others)),
-                           after=after, files={conf: "\n".join(lines) + "\n"}, ports=ports)  # fmt: skip
+        return ProcessSpec(
+            name,
+            "nats",
+            ("nats-server", "-c", conf),
+            {},
+            site,
+            site,
+            Ready("nats", monitor, tuple(others)),
+            after=after,
+            files={conf: "\n".join(lines) + "\n"},
+            ports=ports,
+        )
 
     def redis(self) -> ProcessSpec:
         name, site = "redis", self.t.services.redis
         port = self.a.port(name, "redis")
-        argv = ("redis-server", "--port", str(port), "--bind", self.a.bind(name), "--save", "", "--appendonly", "no",
-                "--dir", self.a.path(name, "data"), "--protected-mode", "no")  # fmt: skip
-        return ProcessSpec(name, "redis", argv, {}, site, None, Ready("redis", f"redis://{self.a.host(name)}:{port}/0"),
-                           ports={"redis": port})  # fmt: skip
+        argv = (
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            self.a.bind(name),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.a.path(name, "data"),
+            "--protected-mode",
+            "no",
+        )
+        return ProcessSpec(
+            name,
+            "redis",
+            argv,
+            {},
+            site,
+            None,
+            Ready("redis", f"redis://{self.a.host(name)}:{port}/0"),
+            ports={"redis": port},
+        )
 
     def kv_index(self) -> ProcessSpec:
         site = self.t.services.kv_index
@@ -247,9 +302,16 @@ class _Planner:
             "KV_INDEX_BLOCK_SIZE": str(self.t.block_size),
             "KV_INDEX_LOG_LEVEL": self.s.log_level,
         }
-        return ProcessSpec("kv-index", "kv_index", (PYTHON, "-m", "services.kv_index"), env, site, site,
-                           Ready("reply", self.nats_url(site), (subjects.KV_LOOKUP,)),
-                           after=(*map(nats_name, self.site_names), "redis"))  # fmt: skip
+        return ProcessSpec(
+            "kv-index",
+            "kv_index",
+            (PYTHON, "-m", "services.kv_index"),
+            env,
+            site,
+            site,
+            Ready("reply", self.nats_url(site), (subjects.KV_LOOKUP,)),
+            after=(*map(nats_name, self.site_names), "redis"),
+        )
 
     def gateway(self, g: Gateway) -> ProcessSpec:
         prefix = "PREFILL_GATEWAY_" if g.role == "prefill" else "DECODE_GATEWAY_"
@@ -272,7 +334,9 @@ class _Planner:
             env["BUDGETS"] = ",".join(budgets)
         else:
             ports["kv"] = self.a.port(g.name, "kv")
-            advertised = [f"{o}={':'.join(map(str, self.via(o, g.name, 'kv')))}" for o in self.site_names if o != g.site]
+            advertised = [
+                f"{o}={':'.join(map(str, self.via(o, g.name, 'kv')))}" for o in self.site_names if o != g.site
+            ]
             env |= {
                 "INSTANCE": g.instances[0],
                 "TCP_HOST": self.a.bind(g.name),
@@ -283,9 +347,17 @@ class _Planner:
         env = {k if k.startswith("OTEL_") else prefix + k: v for k, v in env.items()}
         module = "services.prefill_gateway" if g.role == "prefill" else "services.decode_gateway"
         heartbeats = tuple(subjects.load(g.site, i) for i in g.instances)
-        return ProcessSpec(g.name, f"{g.role}_gateway", (PYTHON, "-m", module), env, g.site, g.site,
-                           Ready("heartbeats", self.nats_url(g.site), heartbeats),
-                           after=(*map(nats_name, self.site_names), "kv-index"), ports=ports)  # fmt: skip
+        return ProcessSpec(
+            g.name,
+            f"{g.role}_gateway",
+            (PYTHON, "-m", module),
+            env,
+            g.site,
+            g.site,
+            Ready("heartbeats", self.nats_url(g.site), heartbeats),
+            after=(*map(nats_name, self.site_names), "kv-index"),
+            ports=ports,
+        )
 
     def router(self, site: str) -> ProcessSpec:
         name = router_name(site)
@@ -309,9 +381,17 @@ class _Planner:
         if self.s.api_key:
             env["ROUTER_API_KEYS"] = self.s.api_key
         gws = tuple(g.name for g in gateways(self.t))
-        return ProcessSpec(name, "router", (PYTHON, "-m", "services.router"), env, site, site,
-                           Ready("http", f"http://{self.a.host(name)}:{port}/readyz"),
-                           after=("kv-index", *gws), ports={"http": port})  # fmt: skip
+        return ProcessSpec(
+            name,
+            "router",
+            (PYTHON, "-m", "services.router"),
+            env,
+            site,
+            site,
+            Ready("http", f"http://{self.a.host(name)}:{port}/readyz"),
+            after=("kv-index", *gws),
+            ports={"http": port},
+        )
 
 
 def _num(x: float) -> str:

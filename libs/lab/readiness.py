@@ -34,8 +34,13 @@ class Probes:
 
     async def ready(self, ready: Ready) -> None:
         """Return once ``ready`` holds (the caller bounds the wait); each attempt has its own deadline."""
-        probe = {"nats": self._nats_server, "redis": self._redis, "http": self._http_ok, "reply": self._reply,
-                 "heartbeats": self._heartbeats}[ready.kind]  # fmt: skip
+        probe = {
+            "nats": self._nats_server,
+            "redis": self._redis,
+            "http": self._http_ok,
+            "reply": self._reply,
+            "heartbeats": self._heartbeats,
+        }[ready.kind]
         while True:
             try:
                 async with asyncio.timeout(_ATTEMPT_S * 5):

@@ -97,8 +97,11 @@ def stop_lab(run_dir: Path) -> dict | None:
     if supervised:
         os.kill(supervisor["pid"], signal.SIGTERM)
         _wait_gone([(supervisor["pid"], supervisor["start_ticks"])], STOP_TIMEOUT_S)
-    leftovers = [(p["pid"], p["start_ticks"]) for p in status["processes"]
-                 if p["pid"] is not None and alive(p["pid"], p["start_ticks"])]  # fmt: skip
+    leftovers = [
+        (p["pid"], p["start_ticks"])
+        for p in status["processes"]
+        if p["pid"] is not None and alive(p["pid"], p["start_ticks"])
+    ]
     for pid, _ in leftovers:  # only if the supervisor died without stopping them
         os.kill(pid, signal.SIGKILL)
     _wait_gone(leftovers, 5.0)

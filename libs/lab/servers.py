@@ -341,11 +341,16 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [
             find_redis_server(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.workdir),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
         ]
         self._process = _Process("redis", argv, self.workdir / "redis.log")
         self._process.start()

@@ -236,7 +236,9 @@ class Lab:
                 task.cancel()
         if not probe.done() or probe.cancelled():
             child.exit_code = child.proc.returncode
-            raise UpstreamTimeout(f"{child.spec.name} exited with code {child.exit_code} before it was ready" + _tail(child))
+            raise UpstreamTimeout(
+                f"{child.spec.name} exited with code {child.exit_code} before it was ready" + _tail(child)
+            )
 
     async def _stop_child(self, child: _Child) -> None:
         proc = child.proc
@@ -300,4 +302,3 @@ def _tail(child: _Child, lines: int = 15) -> str:
     except OSError:
         return ""
     return f"\n--- last lines of {child.log_path} ---\n" + "\n".join(text) if text else ""
-

@@ -167,7 +167,9 @@ def _named_lists(raw: dict[str, Any], source: str) -> dict[str, Any]:
         for name, value in table.items():
             if isinstance(value, dict):
                 if "name" in value:
-                    raise ConfigError(f"topology {source}: {key}.{name}.name: not allowed (the table's key is the name)")
+                    raise ConfigError(
+                        f"topology {source}: {key}.{name}.name: not allowed (the table's key is the name)"
+                    )
                 value = {"name": name, **value}
                 if inner is not None and inner in value:
                     value[inner] = listed(value[inner], f"{key}.{name}.{inner}", None)
@@ -207,6 +209,7 @@ def _explain(message: str, listed: dict[str, Any]) -> str:
 
 def _check(t: Topology, source: str) -> None:
     """Cross-key rules msgspec cannot express."""
+
     def bad(key: str, problem: str) -> ConfigError:
         return ConfigError(f"topology {source}: {key}: {problem}")
 
@@ -232,14 +235,21 @@ def _check(t: Topology, source: str) -> None:
                 if cluster.kind == "prfaas" and group.role == "decode":
                     raise bad(f"{gkey}.role", "a prfaas cluster only prefills (decode belongs in a pd cluster)")
                 if group.backend == "simulated" and group.hardware not in HARDWARE:
-                    raise bad(f"{gkey}.hardware", f"{group.hardware!r}: a simulated backend needs one of "
-                              f"{', '.join(sorted(HARDWARE))}")  # fmt: skip
+                    raise bad(
+                        f"{gkey}.hardware",
+                        f"{group.hardware!r}: a simulated backend needs one of {', '.join(sorted(HARDWARE))}",
+                    )
                 if group.per_process > 1 and (group.role == "decode" or group.backend == "reference"):
-                    raise bad(f"{gkey}.per_process", "only simulated prefill instances share a gateway process "
-                              "(a decode gateway and a reference-model instance are one process each)")  # fmt: skip
+                    raise bad(
+                        f"{gkey}.per_process",
+                        "only simulated prefill instances share a gateway process "
+                        "(a decode gateway and a reference-model instance are one process each)",
+                    )
                 if group.backend == "reference":
                     if t.model != "reference":
-                        raise bad(f"{gkey}.backend", f"the reference backend serves only model 'reference', not {t.model!r}")
+                        raise bad(
+                            f"{gkey}.backend", f"the reference backend serves only model 'reference', not {t.model!r}"
+                        )
                     for scale in ("hardware", "time_scale", "byte_scale"):
                         if getattr(group, scale) != getattr(InstanceGroup(role=group.role), scale):
                             raise bad(f"{gkey}.{scale}", "only a simulated backend takes a hardware profile and scales")
@@ -272,5 +282,6 @@ def _check(t: Topology, source: str) -> None:
         pairs.add(pair)
     for a, b in itertools.combinations(site_names, 2):
         if frozenset((a, b)) not in pairs:
-            raise bad("links", f"no link between {a} and {b} (every pair of sites needs one: NATS gateways form a mesh)")
-
+            raise bad(
+                "links", f"no link between {a} and {b} (every pair of sites needs one: NATS gateways form a mesh)"
+            )

@@ -33,8 +33,9 @@ DEMO_PROMPT = (
 )
 # What the routers' default chat template makes of the demo's system turn: the prefix a chat with
 # that system prompt leaves in the KV index (so `prfaas index lookup` finds it).
-DEMO_PREFIX_TEXT = ChatTemplate(PLAIN_TEMPLATE).render([{"role": "system", "content": DEMO_PROMPT}],
-                                                       add_generation_prompt=False)  # fmt: skip
+DEMO_PREFIX_TEXT = ChatTemplate(PLAIN_TEMPLATE).render(
+    [{"role": "system", "content": DEMO_PROMPT}], add_generation_prompt=False
+)
 _BASH_ESCAPES = {"\n": "\\n", "\t": "\\t", "\\": "\\\\", "'": "\\'"}  # inside bash's $'...'
 _DETACH_GRACE_S = 15.0  # a detached supervisor gets this long beyond the readiness deadline
 
@@ -44,8 +45,10 @@ def run_up(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     live = running_status(run_dir)
     if live is not None:
-        raise ConfigError(f"a lab is already running in {run_dir} (supervisor pid {live['supervisor']['pid']}): "
-                          "stop it with `prfaas lab down` or choose another --run-dir")  # fmt: skip
+        raise ConfigError(
+            f"a lab is already running in {run_dir} (supervisor pid {live['supervisor']['pid']}): "
+            "stop it with `prfaas lab down` or choose another --run-dir"
+        )
     topology = load_topology(args.topology)
     if args.detach:
         started = time.monotonic()
@@ -54,12 +57,16 @@ def run_up(args: argparse.Namespace) -> int:
         return 0
     _clear(run_dir, keep=(SUPERVISOR_LOG,))
     setup_logging(args.log_level)
-    settings = LabSettings(api_key=secrets.token_urlsafe(24) if topology.router.api_key else None,
-                           log_level=args.log_level)  # fmt: skip
+    settings = LabSettings(
+        api_key=secrets.token_urlsafe(24) if topology.router.api_key else None, log_level=args.log_level
+    )
     lab = Lab(topology, run_dir, settings)
     lab.prepare()
-    print(f"starting lab {topology.name!r} ({len(lab.specs)} processes, logs in {run_dir / 'logs'}) ...",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"starting lab {topology.name!r} ({len(lab.specs)} processes, logs in {run_dir / 'logs'}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     return asyncio.run(_serve(lab, args))
 
 
@@ -87,8 +94,11 @@ async def _serve(lab: Lab, args: argparse.Namespace) -> int:
             await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
             if exited.done():
                 child = exited.result()
-                print(f"prfaas lab: {child.spec.name} exited with code {child.exit_code} (log: {child.log_path})",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"prfaas lab: {child.spec.name} exited with code {child.exit_code} (log: {child.log_path})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             else:
                 exited.cancel()
         return 0
@@ -102,11 +112,25 @@ async def _serve(lab: Lab, args: argparse.Namespace) -> int:
 def start_detached(run_dir: Path, topology: str, *, log_level: str, ready_timeout_s: float) -> dict:
     """Start a supervisor in its own session and wait until its status says ready; the status."""
     _clear(run_dir, keep=())
-    argv = [sys.executable, "-m", "libs.cli", "lab", "up", "--topology", topology, "--run-dir", str(run_dir),
-            "--log-level", log_level, "--ready-timeout-s", str(ready_timeout_s)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "libs.cli",
+        "lab",
+        "up",
+        "--topology",
+        topology,
+        "--run-dir",
+        str(run_dir),
+        "--log-level",
+        log_level,
+        "--ready-timeout-s",
+        str(ready_timeout_s),
+    ]
     with open(run_dir / SUPERVISOR_LOG, "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + ready_timeout_s + _DETACH_GRACE_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -127,12 +151,16 @@ def summary(status: dict, topology: Topology, elapsed_s: float, *, detached: boo
     router = status["router_url"]
     key = status["api_key"]
     if router:
-        lines.append(f"  router (OpenAI API)  {router}/v1   model {status['model']!r}" + (f"   API key {key}" if key else ""))
+        lines.append(
+            f"  router (OpenAI API)  {router}/v1   model {status['model']!r}" + (f"   API key {key}" if key else "")
+        )
     for site in status["sites"].values():
         lines.append(f"  NATS {site['name']:<15} {site['nats_url']}")
     for link in status["links"]:
         a, b = link["sites"]
-        lines.append(f"  link {a} <-> {b}  {link['gbps']:g} Gbps, {link['rtt_ms']:g} ms RTT, {link['loss_pct']:g}% loss")
+        lines.append(
+            f"  link {a} <-> {b}  {link['gbps']:g} Gbps, {link['rtt_ms']:g} ms RTT, {link['loss_pct']:g}% loss"
+        )
     lines.append("try (each command is one line):")
     for what, command in _hints(status, topology, detached):
         lines += [f"  {what}", f"    {command}"] if command else [f"  {what}"]
@@ -144,27 +172,51 @@ def _hints(status: dict, topology: Topology, detached: bool) -> list[tuple[str, 
     run_dir = "" if Path(status["run_dir"]) == default_run_dir() else f" --run-dir {shlex.quote(status['run_dir'])}"
     hints = []
     if status["router_url"]:
-        body = {"model": status["model"], "messages": [{"role": "system", "content": DEMO_PROMPT},
-                                                        {"role": "user", "content": "Hello!"}], "max_tokens": 16}  # fmt: skip
+        body = {
+            "model": status["model"],
+            "messages": [{"role": "system", "content": DEMO_PROMPT}, {"role": "user", "content": "Hello!"}],
+            "max_tokens": 16,
+        }
         auth = f" -H 'Authorization: Bearer {status['api_key']}'" if status["api_key"] else ""
-        hints.append(("a chat completion through the router:",
-                      f"curl -s {status['router_url']}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
-                      f"-d {shlex.quote(json.dumps(body))}"))  # fmt: skip
+        hints.append(
+            (
+                "a chat completion through the router:",
+                f"curl -s {status['router_url']}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+                f"-d {shlex.quote(json.dumps(body))}",
+            )
+        )
         lookup = f"prfaas index lookup --nats {next(iter(status['sites'].values()))['nats_url']}"
         if topology.block_size != DEFAULT_BLOCK_SIZE:
             lookup += f" --block-size {topology.block_size}"
         if model_profile(topology.model).n_linear_layers == 0:
             lookup += " --no-hybrid"
-        hints.append(("after it, where the KV of its system prompt is cached:", f"{lookup} --text {_bash_quote(DEMO_PREFIX_TEXT)}"))
-        hints.append(("the routers' decisions so far (`prfaas decisions tail` follows them live):",
-                      f"prfaas decisions summary{run_dir}"))  # fmt: skip
+        hints.append(
+            (
+                "after it, where the KV of its system prompt is cached:",
+                f"{lookup} --text {_bash_quote(DEMO_PREFIX_TEXT)}",
+            )
+        )
+        hints.append(
+            (
+                "the routers' decisions so far (`prfaas decisions tail` follows them live):",
+                f"prfaas decisions summary{run_dir}",
+            )
+        )
     if status["links"]:
         link = status["links"][0]
         a, b = link["sites"]
-        hints.append((f"a slower {a} <-> {b} link (then --down / --up cut and restore it):",
-                      f"prfaas lab link {a} {b} --gbps {link['gbps'] / 2:g} --rtt-ms {2 * link['rtt_ms'] or 10:g}{run_dir}"))
-    hints.append(("every process and link:" if detached else "every process and link (from another terminal):",
-                  f"prfaas lab status{run_dir}"))  # fmt: skip
+        hints.append(
+            (
+                f"a slower {a} <-> {b} link (then --down / --up cut and restore it):",
+                f"prfaas lab link {a} {b} --gbps {link['gbps'] / 2:g} --rtt-ms {2 * link['rtt_ms'] or 10:g}{run_dir}",
+            )
+        )
+    hints.append(
+        (
+            "every process and link:" if detached else "every process and link (from another terminal):",
+            f"prfaas lab status{run_dir}",
+        )
+    )
     hints.append(("stop the lab:", f"prfaas lab down{run_dir}") if detached else ("Ctrl-C stops the lab", ""))
     return hints
 

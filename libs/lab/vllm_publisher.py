@@ -123,21 +123,30 @@ def serve(family: Family, pub_port: int, replay_port: int | None, buffer_steps: 
 class EnginePublisher:
     """Drives a publisher process from a test: start, send batches, stop."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, family: Family, pub_port: int, replay_port: int | None) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, family: Family, pub_port: int, replay_port: int | None
+    ) -> None:
         self.proc = proc
         self.family = family
         self.pub_port = pub_port
         self.replay_port = replay_port
 
     @classmethod
-    async def start(cls, family: str, pub_port: int, replay_port: int | None = None, buffer_steps: int = 10_000) -> EnginePublisher:
+    async def start(
+        cls, family: str, pub_port: int, replay_port: int | None = None, buffer_steps: int = 10_000
+    ) -> EnginePublisher:
         """Start the process and wait until its sockets are bound."""
         args = ["--family", family, "--pub-port", str(pub_port), "--buffer-steps", str(buffer_steps)]
         if replay_port is not None:
             args += ["--replay-port", str(replay_port)]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "libs.lab.vllm_publisher", *args,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+            sys.executable,
+            "-m",
+            "libs.lab.vllm_publisher",
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=REPO_ROOT,
         )
         publisher = cls(proc, FAMILIES[family], pub_port, replay_port)
         try:
@@ -159,12 +168,15 @@ class EnginePublisher:
 
     async def send_many(self, batches: list[list[dict]], drop: bool = False) -> list[int]:
         """Publish several batches back to back (answers read while writing); returns their seqs."""
+
         async def read_all() -> list[dict]:
             return [await self._answer() for _ in batches]
 
         answers = asyncio.ensure_future(read_all())
         try:
-            self.proc.stdin.write("".join(json.dumps({"events": events, "drop": drop}) + "\n" for events in batches).encode())
+            self.proc.stdin.write(
+                "".join(json.dumps({"events": events, "drop": drop}) + "\n" for events in batches).encode()
+            )
             await self.proc.stdin.drain()
             return [answer["seq"] for answer in await answers]
         finally:

@@ -159,12 +159,16 @@ class Family:
         out: list[Hash] = []
         for i in range(len(tokens) // block_size):
             prev = b"" if parent is None else parent if isinstance(parent, bytes) else parent.to_bytes(8, "big")
-            digest = hashlib.sha256(prev + salt + msgspec.msgpack.encode(tokens[i * block_size : (i + 1) * block_size])).digest()
+            digest = hashlib.sha256(
+                prev + salt + msgspec.msgpack.encode(tokens[i * block_size : (i + 1) * block_size])
+            ).digest()
             parent = digest if self.bytes_hashes else int.from_bytes(digest[:8], "big")
             out.append(parent)
         return out
 
-    def stored(self, hashes: list[Hash], parent: Hash | None, tokens: list[int], block_size: int, **opt: Any) -> msgspec.Struct:
+    def stored(
+        self, hashes: list[Hash], parent: Hash | None, tokens: list[int], block_size: int, **opt: Any
+    ) -> msgspec.Struct:
         """A ``BlockStored`` event (``opt``: medium, lora_name, extra_keys, group_idx, kind, locality ...)."""
         if self.name == "sglang":
             return _SglStored(hashes, parent, tokens, block_size, opt.get("lora_id"))
@@ -185,8 +189,13 @@ class Family:
         )
         if self.name == "vllm-seven-fields":
             return _SevenStored(**common)
-        return _MapStored(**common, locality=opt.get("locality"), ownership=opt.get("ownership"),
-                          lookahead_token_ids=opt.get("lookahead"), field_of_a_future_release={"x": 1})
+        return _MapStored(
+            **common,
+            locality=opt.get("locality"),
+            ownership=opt.get("ownership"),
+            lookahead_token_ids=opt.get("lookahead"),
+            field_of_a_future_release={"x": 1},
+        )
 
     def removed(self, hashes: list[Hash], **opt: Any) -> msgspec.Struct:
         """A ``BlockRemoved`` event (``opt``: medium, group_idx, locality)."""
@@ -200,7 +209,9 @@ class Family:
 
     def cleared(self) -> msgspec.Struct:
         """An ``AllBlocksCleared`` event."""
-        return {"sglang": _SglCleared, "vllm-six-fields": _SixCleared, "vllm-seven-fields": _SevenCleared}.get(self.name, _MapCleared)()
+        return {"sglang": _SglCleared, "vllm-six-fields": _SixCleared, "vllm-seven-fields": _SevenCleared}.get(
+            self.name, _MapCleared
+        )()
 
     def future_event(self, hashes: list[Hash]) -> msgspec.Struct:
         """An event type no release has yet (only the map family can carry one)."""

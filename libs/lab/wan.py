@@ -63,9 +63,16 @@ class LinkRelay:
     """Both directions of the link between two sites, and the forwards that cross it."""
 
     def __init__(
-        self, sites: tuple[str, str], *, gbps: float, rtt_ms: float, loss_pct: float = 0.0, forwards: list[Forward],
-        window_bytes: int = DEFAULT_WINDOW_BYTES, slow_start_after_idle: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        sites: tuple[str, str],
+        *,
+        gbps: float,
+        rtt_ms: float,
+        loss_pct: float = 0.0,
+        forwards: list[Forward],
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        slow_start_after_idle: bool = True,
+    ) -> None:
         a, b = sites
         if a == b:
             raise ValueError(f"a link joins two different sites, got {a} and {b}")
@@ -137,8 +144,12 @@ class LinkRelay:
         """Change the link (both directions, or only the one leaving ``src``); ``up=False`` partitions it."""
         directions = [self.direction(src, self.other(src))] if src else list(self._directions.values())
         for d in directions:
-            d.configure(gbps=gbps, delay_ms=None if rtt_ms is None else rtt_ms / 2, loss_pct=loss_pct,
-                        slow_start_after_idle=slow_start_after_idle)  # fmt: skip
+            d.configure(
+                gbps=gbps,
+                delay_ms=None if rtt_ms is None else rtt_ms / 2,
+                loss_pct=loss_pct,
+                slow_start_after_idle=slow_start_after_idle,
+            )
         if up is not None:
             self.refusing = not up and reset
             for d in self._directions.values():
@@ -152,7 +163,9 @@ class LinkRelay:
         return {
             "sites": list(self.sites),
             "directions": [d.figures() for d in self._directions.values()],
-            "partition": None if all(d.up for d in self._directions.values()) else ("reset" if self.refusing else "blackhole"),
+            "partition": None
+            if all(d.up for d in self._directions.values())
+            else ("reset" if self.refusing else "blackhole"),
             "connections": len(self._live()),
             "connections_total": self.connections_total,
             "forwards": [str(f) for f in self.forwards],

@@ -53,9 +53,16 @@ class Direction:
     """One direction of a link: a bandwidth all its connections share, a one-way delay, loss, TCP settings, up or down."""
 
     def __init__(
-        self, src: str, dst: str, gbps: float, delay_ms: float, loss_pct: float, *,
-        window_bytes: int = DEFAULT_WINDOW_BYTES, slow_start_after_idle: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        src: str,
+        dst: str,
+        gbps: float,
+        delay_ms: float,
+        loss_pct: float,
+        *,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        slow_start_after_idle: bool = True,
+    ) -> None:
         self.src, self.dst = src, dst
         self.gbps, self.delay_ms, self.loss_pct = gbps, delay_ms, loss_pct
         self.window_bytes = window_bytes  # each connection's receive window: the most it may have in flight
@@ -67,9 +74,13 @@ class Direction:
         self._cond = threading.Condition(threading.Lock())
 
     def configure(
-        self, *, gbps: float | None = None, delay_ms: float | None = None, loss_pct: float | None = None,
+        self,
+        *,
+        gbps: float | None = None,
+        delay_ms: float | None = None,
+        loss_pct: float | None = None,
         slow_start_after_idle: bool | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Change some figures; chunks already in flight keep the delay they were given."""
         with self._cond:
             if gbps is not None:

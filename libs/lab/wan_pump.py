@@ -35,9 +35,15 @@ class Pump:
     """One direction of one connection: reader (data, window, splice in, pace, stamp) and writer (wait, splice out, ack)."""
 
     def __init__(
-        self, conn: Connection, src: socket.socket, dst: socket.socket, direction: Direction, ack_direction: Direction,
-        *, start_at: float,
-    ) -> None:  # fmt: skip
+        self,
+        conn: Connection,
+        src: socket.socket,
+        dst: socket.socket,
+        direction: Direction,
+        ack_direction: Direction,
+        *,
+        start_at: float,
+    ) -> None:
         self.conn, self.src, self.dst, self.direction = conn, src, dst, direction
         self.ack_direction = ack_direction  # the way acknowledgements come back
         self.start_at = start_at  # no byte leaves before the handshake allows (time.monotonic)
@@ -183,9 +189,14 @@ class Connection:
     """One client connection carried across a link's two directions (four threads: a reader and a writer per direction)."""
 
     def __init__(
-        self, client: socket.socket, forward: Forward, out: Direction, back: Direction, *,
+        self,
+        client: socket.socket,
+        forward: Forward,
+        out: Direction,
+        back: Direction,
+        *,
         on_close: Callable[[Connection], None],
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.client, self.forward, self.out, self.back = client, forward, out, back
         self.upstream: socket.socket | None = None
         self.closed = threading.Event()

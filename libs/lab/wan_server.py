@@ -44,7 +44,9 @@ def parse_changes(body: object, sites: tuple[str, str]) -> dict:
         value = body[key]
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or value < bound or (value == bound and not inclusive) or (key == "loss_pct" and value >= 100):
-            limit = "a number > 0" if key == "gbps" else "a number in [0, 100)" if key == "loss_pct" else "a number >= 0"
+            limit = (
+                "a number > 0" if key == "gbps" else "a number in [0, 100)" if key == "loss_pct" else "a number >= 0"
+            )
             raise BadRequest(f"{key}={value!r}: expected {limit}")
         changes[key] = float(value)
     for key in _FLAGS:
@@ -132,13 +134,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gbps", type=float, default=math.inf, help="bandwidth per direction (default: unlimited)")
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time added by the link")
     parser.add_argument("--loss-pct", type=float, default=0.0, help="segment loss in percent (see libs.lab.wan)")
-    parser.add_argument("--window-mib", type=float, default=DEFAULT_WINDOW_BYTES / 2**20,
-                        help="each connection's receive window in MiB (default %(default)g)")  # fmt: skip
-    parser.add_argument("--no-slow-start-after-idle", dest="slow_start_after_idle", action="store_false",
-                        help="keep a connection's window over idle periods (a host with tcp_slow_start_after_idle=0)")  # fmt: skip
+    parser.add_argument(
+        "--window-mib",
+        type=float,
+        default=DEFAULT_WINDOW_BYTES / 2**20,
+        help="each connection's receive window in MiB (default %(default)g)",
+    )
+    parser.add_argument(
+        "--no-slow-start-after-idle",
+        dest="slow_start_after_idle",
+        action="store_false",
+        help="keep a connection's window over idle periods (a host with tcp_slow_start_after_idle=0)",
+    )
     parser.add_argument("--control", required=True, metavar="HOST:PORT", help="address of the control endpoint")
-    parser.add_argument("--forward", action="append", default=[], metavar="SRC@HOST:PORT=HOST:PORT",
-                        help="a listener at site SRC carried to a target at the other site (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--forward",
+        action="append",
+        default=[],
+        metavar="SRC@HOST:PORT=HOST:PORT",
+        help="a listener at site SRC carried to a target at the other site (repeatable)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -148,9 +163,15 @@ def main(argv: list[str] | None = None) -> None:
         figures = parse_changes({"rtt_ms": args.rtt_ms, "loss_pct": args.loss_pct} | limited, tuple(args.sites))
         if not args.window_mib * 2**20 >= 1:
             raise ValueError(f"--window-mib {args.window_mib:g}: expected a positive size")
-        relay = LinkRelay(tuple(args.sites), gbps=args.gbps, rtt_ms=figures["rtt_ms"], loss_pct=figures["loss_pct"],
-                          forwards=forwards, window_bytes=int(args.window_mib * 2**20),
-                          slow_start_after_idle=args.slow_start_after_idle).start()  # fmt: skip
+        relay = LinkRelay(
+            tuple(args.sites),
+            gbps=args.gbps,
+            rtt_ms=figures["rtt_ms"],
+            loss_pct=figures["loss_pct"],
+            forwards=forwards,
+            window_bytes=int(args.window_mib * 2**20),
+            slow_start_after_idle=args.slow_start_after_idle,
+        ).start()
     except (ValueError, BadRequest, OSError) as e:
         parser.error(str(e))
     host, _, port = args.control.rpartition(":")

@@ -15,19 +15,30 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 # The paper's case-study table (shared/reference/prfaas-paper.md), printed beside our figures.
 PAPER = {
-    "prfaas_pd": {"lambda_max": 3.24, "threshold_tokens": 19_400, "n_p": 3, "n_d": 5, "ratio": 1.54,
-                  "ttft_mean_s": 2.22, "ttft_p90_s": 3.51, "egress_gbps": 13.0},
+    "prfaas_pd": {
+        "lambda_max": 3.24,
+        "threshold_tokens": 19_400,
+        "n_p": 3,
+        "n_d": 5,
+        "ratio": 1.54,
+        "ttft_mean_s": 2.22,
+        "ttft_p90_s": 3.51,
+        "egress_gbps": 13.0,
+    },
     "homogeneous": {"lambda_max": 2.11, "n_p": 9, "n_d": 3, "ratio": 1.00, "ttft_mean_s": 4.44, "ttft_p90_s": 9.73},
     "naive_heterogeneous": {"lambda_max": 2.45, "n_d": 8, "ratio": 1.16, "ttft_mean_s": 1.74, "ttft_p90_s": 3.51},
-}  # fmt: skip
+}
 PAPER_COST_NORMALIZED_GAIN = 1.15
 
 
 def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     """The model/hardware/instances/link/workload flags (``--case-study`` fills them all)."""
-    parser.add_argument("--case-study", action="store_true",
-                        help="the paper's case study: kimi-linear-1t, 4x h200 + 8x h20, 100 Gbps, "
-                        "lognormal mu 9.90 sigma 1.00 in [128, 131072], 1,024 output tokens")  # fmt: skip
+    parser.add_argument(
+        "--case-study",
+        action="store_true",
+        help="the paper's case study: kimi-linear-1t, 4x h200 + 8x h20, 100 Gbps, "
+        "lognormal mu 9.90 sigma 1.00 in [128, 131072], 1,024 output tokens",
+    )
     parser.add_argument("--model", choices=sorted(MODELS), help="model profile")
     parser.add_argument("--prfaas-hw", choices=sorted(HARDWARE), help="PrfaaS (prefill-only) hardware")
     parser.add_argument("--n-prfaas", type=int, help="PrfaaS instances")
@@ -87,9 +98,13 @@ def check_plot_path(path: str | None) -> None:
 def describe_workload(workload: dict) -> str:
     """One line for a workload's ``describe()`` dict."""
     if workload["kind"] == "lognormal":
-        return f"lognormal mu {workload['mu']:g} sigma {workload['sigma']:g} in [{workload['min']:,}, {workload['max']:,}]"
-    return (f"{workload['count']:,} observed lengths from {workload['source'] or 'a file'} "
-            f"(mean {workload['mean']:,.0f}, in [{workload['min']:,}, {workload['max']:,}])")  # fmt: skip
+        return (
+            f"lognormal mu {workload['mu']:g} sigma {workload['sigma']:g} in [{workload['min']:,}, {workload['max']:,}]"
+        )
+    return (
+        f"{workload['count']:,} observed lengths from {workload['source'] or 'a file'} "
+        f"(mean {workload['mean']:,.0f}, in [{workload['min']:,}, {workload['max']:,}])"
+    )
 
 
 def describe_inputs(inputs: PlanInputs) -> dict:

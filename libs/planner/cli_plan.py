@@ -28,7 +28,9 @@ def add_parser(subparsers) -> None:
     )
     add_deployment_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--plot", metavar="FILE.png", help="write the throughput bounds against t and N_p (.png, .pdf or .svg)")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="write the throughput bounds against t and N_p (.png, .pdf or .svg)"
+    )
     parser.add_argument("--cost-normalized", action="store_true", help="also report the gain at equal hardware cost")
     parser.set_defaults(func=run)
 
@@ -97,8 +99,13 @@ def _table(doc: dict, case_study: bool) -> str:
     if "cost_normalized" in doc:
         cost = doc["cost_normalized"]
         lines.append(f"{'price (USD/h)':24}" + "".join(f"{cost[n]['price_per_hour']:>22,.0f}" for n in CONFIG_NAMES))
-        lines.append(f"{'req/s per USD/h (x1000)':24}" + "".join(f"{cost[n]['rps_per_dollar_hour'] * 1000:>22.2f}" for n in CONFIG_NAMES))  # fmt: skip
-        lines.append(f"{'gain at equal cost':24}" + "".join(f"{cost[n]['gain_vs_homogeneous']:>21.2f}x" for n in CONFIG_NAMES))  # fmt: skip
+        lines.append(
+            f"{'req/s per USD/h (x1000)':24}"
+            + "".join(f"{cost[n]['rps_per_dollar_hour'] * 1000:>22.2f}" for n in CONFIG_NAMES)
+        )
+        lines.append(
+            f"{'gain at equal cost':24}" + "".join(f"{cost[n]['gain_vs_homogeneous']:>21.2f}x" for n in CONFIG_NAMES)
+        )
         if case_study:
             lines.append(f"{'paper gain at equal cost':24}{PAPER_COST_NORMALIZED_GAIN:>43.2f}x")
     inputs = doc["inputs"]

@@ -28,7 +28,9 @@ DEFAULT_RATE_RPS = 1.0  # light load: the paper's TTFT figures are queue-free pr
 DEFAULT_DURATION_S = 3600.0
 DEFAULT_TIMEOUT_S = 60.0
 DEGRADED_FRACTION = 0.1  # the scenario's link drops to this fraction of its bandwidth unless --degraded-gbps
-SCENARIO_LOAD = 0.835  # the scenario's default rate as a fraction of the planned Lambda_max (2.7 req/s in the case study)
+SCENARIO_LOAD = (
+    0.835  # the scenario's default rate as a fraction of the planned Lambda_max (2.7 req/s in the case study)
+)
 SCENARIOS = ("link-degradation",)
 
 
@@ -40,24 +42,46 @@ def add_parser(subparsers) -> None:
         description="Discrete-event simulation of PrfaaS-PD, homogeneous PD and naive heterogeneous deployments.",
     )
     add_deployment_arguments(parser)
-    parser.add_argument("--rate", type=float, help=f"arrival rate in req/s (default {DEFAULT_RATE_RPS:g}; for "
-                        f"--scenario link-degradation {SCENARIO_LOAD:g} x the planned Lambda_max)")  # fmt: skip
-    parser.add_argument("--duration", type=float, help=f"simulated seconds per run (default {DEFAULT_DURATION_S:g}; "
-                        f"{Degradation.duration_s:g} for the scenario)")  # fmt: skip
-    parser.add_argument("--scenario", choices=SCENARIOS, help="run a scenario instead of the three configurations "
-                        "(on the case study unless deployment flags say otherwise)")  # fmt: skip
-    parser.add_argument("--degraded-gbps", type=float, help="link bandwidth while degraded (default: a tenth of "
-                        "--link-gbps)")  # fmt: skip
-    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="a request without its first "
-                        "token this long after arrival is lost (default %(default)g)")  # fmt: skip
-    parser.add_argument("--link-sharing", choices=SHARING, default="sender-fifo", help="how concurrent KV "
-                        "transfers share the link: sender-fifo (default, as kvwire paces: senders share the pair's "
-                        "budget, each serves its transfers oldest first) or fair (equal shares per transfer, as "
-                        "unpaced TCP connections get)")  # fmt: skip
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help=f"arrival rate in req/s (default {DEFAULT_RATE_RPS:g}; for "
+        f"--scenario link-degradation {SCENARIO_LOAD:g} x the planned Lambda_max)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help=f"simulated seconds per run (default {DEFAULT_DURATION_S:g}; {Degradation.duration_s:g} for the scenario)",
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        help="run a scenario instead of the three configurations "
+        "(on the case study unless deployment flags say otherwise)",
+    )
+    parser.add_argument(
+        "--degraded-gbps", type=float, help="link bandwidth while degraded (default: a tenth of --link-gbps)"
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="a request without its first token this long after arrival is lost (default %(default)g)",
+    )
+    parser.add_argument(
+        "--link-sharing",
+        choices=SHARING,
+        default="sender-fifo",
+        help="how concurrent KV "
+        "transfers share the link: sender-fifo (default, as kvwire paces: senders share the pair's "
+        "budget, each serves its transfers oldest first) or fair (equal shares per transfer, as "
+        "unpaced TCP connections get)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--plot", metavar="FILE.png", help="TTFT CDFs (configurations) or TTFT timeline (scenario); "
-                        ".png, .pdf or .svg")  # fmt: skip
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="TTFT CDFs (configurations) or TTFT timeline (scenario); .png, .pdf or .svg"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=run)
 
@@ -101,8 +125,10 @@ def _case_study_table(doc: dict) -> str:
     if doc.get("paper"):
         for label, key in (("paper TTFT mean (s)", "ttft_mean_s"), ("paper TTFT P90 (s)", "ttft_p90_s")):
             lines.append(f"{label:22}" + "".join(f"{PAPER[n][key]:>22.2f}" for n in CONFIG_NAMES))
-    lines.append(f"\nrate {doc['rate_rps']:g} req/s for {doc['duration_s']:g} simulated s per configuration; "
-                 f"saturation runs offer 1.3x Lambda_max; link shared {_SHARING_TEXT[doc['link_sharing']]}")  # fmt: skip
+    lines.append(
+        f"\nrate {doc['rate_rps']:g} req/s for {doc['duration_s']:g} simulated s per configuration; "
+        f"saturation runs offer 1.3x Lambda_max; link shared {_SHARING_TEXT[doc['link_sharing']]}"
+    )
     return "\n".join(lines)
 
 
@@ -121,13 +147,17 @@ def _scenario_table(doc: dict) -> str:
     for label, key, spec in rows:
         lines.append(f"{label:24}" + "".join(f"{_fmt(doc['policies'][n][key], spec):>22}" for n in names))
     s = doc["settings"]
-    lines.append(f"\nlink {doc['inputs']['link_gbps']:g} -> {s['degraded_gbps']:g} Gbps in [{s['start_s']:g}, {s['end_s']:g}) s "
-                 f"of {s['duration_s']:g} s at {s['rate_rps']:g} req/s; the +slow columns also re-plan t and N_p/N_d "
-                 f"every {s['replan_interval_s']:g} s")  # fmt: skip
+    lines.append(
+        f"\nlink {doc['inputs']['link_gbps']:g} -> {s['degraded_gbps']:g} Gbps in [{s['start_s']:g}, {s['end_s']:g}) s "
+        f"of {s['duration_s']:g} s at {s['rate_rps']:g} req/s; the +slow columns also re-plan t and N_p/N_d "
+        f"every {s['replan_interval_s']:g} s"
+    )
     tel = s["telemetry"]
-    lines.append(f"policies see the link as a router does: LinkStats from each sender every {tel['interval_s']:g} s, "
-                 f"{tel['lag_s']:g} s late, goodput smoothed over {tel['router']['smoothing_s']:g} s; link shared "
-                 f"{_SHARING_TEXT[s['link_sharing']]}")  # fmt: skip
+    lines.append(
+        f"policies see the link as a router does: LinkStats from each sender every {tel['interval_s']:g} s, "
+        f"{tel['lag_s']:g} s late, goodput smoothed over {tel['router']['smoothing_s']:g} s; link shared "
+        f"{_SHARING_TEXT[s['link_sharing']]}"
+    )
     return "\n".join(lines)
 
 
@@ -135,9 +165,13 @@ def _plot(args: argparse.Namespace, doc: dict, runs: dict[str, SimRun]) -> None:
     from libs.planner.plots import plot_timeline, plot_ttft
 
     if args.scenario:
-        series = {n: ([r.arrival_s for r in run.requests if r.first_token_s >= 0],
-                      [r.ttft_s for r in run.requests if r.first_token_s >= 0])
-                  for n, run in runs.items()}  # fmt: skip
+        series = {
+            n: (
+                [r.arrival_s for r in run.requests if r.first_token_s >= 0],
+                [r.ttft_s for r in run.requests if r.first_token_s >= 0],
+            )
+            for n, run in runs.items()
+        }
         s = doc["settings"]
         gbps = doc["inputs"]["link_gbps"]
         capacity = ([0, s["start_s"], s["end_s"], s["duration_s"]], [gbps, s["degraded_gbps"], gbps, gbps])
@@ -184,18 +218,36 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         policies = link_degradation(inputs, scenario, _progress(args), runs)
-        doc = {"scenario": args.scenario, "policies": policies, "settings": scenario.to_json(),
-               "inputs": describe_inputs(inputs)}  # fmt: skip
+        doc = {
+            "scenario": args.scenario,
+            "policies": policies,
+            "settings": scenario.to_json(),
+            "inputs": describe_inputs(inputs),
+        }
     else:
         rate = _positive("--rate", args.rate, DEFAULT_RATE_RPS)
         duration = _positive("--duration", args.duration, DEFAULT_DURATION_S)
-        configs = case_study(inputs, rate, duration, args.seed, _progress(args), runs, request_timeout_s=timeout_s,
-                             link_sharing=args.link_sharing)  # fmt: skip
+        configs = case_study(
+            inputs,
+            rate,
+            duration,
+            args.seed,
+            _progress(args),
+            runs,
+            request_timeout_s=timeout_s,
+            link_sharing=args.link_sharing,
+        )
         is_paper = is_paper_case_study(args, inputs)
         paper = {n: {k: PAPER[n][k] for k in ("ttft_mean_s", "ttft_p90_s", "lambda_max")} for n in CONFIG_NAMES}
-        doc = {"configs": configs, "rate_rps": rate, "duration_s": duration, "timeout_s": timeout_s,
-               "link_sharing": args.link_sharing,
-               "paper": paper if is_paper else None, "inputs": describe_inputs(inputs)}  # fmt: skip
+        doc = {
+            "configs": configs,
+            "rate_rps": rate,
+            "duration_s": duration,
+            "timeout_s": timeout_s,
+            "link_sharing": args.link_sharing,
+            "paper": paper if is_paper else None,
+            "inputs": describe_inputs(inputs),
+        }
     if args.plot:
         _plot(args, doc, runs)
     if args.json:

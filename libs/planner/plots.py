@@ -51,8 +51,10 @@ def plot_plan(inputs: PlanInputs, best: Result, path: str) -> None:
     ax_n.axvline(dep.n_p, color="grey", ls=":")
     ax_n.set(xlabel=f"N_p (N_p + N_d = {inputs.n_pd})", ylabel="req/s", title=f"t = {t_best:,} tokens")
     ax_n.legend(fontsize=8)
-    fig.suptitle(f"{inputs.model.name}: {inputs.n_prfaas}x{inputs.prfaas_hw.name} + {inputs.n_pd}x{inputs.pd_hw.name}, "
-                 f"{inputs.link_gbps:g} Gbps")  # fmt: skip
+    fig.suptitle(
+        f"{inputs.model.name}: {inputs.n_prfaas}x{inputs.prfaas_hw.name} + {inputs.n_pd}x{inputs.pd_hw.name}, "
+        f"{inputs.link_gbps:g} Gbps"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

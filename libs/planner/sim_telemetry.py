@@ -36,9 +36,13 @@ class TelemetrySettings:
     ack_delay_s: float = 0.0  # CPU delay added to every ack's round trip (a loaded sender or receiver host)
 
     def __post_init__(self) -> None:
-        checks = {"interval_s": self.interval_s > 0, "lag_s": self.lag_s >= 0, "window_bytes": self.window_bytes > 0,
-                  "budget_gbps": self.budget_gbps is None or self.budget_gbps > 0,
-                  "ack_delay_s": self.ack_delay_s >= 0}  # fmt: skip
+        checks = {
+            "interval_s": self.interval_s > 0,
+            "lag_s": self.lag_s >= 0,
+            "window_bytes": self.window_bytes > 0,
+            "budget_gbps": self.budget_gbps is None or self.budget_gbps > 0,
+            "ack_delay_s": self.ack_delay_s >= 0,
+        }
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"telemetry {key} must be positive, got {getattr(self, key)!r}")
@@ -54,8 +58,13 @@ _WAITING_BYTES = 1.0  # produced and not sent: less is rounding (as in libs.plan
 class MeteredLink(FluidLink):
     """A fluid link that also counts, per sender, the time KV waited on it below the pacing budget and the bytes meanwhile."""
 
-    def __init__(self, capacity_gbps: float, budget_gbps: float, schedule: tuple[tuple[float, float], ...] = (),
-                 sharing: str = "fair") -> None:  # fmt: skip
+    def __init__(
+        self,
+        capacity_gbps: float,
+        budget_gbps: float,
+        schedule: tuple[tuple[float, float], ...] = (),
+        sharing: str = "fair",
+    ) -> None:
         super().__init__(capacity_gbps, schedule, sharing)
         self.budget_gbps = budget_gbps
         self.limited_s: dict[str, float] = {}  # per owner, since time zero
@@ -65,7 +74,11 @@ class MeteredLink(FluidLink):
         dt = now - self.now
         if dt > 0 and self.capacity_gbps < self.budget_gbps:  # rates are constant until ``now``
             mid = self.now + dt / 2
-            waiting = {f.owner for f in self.flows if f.produced_bytes(mid) - f.sent_bytes - f.rate_bps * dt / 2 > _WAITING_BYTES}
+            waiting = {
+                f.owner
+                for f in self.flows
+                if f.produced_bytes(mid) - f.sent_bytes - f.rate_bps * dt / 2 > _WAITING_BYTES
+            }
             for owner in waiting:
                 self.limited_s[owner] = self.limited_s.get(owner, 0.0) + dt
                 step = sum(min(f.total_bytes - f.sent_bytes, f.rate_bps * dt) for f in self.flows if f.owner == owner)
@@ -89,8 +102,15 @@ class _SenderState:
 class LinkSampler:
     """Takes the LinkStats of one sender from the metered fluid link (counters since its previous sample)."""
 
-    def __init__(self, link: MeteredLink, src_site: str, dst_site: str, base_rtt_s: float, window_bytes: int,
-                 ack_delay_s: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        link: MeteredLink,
+        src_site: str,
+        dst_site: str,
+        base_rtt_s: float,
+        window_bytes: int,
+        ack_delay_s: float = 0.0,
+    ) -> None:
         self.link = link
         self.src_site, self.dst_site = src_site, dst_site
         self.budget_gbps = link.budget_gbps

@@ -102,8 +102,16 @@ class Simulator:
         self.slow, self.plan_inputs = None, None
         if spec.replan_interval_s:
             self.slow = SlowTimescale()
-            self.plan_inputs = PlanInputs(spec.model, spec.prfaas_hw, spec.n_prfaas, spec.pd_hw, spec.n_p + spec.n_d,
-                                          spec.link_gbps, spec.workload, spec.output_tokens)  # fmt: skip
+            self.plan_inputs = PlanInputs(
+                spec.model,
+                spec.prfaas_hw,
+                spec.n_prfaas,
+                spec.pd_hw,
+                spec.n_p + spec.n_d,
+                spec.link_gbps,
+                spec.workload,
+                spec.output_tokens,
+            )
         budget = spec.budget_gbps  # paced senders never send faster than the budget
         schedule = tuple((at, min(gbps, budget)) for at, gbps in spec.link_schedule)
         self.link = MeteredLink(min(spec.link_gbps, budget), budget, schedule, spec.link_sharing)

@@ -79,8 +79,10 @@ class TruncatedLogNormal(Workload):
 
     def __post_init__(self) -> None:
         if self.sigma <= 0 or not 0 < self.min_tokens < self.max_tokens:
-            raise BadRequest(f"lognormal needs sigma > 0 and 0 < min < max, got sigma={self.sigma:g}, "
-                             f"min={self.min_tokens}, max={self.max_tokens}")
+            raise BadRequest(
+                f"lognormal needs sigma > 0 and 0 < min < max, got sigma={self.sigma:g}, "
+                f"min={self.min_tokens}, max={self.max_tokens}"
+            )
 
     def _raw_cdf(self, x: np.ndarray) -> np.ndarray:
         return _phi((np.log(x) - self.mu) / self.sigma)
@@ -116,12 +118,29 @@ class TruncatedLogNormal(Workload):
 def _normal_ppf(u: np.ndarray) -> np.ndarray:
     """Inverse standard normal CDF (Acklam's rational approximation refined by one Newton step)."""
     u = np.clip(np.asarray(u, dtype=float), 1e-15, 1 - 1e-15)
-    a = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.383577518672690e02,
-         -3.066479806614716e01, 2.506628277459239e00)  # fmt: skip
-    b = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01,
-         -1.328068155288572e01)  # fmt: skip
-    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549732539343734e00,
-         4.374664141464968e00, 2.938163982698783e00)  # fmt: skip
+    a = (
+        -3.969683028665376e01,
+        2.209460984245205e02,
+        -2.759285104469687e02,
+        1.383577518672690e02,
+        -3.066479806614716e01,
+        2.506628277459239e00,
+    )
+    b = (
+        -5.447609879822406e01,
+        1.615858368580409e02,
+        -1.556989798598866e02,
+        6.680131188771972e01,
+        -1.328068155288572e01,
+    )
+    c = (
+        -7.784894002430293e-03,
+        -3.223964580411365e-01,
+        -2.400758277161838e00,
+        -2.549732539343734e00,
+        4.374664141464968e00,
+        2.938163982698783e00,
+    )
     d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
     q = np.minimum(u, 1 - u)
     tail = q < 0.02425

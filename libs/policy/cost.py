@@ -51,9 +51,13 @@ class CostModel(Adaptive):
         if best is plan.option:
             reason = f"predicted TTFT {best.ttft_s:.2f}s, as planned ({plan.reason})"
         elif rescued:
-            reason = (f"predicted TTFT {best.ttft_s:.2f}s meets the {slo:.2f}s target the plan's "
-                      f"{plan.option.ttft_s:.2f}s misses (plan: {plan.reason})")  # fmt: skip
+            reason = (
+                f"predicted TTFT {best.ttft_s:.2f}s meets the {slo:.2f}s target the plan's "
+                f"{plan.option.ttft_s:.2f}s misses (plan: {plan.reason})"
+            )
         else:
-            reason = (f"predicted TTFT {best.ttft_s:.2f}s beats the plan's {plan.option.ttft_s:.2f}s on idle capacity"
-                      f" (plan: {plan.reason})")  # fmt: skip
+            reason = (
+                f"predicted TTFT {best.ttft_s:.2f}s beats the plan's {plan.option.ttft_s:.2f}s on idle capacity"
+                f" (plan: {plan.reason})"
+            )
         return Choice(best, reason, plan.incremental_tokens, plan.effective_threshold_tokens, plan.bandwidth)

@@ -73,10 +73,27 @@ class TelemetryConfig:
 class _Pair:
     """What is known of one site pair."""
 
-    __slots__ = ("senders", "goodput_gbps", "queue_delay_s", "rtt_s", "bytes_in_flight", "active_transfers",
-                 "budget_gbps", "peak_gbps", "updated_at", "limited", "limited_gbps", "bottleneck_at", "base_rtts",
-                 "mean_transfer_bytes", "uncounted_bytes", "uncounted_transfers", "counting", "proven_gbps",
-                 "waiting")  # fmt: skip
+    __slots__ = (
+        "senders",
+        "goodput_gbps",
+        "queue_delay_s",
+        "rtt_s",
+        "bytes_in_flight",
+        "active_transfers",
+        "budget_gbps",
+        "peak_gbps",
+        "updated_at",
+        "limited",
+        "limited_gbps",
+        "bottleneck_at",
+        "base_rtts",
+        "mean_transfer_bytes",
+        "uncounted_bytes",
+        "uncounted_transfers",
+        "counting",
+        "proven_gbps",
+        "waiting",
+    )
 
     def __init__(self) -> None:
         self.senders: dict[str, tuple[LinkStats, float]] = {}  # sender -> (latest sample, received at)
@@ -243,8 +260,9 @@ class LinkTelemetry:
         newest = max(at for _, at in pair.senders.values()) if pair.senders else pair.updated_at
         age = max(0.0, now - newest)
         if age > cfg.stale_after_s:
-            return LinkView(src_site, dst_site, capacity, deliverable, mean_transfer_bytes=int(pair.mean_transfer_bytes),
-                            age_s=age)  # fmt: skip
+            return LinkView(
+                src_site, dst_site, capacity, deliverable, mean_transfer_bytes=int(pair.mean_transfer_bytes), age_s=age
+            )
         effective = max(min(deliverable or capacity, capacity), 1e-3)
         return LinkView(
             src_site=src_site,

@@ -179,9 +179,14 @@ class RouteRequest:
 
     @classmethod
     def from_lookup(
-        cls, request_id: str, prompt_tokens: int, reply: KvLookupReply, block_size: int, output_tokens: int = 1024,
+        cls,
+        request_id: str,
+        prompt_tokens: int,
+        reply: KvLookupReply,
+        block_size: int,
+        output_tokens: int = 1024,
         ttft_slo_s: float | None = None,
-    ) -> RouteRequest:  # fmt: skip
+    ) -> RouteRequest:
         """Build a request from a KV-index lookup reply (usable blocks times the block size)."""
         cached = {p.instance: min(prompt_tokens, p.usable_blocks * block_size) for p in reply.instances}
         return cls(request_id, prompt_tokens, output_tokens, MappingProxyType(cached), ttft_slo_s)

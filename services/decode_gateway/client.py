@@ -19,5 +19,11 @@ class DecodeGatewayClient:
     async def reserve(self, site: str, instance: str, job: DecodeJob) -> DecodeReservation:
         """The instance's reservation for ``job``; raises the typed error it answered (no_capacity, bad_request),
         ``Unreachable`` if nobody listens, ``UpstreamTimeout`` past the deadline."""
-        return await ask(self.nc, subjects.decode_jobs(site, instance), job, decode_job_reply_decoder, self.timeout_s,
-                         f"decode instance {site}/{instance}")  # fmt: skip
+        return await ask(
+            self.nc,
+            subjects.decode_jobs(site, instance),
+            job,
+            decode_job_reply_decoder,
+            self.timeout_s,
+            f"decode instance {site}/{instance}",
+        )

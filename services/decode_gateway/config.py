@@ -15,24 +15,31 @@ from libs.engine.build import BackendSpec
 
 PREFIX = "DECODE_GATEWAY_"
 
+
 def _decode_backend(spec: BackendSpec) -> BackendSpec:
     """The spec, if its chip can decode the model at the asked batch; else a ConfigError saying why."""
     limit = spec.decode_limit()
     hardware = spec.hardware
     if hardware is not None and hardware.prefill_only:
-        raise ConfigError(f"{PREFIX}BACKEND={spec.backend!r}: {hardware.chip} is a prefill-only chip and cannot "
-                          f"host a decode instance; use it in a prefill gateway")
+        raise ConfigError(
+            f"{PREFIX}BACKEND={spec.backend!r}: {hardware.chip} is a prefill-only chip and cannot "
+            f"host a decode instance; use it in a prefill gateway"
+        )
     if limit == 0:
-        raise ConfigError(f"{PREFIX}BACKEND={spec.backend!r}: {spec.model} does not fit {spec.hardware_name} "
-                          f"for decode (weights over memory)")
+        raise ConfigError(
+            f"{PREFIX}BACKEND={spec.backend!r}: {spec.model} does not fit {spec.hardware_name} "
+            f"for decode (weights over memory)"
+        )
     if spec.max_batch > limit:
         detail = ""
         if hardware is not None:
             step_ms = spec.model_profile.decode_step_s(limit, hardware) * 1e3
             kind = "the chip's own limit: small batches, fast " if limit == hardware.max_decode_batch else ""
             detail = f" ({kind}steps of {step_ms:.1f} ms at that batch)"
-        raise ConfigError(f"{PREFIX}MAX_BATCH={spec.max_batch}: {spec.backend} decodes at most {limit} sequences "
-                          f"of {spec.model_name} per step{detail}")
+        raise ConfigError(
+            f"{PREFIX}MAX_BATCH={spec.max_batch}: {spec.backend} decodes at most {limit} sequences "
+            f"of {spec.model_name} per step{detail}"
+        )
     return spec
 
 
@@ -43,7 +50,9 @@ def _advertise_by_site(items: tuple[str, ...]) -> Mapping[str, tuple[str, int]]:
         site, sep, address = item.partition("=")
         host, colon, port = address.rpartition(":")
         if not sep or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{PREFIX}ADVERTISE_BY_SITE={','.join(items)!r}: {item!r} is not of the form <site>=<host>:<port>")
+            raise ConfigError(
+                f"{PREFIX}ADVERTISE_BY_SITE={','.join(items)!r}: {item!r} is not of the form <site>=<host>:<port>"
+            )
         try:
             found[subjects.token(site.strip(), "site")] = (host, int(port))
         except ValueError as e:
@@ -91,7 +100,9 @@ class DecodeGatewayConfig:
         d = cls()
         transports = r.list("TRANSPORTS", d.transports)
         if not transports or any(t not in TRANSPORTS for t in transports):
-            raise ConfigError(f"{PREFIX}TRANSPORTS={','.join(transports)!r}: expected a list of {', '.join(TRANSPORTS)}")
+            raise ConfigError(
+                f"{PREFIX}TRANSPORTS={','.join(transports)!r}: expected a list of {', '.join(TRANSPORTS)}"
+            )
         kv_memory = r.int("KV_MEMORY_BYTES", d.kv_memory_bytes, minimum=1 << 16)
         return cls(
             site=r.name("SITE", d.site),

@@ -34,8 +34,9 @@ async def handle_job(svc: DecodeGatewayService, msg: Msg) -> None:
         return DecodeReservation(
             request_id=job.request_id,
             transfer_id=job.transfer_id,
-            destination=KvDestination(site=svc.config.site, instance=svc.config.instance, transport=job.transport,
-                                      host=host, port=port),  # fmt: skip
+            destination=KvDestination(
+                site=svc.config.site, instance=svc.config.instance, transport=job.transport, host=host, port=port
+            ),
             held_blocks=res.held_blocks,
             reserved_bytes=res.reserved_bytes,
             lease_s=res.lease_s,

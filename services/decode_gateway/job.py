@@ -64,8 +64,11 @@ async def run_job(svc: JobContext, res: Reservation) -> None:
                 final = _finished(svc, res, "cancelled", res.generated)
         except TimeoutError:
             error = TransferFailed if res.receiving else UpstreamTimeout
-            final = ErrorReply(code=error.code, message=f"request {job.request_id} not done within its {job.timeout_s:.1f}s "
-                                                        f"deadline ({'waiting for KV' if res.receiving else 'decoding'})")
+            final = ErrorReply(
+                code=error.code,
+                message=f"request {job.request_id} not done within its {job.timeout_s:.1f}s "
+                f"deadline ({'waiting for KV' if res.receiving else 'decoding'})",
+            )
         except PrfaasError as e:
             final = ErrorReply(code=e.code, message=e.message, lease_s=res.expired_lease_s)
         finally:
@@ -78,7 +81,9 @@ async def run_job(svc: JobContext, res: Reservation) -> None:
         if isinstance(final, ErrorReply):
             svc.metrics.failures.labels(final.code).inc()
             span.set_status(trace.Status(trace.StatusCode.ERROR, final.message))
-            log.info("decode job failed", extra={"request_id": job.request_id, "code": final.code, "error": final.message})
+            log.info(
+                "decode job failed", extra={"request_id": job.request_id, "code": final.code, "error": final.message}
+            )
         await _publish(svc, job.reply_subject, final, inject_headers())
         if kv_pending and res.cancel_reason in ("", SHUTDOWN):  # not a JobCancel: tell the prefill side to stop
             reason = final.message if isinstance(final, ErrorReply) else "the decode side ended the request"
@@ -104,8 +109,11 @@ async def _serve(svc: JobContext, res: Reservation) -> DecodeFinished:
             svc.metrics.first_token_seconds.observe(first_at - res.reserved_at)
         res.generated += 1
         if out.token_ids:
-            await _publish(svc, job.reply_subject, TokenChunk(request_id=job.request_id, index=index, token_ids=out.token_ids,
-                                                                   logprobs=out.logprobs))
+            await _publish(
+                svc,
+                job.reply_subject,
+                TokenChunk(request_id=job.request_id, index=index, token_ids=out.token_ids, logprobs=out.logprobs),
+            )
             index += 1
             svc.metrics.tokens.inc(len(out.token_ids))
         if out.finish_reason is not None:
@@ -127,7 +135,9 @@ async def _receive(svc: JobContext, res: Reservation) -> Restored:
     svc.metrics.transfer_seconds.observe(res.complete_at - res.begun_at)
     with transfer:
         manifest = transfer.manifest
-        svc.metrics.received_bytes.labels(manifest.src_site, manifest.dst_site).inc(sum(p.nbytes for p in manifest.parts))
+        svc.metrics.received_bytes.labels(manifest.src_site, manifest.dst_site).inc(
+            sum(p.nbytes for p in manifest.parts)
+        )
         tokens = next((p.array for p in transfer.parts if p.name == "tokens"), None)
         if tokens is None or not np.array_equal(tokens, res.tokens):
             raise TransferFailed(f"transfer {job.transfer_id} carries other tokens than the job's prompt")

@@ -54,7 +54,9 @@ class Reservation:
     trace_context: Context
     reserved_at: float = field(default_factory=time.monotonic)
     progress_at: float = 0.0
-    begun_at: float | None = None  # the transfer was first seen at the receiver (by the watcher; its own reading once complete)
+    begun_at: float | None = (
+        None  # the transfer was first seen at the receiver (by the watcher; its own reading once complete)
+    )
     complete_at: float | None = None
     received_bytes: int = 0
     gap_lease_s: float = 0.0  # once begun: the sender's predicted longest gap between its parts, times the margin
@@ -109,8 +111,14 @@ class Reservation:
 class ReservationBook:
     """Every reservation of one decode instance, by request id, and the capacity they hold."""
 
-    def __init__(self, backend: Backend, receiver: KvReceiver, max_batch: int, config: DecodeGatewayConfig,
-                 metrics: DecodeGatewayMetrics) -> None:  # fmt: skip
+    def __init__(
+        self,
+        backend: Backend,
+        receiver: KvReceiver,
+        max_batch: int,
+        config: DecodeGatewayConfig,
+        metrics: DecodeGatewayMetrics,
+    ) -> None:
         self.backend = backend
         self.receiver = receiver
         self.max_batch = max_batch
@@ -135,7 +143,9 @@ class ReservationBook:
     def free_kv_bytes(self) -> int:
         """Receiver bytes neither held by transfers nor reserved for ones not begun."""
         arena = self.receiver.arena
-        return max(0, arena.capacity_bytes - arena.used_bytes - sum(r.pending_bytes() for r in self._by_request.values()))
+        return max(
+            0, arena.capacity_bytes - arena.used_bytes - sum(r.pending_bytes() for r in self._by_request.values())
+        )
 
     def receiving(self) -> int:
         """Reservations still waiting for (or receiving) their KV."""
@@ -146,7 +156,9 @@ class ReservationBook:
         existing = self._by_request.get(job.request_id)
         if existing is not None:
             if existing.job.transfer_id != job.transfer_id:
-                raise BadRequest(f"request {job.request_id} is already reserved for transfer {existing.job.transfer_id}")
+                raise BadRequest(
+                    f"request {job.request_id} is already reserved for transfer {existing.job.transfer_id}"
+                )
             return existing, False  # a resent job gets the same reservation
         self._validate(job)
         backend, cfg = self.backend, self.config
@@ -159,14 +171,23 @@ class ReservationBook:
         held = min(backend.cache.leading_blocks("attn_kv", hashes), (n - 1) // bs)
         need = transfer_bytes_bound(backend.plan_parts(n, held))
         if need > cfg.max_transfer_bytes:
-            raise NoCapacity(f"the transfer may need {need} bytes, over the per-transfer limit {cfg.max_transfer_bytes}")
+            raise NoCapacity(
+                f"the transfer may need {need} bytes, over the per-transfer limit {cfg.max_transfer_bytes}"
+            )
         free = self.free_kv_bytes()
         if need > free:
             raise NoCapacity(f"the transfer may need {need} bytes; {free} of {cfg.kv_memory_bytes} are free")
         now = time.monotonic()
-        res = Reservation(job=job, tokens=tokens, held_hashes=hashes[:held], reserved_bytes=need,
-                          lease_s=job.lease_s or cfg.lease_s, deadline=now + job.timeout_s,
-                          trace_context=trace.set_span_in_context(trace.get_current_span()), reserved_at=now)  # fmt: skip
+        res = Reservation(
+            job=job,
+            tokens=tokens,
+            held_hashes=hashes[:held],
+            reserved_bytes=need,
+            lease_s=job.lease_s or cfg.lease_s,
+            deadline=now + job.timeout_s,
+            trace_context=trace.set_span_in_context(trace.get_current_span()),
+            reserved_at=now,
+        )
         backend.cache.pin("attn_kv", res.held_hashes)
         self._by_request[job.request_id] = res
         self._gauges()
@@ -184,10 +205,14 @@ class ReservationBook:
         if job.model != self.backend.model_name:
             raise BadRequest(f"unknown model {job.model!r}: this instance serves {self.backend.model_name!r}")
         if job.transport not in self.config.transports:
-            raise BadRequest(f"transport {job.transport!r} is not served here (have {', '.join(self.config.transports)})")
+            raise BadRequest(
+                f"transport {job.transport!r} is not served here (have {', '.join(self.config.transports)})"
+            )
         if job.max_tokens < 1 or job.timeout_s <= 0 or job.lease_s < 0:
-            raise BadRequest(f"max_tokens must be >= 1, timeout_s > 0 and lease_s >= 0, got "
-                             f"{job.max_tokens}, {job.timeout_s}, {job.lease_s}")  # fmt: skip
+            raise BadRequest(
+                f"max_tokens must be >= 1, timeout_s > 0 and lease_s >= 0, got "
+                f"{job.max_tokens}, {job.timeout_s}, {job.lease_s}"
+            )
 
     def release(self, res: Reservation) -> None:
         """Free an ended request's slot, reserved bytes and pinned blocks."""
@@ -206,14 +231,20 @@ class ReservationBook:
         if res is None or res.job.transfer_id != manifest.transfer_id or not res.receiving:
             raise BadRequest(f"transfer {manifest.transfer_id} has no reservation on {self.config.instance}")
         if list(manifest.skipped_block_hashes) != res.held_hashes:
-            raise BadRequest(f"transfer {manifest.transfer_id} skips {len(manifest.skipped_block_hashes)} blocks; "
-                             f"the reservation holds {res.held_blocks} others")  # fmt: skip
+            raise BadRequest(
+                f"transfer {manifest.transfer_id} skips {len(manifest.skipped_block_hashes)} blocks; "
+                f"the reservation holds {res.held_blocks} others"
+            )
         if manifest.num_tokens != len(res.job.prompt_tokens):
-            raise BadRequest(f"transfer {manifest.transfer_id} has {manifest.num_tokens} tokens, "
-                             f"the job {len(res.job.prompt_tokens)}")  # fmt: skip
+            raise BadRequest(
+                f"transfer {manifest.transfer_id} has {manifest.num_tokens} tokens, "
+                f"the job {len(res.job.prompt_tokens)}"
+            )
         if bytes_needed > res.reserved_bytes:
-            raise NoCapacity(f"transfer {manifest.transfer_id} needs {bytes_needed} bytes, "
-                             f"over its reservation of {res.reserved_bytes}")  # fmt: skip
+            raise NoCapacity(
+                f"transfer {manifest.transfer_id} needs {bytes_needed} bytes, "
+                f"over its reservation of {res.reserved_bytes}"
+            )
 
     def expire_stalled(self, now: float) -> list[tuple[Reservation, str]]:
         """Renew leases from transfer progress; the reservations whose KV stopped coming, with why.

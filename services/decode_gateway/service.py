@@ -54,13 +54,16 @@ class DecodeGatewayService(BusService):
         )
         self.tcp = TcpReceiverServer(self.receiver, TcpServerConfig(host=config.tcp_host, port=config.tcp_port))
         self.jetstream = (
-            JetStreamReceiver(nc, self.receiver, config.site, config.instance) if "jetstream" in config.transports else None
+            JetStreamReceiver(nc, self.receiver, config.site, config.instance)
+            if "jetstream" in config.transports
+            else None
         )
         self.events = KvEventPublisher(nc, config.site, config.instance, backend.cache)
         self.book = ReservationBook(backend, self.receiver, backend.load().max_batch, config, self.metrics)
         self.jobs: JobTable[Reservation] = JobTable()
-        self.job_context = JobContext(nc, config.site, config.instance, self.receiver, backend, self.book, self.events,
-                                      self.metrics)  # fmt: skip
+        self.job_context = JobContext(
+            nc, config.site, config.instance, self.receiver, backend, self.book, self.events, self.metrics
+        )
         self.tcp_port = 0
 
     async def setup(self) -> None:
@@ -76,8 +79,16 @@ class DecodeGatewayService(BusService):
         await self.subscribe(subjects.JOB_CANCEL, functools.partial(handle_cancel, self))
         self.spawn(heartbeat(self.nc, subjects.load(cfg.site, cfg.instance), self.load, cfg.heartbeat_s))
         self.spawn(self._watch_leases())
-        log.info("decode gateway started", extra={"site": cfg.site, "instance": cfg.instance, "backend": self.backend.name,
-                                                  "tcp_port": self.tcp_port, "max_batch": self.book.max_batch})
+        log.info(
+            "decode gateway started",
+            extra={
+                "site": cfg.site,
+                "instance": cfg.instance,
+                "backend": self.backend.name,
+                "tcp_port": self.tcp_port,
+                "max_batch": self.book.max_batch,
+            },
+        )
 
     async def drain(self) -> None:
         """Requests in flight get ``drain_timeout_s`` to finish; the rest end with ``no_capacity``."""
@@ -128,7 +139,9 @@ async def run(config: DecodeGatewayConfig, stop: asyncio.Event) -> None:
     """Connect, serve until ``stop`` is set, then drain."""
     backend = build_backend(config.backend)
     try:
-        nc = await connect(config.nats_url, name=f"decode_gateway.{config.instance}", connect_timeout_s=config.connect_timeout_s)
+        nc = await connect(
+            config.nats_url, name=f"decode_gateway.{config.instance}", connect_timeout_s=config.connect_timeout_s
+        )
         service = DecodeGatewayService(nc, backend, config)
         await serve(service, stop, metrics_port=config.metrics_port, registry=service.registry)
     finally:

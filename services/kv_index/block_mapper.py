@@ -34,9 +34,10 @@ from services.kv_index.engine_events import (
 Key = tuple[StateKind, Tier]
 
 
-_KEY_BITS: dict[Key, int] = {(kind, tier): 1 << i for i, (kind, tier) in enumerate(
-    (k, t) for k in ("attn_kv", "linear_state") for t in ("device", "host", "disk")
-)}
+_KEY_BITS: dict[Key, int] = {
+    (kind, tier): 1 << i
+    for i, (kind, tier) in enumerate((k, t) for k in ("attn_kv", "linear_state") for t in ("device", "host", "disk"))
+}
 
 
 class _Node(NamedTuple):
@@ -133,7 +134,10 @@ class BlockMapper:
         new: list[int] = []
         for i in range(plain):  # blocks named by their tokens alone: ours are computed from them
             engine_hash = hashes[i]
-            done_before, done = (len(pending) + i * size) // self.block_size, (len(pending) + (i + 1) * size) // self.block_size
+            done_before, done = (
+                (len(pending) + i * size) // self.block_size,
+                (len(pending) + (i + 1) * size) // self.block_size,
+            )
             completed = ours[done_before:done]
             node = self._node(engine_hash)
             if node is None:

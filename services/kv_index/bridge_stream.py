@@ -83,7 +83,9 @@ class BridgeStream:
     async def publish(self, events: list[KvEvent]) -> None:
         """Publish the events as one batch or, if large, several consecutive ones."""
         for chunk in split_events(events):
-            batch = KvEventBatch(site=self.site, instance=self.instance, seq=self.next_seq, ts=time.time(), events=chunk)
+            batch = KvEventBatch(
+                site=self.site, instance=self.instance, seq=self.next_seq, ts=time.time(), events=chunk
+            )
             headers = {"Nats-Msg-Id": f"zmq/{self.site}/{self.instance}/{self._life}/{batch.seq}"}
             data = encode(batch)
 
@@ -110,6 +112,8 @@ class BridgeStream:
             try:
                 return await op()
             except (nats.errors.Error, TimeoutError) as e:
-                log.warning("bridge cannot %s yet (%r); retrying", what, e, extra={"site": self.site, "instance": self.instance})
+                log.warning(
+                    "bridge cannot %s yet (%r); retrying", what, e, extra={"site": self.site, "instance": self.instance}
+                )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.retry_backoff_max_s)

@@ -16,7 +16,9 @@ class KvIndexClient:
         self.nc = nc
         self.timeout_s = timeout_s
 
-    async def lookup(self, block_hashes: list[int], *, hybrid: bool = True, sites: list[str] | None = None) -> KvLookupReply:
+    async def lookup(
+        self, block_hashes: list[int], *, hybrid: bool = True, sites: list[str] | None = None
+    ) -> KvLookupReply:
         """Usable prefix per site and instance; raises the typed error the index answered."""
         req = KvLookupRequest(block_hashes=block_hashes, hybrid=hybrid, sites=sites)
         return await ask(self.nc, subjects.KV_LOOKUP, req, kv_lookup_result_decoder, self.timeout_s, "the KV index")

@@ -32,10 +32,19 @@ def parse_zmq_endpoints(raw: tuple[str, ...], key: str = "KV_INDEX_ZMQ_ENDPOINTS
         urls, sep, who = item.rpartition("=")
         site, slash, instance = who.partition("/")
         url, bar, replay_url = urls.partition("|")
-        if not sep or not slash or not url.startswith(_ZMQ_SCHEMES) or (bar and not replay_url.startswith(_ZMQ_SCHEMES)):
-            raise ConfigError(f"{key}: {item!r} is not of the form tcp://host:port[|tcp://host:replay_port]=site/instance")
+        if (
+            not sep
+            or not slash
+            or not url.startswith(_ZMQ_SCHEMES)
+            or (bar and not replay_url.startswith(_ZMQ_SCHEMES))
+        ):
+            raise ConfigError(
+                f"{key}: {item!r} is not of the form tcp://host:port[|tcp://host:replay_port]=site/instance"
+            )
         try:
-            endpoint = ZmqEndpoint(url, subjects.token(site, "site"), subjects.token(instance, "instance"), replay_url or None)
+            endpoint = ZmqEndpoint(
+                url, subjects.token(site, "site"), subjects.token(instance, "instance"), replay_url or None
+            )
         except ValueError as e:
             raise ConfigError(f"{key}: {item!r}: {e}") from None
         if (endpoint.site, endpoint.instance) in seen:
@@ -93,7 +102,9 @@ class KvIndexConfig:
             fetch_batch=r.int("FETCH_BATCH", d.fetch_batch, minimum=1),
             fetch_timeout_s=r.float("FETCH_TIMEOUT_S", d.fetch_timeout_s, minimum=0.01),
             retry_backoff_max_s=r.float("RETRY_BACKOFF_MAX_S", d.retry_backoff_max_s, minimum=0.01),
-            snapshot_request_interval_s=r.float("SNAPSHOT_REQUEST_INTERVAL_S", d.snapshot_request_interval_s, minimum=0.0),
+            snapshot_request_interval_s=r.float(
+                "SNAPSHOT_REQUEST_INTERVAL_S", d.snapshot_request_interval_s, minimum=0.0
+            ),
             zmq_endpoints=parse_zmq_endpoints(r.list("ZMQ_ENDPOINTS")),
             zmq_heartbeat_s=r.float("ZMQ_HEARTBEAT_S", d.zmq_heartbeat_s, minimum=0.05),
             zmq_replay_timeout_s=r.float("ZMQ_REPLAY_TIMEOUT_S", d.zmq_replay_timeout_s, minimum=0.01),

@@ -152,7 +152,9 @@ def _fields(raw: list | dict, names: tuple[str, ...]) -> dict[str, Any]:
 def _stored(f: dict[str, Any]) -> EngineBlockStored:
     hashes = _hashes(f.get("block_hashes"))
     tokens = f.get("token_ids")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens
+    ):
         raise BadRequest("token_ids must be a list of non-negative ints")
     block_size = _int(f.get("block_size"), "block_size")
     if block_size <= 0:

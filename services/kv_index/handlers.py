@@ -89,12 +89,19 @@ async def handle_kv_batch(svc: KvIndexService, data: bytes) -> str:
     svc.metrics.batches.labels(status).inc()
     if status == "ok":
         for op in ops:
-            svc.metrics.block_events.labels({"S": "stored", "E": "evicted", "C": "cleared"}[op.op]).inc(max(1, len(op.hashes) // 8))
+            svc.metrics.block_events.labels({"S": "stored", "E": "evicted", "C": "cleared"}[op.op]).inc(
+                max(1, len(op.hashes) // 8)
+            )
     elif status == "gap":
         svc.metrics.sequence_gaps.inc()
-        log.warning("sequence gap: instance stale until snapshot", extra={"site": batch.site, "instance": batch.instance, "expected_seq": last + 1, "seq": batch.seq})
+        log.warning(
+            "sequence gap: instance stale until snapshot",
+            extra={"site": batch.site, "instance": batch.instance, "expected_seq": last + 1, "seq": batch.seq},
+        )
     if status in ("gap", "stale"):
-        await svc.request_snapshot(KvSnapshotRequest(site=batch.site, instance=batch.instance, expected_seq=last + 1, received_seq=batch.seq))
+        await svc.request_snapshot(
+            KvSnapshotRequest(site=batch.site, instance=batch.instance, expected_seq=last + 1, received_seq=batch.seq)
+        )
     return status
 
 
@@ -174,5 +181,3 @@ async def handle_lookup(svc: KvIndexService, msg: Msg) -> None:
         await answer(msg, answer_lookup, failed)
     svc.metrics.lookups.labels(outcome).inc()
     svc.metrics.lookup_seconds.observe(time.perf_counter() - start)
-
-

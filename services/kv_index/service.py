@@ -42,7 +42,11 @@ class _StoreReset(Exception):
 class KvIndexService(BusService):
     """Consumes KV events (JetStream, durable) into Redis and answers lookups on NATS."""
 
-    store_errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+    store_errors: tuple[type[BaseException], ...] = (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        OSError,
+    )
 
     def __init__(
         self,
@@ -95,7 +99,9 @@ class KvIndexService(BusService):
                     applied_seq=functools.partial(self._applied_seq, endpoint.site, endpoint.instance),
                 )
                 self.spawn(self._supervise(f"zmq {endpoint.url}", ingest.run))
-        log.info("kv_index started", extra={"stream": self.config.stream, "zmq_endpoints": len(self.config.zmq_endpoints)})
+        log.info(
+            "kv_index started", extra={"stream": self.config.stream, "zmq_endpoints": len(self.config.zmq_endpoints)}
+        )
 
     async def close(self) -> None:
         """Release the ZMQ context of the engine bridges."""
@@ -247,18 +253,25 @@ async def _wait_for_redis(client: aioredis.Redis, config: KvIndexConfig) -> None
             return
         except KvIndexService.store_errors as e:
             if time.monotonic() >= end:
-                raise UpstreamTimeout(f"cannot reach Redis at {config.redis_url} within {config.connect_timeout_s}s: {e}") from None
+                raise UpstreamTimeout(
+                    f"cannot reach Redis at {config.redis_url} within {config.connect_timeout_s}s: {e}"
+                ) from None
         await asyncio.sleep(0.1)
 
 
 def open_redis(config: KvIndexConfig) -> aioredis.Redis:
     """The index's Redis client: every call bounded by ``redis_timeout_s``, no retries of its own."""
     return aioredis.Redis.from_url(
-        config.redis_url, socket_timeout=config.redis_timeout_s, socket_connect_timeout=config.redis_timeout_s, retry=None
+        config.redis_url,
+        socket_timeout=config.redis_timeout_s,
+        socket_connect_timeout=config.redis_timeout_s,
+        retry=None,
     )
 
 
-async def start_in_process(config: KvIndexConfig, client_name: str) -> tuple[KvIndexService, Callable[[], Awaitable[None]]]:
+async def start_in_process(
+    config: KvIndexConfig, client_name: str
+) -> tuple[KvIndexService, Callable[[], Awaitable[None]]]:
     """Connect and start an index in this process (tests, benchmarks); returns it and an async closer."""
     nc = await connect(config.nats_url, name=client_name)
     r = open_redis(config)

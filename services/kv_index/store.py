@@ -91,7 +91,11 @@ class RedisKvStore:
         key = f"{site}/{instance}"
         slot = self._slots.get(key)
         if slot is None:
-            slot = int(await self._allocate(keys=[self.p + "slots", self.p + "slot_seq", self.p + "inst:"], args=[key, site, instance]))
+            slot = int(
+                await self._allocate(
+                    keys=[self.p + "slots", self.p + "slot_seq", self.p + "inst:"], args=[key, site, instance]
+                )
+            )
             self._slots[key] = slot
             self._names[slot] = (site, instance)
         return slot

@@ -177,7 +177,9 @@ class ZmqIngest:
         else:
             changes, malformed = await asyncio.to_thread(self._map_run, [(seq, payload)])
             if malformed is not None:
-                self._count_reset("malformed batch", {"site": self.endpoint.site, "instance": self.endpoint.instance, "seq": seq})
+                self._count_reset(
+                    "malformed batch", {"site": self.endpoint.site, "instance": self.endpoint.instance, "seq": seq}
+                )
             self._queue(changes)
             self._next = seq + 1
 
@@ -189,7 +191,12 @@ class ZmqIngest:
         elif not batches:
             return  # nothing to start from yet: wait for the engine's next batch
         run = _contiguous_tail(batches)
-        where = {"site": self.endpoint.site, "instance": self.endpoint.instance, "expected_seq": start, "seq": max(batches)}
+        where = {
+            "site": self.endpoint.site,
+            "instance": self.endpoint.instance,
+            "expected_seq": start,
+            "seq": max(batches),
+        }
         if baseline:
             self.metrics.engine_baselines.labels(self._label, baseline).inc()
             log.info("engine baseline (%s) from %d batches", baseline, len(run), extra=where)
@@ -198,7 +205,9 @@ class ZmqIngest:
         elif run[0][0] == start:
             log.info("engine sequence gap: %d batches replayed", len(run), extra=where)
         else:
-            self._count_reset(failure or ("replay buffer moved on" if self.endpoint.replay_url else "no replay socket"), where)
+            self._count_reset(
+                failure or ("replay buffer moved on" if self.endpoint.replay_url else "no replay socket"), where
+            )
             self.mapper.reset()
             self._queue([MappedChange("cleared")])
         changes, malformed = await asyncio.to_thread(self._map_run, run)
@@ -211,7 +220,11 @@ class ZmqIngest:
 
     def _count_reset(self, reason: str, where: dict) -> None:
         self.metrics.engine_resets.labels(self._label, reason).inc()
-        log.warning("engine KV events lost (%s): the instance's blocks are dropped and rebuilt from the next batch", reason, extra=where)
+        log.warning(
+            "engine KV events lost (%s): the instance's blocks are dropped and rebuilt from the next batch",
+            reason,
+            extra=where,
+        )
 
     async def _replayed(self, start: int) -> tuple[dict[int, bytes], str]:
         """The engine's buffered batches from ``start`` (undecoded), and why there are none if so."""
@@ -225,7 +238,12 @@ class ZmqIngest:
             log.warning("engine replay answer malformed: %s", e.message, extra=where)
             return {}, "replay failed"
         if not whole:
-            log.warning("engine replay incomplete within %.1fs; using the %d batches received", self.replay_timeout_s, len(raw), extra=where)
+            log.warning(
+                "engine replay incomplete within %.1fs; using the %d batches received",
+                self.replay_timeout_s,
+                len(raw),
+                extra=where,
+            )
         if not raw:
             return {}, "replay failed"
         self.metrics.engine_replayed_batches.labels(self._label).inc(len(raw))
@@ -284,8 +302,10 @@ class ZmqIngest:
 
     def _drop_all(self, why: str) -> None:
         """Tell the index to drop the instance's blocks; the next engine batch is a baseline."""
-        log.info("engine blocks dropped until the next baseline", extra={"site": self.endpoint.site,
-                                                                         "instance": self.endpoint.instance, "reason": why})
+        log.info(
+            "engine blocks dropped until the next baseline",
+            extra={"site": self.endpoint.site, "instance": self.endpoint.instance, "reason": why},
+        )
         self.mapper.reset()
         self._next = None
         self._live_last = None
@@ -303,8 +323,14 @@ class ZmqIngest:
             return
         async with self._lock:
             held = self.mapper.held()
-            log.info("answering snapshot request", extra={"site": self.endpoint.site, "instance": self.endpoint.instance,
-                                                          "blocks": sum(len(h) for h in held.values())})
+            log.info(
+                "answering snapshot request",
+                extra={
+                    "site": self.endpoint.site,
+                    "instance": self.endpoint.instance,
+                    "blocks": sum(len(h) for h in held.values()),
+                },
+            )
             events: list[KvEvent] = [AllBlocksCleared()]
             events += [BlocksStored(block_hashes=hashes, kind=kind, tier=tier) for (kind, tier), hashes in held.items()]
             await self.out.publish(events)

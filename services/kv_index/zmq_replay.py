@@ -24,7 +24,9 @@ IDLE_S = 0.5  # an engine sends its answers back to back: a longer pause means t
 YIELD_EVERY = 128
 
 
-async def _request(context: zmq.asyncio.Context, url: str, start_seq: int, deadline: float) -> tuple[dict[int, bytes], bool]:
+async def _request(
+    context: zmq.asyncio.Context, url: str, start_seq: int, deadline: float
+) -> tuple[dict[int, bytes], bool]:
     """One request: the answers received before ``deadline`` (monotonic s) or a pause of ``IDLE_S``
     between two of them, and whether the end marker came."""
     sock = context.socket(zmq.DEALER)
@@ -54,7 +56,9 @@ async def _request(context: zmq.asyncio.Context, url: str, start_seq: int, deadl
         sock.close(linger=0)
 
 
-async def fetch_replay(context: zmq.asyncio.Context, url: str, start_seq: int, timeout_s: float) -> tuple[dict[int, bytes], bool]:
+async def fetch_replay(
+    context: zmq.asyncio.Context, url: str, start_seq: int, timeout_s: float
+) -> tuple[dict[int, bytes], bool]:
     """``seq -> payload`` of the batches the engine buffers from ``start_seq`` on, within ``timeout_s``.
 
     The flag says whether the answers ran without a hole from the oldest received to the engine's

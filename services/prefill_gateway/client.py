@@ -19,6 +19,10 @@ class PrefillGatewayClient:
     async def submit(self, site: str, cluster: str, job: PrefillJob, instance: str | None = None) -> PrefillAccepted:
         """The gateway's acceptance; raises the typed error it answered (no_capacity, bad_request),
         ``Unreachable`` if nobody listens, ``UpstreamTimeout`` past the deadline."""
-        subject = subjects.prefill_instance_jobs(site, cluster, instance) if instance else subjects.prefill_jobs(site, cluster)
+        subject = (
+            subjects.prefill_instance_jobs(site, cluster, instance)
+            if instance
+            else subjects.prefill_jobs(site, cluster)
+        )
         where = f"prefill instance {site}/{instance}" if instance else f"prefill cluster {site}/{cluster}"
         return await ask(self.nc, subject, job, prefill_job_reply_decoder, self.timeout_s, where)

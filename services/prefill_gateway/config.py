@@ -15,6 +15,7 @@ from libs.engine.build import BackendSpec
 PREFIX = "PREFILL_GATEWAY_"
 CODECS = ("raw", "zstd", "int8")
 
+
 def _token(key: str, value: str) -> str:
     """One name inside a list setting (``INSTANCES``, a site of ``BUDGETS``)."""
     try:
@@ -74,8 +75,10 @@ class PrefillGatewayConfig:
             raise ConfigError(f"{PREFIX}INSTANCES={','.join(instances)!r}: expected distinct instance names")
         backend = BackendSpec.from_env(r)
         if not backend.simulated and len(instances) > 1:
-            raise ConfigError(f"{PREFIX}INSTANCES={','.join(instances)!r}: a reference-model instance is one process "
-                              f"(several instances share a process only when simulated)")
+            raise ConfigError(
+                f"{PREFIX}INSTANCES={','.join(instances)!r}: a reference-model instance is one process "
+                f"(several instances share a process only when simulated)"
+            )
         return cls(
             site=r.name("SITE", d.site),
             cluster=r.name("CLUSTER", d.cluster),

@@ -27,8 +27,15 @@ async def handle_job(svc: PrefillGatewayService, msg: Msg, named: str | None = N
     async def accept() -> PrefillAccepted:
         job = decoded(prefill_job_decoder, msg, "prefill_job", svc.metrics.bad_messages)
         span.set_attribute("prfaas.request_id", job.request_id)
-        run, accepted = await admit(job, named, instances=svc.instances, runs=svc.runs, senders=svc.senders,
-                                    config=svc.config, draining=svc.draining)  # fmt: skip
+        run, accepted = await admit(
+            job,
+            named,
+            instances=svc.instances,
+            runs=svc.runs,
+            senders=svc.senders,
+            config=svc.config,
+            draining=svc.draining,
+        )
         if svc.runs.get(job.request_id) is not run:
             svc.queue(run, run_prefill(svc.job_context, run))
         return accepted

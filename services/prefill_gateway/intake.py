@@ -43,20 +43,35 @@ def _choose(instances: Mapping[str, PrefillInstance], hashes: list[int], named: 
     """The named instance, or the one a job would start soonest on (more cached blocks break ties)."""
     if named is not None:
         return instances[named]
-    return min(instances.values(), key=lambda i: (i.expected_wait_s(), len(i.queue), -i.backend.cache.usable_blocks(hashes)))
+    return min(
+        instances.values(), key=lambda i: (i.expected_wait_s(), len(i.queue), -i.backend.cache.usable_blocks(hashes))
+    )
 
 
-async def admit(job: PrefillJob, named: str | None, *, instances: Mapping[str, PrefillInstance], runs: JobTable[PrefillRun],
-                senders: Senders, config: PrefillGatewayConfig, draining: bool) -> tuple[PrefillRun, PrefillAccepted]:  # fmt: skip
+async def admit(
+    job: PrefillJob,
+    named: str | None,
+    *,
+    instances: Mapping[str, PrefillInstance],
+    runs: JobTable[PrefillRun],
+    senders: Senders,
+    config: PrefillGatewayConfig,
+    draining: bool,
+) -> tuple[PrefillRun, PrefillAccepted]:
     """The run of ``job`` (the existing one for a resent job) and its acceptance, or a typed refusal."""
     existing = runs.get(job.request_id)
     if existing is not None:
         if existing.job.transfer_id != job.transfer_id:
             raise BadRequest(f"request {job.request_id} already runs with transfer {existing.job.transfer_id}")
         instance = existing.instance
-        return existing, PrefillAccepted(request_id=job.request_id, site=config.site, instance=instance.name,
-                                         queue_position=instance.queue.index(existing.queued), expected_wait_s=0.0,
-                                         cached_blocks=0)  # fmt: skip
+        return existing, PrefillAccepted(
+            request_id=job.request_id,
+            site=config.site,
+            instance=instance.name,
+            queue_position=instance.queue.index(existing.queued),
+            expected_wait_s=0.0,
+            cached_blocks=0,
+        )
     any_instance = next(iter(instances.values()))
     _validate(job, any_instance, senders)
     backend = any_instance.backend
@@ -71,8 +86,21 @@ async def admit(job: PrefillJob, named: str | None, *, instances: Mapping[str, P
     cached = min(instance.backend.cache.usable_blocks(hashes), (len(tokens) - 1) // bs)
     ahead, wait_s = len(instance.queue), instance.expected_wait_s()
     now = time.monotonic()
-    run = PrefillRun(job=job, instance=instance, tokens=tokens, hashes=hashes,
-                     queued=QueuedJob(len(tokens) - cached * bs, cached * bs), deadline=now + job.timeout_s,
-                     trace_context=trace.set_span_in_context(trace.get_current_span()), received_at=now)  # fmt: skip
-    return run, PrefillAccepted(request_id=job.request_id, site=config.site, instance=instance.name,
-                                queue_position=ahead, expected_wait_s=wait_s, cached_blocks=cached)  # fmt: skip
+    run = PrefillRun(
+        job=job,
+        instance=instance,
+        tokens=tokens,
+        hashes=hashes,
+        queued=QueuedJob(len(tokens) - cached * bs, cached * bs),
+        deadline=now + job.timeout_s,
+        trace_context=trace.set_span_in_context(trace.get_current_span()),
+        received_at=now,
+    )
+    return run, PrefillAccepted(
+        request_id=job.request_id,
+        site=config.site,
+        instance=instance.name,
+        queue_position=ahead,
+        expected_wait_s=wait_s,
+        cached_blocks=cached,
+    )

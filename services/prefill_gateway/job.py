@@ -95,8 +95,10 @@ async def run_prefill(svc: JobContext, run: PrefillRun) -> None:
             code = NoCapacity.code if run.cancel_reason == SHUTDOWN else CANCELLED
             final = ErrorReply(code=code, message=run.cancel_reason)
         except TimeoutError:
-            final = ErrorReply(code=UpstreamTimeout.code, message=f"prefill of {job.request_id} not delivered within "
-                                                                   f"its {job.timeout_s:.1f}s deadline")
+            final = ErrorReply(
+                code=UpstreamTimeout.code,
+                message=f"prefill of {job.request_id} not delivered within its {job.timeout_s:.1f}s deadline",
+            )
         except PrfaasError as e:
             final = ErrorReply(code=e.code, message=e.message)
         finally:
@@ -108,7 +110,9 @@ async def run_prefill(svc: JobContext, run: PrefillRun) -> None:
         if failed:
             svc.metrics.failures.labels(final.code).inc()
             span.set_status(trace.Status(trace.StatusCode.ERROR, final.message))
-            log.info("prefill job failed", extra={"request_id": job.request_id, "code": final.code, "error": final.message})
+            log.info(
+                "prefill job failed", extra={"request_id": job.request_id, "code": final.code, "error": final.message}
+            )
         if job.status_subject:
             try:
                 await svc.nc.publish(job.status_subject, encode(final), headers=inject_headers())

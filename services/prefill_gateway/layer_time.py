@@ -31,7 +31,7 @@ class LayerTimes:
         """The profile's seconds of ``layer`` for ``uncached`` new tokens after ``cached`` held ones."""
         m, hw = self.model, self.hardware
         k_new, k_all, k_held = uncached / 1000.0, (uncached + cached) / 1000.0, cached / 1000.0
-        even = (hw.prefill_fixed_factor * m.prefill_fixed_s + hw.prefill_linear_factor * m.prefill_s_per_ktoken * k_new)
+        even = hw.prefill_fixed_factor * m.prefill_fixed_s + hw.prefill_linear_factor * m.prefill_s_per_ktoken * k_new
         seconds = even / m.n_layers
         if m.is_full_attention(layer):
             quadratic = hw.prefill_attention_factor * m.prefill_s_per_ktoken_sq * (k_all * k_all - k_held * k_held)

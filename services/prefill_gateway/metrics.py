@@ -12,18 +12,36 @@ class PrefillGatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.jobs = Counter("prfaas_prefill_gateway_jobs", "Prefill jobs by outcome", ["outcome"], registry=registry)
-        self.bad_messages = Counter("prfaas_prefill_gateway_bad_messages", "Undecodable messages", ["subject"], registry=registry)
-        self.queue_depth = Gauge("prfaas_prefill_gateway_queue_depth", "Jobs queued or running", ["instance"], registry=registry)
-        self.failures = Counter("prfaas_prefill_gateway_failures", "Jobs ended by an error", ["code"], registry=registry)
-        self.sent_bytes = Counter(
-            "prfaas_prefill_gateway_sent_bytes", "KV bytes put on the wire per site pair", ["src_site", "dst_site"], registry=registry
+        self.bad_messages = Counter(
+            "prfaas_prefill_gateway_bad_messages", "Undecodable messages", ["subject"], registry=registry
         )
-        self.queue_seconds = Histogram("prfaas_prefill_gateway_queue_seconds", "Receipt to compute", buckets=_SECONDS, registry=registry)
-        self.prefill_seconds = Histogram("prfaas_prefill_gateway_prefill_seconds", "Compute", buckets=_SECONDS, registry=registry)
+        self.queue_depth = Gauge(
+            "prfaas_prefill_gateway_queue_depth", "Jobs queued or running", ["instance"], registry=registry
+        )
+        self.failures = Counter(
+            "prfaas_prefill_gateway_failures", "Jobs ended by an error", ["code"], registry=registry
+        )
+        self.sent_bytes = Counter(
+            "prfaas_prefill_gateway_sent_bytes",
+            "KV bytes put on the wire per site pair",
+            ["src_site", "dst_site"],
+            registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "prfaas_prefill_gateway_queue_seconds", "Receipt to compute", buckets=_SECONDS, registry=registry
+        )
+        self.prefill_seconds = Histogram(
+            "prfaas_prefill_gateway_prefill_seconds", "Compute", buckets=_SECONDS, registry=registry
+        )
         self.transfer_seconds = Histogram(
             "prfaas_prefill_gateway_transfer_seconds", "Manifest to verified end", buckets=_SECONDS, registry=registry
         )
         self.exposed_seconds = Histogram(
-            "prfaas_prefill_gateway_exposed_transfer_seconds", "End of compute to verified end", buckets=_SECONDS, registry=registry
+            "prfaas_prefill_gateway_exposed_transfer_seconds",
+            "End of compute to verified end",
+            buckets=_SECONDS,
+            registry=registry,
         )
-        self.cached_tokens = Counter("prfaas_prefill_gateway_cached_tokens", "Prompt tokens reused from the cache", registry=registry)
+        self.cached_tokens = Counter(
+            "prfaas_prefill_gateway_cached_tokens", "Prompt tokens reused from the cache", registry=registry
+        )

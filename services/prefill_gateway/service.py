@@ -66,15 +66,27 @@ class PrefillGatewayService(BusService):
         for instance in self.instances.values():
             await instance.calibrate()
             await instance.events.start()
-        await self.subscribe(subjects.prefill_jobs(cfg.site, cfg.cluster), functools.partial(handle_job, self),
-                             queue=subjects.prefill_queue_group(cfg.cluster))  # fmt: skip
+        await self.subscribe(
+            subjects.prefill_jobs(cfg.site, cfg.cluster),
+            functools.partial(handle_job, self),
+            queue=subjects.prefill_queue_group(cfg.cluster),
+        )
         for name, instance in self.instances.items():
-            await self.subscribe(subjects.prefill_instance_jobs(cfg.site, cfg.cluster, name),
-                                 functools.partial(handle_job, self, named=name))  # fmt: skip
+            await self.subscribe(
+                subjects.prefill_instance_jobs(cfg.site, cfg.cluster, name),
+                functools.partial(handle_job, self, named=name),
+            )
             self.spawn(heartbeat(self.nc, subjects.load(cfg.site, name), instance.load, cfg.heartbeat_s))
         await self.subscribe(subjects.JOB_CANCEL, functools.partial(handle_cancel, self))
-        log.info("prefill gateway started", extra={"site": cfg.site, "cluster": cfg.cluster,
-                                                   "instances": ",".join(self.instances), "backend": cfg.backend.backend})
+        log.info(
+            "prefill gateway started",
+            extra={
+                "site": cfg.site,
+                "cluster": cfg.cluster,
+                "instances": ",".join(self.instances),
+                "backend": cfg.backend.backend,
+            },
+        )
 
     async def drain(self) -> None:
         """Jobs in flight get ``drain_timeout_s`` to finish; the rest end with ``no_capacity``."""
@@ -97,7 +109,9 @@ async def run(config: PrefillGatewayConfig, stop: asyncio.Event) -> None:
     """Connect, serve until ``stop`` is set, then drain."""
     backends = {name: build_backend(config.backend) for name in config.instances}
     try:
-        nc = await connect(config.nats_url, name=f"prefill_gateway.{config.cluster}", connect_timeout_s=config.connect_timeout_s)
+        nc = await connect(
+            config.nats_url, name=f"prefill_gateway.{config.cluster}", connect_timeout_s=config.connect_timeout_s
+        )
         service = PrefillGatewayService(nc, backends, config)
         await serve(service, stop, metrics_port=config.metrics_port, registry=service.registry)
     finally:

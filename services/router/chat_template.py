@@ -33,7 +33,9 @@ class ChatTemplate:
     def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
         """The prompt text of ``messages`` (BadRequest if the template refuses them)."""
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._specials)
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self._specials
+            )
         except BadRequest:
             raise
         except jinja2.TemplateError as e:

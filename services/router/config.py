@@ -82,7 +82,9 @@ class RouterConfig:
     index_min_timeout_s: float = 0.005  # the shortest
     reserve_timeout_s: float = 2.0
     accept_timeout_s: float = 2.0
-    first_token_timeout_s: float = 0.0  # 0: the job's deadline (job_timeout_s) and a grace: the decode side's leases catch stalls
+    first_token_timeout_s: float = (
+        0.0  # 0: the job's deadline (job_timeout_s) and a grace: the decode side's leases catch stalls
+    )
     token_timeout_s: float = 30.0
     job_timeout_s: float = 120.0
     lease_min_s: float = 10.0  # the least reservation lease sent with a decode job
@@ -99,7 +101,9 @@ class RouterConfig:
     decisions_max_age_s: float = 7 * 24 * 3600.0
     decisions_max_bytes: int = 1 << 30
     connect_timeout_s: float = 5.0
-    stop_timeout_s: float = 5.0  # each step of a stop (HTTP requests in flight, subscriptions, owned tasks) gets this long
+    stop_timeout_s: float = (
+        5.0  # each step of a stop (HTTP requests in flight, subscriptions, owned tasks) gets this long
+    )
     ready_timeout_s: float = 1.0  # /readyz: how long the KV index may take to answer its probe lookup
     settle_wait_s: float = 1.0  # after the last token: how long the outcome waits for a trailing prefill status
     log_level: str = "INFO"
@@ -115,8 +119,10 @@ class RouterConfig:
         if not 0.0 <= self.token_cache_verify_fraction <= 1.0:
             raise ConfigError(f"ROUTER_TOKEN_CACHE_VERIFY_FRACTION={self.token_cache_verify_fraction!r}: expected 0..1")
         if self.index_min_timeout_s > self.index_timeout_s:
-            raise ConfigError(f"ROUTER_INDEX_MIN_TIMEOUT_S={self.index_min_timeout_s!r}: must not exceed "
-                              f"ROUTER_INDEX_TIMEOUT_S={self.index_timeout_s!r}")  # fmt: skip
+            raise ConfigError(
+                f"ROUTER_INDEX_MIN_TIMEOUT_S={self.index_min_timeout_s!r}: must not exceed "
+                f"ROUTER_INDEX_TIMEOUT_S={self.index_timeout_s!r}"
+            )
 
     @property
     def first_token_wait_s(self) -> float:
@@ -149,7 +155,9 @@ class RouterConfig:
             tokenize_thread_chars=r.int("TOKENIZE_THREAD_CHARS", d.tokenize_thread_chars, minimum=0),
             token_cache_bytes=r.int("TOKEN_CACHE_BYTES", d.token_cache_bytes, minimum=0),
             token_cache_chunk_chars=r.int("TOKEN_CACHE_CHUNK_CHARS", d.token_cache_chunk_chars, minimum=1),
-            token_cache_verify_fraction=r.float("TOKEN_CACHE_VERIFY_FRACTION", d.token_cache_verify_fraction, minimum=0.0),
+            token_cache_verify_fraction=r.float(
+                "TOKEN_CACHE_VERIFY_FRACTION", d.token_cache_verify_fraction, minimum=0.0
+            ),
             chat_template=r.str("CHAT_TEMPLATE", d.chat_template),
             max_prompt_tokens=r.int("MAX_PROMPT_TOKENS", d.max_prompt_tokens, minimum=0),
             default_max_tokens=r.int("DEFAULT_MAX_TOKENS", d.default_max_tokens, minimum=1),
@@ -158,7 +166,9 @@ class RouterConfig:
             threshold_tokens=r.int("THRESHOLD_TOKENS", None, minimum=0),
             transport=r.choice("TRANSPORT", d.transport, TRANSPORTS),
             link_capacities=_capacities(r.list("LINK_CAPACITIES")),
-            default_link_capacity_gbps=r.float("DEFAULT_LINK_CAPACITY_GBPS", d.default_link_capacity_gbps, minimum=0.001),
+            default_link_capacity_gbps=r.float(
+                "DEFAULT_LINK_CAPACITY_GBPS", d.default_link_capacity_gbps, minimum=0.001
+            ),
             index_timeout_s=r.float("INDEX_TIMEOUT_S", d.index_timeout_s, minimum=0.001),
             index_min_timeout_s=r.float("INDEX_MIN_TIMEOUT_S", d.index_min_timeout_s, minimum=0.001),
             reserve_timeout_s=r.float("RESERVE_TIMEOUT_S", d.reserve_timeout_s, minimum=0.01),

@@ -156,7 +156,10 @@ class RequestRun:
                     yield ids
                 return
             except _Retry as retry:
-                log.info("attempt failed; deciding again", extra={"request_id": self.prepared.request_id, "reason": retry.reason})
+                log.info(
+                    "attempt failed; deciding again",
+                    extra={"request_id": self.prepared.request_id, "reason": retry.reason},
+                )
                 if self.record.attempts >= self.config.max_attempts or not self._lengthen_lease(retry):
                     raise retry.error from None
                 if retry.gone:
@@ -174,12 +177,15 @@ class RequestRun:
         self.lease_floor_s = max(self.lease_floor_s, floor_s)
         return floor_s > retry.expired_lease_s
 
-    async def _decide(self, attempt: int, gone: frozenset[str], avoid: frozenset[str], local_only: bool,
-                      fallback_of: str) -> DecisionEvent:  # fmt: skip
+    async def _decide(
+        self, attempt: int, gone: frozenset[str], avoid: frozenset[str], local_only: bool, fallback_of: str
+    ) -> DecisionEvent:
         """Decide avoiding what failed; if that leaves nothing, wait a moment and allow the busy ones again."""
         decide = self.ctx.scheduler.decide
         try:
-            event = decide(self.prepared, attempt=attempt, exclude=gone | avoid, local_only=local_only, fallback_of=fallback_of)
+            event = decide(
+                self.prepared, attempt=attempt, exclude=gone | avoid, local_only=local_only, fallback_of=fallback_of
+            )
         except NoCapacity:
             if not avoid:
                 raise
@@ -193,8 +199,9 @@ class RequestRun:
         job_id = prepared.request_id if event.attempt == 0 else f"{prepared.request_id}-a{event.attempt}"
         self.record.job_ids.append(job_id)
         queue = self.mailbox.open(job_id)
-        placement = self.view.place(job_id, d.decode_instance, d.prefill_instance, d.predicted_prefill_s,
-                                    remote=d.prefill_site != d.decode_site)  # fmt: skip
+        placement = self.view.place(
+            job_id, d.decode_instance, d.prefill_instance, d.predicted_prefill_s, remote=d.prefill_site != d.decode_site
+        )
         done = False
         try:
             reservation = await self._reserve(event, placement)
@@ -273,12 +280,19 @@ class RequestRun:
                 raise
             except PrfaasError as e:
                 gone = isinstance(e, Unreachable)
-                raise _Retry(f"decode instance {d.decode_instance} {'unreachable' if gone else 'refused'}: {e.code}: "
-                             f"{e.message}", e, exclude=frozenset({d.decode_instance}), gone=gone) from None  # fmt: skip
+                raise _Retry(
+                    f"decode instance {d.decode_instance} {'unreachable' if gone else 'refused'}: {e.code}: "
+                    f"{e.message}",
+                    e,
+                    exclude=frozenset({d.decode_instance}),
+                    gone=gone,
+                ) from None
         placement.acked("decode")
         return reservation
 
-    async def _start_prefill(self, event: DecisionEvent, placement: Placement, reservation: DecodeReservation) -> PrefillAccepted:
+    async def _start_prefill(
+        self, event: DecisionEvent, placement: Placement, reservation: DecodeReservation
+    ) -> PrefillAccepted:
         """The prefill instance's acceptance; a refusal or silence is a retry (a failed remote one goes local)."""
         d, remote = event.decision, placement.remote
         where = placement.where
@@ -305,12 +319,19 @@ class RequestRun:
                 raise
             except PrfaasError as e:
                 gone = isinstance(e, Unreachable)
-                raise _Retry(f"{where} {'unreachable' if gone else 'refused'}: {e.code}: {e.message}", e,
-                             exclude=frozenset({d.prefill_instance}), local_only=remote, gone=gone) from None  # fmt: skip
+                raise _Retry(
+                    f"{where} {'unreachable' if gone else 'refused'}: {e.code}: {e.message}",
+                    e,
+                    exclude=frozenset({d.prefill_instance}),
+                    local_only=remote,
+                    gone=gone,
+                ) from None
         placement.acked("prefill")
         return accepted
 
-    async def _stream(self, queue: asyncio.Queue, event: DecisionEvent, placement: Placement) -> AsyncIterator[list[int]]:
+    async def _stream(
+        self, queue: asyncio.Queue, event: DecisionEvent, placement: Placement
+    ) -> AsyncIterator[list[int]]:
         """Token ids until DecodeFinished; failures before the first token become retries.
 
         Each yield carries every token already received, so a client write carries all there is to send
@@ -351,7 +372,9 @@ class RequestRun:
                 if batch:  # what arrived before the failure reaches the client first
                     yield batch
                 # a failed prefill leg (status) or decode leg (a transfer failure included)
-                self._fail(item, event, rec.first_token_at is not None, prefill_failed=kind == STATUS, placement=placement)
+                self._fail(
+                    item, event, rec.first_token_at is not None, prefill_failed=kind == STATUS, placement=placement
+                )
 
     async def _next(self, queue: asyncio.Queue, d, started: bool, placement: Placement):
         """The job's next message; a silent stream or a leg whose instance stopped heartbeating is a failure."""
@@ -382,15 +405,23 @@ class RequestRun:
                 err = UpstreamTimeout(f"no first token within {timeout_s}s ({where})")
                 raise _Retry(f"{where} timed out", err, exclude=frozenset({d.prefill_instance}), local_only=remote)
 
-    def _fail(self, reply: ErrorReply, event: DecisionEvent, started: bool, *, prefill_failed: bool,
-              placement: Placement) -> None:  # fmt: skip
+    def _fail(
+        self, reply: ErrorReply, event: DecisionEvent, started: bool, *, prefill_failed: bool, placement: Placement
+    ) -> None:
         d = event.decision
         err = error_from_code(reply.code, reply.message)
         if started:
-            raise DecodeFailed(f"decode instance {d.decode_instance} failed after the first token: {reply.code}: {reply.message}")
+            raise DecodeFailed(
+                f"decode instance {d.decode_instance} failed after the first token: {reply.code}: {reply.message}"
+            )
         if prefill_failed or isinstance(err, TransferFailed):
-            raise _Retry(f"{placement.where} failed: {reply.code}: {reply.message}", err, exclude=frozenset({d.prefill_instance}),
-                         local_only=placement.remote, expired_lease_s=reply.lease_s)  # fmt: skip
+            raise _Retry(
+                f"{placement.where} failed: {reply.code}: {reply.message}",
+                err,
+                exclude=frozenset({d.prefill_instance}),
+                local_only=placement.remote,
+                expired_lease_s=reply.lease_s,
+            )
         where = f"decode instance {d.decode_instance}"
         raise _Retry(f"{where} failed: {reply.code}: {reply.message}", err, exclude=frozenset({d.decode_instance}))
 

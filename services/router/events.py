@@ -36,7 +36,9 @@ class DecisionLog:
     decode job, so both leave in the same write on the bus, or at most ``outcome_delay_s``.
     """
 
-    def __init__(self, nc: NatsClient, site: str, *, max_age_s: float, max_bytes: int, outcome_delay_s: float = 0.05) -> None:
+    def __init__(
+        self, nc: NatsClient, site: str, *, max_age_s: float, max_bytes: int, outcome_delay_s: float = 0.05
+    ) -> None:
         self.nc = nc
         self._decisions = subjects.decisions(site)
         self._outcomes = subjects.outcomes(site)

@@ -102,7 +102,9 @@ async def _body(request: web.Request) -> bytes:
         async with asyncio.timeout(config.read_timeout_s):
             return await request.read()
     except TimeoutError:
-        raise PrfaasError(f"request body not received within {config.read_timeout_s}s", code="request_timeout") from None
+        raise PrfaasError(
+            f"request body not received within {config.read_timeout_s}s", code="request_timeout"
+        ) from None
 
 
 async def _generate(request: web.Request, parse) -> web.StreamResponse:
@@ -129,7 +131,9 @@ async def explain(request: web.Request) -> web.Response:
     prepared = await svc.scheduler.prepare(req, request_id, lifecycle.ttft_slo_s(request))
     event = svc.scheduler.decide(prepared)
     return web.Response(
-        body=json_encoder.encode(event), content_type="application/json", headers={lifecycle.REQUEST_ID_HEADER: request_id}
+        body=json_encoder.encode(event),
+        content_type="application/json",
+        headers={lifecycle.REQUEST_ID_HEADER: request_id},
     )
 
 
@@ -183,4 +187,3 @@ def create_app(service: RouterService, config: RouterConfig) -> web.Application:
         ]
     )
     return app
-

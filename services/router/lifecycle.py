@@ -51,7 +51,9 @@ def ttft_slo_s(request: web.Request) -> float | None:
     return value / 1000.0
 
 
-async def serve(svc: RouterService, request: web.Request, req: GenerationRequest, request_id: str) -> web.StreamResponse:
+async def serve(
+    svc: RouterService, request: web.Request, req: GenerationRequest, request_id: str
+) -> web.StreamResponse:
     """Answer one generation request."""
     with tracer.start_as_current_span("router.request", kind=trace.SpanKind.SERVER) as span:
         span.set_attribute("prfaas.request_id", request_id)
@@ -116,7 +118,9 @@ def _logprobs(svc: RouterService, req: GenerationRequest) -> responses.LogprobsR
     return responses.LogprobsRenderer(req.kind, svc.scheduler.tokenizer.token_piece)
 
 
-async def _whole(svc: RouterService, req: GenerationRequest, run: RequestRun, tokens, first, request_id: str) -> web.Response:
+async def _whole(
+    svc: RouterService, req: GenerationRequest, run: RequestRun, tokens, first, request_id: str
+) -> web.Response:
     decoder = IncrementalDecoder(svc.scheduler.tokenizer, run.prepared.prompt_ids[-_CONTEXT_TOKENS:])
     parts = [decoder.push(first)] if first else []
     async for ids in tokens:
@@ -124,14 +128,23 @@ async def _whole(svc: RouterService, req: GenerationRequest, run: RequestRun, to
     parts.append(decoder.flush())
     renderer = _logprobs(svc, req)
     body = responses.completion(
-        req.kind, responses.completion_id(req.kind, request_id), int(time.time()), req.model, "".join(parts),
-        _finish_reason(run), _usage(run), renderer.render(run.record.logprobs) if renderer else None,
-    )  # fmt: skip
-    return web.Response(body=json_encoder.encode(body), content_type="application/json", headers={REQUEST_ID_HEADER: request_id})
+        req.kind,
+        responses.completion_id(req.kind, request_id),
+        int(time.time()),
+        req.model,
+        "".join(parts),
+        _finish_reason(run),
+        _usage(run),
+        renderer.render(run.record.logprobs) if renderer else None,
+    )
+    return web.Response(
+        body=json_encoder.encode(body), content_type="application/json", headers={REQUEST_ID_HEADER: request_id}
+    )
 
 
-async def _stream(svc: RouterService, request: web.Request, req: GenerationRequest, run: RequestRun, tokens, first,
-                  request_id: str) -> web.StreamResponse:  # fmt: skip
+async def _stream(
+    svc: RouterService, request: web.Request, req: GenerationRequest, run: RequestRun, tokens, first, request_id: str
+) -> web.StreamResponse:
     kind, model = req.kind, req.model
     cid, created = responses.completion_id(kind, request_id), int(time.time())
     usage_nulls = req.include_usage
@@ -142,8 +155,18 @@ async def _stream(svc: RouterService, request: web.Request, req: GenerationReque
     deltas = _Deltas(kind, cid, created, model, usage_nulls, run, _logprobs(svc, req))
     decoder = IncrementalDecoder(svc.scheduler.tokenizer, run.prepared.prompt_ids[-_CONTEXT_TOKENS:])
     text = decoder.push(first) if first else ""
-    opening = whole(responses.chunk(kind, cid, created, model, text, first=True, with_usage=usage_nulls,
-                                    logprobs=deltas.logprobs(len(first or ()))))  # fmt: skip
+    opening = whole(
+        responses.chunk(
+            kind,
+            cid,
+            created,
+            model,
+            text,
+            first=True,
+            with_usage=usage_nulls,
+            logprobs=deltas.logprobs(len(first or ())),
+        )
+    )
     sse = await SseStream.open(request, {REQUEST_ID_HEADER: request_id}, opening, svc.config.write_timeout_s)
     held = b""  # the last text, sent with the end of the stream
     try:
@@ -173,8 +196,16 @@ class _Deltas:
     tokens of a step whose text is held back (an incomplete character) go with the next delta.
     """
 
-    def __init__(self, kind: str, cid: str, created: int, model: str, with_usage: bool, run: RequestRun,
-                 renderer: responses.LogprobsRenderer | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        kind: str,
+        cid: str,
+        created: int,
+        model: str,
+        with_usage: bool,
+        run: RequestRun,
+        renderer: responses.LogprobsRenderer | None,
+    ) -> None:
         self._fields = (kind, cid, created, model)
         self._with_usage = with_usage
         self._encoder = responses.DeltaEncoder(kind, cid, created, model, with_usage=with_usage)

@@ -45,7 +45,9 @@ class _Leg:
 class Placement:
     """One attempt of a request on its decode and prefill instances: placed, acknowledged per role, prefill done, closed."""
 
-    def __init__(self, job_id: str, decode_instance: str, prefill_instance: str, prefill_s: float, remote: bool) -> None:
+    def __init__(
+        self, job_id: str, decode_instance: str, prefill_instance: str, prefill_s: float, remote: bool
+    ) -> None:
         now = time.time()
         self.job_id = job_id
         self.remote = remote
@@ -108,7 +110,9 @@ class LiveView:
         """Take a LinkStats sample from one sending process."""
         self.links.ingest(stats, time.monotonic(), sender)
 
-    def place(self, job_id: str, decode_instance: str, prefill_instance: str, prefill_s: float, remote: bool) -> Placement:
+    def place(
+        self, job_id: str, decode_instance: str, prefill_instance: str, prefill_s: float, remote: bool
+    ) -> Placement:
         """Count an attempt on its two instances until their heartbeats show it, and after it ends until they stop."""
         placement = Placement(job_id, decode_instance, prefill_instance, prefill_s, remote)
         for leg in (placement.decode, placement.prefill):
@@ -147,19 +151,25 @@ class LiveView:
         legs = self._legs.get(load.instance)
         if not legs:
             return load
-        for job_id in [j for j, leg in legs.items() if now - leg.placed_at > self.pending_ttl_s
-                       and (leg.acked_at is None or leg.ended_at is not None)]:  # fmt: skip
+        for job_id in [
+            j
+            for j, leg in legs.items()
+            if now - leg.placed_at > self.pending_ttl_s and (leg.acked_at is None or leg.ended_at is not None)
+        ]:
             del legs[job_id]  # never acknowledged, or ended without a later heartbeat: stop guessing
         added = [leg for leg in legs.values() if leg.correction(load.ts) > 0]
         over = [leg for leg in legs.values() if leg.correction(load.ts) < 0]
         if not added and not over:
             return load
         if load.role == "decode":
-            free = min(load.max_batch or load.free_decode_slots + len(over), load.free_decode_slots - len(added) + len(over))
+            free = min(
+                load.max_batch or load.free_decode_slots + len(over), load.free_decode_slots - len(added) + len(over)
+            )
             return msgspec.structs.replace(load, free_decode_slots=max(0, free))
         wait_s = load.expected_wait_s + sum(leg.prefill_s for leg in added) - sum(leg.prefill_s for leg in over)
-        return msgspec.structs.replace(load, queue_depth=max(0, load.queue_depth + len(added) - len(over)),
-                                       expected_wait_s=max(0.0, wait_s))  # fmt: skip
+        return msgspec.structs.replace(
+            load, queue_depth=max(0, load.queue_depth + len(added) - len(over)), expected_wait_s=max(0.0, wait_s)
+        )
 
     def cluster_view(
         self, model_name: str, profile: ModelProfile, *, exclude: Iterable[str] = (), local_only: bool = False

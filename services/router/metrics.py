@@ -28,17 +28,35 @@ class RouterMetrics:
     """Counters and histograms the router updates."""
 
     def __init__(self, registry: CollectorRegistry, config: RouterConfig) -> None:
-        self.requests = Counter("prfaas_router_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry)
+        self.requests = Counter(
+            "prfaas_router_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry
+        )
         self.decisions = Counter("prfaas_router_decisions", "Decisions by route", ["route"], registry=registry)
-        self.fallbacks = Counter("prfaas_router_fallbacks", "Attempts that failed before the first token and were re-decided", registry=registry)
-        self.bad_messages = Counter("prfaas_router_bad_messages", "Malformed bus messages", ["source"], registry=registry)
-        self.index_errors = Counter("prfaas_router_index_errors", "Requests routed without cache knowledge because the index failed or was late", registry=registry)
+        self.fallbacks = Counter(
+            "prfaas_router_fallbacks",
+            "Attempts that failed before the first token and were re-decided",
+            registry=registry,
+        )
+        self.bad_messages = Counter(
+            "prfaas_router_bad_messages", "Malformed bus messages", ["source"], registry=registry
+        )
+        self.index_errors = Counter(
+            "prfaas_router_index_errors",
+            "Requests routed without cache knowledge because the index failed or was late",
+            registry=registry,
+        )
         self.cancelled = Counter("prfaas_router_cancelled", "Requests whose client went away", registry=registry)
         self.decision_seconds = Histogram(
-            "prfaas_router_decision_seconds", "Tokenize, hash, index lookup, view and policy", buckets=_LATENCY_BUCKETS, registry=registry
+            "prfaas_router_decision_seconds",
+            "Tokenize, hash, index lookup, view and policy",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.ttft_seconds = Histogram(
-            "prfaas_router_ttft_seconds", "Arrival to first token, by route", ["route"], buckets=_ttft_buckets(longest_ttft_s(config)),
+            "prfaas_router_ttft_seconds",
+            "Arrival to first token, by route",
+            ["route"],
+            buckets=_ttft_buckets(longest_ttft_s(config)),
             registry=registry,
         )
         self.in_flight = Gauge("prfaas_router_in_flight", "Requests being served", registry=registry)

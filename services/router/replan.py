@@ -39,8 +39,9 @@ def _most_common(values: list[str]) -> str:
 class Replanner:
     """Re-plans t periodically and publishes the change."""
 
-    def __init__(self, config: RouterConfig, scheduler: Scheduler, view: LiveView, events: DecisionLog,
-                 threshold_gauge: Gauge) -> None:  # fmt: skip
+    def __init__(
+        self, config: RouterConfig, scheduler: Scheduler, view: LiveView, events: DecisionLog, threshold_gauge: Gauge
+    ) -> None:
         self.config = config
         self.threshold_gauge = threshold_gauge
         self.scheduler = scheduler
@@ -52,7 +53,9 @@ class Replanner:
         """Record a request's first decision: its uncached length and the link bandwidth the policy read."""
         self.slow.observe(event.incremental_tokens)
         d = event.decision
-        site = d.prefill_site if d.choice == "remote" else next((c.site for c in d.candidates if c.option == "remote"), "")
+        site = (
+            d.prefill_site if d.choice == "remote" else next((c.site for c in d.candidates if c.option == "remote"), "")
+        )
         if site and d.signals.link_capacity_gbps > 0:
             self.slow.observe_link(d.signals.link_effective_gbps, site)
 

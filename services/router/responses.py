@@ -58,7 +58,8 @@ class LogprobsRenderer:
             return {"token": text, "logprob": logprob, "bytes": raw}
 
         content = [
-            item(e.token_id, e.logprob) | {"top_logprobs": [item(i, lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=True)]}
+            item(e.token_id, e.logprob)
+            | {"top_logprobs": [item(i, lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=True)]}
             for e in entries
         ]
         return {"content": content, "refusal": None}
@@ -72,17 +73,35 @@ class LogprobsRenderer:
             self._offset += len(text)
             alternatives = {self.piece(i)[0]: lp for i, lp in zip(e.top_ids, e.top_logprobs, strict=True)}
             top.append(alternatives | {text: e.logprob})  # the chosen token too, as vLLM returns it
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top, "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
 
 
 def _choice(kind: str, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
     if kind == "chat":
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
     return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion(kind: str, cid: str, created: int, model: str, text: str, finish_reason: str, use: dict,
-               logprobs: dict | None = None) -> dict:  # fmt: skip
+def completion(
+    kind: str,
+    cid: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    use: dict,
+    logprobs: dict | None = None,
+) -> dict:
     """A whole (non-streamed) response."""
     return {
         "id": cid,
@@ -95,8 +114,18 @@ def completion(kind: str, cid: str, created: int, model: str, text: str, finish_
     }
 
 
-def chunk(kind: str, cid: str, created: int, model: str, text: str | None, finish_reason: str | None = None,
-          *, first: bool = False, with_usage: bool = False, logprobs: dict | None = None) -> dict:  # fmt: skip
+def chunk(
+    kind: str,
+    cid: str,
+    created: int,
+    model: str,
+    text: str | None,
+    finish_reason: str | None = None,
+    *,
+    first: bool = False,
+    with_usage: bool = False,
+    logprobs: dict | None = None,
+) -> dict:
     """One streamed chunk: a text delta (with its tokens' log probabilities), or the final one carrying ``finish_reason``."""
     if kind == "chat":
         delta: dict = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
@@ -162,4 +191,6 @@ def status_of(error: PrfaasError) -> int:
 def error_body(error: PrfaasError, status: int) -> dict:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": error.message, "type": kind, "param": getattr(error, "param", None), "code": error.code}}
+    return {
+        "error": {"message": error.message, "type": kind, "param": getattr(error, "param", None), "code": error.code}
+    }

@@ -63,13 +63,19 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.token_cache = TokenCache(tokenizer, max_bytes=config.token_cache_bytes, chunk_chars=config.token_cache_chunk_chars,
-                                      verify_fraction=config.token_cache_verify_fraction,
-                                      registry=registry if registry is not None else CollectorRegistry())  # fmt: skip
+        self.token_cache = TokenCache(
+            tokenizer,
+            max_bytes=config.token_cache_bytes,
+            chunk_chars=config.token_cache_chunk_chars,
+            verify_fraction=config.token_cache_verify_fraction,
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
         self.template = template
         self.view = view
         self.index = index
-        self.policy = make_policy(config.policy, PolicyConfig(threshold_tokens=config.threshold_tokens, transport=config.transport))
+        self.policy = make_policy(
+            config.policy, PolicyConfig(threshold_tokens=config.threshold_tokens, transport=config.transport)
+        )
         self.rng = random.Random()
 
     # --- models and limits ------------------------------------------------------------------
@@ -81,7 +87,10 @@ class Scheduler:
     def check_model(self, model: str) -> None:
         """NotFound (404) unless ``model`` is served."""
         if model not in self.config.models and model not in self.view.models():
-            raise NotFound(f"The model '{model}' does not exist (served: {', '.join(self.served_models()) or 'none'})", code="model_not_found")
+            raise NotFound(
+                f"The model '{model}' does not exist (served: {', '.join(self.served_models()) or 'none'})",
+                code="model_not_found",
+            )
 
     def max_prompt_tokens(self, model: str) -> int | None:
         """The least prompt limit among the config and the model's live instances (None: no limit)."""
@@ -109,7 +118,11 @@ class Scheduler:
             )
         if req.max_tokens is not None:
             return req.max_tokens
-        return self.config.default_max_tokens if limit is None else min(self.config.default_max_tokens, limit - prompt_tokens)
+        return (
+            self.config.default_max_tokens
+            if limit is None
+            else min(self.config.default_max_tokens, limit - prompt_tokens)
+        )
 
     def block_size(self, model: str) -> int:
         """The block size the model's instances heartbeat (the config's if none does)."""
@@ -157,7 +170,9 @@ class Scheduler:
         sampling = req.sampling
         if self.tokenizer.eos_token_ids and not sampling.ignore_eos:
             sampling = msgspec.structs.replace(sampling, stop_token_ids=self.tokenizer.eos_token_ids)
-        return Prepared(request_id, req.model, profile, ids, max_tokens, sampling, block_size, lookup, status, ttft_slo_s, arrived)
+        return Prepared(
+            request_id, req.model, profile, ids, max_tokens, sampling, block_size, lookup, status, ttft_slo_s, arrived
+        )
 
     def lookup_deadline_s(self, model: str, profile: ModelProfile, prompt_tokens: int, block_size: int) -> float:
         """How long to wait for the KV index: no longer than a full cache hit could save, within the configured bounds.
@@ -170,15 +185,19 @@ class Scheduler:
         cfg = self.config
         hardware = {ld.hardware for ld in self.view.alive(model) if ld.role == "prefill"}
         saving_s = max(
-            (profile.prefill_time_s(prompt_tokens, hw) - profile.prefill_time_s(min(prompt_tokens, block_size), hw)
-             for hw in (hardware_profile(h if h in HARDWARE else cfg.default_hardware) for h in hardware)),
+            (
+                profile.prefill_time_s(prompt_tokens, hw) - profile.prefill_time_s(min(prompt_tokens, block_size), hw)
+                for hw in (hardware_profile(h if h in HARDWARE else cfg.default_hardware) for h in hardware)
+            ),
             default=cfg.index_timeout_s,
-        )  # fmt: skip
+        )
         if saving_s < cfg.index_min_timeout_s and prompt_tokens <= self.policy.config.threshold_tokens:
             return 0.0
         return min(cfg.index_timeout_s, max(cfg.index_min_timeout_s, saving_s))
 
-    async def _lookup(self, ids: np.ndarray, block_size: int, hybrid: bool, deadline_s: float) -> tuple[KvLookupReply | None, str]:
+    async def _lookup(
+        self, ids: np.ndarray, block_size: int, hybrid: bool, deadline_s: float
+    ) -> tuple[KvLookupReply | None, str]:
         """The index's answer for the prompt's full blocks (hashed only when the index is asked)."""
         if len(ids) < block_size:  # no full block: nothing to look up
             return None, "ok"
@@ -200,8 +219,9 @@ class Scheduler:
         n = len(prepared.prompt_ids)
         if prepared.lookup is None:
             return RouteRequest(prepared.request_id, n, prepared.max_tokens, ttft_slo_s=prepared.ttft_slo_s)
-        return RouteRequest.from_lookup(prepared.request_id, n, prepared.lookup, prepared.block_size, prepared.max_tokens,
-                                        prepared.ttft_slo_s)  # fmt: skip
+        return RouteRequest.from_lookup(
+            prepared.request_id, n, prepared.lookup, prepared.block_size, prepared.max_tokens, prepared.ttft_slo_s
+        )
 
     def decide(
         self,
@@ -244,4 +264,3 @@ class Scheduler:
         self.policy = make_policy(
             self.config.policy, replace(cfg, threshold_tokens=threshold_tokens, max_threshold_tokens=max_t)
         )
-

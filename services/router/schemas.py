@@ -47,9 +47,20 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
 _U = msgspec.UNSET
 # Fields only the router (or an engine behind it) may set: refused when a client sends them.
-_INTERNAL_FIELDS = ("kv_transfer_params", "bootstrap_host", "bootstrap_port", "bootstrap_room", "disagg_spec",
-                    "prefill_site", "prefill_instance", "decode_site", "decode_instance", "transfer_id",
-                    "skip_blocks", "data_parallel_rank")  # fmt: skip
+_INTERNAL_FIELDS = (
+    "kv_transfer_params",
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+    "disagg_spec",
+    "prefill_site",
+    "prefill_instance",
+    "decode_site",
+    "decode_instance",
+    "transfer_id",
+    "skip_blocks",
+    "data_parallel_rank",
+)
 
 
 class _Body(msgspec.Struct, kw_only=True):
@@ -199,8 +210,14 @@ def _common(body: _Body, max_tokens: int | None, logprobs: int | None) -> tuple[
     if body.stream_options is not None and not stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
     include_usage = stream and body.stream_options is not None and body.stream_options.include_usage
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=body.seed, stop=stop, ignore_eos=bool(body.ignore_eos),
-                        logprobs=logprobs)  # fmt: skip
+    sampling = Sampling(
+        temperature=temperature,
+        top_p=top_p,
+        seed=body.seed,
+        stop=stop,
+        ignore_eos=bool(body.ignore_eos),
+        logprobs=logprobs,
+    )
     return sampling, max_tokens, stream, include_usage
 
 
@@ -234,7 +251,9 @@ def _check_chat(req: ChatCompletionRequest) -> GenerationRequest:
     if req.tools or req.functions:
         raise _refuse("tools" if req.tools else "functions", "tool calls are not served")
     if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
-        raise _refuse("tool_choice" if req.tool_choice not in (None, "none") else "function_call", "tool calls are not served")
+        raise _refuse(
+            "tool_choice" if req.tool_choice not in (None, "none") else "function_call", "tool calls are not served"
+        )
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
         raise _refuse("response_format", "only text responses are served")
     if req.audio is not None or (req.modalities is not None and req.modalities != ["text"]):

@@ -58,14 +58,22 @@ class RouterService(BusService):
         )
         self.index = KvIndexClient(nc, timeout_s=config.index_timeout_s)
         self.scheduler = Scheduler(config, tokenizer, template, self.view, self.index, registry=self.registry)
-        self.events = DecisionLog(nc, config.site, max_age_s=config.decisions_max_age_s, max_bytes=config.decisions_max_bytes)
+        self.events = DecisionLog(
+            nc, config.site, max_age_s=config.decisions_max_age_s, max_bytes=config.decisions_max_bytes
+        )
         self.replanner = Replanner(config, self.scheduler, self.view, self.events, self.metrics.threshold)
         self.mailbox = Mailbox(nc)
         self.dispatch = DispatchContext(
-            nc, config, self.scheduler, self.view, self.events, self.mailbox,
-            decode=DecodeGatewayClient(nc, config.reserve_timeout_s), prefill=PrefillGatewayClient(nc, config.accept_timeout_s),
+            nc,
+            config,
+            self.scheduler,
+            self.view,
+            self.events,
+            self.mailbox,
+            decode=DecodeGatewayClient(nc, config.reserve_timeout_s),
+            prefill=PrefillGatewayClient(nc, config.accept_timeout_s),
             observe=self.replanner.observe,
-        )  # fmt: skip
+        )
         self.started_at = int(time.time())
         self.port = 0  # the bound HTTP port once started
         self._runner: web.AppRunner | None = None
@@ -85,8 +93,12 @@ class RouterService(BusService):
         self.metrics.threshold.set(self.scheduler.policy.config.threshold_tokens)
         if self.config.replan_interval_s > 0:
             self.spawn(self.replanner.run())
-        self._runner = web.AppRunner(create_app(self, self.config), handler_cancellation=True,
-                                     shutdown_timeout=self.config.stop_timeout_s, access_log=None)  # fmt: skip
+        self._runner = web.AppRunner(
+            create_app(self, self.config),
+            handler_cancellation=True,
+            shutdown_timeout=self.config.stop_timeout_s,
+            access_log=None,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()
@@ -116,7 +128,12 @@ class RouterService(BusService):
         alive = self.view.alive()
         decode = any(ld.role == "decode" and ld.site == self.config.site for ld in alive)
         prefill = any(ld.role == "prefill" for ld in alive)
-        return {"bus": self.nc.is_connected, "index": index_ok, "decode_instances": decode, "prefill_instances": prefill}
+        return {
+            "bus": self.nc.is_connected,
+            "index": index_ok,
+            "decode_instances": decode,
+            "prefill_instances": prefill,
+        }
 
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:

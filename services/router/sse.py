@@ -32,11 +32,18 @@ class SseStream:
         self.write_timeout_s = write_timeout_s
 
     @classmethod
-    async def open(cls, request: web.Request, headers: dict[str, str], first: bytes, write_timeout_s: float) -> SseStream:
+    async def open(
+        cls, request: web.Request, headers: dict[str, str], first: bytes, write_timeout_s: float
+    ) -> SseStream:
         """Send the status, the headers and the first event (raises ConnectionResetError if the client is gone)."""
         response = _EventStreamResponse(
             status=200,
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **headers,
+            },
         )
         stream = cls(response, write_timeout_s)
         await response.prepare(request)

@@ -44,9 +44,50 @@ _CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")  # a space after a non-space, before 
 _ENTRY_OVERHEAD_BYTES = 300  # key tuple, dictionary slot, segment object, list and array headers
 _INT_BYTES = 32  # an int object a cached list points to
 _LAST_SHARED_INT = 256  # CPython keeps one object for each int up to this
-_SAMPLE_WORDS = ("the", "Quick", "naïve", "Straße", "日本語", "текст", "λόγος", "don't", "it's", "I'M", "x2", "42",
-                 "3.14", "(a)", "[b]", "#c", "e\u0301", "😀", "▁", "’s", "\u00a0", "_x", "...", "`code`")  # fmt: skip
-_SAMPLE_SEPARATORS = (" ", " ", " ", " ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \n", "\n ", ", ", ". ", "", "\u3000")
+_SAMPLE_WORDS = (
+    "the",
+    "Quick",
+    "naïve",
+    "Straße",
+    "日本語",
+    "текст",
+    "λόγος",
+    "don't",
+    "it's",
+    "I'M",
+    "x2",
+    "42",
+    "3.14",
+    "(a)",
+    "[b]",
+    "#c",
+    "e\u0301",
+    "😀",
+    "▁",
+    "’s",
+    "\u00a0",
+    "_x",
+    "...",
+    "`code`",
+)
+_SAMPLE_SEPARATORS = (
+    " ",
+    " ",
+    " ",
+    " ",
+    "  ",
+    "   ",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "\t",
+    " \n",
+    "\n ",
+    ", ",
+    ". ",
+    "",
+    "\u3000",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +121,30 @@ class Plan:
 class TokenCache:
     """Token ids of prompts, reusing those of the longest cached prefix that ends at a safe cut."""
 
-    def __init__(self, tokenizer: PromptTokenizer, *, max_bytes: int, chunk_chars: int, verify_fraction: float,
-                 registry: CollectorRegistry) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: PromptTokenizer,
+        *,
+        max_bytes: int,
+        chunk_chars: int,
+        verify_fraction: float,
+        registry: CollectorRegistry,
+    ) -> None:
         self._tok = tokenizer
         self.max_bytes = max_bytes
         self.chunk_chars = chunk_chars
         self.verify_fraction = verify_fraction
-        self.mismatches = Counter("prfaas_router_token_cache_mismatches",
-                                  "Sampled prompts whose ids from the cache differed from tokenizing them whole (the cache is then off)",
-                                  registry=registry)  # fmt: skip
-        chars = Counter("prfaas_router_token_cache_chars", "Prompt characters by where their ids came from: the cache or "
-                        "the tokenizer", ["source"], registry=registry)  # fmt: skip
+        self.mismatches = Counter(
+            "prfaas_router_token_cache_mismatches",
+            "Sampled prompts whose ids from the cache differed from tokenizing them whole (the cache is then off)",
+            registry=registry,
+        )
+        chars = Counter(
+            "prfaas_router_token_cache_chars",
+            "Prompt characters by where their ids came from: the cache or the tokenizer",
+            ["source"],
+            registry=registry,
+        )
         self._from_cache, self._from_tokenizer = chars.labels("cache"), chars.labels("tokenizer")
         self.size_bytes = 0
         self._entries: OrderedDict[tuple[int, str], _Segment] = OrderedDict()
@@ -182,13 +236,17 @@ class TokenCache:
         ids += tail
         rest = np.asarray(ids[start:], dtype=np.int64)  # one conversion: the worker holds the GIL as briefly as it can
         bounds = itertools.accumulate(map(len, fresh), initial=0)
-        segments = [self._segment(piece, piece_ids, rest[a:b]) for piece, piece_ids, (a, b)
-                    in zip(todo, fresh, itertools.pairwise(bounds), strict=False)]  # fmt: skip
+        segments = [
+            self._segment(piece, piece_ids, rest[a:b])
+            for piece, piece_ids, (a, b) in zip(todo, fresh, itertools.pairwise(bounds), strict=False)
+        ]
         self._keep(plan.pieces, plan.hits + segments)
         self._from_cache.inc(plan.reused_chars)
         self._from_tokenizer.inc(plan.todo_chars)
         self._maybe_verify(plan, ids)
-        return ids, np.concatenate([np.asarray(head, dtype=np.int64), *(s.array for s in plan.hits), rest], dtype=np.int64)
+        return ids, np.concatenate(
+            [np.asarray(head, dtype=np.int64), *(s.array for s in plan.hits), rest], dtype=np.int64
+        )
 
     def _segment(self, piece: str, ids: list[int], array: np.ndarray) -> _Segment:
         kept = array.astype(np.int32)
@@ -250,7 +308,11 @@ class TokenCache:
 
     def _maybe_verify(self, plan: Plan, ids: list[int]) -> None:
         """With probability ``verify_fraction``, tokenize the text whole on the worker thread and compare."""
-        if self._verifier is None or self._rng.random() >= self.verify_fraction or not self._verify_slot.acquire(blocking=False):
+        if (
+            self._verifier is None
+            or self._rng.random() >= self.verify_fraction
+            or not self._verify_slot.acquire(blocking=False)
+        ):
             return
         self._verifier.submit(self._verify, plan.text, plan.add_special, ids)
 
@@ -259,9 +321,13 @@ class TokenCache:
             whole = self._tok.encode(text, add_special=add_special)
             if whole != ids and self.enabled:
                 self.mismatches.inc()
-                at = next((i for i, (a, b) in enumerate(zip(whole, ids, strict=False)) if a != b), min(len(whole), len(ids)))
-                self._disable(f"runtime verification: a {len(text)}-character prompt's ids differ from tokenizing it "
-                              f"whole at token {at} of {len(whole)}")  # fmt: skip
+                at = next(
+                    (i for i, (a, b) in enumerate(zip(whole, ids, strict=False)) if a != b), min(len(whole), len(ids))
+                )
+                self._disable(
+                    f"runtime verification: a {len(text)}-character prompt's ids differ from tokenizing it "
+                    f"whole at token {at} of {len(whole)}"
+                )
         except Exception:  # a verification that fails must not end the worker silently
             log.exception("token cache verification failed")
         finally:

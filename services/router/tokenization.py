@@ -128,7 +128,9 @@ class HfPromptTokenizer(PromptTokenizer):
         self._encode_batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # both release the GIL
         added = self._tok.get_added_tokens_decoder().values()
         self._normalizer = self._tok.normalizer if any(t.normalized for t in added) else None
-        normalized = {self._normalizer.normalize_str(t.content) for t in added if t.normalized} if self._normalizer else set()
+        normalized = (
+            {self._normalizer.normalize_str(t.content) for t in added if t.normalized} if self._normalizer else set()
+        )
         self._added = tuple(sorted({t.content for t in added} | normalized))
 
     def encode(self, text: str, *, add_special: bool) -> list[int]:

@@ -10,8 +10,17 @@ from libs.cli import main
 def test_bridge_benchmark_judges_each_path_against_its_baseline(capsys) -> None:
     """Repaired and reset batches cost a small multiple of the normal path, a replayed first contact no more than the
     same batches live; an impossible replay target is missed, printed MISSED, and the exit status is 1."""
-    argv = ["bench", "bridge", "--json", "--rounds", "3", "--buffered", "200",
-            "--target", "first_contact_replay.vs_baseline=0.0001"]  # fmt: skip
+    argv = [
+        "bench",
+        "bridge",
+        "--json",
+        "--rounds",
+        "3",
+        "--buffered",
+        "200",
+        "--target",
+        "first_contact_replay.vs_baseline=0.0001",
+    ]
     assert main(argv) == 1
     out, err = capsys.readouterr()
     figures = json.loads(out)

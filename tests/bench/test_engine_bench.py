@@ -37,10 +37,12 @@ def test_engine_benchmark_reports_medians_with_their_range(capsys) -> None:
 
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
-    [("--lengths", "abc", "--lengths: expected comma-separated integers, got 'abc'"),
-     ("--lengths", "0", "--lengths: 0 is outside"),
-     ("--batches", "-3", "--batches: -3 is outside")],
-)  # fmt: skip
+    [
+        ("--lengths", "abc", "--lengths: expected comma-separated integers, got 'abc'"),
+        ("--lengths", "0", "--lengths: 0 is outside"),
+        ("--batches", "-3", "--batches: -3 is outside"),
+    ],
+)
 def test_bad_lists_are_one_clear_line(capsys, flag: str, value: str, message: str) -> None:
     """A malformed list exits 2 with one line naming the flag, before any measuring."""
     assert main(["bench", "engine", flag, value]) == 2

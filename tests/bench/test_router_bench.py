@@ -17,8 +17,19 @@ REQUESTS, C50 = 6, 60
 def figures() -> dict:
     """One small run of the benchmark (its exit status is judged by the verdicts it prints)."""
     out, err = io.StringIO(), io.StringIO()
-    args = ["bench", "router", "--json", "--decisions", "10", "--rounds", "1", "--requests", str(REQUESTS),
-            "--c50-requests", str(C50)]  # fmt: skip
+    args = [
+        "bench",
+        "router",
+        "--json",
+        "--decisions",
+        "10",
+        "--rounds",
+        "1",
+        "--requests",
+        str(REQUESTS),
+        "--c50-requests",
+        str(C50),
+    ]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(args)
     result = json.loads(out.getvalue())
@@ -47,7 +58,11 @@ def test_each_case_went_where_it_claims(figures) -> None:
     assert figures["decisions"]["total"] == 3 * REQUESTS + C50 + 1  # + the hit case's warm-up request
     assert figures["decisions"]["retries"] == 0
     verdicts = {v["figure"]: v["met"] for v in figures["verdicts"]}
-    assert verdicts["overhead_remote.remote_share"] and verdicts["overhead_hit.remote_share"] and verdicts["overhead_hit.hit_share"]
+    assert (
+        verdicts["overhead_remote.remote_share"]
+        and verdicts["overhead_hit.remote_share"]
+        and verdicts["overhead_hit.hit_share"]
+    )
 
 
 def test_decisions_are_timed_against_their_floor_on_a_populated_index(figures) -> None:

@@ -23,9 +23,13 @@ def test_a_target_is_met_within_its_bound_and_missed_outside() -> None:
 def test_judge_reads_dotted_figures_and_skips_only_optional_absent_ones() -> None:
     """A target names a figure by its dotted path; an absent figure is an error unless the target is optional."""
     figures = {"case": {"p50_ms": 7.0}, "same": True}
-    verdicts = judge([Target("case.p50_ms", at_most=5), Target.true("same"), Target("other", at_most=1, optional=True)],
-                     figures)  # fmt: skip
-    assert [(v.target.figure, v.met, v.missed) for v in verdicts] == [("case.p50_ms", False, True), ("same", True, False)]
+    verdicts = judge(
+        [Target("case.p50_ms", at_most=5), Target.true("same"), Target("other", at_most=1, optional=True)], figures
+    )
+    assert [(v.target.figure, v.met, v.missed) for v in verdicts] == [
+        ("case.p50_ms", False, True),
+        ("same", True, False),
+    ]
     assert "MISSED" in verdicts[0].line() and verdicts[1].line().endswith("met")
     with pytest.raises(Exception, match="no figure other"):
         judge([Target("other", at_most=1)], figures)
@@ -40,9 +44,15 @@ def test_information_is_printed_but_never_a_miss() -> None:
 def test_overrides_replace_a_bound_and_refuse_unknown_figures() -> None:
     """``--target FIGURE=BOUND`` changes one target for one run; an unknown figure or a bad bound is a ConfigError."""
     gateways = BENCHMARKS["gateways"]
-    targets = {t.figure: t for t in gateways.with_overrides(["overhead_p50_ms=0.5", "pipelining.receiver_vs_budget.median=0.5..2"])}
+    targets = {
+        t.figure: t
+        for t in gateways.with_overrides(["overhead_p50_ms=0.5", "pipelining.receiver_vs_budget.median=0.5..2"])
+    }
     assert targets["overhead_p50_ms"].at_most == 0.5
-    assert (targets["pipelining.receiver_vs_budget.median"].at_least, targets["pipelining.receiver_vs_budget.median"].at_most) == (0.5, 2)
+    assert (
+        targets["pipelining.receiver_vs_budget.median"].at_least,
+        targets["pipelining.receiver_vs_budget.median"].at_most,
+    ) == (0.5, 2)
     for bad in ("nothing=1", "overhead_p50_ms=fast", "pipelining.receiver_vs_budget.median=1", "tokens_identical=0"):
         with pytest.raises(Exception, match="--target"):
             gateways.with_overrides([bad])

@@ -9,11 +9,13 @@ from libs.cli import main
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--tokens", "1,2", "--timeout-s", "-1"], "--timeout-s must be positive, got -1.0"),
-     (["--tokens", "1,2", "--timeout-s", "0"], "--timeout-s must be positive, got 0.0"),
-     (["--tokens", "1,x"], "--tokens must be comma-separated integers, got '1,x'"),
-     (["--tokens", "1", "--block-size", "0"], "--block-size must be positive, got 0")],
-)  # fmt: skip
+    [
+        (["--tokens", "1,2", "--timeout-s", "-1"], "--timeout-s must be positive, got -1.0"),
+        (["--tokens", "1,2", "--timeout-s", "0"], "--timeout-s must be positive, got 0.0"),
+        (["--tokens", "1,x"], "--tokens must be comma-separated integers, got '1,x'"),
+        (["--tokens", "1", "--block-size", "0"], "--block-size must be positive, got 0"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(capsys, argv: list[str], message: str) -> None:
     """Exit code 2 and a single ``prfaas: bad_request: ...`` line naming the flag."""
     assert main(["index", "lookup", "--nats", "nats://127.0.0.1:1", *argv]) == 2

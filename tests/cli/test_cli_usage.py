@@ -27,34 +27,65 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})), file=sys
 
 def _top_level_modules_after(*argv: str) -> set[str]:
     """The top-level packages imported by ``prfaas ARGV`` in a fresh interpreter."""
-    done = subprocess.run([sys.executable, "-c", _IMPORTED, *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTED, *argv], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     return set(json.loads(done.stderr.strip().splitlines()[-1]))
 
 
 def _stopped_lab(run_dir: Path) -> Path:
     """A run directory holding the status file of a lab whose processes are gone (as `lab down` leaves it)."""
     dead = {"pid": 2**22 + 1, "start_ticks": 1}  # above the default pid_max: no such process
-    status = {"state": "stopped", "error": None, "topology": "default", "run_dir": str(run_dir), "supervisor": dead,
-              "router_url": "http://127.0.0.1:9", "routers": {"dc-b": "http://127.0.0.1:9"}, "api_key": None,
-              "model": "reference", "threshold_tokens": 1212,
-              "sites": {s: {"name": s, "nats_url": "nats://127.0.0.1:9", "monitor_url": "http://127.0.0.1:9"}
-                        for s in ("dc-a", "dc-b")},
-              "links": [{"sites": ["dc-a", "dc-b"], "control_url": "http://127.0.0.1:9", "gbps": 10.0, "rtt_ms": 20.0,
-                         "loss_pct": 0.0}],
-              "processes": [{"name": "router-dc-b", "role": "router", "site": "dc-b", **dead, "ready": True,
-                             "exit_code": 0, "log": str(run_dir / "logs/router-dc-b.log")}]}  # fmt: skip
+    status = {
+        "state": "stopped",
+        "error": None,
+        "topology": "default",
+        "run_dir": str(run_dir),
+        "supervisor": dead,
+        "router_url": "http://127.0.0.1:9",
+        "routers": {"dc-b": "http://127.0.0.1:9"},
+        "api_key": None,
+        "model": "reference",
+        "threshold_tokens": 1212,
+        "sites": {
+            s: {"name": s, "nats_url": "nats://127.0.0.1:9", "monitor_url": "http://127.0.0.1:9"}
+            for s in ("dc-a", "dc-b")
+        },
+        "links": [
+            {
+                "sites": ["dc-a", "dc-b"],
+                "control_url": "http://127.0.0.1:9",
+                "gbps": 10.0,
+                "rtt_ms": 20.0,
+                "loss_pct": 0.0,
+            }
+        ],
+        "processes": [
+            {
+                "name": "router-dc-b",
+                "role": "router",
+                "site": "dc-b",
+                **dead,
+                "ready": True,
+                "exit_code": 0,
+                "log": str(run_dir / "logs/router-dc-b.log"),
+            }
+        ],
+    }
     (run_dir / "status.json").write_text(json.dumps(status))
     return run_dir
 
 
 @pytest.mark.parametrize(
     ("argv", "usage"),
-    [(["lab", "up", "--bogus"], "usage: prfaas lab up "),
-     (["lab", "status", "--bogus"], "usage: prfaas lab status "),
-     (["decisions", "summary", "--bogus"], "usage: prfaas decisions summary "),
-     (["index", "lookup", "--text", "hi", "--bogus"], "usage: prfaas index lookup "),
-     (["plan", "--bogus"], "usage: prfaas plan ")],
-)  # fmt: skip
+    [
+        (["lab", "up", "--bogus"], "usage: prfaas lab up "),
+        (["lab", "status", "--bogus"], "usage: prfaas lab status "),
+        (["decisions", "summary", "--bogus"], "usage: prfaas decisions summary "),
+        (["index", "lookup", "--text", "hi", "--bogus"], "usage: prfaas index lookup "),
+        (["plan", "--bogus"], "usage: prfaas plan "),
+    ],
+)
 def test_a_bad_flag_prints_the_usage_of_the_command_typed(capsys, argv: list[str], usage: str) -> None:
     """An unknown flag is refused by the sub-command it was given to, with that sub-command's usage."""
     with pytest.raises(SystemExit) as exit_:
@@ -68,8 +99,9 @@ def test_a_bad_flag_prints_the_usage_of_the_command_typed(capsys, argv: list[str
 def test_version_prints_the_installed_version() -> None:
     """``prfaas --version`` prints the project's version and exits 0."""
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    done = subprocess.run([sys.executable, "-m", "libs.cli", "--version"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "libs.cli", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert (done.returncode, done.stdout) == (0, f"prfaas {version}\n"), done.stderr
 
 

@@ -125,6 +125,7 @@ async def test_settle_waits_for_a_pong_sent_after_the_new_subscription(nats_serv
     relay = await _recording_relay(nats_server.port, sent)
     nc = await connect(f"nats://127.0.0.1:{relay.sockets[0].getsockname()[1]}", name="settle")
     try:
+
         async def ignore(msg) -> None:
             pass
 

@@ -31,7 +31,9 @@ def test_every_dependency_is_pinned_inside_its_range():
             continue
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not pinned in constraints.txt (run .ci/refresh-constraints)"
-        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req.specifier}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{req.name}=={pins[name]} is outside {req.specifier}"
+        )
 
 
 def test_the_readme_and_the_image_install_from_the_constraints():

@@ -46,7 +46,16 @@ events = st.one_of(
 names = st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True)
 
 
-@given(st.builds(KvEventBatch, site=names, instance=names, seq=st.integers(1, 2**40), ts=st.floats(0, 2e9), events=st.lists(events, max_size=5)))
+@given(
+    st.builds(
+        KvEventBatch,
+        site=names,
+        instance=names,
+        seq=st.integers(1, 2**40),
+        ts=st.floats(0, 2e9),
+        events=st.lists(events, max_size=5),
+    )
+)
 def test_event_batch_round_trip(batch):
     """Every KV event batch survives msgpack encoding unchanged."""
     assert kv_event_batch_decoder.decode(encode(batch)) == batch
@@ -76,8 +85,16 @@ def test_messages_are_tagged_and_versioned():
 def test_job_messages_round_trip_with_their_nested_parts():
     """A decode job and a prefill job survive msgpack with sampling and destination intact."""
     sampling = Sampling(temperature=0.7, top_p=0.9, seed=3, stop=("\n\n",))
-    job = DecodeJob(request_id="r", transfer_id="t", model="m", prompt_tokens=[256, 1, 2], max_tokens=8,
-                    reply_subject="_INBOX.x", prefill_site="dc-a", sampling=sampling)  # fmt: skip
+    job = DecodeJob(
+        request_id="r",
+        transfer_id="t",
+        model="m",
+        prompt_tokens=[256, 1, 2],
+        max_tokens=8,
+        reply_subject="_INBOX.x",
+        prefill_site="dc-a",
+        sampling=sampling,
+    )
     assert decode_job_decoder.decode(encode(job)) == job
     dest = KvDestination(site="dc-b", instance="d0", host="10.0.0.2", port=7000)
     prefill = PrefillJob(request_id="r", transfer_id="t", model="m", prompt_tokens=[1], destination=dest, skip_blocks=2)
@@ -86,8 +103,19 @@ def test_job_messages_round_trip_with_their_nested_parts():
 
 def test_invalid_sampling_on_the_wire_is_a_bad_request():
     """A job whose sampling is out of range decodes to BadRequest (a typed refusal), not a crash."""
-    raw = msgspec.msgpack.decode(encode(DecodeJob(request_id="r", transfer_id="t", model="m", prompt_tokens=[1],
-                                                  max_tokens=1, reply_subject="x", prefill_site="a")))  # fmt: skip
+    raw = msgspec.msgpack.decode(
+        encode(
+            DecodeJob(
+                request_id="r",
+                transfer_id="t",
+                model="m",
+                prompt_tokens=[1],
+                max_tokens=1,
+                reply_subject="x",
+                prefill_site="a",
+            )
+        )
+    )
     raw["sampling"]["top_p"] = 0
     with pytest.raises(BadRequest, match="top_p"):
         decode_job_decoder.decode(msgspec.msgpack.encode(raw))

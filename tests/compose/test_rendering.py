@@ -29,7 +29,9 @@ def rendered() -> dict[str, str]:
 def test_the_checked_in_compose_project_is_the_rendering_of_the_default_topology(rendered: dict[str, str]) -> None:
     """Every rendered file is checked in unchanged (`prfaas lab compose --out compose/` regenerates them)."""
     for name, text in rendered.items():
-        assert (COMPOSE_DIR / name).read_text() == text, f"compose/{name} differs: run `prfaas lab compose --out compose/`"
+        assert (COMPOSE_DIR / name).read_text() == text, (
+            f"compose/{name} differs: run `prfaas lab compose --out compose/`"
+        )
     stale = {p.name for p in COMPOSE_DIR.glob("nats-*.conf")} - set(rendered)
     assert not stale, f"compose/ has configs no topology renders: {sorted(stale)}"
 
@@ -40,8 +42,11 @@ def test_every_native_process_is_a_service_and_every_service_traces_to_jaeger(re
     native = [s.name for s in plan(load_topology("default"), NativeAddresses(Path("/run")))]
     assert list(services) == [*native, "jaeger"]
     for name, service in services.items():
-        if service.get("image") == IMAGE and service["command"][0] == "python" and name.startswith(("kv", "prefill",
-                                                                                                    "decode", "router")):  # fmt: skip
+        if (
+            service.get("image") == IMAGE
+            and service["command"][0] == "python"
+            and name.startswith(("kv", "prefill", "decode", "router"))
+        ):
             assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == OTLP_ENDPOINT, name
         for dep in service.get("depends_on", {}):
             assert "healthcheck" in services[dep], f"{name} waits for {dep}, which has no healthcheck"
@@ -53,8 +58,11 @@ def test_inter_site_traffic_goes_through_the_relay_service(rendered: dict[str, s
     services = yaml.safe_load(rendered[COMPOSE_FILE])["services"]
     relay = services["wan-dc-a-dc-b"]["command"]
     forwards = [relay[i + 1] for i, arg in enumerate(relay) if arg == "--forward"]
-    assert forwards == ["dc-a@0.0.0.0:7301=nats-dc-b:7222", "dc-a@0.0.0.0:7302=decode-pd-d0:9400",
-                        "dc-b@0.0.0.0:7303=nats-dc-a:7222"]  # fmt: skip
+    assert forwards == [
+        "dc-a@0.0.0.0:7301=nats-dc-b:7222",
+        "dc-a@0.0.0.0:7302=decode-pd-d0:9400",
+        "dc-b@0.0.0.0:7303=nats-dc-a:7222",
+    ]
     assert "urls: [nats://wan-dc-a-dc-b:7301]" in rendered["nats-dc-a.conf"]
     assert 'advertise: "wan-dc-a-dc-b:7303"' in rendered["nats-dc-a.conf"]
     assert "urls: [nats://wan-dc-a-dc-b:7303]" in rendered["nats-dc-b.conf"]
@@ -63,12 +71,19 @@ def test_inter_site_traffic_goes_through_the_relay_service(rendered: dict[str, s
     assert relay[relay.index("--gbps") + 1] == "10" and relay[relay.index("--rtt-ms") + 1] == "20"
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed (apt-get install docker-compose)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="docker-compose is not installed (apt-get install docker-compose)"
+)
 def test_docker_compose_accepts_the_file() -> None:
     """`docker-compose config` validates the checked-in file and publishes every port on 127.0.0.1 by default."""
     env = {k: v for k, v in os.environ.items() if k != "PRFAAS_PUBLISH_HOST"}
-    result = subprocess.run(["docker-compose", "-f", str(COMPOSE_DIR / COMPOSE_FILE), "config"], env=env,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE_DIR / COMPOSE_FILE), "config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     ports = [p for s in yaml.safe_load(result.stdout)["services"].values() for p in s.get("ports", [])]
     assert ports and all(str(p).startswith("127.0.0.1:") for p in ports), ports
@@ -92,8 +107,9 @@ def test_published_ports_are_on_loopback_and_the_header_says_which_reaches_what(
     header = [line for line in text.splitlines() if line.startswith("#")]
     for site in ("dc-a", "dc-b"):
         [[_, host_port, container_port]] = published[f"nats-{site}"]
-        assert container_port == "4222" and any(line.split()[1:4] == ["NATS", site, f"nats://localhost:{host_port}"]
-                                                for line in header), header  # fmt: skip
+        assert container_port == "4222" and any(
+            line.split()[1:4] == ["NATS", site, f"nats://localhost:{host_port}"] for line in header
+        ), header
     assert published["nats-dc-a"] != published["nats-dc-b"]
     assert any("http://localhost:8000/v1" in line and "router-dc-b" in line for line in header), header
 
@@ -111,12 +127,19 @@ def test_the_build_context_leaves_out_the_virtualenv_and_git_and_keeps_what_the_
     """.dockerignore: no .venv, .git, tests or bytecode in the context; everything the Dockerfile COPYs is there."""
     from docker.utils.build import exclude_paths
 
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]  # fmt: skip
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     sent = exclude_paths(str(ROOT), patterns, dockerfile="Dockerfile")
     assert not [p for p in sent if p.split("/")[0] in (".venv", ".git", "tests") or "__pycache__" in p]
-    copied = [arg for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")
-              for arg in line.split()[1:-1]]  # fmt: skip
+    copied = [
+        arg
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+        for arg in line.split()[1:-1]
+    ]
     assert copied and all(source in sent for source in copied), copied
     assert "libs/cli/__init__.py" in sent and "services/router/service.py" in sent
 
@@ -129,7 +152,7 @@ def _ci_copy(tmp_path: Path, apt_get: str) -> tuple[Path, dict[str, str]]:
     (tmp_path / "README.md").write_text(
         "<!-- ci:run-command -->\n```bash\necho RUN-COMMAND-RAN\n```\n\n<!-- ci:test-command -->\n```bash\n"
         "mkdir -p .venv/bin && touch .venv/bin/activate && echo TEST-COMMAND-RAN\n```\n"
-    )  # fmt: skip
+    )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("bash", "awk", "dirname", "uname", "mkdir", "touch", "timeout", "chmod"):
@@ -142,8 +165,10 @@ def _ci_copy(tmp_path: Path, apt_get: str) -> tuple[Path, dict[str, str]]:
 
 def test_ci_fails_when_docker_compose_cannot_be_installed(tmp_path: Path) -> None:
     """A failed or ineffective docker-compose install ends CI before the tests (which would skip the validation)."""
-    installs = 'if [ "$1" = install ]; then printf "#!/bin/sh\\nexit 0\\n" > "$BIN/docker-compose"; ' \
-               'chmod +x "$BIN/docker-compose"; fi'  # fmt: skip
+    installs = (
+        'if [ "$1" = install ]; then printf "#!/bin/sh\\nexit 0\\n" > "$BIN/docker-compose"; '
+        'chmod +x "$BIN/docker-compose"; fi'
+    )
     for case, apt_get, expected in (("failing", "exit 100", 1), ("ineffective", "exit 0", 1), ("working", installs, 0)):
         run, env = _ci_copy(tmp_path / case, apt_get)
         done = subprocess.run([shutil.which("bash"), str(run)], env=env, capture_output=True, text=True, timeout=60)

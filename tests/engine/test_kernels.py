@@ -75,9 +75,7 @@ def test_recurrent_step_matches_chunked() -> None:
     state0 = np.zeros((4, 32, 32), dtype=np.float32)
     out, states = delta_rule.chunked_prefill(q, k, v, g, beta, state0, 64)
     _, prefix_states = delta_rule.chunked_prefill(q[:64], k[:64], v[:64], g[:64], beta[:64], state0, 64)
-    step_out, step_state = delta_rule.recurrent_step(
-        q[64:], k[64:], v[64:], g[64:], beta[64:], prefix_states[-1][None]
-    )
+    step_out, step_state = delta_rule.recurrent_step(q[64:], k[64:], v[64:], g[64:], beta[64:], prefix_states[-1][None])
     np.testing.assert_allclose(step_out[0], out[64], atol=1e-5)
     np.testing.assert_allclose(step_state[0], states[-1], atol=1e-5)
 

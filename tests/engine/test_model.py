@@ -212,7 +212,9 @@ def test_stop_rules(model: ReferenceModel) -> None:
     tokens = _tokens(PROMPTS[0])
     free = generate(model, tokens, 30, Sampling(ignore_eos=True))
     assert len(free) == 30
-    assert generate(model, tokens, 30, Sampling(stop_token_ids=(free[5],), ignore_eos=True)) == free[: free.index(free[5])]
+    assert (
+        generate(model, tokens, 30, Sampling(stop_token_ids=(free[5],), ignore_eos=True)) == free[: free.index(free[5])]
+    )
     stop_text = ByteTokenizer().decode(free[6:9])
     got = generate(model, tokens, 30, Sampling(stop=(stop_text,), ignore_eos=True))
     assert ByteTokenizer().decode(got) + stop_text in ByteTokenizer().decode(free)

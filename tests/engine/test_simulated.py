@@ -145,7 +145,9 @@ async def test_decode_refuses_corrupt_or_incomplete_state() -> None:
         with pytest.raises(BadRequest):
             await _collect(sim, "r1", parts[1:])
         with pytest.raises(BadRequest):
-            await _collect(sim, "r1", [*parts[:-1], StatePart(parts[-1].layer, "attn_kv", "tokens", np.zeros(3, np.int32))])
+            await _collect(
+                sim, "r1", [*parts[:-1], StatePart(parts[-1].layer, "attn_kv", "tokens", np.zeros(3, np.int32))]
+            )
 
 
 def test_unknown_profiles_are_bad_requests() -> None:

@@ -27,7 +27,9 @@ def _prompt(n_tokens: int) -> np.ndarray:
 
 def _copy(state: RequestState) -> RequestState:
     """A deep copy of a state (mutations below must not touch the original)."""
-    return RequestState.from_parts(CFG, [p.__class__(p.layer, p.kind, p.name, np.array(p.array)) for p in state.to_parts()])
+    return RequestState.from_parts(
+        CFG, [p.__class__(p.layer, p.kind, p.name, np.array(p.array)) for p in state.to_parts()]
+    )
 
 
 def _zero_layer(state: RequestState, layer: int) -> None:
@@ -83,7 +85,9 @@ def test_every_block_of_the_prompt_moves_the_next_token(long_prompt):
             broken = _copy(state)
             for layer in CFG.full_layers:
                 for rows in (broken.keys[layer].view, broken.values[layer].view):
-                    rows[b * BS : (b + 1) * BS] = 0.0 if source == "zeros" else rows[(b + 7) % 32 * BS : ((b + 7) % 32 + 1) * BS]
+                    rows[b * BS : (b + 1) * BS] = (
+                        0.0 if source == "zeros" else rows[(b + 7) % 32 * BS : ((b + 7) % 32 + 1) * BS]
+                    )
             smallest = min(smallest, logprob_mismatch(state_logprobs(MODEL, broken), want))
     assert smallest > 10 * LOGPROB_ATOL
 

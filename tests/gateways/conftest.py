@@ -56,19 +56,34 @@ class Gateways:
         self, cluster: str, instances: str, env: dict[str, str] | None = None, **settings: object
     ) -> tuple[GatewayProcess, InstanceLoad]:
         """A prefill gateway at the prefill site serving ``instances`` (comma-separated) of ``cluster``."""
-        env = gateway_env("prefill_gateway", self.cluster.url(PREFILL_SITE), site=PREFILL_SITE, cluster=cluster,
-                          instances=instances, heartbeat_s=0.1, **settings) | (env or {})
+        env = gateway_env(
+            "prefill_gateway",
+            self.cluster.url(PREFILL_SITE),
+            site=PREFILL_SITE,
+            cluster=cluster,
+            instances=instances,
+            heartbeat_s=0.1,
+            **settings,
+        ) | (env or {})
         return await self._start("prefill_gateway", env, PREFILL_SITE, instances.split(",")[0])
 
     async def decode(
         self, instance: str, env: dict[str, str] | None = None, **settings: object
     ) -> tuple[GatewayProcess, InstanceLoad]:
         """A decode gateway at the decode site."""
-        env = gateway_env("decode_gateway", self.cluster.url(DECODE_SITE), site=DECODE_SITE, instance=instance,
-                          heartbeat_s=0.1, **settings) | (env or {})
+        env = gateway_env(
+            "decode_gateway",
+            self.cluster.url(DECODE_SITE),
+            site=DECODE_SITE,
+            instance=instance,
+            heartbeat_s=0.1,
+            **settings,
+        ) | (env or {})
         return await self._start("decode_gateway", env, DECODE_SITE, instance)
 
-    async def _start(self, kind: str, env: dict[str, str], site: str, instance: str) -> tuple[GatewayProcess, InstanceLoad]:
+    async def _start(
+        self, kind: str, env: dict[str, str], site: str, instance: str
+    ) -> tuple[GatewayProcess, InstanceLoad]:
         proc = GatewayProcess(kind, env, self.log_dir / f"{kind}-{instance}-{len(self.procs)}.log")
         self.procs.append(proc)
         nc = await connect(self.cluster.url(site), name=f"test-start-{instance}")
@@ -112,7 +127,9 @@ async def caller_for(sites: Sites, cluster: str) -> AsyncIterator[Caller]:
         yield caller
 
 
-async def next_load(nc: NatsClient, site: str, instance: str, after: float = 0.0, timeout_s: float = 10.0) -> InstanceLoad:
+async def next_load(
+    nc: NatsClient, site: str, instance: str, after: float = 0.0, timeout_s: float = 10.0
+) -> InstanceLoad:
     """The first heartbeat of ``site/instance`` sent after wall time ``after``."""
     sub = await nc.subscribe(subjects.load(site, instance))
     try:

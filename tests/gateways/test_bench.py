@@ -12,8 +12,25 @@ IMPOSSIBLE = "prefix_reuse.bytes_fraction.median=0.01"  # the linear states alwa
 def test_gateways_benchmark_figures_meet_their_targets_and_a_missed_one_exits_1(capsys):
     """Tokens identical, layer-wise streaming hides most of what the no-overlap run exposes, the receiver gets the
     budget, the held prefix is not resent; the impossible bytes target is missed, named, and the exit status is 1."""
-    argv = ["bench", "gateways", "--json", "--repeats", "1", "--overhead-requests", "10", "--ref-tokens", "128",
-            "--prefix-tokens", "640", "--paced-tokens", "1024", "--max-tokens", "4", "--target", IMPOSSIBLE]
+    argv = [
+        "bench",
+        "gateways",
+        "--json",
+        "--repeats",
+        "1",
+        "--overhead-requests",
+        "10",
+        "--ref-tokens",
+        "128",
+        "--prefix-tokens",
+        "640",
+        "--paced-tokens",
+        "1024",
+        "--max-tokens",
+        "4",
+        "--target",
+        IMPOSSIBLE,
+    ]
     assert main(argv) == 1
     out, err = capsys.readouterr()
     figures = json.loads(out)

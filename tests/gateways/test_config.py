@@ -18,13 +18,15 @@ from services.prefill_gateway.config import PrefillGatewayConfig
 def test_defaults_and_settings_are_read():
     """Unset keys keep their defaults; set ones are parsed (budgets per site, instance lists, simulated chips)."""
     assert DecodeGatewayConfig.from_env({}).backend.backend == "reference"
-    cfg = PrefillGatewayConfig.from_env({
-        "PREFILL_GATEWAY_INSTANCES": "p0, p1",
-        "PREFILL_GATEWAY_BACKEND": "simulated:b200",
-        "PREFILL_GATEWAY_MODEL": "qwen3.5-397b",
-        "PREFILL_GATEWAY_TIME_SCALE": "0.01",
-        "PREFILL_GATEWAY_BUDGETS": "dc-pd=10, dc-eu=2.5",
-    })
+    cfg = PrefillGatewayConfig.from_env(
+        {
+            "PREFILL_GATEWAY_INSTANCES": "p0, p1",
+            "PREFILL_GATEWAY_BACKEND": "simulated:b200",
+            "PREFILL_GATEWAY_MODEL": "qwen3.5-397b",
+            "PREFILL_GATEWAY_TIME_SCALE": "0.01",
+            "PREFILL_GATEWAY_BUDGETS": "dc-pd=10, dc-eu=2.5",
+        }
+    )
     assert cfg.instances == ("p0", "p1") and dict(cfg.budgets_gbps) == {"dc-pd": 10.0, "dc-eu": 2.5}
     backend = build_backend(cfg.backend)
     assert isinstance(backend, SimulatedBackend) and backend.name == "sim:qwen3.5-397b@b200"
@@ -36,10 +38,18 @@ def test_defaults_and_settings_are_read():
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"DECODE_GATEWAY_BACKEND": "simulated:rubin-cpx"}, "DECODE_GATEWAY_BACKEND='simulated:rubin-cpx'.*prefill-only"),
-        ({"DECODE_GATEWAY_BACKEND": "simulated:groq-lpu", "DECODE_GATEWAY_MAX_BATCH": "4096"},
-         r"DECODE_GATEWAY_MAX_BATCH=4096: simulated:groq-lpu decodes at most 16 sequences .*small batches, fast steps of"),
-        ({"DECODE_GATEWAY_BACKEND": "tpu"}, "DECODE_GATEWAY_BACKEND='tpu': expected 'reference' or 'simulated:<hardware>'"),
+        (
+            {"DECODE_GATEWAY_BACKEND": "simulated:rubin-cpx"},
+            "DECODE_GATEWAY_BACKEND='simulated:rubin-cpx'.*prefill-only",
+        ),
+        (
+            {"DECODE_GATEWAY_BACKEND": "simulated:groq-lpu", "DECODE_GATEWAY_MAX_BATCH": "4096"},
+            r"DECODE_GATEWAY_MAX_BATCH=4096: simulated:groq-lpu decodes at most 16 sequences .*small batches, fast steps of",
+        ),
+        (
+            {"DECODE_GATEWAY_BACKEND": "tpu"},
+            "DECODE_GATEWAY_BACKEND='tpu': expected 'reference' or 'simulated:<hardware>'",
+        ),
         ({"DECODE_GATEWAY_MODEL": "gpt-17"}, "DECODE_GATEWAY_MODEL='gpt-17'"),
         ({"DECODE_GATEWAY_MODEL": "qwen3-235b"}, "DECODE_GATEWAY_MODEL='qwen3-235b': the reference backend serves"),
         ({"DECODE_GATEWAY_TRANSPORTS": "tcp,rdma"}, "DECODE_GATEWAY_TRANSPORTS='tcp,rdma'"),
@@ -57,7 +67,10 @@ def test_decode_config_errors_name_the_key_and_the_reason(env, message):
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"PREFILL_GATEWAY_INSTANCES": "p0,p1"}, "PREFILL_GATEWAY_INSTANCES='p0,p1': a reference-model instance is one process"),
+        (
+            {"PREFILL_GATEWAY_INSTANCES": "p0,p1"},
+            "PREFILL_GATEWAY_INSTANCES='p0,p1': a reference-model instance is one process",
+        ),
         ({"PREFILL_GATEWAY_INSTANCES": "p0,p0", "PREFILL_GATEWAY_BACKEND": "simulated:h200"}, "distinct"),
         ({"PREFILL_GATEWAY_BUDGETS": "dc-pd:10"}, "PREFILL_GATEWAY_BUDGETS='dc-pd:10': 'dc-pd:10' is not of the form"),
         ({"PREFILL_GATEWAY_CODEC": "lz4"}, "PREFILL_GATEWAY_CODEC='lz4'"),
@@ -74,6 +87,8 @@ def test_prefill_config_errors_name_the_key_and_the_reason(env, message):
 def test_a_misconfigured_gateway_exits_with_the_reason():
     """``python -m services.decode_gateway`` on a prefill-only chip exits non-zero and says why, before connecting."""
     env = {"DECODE_GATEWAY_BACKEND": "simulated:rubin-cpx", "DECODE_GATEWAY_NATS_URL": "nats://127.0.0.1:1", "PATH": ""}
-    proc = subprocess.run([sys.executable, "-m", "services.decode_gateway"], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.decode_gateway"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
     assert "prefill-only" in proc.stderr

@@ -38,10 +38,24 @@ def pair(module_gateways):
 
     async def start() -> None:
         await asyncio.gather(
-            module_gateways.prefill("slow", "slow-p0", backend="simulated:h200", time_scale=SLOW,
-                                    metrics_port=METRICS["prefill"], link_stats_s=STATS_S, **SIM),
-            module_gateways.decode("small-d0", backend="simulated:h20", max_batch=2, kv_memory_bytes=KV_MEMORY,
-                                   lease_s=LEASE_S, metrics_port=METRICS["decode"], **SIM),
+            module_gateways.prefill(
+                "slow",
+                "slow-p0",
+                backend="simulated:h200",
+                time_scale=SLOW,
+                metrics_port=METRICS["prefill"],
+                link_stats_s=STATS_S,
+                **SIM,
+            ),
+            module_gateways.decode(
+                "small-d0",
+                backend="simulated:h20",
+                max_batch=2,
+                kv_memory_bytes=KV_MEMORY,
+                lease_s=LEASE_S,
+                metrics_port=METRICS["decode"],
+                **SIM,
+            ),
         )
 
     asyncio.run(start())
@@ -76,7 +90,10 @@ class ReceiverBytes:
         async with asyncio.timeout(timeout_s):
             while True:
                 stats = link_stats_decoder.decode((await self.sub.next_msg(timeout=timeout_s)).data)
-                if before.setdefault(stats.sender, stats.acked_bytes_total) < stats.acked_bytes_total and stats.active_transfers:
+                if (
+                    before.setdefault(stats.sender, stats.acked_bytes_total) < stats.acked_bytes_total
+                    and stats.active_transfers
+                ):
                     return
                 if not stats.active_transfers:
                     before[stats.sender] = stats.acked_bytes_total
@@ -84,8 +101,9 @@ class ReceiverBytes:
 
 async def test_killed_prefill_ends_the_request_with_transfer_failed_and_frees_the_slot(pair, gateways, sites):
     """kill -9 of the prefill gateway mid-transfer: TransferFailed within the lease, slot and memory back."""
-    proc, _ = await gateways.prefill("doomed", "doomed-p0", backend="simulated:h200", time_scale=SLOW,
-                                     link_stats_s=STATS_S, **SIM)
+    proc, _ = await gateways.prefill(
+        "doomed", "doomed-p0", backend="simulated:h200", time_scale=SLOW, link_stats_s=STATS_S, **SIM
+    )
     async with caller_for(sites, "doomed") as caller, ReceiverBytes(sites.prefill_nc) as receiver:
         request = asyncio.create_task(caller.request(PROMPT, "small-d0", model=MODEL, wait_status=False))
         await receiver.arrived()  # the decode side holds some of the KV, the rest is still coming
@@ -120,7 +138,11 @@ async def test_a_reservation_without_kv_expires_with_its_lease(pair, sites):
     """A decode job whose prefill never comes ends with TransferFailed once its lease runs out, and frees its slot."""
     async with caller_for(sites, "slow") as caller:
         out = await caller.request(PROMPT, "small-d0", model=MODEL, send_prefill=False, lease_s=0.3)
-    assert isinstance(out.final, ErrorReply) and out.final.code == "transfer_failed" and "lease expired" in out.final.message
+    assert (
+        isinstance(out.final, ErrorReply)
+        and out.final.code == "transfer_failed"
+        and "lease expired" in out.final.message
+    )
     assert 0.3 <= out.end_s <= 0.3 + 1.0  # never early; 1 s covers polling and a loaded machine
     load = await next_load(sites.decode_nc, "dc-pd", "small-d0", after=time.time())
     assert load.free_decode_slots == 2
@@ -129,8 +151,9 @@ async def test_a_reservation_without_kv_expires_with_its_lease(pair, sites):
 async def test_an_expired_lease_stops_the_prefill_job_too(pair, sites):
     """A job queued at the prefill side past its decode lease is dropped there at once, not computed."""
     async with caller_for(sites, "slow") as caller:
-        ahead = asyncio.create_task(caller.request(PROMPT, "small-d0", model=MODEL, lease_s=5.0, request_id="ahead",
-                                                   wait_final=False))
+        ahead = asyncio.create_task(
+            caller.request(PROMPT, "small-d0", model=MODEL, lease_s=5.0, request_id="ahead", wait_final=False)
+        )
         load = await next_load(sites.prefill_nc, "dc-prfaas", "slow-p0", after=time.time())
         while load.queue_depth == 0:  # "ahead" is computing
             load = await next_load(sites.prefill_nc, "dc-prfaas", "slow-p0", after=load.ts)
@@ -145,8 +168,12 @@ async def test_an_expired_lease_stops_the_prefill_job_too(pair, sites):
 async def test_a_full_decode_instance_answers_no_capacity_at_once(pair, sites):
     """With both slots reserved (or a transfer larger than its memory) a decode job is refused at once."""
     async with caller_for(sites, "slow") as caller:
-        held = [asyncio.create_task(caller.request(PROMPT, "small-d0", model=MODEL, send_prefill=False, lease_s=5.0,
-                                                   request_id=f"held-{i}")) for i in range(2)]
+        held = [
+            asyncio.create_task(
+                caller.request(PROMPT, "small-d0", model=MODEL, send_prefill=False, lease_s=5.0, request_id=f"held-{i}")
+            )
+            for i in range(2)
+        ]
         load = await next_load(sites.decode_nc, "dc-pd", "small-d0", after=time.time())
         while load.free_decode_slots:
             load = await next_load(sites.decode_nc, "dc-pd", "small-d0", after=load.ts)
@@ -163,13 +190,16 @@ async def test_a_full_decode_instance_answers_no_capacity_at_once(pair, sites):
 
 async def test_sigterm_drains_requests_in_flight(gateways, sites):
     """SIGTERM to the prefill gateway mid-prefill and to the decode gateway mid-decode: the request completes."""
-    prefill, _ = await gateways.prefill("drain", "drain-p0", backend="simulated:h200", time_scale=1.0,
-                                        link_stats_s=STATS_S, **SIM)
+    prefill, _ = await gateways.prefill(
+        "drain", "drain-p0", backend="simulated:h200", time_scale=1.0, link_stats_s=STATS_S, **SIM
+    )
     decode, _ = await gateways.decode("drain-d0", backend="simulated:h20", time_scale=4.0, **SIM)
     async with caller_for(sites, "drain") as caller, ReceiverBytes(sites.prefill_nc) as receiver:
         first_token = asyncio.Event()
         start = time.monotonic()
-        request = asyncio.create_task(caller.request(PROMPT, "drain-d0", model=MODEL, max_tokens=30, first_token=first_token))
+        request = asyncio.create_task(
+            caller.request(PROMPT, "drain-d0", model=MODEL, max_tokens=30, first_token=first_token)
+        )
         await receiver.arrived()  # mid-prefill: layers stream as they are computed (~0.73 s in all)
         prefill.proc.terminate()
         prefill_terminated = time.monotonic() - start
@@ -203,8 +233,15 @@ async def test_a_transfer_without_a_reservation_is_refused_before_it_takes_memor
     part = StatePart(0, "attn_kv", "kv", np.zeros(1 << 20, np.uint8))
     async with KvLinks("dc-prfaas") as links:
         sender = KvSender(TcpTransport(), links)
-        manifest = sender.manifest(transfer_id="stranger", dst_site="dc-pd", model=MODEL, block_size=64,
-                                   num_tokens=1, specs=[PartSpec.of(part)], request_id="nobody")  # fmt: skip
+        manifest = sender.manifest(
+            transfer_id="stranger",
+            dst_site="dc-pd",
+            model=MODEL,
+            block_size=64,
+            num_tokens=1,
+            specs=[PartSpec.of(part)],
+            request_id="nobody",
+        )
         with pytest.raises(BadRequest, match="transfer stranger has no reservation on small-d0"):
             await sender.send(manifest, [part], Destination("dc-pd", "small-d0", load.tcp_host, load.tcp_port))
     after = await next_load(sites.decode_nc, "dc-pd", "small-d0", after=time.time())

@@ -48,7 +48,9 @@ def reference_pair(module_gateways, otlp):
     tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
 
     async def start() -> None:
-        await asyncio.gather(module_gateways.prefill(CLUSTER, PREFILL, env=tracing), module_gateways.decode(DECODE, env=tracing))
+        await asyncio.gather(
+            module_gateways.prefill(CLUSTER, PREFILL, env=tracing), module_gateways.decode(DECODE, env=tracing)
+        )
 
     asyncio.run(start())
     return module_gateways
@@ -66,8 +68,9 @@ async def test_tokens_match_monolithic_generation(reference_pair, sites, transpo
     """Prefill at one site, transfer, decode at the other: exactly generate()'s tokens (greedy, seeded, zstd)."""
     prompt = _prompt(f"identity {transport} {codec}")
     async with caller_for(sites, CLUSTER) as caller:
-        out = await caller.request(prompt, DECODE, model="reference", max_tokens=24, sampling=sampling,
-                                   transport=transport, codec=codec)
+        out = await caller.request(
+            prompt, DECODE, model="reference", max_tokens=24, sampling=sampling, transport=transport, codec=codec
+        )
     assert out.tokens == generate(MODEL, prompt, 24, sampling)
     assert isinstance(out.final, DecodeFinished) and out.final.finish_reason == "length"
     assert (out.final.prompt_tokens, out.final.completion_tokens, out.final.held_tokens) == (len(prompt), 24, 0)
@@ -97,7 +100,12 @@ async def test_a_shared_prefix_sends_only_the_missing_blocks(reference_pair, sit
         async with asyncio.timeout(5):
             while hash_list(first)[0] not in stored:
                 batch = kv_event_batch_decoder.decode((await events.next_msg(timeout=5)).data)
-                stored += [h for e in batch.events if isinstance(e, BlocksStored) and e.kind == "attn_kv" for h in e.block_hashes]
+                stored += [
+                    h
+                    for e in batch.events
+                    if isinstance(e, BlocksStored) and e.kind == "attn_kv"
+                    for h in e.block_hashes
+                ]
         assert stored == hash_list(first)  # the decode instance announces what it received
         two = await caller.request(second, DECODE, model="reference", max_tokens=24)
     assert one.tokens == generate(MODEL, first, 8)
@@ -113,19 +121,40 @@ async def test_bad_jobs_are_refused_at_once(reference_pair, sites):
     """Unknown model, a prompt over the model's limit, a malformed job: BadRequest from both legs, without waiting."""
     decode, prefill = DecodeGatewayClient(sites.decode_nc), PrefillGatewayClient(sites.decode_nc)
     too_long = [65] * (MODEL.config.max_prompt_tokens + 1)
-    common = {"request_id": "bad", "transfer_id": "tbad", "max_tokens": 4, "reply_subject": "nowhere", "prefill_site": "dc-prfaas"}
+    common = {
+        "request_id": "bad",
+        "transfer_id": "tbad",
+        "max_tokens": 4,
+        "reply_subject": "nowhere",
+        "prefill_site": "dc-prfaas",
+    }
     start = time.monotonic()
     with pytest.raises(BadRequest, match="unknown model"):
         await decode.reserve("dc-pd", DECODE, DecodeJob(model="gpt-17", prompt_tokens=[1, 2], **common))
     with pytest.raises(BadRequest, match="limit"):
         await decode.reserve("dc-pd", DECODE, DecodeJob(model="reference", prompt_tokens=too_long, **common))
-    dest = (await caller_destination(sites))
+    dest = await caller_destination(sites)
     with pytest.raises(BadRequest, match="limit"):
-        await prefill.submit("dc-prfaas", CLUSTER, PrefillJob(request_id="bad", transfer_id="tbad", model="reference",
-                                                              prompt_tokens=too_long, destination=dest))
+        await prefill.submit(
+            "dc-prfaas",
+            CLUSTER,
+            PrefillJob(
+                request_id="bad", transfer_id="tbad", model="reference", prompt_tokens=too_long, destination=dest
+            ),
+        )
     with pytest.raises(BadRequest, match="skip_blocks"):
-        await prefill.submit("dc-prfaas", CLUSTER, PrefillJob(request_id="bad", transfer_id="tbad", model="reference",
-                                                              prompt_tokens=[1] * 100, destination=dest, skip_blocks=2))
+        await prefill.submit(
+            "dc-prfaas",
+            CLUSTER,
+            PrefillJob(
+                request_id="bad",
+                transfer_id="tbad",
+                model="reference",
+                prompt_tokens=[1] * 100,
+                destination=dest,
+                skip_blocks=2,
+            ),
+        )
     reply = await sites.decode_nc.request(subjects.decode_jobs("dc-pd", DECODE), b"\x93garbage", timeout=2)
     assert b"bad_request" in reply.data
     assert time.monotonic() - start < 5  # answered, not timed out (each leg's deadline is 2 s)
@@ -146,11 +175,22 @@ async def test_cancel_stops_decoding_and_frees_the_slot(reference_pair, sites):
     prompt = _prompt("cancel", 1)
     async with caller_for(sites, CLUSTER) as caller:
         first_token = asyncio.Event()
-        request = asyncio.create_task(caller.request(prompt, DECODE, model="reference", max_tokens=5000, request_id="cancel-1",
-                                                     sampling=Sampling(ignore_eos=True), first_token=first_token))
+        request = asyncio.create_task(
+            caller.request(
+                prompt,
+                DECODE,
+                model="reference",
+                max_tokens=5000,
+                request_id="cancel-1",
+                sampling=Sampling(ignore_eos=True),
+                first_token=first_token,
+            )
+        )
         async with asyncio.timeout(30):
             await first_token.wait()
-        await sites.decode_nc.publish(subjects.JOB_CANCEL, encode(JobCancel(request_id="cancel-1", reason="client gone")))
+        await sites.decode_nc.publish(
+            subjects.JOB_CANCEL, encode(JobCancel(request_id="cancel-1", reason="client gone"))
+        )
         out = await request
     assert out.final.finish_reason == "cancelled"
     assert 0 < out.final.completion_tokens < 5000

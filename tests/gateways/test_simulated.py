@@ -43,8 +43,14 @@ def simulated(module_gateways):
         await asyncio.gather(
             module_gateways.prefill("sim", PREFILL_INSTANCES, **common),
             module_gateways.prefill("sim-paced", "sim-paced-p0", budgets=f"dc-pd={PACED_GBPS}", **common),
-            module_gateways.decode("sim-d0", backend="simulated:h20", model=MODEL, byte_scale=BYTE_SCALE,
-                                   time_scale=DECODE_SCALE, kv_memory_bytes=256 << 20),
+            module_gateways.decode(
+                "sim-d0",
+                backend="simulated:h20",
+                model=MODEL,
+                byte_scale=BYTE_SCALE,
+                time_scale=DECODE_SCALE,
+                kv_memory_bytes=256 << 20,
+            ),
         )
 
     asyncio.run(start())
@@ -57,9 +63,14 @@ async def test_each_layer_arrives_when_the_profile_says_it_is_computed(simulated
     status = await sites.decode_nc.subscribe("test.sim.status")
     async with receiver, TcpReceiverServer(receiver) as server:
         host, port = server.address
-        job = PrefillJob(request_id="layers", transfer_id="tlayers", model=MODEL, prompt_tokens=list(range(LAYER_TOKENS)),
-                         destination=KvDestination(site="dc-pd", instance="probe", host=host, port=port),
-                         status_subject="test.sim.status")
+        job = PrefillJob(
+            request_id="layers",
+            transfer_id="tlayers",
+            model=MODEL,
+            prompt_tokens=list(range(LAYER_TOKENS)),
+            destination=KvDestination(site="dc-pd", instance="probe", host=host, port=port),
+            status_subject="test.sim.status",
+        )
         sent = time.monotonic()
         await PrefillGatewayClient(sites.decode_nc).submit("dc-prfaas", "sim", job)
         accepted = time.monotonic()

@@ -18,8 +18,14 @@ TOKENS = 2048  # ~2.1 MB per transfer at this byte scale: ~86 ms of budget each
 async def _delivered_gbps(gateways, sites, processes: list[tuple[str, ...]], jobs_per_instance: int) -> float:
     """Start one prefill gateway per instance tuple, send them all jobs at once, return the rate delivered."""
     # Two instances per process keep each process's link busy without a gap (no bucket refill between jobs).
-    sim = {"backend": "simulated:h200", "model": "kimi-linear-1t", "byte_scale": 1e-2, "time_scale": 0.0,
-           "budgets": f"dc-pd={BUDGET_GBPS}", "queue_limit": jobs_per_instance}
+    sim = {
+        "backend": "simulated:h200",
+        "model": "kimi-linear-1t",
+        "byte_scale": 1e-2,
+        "time_scale": 0.0,
+        "budgets": f"dc-pd={BUDGET_GBPS}",
+        "queue_limit": jobs_per_instance,
+    }
     await asyncio.gather(*[gateways.prefill("budget", ",".join(names), **sim) for names in processes])
     receiver = KvReceiver(ReceiverConfig(max_total_bytes=256 << 20, transfer_timeout_s=60))
     status = await sites.decode_nc.subscribe("test.budget.status")
@@ -49,14 +55,24 @@ async def _delivered_gbps(gateways, sites, processes: list[tuple[str, ...]], job
         claims = [asyncio.create_task(claim(f"t{rid}")) for _, rid in jobs]
         sampler = asyncio.create_task(sample())
         for instance, rid in jobs:
-            await client.submit("dc-prfaas", "budget", PrefillJob(
-                request_id=rid, transfer_id=f"t{rid}", model="kimi-linear-1t",
-                prompt_tokens=[sum(map(ord, rid))] + list(range(TOKENS - 1)),
-                destination=KvDestination(site="dc-pd", instance="probe", host=host, port=port),
-                status_subject="test.budget.status"), instance=instance)
+            await client.submit(
+                "dc-prfaas",
+                "budget",
+                PrefillJob(
+                    request_id=rid,
+                    transfer_id=f"t{rid}",
+                    model="kimi-linear-1t",
+                    prompt_tokens=[sum(map(ord, rid))] + list(range(TOKENS - 1)),
+                    destination=KvDestination(site="dc-pd", instance="probe", host=host, port=port),
+                    status_subject="test.budget.status",
+                ),
+                instance=instance,
+            )
         async with asyncio.timeout(60):
             for _ in jobs:
-                assert isinstance(prefill_status_decoder.decode((await status.next_msg(timeout=30)).data), PrefillFinished)
+                assert isinstance(
+                    prefill_status_decoder.decode((await status.next_msg(timeout=30)).data), PrefillFinished
+                )
             await asyncio.gather(*claims)
         sampler.cancel()
     # The rate between 20% and 80% of all bytes: every instance sends all along, and the buckets'

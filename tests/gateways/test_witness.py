@@ -60,10 +60,21 @@ class MutatingBackend(ReferenceBackend):
 async def _pair(sites: Sites) -> AsyncIterator[tuple[Caller, MutatingBackend, ReferenceBackend]]:
     """A prefill gateway at the PrfaaS site and a decode gateway at the PD site, in this process, and a caller."""
     prefill_backend, decode_backend = MutatingBackend(), ReferenceBackend()
-    prefill_cfg = PrefillGatewayConfig.from_env(gateway_env(
-        "prefill_gateway", sites.cluster.url(PREFILL_SITE), site=PREFILL_SITE, cluster=CLUSTER, instances=PREFILL, heartbeat_s=0.1))
-    decode_cfg = DecodeGatewayConfig.from_env(gateway_env(
-        "decode_gateway", sites.cluster.url(DECODE_SITE), site=DECODE_SITE, instance=DECODE, heartbeat_s=0.1))
+    prefill_cfg = PrefillGatewayConfig.from_env(
+        gateway_env(
+            "prefill_gateway",
+            sites.cluster.url(PREFILL_SITE),
+            site=PREFILL_SITE,
+            cluster=CLUSTER,
+            instances=PREFILL,
+            heartbeat_s=0.1,
+        )
+    )
+    decode_cfg = DecodeGatewayConfig.from_env(
+        gateway_env(
+            "decode_gateway", sites.cluster.url(DECODE_SITE), site=DECODE_SITE, instance=DECODE, heartbeat_s=0.1
+        )
+    )
     async with (
         PrefillGatewayService(sites.prefill_nc, {PREFILL: prefill_backend}, prefill_cfg),
         DecodeGatewayService(sites.decode_nc, decode_backend, decode_cfg),

@@ -20,7 +20,14 @@ from services.kv_index.service import KvIndexService, start_in_process
 
 def index_config(nats_url: str, redis_url: str, **overrides) -> KvIndexConfig:
     """A config with short deadlines suited to tests."""
-    base = dict(nats_url=nats_url, redis_url=redis_url, lookup_timeout_s=0.5, redis_timeout_s=0.3, fetch_timeout_s=0.2, retry_backoff_max_s=0.2)
+    base = dict(
+        nats_url=nats_url,
+        redis_url=redis_url,
+        lookup_timeout_s=0.5,
+        redis_timeout_s=0.3,
+        fetch_timeout_s=0.2,
+        retry_backoff_max_s=0.2,
+    )
     base.update(overrides)
     return KvIndexConfig(**base)
 

@@ -31,7 +31,12 @@ def test_adjacent_changes_of_one_kind_merge_and_order_is_kept():
 
 def test_large_event_lists_split_into_bounded_batches_in_order():
     """No batch carries more than the bound; concatenating the batches gives the original sequence back."""
-    events = [AllBlocksCleared(), BlocksStored(block_hashes=list(range(10))), BlocksEvicted(block_hashes=[3, 4]), BlocksStored(block_hashes=[20])]
+    events = [
+        AllBlocksCleared(),
+        BlocksStored(block_hashes=list(range(10))),
+        BlocksEvicted(block_hashes=[3, 4]),
+        BlocksStored(block_hashes=[20]),
+    ]
     chunks = split_events(events, max_hashes=4)
     assert all(sum(len(getattr(e, "block_hashes", ())) for e in chunk) <= 4 for chunk in chunks)
     assert isinstance(chunks[0][0], AllBlocksCleared)

@@ -16,7 +16,9 @@ PRFAAS = [sys.executable, "-m", "libs.cli"]
 
 
 def _lookup(nats_url: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*PRFAAS, "index", "lookup", "--nats", nats_url, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [*PRFAAS, "index", "lookup", "--nats", nats_url, *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_lookup_without_a_server_is_a_clear_error():
@@ -29,7 +31,20 @@ def test_lookup_without_a_server_is_a_clear_error():
 def test_kvindex_benchmark_prints_its_figures_as_json():
     """A tiny run of the benchmark prints its three figures (lookup p50, p99, ingest rate)."""
     result = subprocess.run(
-        [*PRFAAS, "bench", "kvindex", "--blocks", "4096", "--instances", "4", "--prompt-blocks", "64", "--lookups", "20", "--json"],
+        [
+            *PRFAAS,
+            "bench",
+            "kvindex",
+            "--blocks",
+            "4096",
+            "--instances",
+            "4",
+            "--prompt-blocks",
+            "64",
+            "--lookups",
+            "20",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -46,7 +61,9 @@ KV_INDEX = [sys.executable, "-m", "services.kv_index"]
 
 def _kv_index(env: dict[str, str]) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KV_INDEX_")}
-    return subprocess.run(KV_INDEX, env={**clean, "KV_INDEX_CONNECT_TIMEOUT_S": "0.5", **env}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        KV_INDEX, env={**clean, "KV_INDEX_CONNECT_TIMEOUT_S": "0.5", **env}, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize(

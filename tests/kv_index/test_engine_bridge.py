@@ -76,7 +76,9 @@ async def bridged_index(nats_url: str, redis_url: str, engine: EnginePublisher, 
 
 
 @pytest.mark.parametrize("family", ["sglang", "vllm-six-fields", "vllm-seven-fields", "vllm-map-events"])
-async def test_engine_running_before_the_index_is_found_and_a_dropped_batch_is_replayed(nats_url, redis_url, nc, client, engines, family):
+async def test_engine_running_before_the_index_is_found_and_a_dropped_batch_is_replayed(
+    nats_url, redis_url, nc, client, engines, family
+):
     """Blocks stored before the index listened come from the replay buffer; a batch the PUB socket dropped is replayed."""
     engine = await engines(family)
     _, (a_hashes,) = await engine.send(store(A))
@@ -124,7 +126,9 @@ async def test_stopping_the_index_during_a_replay_returns_promptly(nats_url, red
         assert time.monotonic() - start < 10
 
 
-async def test_without_replay_first_contact_is_a_baseline_and_a_gap_drops_the_blocks(nats_url, redis_url, client, engines):
+async def test_without_replay_first_contact_is_a_baseline_and_a_gap_drops_the_blocks(
+    nats_url, redis_url, client, engines
+):
     """No replay socket: blocks from before first contact stay unknown; a gap drops the instance's blocks, counted."""
     engine = await engines("vllm-seven-fields", replay=False)
     await engine.send(store(A))  # nobody listens yet
@@ -227,7 +231,9 @@ async def test_hybrid_groups_and_blocks_that_are_not_ours(nats_url, redis_url, c
         )
         await eventually(lambda: _is(held(client, A, hybrid=True), (4, 4, 4)), what="A with four checkpoints")
         await engine.send(remove([linear[3]], group_idx=1))  # no kind: the group says it is the mamba state
-        await eventually(lambda: _is(held(client, A, hybrid=True), (4, 3, 3)), what="last checkpoint gone, attention kept")
+        await eventually(
+            lambda: _is(held(client, A, hybrid=True), (4, 3, 3)), what="last checkpoint gone, attention kept"
+        )
         assert [(await held(client, p))[0] for p in (lora, keyed, remote)] == [0, 1, 0]
         assert count(service.metrics.engine_skipped, LABEL, "lora") == 4
         assert count(service.metrics.engine_skipped, LABEL, "remote") == 4

@@ -45,14 +45,17 @@ def test_map_events_carry_groups_tiers_and_what_is_not_ours():
     """Group, kind, medium, LoRA name, extra keys and locality are read; future fields and event types are ignored."""
     family = FAMILIES["vllm-map-events"]
     ids = family.chain(TOKENS[:64], 16)
-    payload = family.batch(2.0, [
-        family.stored(ids, None, TOKENS[:64], 16, group_idx=1, kind="mamba", medium="CPU"),
-        family.stored(ids, None, TOKENS[:64], 16, lora_name="adapter"),
-        family.stored(ids, None, TOKENS[:64], 16, extra_keys=[None, None, ["img-1", 0], None]),
-        family.stored(ids, None, TOKENS[:64], 16, locality="REMOTE", medium="STORAGE"),
-        family.removed(ids[:1], group_idx=1),
-        family.future_event(ids[:1]),
-    ])
+    payload = family.batch(
+        2.0,
+        [
+            family.stored(ids, None, TOKENS[:64], 16, group_idx=1, kind="mamba", medium="CPU"),
+            family.stored(ids, None, TOKENS[:64], 16, lora_name="adapter"),
+            family.stored(ids, None, TOKENS[:64], 16, extra_keys=[None, None, ["img-1", 0], None]),
+            family.stored(ids, None, TOKENS[:64], 16, locality="REMOTE", medium="STORAGE"),
+            family.removed(ids[:1], group_idx=1),
+            family.future_event(ids[:1]),
+        ],
+    )
     batch = decode_payload(payload)
     linear, lora, keyed, remote, removed = batch.events
     assert (linear.kind, linear.group, linear.tier, linear.skip) == ("linear_state", 1, "host", "")
@@ -117,7 +120,12 @@ def test_fuzzed_frames_only_ever_raise_bad_request(raw):
 
 
 any_msgpack = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=8) | st.binary(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
     lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=8), children, max_size=6),
     max_leaves=30,
 )
@@ -125,7 +133,12 @@ event_tags = st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared",
 
 
 @settings(max_examples=300)
-@given(st.lists(st.one_of(any_msgpack, st.tuples(event_tags, any_msgpack, any_msgpack, any_msgpack).map(list)), max_size=4), any_msgpack)
+@given(
+    st.lists(
+        st.one_of(any_msgpack, st.tuples(event_tags, any_msgpack, any_msgpack, any_msgpack).map(list)), max_size=4
+    ),
+    any_msgpack,
+)
 def test_fuzzed_event_shapes_decode_and_map_or_raise_bad_request(events, ts):
     """Any msgpack shape, including tagged events with odd fields, decodes and maps or raises BadRequest."""
     mapper = BlockMapper(64)

@@ -57,7 +57,9 @@ async def test_eviction_shortens_prefix_and_tiers_are_tracked_separately(index, 
     """Evicting a block cuts the prefix there; a copy left in another tier keeps it usable."""
     p = Producer(nc, "dc-a", "p0")
     await p.heartbeat()
-    await p.send(BlocksStored(block_hashes=PROMPT[:20], tier="device"), BlocksStored(block_hashes=PROMPT[:20], tier="host"))
+    await p.send(
+        BlocksStored(block_hashes=PROMPT[:20], tier="device"), BlocksStored(block_hashes=PROMPT[:20], tier="host")
+    )
     await p.send(BlocksEvicted(block_hashes=PROMPT[10:20], tier="device"))
 
     async def still_20():

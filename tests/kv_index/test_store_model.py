@@ -32,7 +32,9 @@ ops = st.lists(
 def expected(held: dict[tuple[int, str, str], set[int]], instance: int, hybrid: bool) -> tuple[int, int, int] | None:
     """Brute force: (attn_kv, linear_state, usable) prefix of one instance, or None if it holds no first block."""
     attn_blocks = held.get((instance, "attn_kv", "device"), set()) | held.get((instance, "attn_kv", "host"), set())
-    lin_blocks = held.get((instance, "linear_state", "device"), set()) | held.get((instance, "linear_state", "host"), set())
+    lin_blocks = held.get((instance, "linear_state", "device"), set()) | held.get(
+        (instance, "linear_state", "host"), set()
+    )
     attn = 0
     while attn < len(BLOCKS) and BLOCKS[attn] in attn_blocks:
         attn += 1
@@ -66,7 +68,10 @@ def test_lookup_matches_brute_force(redis_server: RedisServer, ops, hybrid):
             for other in slots:
                 if other != slots[inst]:
                     await store.apply(other, seq, [], False)
-        got = {p.slot: (p.attn_kv_blocks, p.linear_state_blocks, p.usable_blocks) for p in await store.lookup(pack_hashes(BLOCKS), time.time(), hybrid)}
+        got = {
+            p.slot: (p.attn_kv_blocks, p.linear_state_blocks, p.usable_blocks)
+            for p in await store.lookup(pack_hashes(BLOCKS), time.time(), hybrid)
+        }
         await client.aclose()
         return {k: got.get(slots[k]) for k in range(3)}
 

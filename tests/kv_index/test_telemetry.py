@@ -32,7 +32,9 @@ async def test_metrics_endpoint_serves_the_service_counters(index, client):
     port = free_port()
     server = start_metrics_server(port, addr="127.0.0.1", registry=index.registry)
     try:
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        )
     finally:
         server.shutdown()
     assert 'prfaas_kv_index_lookups_total{outcome="ok"} 1.0' in body

@@ -52,8 +52,12 @@ WRONGLY_TYPED_ENGINE_PAYLOADS = [
 
 engine_garbage = st.one_of(
     st.lists(st.binary(max_size=16), min_size=1, max_size=6).filter(lambda f: len(f) != 3),  # wrong number of frames
-    st.tuples(st.binary(max_size=16), st.binary(max_size=16).filter(lambda b: len(b) != 8), st.binary(max_size=32)).map(list),
-    st.tuples(st.integers(2**63, 2**64 - 1), st.binary(max_size=8)).map(lambda t: [b"t", t[0].to_bytes(8, "big"), t[1]]),  # seq < 0
+    st.tuples(st.binary(max_size=16), st.binary(max_size=16).filter(lambda b: len(b) != 8), st.binary(max_size=32)).map(
+        list
+    ),
+    st.tuples(st.integers(2**63, 2**64 - 1), st.binary(max_size=8)).map(
+        lambda t: [b"t", t[0].to_bytes(8, "big"), t[1]]
+    ),  # seq < 0
     st.tuples(
         st.integers(0, 2**40),
         st.one_of(
@@ -104,7 +108,9 @@ class _Engine:
         self.seq += 1
         tokens = list(range(self.seq * 1000, self.seq * 1000 + 64))
         ids = FAMILY.chain(tokens, 16)
-        await self.pub.send_multipart(frames(self.seq, FAMILY.batch(time.time(), [FAMILY.stored(ids, None, tokens, 16)])))
+        await self.pub.send_multipart(
+            frames(self.seq, FAMILY.batch(time.time(), [FAMILY.stored(ids, None, tokens, 16)]))
+        )
 
         async def found() -> bool:
             reply = await client.lookup(hash_list(tokens, 64), hybrid=False)
@@ -204,7 +210,9 @@ async def test_garbage_on_the_bus_is_counted_and_the_index_keeps_answering(index
 
     async def still_serving() -> bool:
         reply = await client.lookup(prompt, hybrid=False)
-        return [(i.instance, i.attn_kv_blocks) for i in reply.instances if i.instance == p.instance] == [(p.instance, 3)]
+        return [(i.instance, i.attn_kv_blocks) for i in reply.instances if i.instance == p.instance] == [
+            (p.instance, 3)
+        ]
 
     await eventually(still_serving, what="valid events still applied after garbage")
     assert bad.labels("event")._value.get() - before["event"] == len(events)

@@ -43,8 +43,21 @@ def test_a_run_prints_named_ratios_and_leaves_no_work_directory(tmp_path, monkey
 
 def test_paced_transfer_meets_the_budget_and_an_impossible_target_exits_1(capsys):
     """16 MiB paced at 0.1 Gbps (1.3 s): within 5% of the budget, no 1 s window over 1.05x; asking for 1.5-2x misses."""
-    status = main(["bench", "kv", "--size", "16MiB", "--budget-gbps", "0.1", "--repeat", "1", "--json",
-                   "--target", "achieved_vs_budget.median=1.5..2"])  # fmt: skip
+    status = main(
+        [
+            "bench",
+            "kv",
+            "--size",
+            "16MiB",
+            "--budget-gbps",
+            "0.1",
+            "--repeat",
+            "1",
+            "--json",
+            "--target",
+            "achieved_vs_budget.median=1.5..2",
+        ]
+    )
     out, err = capsys.readouterr()
     figures = json.loads(out)
     assert status == 1 and figures["missed"] == ["achieved_vs_budget.median"]

@@ -27,9 +27,18 @@ FLOATS = ("<f2", "<f4", "<f8")
 def part_sets(draw):
     """Unique parts of random kind, dtype, shape and allowed codec, filled from a seed."""
     n = draw(st.integers(1, 6))
-    keys = draw(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["attn_kv", "linear_state"]),
-                                   st.sampled_from(["k", "v", "state", "ckpt.3"])), min_size=n, max_size=n,
-                         unique=True))
+    keys = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 40),
+                st.sampled_from(["attn_kv", "linear_state"]),
+                st.sampled_from(["k", "v", "state", "ckpt.3"]),
+            ),
+            min_size=n,
+            max_size=n,
+            unique=True,
+        )
+    )
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     parts, codecs = [], []
     for layer, kind, name in keys:
@@ -71,8 +80,17 @@ def test_random_parts_round_trip_through_shuffled_duplicated_chunks(drawn, chunk
     """Any part set and codec survives chunking, any chunk order and duplicates: lossless exact, int8 in bound."""
     parts, codecs = drawn
     specs = [PartSpec.of(p, c) for p, c in zip(parts, codecs, strict=True)]
-    manifest = build_manifest(transfer_id="t-prop", src_site="a", dst_site="b", model="m", block_size=64,
-                              num_tokens=7, specs=specs, chunk_bytes=chunk_bytes, checksum=algo)
+    manifest = build_manifest(
+        transfer_id="t-prop",
+        src_site="a",
+        dst_site="b",
+        model="m",
+        block_size=64,
+        num_tokens=7,
+        specs=specs,
+        chunk_bytes=chunk_bytes,
+        checksum=algo,
+    )
     encoded = [encode_part(i, p, manifest) for i, p in enumerate(parts)]
     chunks = [c for e in encoded for c in e.chunks(chunk_bytes)]
     deliveries = chunks + order.sample(chunks, k=min(3, len(chunks)))  # a few resent
@@ -93,8 +111,16 @@ def test_random_parts_round_trip_through_shuffled_duplicated_chunks(drawn, chunk
 def test_corrupt_chunk_is_rejected_then_accepted_when_resent():
     """A payload that fails its checksum is not held; the resent chunk completes the part."""
     part = StatePart(3, "attn_kv", "k", np.arange(5000, dtype=np.float32))
-    manifest = build_manifest(transfer_id="t-bad", src_site="a", dst_site="b", model="m", block_size=64,
-                              num_tokens=1, specs=[PartSpec.of(part)], chunk_bytes=4096)
+    manifest = build_manifest(
+        transfer_id="t-bad",
+        src_site="a",
+        dst_site="b",
+        model="m",
+        block_size=64,
+        num_tokens=1,
+        specs=[PartSpec.of(part)],
+        chunk_bytes=4096,
+    )
     enc = encode_part(0, part, manifest)
     assembly, _, _ = _assembly(manifest)
     first, *rest = list(enc.chunks(4096))
@@ -114,8 +140,16 @@ def test_foreign_chunks_fail_the_part_digest():
     """Chunks checksummed by another sender (different data, same layout) fail the whole-part check."""
     old = StatePart(0, "linear_state", "state", np.zeros(3000, dtype=np.float32))
     new = StatePart(0, "linear_state", "state", np.ones(3000, dtype=np.float32))
-    manifest = build_manifest(transfer_id="t-digest", src_site="a", dst_site="b", model="m", block_size=64,
-                              num_tokens=1, specs=[PartSpec.of(old)], chunk_bytes=4096)
+    manifest = build_manifest(
+        transfer_id="t-digest",
+        src_site="a",
+        dst_site="b",
+        model="m",
+        block_size=64,
+        num_tokens=1,
+        specs=[PartSpec.of(old)],
+        chunk_bytes=4096,
+    )
     stale, fresh = encode_part(0, old, manifest), encode_part(0, new, manifest)
     assembly, _, _ = _assembly(manifest)
     for chunk in stale.chunks(4096):
@@ -128,9 +162,14 @@ def test_lossy_codec_is_refused_for_linear_state_and_integers():
     """int8 is for attn_kv floats only: linear state and integer arrays are refused up front."""
     common = dict(transfer_id="t", src_site="a", dst_site="b", model="m", block_size=64, num_tokens=1)
     with pytest.raises(BadRequest, match="attn_kv only"):
-        build_manifest(**common, specs=[PartSpec(layer=0, kind="linear_state", name="state", dtype="<f4", shape=(4, 4), codec="int8")])
+        build_manifest(
+            **common,
+            specs=[PartSpec(layer=0, kind="linear_state", name="state", dtype="<f4", shape=(4, 4), codec="int8")],
+        )
     with pytest.raises(BadRequest, match="float"):
-        build_manifest(**common, specs=[PartSpec(layer=1, kind="attn_kv", name="k", dtype="<i4", shape=(4, 4), codec="int8")])
+        build_manifest(
+            **common, specs=[PartSpec(layer=1, kind="attn_kv", name="k", dtype="<i4", shape=(4, 4), codec="int8")]
+        )
     with pytest.raises(BadRequest, match="twice"):
         build_manifest(**common, specs=[PartSpec(layer=1, kind="attn_kv", name="k", dtype="<f2", shape=(4,))] * 2)
 
@@ -138,15 +177,23 @@ def test_lossy_codec_is_refused_for_linear_state_and_integers():
 def test_chunk_outside_the_part_layout_is_a_bad_request():
     """A header whose offset or length does not match the part's layout is refused, nothing written."""
     part = StatePart(0, "attn_kv", "k", np.zeros(3000, dtype=np.float32))
-    manifest = build_manifest(transfer_id="t-lay", src_site="a", dst_site="b", model="m", block_size=64,
-                              num_tokens=1, specs=[PartSpec.of(part)], chunk_bytes=4096)
+    manifest = build_manifest(
+        transfer_id="t-lay",
+        src_site="a",
+        dst_site="b",
+        model="m",
+        block_size=64,
+        num_tokens=1,
+        specs=[PartSpec.of(part)],
+        chunk_bytes=4096,
+    )
     assembly, _, _ = _assembly(manifest)
     with pytest.raises(BadRequest):
-        assembly.target(KvChunk(transfer_id="t-lay", part=0, offset=100, length=4096, checksum=0,
-                                part_wire_bytes=12000))
+        assembly.target(
+            KvChunk(transfer_id="t-lay", part=0, offset=100, length=4096, checksum=0, part_wire_bytes=12000)
+        )
     with pytest.raises(BadRequest):
-        assembly.target(KvChunk(transfer_id="t-lay", part=1, offset=0, length=4096, checksum=0,
-                                part_wire_bytes=12000))
+        assembly.target(KvChunk(transfer_id="t-lay", part=1, offset=0, length=4096, checksum=0, part_wire_bytes=12000))
 
 
 @given(st.lists(st.booleans(), max_size=200))

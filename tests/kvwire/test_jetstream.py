@@ -61,8 +61,14 @@ async def test_transfer_across_two_sites_through_a_stream_at_the_destination(sup
         links = KvLinks(SRC, LinkConfig(publish_interval_s=0.1), nc=nc_src)
         async with links:
             sender = KvSender(JetStreamTransport(nc_src, JetStreamConfig(chunk_bytes=CHUNK)), links)
-            manifest = sender.manifest(transfer_id="t-js", dst_site=DST, model="ref", block_size=64,
-                                       num_tokens=1024, specs=specs_of(parts, "zstd"))
+            manifest = sender.manifest(
+                transfer_id="t-js",
+                dst_site=DST,
+                model="ref",
+                block_size=64,
+                num_tokens=1024,
+                specs=specs_of(parts, "zstd"),
+            )
             waiter = asyncio.create_task(receiver.wait(manifest.transfer_id, timeout_s=20))
             report = await sender.send(manifest, _layers(parts), Destination(DST, "decode-js"))
             with await waiter as done:
@@ -86,19 +92,29 @@ async def test_corrupt_chunk_in_the_stream_is_detected_and_resent(supercluster):
     parts = hybrid_parts(seed=23, tokens=1024)
     async with _sites(supercluster, "decode-js-bad") as (receiver, _, nc_src, _dst), KvLinks(SRC) as links:
         sender = KvSender(JetStreamTransport(nc_src, JetStreamConfig(chunk_bytes=CHUNK)), links)
-        manifest = sender.manifest(transfer_id="t-js-bad", dst_site=DST, model="ref", block_size=64,
-                                   num_tokens=1024, specs=specs_of(parts))
+        manifest = sender.manifest(
+            transfer_id="t-js-bad", dst_site=DST, model="ref", block_size=64, num_tokens=1024, specs=specs_of(parts)
+        )
         # A corrupted copy of part 2's first chunk takes the sender's message id: the stream keeps it and
         # drops the sender's good copy as a duplicate.
         good = next(encode_part(2, parts[2], manifest).chunks(manifest.chunk_bytes))
         bad = bytearray(good.payload)
         bad[1234] ^= 0x01
-        header = KvChunk(transfer_id=manifest.transfer_id, part=2, offset=0, length=len(bad), checksum=good.checksum,
-                         part_wire_bytes=good.part_wire_bytes)
+        header = KvChunk(
+            transfer_id=manifest.transfer_id,
+            part=2,
+            offset=0,
+            length=len(bad),
+            checksum=good.checksum,
+            part_wire_bytes=good.part_wire_bytes,
+        )
         await nc_src.jetstream().publish(
-            subjects.kv_transfer(DST, "decode-js-bad", manifest.transfer_id), bytes(bad),
-            headers={"Nats-Msg-Id": message_id(manifest.transfer_id, 2, 0, 0),
-                     CHUNK_HEADER: base64.b64encode(encode(header)).decode()},
+            subjects.kv_transfer(DST, "decode-js-bad", manifest.transfer_id),
+            bytes(bad),
+            headers={
+                "Nats-Msg-Id": message_id(manifest.transfer_id, 2, 0, 0),
+                CHUNK_HEADER: base64.b64encode(encode(header)).decode(),
+            },
         )
         waiter = asyncio.create_task(receiver.wait(manifest.transfer_id, timeout_s=20))
         report = await sender.send(manifest, parts, Destination(DST, "decode-js-bad"))
@@ -114,8 +130,14 @@ async def test_abort_over_jetstream_frees_memory_and_purges(supercluster):
     async with _sites(supercluster, "decode-js-abort") as (receiver, js_receiver, nc_src, _):
         async with KvLinks(SRC) as links:
             sender = KvSender(JetStreamTransport(nc_src, JetStreamConfig(chunk_bytes=CHUNK)), links)
-            manifest = sender.manifest(transfer_id="t-js-abort", dst_site=DST, model="ref", block_size=64,
-                                       num_tokens=1024, specs=specs_of(parts))
+            manifest = sender.manifest(
+                transfer_id="t-js-abort",
+                dst_site=DST,
+                model="ref",
+                block_size=64,
+                num_tokens=1024,
+                specs=specs_of(parts),
+            )
             dest = Destination(DST, "decode-js-abort")
             task = asyncio.create_task(sender.send(manifest, _layers(parts, stop_after=3), dest))
             await eventually(lambda: links.link(DST).counters.acked_bytes_total >= parts[0].nbytes + parts[2].nbytes)
@@ -136,8 +158,9 @@ async def test_jetstream_receiver_at_its_memory_limit_refuses(supercluster):
     config = ReceiverConfig(max_total_bytes=1 << 20, transfer_timeout_s=30.0)
     async with _sites(supercluster, "decode-js-full", config) as (receiver, _, nc_src, _dst), KvLinks(SRC) as links:
         sender = KvSender(JetStreamTransport(nc_src, JetStreamConfig(chunk_bytes=CHUNK)), links)
-        manifest = sender.manifest(transfer_id="t-js-full", dst_site=DST, model="ref", block_size=64,
-                                   num_tokens=1024, specs=specs_of(parts))
+        manifest = sender.manifest(
+            transfer_id="t-js-full", dst_site=DST, model="ref", block_size=64, num_tokens=1024, specs=specs_of(parts)
+        )
         with pytest.raises(NoCapacity):
             await sender.send(manifest, parts, Destination(DST, "decode-js-full"))
         assert receiver.used_bytes == 0 and receiver.totals.transfers_refused == 1

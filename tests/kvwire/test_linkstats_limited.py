@@ -136,21 +136,34 @@ def test_a_run_is_judged_whole_not_per_interval():
 def _parts(layers: int, tokens: int = 2048) -> list[StatePart]:
     """``layers`` float16 K/V pairs of ``tokens`` tokens (256 KiB each)."""
     rng = np.random.default_rng(0)
-    return [StatePart(layer, "attn_kv", name, rng.standard_normal((tokens, 1, 64)).astype(np.float16))
-            for layer in range(layers) for name in ("k", "v")]  # fmt: skip
+    return [
+        StatePart(layer, "attn_kv", name, rng.standard_normal((tokens, 1, 64)).astype(np.float16))
+        for layer in range(layers)
+        for name in ("k", "v")
+    ]
 
 
 async def _send_through(relay_gbps: float, parts: list[StatePart], gap_s: float = 0.0, window_bytes: int = 64 << 20):
     """A real paced (10 Gbps) TCP transfer through the lab's WAN relay at ``relay_gbps`` / 10 ms; its LinkStats."""
     async with tcp_receiver() as (receiver, server):
         port = free_port()
-        relay = LinkRelay(("dc-a", "dc-b"), forwards=[Forward("dc-a", ("127.0.0.1", port), server.address)],
-                          gbps=relay_gbps, rtt_ms=10.0).start()  # fmt: skip
+        relay = LinkRelay(
+            ("dc-a", "dc-b"),
+            forwards=[Forward("dc-a", ("127.0.0.1", port), server.address)],
+            gbps=relay_gbps,
+            rtt_ms=10.0,
+        ).start()
         try:
             async with KvLinks(SRC, LinkConfig(default_budget_gbps=10.0)) as links:
                 sender = tcp_sender(links, connections=2, window_bytes=window_bytes)
-                manifest = sender.manifest(transfer_id=f"t-{int(relay_gbps * 1000)}-{int(gap_s * 1000)}-{window_bytes}", dst_site=DST, model="ref",
-                                           block_size=64, num_tokens=2048, specs=specs_of(parts))  # fmt: skip
+                manifest = sender.manifest(
+                    transfer_id=f"t-{int(relay_gbps * 1000)}-{int(gap_s * 1000)}-{window_bytes}",
+                    dst_site=DST,
+                    model="ref",
+                    block_size=64,
+                    num_tokens=2048,
+                    specs=specs_of(parts),
+                )
 
                 async def produced():
                     for part in parts:
@@ -198,8 +211,14 @@ async def test_jetstream_publishes_waiting_for_their_window_are_limited(superclu
         async with receiver, JetStreamReceiver(nc_dst, receiver, DST, "decode-lim"), KvLinks(SRC) as links:
             transport = JetStreamTransport(nc_src, JetStreamConfig(chunk_bytes=256 << 10, window=1))
             sender = KvSender(transport, links)
-            manifest = sender.manifest(transfer_id="t-js-window", dst_site=DST, model="ref", block_size=64,
-                                       num_tokens=4096, specs=specs_of(parts))  # fmt: skip
+            manifest = sender.manifest(
+                transfer_id="t-js-window",
+                dst_site=DST,
+                model="ref",
+                block_size=64,
+                num_tokens=4096,
+                specs=specs_of(parts),
+            )
             waiter = asyncio.create_task(receiver.wait(manifest.transfer_id, timeout_s=30))
             await sender.send(manifest, parts, Destination(DST, "decode-lim"))
             (await waiter).release()

@@ -132,12 +132,20 @@ async def test_concurrent_transfers_share_one_pair_budget():
     async with tcp_receiver() as (receiver, server), KvLinks(SRC, LinkConfig(default_budget_gbps=budget_gbps)) as links:
         sender = tcp_sender(links)
         manifests = [
-            sender.manifest(transfer_id=f"t-pace-{i}", dst_site=DST, model="ref", block_size=64, num_tokens=4096,
-                            specs=specs_of(parts))
+            sender.manifest(
+                transfer_id=f"t-pace-{i}",
+                dst_site=DST,
+                model="ref",
+                block_size=64,
+                num_tokens=4096,
+                specs=specs_of(parts),
+            )
             for i, parts in enumerate((parts_a, parts_b))
         ]
         started = time.monotonic()
-        await asyncio.gather(*(sender.send(m, p, tcp_dest(server)) for m, p in zip(manifests, (parts_a, parts_b), strict=True)))
+        await asyncio.gather(
+            *(sender.send(m, p, tcp_dest(server)) for m, p in zip(manifests, (parts_a, parts_b), strict=True))
+        )
         elapsed = time.monotonic() - started
         for m in manifests:
             (await receiver.wait(m.transfer_id, timeout_s=5)).release()
@@ -156,8 +164,14 @@ async def test_a_paced_link_serves_the_older_transfer_first():
     async with tcp_receiver() as (receiver, server), KvLinks(SRC, LinkConfig(default_budget_gbps=budget_gbps)) as links:
         sender = tcp_sender(links)
         older, younger = (
-            sender.manifest(transfer_id=f"t-order-{i}", dst_site=DST, model="ref", block_size=64, num_tokens=4096,
-                            specs=specs_of(parts))
+            sender.manifest(
+                transfer_id=f"t-order-{i}",
+                dst_site=DST,
+                model="ref",
+                block_size=64,
+                num_tokens=4096,
+                specs=specs_of(parts),
+            )
             for i, parts in enumerate((parts_a, parts_b))
         )
         started = time.monotonic()
@@ -199,8 +213,9 @@ async def test_paced_transfer_never_bursts_beside_busy_processes():
         memory = ReceiverConfig(max_total_bytes=128 << 20, max_transfer_bytes=128 << 20, transfer_timeout_s=30.0)
         async with tcp_receiver(memory) as (receiver, server), KvLinks(SRC, config) as links:
             sender = tcp_sender(links, window_bytes=2 << 20)  # a small window: the stall empties the pipe
-            manifest = sender.manifest(transfer_id="t-hogs", dst_site=DST, model="ref", block_size=64,
-                                       num_tokens=36_000, specs=specs_of(parts))
+            manifest = sender.manifest(
+                transfer_id="t-hogs", dst_site=DST, model="ref", block_size=64, num_tokens=36_000, specs=specs_of(parts)
+            )
             with WireSampler(server) as sampler:
                 started = time.monotonic()
                 await sender.send(manifest, _stalling(parts, len(parts) // 2, 0.5), tcp_dest(server))

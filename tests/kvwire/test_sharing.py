@@ -36,8 +36,19 @@ def _pair(budget: float = 1.0) -> tuple[PairShare, Link]:
 
 
 def _heard(pair: PairShare, process: str, demand: float, rate: float, now: float) -> None:
-    pair.heard(LinkShareAnnounce(src_site=SRC, dst_site=DST, process=process, budget_gbps=1.0, demand_gbps=demand,
-                                 rate_gbps=rate, interval_s=0.15, seq=1), now)
+    pair.heard(
+        LinkShareAnnounce(
+            src_site=SRC,
+            dst_site=DST,
+            process=process,
+            budget_gbps=1.0,
+            demand_gbps=demand,
+            rate_gbps=rate,
+            interval_s=0.15,
+            seq=1,
+        ),
+        now,
+    )
 
 
 def test_a_starting_process_listens_first_then_waits_for_headroom():
@@ -136,8 +147,12 @@ async def test_processes_share_a_pair_over_nats(nats_url):
         link_a, link_b = a.link(DST), b.link(DST)
         with _Greedy(link_a):
             with _Greedy(link_b):
-                await eventually(lambda: link_a.bucket.rate_gbps == pytest.approx(0.4)
-                                 and link_b.bucket.rate_gbps == pytest.approx(0.4), timeout_s=5)
+                await eventually(
+                    lambda: (
+                        link_a.bucket.rate_gbps == pytest.approx(0.4) and link_b.bucket.rate_gbps == pytest.approx(0.4)
+                    ),
+                    timeout_s=5,
+                )
             await eventually(lambda: link_a.bucket.rate_gbps == pytest.approx(0.8), timeout_s=5)  # b idle
             with _Greedy(link_b):
                 await eventually(lambda: link_b.bucket.rate_gbps == pytest.approx(0.4), timeout_s=5)
@@ -172,9 +187,14 @@ async def test_two_processes_at_a_site_stay_within_one_pair_budget(nats_url, tmp
     memory = ReceiverConfig(max_total_bytes=256 << 20, max_transfer_bytes=128 << 20, transfer_timeout_s=60.0)
     async with tcp_receiver(memory) as (receiver, server):
         port = server.address[1]
-        senders = [Child(f"sender {i}", sender_process,
-                         SenderSpec("tcp", size, "raw", budget_gbps, 4, 4 << 20, nats_url, port, tmp_path / f"s{i}.log"))
-                   for i in range(2)]
+        senders = [
+            Child(
+                f"sender {i}",
+                sender_process,
+                SenderSpec("tcp", size, "raw", budget_gbps, 4, 4 << 20, nats_url, port, tmp_path / f"s{i}.log"),
+            )
+            for i in range(2)
+        ]
         try:
             expected = [(await s.recv(timeout_s=60))[1] for s in senders][0]
 
@@ -205,8 +225,18 @@ async def test_two_processes_at_a_site_stay_within_one_pair_budget(nats_url, tmp
 
 def test_announcements_do_not_decode_as_link_stats():
     """The two kinds are distinct tags: a LinkStats reader fed an announcement gets a decode error, not data."""
-    data = msgspec.msgpack.encode(LinkShareAnnounce(src_site=SRC, dst_site=DST, process="p", budget_gbps=1.0,
-                                                    demand_gbps=0.0, rate_gbps=0.0, interval_s=0.15, seq=1))
+    data = msgspec.msgpack.encode(
+        LinkShareAnnounce(
+            src_site=SRC,
+            dst_site=DST,
+            process="p",
+            budget_gbps=1.0,
+            demand_gbps=0.0,
+            rate_gbps=0.0,
+            interval_s=0.15,
+            seq=1,
+        )
+    )
     with pytest.raises(msgspec.ValidationError):
         link_stats_decoder.decode(data)
     assert not subjects.link_share(SRC, DST).startswith(subjects.LINK_ALL[:-1])

@@ -30,8 +30,14 @@ from tests.kvwire.support import tcp_sender as _sender
 
 
 def _manifest(sender: KvSender, tid: str, parts: list[StatePart], attn_codec: str = "raw"):
-    return sender.manifest(transfer_id=tid, dst_site=DST, model="ref", block_size=64,
-                           num_tokens=parts[-1].array.shape[0], specs=specs_of(parts, attn_codec))
+    return sender.manifest(
+        transfer_id=tid,
+        dst_site=DST,
+        model="ref",
+        block_size=64,
+        num_tokens=parts[-1].array.shape[0],
+        specs=specs_of(parts, attn_codec),
+    )
 
 
 async def _layers(parts: list[StatePart], stop_after: int | None = None, gate: asyncio.Event | None = None):

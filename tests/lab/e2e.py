@@ -23,7 +23,9 @@ from libs.lab.wan_server import link_figures
 
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 45  # ~2,000 tokens: above the 1,212 threshold
 SHORT_PROMPT = "Say hello."
-LinkChange = Callable[[bool], Awaitable[None]]  # await change(False) cuts the dc-a <-> dc-b link, change(True) restores it
+LinkChange = Callable[
+    [bool], Awaitable[None]
+]  # await change(False) cuts the dc-a <-> dc-b link, change(True) restores it
 # A ~2K-token prompt's KV is ~2.2 MB; the NATS traffic crossing the relay (heartbeats, link stats) is a few KB a second.
 KV_MOVING_BYTES = 64 << 10
 
@@ -43,8 +45,9 @@ class Endpoints:
 async def chat(ep: Endpoints, prompt: str, max_tokens: int = 8, system: str | None = None):
     """One chat completion through the OpenAI client."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    client = openai.AsyncOpenAI(base_url=ep.router_url + "/v1", api_key=ep.api_key or "unused", max_retries=0,
-                                timeout=90)  # fmt: skip
+    client = openai.AsyncOpenAI(
+        base_url=ep.router_url + "/v1", api_key=ep.api_key or "unused", max_retries=0, timeout=90
+    )
     async with client:
         return await client.chat.completions.create(model=ep.model, messages=messages, max_tokens=max_tokens)
 
@@ -133,7 +136,9 @@ async def check_long_prompt_crosses_the_link(ep: Endpoints) -> None:
     assert forward_bytes(ep) - before >= kv_bytes
 
 
-async def until_kv_moves(ep: Endpoints, since_bytes: int, at_least: int = KV_MOVING_BYTES, timeout_s: float = 30.0) -> None:
+async def until_kv_moves(
+    ep: Endpoints, since_bytes: int, at_least: int = KV_MOVING_BYTES, timeout_s: float = 30.0
+) -> None:
     """Until the dc-a -> dc-b relay has carried ``at_least`` bytes more than ``since_bytes`` (KV, not heartbeats)."""
     async with asyncio.timeout(timeout_s):
         while True:  # the relay's counter is read over HTTP: poll it
@@ -174,7 +179,6 @@ async def check_partition_loses_nothing(ep: Endpoints, change: LinkChange) -> No
                 break
             assert time.monotonic() < deadline, "offloading did not resume within 30 s of the link's return"
             await asyncio.sleep(0.5)
-
 
 
 LinkSpeed = Callable[[float], Awaitable[None]]  # await set_gbps(0.02) slows both directions of dc-a <-> dc-b

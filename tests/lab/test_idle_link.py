@@ -108,16 +108,24 @@ class LinkSamples:
     async def idle_for(self, samples: int, timeout_s: float) -> None:
         """Wait until the latest ``samples`` samples show no transfer and nothing acknowledged."""
         async with asyncio.timeout(timeout_s):
-            while not (len(self.samples) >= samples and all(
-                    s.active_transfers == 0 and s.goodput_gbps == 0 for s in self.samples[-samples:])):  # fmt: skip
+            while not (
+                len(self.samples) >= samples
+                and all(s.active_transfers == 0 and s.goodput_gbps == 0 for s in self.samples[-samples:])
+            ):
                 self.arrived.clear()
                 await self.arrived.wait()
 
 
 def _endpoints(lab: dict) -> Endpoints:
     site = next(site for site, url in lab["routers"].items() if url == lab["router_url"])
-    return Endpoints(lab["router_url"], lab["model"], lab["api_key"], site, lab["sites"][site]["nats_url"],
-                     lab["links"][0]["control_url"])  # fmt: skip
+    return Endpoints(
+        lab["router_url"],
+        lab["model"],
+        lab["api_key"],
+        site,
+        lab["sites"][site]["nats_url"],
+        lab["links"][0]["control_url"],
+    )
 
 
 async def test_after_remote_requests_on_a_loaded_host_an_idle_link_reads_its_budget(lab: dict) -> None:

@@ -32,8 +32,9 @@ PRFAAS = [sys.executable, "-m", "libs.cli"]
 
 
 def _prfaas(run_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*PRFAAS, "lab", *args, "--run-dir", str(run_dir)], capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [*PRFAAS, "lab", *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _hints(up_stdout: str) -> list[str]:
@@ -57,8 +58,9 @@ def check_hints(up_stdout: str, status: dict) -> None:
         assert done.returncode == 0 and done.stdout.strip(), f"{hint}\n{done.stdout}{done.stderr}"
         assert not hint.startswith("curl ") or '"choices"' in done.stdout, f"{hint}\n{done.stdout}"
     link = status["links"][0]
-    restore = _prfaas(Path(status["run_dir"]), "link", *link["sites"], "--gbps", str(link["gbps"]), "--rtt-ms",
-                      str(link["rtt_ms"]))  # fmt: skip
+    restore = _prfaas(
+        Path(status["run_dir"]), "link", *link["sites"], "--gbps", str(link["gbps"]), "--rtt-ms", str(link["rtt_ms"])
+    )
     assert restore.returncode == 0, restore.stderr
 
 
@@ -79,22 +81,33 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     finally:
         down = _prfaas(run_dir, "down", timeout=90)
         assert down.returncode == 0, down.stderr
-        left = [p["name"] for p in info["processes"] + [{"name": "supervisor", **info["supervisor"]}]
-                if alive(p["pid"], p["start_ticks"])]  # fmt: skip
+        left = [
+            p["name"]
+            for p in info["processes"] + [{"name": "supervisor", **info["supervisor"]}]
+            if alive(p["pid"], p["start_ticks"])
+        ]
         assert left == [], f"still running after lab down: {left}"
 
 
 def _endpoints(lab: dict) -> Endpoints:
     site = next(site for site, url in lab["routers"].items() if url == lab["router_url"])
-    return Endpoints(lab["router_url"], lab["model"], lab["api_key"], site, lab["sites"][site]["nats_url"],
-                     lab["links"][0]["control_url"])  # fmt: skip
+    return Endpoints(
+        lab["router_url"],
+        lab["model"],
+        lab["api_key"],
+        site,
+        lab["sites"][site]["nats_url"],
+        lab["links"][0]["control_url"],
+    )
 
 
 def _link_cli(lab: dict):
     """A link change through `prfaas lab link dc-a dc-b ...` (checking what it prints)."""
 
     async def change(up: bool) -> None:
-        done = await asyncio.to_thread(_prfaas, Path(lab["run_dir"]), "link", "dc-a", "dc-b", "--up" if up else "--down")
+        done = await asyncio.to_thread(
+            _prfaas, Path(lab["run_dir"]), "link", "dc-a", "dc-b", "--up" if up else "--down"
+        )
         assert done.returncode == 0, done.stderr
         assert ("DOWN (blackhole)" in done.stdout) == (not up), done.stdout
 
@@ -108,8 +121,9 @@ def test_status_names_the_endpoints_and_every_process(lab: dict) -> None:
     assert all(site["nats_url"].startswith("nats://127.0.0.1:") for site in lab["sites"].values())
     assert lab["api_key"] is None and Path(lab["run_dir"]).is_dir()
     roles = sorted(p["role"] for p in lab["processes"])
-    assert roles == sorted(["wan", "nats", "nats", "redis", "kv_index", "prefill_gateway", "prefill_gateway",
-                            "decode_gateway", "router"])  # fmt: skip
+    assert roles == sorted(
+        ["wan", "nats", "nats", "redis", "kv_index", "prefill_gateway", "prefill_gateway", "decode_gateway", "router"]
+    )
     assert all(p["alive"] for p in lab["processes"]), lab["processes"]
     assert lab["router_url"] in lab["up_stdout"] and lab["sites"]["dc-a"]["nats_url"] in lab["up_stdout"]
 
@@ -192,8 +206,9 @@ def test_every_command_lab_up_suggests_is_one_line_that_works(lab: dict) -> None
 async def test_decisions_find_the_running_lab_without_nats(lab: dict) -> None:
     """`decisions tail` and `decisions summary` without --nats read the lab in $PRFAAS_LAB_DIR, as `lab status` does."""
     env = {**os.environ, "PRFAAS_LAB_DIR": lab["run_dir"]}
-    tail = await asyncio.create_subprocess_exec(*PRFAAS, "decisions", "tail", "--count", "1", env=env,
-                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    tail = await asyncio.create_subprocess_exec(
+        *PRFAAS, "decisions", "tail", "--count", "1", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         async with asyncio.timeout(60):
             line = b""
@@ -208,8 +223,9 @@ async def test_decisions_find_the_running_lab_without_nats(lab: dict) -> None:
         if tail.returncode is None:
             tail.kill()
         await tail.wait()
-    summary = await asyncio.to_thread(subprocess.run, [*PRFAAS, "decisions", "summary", "--json"], env=env,
-                                      capture_output=True, text=True, timeout=60)  # fmt: skip
+    summary = await asyncio.to_thread(
+        subprocess.run, [*PRFAAS, "decisions", "summary", "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert summary.returncode == 0, summary.stderr
     assert json.loads(summary.stdout)["requests"] >= 1
 
@@ -251,8 +267,13 @@ def test_status_and_down_without_a_lab(tmp_path: Path) -> None:
 
 def test_a_foreground_lab_stops_everything_on_sigterm(tmp_path: Path) -> None:
     """`lab up` in the foreground: SIGTERM once ready stops every process it started and exits 0."""
-    lab = subprocess.Popen([*PRFAAS, "lab", "up", "--run-dir", str(tmp_path)], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    lab = subprocess.Popen(
+        [*PRFAAS, "lab", "up", "--run-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         first_line = lab.stdout.readline()
         assert "is up in" in first_line, lab.stderr.read() if lab.poll() is not None else first_line
@@ -271,8 +292,12 @@ def test_a_foreground_lab_stops_everything_on_sigterm(tmp_path: Path) -> None:
 
 def test_the_demo_starts_a_lab_reports_both_routes_and_stops_it(tmp_path: Path) -> None:
     """`lab demo` with no lab running: starts the default one, sends a mix, prints the summary, leaves no process."""
-    demo = subprocess.run([*PRFAAS, "lab", "demo", "--requests", "8", "--json", "--run-dir", str(tmp_path),
-                           "--keep-logs"], capture_output=True, text=True, timeout=180)  # fmt: skip
+    demo = subprocess.run(
+        [*PRFAAS, "lab", "demo", "--requests", "8", "--json", "--run-dir", str(tmp_path), "--keep-logs"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert demo.returncode == 0, demo.stderr
     summary = json.loads(demo.stdout)
     assert (summary["requests"], summary["failed"]) == (8, 0)
@@ -295,8 +320,18 @@ def test_the_case_study_lab_serves_the_demo_at_its_own_scale(tmp_path: Path) -> 
     try:
         other = _prfaas(tmp_path, "demo", "--topology", "default")
         assert other.returncode == 2 and "a 'case-study' lab runs in" in other.stderr, other.stderr
-        demo = _prfaas(tmp_path, "demo", "--topology", "case-study", "--requests", "16", "--concurrency", "4", "--json",
-                       timeout=180)  # fmt: skip
+        demo = _prfaas(
+            tmp_path,
+            "demo",
+            "--topology",
+            "case-study",
+            "--requests",
+            "16",
+            "--concurrency",
+            "4",
+            "--json",
+            timeout=180,
+        )
         assert demo.returncode == 0, demo.stderr
         assert "prompt lengths: the case study's x 1" in demo.stderr  # its threshold is the case study's own
         summary = json.loads(demo.stdout)

@@ -52,11 +52,30 @@ def test_a_lab_built_to_offload_that_offloads_nothing_fails_the_demo(tmp_path: P
     says why, after its sample answer; progress into a pipe stays short; the lab is stopped and its logs kept."""
     source = (Path(__file__).resolve().parents[2] / "libs/lab/topologies/default.toml").read_text()
     topology = tmp_path / "local-only.toml"
-    topology.write_text(source.replace('policy = "adaptive"', 'policy = "local-only"').replace(
-        'name = "default"', 'name = "local-only"'))  # fmt: skip
+    topology.write_text(
+        source.replace('policy = "adaptive"', 'policy = "local-only"').replace(
+            'name = "default"', 'name = "local-only"'
+        )
+    )
     run_dir = tmp_path / "run"
-    demo = subprocess.run([*PRFAAS, "lab", "demo", "--topology", str(topology), "--requests", "12", "--concurrency",
-                           "4", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    demo = subprocess.run(
+        [
+            *PRFAAS,
+            "lab",
+            "demo",
+            "--topology",
+            str(topology),
+            "--requests",
+            "12",
+            "--concurrency",
+            "4",
+            "--run-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert demo.returncode == 1, demo.stdout + demo.stderr
     assert f"starting the {str(topology)!r} topology" in demo.stderr
     assert "prfaas lab demo: nothing was offloaded, although" in demo.stderr and "dc-a" in demo.stderr

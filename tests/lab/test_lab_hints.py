@@ -14,11 +14,18 @@ from libs.lab.up import summary
 
 def _status(run_dir: Path, api_key: str | None = None) -> dict:
     """The parts of a ready default lab's status file that the hints read."""
-    return {"topology": "default", "run_dir": str(run_dir), "router_url": "http://127.0.0.1:8000",
-            "routers": {"dc-b": "http://127.0.0.1:8000"}, "api_key": api_key, "model": "reference",
-            "sites": {s: {"name": s, "nats_url": f"nats://127.0.0.1:{port}"} for s, port in (("dc-a", 4222),
-                                                                                                 ("dc-b", 4223))},
-            "links": [{"sites": ["dc-a", "dc-b"], "gbps": 10.0, "rtt_ms": 20.0, "loss_pct": 0.0}]}  # fmt: skip
+    return {
+        "topology": "default",
+        "run_dir": str(run_dir),
+        "router_url": "http://127.0.0.1:8000",
+        "routers": {"dc-b": "http://127.0.0.1:8000"},
+        "api_key": api_key,
+        "model": "reference",
+        "sites": {
+            s: {"name": s, "nats_url": f"nats://127.0.0.1:{port}"} for s, port in (("dc-a", 4222), ("dc-b", 4223))
+        },
+        "links": [{"sites": ["dc-a", "dc-b"], "gbps": 10.0, "rtt_ms": 20.0, "loss_pct": 0.0}],
+    }
 
 
 def _commands(text: str) -> list[str]:
@@ -30,8 +37,11 @@ def test_the_index_lookup_hint_names_a_custom_block_size_and_a_dense_model(tmp_p
     dense = msgspec.structs.replace(load_topology("default"), block_size=32, model="qwen3-235b")
     [lookup] = [c for c in _commands(summary(_status(tmp_path), dense, 1.0, detached=True)) if "index lookup" in c]
     assert " --block-size 32 " in lookup and " --no-hybrid " in lookup
-    [default] = [c for c in _commands(summary(_status(tmp_path), load_topology("default"), 1.0, detached=True))
-                 if "index lookup" in c]  # fmt: skip
+    [default] = [
+        c
+        for c in _commands(summary(_status(tmp_path), load_topology("default"), 1.0, detached=True))
+        if "index lookup" in c
+    ]
     assert "--block-size" not in default and "--no-hybrid" not in default
 
 

@@ -41,26 +41,37 @@ def test_a_topology_file_is_loaded_by_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ('count = 1, backend = "reference" },\n]', 'count = 0, backend = "reference" },\n]',
-         r"sites\.dc-a\.clusters\.prfaas\.instances\[0\]\.count: expected `int` >= 1"),
+        (
+            'count = 1, backend = "reference" },\n]',
+            'count = 0, backend = "reference" },\n]',
+            r"sites\.dc-a\.clusters\.prfaas\.instances\[0\]\.count: expected `int` >= 1",
+        ),
         ("gbps = 10.0", 'gbps = "fast"', r"links\[0\]\.gbps: expected `float`, got `str`"),
         ("gbps = 10.0", "gpbs = 10.0", r"links\[0\]: object contains unknown field `gpbs`"),
         ('routers = ["dc-b"]', 'routers = ["dc-c"]', r"services\.routers\[0\]: unknown site 'dc-c'"),
-        ('{ role = "decode", count = 1, backend = "reference" }',
-         '{ role = "decode", count = 1, backend = "simulated", hardware = "h900" }',
-         r"sites\.dc-b\.clusters\.pd\.instances\[1\]\.hardware: 'h900': a simulated backend needs one of"),
-        ('{ role = "prefill", count = 1, backend = "reference" },\n]\n\n[sites.dc-b',
-         '{ role = "decode", count = 1, backend = "reference" },\n]\n\n[sites.dc-b',
-         r"sites\.dc-a\.clusters\.prfaas\.instances\[0\]\.role: a prfaas cluster only prefills"),
+        (
+            '{ role = "decode", count = 1, backend = "reference" }',
+            '{ role = "decode", count = 1, backend = "simulated", hardware = "h900" }',
+            r"sites\.dc-b\.clusters\.pd\.instances\[1\]\.hardware: 'h900': a simulated backend needs one of",
+        ),
+        (
+            '{ role = "prefill", count = 1, backend = "reference" },\n]\n\n[sites.dc-b',
+            '{ role = "decode", count = 1, backend = "reference" },\n]\n\n[sites.dc-b',
+            r"sites\.dc-a\.clusters\.prfaas\.instances\[0\]\.role: a prfaas cluster only prefills",
+        ),
         ('kind = "prfaas"', 'kind = "prfas"', r"sites\.dc-a\.clusters\.prfaas\.kind: invalid enum value 'prfas'"),
         ('policy = "adaptive"', 'policy = "best"', r"router\.policy: unknown policy 'best'"),
-        ('sites = ["dc-a", "dc-b"]', 'sites = ["dc-a", "dc-a"]', r"links\[0\]\.sites: a link joins two different sites"),
-        ('[[links]]', '[[linkz]]', r"\(top level\): object contains unknown field `linkz`"),
+        (
+            'sites = ["dc-a", "dc-b"]',
+            'sites = ["dc-a", "dc-a"]',
+            r"links\[0\]\.sites: a link joins two different sites",
+        ),
+        ("[[links]]", "[[linkz]]", r"\(top level\): object contains unknown field `linkz`"),
         ('model = "reference"', 'model = "gpt-9"', r"model: unknown model profile 'gpt-9'"),
-        ('[sites.dc-a.clusters.prfaas]', '[sites."dc.a".clusters.prfaas]', r"sites\.dc\.a: name 'dc\.a' must match"),
+        ("[sites.dc-a.clusters.prfaas]", '[sites."dc.a".clusters.prfaas]', r"sites\.dc\.a: name 'dc\.a' must match"),
         ('name = "default"', 'name = "default', r"not valid TOML: .*line \d+"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_topology_names_the_key_and_the_problem(old: str, new: str, message: str) -> None:
     """Each broken topology is refused with the file, the key and what is wrong."""
     assert old in DEFAULT

@@ -96,8 +96,13 @@ def test_a_connection_needs_only_its_two_directions_and_a_close_callback(echo: E
     try:
         with socket.create_connection(listener.getsockname(), timeout=5) as client:
             accepted, _ = listener.accept()
-            conn = Connection(accepted, Forward("dc-a", listener.getsockname(), (LOCAL, echo.port)), out, back,
-                              on_close=lambda c: (ended.append(c), done.set()))  # fmt: skip
+            conn = Connection(
+                accepted,
+                Forward("dc-a", listener.getsockname(), (LOCAL, echo.port)),
+                out,
+                back,
+                on_close=lambda c: (ended.append(c), done.set()),
+            )
             threading.Thread(target=conn.run, daemon=True).start()
             client.sendall(b"ping")
             assert client.recv(4) == b"ping"
@@ -127,8 +132,13 @@ def test_bytes_arrive_whole_and_in_order_while_the_link_changes() -> None:
         with socket.create_connection((LOCAL, port)) as s:
             sender = threading.Thread(target=s.sendall, args=(payload,), daemon=True)
             sender.start()
-            for change in ({"rtt_ms": 0.0}, {"gbps": 0.1, "rtt_ms": 40.0}, {"up": False}, {"up": True},
-                           {"rtt_ms": 0.0, "gbps": 2.0}):  # fmt: skip
+            for change in (
+                {"rtt_ms": 0.0},
+                {"gbps": 0.1, "rtt_ms": 40.0},
+                {"up": False},
+                {"up": True},
+                {"rtt_ms": 0.0, "gbps": 2.0},
+            ):
                 time.sleep(0.1)
                 relay.configure(**change)
             sender.join(timeout=10)
@@ -144,8 +154,9 @@ def test_a_blackhole_holds_traffic_and_releases_it_when_the_link_returns(sink: C
     """While cut, nothing is delivered and a new connection gets no answer; afterwards both go on."""
     relay, port = _relay(sink.port, gbps=0.2, rtt_ms=2.0)
     echo_port = free_port()
-    relay_echo = LinkRelay(("dc-a", "dc-b"), gbps=1.0, rtt_ms=2.0,
-                           forwards=[Forward("dc-a", (LOCAL, echo_port), (LOCAL, echo.port))]).start()  # fmt: skip
+    relay_echo = LinkRelay(
+        ("dc-a", "dc-b"), gbps=1.0, rtt_ms=2.0, forwards=[Forward("dc-a", (LOCAL, echo_port), (LOCAL, echo.port))]
+    ).start()
     try:
         sender = _blast_in_background(port, connections=2, duration_s=1.5)
         assert sink.rate_gbps(warmup_s=0.2, window_s=0.3, timeout_s=5.0) > 0.1
@@ -213,10 +224,26 @@ def test_the_relay_process_is_controlled_over_http(sink: CountingSink) -> None:
     port, control = free_port(), free_port()
     url = f"http://{LOCAL}:{control}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "libs.lab.wan_server", "--sites", "dc-a", "dc-b", "--gbps", "10", "--rtt-ms", "20",
-         "--no-slow-start-after-idle", "--window-mib", "16",
-         "--control", f"{LOCAL}:{control}", "--forward", f"dc-a@{LOCAL}:{port}={LOCAL}:{sink.port}"],
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "libs.lab.wan_server",
+            "--sites",
+            "dc-a",
+            "dc-b",
+            "--gbps",
+            "10",
+            "--rtt-ms",
+            "20",
+            "--no-slow-start-after-idle",
+            "--window-mib",
+            "16",
+            "--control",
+            f"{LOCAL}:{control}",
+            "--forward",
+            f"dc-a@{LOCAL}:{port}={LOCAL}:{sink.port}",
+        ],
+    )
     try:
         end = time.monotonic() + 15
         while True:
@@ -226,8 +253,10 @@ def test_the_relay_process_is_controlled_over_http(sink: CountingSink) -> None:
             except Exception:
                 assert proc.poll() is None and time.monotonic() < end, "relay did not start"
                 time.sleep(0.05)
-        assert [(d["src"], d["gbps"], d["delay_ms"], d["slow_start_after_idle"], d["window_bytes"])
-                for d in figures["directions"]] == [("dc-a", 10.0, 10.0, False, 16 * 2**20), ("dc-b", 10.0, 10.0, False, 16 * 2**20)]  # fmt: skip
+        assert [
+            (d["src"], d["gbps"], d["delay_ms"], d["slow_start_after_idle"], d["window_bytes"])
+            for d in figures["directions"]
+        ] == [("dc-a", 10.0, 10.0, False, 16 * 2**20), ("dc-b", 10.0, 10.0, False, 16 * 2**20)]
         blast((LOCAL, port), connections=1, duration_s=0.2)
         time.sleep(0.2)
         forward = link_figures(url)["directions"][0]

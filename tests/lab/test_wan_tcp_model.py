@@ -33,7 +33,8 @@ def test_round_boundaries_and_the_handshake() -> None:
 def test_an_open_window_moves_at_line_rate_and_a_receive_window_caps_the_rate() -> None:
     """A window over the BDP: size/bandwidth plus one way; a 256 KiB receive window holds a long transfer to window/RTT."""
     assert delivery_time_s(64 * MIB, gbps=10.0, rtt_s=0.020, handshake=False, cwnd_bytes=32 * MIB) == pytest.approx(
-        64 * MIB / 1.25e9 + 0.010)  # fmt: skip
+        64 * MIB / 1.25e9 + 0.010
+    )
     capped = delivery_time_s(64 * MIB, gbps=10.0, rtt_s=0.020, window_bytes=256 * 1024)
     assert capped == pytest.approx(256 * 0.020, rel=0.03)  # 256 windows of 256 KiB, one per RTT (+ handshake, ramp)
 

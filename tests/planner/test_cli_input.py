@@ -21,8 +21,10 @@ from libs.cli import main
         (["sim", "--case-study", "--duration", "-5"], "--duration must be positive, got -5"),
         (["sim", "--case-study", "--timeout-s", "-1"], "--timeout-s must be positive, got -1"),
         (["sim", "--case-study", "--seed", "-1"], "--seed must be >= 0, got -1"),
-        (["sim", "--scenario", "link-degradation", "--link-gbps", "5", "--degraded-gbps", "10"],
-         "--degraded-gbps must be below the link's 5 Gbps, got 10"),
+        (
+            ["sim", "--scenario", "link-degradation", "--link-gbps", "5", "--degraded-gbps", "10"],
+            "--degraded-gbps must be below the link's 5 Gbps, got 10",
+        ),
         (["sim", "--case-study", "--degraded-gbps", "3"], "--degraded-gbps applies to --scenario link-degradation"),
         (["plan", "--case-study", "--workload", "lognormal:mu=9.9"], "missing sigma"),
         (["plan", "--case-study", "--workload", "lognormal:sigma=1"], "missing mu"),
@@ -32,7 +34,7 @@ from libs.cli import main
         (["bench", "policy", "--decisions", "0"], "--decisions must be at least 1, got 0"),
         (["bench", "policy", "--decisions", "-3"], "--decisions must be at least 1, got -3"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_one_line_and_exit_2(capsys, argv: list[str], message: str) -> None:
     """Exit code 2 and a single ``prfaas: bad_request: ...`` line containing the message."""
     assert main(argv) == 2
@@ -42,8 +44,10 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv: list[str], message: str)
     assert captured.out == ""
 
 
-@pytest.mark.parametrize(("content", "message"), [("", "no lengths in it"), ("100\n-5\n", "positive number"),
-                                                  ("100\nabc\n", "one number per line")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "no lengths in it"), ("100\n-5\n", "positive number"), ("100\nabc\n", "one number per line")],
+)
 def test_a_bad_workload_file_is_one_line_without_warnings(tmp_path, capsys, content: str, message: str) -> None:
     """An empty or malformed lengths file is a one-line error naming the file; numpy's warnings do not leak."""
     path = tmp_path / "lengths.txt"
@@ -70,8 +74,22 @@ def test_scenario_defaults_to_the_case_study_and_reports_its_telemetry(capsys) -
 
 def test_scenario_degrades_a_narrower_link_to_a_tenth(capsys) -> None:
     """With --link-gbps 5 the scenario degrades 5 -> 0.5 Gbps and offers 0.835 x the planned Lambda_max."""
-    assert main(["sim", "--scenario", "link-degradation", "--link-gbps", "5", "--duration", "120", "--json",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sim",
+                "--scenario",
+                "link-degradation",
+                "--link-gbps",
+                "5",
+                "--duration",
+                "120",
+                "--json",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     settings = json.loads(capsys.readouterr().out)["settings"]
     assert settings["degraded_gbps"] == pytest.approx(0.5)
     assert settings["rate_rps"] < 2.7  # the 5 Gbps plan carries less

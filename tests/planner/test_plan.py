@@ -13,9 +13,17 @@ from libs.planner.search import PlanInputs, homogeneous, naive_heterogeneous, pl
 from libs.planner.workloads import CASE_STUDY_WORKLOAD
 
 CONFIG_KEYS = {
-    "threshold_tokens", "offload_fraction", "n_prfaas", "n_p", "n_d", "theta_prfaas", "theta_pdp", "theta_pdd",
-    "lambda_max", "egress_gbps",
-}  # fmt: skip
+    "threshold_tokens",
+    "offload_fraction",
+    "n_prfaas",
+    "n_p",
+    "n_d",
+    "theta_prfaas",
+    "theta_pdp",
+    "theta_pdd",
+    "lambda_max",
+    "egress_gbps",
+}
 
 
 def case_study(link_gbps: float = 100.0) -> PlanInputs:
@@ -96,9 +104,26 @@ def test_general_use_other_model_hardware_and_workload(capsys, tmp_path):
     lengths = tmp_path / "lengths.txt"
     lengths.write_text("\n".join(str(n) for n in [2000, 4000, 8000, 16000, 32000, 64000, 100000] * 20))
     doc = run_cli(
-        capsys, "plan", "--model", "qwen3.5-397b", "--prfaas-hw", "rubin-cpx", "--n-prfaas", "2", "--pd-hw", "h200",
-        "--n-pd", "6", "--link-gbps", "50", "--workload", f"file:{lengths}", "--output-tokens", "512", "--json",
-    )  # fmt: skip
+        capsys,
+        "plan",
+        "--model",
+        "qwen3.5-397b",
+        "--prfaas-hw",
+        "rubin-cpx",
+        "--n-prfaas",
+        "2",
+        "--pd-hw",
+        "h200",
+        "--n-pd",
+        "6",
+        "--link-gbps",
+        "50",
+        "--workload",
+        f"file:{lengths}",
+        "--output-tokens",
+        "512",
+        "--json",
+    )
     pd = doc["prfaas_pd"]
     assert CONFIG_KEYS <= set(pd)
     assert pd["n_p"] + pd["n_d"] == 6 and pd["n_prfaas"] == 2

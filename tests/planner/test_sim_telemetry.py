@@ -125,10 +125,22 @@ def test_each_sender_reports_only_its_own_transfers():
 def test_the_router_sees_a_capacity_drop_only_through_telemetry_after_the_lag():
     """In the simulator the policy's link view changes only through LinkStats: not before they arrive, then to the new rate."""
     settings = TelemetrySettings(interval_s=1.0, lag_s=0.5)
-    spec = SimSpec(MODELS["kimi-linear-1t"], HARDWARE["h200"], 4, HARDWARE["h20"], 3, 5, 100.0,
-                   Empirical(lengths=[60_000]), 256, rate_rps=3.0, duration_s=40.0,
-                   policy_config=PolicyConfig(threshold_tokens=19_400), link_schedule=((20.0, 5.0),),
-                   telemetry=settings)  # fmt: skip
+    spec = SimSpec(
+        MODELS["kimi-linear-1t"],
+        HARDWARE["h200"],
+        4,
+        HARDWARE["h20"],
+        3,
+        5,
+        100.0,
+        Empirical(lengths=[60_000]),
+        256,
+        rate_rps=3.0,
+        duration_s=40.0,
+        policy_config=PolicyConfig(threshold_tokens=19_400),
+        link_schedule=((20.0, 5.0),),
+        telemetry=settings,
+    )
     sim = Simulator(spec)
     seen: list[tuple[float, float]] = []
     view = sim._view
@@ -149,9 +161,25 @@ def test_the_router_sees_a_capacity_drop_only_through_telemetry_after_the_lag():
 def _lab_run(link_schedule: tuple[tuple[float, float], ...] = (), ack_delay_s: float = 0.0) -> tuple[Simulator, list]:
     """The default lab in the simulator: sparse 12K-token prompts, adaptive t=1,212, 10 Gbps / 20 ms; (sim, views read)."""
     settings = TelemetrySettings(ack_delay_s=ack_delay_s)
-    spec = SimSpec(MODELS["reference"], HARDWARE["cpu"], 1, HARDWARE["cpu"], 1, 1, 10.0, Empirical(lengths=[12_200]),
-                   8, rate_rps=0.1, duration_s=120.0, policy_config=PolicyConfig(threshold_tokens=1_212),
-                   policy="adaptive", link_rtt_s=0.02, link_schedule=link_schedule, telemetry=settings, seed=3)  # fmt: skip
+    spec = SimSpec(
+        MODELS["reference"],
+        HARDWARE["cpu"],
+        1,
+        HARDWARE["cpu"],
+        1,
+        1,
+        10.0,
+        Empirical(lengths=[12_200]),
+        8,
+        rate_rps=0.1,
+        duration_s=120.0,
+        policy_config=PolicyConfig(threshold_tokens=1_212),
+        policy="adaptive",
+        link_rtt_s=0.02,
+        link_schedule=link_schedule,
+        telemetry=settings,
+        seed=3,
+    )
     sim = Simulator(spec)
     seen: list[tuple[float, float]] = []
     view = sim._view

@@ -78,6 +78,7 @@ def test_sender_fifo_serves_each_senders_transfers_in_order():
 
     Across senders sender-fifo is still fair: a second sender's transfer ends with the first one's at 2 s.
     """
+
     def ends(sharing: str, owners: str) -> dict[str, float]:
         link = FluidLink(8.0, sharing=sharing)
         for key, owner in zip("ab", owners, strict=True):
@@ -120,7 +121,17 @@ def test_decode_server_runs_at_the_profiles_capacity():
 def test_trace_free_run_is_reproducible_and_drains():
     """The same spec and seed give the same run; with drain every request gets its tokens."""
     spec = SimSpec(
-        MODEL, H200, 4, H20, 3, 5, 100.0, Empirical(lengths=[5000, 40000]), 256, rate_rps=2.0, duration_s=120.0,
+        MODEL,
+        H200,
+        4,
+        H20,
+        3,
+        5,
+        100.0,
+        Empirical(lengths=[5000, 40000]),
+        256,
+        rate_rps=2.0,
+        duration_s=120.0,
         policy_config=PolicyConfig(threshold_tokens=19_400),
     )
     a, b = Simulator(spec).run(), Simulator(spec).run()
@@ -134,8 +145,17 @@ def test_sim_cli_json_keys(capsys):
     """prfaas sim --json reports, per configuration, every figure the table shows."""
     assert main(["sim", "--case-study", "--duration", "300", "--json", "--no-progress"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    keys = {"saturation_rps", "lambda_max", "throughput_rps", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
-            "offload_fraction", "link_utilization"}  # fmt: skip
+    keys = {
+        "saturation_rps",
+        "lambda_max",
+        "throughput_rps",
+        "ttft_mean_s",
+        "ttft_p50_s",
+        "ttft_p90_s",
+        "ttft_p99_s",
+        "offload_fraction",
+        "link_utilization",
+    }
     for name in ("prfaas_pd", "homogeneous", "naive_heterogeneous"):
         assert keys <= set(doc["configs"][name])
     assert doc["paper"]["homogeneous"]["ttft_p90_s"] == 9.73

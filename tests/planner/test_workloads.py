@@ -50,9 +50,14 @@ def test_parse_workload_specs(tmp_path):
     path = tmp_path / "lengths.txt"
     path.write_text("10\n20\n30\n")
     assert parse_workload(f"file:{path}").mean_tokens == 20
-    bad_specs = {"lognormal:mu=1": "missing sigma", "lognormal:sigma=1,min=5": "missing mu",
-                 "lognormal:mu=9,sigma=1,mean=3": "'mean=3' is not one of", "file:/nonexistent/lengths.txt": "nonexistent",
-                 "uniform:1,2": "expected lognormal", "lognormal:mu=9,sigma=-1": "sigma=-1"}  # fmt: skip
+    bad_specs = {
+        "lognormal:mu=1": "missing sigma",
+        "lognormal:sigma=1,min=5": "missing mu",
+        "lognormal:mu=9,sigma=1,mean=3": "'mean=3' is not one of",
+        "file:/nonexistent/lengths.txt": "nonexistent",
+        "uniform:1,2": "expected lognormal",
+        "lognormal:mu=9,sigma=-1": "sigma=-1",
+    }
     for bad, message in bad_specs.items():
         with pytest.raises(BadRequest, match=message):
             parse_workload(bad)

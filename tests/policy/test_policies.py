@@ -37,8 +37,15 @@ def view(
     instances += [
         InstanceView(f"pdd-{i}", "dc-pd", "decode", H20, free_decode_slots=f) for i, f in enumerate(decode_free)
     ]
-    link = LinkView("dc-prfaas", "dc-pd", link_gbps, goodput_gbps=utilization * link_gbps, utilization=utilization,
-                    rtt_s=0.005, bytes_in_flight=backlog_bytes)  # fmt: skip
+    link = LinkView(
+        "dc-prfaas",
+        "dc-pd",
+        link_gbps,
+        goodput_gbps=utilization * link_gbps,
+        utilization=utilization,
+        rtt_s=0.005,
+        bytes_in_flight=backlog_bytes,
+    )
     return ClusterView(MODEL, "dc-pd", tuple(instances), (link,))
 
 
@@ -220,8 +227,9 @@ def test_view_and_request_from_bus_messages():
         InstanceLoad(site="dc-pd", instance="d0", role="decode", free_decode_slots=7),
         InstanceLoad(site="dc-pd", instance="ghost", role="decode"),  # no hardware known: left out
     ]
-    v = ClusterView.from_loads(MODEL, "dc-pd", loads, {"p0": "h200", "l0": "h20", "d0": "h20"},
-                               [LinkView("dc-prfaas", "dc-pd", 100.0)])  # fmt: skip
+    v = ClusterView.from_loads(
+        MODEL, "dc-pd", loads, {"p0": "h200", "l0": "h20", "d0": "h20"}, [LinkView("dc-prfaas", "dc-pd", 100.0)]
+    )
     assert [i.name for i in v.local_prefill] == ["l0"]
     assert [i.name for i in v.remote_prefill["dc-prfaas"]] == ["p0"]
     assert [i.name for i in v.decode] == ["d0"]

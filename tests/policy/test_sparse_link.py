@@ -34,12 +34,25 @@ def _sample(acked_total: int, completed: int, *, acked: int = 0, active: int = 0
     """One second of a sender's LinkStats (kvwire semantics) on the idle-but-for-this 10 Gbps link."""
     goodput = acked * 8 / 1e9
     return LinkStats(
-        src_site=SRC, dst_site=DST, ts=0.0, interval_s=1.0, budget_gbps=BUDGET_GBPS, goodput_gbps=goodput,
-        busy_goodput_gbps=goodput if active or acked else 0.0, utilization=goodput / BUDGET_GBPS,
-        rtt_s=BASE_RTT_S + CPU_DELAY_S, min_rtt_s=BASE_RTT_S if acked else 0.0, bytes_in_flight=0,
-        active_transfers=active, acked_bytes_total=acked_total, retransmitted_bytes_total=0,
-        retransmitted_chunks_total=0, transfers_completed_total=completed, transfers_failed_total=0, sender="p0",
-    )  # fmt: skip
+        src_site=SRC,
+        dst_site=DST,
+        ts=0.0,
+        interval_s=1.0,
+        budget_gbps=BUDGET_GBPS,
+        goodput_gbps=goodput,
+        busy_goodput_gbps=goodput if active or acked else 0.0,
+        utilization=goodput / BUDGET_GBPS,
+        rtt_s=BASE_RTT_S + CPU_DELAY_S,
+        min_rtt_s=BASE_RTT_S if acked else 0.0,
+        bytes_in_flight=0,
+        active_transfers=active,
+        acked_bytes_total=acked_total,
+        retransmitted_bytes_total=0,
+        retransmitted_chunks_total=0,
+        transfers_completed_total=completed,
+        transfers_failed_total=0,
+        sender="p0",
+    )
 
 
 def sparse_remote_requests(requests: int = 3, prefill_s: int = 6, idle_s: int = 5) -> list[LinkStats]:
@@ -59,8 +72,11 @@ def sparse_remote_requests(requests: int = 3, prefill_s: int = 6, idle_s: int = 
 
 def lab_view(link: LinkView) -> ClusterView:
     """The default lab: one PrfaaS prefill instance at dc-a; one prefill and one decode instance at dc-b."""
-    instances = (InstanceView("prfaas-p0", SRC, "prefill", CPU), InstanceView("pd-p0", DST, "prefill", CPU),
-                 InstanceView("pd-d0", DST, "decode", CPU, free_decode_slots=256))  # fmt: skip
+    instances = (
+        InstanceView("prfaas-p0", SRC, "prefill", CPU),
+        InstanceView("pd-p0", DST, "prefill", CPU),
+        InstanceView("pd-d0", DST, "decode", CPU, free_decode_slots=256),
+    )
     return ClusterView(MODEL, DST, instances, (link,))
 
 
@@ -79,7 +95,8 @@ def test_sparse_transfers_with_cpu_delayed_acks_keep_the_budget_and_the_next_lon
     assert view.queue_delay_s == 0.0 and view.utilization < 0.01
     for name in ("adaptive", "cost-model"):  # the cost model takes idle local capacity of the same speed, as planned
         decision = make_policy(name, PolicyConfig(threshold_tokens=THRESHOLD)).decide(
-            lab_view(view), RouteRequest("next", PROMPT), now=now, rng=random.Random(0))  # fmt: skip
+            lab_view(view), RouteRequest("next", PROMPT), now=now, rng=random.Random(0)
+        )
         assert "bandwidth plentiful" in decision.reason and "t raised" not in decision.reason, decision.reason
         assert decision.choice == "remote" or name == "cost-model", decision.reason
 

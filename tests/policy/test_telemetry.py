@@ -14,20 +14,46 @@ SRC, DST = "dc-prfaas", "dc-pd"
 BASE_RTT = 0.005
 
 
-def stats(*, goodput: float = 0.0, busy: float | None = None, budget: float = 100.0, rtt: float = BASE_RTT,
-          min_rtt: float | None = None, in_flight: int = 0, active: int = 0, acked_total: int = 0,
-          completed_total: int = 0, sender: str = "", interval: float = 1.0, limited: float = 0.0,
-          limited_gbps: float | None = None) -> LinkStats:  # fmt: skip
+def stats(
+    *,
+    goodput: float = 0.0,
+    busy: float | None = None,
+    budget: float = 100.0,
+    rtt: float = BASE_RTT,
+    min_rtt: float | None = None,
+    in_flight: int = 0,
+    active: int = 0,
+    acked_total: int = 0,
+    completed_total: int = 0,
+    sender: str = "",
+    interval: float = 1.0,
+    limited: float = 0.0,
+    limited_gbps: float | None = None,
+) -> LinkStats:
     """One LinkStats sample with kvwire's semantics (goodput, busy goodput, ``limited`` seconds of KV waiting)."""
     busy = goodput if busy is None else busy
     return LinkStats(
-        src_site=SRC, dst_site=DST, ts=0.0, interval_s=interval, budget_gbps=budget, goodput_gbps=goodput,
-        busy_goodput_gbps=busy, utilization=goodput / budget if budget else 0.0,
-        rtt_s=rtt, min_rtt_s=rtt if min_rtt is None else min_rtt, bytes_in_flight=in_flight, active_transfers=active,
-        acked_bytes_total=acked_total, retransmitted_bytes_total=0, retransmitted_chunks_total=0,
-        transfers_completed_total=completed_total, transfers_failed_total=0, sender=sender, limited_s=limited,
+        src_site=SRC,
+        dst_site=DST,
+        ts=0.0,
+        interval_s=interval,
+        budget_gbps=budget,
+        goodput_gbps=goodput,
+        busy_goodput_gbps=busy,
+        utilization=goodput / budget if budget else 0.0,
+        rtt_s=rtt,
+        min_rtt_s=rtt if min_rtt is None else min_rtt,
+        bytes_in_flight=in_flight,
+        active_transfers=active,
+        acked_bytes_total=acked_total,
+        retransmitted_bytes_total=0,
+        retransmitted_chunks_total=0,
+        transfers_completed_total=completed_total,
+        transfers_failed_total=0,
+        sender=sender,
+        limited_s=limited,
         limited_goodput_gbps=(busy if limited_gbps is None else limited_gbps) if limited else 0.0,
-    )  # fmt: skip
+    )
 
 
 def test_senders_of_one_pair_are_combined():
@@ -67,8 +93,10 @@ def test_a_degraded_link_makes_kv_wait_and_the_rate_meanwhile_becomes_the_estima
     tel = LinkTelemetry()
     tel.ingest(stats(goodput=4.0, busy=4.0, active=1), 0.0)  # base RTT learnt
     for t in range(1, 8):
-        tel.ingest(stats(goodput=10.0, busy=10.0, rtt=0.3, min_rtt=0.2, in_flight=5 * (64 << 20), active=5,
-                         limited=1.0), float(t))  # fmt: skip
+        tel.ingest(
+            stats(goodput=10.0, busy=10.0, rtt=0.3, min_rtt=0.2, in_flight=5 * (64 << 20), active=5, limited=1.0),
+            float(t),
+        )
     view = tel.view(SRC, DST, 7.0)
     assert view.deliverable_gbps == pytest.approx(10.0)
     assert view.effective_gbps == pytest.approx(10.0)

@@ -23,17 +23,35 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)  # no test request waits longer f
 
 def router_config(nats_url: str, **overrides) -> RouterConfig:
     """A config on a free port with short deadlines suited to tests."""
-    base = dict(nats_url=nats_url, site=PD, router_id="test-router", threshold_tokens=8192, host="127.0.0.1", port=0,
-                replan_interval_s=0.0, instance_ttl_s=5.0, reserve_timeout_s=2.0, accept_timeout_s=2.0, index_timeout_s=0.5,
-                index_min_timeout_s=0.5)  # fmt: skip
+    base = dict(
+        nats_url=nats_url,
+        site=PD,
+        router_id="test-router",
+        threshold_tokens=8192,
+        host="127.0.0.1",
+        port=0,
+        replan_interval_s=0.0,
+        instance_ttl_s=5.0,
+        reserve_timeout_s=2.0,
+        accept_timeout_s=2.0,
+        index_timeout_s=0.5,
+        index_min_timeout_s=0.5,
+    )
     base.update(overrides)
     return RouterConfig(**base)
 
 
 def load(instance: str, role: str = "decode", site: str = PD, **fields) -> InstanceLoad:
     """A heartbeat as a gateway of the reference model sends it."""
-    defaults = dict(cluster="pd" if site == PD else "prfaas", model="reference", hardware="h20" if site == PD else "h200",
-                    free_decode_slots=8 if role == "decode" else 0, max_batch=8, block_size=64, ts=time.time())  # fmt: skip
+    defaults = dict(
+        cluster="pd" if site == PD else "prfaas",
+        model="reference",
+        hardware="h20" if site == PD else "h200",
+        free_decode_slots=8 if role == "decode" else 0,
+        max_batch=8,
+        block_size=64,
+        ts=time.time(),
+    )
     defaults.update(fields)
     return InstanceLoad(site=site, instance=instance, role=role, **defaults)
 
@@ -149,8 +167,16 @@ async def routed(supercluster, redis_url):
         async with router_starter(supercluster.url(PD)) as start:
 
             async def make(instances, **overrides):
-                settings = dict(policy="static-threshold", threshold_tokens=0, instance_ttl_s=2.0, first_token_timeout_s=10.0,
-                                token_timeout_s=2.0) | overrides  # fmt: skip
+                settings = (
+                    dict(
+                        policy="static-threshold",
+                        threshold_tokens=0,
+                        instance_ttl_s=2.0,
+                        first_token_timeout_s=10.0,
+                        token_timeout_s=2.0,
+                    )
+                    | overrides
+                )
                 svc = await start(**settings)
                 await reachable(svc, supercluster, instances)
                 original = svc.events.decision

@@ -38,7 +38,9 @@ def test_bad_values_name_their_key(env, key):
 def test_entry_point_refuses_a_missing_threshold_in_one_line():
     """``python -m services.router`` without ROUTER_THRESHOLD_TOKENS: one line naming the key, exit code 2."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
-    proc = subprocess.run([sys.executable, "-m", "services.router"], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.router"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("router: config: ROUTER_THRESHOLD_TOKENS is required")

@@ -33,7 +33,11 @@ async def test_explain_offloads_long_and_keeps_short_local(start_router, nc, kv_
     """Above the threshold the uncached prompt is prefilled remotely; below it, locally."""
     svc = await ready_router(start_router, nc, *LOADS, policy="static-threshold", threshold_tokens=512)
     long = await explain(svc, {"model": "reference", "prompt": LONG})
-    assert long.route == "remote" and long.decision.prefill_instance == "p-remote" and long.decision.decode_instance == "d0"
+    assert (
+        long.route == "remote"
+        and long.decision.prefill_instance == "p-remote"
+        and long.decision.decode_instance == "d0"
+    )
     assert long.prompt_tokens == len(LONG) + 1 and long.incremental_tokens == long.prompt_tokens
     assert long.threshold_tokens == 512 and long.index == "ok" and long.decision.candidates
     short = await explain(svc, {"model": "reference", "messages": [{"role": "user", "content": SHORT}]})
@@ -46,7 +50,9 @@ async def test_cached_prefix_counts_only_the_incremental_length(start_router, nc
     svc = await ready_router(start_router, nc, *LOADS, policy="static-threshold", threshold_tokens=512)
     hashes = hash_list(ByteTokenizer().encode(LONG), 64)
     producer = Producer(nc, PD, "p-local")
-    await producer.send(BlocksStored(block_hashes=hashes, kind="attn_kv"), BlocksStored(block_hashes=hashes, kind="linear_state"))
+    await producer.send(
+        BlocksStored(block_hashes=hashes, kind="attn_kv"), BlocksStored(block_hashes=hashes, kind="linear_state")
+    )
 
     async def hit() -> bool:
         return (await explain(svc, {"model": "reference", "prompt": LONG})).cached_tokens.get(PD, 0) > 0
@@ -69,7 +75,9 @@ async def test_index_outage_routes_without_cache_knowledge(start_router, nc, kv_
 
 async def test_index_missing_routes_within_the_deadline(start_router, nc):
     """No index process at all: the lookup's deadline passes and the decision says so."""
-    svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=0.05, index_min_timeout_s=0.05, threshold_tokens=512)
+    svc = await ready_router(
+        start_router, nc, *LOADS, index_timeout_s=0.05, index_min_timeout_s=0.05, threshold_tokens=512
+    )
     event = await explain(svc, {"model": "reference", "prompt": LONG})
     assert event.index.startswith("unavailable: upstream_timeout")
 
@@ -77,21 +85,31 @@ async def test_index_missing_routes_within_the_deadline(start_router, nc):
 async def test_lookup_waits_no_longer_than_a_hit_could_save(start_router, nc):
     """An index that does not answer: a prompt whose full hit would save ~nothing gives up at the floor (or is not asked
     about when within t); a long one waits more."""
+
     async def ignore(msg) -> None:
         """Take a lookup and never answer it."""
 
     await nc.subscribe(subjects.KV_LOOKUP, cb=ignore)
-    svc = await ready_router(start_router, nc, *LOADS, index_timeout_s=1.0, index_min_timeout_s=0.01, threshold_tokens=512)
+    svc = await ready_router(
+        start_router, nc, *LOADS, index_timeout_s=1.0, index_min_timeout_s=0.01, threshold_tokens=512
+    )
     started = time.monotonic()
     event = await explain(svc, {"model": "reference", "prompt": LONG})  # the reference model prefills it in ~2 ms
     assert event.index.startswith("unavailable: no answer within 10.0 ms")
     assert time.monotonic() - started < 0.5  # the full deadline would be 1 s; 0.5 s leaves room on a loaded machine
     short = await explain(svc, {"model": "reference", "prompt": LONG[:500]})  # within t: local whatever is cached
     assert short.index == "not asked: a full cache hit would save under 10.0 ms" and short.route == "local"
-    slow = await ready_router(start_router, nc, *LOADS, index_timeout_s=1.0, index_min_timeout_s=0.01,
-                              model_profiles={"reference": "kimi-linear-1t"})  # fmt: skip
+    slow = await ready_router(
+        start_router,
+        nc,
+        *LOADS,
+        index_timeout_s=1.0,
+        index_min_timeout_s=0.01,
+        model_profiles={"reference": "kimi-linear-1t"},
+    )
     hit_saves_s = MODELS["kimi-linear-1t"].prefill_time_s(len(LONG) + 1, HARDWARE["h20"]) - MODELS[
-        "kimi-linear-1t"].prefill_time_s(64, HARDWARE["h20"])  # fmt: skip
+        "kimi-linear-1t"
+    ].prefill_time_s(64, HARDWARE["h20"])
     event = await explain(slow, {"model": "reference", "prompt": LONG})
     assert event.index.startswith(f"unavailable: no answer within {hit_saves_s * 1000:.1f} ms")
     event = await explain(slow, {"model": "reference", "prompt": LONG * 30})  # 37K tokens: seconds to save

@@ -45,8 +45,11 @@ def refs(supercluster, tmp_path_factory, otlp):
     """Reference gateways: PrfaaS prefill at dc-prfaas; local prefill and decode at dc-pd (all traced)."""
     receiver, _ = otlp
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    specs = [("prefill_gateway", PRFAAS, REMOTE, {"cluster": "rt-prfaas"}), ("prefill_gateway", PD, LOCAL, {"cluster": "rt-pd"}),
-             ("decode_gateway", PD, DECODE, {})]  # fmt: skip
+    specs = [
+        ("prefill_gateway", PRFAAS, REMOTE, {"cluster": "rt-prfaas"}),
+        ("prefill_gateway", PD, LOCAL, {"cluster": "rt-pd"}),
+        ("decode_gateway", PD, DECODE, {}),
+    ]
     yield from fleet(supercluster, tmp_path_factory.mktemp("router-e2e"), specs, env)
 
 
@@ -91,7 +94,9 @@ def expected_text(prompt_ids: list[int], max_tokens: int, *, ignore_eos: bool = 
     return TOK.decode(generate(MODEL, prompt_ids, max_tokens, Sampling(ignore_eos=ignore_eos)))
 
 
-def assert_logprobs_match(tokens: list[str], logprobs: list[float], top: list[dict[str, float]], prompt_ids: list[int]) -> None:
+def assert_logprobs_match(
+    tokens: list[str], logprobs: list[float], top: list[dict[str, float]], prompt_ids: list[int]
+) -> None:
     """The first steps' log probabilities (chosen token and alternatives) are monolithic generation's within 1e-4."""
     for i, want in enumerate(monolithic_logprobs(MODEL, prompt_ids)):
         assert tokens[i] == PIECE(want.token_id)[0]
@@ -130,8 +135,9 @@ async def test_chat_completion_matches_monolithic_generation(router, stream):
     ids = chat_ids(messages[0]["content"])
     want = expected_text(ids, WITNESS_TOKENS, ignore_eos=True)
     if not stream:
-        raw = await client.chat.completions.with_raw_response.create(model="reference", messages=messages, logprobs=True,
-                                                                     top_logprobs=20, **WITNESS)  # fmt: skip
+        raw = await client.chat.completions.with_raw_response.create(
+            model="reference", messages=messages, logprobs=True, top_logprobs=20, **WITNESS
+        )
         out = raw.parse()
         assert raw.headers["x-prfaas-request-id"] and out.id == "chatcmpl-" + raw.headers["x-prfaas-request-id"]
         assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
@@ -140,9 +146,18 @@ async def test_chat_completion_matches_monolithic_generation(router, stream):
         assert len(out.choices[0].logprobs.content) == WITNESS_TOKENS
         assert_chat_logprobs_match(out.choices[0].logprobs.content, ids)
         return
-    chunks = [c async for c in await client.chat.completions.create(
-        model="reference", messages=messages, stream=True, logprobs=True, top_logprobs=20,
-        stream_options={"include_usage": True}, **WITNESS)]  # fmt: skip
+    chunks = [
+        c
+        async for c in await client.chat.completions.create(
+            model="reference",
+            messages=messages,
+            stream=True,
+            logprobs=True,
+            top_logprobs=20,
+            stream_options={"include_usage": True},
+            **WITNESS,
+        )
+    ]
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
@@ -163,8 +178,12 @@ async def test_text_completion_with_token_ids_and_stop(router, stream):
     want = full[: full.index(stop)]
     client = api(router)
     if stream:
-        chunks = [c async for c in await client.completions.create(model="reference", prompt=prompt, max_tokens=24,
-                                                                   temperature=0, stop=[stop], stream=True)]  # fmt: skip
+        chunks = [
+            c
+            async for c in await client.completions.create(
+                model="reference", prompt=prompt, max_tokens=24, temperature=0, stop=[stop], stream=True
+            )
+        ]
         assert "".join(c.choices[0].text for c in chunks) == want
         assert chunks[-1].choices[0].finish_reason == "stop" and chunks[0].object == "text_completion"
     else:
@@ -178,8 +197,12 @@ async def test_text_completion_with_token_ids_and_stop(router, stream):
 async def test_long_prompt_offloaded_short_local(router, events):
     """The decision events say the long prompt was prefilled at the PrfaaS site and the short one locally."""
     client = api(router)
-    long = await client.completions.with_raw_response.create(model="reference", prompt=LONG_TEXT, logprobs=20, **WITNESS)
-    short = await client.completions.with_raw_response.create(model="reference", prompt="Hi", max_tokens=4, temperature=0)
+    long = await client.completions.with_raw_response.create(
+        model="reference", prompt=LONG_TEXT, logprobs=20, **WITNESS
+    )
+    short = await client.completions.with_raw_response.create(
+        model="reference", prompt="Hi", max_tokens=4, temperature=0
+    )
     choice = long.parse().choices[0]
     assert choice.text == expected_text(TOK.encode(LONG_TEXT), WITNESS_TOKENS, ignore_eos=True)
     lp = choice.logprobs
@@ -187,7 +210,11 @@ async def test_long_prompt_offloaded_short_local(router, events):
     assert_logprobs_match(lp.tokens, lp.token_logprobs, lp.top_logprobs, TOK.encode(LONG_TEXT))
     [d_long] = await for_request(events, long.headers["x-prfaas-request-id"], DecisionEvent)
     [d_short] = await for_request(events, short.headers["x-prfaas-request-id"], DecisionEvent)
-    assert (d_long.route, d_long.decision.prefill_instance, d_long.decision.decode_instance) == ("remote", REMOTE, DECODE)
+    assert (d_long.route, d_long.decision.prefill_instance, d_long.decision.decode_instance) == (
+        "remote",
+        REMOTE,
+        DECODE,
+    )
     assert d_long.incremental_tokens > THRESHOLD and d_long.decision.transport == "tcp"
     assert (d_short.route, d_short.decision.prefill_instance) == ("local", LOCAL)
     [o_long] = await for_request(events, long.headers["x-prfaas-request-id"], OutcomeEvent)
@@ -223,15 +250,23 @@ async def test_repeated_long_prefix_is_a_cache_hit(router, events):
     prompt_ids = TOK.encode(body["prompt"])
     choice = raw.parse().choices[0]
     assert choice.text == expected_text(prompt_ids, WITNESS_TOKENS, ignore_eos=True)
-    assert_logprobs_match(choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs, prompt_ids)
+    assert_logprobs_match(
+        choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs, prompt_ids
+    )
 
 
 async def test_client_disconnect_cancels_the_gateways_work(router, events, supercluster):
     """Closing a stream mid-way cancels the decode job: its slot frees long before max_tokens would end it."""
     nc = await connect(supercluster.url(PD), name="watch")
     try:
-        body = {"model": "reference", "prompt": "Stream a long answer.", "max_tokens": 4000, "temperature": 0.7,
-                "seed": 1, "stream": True}  # fmt: skip
+        body = {
+            "model": "reference",
+            "prompt": "Stream a long answer.",
+            "max_tokens": 4000,
+            "temperature": 0.7,
+            "seed": 1,
+            "stream": True,
+        }
         async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
             async with http.post(router.url + "/v1/completions", json=body) as r:
                 request_id = r.headers["x-prfaas-request-id"]
@@ -255,8 +290,16 @@ async def test_one_trace_per_request_across_the_hops(router, otlp):
     await asyncio.to_thread(provider.force_flush)
     receiver.take()
     await api(router).completions.create(model="reference", prompt=LONG_TEXT, max_tokens=2, temperature=0)
-    want = {"router.request", "router.decide", "router.decode_job", "router.prefill_job", "decode_gateway.reserve",
-            "decode_gateway.job", "prefill_gateway.accept", "prefill_gateway.job"}  # fmt: skip
+    want = {
+        "router.request",
+        "router.decide",
+        "router.decode_job",
+        "router.prefill_job",
+        "decode_gateway.reserve",
+        "decode_gateway.job",
+        "prefill_gateway.accept",
+        "prefill_gateway.job",
+    }
     spans = []
     async with asyncio.timeout(10):
         while True:

@@ -22,13 +22,18 @@ async def _complete(svc, i: int) -> tuple[str, str]:
     out = await api(svc).completions.create(model="reference", prompt=prompt, logprobs=20, **WITNESS)
     lp = out.choices[0].logprobs
     await asyncio.to_thread(assert_logprobs_match, lp.tokens, lp.token_logprobs, lp.top_logprobs, TOK.encode(prompt))
-    return out.choices[0].text, await asyncio.to_thread(expected_text, TOK.encode(prompt), WITNESS_TOKENS, ignore_eos=True)
+    return out.choices[0].text, await asyncio.to_thread(
+        expected_text, TOK.encode(prompt), WITNESS_TOKENS, ignore_eos=True
+    )
 
 
 async def test_refused_remote_prefill_falls_back_to_local(fleet, routed):
     """A PrfaaS instance that refuses (queue full) sends the request to local prefill, with a fallback decision."""
-    await fleet.start_async(("prefill_gateway", PRFAAS, "fb-p0", {"cluster": "fb-prfaas", "queue_limit": 1}),
-                ("prefill_gateway", PD, "fb-l0", {"cluster": "fb-pd"}), ("decode_gateway", PD, "fb-d0", {}))  # fmt: skip
+    await fleet.start_async(
+        ("prefill_gateway", PRFAAS, "fb-p0", {"cluster": "fb-prfaas", "queue_limit": 1}),
+        ("prefill_gateway", PD, "fb-l0", {"cluster": "fb-pd"}),
+        ("decode_gateway", PD, "fb-d0", {}),
+    )
     svc, decisions = await routed(("fb-p0", "fb-l0", "fb-d0"))
     results = await asyncio.gather(*(_complete(svc, i) for i in range(6)))
     assert all(got == want for got, want in results)
@@ -39,8 +44,11 @@ async def test_refused_remote_prefill_falls_back_to_local(fleet, routed):
 
 async def test_killed_remote_prefill_under_load_loses_no_request(fleet, routed):
     """kill -9 of the PrfaaS prefill gateway mid-load: every request still ends in the right tokens."""
-    await fleet.start_async(("prefill_gateway", PRFAAS, "kl-p0", {"cluster": "kl-prfaas"}),
-                ("prefill_gateway", PD, "kl-l0", {"cluster": "kl-pd"}), ("decode_gateway", PD, "kl-d0", {}))  # fmt: skip
+    await fleet.start_async(
+        ("prefill_gateway", PRFAAS, "kl-p0", {"cluster": "kl-prfaas"}),
+        ("prefill_gateway", PD, "kl-l0", {"cluster": "kl-pd"}),
+        ("decode_gateway", PD, "kl-d0", {}),
+    )
     svc, decisions = await routed(("kl-p0", "kl-l0", "kl-d0"))
     first = [asyncio.ensure_future(_complete(svc, i)) for i in range(8)]
     async with asyncio.timeout(30):
@@ -58,8 +66,11 @@ async def test_killed_remote_prefill_under_load_loses_no_request(fleet, routed):
 
 async def test_dead_decode_instance_is_replaced_before_the_first_token(fleet, routed):
     """A decode instance that died (still in the view) is replaced by another one; the request completes."""
-    await fleet.start_async(("prefill_gateway", PD, "dd-l0", {"cluster": "dd-pd"}), ("decode_gateway", PD, "dd-d0", {}),
-                ("decode_gateway", PD, "dd-d1", {}))  # fmt: skip
+    await fleet.start_async(
+        ("prefill_gateway", PD, "dd-l0", {"cluster": "dd-pd"}),
+        ("decode_gateway", PD, "dd-d0", {}),
+        ("decode_gateway", PD, "dd-d1", {}),
+    )
     svc, decisions = await routed(("dd-l0", "dd-d0", "dd-d1"), instance_ttl_s=30.0)
     fleet.procs["dd-d1"].kill()
     results = [await _complete(svc, i) for i in range(8)]
@@ -72,8 +83,9 @@ async def test_decode_failure_after_tokens_ends_the_stream_with_an_error(fleet, 
     """Once tokens were streamed, a dead decode instance ends the stream with an error event, not a silent close."""
     await fleet.start_async(("prefill_gateway", PD, "mf-l0", {"cluster": "mf-pd"}), ("decode_gateway", PD, "mf-d0", {}))
     svc, _ = await routed(("mf-l0", "mf-d0"))
-    stream = await api(svc).completions.create(model="reference", prompt="Keep talking.", max_tokens=4000, temperature=0.7,
-                                               seed=3, stream=True)  # fmt: skip
+    stream = await api(svc).completions.create(
+        model="reference", prompt="Keep talking.", max_tokens=4000, temperature=0.7, seed=3, stream=True
+    )
     received = []
     with pytest.raises(openai.APIError, match="decode instance mf-d0"):
         async for chunk in stream:
@@ -90,12 +102,15 @@ async def test_queued_remote_job_outlives_the_default_lease(fleet, routed):
     ~1.2 s for a simulated H200 busy with ~0.4 s prefills; the router's lease is twice the predicted wait.
     """
     sim = {"backend": "simulated:h200", "model": "kimi-linear-1t", "byte_scale": 0.001}
-    await fleet.start_async(("prefill_gateway", PRFAAS, "ls-p0", {"cluster": "ls-prfaas"} | sim),
-                            ("decode_gateway", PD, "ls-d0", sim | {"backend": "simulated:h20", "lease_s": 0.3}))  # fmt: skip
+    await fleet.start_async(
+        ("prefill_gateway", PRFAAS, "ls-p0", {"cluster": "ls-prfaas"} | sim),
+        ("decode_gateway", PD, "ls-d0", sim | {"backend": "simulated:h20", "lease_s": 0.3}),
+    )
     svc, decisions = await routed(("ls-p0", "ls-d0"), lease_min_s=0.3)
     client = api(svc)
-    outs = await asyncio.gather(*(client.completions.create(model="kimi-linear-1t", prompt=[i + 1] * 1024, max_tokens=3)
-                                  for i in range(4)))  # fmt: skip
+    outs = await asyncio.gather(
+        *(client.completions.create(model="kimi-linear-1t", prompt=[i + 1] * 1024, max_tokens=3) for i in range(4))
+    )
     assert [o.usage.completion_tokens for o in outs] == [3, 3, 3, 3]
     assert len(decisions) == 4 and all(d.route == "remote" and d.attempt == 0 for d in decisions)
     assert max(d.decision.predicted_queue_s for d in decisions) > 0.6  # the router saw the queue it covered

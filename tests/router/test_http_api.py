@@ -45,8 +45,12 @@ async def test_health_and_readiness(start_router, nc, kv_index, redis_server):
             assert r.status == 200
         async with http.get(svc.url + "/readyz") as r:
             body = await r.json()
-            assert r.status == 503 and body["checks"] == {"bus": True, "index": True, "decode_instances": False,
-                                                          "prefill_instances": False}  # fmt: skip
+            assert r.status == 503 and body["checks"] == {
+                "bus": True,
+                "index": True,
+                "decode_instances": False,
+                "prefill_instances": False,
+            }
         await heartbeat(nc, load("d0"))
         await until(lambda: svc.view.alive(), what="decode heartbeat")
         async with http.get(svc.url + "/readyz") as r:  # nothing could prefill a request yet
@@ -77,14 +81,28 @@ async def test_decode_instance_silence_makes_router_unready(start_router, nc, kv
         ({"model": "reference"}, "messages"),
         ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
         ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
-        ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
-        ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "kv_transfer_params": {"x": 1}},
-         "kv_transfer_params"),
-        ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
-         "stream_options"),
+        (
+            {"model": "reference", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+            "tools",
+        ),
+        (
+            {"model": "reference", "messages": [{"role": "user", "content": "hi"}], "kv_transfer_params": {"x": 1}},
+            "kv_transfer_params",
+        ),
+        (
+            {
+                "model": "reference",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream_options": {"include_usage": True},
+            },
+            "stream_options",
+        ),
         ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
         ({"model": "reference", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-        ({"model": "reference", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "presence_penalty"),
+        (
+            {"model": "reference", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5},
+            "presence_penalty",
+        ),
     ],
 )
 async def test_bad_chat_fields_are_400_naming_the_field(start_router, nc, kv_index, body, param):
@@ -140,9 +158,14 @@ async def test_max_tokens_past_what_the_context_leaves_is_400(start_router, nc, 
     with pytest.raises(openai.BadRequestError) as e:
         await api.completions.create(model="reference", prompt="x" * 50, max_tokens=50)  # 51 prompt tokens with BOS
     assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
-    assert "maximum context length is 100 tokens" in e.value.body["message"] and "51 in the prompt" in e.value.body["message"]
+    assert (
+        "maximum context length is 100 tokens" in e.value.body["message"]
+        and "51 in the prompt" in e.value.body["message"]
+    )
     with pytest.raises(openai.BadRequestError) as e:
-        await api.chat.completions.create(model="reference", messages=[{"role": "user", "content": "x" * 120}], max_tokens=1)
+        await api.chat.completions.create(
+            model="reference", messages=[{"role": "user", "content": "x" * 120}], max_tokens=1
+        )
     assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
 
 
@@ -150,7 +173,10 @@ async def test_log_probability_requests_are_checked(start_router, nc, kv_index):
     """top_logprobs over 20, top_logprobs without logprobs, completions logprobs over 20: 400s naming the field."""
     svc = await ready_router(start_router, nc, *LOADS)
     api, messages = client(svc), [{"role": "user", "content": "hi"}]
-    for kwargs, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs")):
+    for kwargs, param in (
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             await api.chat.completions.create(model="reference", messages=messages, max_tokens=2, **kwargs)
         assert e.value.body["param"] == param, kwargs

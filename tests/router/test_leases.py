@@ -30,7 +30,9 @@ PREFILL_S = model_profile("reference").prefill_time_s(len(PROMPT), hardware_prof
 FAST = {"backend": "simulated:cpu", "model": "reference"}
 DECODE = {"backend": "simulated:h20", "model": "reference", "lease_s": LEASE_S}
 FROZEN = {"backend": "simulated:cpu", "model": "reference", "time_scale": 30.0}
-FROZEN_LIMIT_S = 2.0 * LayerTimes(model_profile("reference"), hardware_profile("cpu"), 30.0).slowest_layer_s(len(PROMPT))
+FROZEN_LIMIT_S = 2.0 * LayerTimes(model_profile("reference"), hardware_profile("cpu"), 30.0).slowest_layer_s(
+    len(PROMPT)
+)
 
 
 @dataclass
@@ -76,8 +78,10 @@ def _outcomes(svc) -> list:
 async def test_a_layer_longer_than_the_lease_is_prefilled_once(fleet, routed, site):
     """Layers of ~0.75 s against a 0.5 s lease: one attempt, one PrefillJob, TTFT about one prefill (remote and local)."""
     prefill = f"sl-{site[3:]}-p0"
-    await fleet.start_async(("prefill_gateway", site, prefill, {"cluster": f"sl-{site[3:]}"} | SLOW),
-                            ("decode_gateway", PD, "sl-d0", DECODE))  # fmt: skip
+    await fleet.start_async(
+        ("prefill_gateway", site, prefill, {"cluster": f"sl-{site[3:]}"} | SLOW),
+        ("decode_gateway", PD, "sl-d0", DECODE),
+    )
     svc, decisions = await routed((prefill, "sl-d0"), lease_min_s=LEASE_S, lease_margin=2.0)
     async with watching(fleet.cluster.url(PD), "prfaas.v1.prefill.>", msgspec.msgpack.Decoder(PrefillJob)) as jobs:
         start = time.monotonic()
@@ -98,15 +102,20 @@ async def test_a_failed_remote_transfer_falls_back_saying_so_and_counts_as_local
     blackhole.listen(16)
     try:
         decode = DECODE | {"advertise_by_site": f"{PRFAAS}=127.0.0.1:{blackhole.getsockname()[1]}"}
-        await fleet.start_async(("prefill_gateway", PRFAAS, "fl-p0", {"cluster": "fl-prfaas"} | FAST),
-                                ("prefill_gateway", PD, "fl-l0", {"cluster": "fl-pd"} | FAST),
-                                ("decode_gateway", PD, "fl-d0", decode))  # fmt: skip
+        await fleet.start_async(
+            ("prefill_gateway", PRFAAS, "fl-p0", {"cluster": "fl-prfaas"} | FAST),
+            ("prefill_gateway", PD, "fl-l0", {"cluster": "fl-pd"} | FAST),
+            ("decode_gateway", PD, "fl-d0", decode),
+        )
         svc, decisions = await routed(("fl-p0", "fl-l0", "fl-d0"), lease_min_s=LEASE_S, lease_margin=2.0)
         outcomes = _outcomes(svc)
         async with watching(fleet.cluster.url(PD), "prfaas.v1.decode.>", msgspec.msgpack.Decoder(DecodeJob)) as jobs:
             out = await api(svc).completions.create(model="reference", prompt=PROMPT, max_tokens=2)
         assert out.usage.completion_tokens == 2
-        assert [j.lease_s for j in jobs.seen] == [LEASE_S, LEASE_S]  # a transfer that never began says nothing of layers
+        assert [j.lease_s for j in jobs.seen] == [
+            LEASE_S,
+            LEASE_S,
+        ]  # a transfer that never began says nothing of layers
         first, fallback = decisions
         assert first.route == "remote" and fallback.route == "fallback"
         reason = fallback.decision.reason
@@ -129,15 +138,19 @@ async def test_a_lease_run_out_inside_the_transfer_is_retried_only_with_a_longer
     parts; the frozen process heartbeats no more, but the router would notice that only after 2 s.
     """
     name = f"fz{margin:.0f}"
-    await fleet.start_async(("prefill_gateway", PRFAAS, f"{name}-p0", {"cluster": name} | FROZEN),
-                            ("prefill_gateway", PD, f"{name}-l0", {"cluster": f"{name}-pd"} | FAST),
-                            ("decode_gateway", PD, f"{name}-d0", DECODE))  # fmt: skip
+    await fleet.start_async(
+        ("prefill_gateway", PRFAAS, f"{name}-p0", {"cluster": name} | FROZEN),
+        ("prefill_gateway", PD, f"{name}-l0", {"cluster": f"{name}-pd"} | FAST),
+        ("decode_gateway", PD, f"{name}-d0", DECODE),
+    )
     frozen = fleet.procs[f"{name}-p0"]
     svc, decisions = await routed(tuple(fleet.procs), lease_min_s=LEASE_S, lease_margin=margin, transport="jetstream")
     try:
         async with watching(fleet.cluster.url(PD), "prfaas.v1.decode.>", msgspec.msgpack.Decoder(DecodeJob)) as jobs:
             async with watching(fleet.cluster.url(PD), "prfaas.v1.kvx.>") as chunks:
-                request = asyncio.ensure_future(api(svc).completions.create(model="reference", prompt=PROMPT, max_tokens=2))
+                request = asyncio.ensure_future(
+                    api(svc).completions.create(model="reference", prompt=PROMPT, max_tokens=2)
+                )
                 async with asyncio.timeout(30):
                     await chunks.first.wait()  # the first layer's KV is on its way: the transfer has begun
                 os.kill(frozen.pid, signal.SIGSTOP)
@@ -151,5 +164,8 @@ async def test_a_lease_run_out_inside_the_transfer_is_retried_only_with_a_longer
     if margin == 1.0:  # a retry with the same lease for the same prompt must fail the same way: none is made
         assert len(decisions) == 1 and len(jobs.seen) == 1
     else:
-        assert f"lease expired: no KV progress for {FROZEN_LIMIT_S:.2f}s inside the transfer" in decisions[1].decision.reason
+        assert (
+            f"lease expired: no KV progress for {FROZEN_LIMIT_S:.2f}s inside the transfer"
+            in decisions[1].decision.reason
+        )
         assert [j.lease_s for j in jobs.seen] == [LEASE_S, pytest.approx(2 * FROZEN_LIMIT_S)]

@@ -27,12 +27,20 @@ def free_slots(svc, instance: str) -> int:
 async def test_two_routers_count_each_job_once(fleet, routed):
     """Two routers streaming to one decode instance: each counts its own job until a heartbeat shows it, then only the
     heartbeat, so both end up seeing both jobs exactly once."""
-    await fleet.start_async(("prefill_gateway", PD, "tr-l0", {"cluster": "tr-pd"}),
-                            ("decode_gateway", PD, "tr-d0", {"max_batch": 4, "heartbeat_s": 1.0}))  # fmt: skip
+    await fleet.start_async(
+        ("prefill_gateway", PD, "tr-l0", {"cluster": "tr-pd"}),
+        ("decode_gateway", PD, "tr-d0", {"max_batch": 4, "heartbeat_s": 1.0}),
+    )
     a, _ = await routed(("tr-l0", "tr-d0"), router_id="router-a")
     b, _ = await routed(("tr-l0", "tr-d0"), router_id="router-b")
-    body = {"model": "reference", "prompt": "Stream a long answer.", "max_tokens": 4000, "temperature": 0.7, "seed": 1,
-            "stream": True}  # ~20 s of decoding (no early end of sequence)
+    body = {
+        "model": "reference",
+        "prompt": "Stream a long answer.",
+        "max_tokens": 4000,
+        "temperature": 0.7,
+        "seed": 1,
+        "stream": True,
+    }  # ~20 s of decoding (no early end of sequence)
     async with contextlib.AsyncExitStack() as streams:
         http = await streams.enter_async_context(aiohttp.ClientSession(timeout=HTTP_TIMEOUT))
         first = await streams.enter_async_context(http.post(a.url + "/v1/completions", json=body))
@@ -41,7 +49,9 @@ async def test_two_routers_count_each_job_once(fleet, routed):
         second = await streams.enter_async_context(http.post(b.url + "/v1/completions", json=body))
         await second.content.readline()
         for svc in (a, b):  # once heartbeats show both jobs, each router counts them once
-            await until(lambda svc=svc: svc.view.corrections("tr-d0") == 0, timeout_s=5.0, what="heartbeat with both jobs")
+            await until(
+                lambda svc=svc: svc.view.corrections("tr-d0") == 0, timeout_s=5.0, what="heartbeat with both jobs"
+            )
             await until(lambda svc=svc: free_slots(svc, "tr-d0") == 2, timeout_s=5.0, what="both jobs seen")
             assert svc.view.load_of("tr-d0").free_decode_slots == 2
 
@@ -49,12 +59,20 @@ async def test_two_routers_count_each_job_once(fleet, routed):
 async def test_hot_prefix_spreads_once_waiting_exceeds_recomputing(start_router, nc, kv_index):
     """A prompt cached on one instance goes there while its queue is shorter than the prefill the cache saves, and to an
     idle instance once waiting would take longer than recomputing."""
-    svc = await ready_router(start_router, nc, load("d0"), load("pl0", role="prefill"), load("pl1", role="prefill"),
-                             policy="static-threshold", model_profiles={"reference": "kimi-linear-1t"})  # fmt: skip
+    svc = await ready_router(
+        start_router,
+        nc,
+        load("d0"),
+        load("pl0", role="prefill"),
+        load("pl1", role="prefill"),
+        policy="static-threshold",
+        model_profiles={"reference": "kimi-linear-1t"},
+    )
     prompt = "a hot shared prefix, a long system prompt. " * 200  # 8,601 tokens with BOS
     hashes = hash_list(ByteTokenizer().encode(prompt), 64)
-    await Producer(nc, PD, "pl0").send(BlocksStored(block_hashes=hashes, kind="attn_kv"),
-                                       BlocksStored(block_hashes=hashes, kind="linear_state"))  # fmt: skip
+    await Producer(nc, PD, "pl0").send(
+        BlocksStored(block_hashes=hashes, kind="attn_kv"), BlocksStored(block_hashes=hashes, kind="linear_state")
+    )
 
     async def explain() -> DecisionEvent:
         async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:

@@ -20,11 +20,13 @@ async def test_the_ttft_histogram_reaches_past_the_longest_ttft_the_router_allow
         service = RouterService(nc, config)
         longest = longest_ttft_s(config)
         assert longest >= config.job_timeout_s
-        assert longest >= config.max_attempts * (config.reserve_timeout_s + config.accept_timeout_s
-                                                  + config.first_token_wait_s)  # fmt: skip
+        assert longest >= config.max_attempts * (
+            config.reserve_timeout_s + config.accept_timeout_s + config.first_token_wait_s
+        )
         service.metrics.ttft_seconds.labels("remote").observe(longest)
         bounds = _finite_bounds_s(service)
         assert bounds[-1] >= longest and bounds[-2] < longest, bounds  # reaches it, and no further than one bucket
-        top = service.registry.get_sample_value("prfaas_router_ttft_seconds_bucket", {"route": "remote",
-                                                                                       "le": str(bounds[-1])})  # fmt: skip
+        top = service.registry.get_sample_value(
+            "prfaas_router_ttft_seconds_bucket", {"route": "remote", "le": str(bounds[-1])}
+        )
         assert top == 1.0

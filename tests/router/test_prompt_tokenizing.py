@@ -102,8 +102,14 @@ def test_cache_settings_name_their_key(env, key):
 
 def test_cache_settings_are_read():
     """The token cache settings come from their ROUTER_ variables."""
-    config = RouterConfig.from_env({"ROUTER_THRESHOLD_TOKENS": "100", "ROUTER_TOKEN_CACHE_BYTES": "1000",
-                                    "ROUTER_TOKEN_CACHE_CHUNK_CHARS": "300", "ROUTER_TOKEN_CACHE_VERIFY_FRACTION": "0.5",
-                                    "ROUTER_TOKENIZE_THREAD_CHARS": "10"})  # fmt: skip
+    config = RouterConfig.from_env(
+        {
+            "ROUTER_THRESHOLD_TOKENS": "100",
+            "ROUTER_TOKEN_CACHE_BYTES": "1000",
+            "ROUTER_TOKEN_CACHE_CHUNK_CHARS": "300",
+            "ROUTER_TOKEN_CACHE_VERIFY_FRACTION": "0.5",
+            "ROUTER_TOKENIZE_THREAD_CHARS": "10",
+        }
+    )
     assert (config.token_cache_bytes, config.token_cache_chunk_chars) == (1000, 300)
     assert (config.token_cache_verify_fraction, config.tokenize_thread_chars) == (0.5, 10)

@@ -17,12 +17,15 @@ def _ran(rid: str, route: str, prefill_site: str, bytes_moved: int) -> OutcomeEv
 def test_a_remote_decision_that_fell_back_to_local_is_not_offloaded():
     """Decided remote, prefilled locally after a failure: local, counted as a fallback, no link bytes."""
     events = [
-        _decision("gone-local", "remote"), _decision("gone-local", "fallback", attempt=1),
+        _decision("gone-local", "remote"),
+        _decision("gone-local", "fallback", attempt=1),
         _ran("gone-local", "fallback", "dc-pd", 2_000),  # its KV crossed no site: the loopback bytes do not count
-        _decision("stayed-remote", "remote"), _decision("stayed-remote", "fallback", attempt=1),
+        _decision("stayed-remote", "remote"),
+        _decision("stayed-remote", "fallback", attempt=1),
         _ran("stayed-remote", "fallback", "dc-prfaas", 5_000),  # another decode instance, still prefilled remotely
-        _decision("local", "local"), _ran("local", "local", "dc-pd", 1_000),
-    ]  # fmt: skip
+        _decision("local", "local"),
+        _ran("local", "local", "dc-pd", 1_000),
+    ]
     summary = summarize(events)
     assert summary["requests"] == 3 and summary["fallbacks"] == 2
     assert summary["offload_share"] == 1 / 3 and summary["decided_remote_share"] == 2 / 3

@@ -15,8 +15,17 @@ from services.router.token_cache import TokenCache
 from services.router.tokenization import BytePromptTokenizer, PromptTokenizer, load_tokenizer
 from tests.router import tokenizers_trained as trained
 
-EXACT = ("byte", "gpt2", "llama3", "whitespace", "bert", "metaspace")  # tokenizers the self-test must keep the cache for
-PIECES = trained.WORDS + trained.SPECIALS + trained.WORDLIKE + ("MAGIC WORD", "magic word", "▁", "'s", "’", "\u00a0", "😀")
+EXACT = (
+    "byte",
+    "gpt2",
+    "llama3",
+    "whitespace",
+    "bert",
+    "metaspace",
+)  # tokenizers the self-test must keep the cache for
+PIECES = (
+    trained.WORDS + trained.SPECIALS + trained.WORDLIKE + ("MAGIC WORD", "magic word", "▁", "'s", "’", "\u00a0", "😀")
+)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -24,10 +33,14 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 def tokenizers(tmp_path_factory) -> dict[str, PromptTokenizer]:
     """Each kind of tokenizer the tests use, loaded as the router loads them."""
     root = tmp_path_factory.mktemp("tokenizers")
-    dirs = {"gpt2": trained.gpt2_like(root / "gpt2"), "llama3": trained.llama3_like(root / "llama3"),
-            "whitespace": trained.whitespace_runs(root / "ws"), "bert": trained.bert_like(root / "bert"),
-            "metaspace": trained.metaspace(root / "ms", split=True),
-            "metaspace_whole": trained.metaspace(root / "msw", split=False)}  # fmt: skip
+    dirs = {
+        "gpt2": trained.gpt2_like(root / "gpt2"),
+        "llama3": trained.llama3_like(root / "llama3"),
+        "whitespace": trained.whitespace_runs(root / "ws"),
+        "bert": trained.bert_like(root / "bert"),
+        "metaspace": trained.metaspace(root / "ms", split=True),
+        "metaspace_whole": trained.metaspace(root / "msw", split=False),
+    }
     return {"byte": load_tokenizer("byte")} | {name: load_tokenizer(str(d)) for name, d in dirs.items()}
 
 
@@ -37,8 +50,9 @@ def cache_of(tok: PromptTokenizer, **overrides) -> TokenCache:
     return TokenCache(tok, **(options | overrides))
 
 
-texts = st.lists(st.one_of(st.sampled_from(PIECES), st.sampled_from(trained.SEPARATORS), st.text(max_size=4)),
-                 max_size=80).map("".join)  # fmt: skip
+texts = st.lists(
+    st.one_of(st.sampled_from(PIECES), st.sampled_from(trained.SEPARATORS), st.text(max_size=4)), max_size=80
+).map("".join)
 
 
 @pytest.mark.parametrize("name", EXACT)

@@ -9,11 +9,41 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 # Llama 3's pre-tokenizer split: ``\s*[\r\n]+`` makes a run of newlines one piece
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+")  # fmt: skip
-WORDS = ("the", "quick", "brown", "fox", "prefill", "service", "decode", "cache", "token", "hybrid", "attention", "naïve",
-         "Straße", "héllo", "wörld", "ça", "日本語", "текст", "λόγος", "don't", "it's", "I'm", "x2", "42", "3.14", "(a)",
-         "[b]", "#c", "e\u0301t\u00e9")  # fmt: skip
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+WORDS = (
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "prefill",
+    "service",
+    "decode",
+    "cache",
+    "token",
+    "hybrid",
+    "attention",
+    "naïve",
+    "Straße",
+    "héllo",
+    "wörld",
+    "ça",
+    "日本語",
+    "текст",
+    "λόγος",
+    "don't",
+    "it's",
+    "I'm",
+    "x2",
+    "42",
+    "3.14",
+    "(a)",
+    "[b]",
+    "#c",
+    "e\u0301t\u00e9",
+)
 SEPARATORS = (" ", " ", " ", " ", "  ", "\n", "\n\n", "\r\n", "\t", ", ", ". ", ".\n\n", " \n", "\n ", "")
 # Added tokens with the traps a cut must avoid: a space inside one, whitespace absorbed on either side.
 SPECIALS = ("<|begin_of_text|>", "<|im_start|>", "<|im_end|>", "<|eot|>", "<|end of turn|>")
@@ -45,15 +75,27 @@ def _save(tok: Tokenizer, directory: Path, config: dict | None = None) -> Path:
 def llama3_like(directory: Path) -> Path:
     """Byte-level BPE behind Llama 3's split regex; BOS by the post-processor; added tokens with rstrip and a space."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(), trainer)
-    tok.add_special_tokens([AddedToken("<|eot|>", rstrip=True, special=True), AddedToken("<|end of turn|>", special=True)])
+    tok.add_special_tokens(
+        [AddedToken("<|eot|>", rstrip=True, special=True), AddedToken("<|end of turn|>", special=True)]
+    )
     bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     return _save(tok, directory, {"bos_token": "<|begin_of_text|>", "eos_token": "<|im_end|>"})
 
 
@@ -62,8 +104,12 @@ def gpt2_like(directory: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(), trainer)
     return _save(tok, directory, {"bos_token": "<s>", "eos_token": "</s>"})
 
@@ -71,10 +117,16 @@ def gpt2_like(directory: Path) -> Path:
 def whitespace_runs(directory: Path) -> Path:
     """Byte-level BPE behind a split that keeps each whitespace run one piece (a cut inside a run would break it)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(corpus(), trainer)
     return _save(tok, directory)
 
@@ -88,7 +140,9 @@ def bert_like(directory: Path) -> Path:
     tok.train_from_iterator(corpus(), trainer)
     tok.add_tokens([AddedToken(w, normalized=True) for w in WORDLIKE])
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     return _save(tok, directory)
 
 
