@@ -27,6 +27,9 @@ class BackendSpec:
     byte_scale: float = 1.0
     cache_bytes: int = DEFAULT_CACHE_BYTES
     max_batch: int = 0  # decode batch limit (0: the backend's own limit)
+    # Simulated decode: steps a wake-up may advance (after each first token; an arrival ends it early): the same
+    # tokens at the same modelled times in fewer messages, so a time-scaled decode does not flood the bus.
+    decode_chunk: int = 1
     # BLAS threads of the process. One by default: a gateway shares its host with other processes,
     # and BLAS threads that spin-wait for a busy core make a reference prefill 5-10x slower.
     compute_threads: int = 1
@@ -65,7 +68,8 @@ class BackendSpec:
 
     @classmethod
     def from_env(cls, r: EnvReader) -> BackendSpec:
-        """Read ``BACKEND``, ``MODEL``, ``TIME_SCALE``, ``BYTE_SCALE``, ``CACHE_BYTES``, ``MAX_BATCH``, ``COMPUTE_THREADS``."""
+        """Read ``BACKEND``, ``MODEL``, ``TIME_SCALE``, ``BYTE_SCALE``, ``CACHE_BYTES``, ``MAX_BATCH``, ``DECODE_CHUNK``,
+        ``COMPUTE_THREADS``."""
         d = cls()
         backend = r.str("BACKEND", d.backend)
         if backend != REFERENCE:
@@ -94,6 +98,7 @@ class BackendSpec:
             byte_scale=byte_scale,
             cache_bytes=r.int("CACHE_BYTES", d.cache_bytes, minimum=0),
             max_batch=r.int("MAX_BATCH", d.max_batch, minimum=0),
+            decode_chunk=r.int("DECODE_CHUNK", d.decode_chunk, minimum=1),
             compute_threads=r.int("COMPUTE_THREADS", d.compute_threads, minimum=1),
         )
 
@@ -110,6 +115,7 @@ def build_backend(spec: BackendSpec) -> Backend:
                 spec.byte_scale,
                 cache_capacity_bytes=spec.cache_bytes,
                 max_batch=spec.max_batch or None,
+                decode_chunk=spec.decode_chunk,
             )
         return ReferenceBackend(cache_capacity_bytes=spec.cache_bytes, max_batch=spec.max_batch or spec.decode_limit())
     except BadRequest as e:

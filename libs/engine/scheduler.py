@@ -40,6 +40,7 @@ class DecodeLoop:
         self._waiting: deque[_Slot] = deque()
         self._task: asyncio.Task | None = None
         self.steps = 0  # batched steps taken so far
+        self.arrived = asyncio.Event()  # set when a request starts waiting; a step that runs long may end early
 
     @property
     def active(self) -> int:
@@ -55,6 +56,7 @@ class DecodeLoop:
         """Decode one sequence in the shared batch, yielding its outputs until it finishes."""
         slot = _Slot(sequence)
         self._waiting.append(slot)
+        self.arrived.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name="decode-loop")
         try:
@@ -77,6 +79,8 @@ class DecodeLoop:
                 self._active.append(self._waiting.popleft())
             if not self._active:
                 return
+            if not self._waiting or len(self._active) >= self.max_batch:
+                self.arrived.clear()  # nothing can join before this step ends unless a new request arrives
             batch = list(self._active)
             try:
                 outputs = await self._step([s.sequence for s in batch])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
@@ -83,6 +84,7 @@ class SimulatedBackend:
         block_size: int = DEFAULT_BLOCK_SIZE,
         verify: bool = True,
         max_batch: int | None = None,
+        decode_chunk: int = 1,
     ) -> None:
         from libs.engine import profiles  # profiles are plain data; imported here to keep the model light
 
@@ -97,6 +99,9 @@ class SimulatedBackend:
         self.byte_scale = byte_scale
         self.block_size = block_size
         self.verify = verify
+        if decode_chunk < 1:
+            raise BadRequest(f"decode_chunk must be >= 1, got {decode_chunk}")
+        self.decode_chunk = decode_chunk
         kinds = [
             k for k, n in (("attn_kv", self.model.n_full_layers), ("linear_state", self.model.n_linear_layers)) if n
         ]
@@ -266,8 +271,28 @@ class SimulatedBackend:
             yield out
 
     async def _step(self, sequences: list[_SimSequence]) -> list[DecodeOutput]:
-        await asyncio.sleep(self.model.decode_step_s(len(sequences), self.hardware) * self.time_scale)
-        return [seq.next() for seq in sequences]
+        """Up to ``decode_chunk`` steps at the batch's modelled step time, in one wake-up.
+
+        A batch with a sequence before its first token steps once (chunking never delays a first
+        token); a request arriving mid-chunk ends the chunk at the step under way, so it joins the
+        batch as soon as it would have one step at a time. Each sequence's tokens of the chunk go
+        out as one output: the same tokens at the same modelled times, in fewer messages.
+        """
+        step_s = self.model.decode_step_s(len(sequences), self.hardware) * self.time_scale
+        steps = 1 if any(seq.rules.n_generated == 0 for seq in sequences) else self.decode_chunk
+        if steps > 1 and step_s > 0:
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(self._decoder.arrived.wait(), timeout=steps * step_s)
+            except TimeoutError:
+                pass
+            else:
+                done = min(steps, math.ceil((time.monotonic() - started) / step_s))  # the step under way completes
+                await asyncio.sleep(max(0.0, started + done * step_s - time.monotonic()))
+                steps = done
+        else:
+            await asyncio.sleep(steps * step_s)
+        return [seq.advance(steps) for seq in sequences]
 
     def load(self) -> BackendLoad:
         """Current queue depths."""
@@ -287,7 +312,20 @@ class _SimSequence:
         self.top_logprobs = top_logprobs
         self._pos = _seed(request_id, "decode") % len(_TEXT)
 
-    def next(self) -> DecodeOutput:
+    def advance(self, steps: int) -> DecodeOutput:
+        """The tokens of ``steps`` steps (fewer if a stop rule ends the request) as one output."""
+        outs = []
+        for _ in range(steps):
+            outs.append(self._next())
+            if outs[-1].finish_reason is not None:
+                break
+        if len(outs) == 1:
+            return outs[0]
+        return DecodeOutput(
+            [t for o in outs for t in o.token_ids], outs[-1].finish_reason, tuple(lp for o in outs for lp in o.logprobs)
+        )
+
+    def _next(self) -> DecodeOutput:
         token = _TEXT[self._pos % len(_TEXT)]
         self._pos += 1
         if self.top_logprobs is None:
