@@ -46,6 +46,11 @@ class Policy(ABC):
         """Pick one of ``evaluation``'s options (implemented by each policy)."""
 
 
+def no_remote(view: ClusterView) -> str:
+    """Why no PrfaaS site is an option: the view's notes (a link's open breaker), else ``no PrfaaS site reachable``."""
+    return "; ".join(view.unavailable) or "no PrfaaS site reachable"
+
+
 def describe(option: Option) -> str:
     """A short human description of where an option runs."""
     inst = option.chosen.instance

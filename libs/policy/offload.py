@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from libs.policy.decision import Choice, Policy
+from libs.policy.decision import Choice, Policy, no_remote
 from libs.policy.evaluate import Evaluation
 from libs.policy.view import ClusterView, LinkView, RouteRequest
 
@@ -31,7 +31,7 @@ class RemoteOnly(Policy):
         incremental = request.prompt_tokens - evaluation.cached_remote_tokens
         if evaluation.remote is not None:
             return Choice(evaluation.remote, "remote-only policy", incremental, 0)
-        return Choice(evaluation.local, "remote-only policy but no PrfaaS site reachable", incremental, 0)
+        return Choice(evaluation.local, f"remote-only policy but {no_remote(view)}", incremental, 0)
 
 
 class StaticThreshold(Policy):
@@ -45,7 +45,7 @@ class StaticThreshold(Policy):
         incremental = request.prompt_tokens - evaluation.cached_local_tokens
         local, remote = evaluation.local, evaluation.remote
         if remote is None:
-            return Choice(local, f"uncached {incremental:,} tokens; no PrfaaS site reachable", incremental, t)
+            return Choice(local, f"uncached {incremental:,} tokens; {no_remote(view)}", incremental, t)
         if local is None:
             return Choice(remote, f"uncached {incremental:,} tokens; no local prefill instance", incremental, t)
         if incremental > t:
@@ -92,7 +92,7 @@ class Adaptive(Policy):
         cached_local, cached_remote = evaluation.cached_local_tokens, evaluation.cached_remote_tokens
         if remote is None or local is None:
             only = local or remote
-            why = "no PrfaaS site reachable" if remote is None else "no local prefill instance"
+            why = no_remote(view) if remote is None else "no local prefill instance"
             return Choice(only, why, prompt - cached_local, cfg.threshold_tokens)
         link = remote.link
         local_wait = local.scored.least_wait_s

@@ -91,6 +91,7 @@ class ClusterView:
     decode_site: str  # the PD cluster's site: every request decodes here
     instances: tuple[InstanceView, ...]
     links: tuple[LinkView, ...] = ()
+    unavailable: tuple[str, ...] = ()  # why PrfaaS sites are left out (a link's open breaker), for the reason
     local_prefill: tuple[InstanceView, ...] = field(init=False)
     remote_prefill: Mapping[str, tuple[InstanceView, ...]] = field(init=False)
     decode: tuple[InstanceView, ...] = field(init=False)
@@ -149,6 +150,7 @@ class ClusterView:
         loads: Iterable[InstanceLoad],
         hardware_of: Mapping[str, str],
         links: Iterable[LinkView] = (),
+        unavailable: Iterable[str] = (),
     ) -> ClusterView:
         """Build a view from load heartbeats; ``hardware_of`` maps instance name to hardware profile name."""
         instances = tuple(
@@ -164,7 +166,13 @@ class ClusterView:
             for load in loads
             if load.instance in hardware_of
         )
-        return cls(model=model, decode_site=decode_site, instances=instances, links=tuple(links))
+        return cls(
+            model=model,
+            decode_site=decode_site,
+            instances=instances,
+            links=tuple(links),
+            unavailable=tuple(unavailable),
+        )
 
 
 @dataclass(frozen=True, slots=True)
