@@ -319,6 +319,8 @@ class RequestRun:
                 raise
             except PrfaasError as e:
                 gone = isinstance(e, Unreachable)
+                if isinstance(e, UpstreamTimeout):  # unanswered: the job crosses the link to a remote site
+                    placement.link_verdict(False, f"prefill job unanswered: {e.code}")
                 raise _Retry(
                     f"{where} {'unreachable' if gone else 'refused'}: {e.code}: {e.message}",
                     e,
@@ -356,6 +358,7 @@ class RequestRun:
                 if rec.first_token_at is None and item.token_ids:
                     rec.first_token_at = now
                     placement.prefill_done()
+                    placement.link_verdict(True)  # decode starts on a complete transfer: the KV crossed
                 rec.last_token_at = now
                 rec.completion_tokens += len(item.token_ids)
                 rec.logprobs += item.logprobs
@@ -368,6 +371,7 @@ class RequestRun:
             elif isinstance(item, PrefillFinished):
                 rec.prefill = item
                 placement.prefill_done()
+                placement.link_verdict(True)  # published once the transfer is verified
             else:
                 if batch:  # what arrived before the failure reaches the client first
                     yield batch
@@ -414,6 +418,8 @@ class RequestRun:
             raise DecodeFailed(
                 f"decode instance {d.decode_instance} failed after the first token: {reply.code}: {reply.message}"
             )
+        if isinstance(err, TransferFailed):
+            placement.link_verdict(False, reply.code)
         if prefill_failed or isinstance(err, TransferFailed):
             raise _Retry(
                 f"{placement.where} failed: {reply.code}: {reply.message}",

@@ -10,6 +10,11 @@ other way, so the request arriving right after a remote prefill ends does not se
 queue. Another router's requests reach this view only through heartbeats, so two routers never count
 one request twice. The view handed to ``libs/policy`` is built by ``ClusterView.from_loads`` and
 ``LinkTelemetry``, as in the simulator.
+
+Each pair into this site has a breaker (``libs.policy.breaker``): heartbeats and LinkStats say the
+site is heard, and each remote placement gives its verdict on the link (its KV crossed, the link
+failed it, or neither) once; a PrfaaS site whose breaker does not admit an attempt now is left out of
+the view, which carries the breaker's note for the decision's reason.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import msgspec
 from libs.common.messages import InstanceLoad, LinkStats
 from libs.engine.profiles import HARDWARE, ModelProfile
 from libs.policy import ClusterView, LinkTelemetry, TelemetryConfig
+from libs.policy.breaker import BreakerConfig, LinkBreakers, LinkState
 
 
 @dataclass(slots=True)
@@ -53,6 +59,19 @@ class Placement:
         self.remote = remote
         self.decode = _Leg(decode_instance, now, 0.0)
         self.prefill = _Leg(prefill_instance, now, prefill_s)
+        self._link: tuple[LinkBreakers, str, bool] | None = None  # a remote attempt's breakers, site, and if it probes
+
+    def watch_link(self, breakers: LinkBreakers, site: str) -> None:
+        """This remote attempt crosses ``site``'s pair: tell its breaker it started (and whether it is the probe)."""
+        self._link = (breakers, site, breakers.attempt_started(site, self.decode.placed_at))
+
+    def link_verdict(self, ok: bool | None, why: str = "") -> None:
+        """What the attempt says of its link, once: its KV crossed (True), the link failed it (False), or neither."""
+        if self._link is None:
+            return
+        breakers, site, probe = self._link
+        self._link = None
+        breakers.attempt_ended(site, time.time(), self.decode.placed_at, probe=probe, ok=ok, why=why)
 
     @property
     def where(self) -> str:
@@ -69,7 +88,8 @@ class Placement:
         self.prefill.ended_at = self.prefill.ended_at or time.time()
 
     def close(self) -> None:
-        """The attempt is over: both instances have let it go."""
+        """The attempt is over: both instances have let it go (no verdict on the link yet: none)."""
+        self.link_verdict(None)
         self.prefill_done()
         self.decode.ended_at = self.decode.ended_at or time.time()
 
@@ -87,12 +107,14 @@ class LiveView:
         link_capacities: dict[tuple[str, str], float] | None = None,
         default_link_capacity_gbps: float | None = None,
         telemetry: TelemetryConfig | None = None,
+        breaker: BreakerConfig | None = None,
     ) -> None:
         self.decode_site = decode_site
         self.instance_ttl_s = instance_ttl_s
         self.pending_ttl_s = pending_ttl_s
         self.default_hardware = default_hardware
         self.links = LinkTelemetry(telemetry, link_capacities, default_link_capacity_gbps)
+        self.breakers = LinkBreakers(decode_site, breaker)  # on the wall clock, as decisions are stamped
         self._loads: dict[str, tuple[InstanceLoad, float]] = {}  # instance -> (heartbeat, received at, monotonic)
         self._legs: dict[str, dict[str, _Leg]] = {}  # instance -> job id -> this router's leg there
 
@@ -101,6 +123,7 @@ class LiveView:
     def ingest_load(self, load: InstanceLoad) -> None:
         """Take a heartbeat; legs that ended before it was stamped need no correcting any more."""
         self._loads[load.instance] = (load, time.monotonic())
+        self.breakers.heard(load.site, time.time())
         legs = self._legs.get(load.instance)
         if legs:
             for job_id in [j for j, leg in legs.items() if leg.ended_at is not None and leg.ended_at <= load.ts]:
@@ -109,6 +132,8 @@ class LiveView:
     def ingest_link(self, stats: LinkStats, sender: str) -> None:
         """Take a LinkStats sample from one sending process."""
         self.links.ingest(stats, time.monotonic(), sender)
+        if stats.dst_site == self.decode_site:
+            self.breakers.heard(stats.src_site, time.time())
 
     def place(
         self, job_id: str, decode_instance: str, prefill_instance: str, prefill_s: float, remote: bool
@@ -117,6 +142,9 @@ class LiveView:
         placement = Placement(job_id, decode_instance, prefill_instance, prefill_s, remote)
         for leg in (placement.decode, placement.prefill):
             self._legs.setdefault(leg.instance, {})[job_id] = leg
+        load = self.load_of(prefill_instance)
+        if remote and load is not None:
+            placement.watch_link(self.breakers, load.site)
         return placement
 
     def corrections(self, instance: str) -> int:
@@ -174,19 +202,31 @@ class LiveView:
     def cluster_view(
         self, model_name: str, profile: ModelProfile, *, exclude: Iterable[str] = (), local_only: bool = False
     ) -> ClusterView:
-        """The policy's view of ``model_name``'s live instances, corrected by this router's placements."""
+        """The policy's view of ``model_name``'s live instances, corrected by this router's placements.
+
+        PrfaaS sites whose link breaker does not admit an attempt now are left out, with its note.
+        """
         now = time.time()
         skip = set(exclude)
+        closed = [state for state in self.breakers.states(now) if not state.admits]
+        skip_sites = {state.src_site for state in closed}
         loads = [
             self._corrected(load, now)
             for load in self.alive(model_name)
-            if load.instance not in skip and not (local_only and load.site != self.decode_site)
+            if load.instance not in skip
+            and load.site not in skip_sites
+            and not (local_only and load.site != self.decode_site)
         ]
         hardware_of = {ld.instance: ld.hardware if ld.hardware in HARDWARE else self.default_hardware for ld in loads}
         mono = time.monotonic()
         remote_sites = {ld.site for ld in loads if ld.role == "prefill" and ld.site != self.decode_site}
         links = [v for v in (self.links.view(site, self.decode_site, mono) for site in remote_sites) if v is not None]
-        return ClusterView.from_loads(profile, self.decode_site, loads, hardware_of, links)
+        notes = [state.note() for state in closed]
+        return ClusterView.from_loads(profile, self.decode_site, loads, hardware_of, links, notes)
+
+    def link_states(self) -> list[LinkState]:
+        """The breaker of every pair into this site, now."""
+        return self.breakers.states(time.time())
 
     def link_gbps(self, src_site: str) -> float | None:
         """The deliverable bandwidth from ``src_site`` to the decode site (None if unknown)."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from libs.policy.breaker import LEVELS, LinkState
 from services.router.config import RouterConfig
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -24,10 +28,29 @@ def _ttft_buckets(longest_s: float) -> tuple[float, ...]:
     return tuple(buckets)
 
 
+class _LinkBreakers:
+    """``prfaas_router_link_breaker{src_site,dst_site}``: each pair's breaker as it is when scraped."""
+
+    def __init__(self, states: Callable[[], list[LinkState]]) -> None:
+        self.states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per pair: 0 closed, 1 half-open, 2 open."""
+        family = GaugeMetricFamily(
+            "prfaas_router_link_breaker",
+            "Link breaker per site pair: 0 closed, 1 half-open (one probe may go), 2 open (routed local)",
+            labels=["src_site", "dst_site"],
+        )
+        for state in self.states():
+            family.add_metric([state.src_site, state.dst_site], LEVELS[state.state])
+        yield family
+
+
 class RouterMetrics:
     """Counters and histograms the router updates."""
 
     def __init__(self, registry: CollectorRegistry, config: RouterConfig) -> None:
+        self.registry = registry
         self.requests = Counter(
             "prfaas_router_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry
         )
@@ -61,3 +84,7 @@ class RouterMetrics:
         )
         self.in_flight = Gauge("prfaas_router_in_flight", "Requests being served", registry=registry)
         self.threshold = Gauge("prfaas_router_threshold_tokens", "Offload threshold t in force", registry=registry)
+
+    def watch_links(self, states: Callable[[], list[LinkState]]) -> None:
+        """Publish the link breakers ``states()`` gives, read at each scrape."""
+        self.registry.register(_LinkBreakers(states))

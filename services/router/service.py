@@ -52,6 +52,7 @@ class RouterService(BusService):
             link_capacities=dict(config.link_capacities),
             default_link_capacity_gbps=config.default_link_capacity_gbps,
         )
+        self.metrics.watch_links(self.view.link_states)
         tokenizer = load_tokenizer(config.tokenizer)
         template = load_chat_template(
             config.chat_template, tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
