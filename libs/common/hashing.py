@@ -137,3 +137,12 @@ def block_hash(parent: int, tokens: Sequence[int] | np.ndarray) -> int:
 def hash_list(tokens: Sequence[int] | np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE) -> list[int]:
     """Block hashes of a prompt as Python ints (what messages carry)."""
     return block_hashes(tokens, block_size).tolist()
+
+
+def extend_hash_list(
+    known: Sequence[int], tokens: Sequence[int] | np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE
+) -> list[int]:
+    """``hash_list(tokens, block_size)`` given ``known``, the hashes of its first blocks: only the rest is hashed."""
+    done = len(known) * block_size
+    parent = known[-1] if known else ROOT_HASH
+    return [*known, *block_hashes(np.asarray(tokens)[done:], block_size, parent).tolist()]
