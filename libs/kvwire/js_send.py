@@ -130,12 +130,17 @@ class _JsSession:
         self.sent_chunks = 0
         self.sent_bytes = 0
         self.resent_chunks = 0
+        self.stripes = 1  # the NATS connection
         self._window = asyncio.Semaphore(self.config.window)
         self._pending: set[asyncio.Future] = set()
         self._failed: list[tuple[OutChunk, int]] = []  # publishes not acknowledged: send again
         self._idle = asyncio.Event()
         self._idle.set()
         self._round = 0
+
+    def retransmits(self) -> None:
+        """The kernel's counts are the NATS client's, not the transfer's: not told."""
+        return None
 
     async def send(self, chunk: OutChunk) -> None:
         """Publish a chunk once the ack window has room."""

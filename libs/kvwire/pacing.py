@@ -14,6 +14,10 @@ while a sender of an older transfer waits for tokens, younger ones do not take a
 whose next bytes are not ready yet (its prefill is still computing) does not hold the others back.
 Equal sharing would stretch every transfer in flight when the link is short; oldest first
 finishes each as early as it can (its request's first token is not delayed by younger ones).
+
+The bucket also times each order's wait: the wall time during which at least one of its senders
+waited for tokens (overlapping waits of a transfer's connections count once), read by
+``waited_s`` and dropped by ``forget`` when the transfer ends.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class TokenBucket:
         self.granted_bytes = 0  # total bytes let out
         self._limited = False  # a sender had to wait since the last ``take_limited``
         self._waiting: Counter[int] = Counter()  # orders of senders waiting for tokens
+        self._wait_began: dict[int, float] = {}  # order -> when its senders began waiting (while some wait)
+        self._waited: dict[int, float] = {}  # order -> seconds its senders waited, waits that ended
         self.on_limited: Callable[[], None] | None = None  # called (any thread) when a sender first waits
 
     @property
@@ -114,9 +120,24 @@ class TokenBucket:
 
     def _queue(self, order: int, joining: bool) -> None:
         with self._lock:
+            now = time.monotonic()
             self._waiting[order] += 1 if joining else -1
+            if joining and self._waiting[order] == 1:
+                self._wait_began[order] = now
             if not self._waiting[order]:
                 del self._waiting[order]
+                self._waited[order] = self._waited.get(order, 0.0) + now - self._wait_began.pop(order)
+
+    def waited_s(self, order: int = 0) -> float:
+        """Wall time during which a sender of ``order`` waited for tokens (overlapping waits count once)."""
+        with self._lock:
+            began = self._wait_began.get(order)
+            return self._waited.get(order, 0.0) + (time.monotonic() - began if began is not None else 0.0)
+
+    def forget(self, order: int) -> None:
+        """Drop the wait time of ``order`` (its transfer ended)."""
+        with self._lock:
+            self._waited.pop(order, None)
 
     def wait_blocking(self, nbytes: int, stop: threading.Event, order: int = 0) -> bool:
         """Take ``nbytes``, sleeping in this (non-event-loop) thread as needed; False if ``stop`` was set."""

@@ -130,6 +130,10 @@ class SendSession(Protocol):
     sent_chunks: int
     sent_bytes: int
     resent_chunks: int
+    stripes: int  # connections the session sends on
+
+    def retransmits(self) -> int | None:
+        """Segments the kernel retransmitted on the session's connections since it opened (None: not told)."""
 
     async def send(self, chunk: OutChunk) -> None:
         """Queue a chunk (waits for window space); ``TransportBroken`` if the session broke."""
@@ -176,12 +180,25 @@ class SendReport:
     chunks_sent: int
     chunks_resent: int
     attempts: int
-    duration_s: float
+    duration_s: float  # from the send's start to the receiver's verification (compute and pacing waits included)
+    pacing_wait_s: float = 0.0  # wall time a chunk of it waited for the pair's budget (its connections' waits once)
+    stripes: int = 0  # connections it was sent on (the most of any attempt)
+    retransmits: int | None = None  # segments the kernel retransmitted on its connections (None: not told)
+
+    @property
+    def delivered_bytes(self) -> int:
+        """Wire bytes this send delivered, each once (resends and what the receiver already held not counted)."""
+        return self.wire_bytes - self.skipped_bytes
 
     @property
     def goodput_gbps(self) -> float:
-        """Payload bits per second over the whole send."""
-        return self.payload_bytes * 8 / max(self.duration_s, 1e-9) / 1e9
+        """Delivered wire bits per second over the whole send (never the decoded size, nor bytes not sent)."""
+        return self.delivered_bytes * 8 / max(self.duration_s, 1e-9) / 1e9
+
+    @property
+    def resumes(self) -> int:
+        """Sessions reopened after the first (a broken connection, a timeout)."""
+        return max(0, self.attempts - 1)
 
 
 def encode_part(index: int, part: StatePart, manifest: KvManifest) -> EncodedPart:
@@ -261,6 +278,7 @@ class KvSender:
         link = self.links.link(manifest.dst_site)
         run = _Run(self, manifest, dest, link)
         link.transfer_started(manifest.transfer_id)
+        run.order = link.order_of(manifest.transfer_id)
         ok = False
         try:
             async with asyncio.timeout(self.config.transfer_timeout_s):
@@ -273,6 +291,7 @@ class KvSender:
             ) from e
         finally:
             await run.close()
+            link.bucket.forget(run.order)
             link.transfer_ended(manifest.transfer_id, ok)
 
     async def abort(self, transfer_id: str, dest: Destination, reason: str = "aborted by sender") -> None:
@@ -294,6 +313,9 @@ class _Run:
         self.attempts = 0
         self.sent_keys: dict[tuple[int, int], int] = {}  # chunks this run sent at least once -> size
         self.closed_chunks = self.closed_bytes = self.closed_resent = 0  # of sessions already closed
+        self.closed_retransmits: int | None = None
+        self.stripes = 0
+        self.order = 0  # the transfer's pacing order on the link
 
     async def execute(self, parts: AsyncIterable[StatePart] | Iterable[StatePart]) -> SendReport:
         """Open, stream every part as it comes, end, resume whenever the session breaks."""
@@ -376,6 +398,7 @@ class _Run:
             self.attempts += 1
             try:
                 self.session = await self.sender.transport.open(self.manifest, self.dest, self.link)
+                self.stripes = max(self.stripes, self.session.stripes)
                 return
             except TransportBroken as e:
                 cause = e
@@ -384,6 +407,7 @@ class _Run:
         """Close the current session, keeping its counts."""
         session, self.session = self.session, None
         if session is not None:
+            self.closed_retransmits = _add(self.closed_retransmits, session.retransmits())
             await session.close()
             self.closed_chunks += session.sent_chunks
             self.closed_bytes += session.sent_bytes
@@ -401,4 +425,12 @@ class _Run:
             chunks_resent=self.closed_resent + session.resent_chunks,
             attempts=self.attempts,
             duration_s=duration_s,
+            pacing_wait_s=self.link.bucket.waited_s(self.order),
+            stripes=self.stripes,
+            retransmits=_add(self.closed_retransmits, session.retransmits()),
         )
+
+
+def _add(total: int | None, more: int | None) -> int | None:
+    """A sum of counts some of which may be unknown (None: none was known)."""
+    return total if more is None else (total or 0) + more

@@ -3,7 +3,8 @@
 Sockets stay in blocking mode with their deadline kept by the kernel (``SO_RCVTIMEO``,
 ``SO_SNDTIMEO``): a chunk's payload is one ``recv_into`` with ``MSG_WAITALL`` and one ``sendmsg``.
 A Python-level socket timeout would instead make the descriptor non-blocking and put a ``poll``
-and a GIL hand-off before every partial read or write.
+and a GIL hand-off before every partial read or write. ``tcp_retransmits`` reads what the kernel
+counts of a connection (Linux ``TCP_INFO``): a cheap system call, also safe on the event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import msgspec
 
 from libs.common.errors import BadRequest
 from libs.kvwire.format import FRAME_PREFIX, MAX_HEADER_BYTES
+
+_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux only
+_TOTAL_RETRANS = struct.Struct("@I")  # struct tcp_info's tcpi_total_retrans (__u32)
+_TOTAL_RETRANS_OFFSET = 100  # after 8 bytes of __u8 fields and 23 __u32 ones (linux/tcp.h, stable ABI)
 
 
 class Closed(Exception):
@@ -91,3 +96,17 @@ def send_all(sock: socket.socket, header: bytes, payload: memoryview) -> None:
             else:
                 buffers[0] = memoryview(first)[sent:]
                 sent = 0
+
+
+def tcp_retransmits(sock: socket.socket) -> int | None:
+    """Segments the kernel retransmitted on ``sock`` since it opened (``tcpi_total_retrans``); None where it does not tell."""
+    if _TCP_INFO is None:
+        return None
+    size = _TOTAL_RETRANS_OFFSET + _TOTAL_RETRANS.size
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, size)
+    except OSError:  # not a TCP socket, or closed
+        return None
+    if len(info) < size:
+        return None
+    return _TOTAL_RETRANS.unpack_from(info, _TOTAL_RETRANS_OFFSET)[0]

@@ -37,7 +37,7 @@ from libs.common.messages import (
 from libs.kvwire.format import DEFAULT_CHUNK_BYTES, FRAME_PREFIX, frame, held_map
 from libs.kvwire.link import Link
 from libs.kvwire.sender import Destination, MissingChunks, OutChunk, TransportBroken
-from libs.kvwire.sockets import Closed, read_frame, send_all, set_deadline
+from libs.kvwire.sockets import Closed, read_frame, send_all, set_deadline, tcp_retransmits
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,8 @@ class _TcpSession:
         self.sent_bytes = 0
         self.resent_chunks = 0
         self._conns = [_Conn(sock, self) for sock in socks]
+        self.stripes = len(socks)
+        self._retransmits_at_open = [tcp_retransmits(sock) for sock in socks]
         self._flights: dict[tuple[int, int], _Flight] = {}
         self._inflight_bytes = 0
         self._progress = asyncio.Event()
@@ -271,6 +273,13 @@ class _TcpSession:
         self._failure: BaseException | None = None
         self._next = 0
         self._closed = False
+
+    def retransmits(self) -> int | None:
+        """Segments the kernel retransmitted on the session's connections since it opened (None: not told)."""
+        counts = [tcp_retransmits(conn.sock) for conn in self._conns]
+        if None in counts or None in self._retransmits_at_open:
+            return None
+        return sum(counts) - sum(self._retransmits_at_open)
 
     def start(self) -> None:
         """Start every connection's threads."""
