@@ -175,8 +175,7 @@ def test_a_blackhole_holds_traffic_and_releases_it_when_the_link_returns(sink: C
             relay_echo.configure(up=True)
             s.settimeout(5)
             assert s.recv(4) == b"ping"
-        time.sleep(0.3)
-        assert sink.sample()[0] > before
+        _until(lambda: sink.sample()[0] > before, "the blasting connections deliver again")
         sender.join()
     finally:
         relay.stop()
@@ -258,9 +257,10 @@ def test_the_relay_process_is_controlled_over_http(sink: CountingSink) -> None:
             for d in figures["directions"]
         ] == [("dc-a", 10.0, 10.0, False, 16 * 2**20), ("dc-b", 10.0, 10.0, False, 16 * 2**20)]
         blast((LOCAL, port), connections=1, duration_s=0.2)
-        time.sleep(0.2)
-        forward = link_figures(url)["directions"][0]
-        assert forward["bytes"] == sink.bytes > 0
+        _until(
+            lambda: sink.bytes > 0 and link_figures(url)["directions"][0]["bytes"] == sink.bytes,
+            "the relay counts what arrived",
+        )
         changed = change_link(url, {"gbps": 1, "rtt_ms": 40, "src": "dc-b"})
         assert [(d["gbps"], d["delay_ms"]) for d in changed["directions"]] == [(10.0, 10.0), (1.0, 20.0)]
         changed = change_link(url, {"slow_start_after_idle": True, "src": "dc-a"})
@@ -285,3 +285,11 @@ def test_a_malformed_forward_is_refused() -> None:
     for bad in ("dc-a:7222=x:1", "dc-a@h:99999=x:1", "dc-a@h:1"):
         with pytest.raises(ValueError, match="forward"):
             Forward.parse(bad)
+
+
+def _until(check, what: str, timeout_s: float = 5.0) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < end, f"{what}: not within {timeout_s}s"
+        time.sleep(0.02)
