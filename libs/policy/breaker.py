@@ -167,4 +167,4 @@ class LinkBreakers:
         """Open ``pair`` at ``at`` (a trip while not closed since the last one doubles the hold)."""
         pair.trips = pair.trips + 1 if pair.tripped_at is not None else 1
         pair.tripped_at = at if pair.tripped_at is None else max(pair.tripped_at, at)
-        pair.why, pair.failures = why, []
+        pair.why = why

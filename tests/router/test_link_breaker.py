@@ -9,13 +9,19 @@ remote; its KV closes the breaker. No request decided after the link opened pays
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
+import msgspec
 import openai
 
 from libs.bench.wan import LinkRelay
+from libs.common import subjects
+from libs.common.bus import connect
+from libs.common.messages import encode
 from libs.lab.servers import free_port
 from libs.lab.wan_server import change_link
+from tests.router.conftest import load
 from tests.router.deployment import PD, PRFAAS
 
 PROMPT = "A link that fails is left alone until it works again. " * 5  # ~280 tokens: remote at threshold 0
@@ -28,11 +34,10 @@ def _api(svc) -> openai.AsyncOpenAI:
 
 async def _one(svc, decisions: list, i: int) -> list:
     """One request to its end; its decision events (attempt 0 first)."""
-    before = len(decisions)
     out = await _api(svc).completions.create(model="reference", prompt=f"[{i}] {PROMPT}", max_tokens=4)
     assert out.choices[0].text is not None
-    request_id = decisions[before].request_id
-    return [d for d in decisions[before:] if d.request_id == request_id]
+    request_id = out.id.removeprefix("cmpl-")
+    return [d for d in decisions if d.request_id == request_id]
 
 
 async def _breaker_metric(svc) -> float:
@@ -85,3 +90,46 @@ async def test_failing_transfers_open_the_link_and_a_probe_closes_it_once_it_wor
         assert await _breaker_metric(svc) == 0.0
         again = await _one(svc, decisions, 99)
         assert [d.route for d in again] == ["remote"]
+
+
+async def test_remote_prefill_jobs_nobody_answers_open_the_link(fleet, routed, supercluster):
+    """A PrfaaS instance that heartbeats but whose jobs go unanswered (no responders): two fallbacks, then local at once."""
+    await fleet.start_async(
+        ("prefill_gateway", PD, "lu-l0", {"cluster": "lu-pd"}),
+        ("decode_gateway", PD, "lu-d0", {}),
+    )
+    nc = await connect(supercluster.url(PRFAAS), name="ghost")
+    beating = asyncio.create_task(_heartbeats(nc, load("lu-ghost", role="prefill", site=PRFAAS, cluster="lu-ghost")))
+    try:
+        svc, decisions = await routed(("lu-ghost", "lu-l0", "lu-d0"))
+        for i in (0, 1):
+            paid = await _one(svc, decisions, i)
+            assert [d.route for d in paid] == ["remote", "fallback"], [d.decision.reason for d in paid]
+        [kept] = await _one(svc, decisions, 2)
+        assert kept.route == "local" and f"link {PRFAAS}->{PD} open since " in kept.decision.reason
+        assert "prefill job unanswered" in kept.decision.reason
+    finally:
+        beating.cancel()
+        await nc.close()
+
+
+async def _heartbeats(nc, beat) -> None:
+    """``beat`` every 0.1 s, freshly stamped, until cancelled."""
+    while True:
+        await nc.publish(subjects.load(beat.site, beat.instance), encode(msgspec.structs.replace(beat, ts=time.time())))
+        await asyncio.sleep(0.1)
+
+
+async def test_refusals_of_a_full_prfaas_queue_leave_the_link_closed(fleet, routed):
+    """Queue full (no_capacity) is the instance's answer, not the link's: after several refusals the link stays closed."""
+    await fleet.start_async(
+        ("prefill_gateway", PRFAAS, "lr-p0", {"cluster": "lr-prfaas", "queue_limit": 1}),
+        ("prefill_gateway", PD, "lr-l0", {"cluster": "lr-pd"}),
+        ("decode_gateway", PD, "lr-d0", {}),
+    )
+    svc, decisions = await routed(("lr-p0", "lr-l0", "lr-d0"))
+    await asyncio.gather(*(_one(svc, decisions, i) for i in range(6)))
+    refused = [d for d in decisions if d.route == "fallback" and "refused: no_capacity" in d.decision.fallback_of]
+    assert len(refused) >= 2, [d.decision.reason for d in decisions]
+    assert await _breaker_metric(svc) == 0.0
+    assert [d.route for d in await _one(svc, decisions, 6)] == ["remote"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from libs.common.messages import LinkStats
 from libs.engine.profiles import model_profile
 from libs.policy.breaker import BreakerConfig
 from services.router.live_view import LiveView
@@ -111,3 +112,27 @@ def test_a_probe_that_ends_without_a_verdict_lets_the_next_request_probe():
     assert not _remote_in_view(view)
     probe.close()
     assert _remote_in_view(view)
+
+
+async def test_linkstats_of_the_pair_count_as_hearing_its_site():
+    """No heartbeat from the PrfaaS site past the silence, but its pair's LinkStats go on: the site stays in the view.
+
+    LinkStats of another pair (dc-prfaas -> dc-other) say nothing about this router's link: they do not count.
+    """
+    view = _view()
+    started = time.time()
+    while time.time() - started < 2 * FAST.silence_s:  # twice the silence, observed on the wall clock
+        _hear(view, remote=False)
+        view.ingest_link(_stats(PRFAAS, PD), "s1")
+        view.ingest_link(_stats(PRFAAS, "dc-other"), "s1")
+        assert _remote_in_view(view)
+        await asyncio.sleep(0.05)
+    while _remote_in_view(view):  # the other pair's stats alone: out once the silence has passed
+        assert time.time() - started < 2 * FAST.silence_s + 1.0, "the site stayed in the view on another pair's stats"
+        _hear(view, remote=False)
+        view.ingest_link(_stats(PRFAAS, "dc-other"), "s1")
+        await asyncio.sleep(0.05)
+
+
+def _stats(src: str, dst: str) -> LinkStats:
+    return LinkStats(src, dst, time.time(), 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0)
