@@ -344,6 +344,8 @@ class _Planner:
                 "ADVERTISE_HOST": self.a.host(g.name),
                 "ADVERTISE_BY_SITE": ",".join(advertised),
             }
+            if g.group.decode_chunk > 1:  # the backend's own default otherwise (rendered files stay as they were)
+                env["DECODE_CHUNK"] = str(g.group.decode_chunk)
         env = {k if k.startswith("OTEL_") else prefix + k: v for k, v in env.items()}
         module = "services.prefill_gateway" if g.role == "prefill" else "services.decode_gateway"
         heartbeats = tuple(subjects.load(g.site, i) for i in g.instances)

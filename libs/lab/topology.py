@@ -39,6 +39,7 @@ class InstanceGroup(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     time_scale: Positive = 1.0  # simulated: every modelled duration is multiplied by this
     byte_scale: Positive = 1.0  # simulated: every modelled size is multiplied by this
     per_process: Count = 1  # simulated prefill instances served by one gateway process
+    decode_chunk: Count = 1  # simulated decode: steps per wake-up (fewer token messages, same modelled times)
 
 
 class Cluster(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -137,6 +138,11 @@ def parse_topology(text: str, *, source: str) -> Topology:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"topology {source}: not valid TOML: {e}") from None
+    return topology_from_dict(raw, source=source)
+
+
+def topology_from_dict(raw: dict[str, Any], *, source: str) -> Topology:
+    """Validate a topology given as the dict its TOML file would parse to (a topology built in code)."""
     listed = _named_lists(raw, source)
     try:
         topology = msgspec.convert(listed, Topology)
@@ -239,6 +245,8 @@ def _check(t: Topology, source: str) -> None:
                         f"{gkey}.hardware",
                         f"{group.hardware!r}: a simulated backend needs one of {', '.join(sorted(HARDWARE))}",
                     )
+                if group.decode_chunk > 1 and (group.role != "decode" or group.backend != "simulated"):
+                    raise bad(f"{gkey}.decode_chunk", "only a simulated decode instance steps in chunks")
                 if group.per_process > 1 and (group.role == "decode" or group.backend == "reference"):
                     raise bad(
                         f"{gkey}.per_process",
