@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from libs.bench.targets import Benchmark, Target
 
-MS, US = " ms", " us"
+MS, US, S = " ms", " us", " s"
 
 BENCHMARKS: dict[str, Benchmark] = {
     "kvindex": Benchmark(
@@ -71,13 +71,18 @@ BENCHMARKS: dict[str, Benchmark] = {
     "wan": Benchmark(
         "libs.bench.wan",
         "the WAN link relay: achieved bandwidth and RTT against what was set; its ceiling vs direct loopback; "
-        "delivery times on new, idle and kept-alive connections against the TCP model",
+        "delivery times on new, idle and kept-alive connections against the TCP model; with --breaker-rounds, the "
+        "router's link breaker on a lab whose link is cut and restored",
         (
             Target("bandwidth_ratio.min", at_least=0.95),
             Target("bandwidth_ratio.max", at_most=1.05),
             Target("delay.error_ms", at_most=2.0, unit=MS),
             Target("tcp_model.max_error", at_most=0.10),
             Target("keepalive.max_error", at_most=0.10),
+            Target("breaker.cut_to_local_s", at_most=2.0, unit=S, optional=True),
+            Target("breaker.failed_attempts_after_cut", at_most=0.0, optional=True),
+            Target("breaker.restore_to_remote_s", at_most=5.0, unit=S, optional=True),
+            Target("breaker.lost_requests", at_most=0.0, optional=True),
         ),
     ),
     "bridge": Benchmark(

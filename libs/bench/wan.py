@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from libs.bench import wan_breaker
 from libs.bench.targets import conclude
 from libs.common.errors import ConfigError, UpstreamTimeout
 from libs.lab.servers import free_port
@@ -76,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keepalive-mib", type=float, default=16.0, help="transfer after the keepalives (default %(default)s)"
     )
+    wan_breaker.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--tcp-rtt-ms, --tcp-sizes-mib, --keepalive-ms and --tcp-gbps > 0, --tcp-rounds >= 1")
     figures = _bench(args, set_gbps)
     figures |= _tcp(args, rtts_ms, [int(m * 2**20) for m in sorted(sizes_mib)], sorted(keepalive_ms))
+    figures |= wan_breaker.figures(args)
     base = figures["baseline"]
     rows = [
         f"direct loopback (baseline)  {base['gbps']:7.2f} Gbps  range {_range(base['gbps_range'])}  "

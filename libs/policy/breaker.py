@@ -38,7 +38,7 @@ class BreakerConfig:
 
     failures: int = 2  # link failures that open it ...
     window_s: float = 10.0  # ... within this long, with no success after them
-    silence_s: float = 1.5  # nothing heard from the site this long while others are heard (heartbeats: 0.5 s)
+    silence_s: float = 1.25  # nothing heard from the site this long while others are heard (heartbeats: 0.5 s)
     hold_s: float = 2.0  # the least time open before a probe; doubled per trip without a success between ...
     max_hold_s: float = 30.0  # ... up to this
     recover_s: float = 1.0  # the site heard without a silence this long before a probe
