@@ -43,7 +43,7 @@ CHILD_ENV = {"ROUTER_REPLAN_INTERVAL_S": "0"}
 class Scales:
     """How the paper's deployment is shrunk onto this machine."""
 
-    time_scale: float = 0.1
+    time_scale: float = 0.35
     byte_scale: float = 0.001
     decode_chunk: int = 32
 

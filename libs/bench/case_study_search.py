@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -227,12 +228,15 @@ def next_rate(kept: list[float], failed: list[Step]) -> float:
     return (lo + hi.plan.rate_rps) / 2
 
 
-async def search(ctx: StepContext, plan: SearchPlan) -> tuple[float | None, list[Step]]:
-    """The highest probed rate that kept up (None if none did) and every probe, in order."""
+async def search(
+    ctx: StepContext, plan: SearchPlan, on_step: Callable[[Step], None] = lambda step: None
+) -> tuple[float | None, list[Step]]:
+    """The highest probed rate that kept up (None if none did) and every probe, in order (each also to ``on_step``)."""
     steps: list[Step] = []
     rate = plan.first_rps
     for i in range(plan.probes):
         step = await run_step(ctx, StepPlan("probe", rate, plan.warmup_s, plan.window_s, plan.seed + i))
+        on_step(step)
         steps.append(step)
         kept = [s.plan.rate_rps for s in steps if s.kept_up]
         rate = next_rate(kept, [s for s in steps if not s.kept_up])

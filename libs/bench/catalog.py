@@ -85,6 +85,25 @@ BENCHMARKS: dict[str, Benchmark] = {
             Target("breaker.lost_requests", at_most=0.0, optional=True),
         ),
     ),
+    "case-study": Benchmark(
+        "libs.bench.case_study",
+        "the paper's case study on the lab (simulated chips, scaled): each planned deployment's sustainable "
+        "throughput through the router against the planner's Lambda_max, PrfaaS-PD over each baseline, light-load "
+        "TTFT against the simulator's",
+        (
+            Target("ratio_vs_homogeneous", at_least=1.54 * 0.9, at_most=1.54 * 1.1, optional=True),
+            Target("ratio_vs_naive", at_least=1.32 * 0.9, at_most=1.32 * 1.1, optional=True),
+            *(
+                Target(f"configs.{name}.{figure}", at_least=low, at_most=high, optional=True)
+                for name in ("prfaas_pd", "homogeneous", "naive_heterogeneous")
+                for figure, low, high in (
+                    ("throughput_vs_planner", 0.9, 1.1),
+                    ("ttft_mean_vs_sim", 0.85, 1.15),
+                    ("ttft_p90_vs_sim", 0.85, 1.15),
+                )
+            ),
+        ),
+    ),
     "bridge": Benchmark(
         "libs.bench.bridge",
         "the KV index's engine bridge: repaired and reset batches against the normal path; a replayed first "

@@ -1,4 +1,4 @@
-"""``prfaas lab up|status|down|demo|link|compose``: run a multi-site lab natively, drive it, change its links, render compose.
+"""``prfaas lab up|status|down|demo|link|case-study|compose``: run a multi-site lab natively, drive it, change its links, render compose.
 
 The verbs' flags are all defined here; ``up``, ``demo`` and ``compose`` import their modules (the supervisor,
 the OpenAI client, the topology models) only when they run, so ``status``, ``down`` and ``link`` start quickly.
@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from libs.bench.case_study_args import add_lab_arguments as add_case_study_arguments
 from libs.common.errors import BadRequest, NotFound, UpstreamTimeout
 from libs.lab.runstate import alive, default_run_dir, read_status, running_status, stop_lab
 from libs.lab.wan_server import change_link, link_figures
@@ -117,6 +118,19 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="restart from 10 segments after an idle RTO (Linux's default)",
     )
+
+    case = verbs.add_parser(
+        "case-study",
+        help="the paper's case study on the lab: each planned deployment's throughput and TTFT (`prfaas bench "
+        "case-study`)",
+        description=(
+            "Start the case study's three deployments one after another (simulated chips, scaled in time and "
+            "bytes), drive each through the router, find its sustainable throughput and TTFT; print them beside "
+            "the planner's, the simulator's and the paper's; exit 1 when a target is missed."
+        ),
+    )
+    add_case_study_arguments(case)
+    case.set_defaults(func=_when_run("libs.bench.case_study_args", "run_from_lab"))
 
     compose = verbs.add_parser(
         "compose", help="render a topology as a docker compose project (compose file, NATS configs)"
