@@ -4,10 +4,15 @@ Prefill side (one ``KvLinks`` per process, shared by every transfer)::
 
     links = KvLinks("dc-prfaas", LinkConfig(budgets_gbps={"dc-pd": 10.0}), nc=nc)
     await links.start()   # publishes LinkStats; shares each pair's budget with the site's other processes
-    sender = KvSender(TcpTransport(), links)            # or JetStreamTransport(nc)
+    transport = TcpTransport()                          # or JetStreamTransport(nc)
+    sender = KvSender(transport, links)
     manifest = sender.manifest(transfer_id=..., dst_site="dc-pd", model=..., block_size=64,
                                num_tokens=n, specs=backend.plan_parts(n))   # PartSpecs; set codec per part
     report = await sender.send(manifest, engine_parts_async_iterator, Destination("dc-pd", "decode-0", host, port))
+    await transport.close()   # a TcpTransport keeps its connections per (host, port) for later transfers
+
+``TcpTransport(TcpConfig(connections=1), pool=other.pool)`` shares another transport's connections
+(``ConnectionPool``: warm stripes claimed per transfer, kept alive, closed after ``pool_idle_s``).
 
 Decode side::
 
@@ -28,12 +33,14 @@ from libs.kvwire.js_recv import JetStreamReceiver, JetStreamReceiverConfig
 from libs.kvwire.js_send import JetStreamConfig, JetStreamTransport
 from libs.kvwire.link import LinkConfig
 from libs.kvwire.linkstats import KvLinks
+from libs.kvwire.pool import ConnectionPool
 from libs.kvwire.receiver import KvReceiver, ReceivedTransfer, ReceiverConfig
 from libs.kvwire.sender import Destination, KvSender, SenderConfig, SendReport
 from libs.kvwire.tcp_recv import TcpReceiverServer, TcpServerConfig
 from libs.kvwire.tcp_send import TcpConfig, TcpTransport
 
 __all__ = [
+    "ConnectionPool",
     "Destination",
     "JetStreamConfig",
     "JetStreamReceiver",

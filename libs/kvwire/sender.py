@@ -42,6 +42,10 @@ class TransportBroken(Exception):
     """A session lost its connection or timed out; reopening it and resuming may succeed."""
 
 
+class StaleConnection(TransportBroken):
+    """A connection kept from an earlier transfer was gone before the receiver answered on it: not an attempt."""
+
+
 @dataclass(frozen=True)
 class Destination:
     """Where a decode instance receives: its site and name (JetStream), host and port (TCP)."""
@@ -311,6 +315,7 @@ class _Run:
         self.encoded: dict[int, EncodedPart] = {}
         self.session: SendSession | None = None
         self.attempts = 0
+        self.stale = 0  # reopens after a kept connection turned out to be gone (not attempts)
         self.sent_keys: dict[tuple[int, int], int] = {}  # chunks this run sent at least once -> size
         self.closed_chunks = self.closed_bytes = self.closed_resent = 0  # of sessions already closed
         self.closed_retransmits: int | None = None
@@ -381,21 +386,24 @@ class _Run:
     async def _reopen(self, cause: Exception | None) -> None:
         await self.close()
         while True:
-            if self.attempts >= self.sender.config.max_attempts:
+            if isinstance(cause, StaleConnection) and self.stale < self.sender.config.max_attempts:
+                self.stale += 1  # the same attempt again, on fresh connections
+            elif self.attempts >= self.sender.config.max_attempts:
                 raise TransferFailed(
                     f"transfer {self.manifest.transfer_id}: gave up after {self.attempts} attempts: {cause!r}"
                 ) from cause
-            if self.attempts:
-                log.warning(
-                    "transfer resuming",
-                    extra={
-                        "transfer_id": self.manifest.transfer_id,
-                        "attempt": self.attempts + 1,
-                        "cause": repr(cause),
-                    },
-                )
-                await asyncio.sleep(self.sender.config.retry_backoff_s * self.attempts)
-            self.attempts += 1
+            else:
+                if self.attempts:
+                    log.warning(
+                        "transfer resuming",
+                        extra={
+                            "transfer_id": self.manifest.transfer_id,
+                            "attempt": self.attempts + 1,
+                            "cause": repr(cause),
+                        },
+                    )
+                    await asyncio.sleep(self.sender.config.retry_backoff_s * self.attempts)
+                self.attempts += 1
             try:
                 self.session = await self.sender.transport.open(self.manifest, self.dest, self.link)
                 self.stripes = max(self.stripes, self.session.stripes)

@@ -22,6 +22,9 @@ _TOTAL_RETRANS = struct.Struct("@I")  # struct tcp_info's tcpi_total_retrans (__
 _TOTAL_RETRANS_OFFSET = 100  # after 8 bytes of __u8 fields and 23 __u32 ones (linux/tcp.h, stable ABI)
 
 
+KEEPALIVE = FRAME_PREFIX.pack(0)  # a frame with an empty header: keeps a quiet connection's window, ignored by readers
+
+
 class Closed(Exception):
     """The peer closed the connection between frames."""
 
@@ -54,7 +57,7 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
 
 
 def read_frame(sock: socket.socket, prefix: bytearray, decoder: msgspec.msgpack.Decoder):
-    """Read one frame's header message.
+    """Read one frame's header message (None for a ``KEEPALIVE``).
 
     ``Closed`` on a clean EOF before the frame; ``TimeoutError`` only if nothing of the frame
     arrived within the socket timeout (the stream is still in sync); a stall mid-frame is a
@@ -68,6 +71,8 @@ def read_frame(sock: socket.socket, prefix: bytearray, decoder: msgspec.msgpack.
         if n < len(prefix):
             recv_exact(sock, view[n:])
         (length,) = FRAME_PREFIX.unpack(prefix)
+        if not length:
+            return None
         if length > MAX_HEADER_BYTES:
             raise BadRequest(f"frame header of {length} bytes")
         header = bytearray(length)

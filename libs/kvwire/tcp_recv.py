@@ -5,6 +5,12 @@ the transfer where the payload goes, ``recv_into`` that memory (``MSG_WAITALL``:
 per chunk), verifies the checksum in place and answers with a ``KvChunkAck``. Blocking sockets in
 threads move several GB/s on loopback where asyncio streams move a fraction of that; checksums
 and socket copies release the GIL.
+
+A connection serves transfers one after another (senders keep their connections: a begin or join
+binds it to the next transfer) and ignores keepalive frames. The end marker travels behind the
+sender's last chunk on one connection, ahead of chunks still on their way on the others: it is
+answered at once when every chunk is there, else by the connection whose chunk completes the
+transfer. A chunk resent while its transfer completed is acknowledged as held.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from libs.common.errors import BadRequest, PrfaasError
+from libs.common.errors import BadRequest, PrfaasError, TransferFailed
 from libs.common.messages import (
     ErrorReply,
     KvAbort,
@@ -28,6 +34,7 @@ from libs.common.messages import (
     KvChunkAck,
     KvEnd,
     KvJoin,
+    KvResumeState,
     encode,
     kv_sender_frame_decoder,
 )
@@ -45,6 +52,46 @@ _TCPI_BYTES_RECEIVED_AT = 128
 def _tcp_bytes_received(sock: socket.socket) -> int:
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_RECEIVED_AT + _TCPI_BYTES_RECEIVED.size)
     return _TCPI_BYTES_RECEIVED.unpack_from(info, _TCPI_BYTES_RECEIVED_AT)[0]
+
+
+class _PendingEnds:
+    """End markers that arrived before every chunk of their transfer, until a chunk completes it (thread-safe)."""
+
+    LIMIT = 4096  # the oldest is forgotten beyond this (its sender times out and ends again)
+
+    def __init__(self, receiver: KvReceiver) -> None:
+        self.receiver = receiver
+        self._lock = threading.Lock()
+        self._ends: dict[str, KvEnd] = {}
+
+    def end(self, msg: KvEnd) -> KvResumeState | None:
+        """The answer to an end marker: now if every chunk is there, else None (kept for ``chunk``)."""
+        with self._lock:
+            self._ends.pop(msg.transfer_id, None)
+            state = self.receiver.end(msg)
+            if state.complete:
+                return msgspec.structs.replace(state, end_round=msg.round)
+            self._ends[msg.transfer_id] = msg
+            if len(self._ends) > self.LIMIT:
+                del self._ends[next(iter(self._ends))]
+            return None
+
+    def chunk(self, transfer_id: str) -> KvResumeState | None:
+        """After a chunk of ``transfer_id`` was verified: the answer to its waiting end marker if it is complete now."""
+        with self._lock:
+            msg = self._ends.get(transfer_id)
+            if msg is None:
+                return None
+            state = self.receiver.end(msg)
+            if not state.complete:
+                return None
+            del self._ends[transfer_id]
+            return msgspec.structs.replace(state, end_round=msg.round)
+
+    def drop(self, transfer_id: str) -> None:
+        """Forget the end marker of an aborted transfer."""
+        with self._lock:
+            self._ends.pop(transfer_id, None)
 
 
 @dataclass(frozen=True)
@@ -67,7 +114,15 @@ class TcpReceiverServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
+        self._ends = _PendingEnds(receiver)
         self._closed_wire_bytes = 0
+        self.accepted_total = 0  # connections accepted since the start
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now."""
+        with self._lock:
+            return len(self._conns)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -132,11 +187,12 @@ class TcpReceiverServer:
             thread = threading.Thread(target=self._serve, args=(sock, peer), name=f"kv-tcp-{peer[1]}", daemon=True)
             with self._lock:
                 self._conns[sock] = thread
+                self.accepted_total += 1
             thread.start()
 
     def _serve(self, sock: socket.socket, peer: tuple) -> None:
         """One connection's loop (in its own thread)."""
-        conn = _Connection(self.receiver, sock)
+        conn = _Connection(self.receiver, sock, self._ends)
         try:
             conn.run()
         except (Closed, OSError) as e:
@@ -156,9 +212,10 @@ class TcpReceiverServer:
 class _Connection:
     """Frame handling of one connection (bound to one transfer by its begin or join)."""
 
-    def __init__(self, receiver: KvReceiver, sock: socket.socket) -> None:
+    def __init__(self, receiver: KvReceiver, sock: socket.socket, ends: _PendingEnds) -> None:
         self.receiver = receiver
         self.sock = sock
+        self.ends = ends
         self.prefix = bytearray(FRAME_PREFIX.size)
         self.assembly: TransferAssembly | None = None
         self.scratch = bytearray()
@@ -168,7 +225,7 @@ class _Connection:
         self.sock.sendall(frame(encode(msg)))
 
     def run(self) -> None:
-        """Serve frames until the peer closes or aborts."""
+        """Serve frames until the peer closes or aborts (a keepalive reads as None: none of them)."""
         while True:
             msg = read_frame(self.sock, self.prefix, kv_sender_frame_decoder)
             if isinstance(msg, KvChunk):
@@ -181,8 +238,11 @@ class _Connection:
                 self.assembly = self.receiver.assembly(msg.transfer_id)
                 self.reply(self.receiver.status(msg.transfer_id))
             elif isinstance(msg, KvEnd):
-                self.reply(self.receiver.end(msg))
+                state = self.ends.end(msg)
+                if state is not None:
+                    self.reply(state)
             elif isinstance(msg, KvAbort):
+                self.ends.drop(msg.transfer_id)
                 self.receiver.abort(msg.transfer_id, msg.reason or "aborted by sender")
                 return
 
@@ -192,7 +252,12 @@ class _Connection:
         if assembly is None or header.transfer_id != assembly.manifest.transfer_id:
             self.discard(header.length)
             raise BadRequest(f"chunk of {header.transfer_id} on a connection not joined to it")
-        target = assembly.target(header)
+        try:
+            target = assembly.target(header)
+        except TransferFailed:
+            if not self.verified(header.transfer_id):
+                raise
+            target = True  # resent while the transfer completed
         if isinstance(target, bool):  # held already (ok), or being written by another connection (resend)
             self.discard(header.length)
             ok = target
@@ -204,6 +269,16 @@ class _Connection:
                 raise
             ok = assembly.commit(header, target)
         self.reply(KvChunkAck(transfer_id=header.transfer_id, part=header.part, offset=header.offset, ok=ok))
+        done = self.ends.chunk(header.transfer_id) if ok else None
+        if done is not None:
+            self.reply(done)
+
+    def verified(self, transfer_id: str) -> bool:
+        """The transfer completed (it may have been handed over and released since)."""
+        try:
+            return self.receiver.status(transfer_id).complete
+        except TransferFailed:
+            return False
 
     def discard(self, nbytes: int) -> None:
         """Read and drop ``nbytes`` of payload."""

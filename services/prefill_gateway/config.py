@@ -55,6 +55,9 @@ class PrefillGatewayConfig:
     default_budget_gbps: float = 0.0  # other destination sites (0: unpaced)
     tcp_connections: int = 4  # connections striping one transfer's chunks (large transfers)
     tcp_small_bytes: int = 16 << 20  # transfers smaller than this use one connection (no setup of the others)
+    tcp_pool: bool = True  # keep KV connections open between transfers, per decode endpoint (host, port)
+    tcp_pool_idle_s: float = 60.0  # a kept connection no transfer claimed for this long is closed
+    tcp_keepalive_s: float = 0.1  # a KV connection with nothing to send for this long sends 4 bytes (0: never)
     send_attempts: int = 4  # sessions per transfer: the first and the resumes after broken connections
     abort_timeout_s: float = 2.0  # telling a receiver to drop a transfer
     link_stats_s: float = 1.0
@@ -92,6 +95,9 @@ class PrefillGatewayConfig:
             default_budget_gbps=r.float("DEFAULT_BUDGET_GBPS", d.default_budget_gbps, minimum=0.0),
             tcp_connections=r.int("TCP_CONNECTIONS", d.tcp_connections, minimum=1),
             tcp_small_bytes=r.int("TCP_SMALL_BYTES", d.tcp_small_bytes, minimum=0),
+            tcp_pool=r.bool("TCP_POOL", d.tcp_pool),
+            tcp_pool_idle_s=r.float("TCP_POOL_IDLE_S", d.tcp_pool_idle_s, minimum=0.01),
+            tcp_keepalive_s=r.float("TCP_KEEPALIVE_S", d.tcp_keepalive_s, minimum=0.0),
             send_attempts=r.int("SEND_ATTEMPTS", d.send_attempts, minimum=1),
             abort_timeout_s=r.float("ABORT_TIMEOUT_S", d.abort_timeout_s, minimum=0.01),
             link_stats_s=r.float("LINK_STATS_S", d.link_stats_s, minimum=0.01),

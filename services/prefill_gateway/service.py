@@ -93,10 +93,11 @@ class PrefillGatewayService(BusService):
         await self.runs.drain(self.config.drain_timeout_s)
 
     async def close(self) -> None:
-        """Stop the instances' KV event publishers and the links' telemetry."""
+        """Stop the instances' KV event publishers, the links' telemetry and the kept KV connections."""
         for instance in self.instances.values():
             await instance.events.stop()
         await self.links.stop()
+        await self.senders.close()
 
     def queue(self, run: PrefillRun, coro: Awaitable[None]) -> None:
         """Queue an accepted job on its instance and run it as an owned task."""

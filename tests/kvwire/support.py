@@ -97,7 +97,7 @@ def tcp_dest(server: TcpReceiverServer | Proxy) -> Destination:
 
 
 class Proxy:
-    """A loopback TCP proxy that can flip one bit, or cut every connection once, in the sender's stream."""
+    """A loopback TCP proxy that can flip one bit, cut every connection once, or forget its connections."""
 
     def __init__(self, upstream: tuple[str, int], flip_at: int | None = None, cut_after: int | None = None) -> None:
         self.upstream = upstream
@@ -107,6 +107,8 @@ class Proxy:
         self.cuts = 0
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []  # open now (cut_all resets them)
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []  # (client, upstream) open now
+        self._forgotten: set[socket.socket] = set()  # clients whose upstream was dropped (forget_all)
         self._all: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -134,6 +136,7 @@ class Proxy:
             server = socket.create_connection(self.upstream)
             with self._lock:
                 self._socks += [client, server]
+                self._pairs.append((client, server))
                 self._all += [client, server]
                 first = self._accepted == 0
                 self._accepted += 1
@@ -145,7 +148,13 @@ class Proxy:
         try:
             while True:
                 data = bytearray(src.recv(1 << 16))
+                if upstream and src in self._forgotten:
+                    self._forgotten.discard(src)  # a middlebox without state for the connection resets it
+                    self._reset(src)
+                    return
                 if not data:
+                    if not upstream and dst in self._forgotten:
+                        return  # the client hears nothing of its upstream's end
                     break
                 if upstream and first and self.flip_at is not None and offset <= self.flip_at < offset + len(data):
                     data[self.flip_at - offset] ^= 0x10
@@ -165,17 +174,31 @@ class Proxy:
             pass
         finally:
             for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                if sock not in self._forgotten:  # a forgotten client learns nothing until it sends
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def forget_all(self) -> None:
+        """Drop every connection's upstream; each client hears nothing until it sends, then gets a reset."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+            self._forgotten.update(client for client, _ in pairs)
+        for _, server in pairs:
+            with contextlib.suppress(OSError):
+                server.shutdown(socket.SHUT_RDWR)
+
+    @staticmethod
+    def _reset(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.shutdown(socket.SHUT_RDWR)
 
     def cut_all(self) -> None:
         """Reset every connection open now."""
         with self._lock:
-            socks, self._socks = self._socks, []
+            socks, self._socks, self._pairs = self._socks, [], []
         for sock in socks:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                sock.shutdown(socket.SHUT_RDWR)
+            self._reset(sock)
 
     def close(self) -> None:
         """Stop accepting, cut everything, join the threads."""
