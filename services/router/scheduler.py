@@ -17,7 +17,6 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from libs.common.errors import BadRequest, NotFound, PrfaasError
-from libs.common.hashing import hash_list
 from libs.common.messages import DecisionEvent, KvLookupReply, Sampling
 from libs.engine.profiles import HARDWARE, ModelProfile, hardware_profile, model_profile
 from libs.policy import PolicyConfig, RouteRequest, make_policy
@@ -26,7 +25,7 @@ from services.router.chat_template import ChatTemplate
 from services.router.config import RouterConfig
 from services.router.live_view import LiveView
 from services.router.schemas import GenerationRequest, invalid
-from services.router.token_cache import TokenCache
+from services.router.token_cache import Encoded, TokenCache
 from services.router.tokenization import PromptTokenizer
 
 _PLAN_ON_LOOP_CHARS = 500_000  # cutting a text and looking its segments up takes ~2 ns a character: ~1 ms here
@@ -136,7 +135,7 @@ class Scheduler:
             return self.template.render(req.messages), not self.tokenizer.template_has_bos
         return req.prompt_text, True
 
-    async def prompt_ids(self, req: GenerationRequest) -> tuple[list[int], np.ndarray]:
+    async def prompt_ids(self, req: GenerationRequest) -> Encoded:
         """Token ids of the request's prompt, as a list and an array (token-id prompts are checked against the vocabulary).
 
         Texts go through the prefix cache; what is left to tokenize beyond ``tokenize_thread_chars`` characters is
@@ -147,7 +146,7 @@ class Scheduler:
             bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
             if bad is not None:
                 raise invalid("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
-            return req.prompt_ids, np.asarray(req.prompt_ids, dtype=np.int64)
+            return Encoded(req.prompt_ids, np.asarray(req.prompt_ids, dtype=np.int64))
         text, add_special = self._prompt_text(req)
         cache = self.token_cache
         if len(text) > _PLAN_ON_LOOP_CHARS:
@@ -161,12 +160,13 @@ class Scheduler:
         """Check the model and limits, tokenize, hash and look the prefix up (404/400 on a bad request)."""
         arrived = time.monotonic()
         self.check_model(req.model)
-        ids, id_array = await self.prompt_ids(req)
+        prompt = await self.prompt_ids(req)
+        ids = prompt.ids
         max_tokens = self._max_tokens(req, len(ids))
         profile = model_profile(self.config.profile_of(req.model))
         block_size = self.block_size(req.model)
         deadline_s = self.lookup_deadline_s(req.model, profile, len(ids), block_size)
-        lookup, status = await self._lookup(id_array, block_size, profile.n_linear_layers > 0, deadline_s)
+        lookup, status = await self._lookup(prompt, block_size, profile.n_linear_layers > 0, deadline_s)
         sampling = req.sampling
         if self.tokenizer.eos_token_ids and not sampling.ignore_eos:
             sampling = msgspec.structs.replace(sampling, stop_token_ids=self.tokenizer.eos_token_ids)
@@ -196,14 +196,14 @@ class Scheduler:
         return min(cfg.index_timeout_s, max(cfg.index_min_timeout_s, saving_s))
 
     async def _lookup(
-        self, ids: np.ndarray, block_size: int, hybrid: bool, deadline_s: float
+        self, prompt: Encoded, block_size: int, hybrid: bool, deadline_s: float
     ) -> tuple[KvLookupReply | None, str]:
         """The index's answer for the prompt's full blocks (hashed only when the index is asked)."""
-        if len(ids) < block_size:  # no full block: nothing to look up
+        if len(prompt.ids) < block_size:  # no full block: nothing to look up
             return None, "ok"
         if deadline_s == 0:
             return None, f"not asked: a full cache hit would save under {self.config.index_min_timeout_s * 1000:.1f} ms"
-        hashes = hash_list(ids, block_size)
+        hashes = self.token_cache.block_hashes(prompt, block_size)
         try:
             async with asyncio.timeout(deadline_s):
                 return await self.index.lookup(hashes, hybrid=hybrid), "ok"

@@ -2,9 +2,10 @@
 safe cut, then the ids of the rest.
 
 A *safe cut* is the position of a single space that follows a non-space character and precedes a letter, with no
-added or special token's text within reach (so no added token, nor the whitespace it strips, spans it). Pre-tokenizer
-splits of the GPT-2 / Llama 3 kind (``\\s*[\\r\\n]+`` and ``\\s+(?!\\S)`` included), whitespace runs, Metaspace with
-``split`` and BERT's never join the characters on both sides of such a space into one piece, and the space opens the next word's
+added or special token's text within reach (so no added token, nor the whitespace it strips, spans it): whether a
+position is one depends only on the characters within ``context_chars`` of it. Pre-tokenizer splits of the GPT-2 /
+Llama 3 kind (``\\s*[\\r\\n]+`` and ``\\s+(?!\\S)`` included), whitespace runs, Metaspace with ``split`` and
+BERT's never join the characters on both sides of such a space into one piece, and the space opens the next word's
 piece wherever it stands, so the ids of a text are the ids of its pieces between cuts, concatenated, between the
 specials the post-processor adds (BOS first, e.g. [SEP] last). Whether a tokenizer keeps that promise is checked when
 the cache is built (the self-test: sample texts split at every safe cut against whole; a failure turns the cache off,
@@ -13,12 +14,18 @@ and logged).
 
 A text is cut into segments of at least ``chunk_chars`` characters; each segment's ids are kept under the key
 (previous segment's node, segment text), so a lookup walks a prompt's segments from its start, hashing each once,
-and the dictionary's own equality check compares the text: a hit is exact, not probable. Least recently used
-segments go first once the cache holds more than ``max_bytes``; each use refreshes a prompt's segments deepest
-first, its start last, so a prefix's deepest segments go before its shared start.
+and the dictionary's own equality check compares the text: a hit is exact, not probable. The segments a walk found are
+also kept joined, as a *joined prefix* (its text, ids, int64 array, and its whole blocks' hashes once asked for): a
+later text that starts with that text, and in which the prefix's cuts within ``context_chars`` of its end are still safe
+(what follows them may differ), takes its ids in one comparison and one copy, is cut and walked only after it, and
+hashes only the blocks after the prefix's last whole one. Least recently used segments and joined prefixes go first
+once the cache holds more than ``max_bytes`` (at most ``_MAX_PREFIXES`` joined prefixes: each text is compared with
+them all); each use refreshes a prompt's segments deepest first, its start last, so a prefix's deepest segments go
+before its shared start.
 
-Threading: ``plan`` and ``finish`` may run on any thread (the dictionary is guarded by a lock); verification runs on
-one worker thread of its own, at most one text at a time (a sample drawn while it is busy is skipped).
+Threading: ``plan``, ``finish`` and ``block_hashes`` may run on any thread (the dictionaries are guarded by a lock);
+verification runs on one worker thread of its own, at most one text at a time (a sample drawn while it is busy is
+skipped).
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
+from libs.common.hashing import extend_hash_list, hash_list
 from services.router.tokenization import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,9 @@ _CUT = re.compile(r"(?<=\S) (?=[^\W\d_])")  # a space after a non-space, before 
 _ENTRY_OVERHEAD_BYTES = 300  # key tuple, dictionary slot, segment object, list and array headers
 _INT_BYTES = 32  # an int object a cached list points to
 _LAST_SHARED_INT = 256  # CPython keeps one object for each int up to this
+_HASH_BYTES = 40  # a block hash in a list: its pointer and its int object
+_MAX_PREFIXES = 64  # joined prefixes kept (each text is compared with all of them)
+_MARK_CHARS = 32  # a joined prefix's last characters, compared first: a text that does not continue it differs there
 _SAMPLE_WORDS = (
     "the",
     "Quick",
@@ -98,14 +109,44 @@ class _Segment:
     size_bytes: int
 
 
-@dataclass
-class Plan:
-    """How one text becomes ids: the cached segments it starts with, then the pieces still to tokenize."""
+@dataclass(eq=False, slots=True)
+class _Prefix:
+    """The ids of a text's start through its cached segments, joined, and its whole blocks' hashes once asked for."""
 
     text: str
     add_special: bool
-    pieces: list[str]  # the text between its cuts; the last (to the text's end) is never cached
+    node: int  # its deepest segment's node: a walk goes on from there
+    near_cuts: tuple[int, ...]  # its cuts within ``context_chars`` of its end: what follows it decides if they are safe
+    ids: list[int]  # with the head the tokenizer adds when ``add_special``
+    array: np.ndarray  # the same ids, int64
+    size_bytes: int
+    mark: str = ""  # its last characters
+    hashes: dict[int, list[int]] = field(default_factory=dict)  # block size -> hashes of its whole blocks
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A prompt's ids as a list (for messages) and an int64 array (for hashing); the joined prefix they start with."""
+
+    ids: list[int]
+    array: np.ndarray
+    prefix: _Prefix | None = None
+
+
+@dataclass
+class Plan:
+    """How one text becomes ids: a joined prefix, the cached segments after it, then the pieces still to tokenize."""
+
+    text: str
+    add_special: bool
+    prefix: _Prefix | None  # the longest joined prefix the text continues
+    pieces: list[str]  # the text between its cuts after the prefix; the last (to the text's end) is never cached
     hits: list[_Segment]  # cached ids of the first ``len(hits)`` pieces
+
+    @property
+    def start(self) -> int:
+        """Characters whose ids come from the joined prefix."""
+        return 0 if self.prefix is None else len(self.prefix.text)
 
     @property
     def todo_chars(self) -> int:
@@ -115,7 +156,7 @@ class Plan:
     @property
     def reused_chars(self) -> int:
         """Characters whose ids come from the cache."""
-        return sum(map(len, self.pieces[: len(self.hits)]))
+        return self.start + sum(map(len, self.pieces[: len(self.hits)]))
 
 
 class TokenCache:
@@ -147,7 +188,8 @@ class TokenCache:
         )
         self._from_cache, self._from_tokenizer = chars.labels("cache"), chars.labels("tokenizer")
         self.size_bytes = 0
-        self._entries: OrderedDict[tuple[int, str], _Segment] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, str] | _Prefix, _Segment | _Prefix] = OrderedDict()
+        self._prefixes: OrderedDict[_Prefix, None] = OrderedDict()  # the joined ones among them, least recent first
         self._lock = threading.Lock()
         self._nodes = itertools.count(1)  # node 0 is a text's start
         self._rng = random.Random()
@@ -155,7 +197,10 @@ class TokenCache:
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="token-cache-verify") if verify_fraction > 0 else None
         added = [t for t in tokenizer.added_texts() if t]
         self._added = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
-        self._reach = 2 * max(map(len, added), default=0)  # twice: normalizing may drop characters (accents)
+        longest = max(map(len, added), default=0)
+        self._reach = 2 * longest  # twice: normalizing may drop characters (accents)
+        self._window = self._reach + longest  # an added token's text within reach lies within this of a cut
+        self.context_chars = self._window + 2  # a cut's safety depends on the characters this close to it, no others
         self._normalized_added = bool(added) and tokenizer.normalize("") is not None
         self._head: list[int] = []
         self._tail: list[int] = []
@@ -166,30 +211,30 @@ class TokenCache:
 
     # --- cuts ---------------------------------------------------------------------------
 
-    def safe_cuts(self, text: str, min_gap_chars: int) -> list[int]:
-        """Safe cuts of ``text``, each at least ``min_gap_chars`` after the one before (the first after its start)."""
-        zones = self._added_zones(text)
-        cuts, z = [], 0
-        match = _CUT.search(text, min_gap_chars)
+    def safe_cuts(self, text: str, min_gap_chars: int, start: int = 0) -> list[int]:
+        """Safe cuts of ``text`` after ``start``, each at least ``min_gap_chars`` past the one before (or ``start``)."""
+        cuts = []
+        match = _CUT.search(text, start + min_gap_chars)
         while match is not None:
             i = match.start()
-            while z < len(zones) and zones[z][1] < i:
-                z += 1
-            if z < len(zones) and zones[z][0] <= i:
-                match = _CUT.search(text, zones[z][1] + 1)
-            elif self._normalized_added and self._near_normalized_added(text, i):
-                match = _CUT.search(text, i + 1)
-            else:
+            if self._clear(text, i):
                 cuts.append(i)
                 match = _CUT.search(text, i + min_gap_chars)
+            else:
+                match = _CUT.search(text, i + 1)
         return cuts
 
-    def _added_zones(self, text: str) -> list[tuple[int, int]]:
-        """Spans within reach of an added token's text, in order. An occurrence the scan skips overlaps one it found,
-        so the reach around those found covers it."""
+    def _is_cut(self, text: str, i: int) -> bool:
+        """Whether position ``i`` of ``text`` is a safe cut."""
+        return _CUT.match(text, i) is not None and self._clear(text, i)
+
+    def _clear(self, text: str, i: int) -> bool:
+        """Whether no added token's text lies within reach of position ``i`` (any within ``_window`` of it counts)."""
         if self._added is None:
-            return []
-        return [(m.start() - self._reach, m.end() + self._reach) for m in self._added.finditer(text)]
+            return True
+        if self._added.search(text, max(0, i - self._window), i + self._window + 1) is not None:
+            return False
+        return not (self._normalized_added and self._near_normalized_added(text, i))
 
     def _near_normalized_added(self, text: str, i: int) -> bool:
         """Whether an added token matched in normalized text occurs there within reach of position ``i``."""
@@ -198,17 +243,21 @@ class TokenCache:
 
     # --- ids ----------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special: bool) -> tuple[list[int], np.ndarray]:
-        """The ids of ``text`` as a list and an int64 array, exactly those of tokenizing it whole."""
+    def encode(self, text: str, add_special: bool) -> Encoded:
+        """The ids of ``text``, exactly those of tokenizing it whole."""
         return self.finish(self.plan(text, add_special))
 
     def plan(self, text: str, add_special: bool) -> Plan:
-        """Cut ``text`` and find its longest cached prefix (the whole text is one piece while the cache is off)."""
+        """Find the longest joined prefix ``text`` continues, cut the rest and find its cached segments (the whole text
+        is one piece while the cache is off)."""
         if not self.enabled:
-            return Plan(text, add_special, [text], [])
-        bounds = [0, *self.safe_cuts(text, self.chunk_chars), len(text)]
+            return Plan(text, add_special, None, [text], [])
+        with self._lock:
+            prefix = self._longest_prefix(text, add_special)
+        start, parent = (0, 0) if prefix is None else (len(prefix.text), prefix.node)
+        bounds = [start, *self.safe_cuts(text, self.chunk_chars, start), len(text)]
         pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
-        hits, parent = [], 0
+        hits = []
         with self._lock:
             for piece in pieces[:-1]:
                 segment = self._entries.get((parent, piece))
@@ -216,37 +265,67 @@ class TokenCache:
                     break
                 hits.append(segment)
                 parent = segment.node
-        return Plan(text, add_special, pieces, hits)
+        return Plan(text, add_special, prefix, pieces, hits)
 
-    def finish(self, plan: Plan) -> tuple[list[int], np.ndarray]:
-        """Tokenize what ``plan`` did not find, keep its segments, and join the ids (maybe verified in the background)."""
-        if len(plan.pieces) == 1:
+    def _longest_prefix(self, text: str, add_special: bool) -> _Prefix | None:
+        """The longest joined prefix that ``text`` starts with and whose cuts near its end are safe in ``text``."""
+        best = None
+        for prefix in self._prefixes:
+            end = len(prefix.text)
+            if (
+                prefix.add_special == add_special
+                and (best is None or end > len(best.text))
+                and text.startswith(prefix.mark, end - len(prefix.mark))
+                and text.startswith(prefix.text)
+                and all(self._is_cut(text, cut) for cut in prefix.near_cuts)
+            ):
+                best = prefix
+        return best
+
+    def finish(self, plan: Plan) -> Encoded:
+        """Tokenize what ``plan`` did not find, keep its segments (and those it found, joined), and join the ids (maybe
+        verified in the background)."""
+        if plan.prefix is None and len(plan.pieces) == 1:
             self._from_tokenizer.inc(len(plan.text))
-            return self._tok.encode_with_array(plan.text, add_special=plan.add_special)
+            return Encoded(*self._tok.encode_with_array(plan.text, add_special=plan.add_special))
         todo = plan.pieces[len(plan.hits) :]
         *fresh, last = self._tok.encode_batch(todo, add_special=False)
         head, tail = (self._head, self._tail) if plan.add_special else ([], [])
-        ids = list(head)
-        for segment in plan.hits:
-            ids += segment.ids
-        start = len(ids)
-        for piece_ids in fresh:
-            ids += piece_ids
-        ids += last
-        ids += tail
-        rest = np.asarray(ids[start:], dtype=np.int64)  # one conversion: the worker holds the GIL as briefly as it can
+        prefix = self._join(plan, head) if plan.hits else plan.prefix
+        rest_ids = list(itertools.chain(*fresh, last, tail))
+        rest = np.asarray(rest_ids, dtype=np.int64)  # one conversion: the worker holds the GIL as briefly as it can
         bounds = itertools.accumulate(map(len, fresh), initial=0)
         segments = [
             self._segment(piece, piece_ids, rest[a:b])
             for piece, piece_ids, (a, b) in zip(todo, fresh, itertools.pairwise(bounds), strict=False)
         ]
-        self._keep(plan.pieces, plan.hits + segments)
+        self._keep(plan, segments, prefix)
         self._from_cache.inc(plan.reused_chars)
         self._from_tokenizer.inc(plan.todo_chars)
+        if prefix is None:
+            ids, array = head + rest_ids, np.concatenate([np.asarray(head, dtype=np.int64), rest])
+        else:
+            ids, array = prefix.ids + rest_ids, np.concatenate([prefix.array, rest])
         self._maybe_verify(plan, ids)
-        return ids, np.concatenate(
-            [np.asarray(head, dtype=np.int64), *(s.array for s in plan.hits), rest], dtype=np.int64
+        return Encoded(ids, array, prefix)
+
+    def _join(self, plan: Plan, head: list[int]) -> _Prefix:
+        """The text's start through the segments ``plan`` found, joined."""
+        old = plan.prefix
+        ids = list(head if old is None else old.ids)
+        for segment in plan.hits:
+            ids += segment.ids
+        starting = np.asarray(head, dtype=np.int64) if old is None else old.array
+        array = np.concatenate([starting, *(s.array for s in plan.hits)], dtype=np.int64)
+        ends = list(itertools.accumulate(map(len, plan.pieces[: len(plan.hits)]), initial=plan.start))
+        end = ends[-1]
+        near = tuple(
+            cut for cut in (*(() if old is None else old.near_cuts), *ends[1:]) if cut > end - self.context_chars
         )
+        text = plan.text[:end]
+        ints = int(np.count_nonzero(array > _LAST_SHARED_INT))  # counted as if it held them alone
+        size = sys.getsizeof(text) + sys.getsizeof(ids) + _INT_BYTES * ints + array.nbytes + _ENTRY_OVERHEAD_BYTES
+        return _Prefix(text, plan.add_special, plan.hits[-1].node, near, ids, array, size, text[-_MARK_CHARS:])
 
     def _segment(self, piece: str, ids: list[int], array: np.ndarray) -> _Segment:
         kept = array.astype(np.int32)
@@ -254,13 +333,14 @@ class TokenCache:
         size = sys.getsizeof(piece) + sys.getsizeof(ids) + _INT_BYTES * ints + kept.nbytes + _ENTRY_OVERHEAD_BYTES
         return _Segment(next(self._nodes), ids, kept, size)
 
-    def _keep(self, pieces: list[str], segments: list[_Segment]) -> None:
-        """Store the segments from the text's start (those already held stay), the start most recent; evict past the bound."""
-        keys, parent = [], 0
+    def _keep(self, plan: Plan, segments: list[_Segment], prefix: _Prefix | None) -> None:
+        """Store the fresh segments after the cached ones (those already held stay) and a newly joined prefix; refresh
+        what the text used, its deepest segments first, its start last; evict past the bounds."""
+        keys, parent = [], 0 if plan.prefix is None else plan.prefix.node
         with self._lock:
             if not self.enabled:
                 return
-            for piece, segment in zip(pieces, segments, strict=False):
+            for piece, segment in zip(plan.pieces, plan.hits + segments, strict=False):
                 key = (parent, piece)
                 kept = self._entries.get(key)
                 if kept is None:
@@ -270,14 +350,52 @@ class TokenCache:
                 parent = kept.node
             for key in reversed(keys):
                 self._entries.move_to_end(key)
-            while self.size_bytes > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.size_bytes -= old.size_bytes
+            if prefix is not plan.prefix:
+                self._entries[prefix] = prefix
+                self._prefixes[prefix] = None
+                self.size_bytes += prefix.size_bytes
+                if len(self._prefixes) > _MAX_PREFIXES:
+                    self._drop(next(iter(self._prefixes)))
+            for used in (prefix, plan.prefix):
+                if used in self._prefixes:
+                    self._entries.move_to_end(used)
+                    self._prefixes.move_to_end(used)
+            self._evict()
+
+    def _drop(self, prefix: _Prefix) -> None:
+        del self._entries[prefix], self._prefixes[prefix]
+        self.size_bytes -= prefix.size_bytes
+
+    def _evict(self) -> None:
+        while self.size_bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.size_bytes -= old.size_bytes
+            if isinstance(old, _Prefix):
+                del self._prefixes[old]
+
+    def block_hashes(self, encoded: Encoded, block_size: int) -> list[int]:
+        """``hash_list(encoded.array, block_size)``, the whole blocks of its joined prefix hashed once for all its
+        texts."""
+        prefix = encoded.prefix
+        if prefix is None:
+            return hash_list(encoded.array, block_size)
+        known = prefix.hashes.get(block_size)
+        if known is None:
+            known = hash_list(prefix.array, block_size)
+            with self._lock:
+                if prefix in self._prefixes and block_size not in prefix.hashes:
+                    prefix.hashes[block_size] = known
+                    size = sys.getsizeof(known) + _HASH_BYTES * len(known)
+                    prefix.size_bytes += size
+                    self.size_bytes += size
+                    self._evict()
+        return extend_hash_list(known, encoded.array, block_size)
 
     def clear(self) -> None:
-        """Forget every segment."""
+        """Forget every segment and joined prefix."""
         with self._lock:
             self._entries.clear()
+            self._prefixes.clear()
             self.size_bytes = 0
 
     # --- exactness ----------------------------------------------------------------------
@@ -338,6 +456,7 @@ class TokenCache:
             self.enabled = False
             self.disabled_reason = reason
             self._entries.clear()
+            self._prefixes.clear()
             self.size_bytes = 0
         log.error("token cache disabled: %s", reason, extra={"reason": reason})
 

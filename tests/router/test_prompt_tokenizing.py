@@ -1,4 +1,5 @@
-"""The router's prompts to ids: long texts tokenized off the event loop, text and chat prompts through the prefix cache."""
+"""The router's prompts to ids: long texts tokenized off the event loop, text and chat prompts through the prefix cache,
+looked up in the index by the hashes of their ids."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import pytest
 
 from libs.bench.hf_tokenizer import Prose, write_tokenizer
 from libs.common.errors import ConfigError
-from libs.common.messages import Sampling
+from libs.common.hashing import hash_list
+from libs.common.messages import BlocksStored, Sampling
+from services.kv_index.client import KvIndexClient
 from services.router.config import RouterConfig
 from services.router.schemas import GenerationRequest
+from tests.kv_index.conftest import Producer, eventually
 from tests.router import tokenizers_trained as trained
+from tests.router.conftest import PD, load, ready_router
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,8 @@ async def test_a_long_prompt_does_not_stall_the_event_loop(start_router, bench_t
     start = time.perf_counter()
     expected = svc.scheduler.tokenizer.encode(text, add_special=True)
     whole_s = time.perf_counter() - start  # the stall if it ran on the loop (measured under the same load)
-    (ids, _), stall_s, ticks = await max_stall_s(svc.scheduler.prompt_ids(text_request(text)))
-    assert ids == expected
+    prompt, stall_s, ticks = await max_stall_s(svc.scheduler.prompt_ids(text_request(text)))
+    assert prompt.ids == expected
     assert ticks >= 3  # the loop ran while the prompt was tokenized (whole_s is 50-150 ms here)
     # upper: a fifth of the tokenization: the worker holds the GIL only to build id lists (~1 ms per 32K tokens) and
     # Python switches threads every 5 ms; both sides of the ratio slow down together on a loaded machine
@@ -74,15 +79,47 @@ async def test_text_and_chat_prompts_reuse_their_prefix(start_router, tmp_path):
     document = " ".join(trained.WORDS * 20)
     for question in ("what is cached?", "and what is not?"):
         text = f"{document} Question: {question}"
-        ids, _ = await sched.prompt_ids(text_request(text))
-        assert ids == tok.encode(text, add_special=True)
+        prompt = await sched.prompt_ids(text_request(text))
+        assert prompt.ids == tok.encode(text, add_special=True)
     assert sched.token_cache.plan(f"{document} Question: third", add_special=True).reused_chars > len(document) - 100
     messages = [{"role": "system", "content": document}, {"role": "user", "content": "hi there"}]
     chat = GenerationRequest("chat", "reference", None, None, messages, 16, Sampling(), False, False)
-    ids, _ = await sched.prompt_ids(chat)
+    prompt = await sched.prompt_ids(chat)
     rendered = sched.template.render(messages)
-    assert ids == tok.encode(rendered, add_special=not tok.template_has_bos)
+    assert prompt.ids == tok.encode(rendered, add_special=not tok.template_has_bos)
     assert sched.token_cache.plan(rendered, add_special=True).reused_chars > len(document) - 100
+
+
+async def test_the_index_is_asked_with_the_hashes_of_the_whole_ids(start_router, nc, kv_index, tmp_path):
+    """Prompts sharing a long start, the later ones through its joined ids: the index, holding every block of each
+    prompt under hash_list of its ids tokenized whole, finds them all."""
+    holder = load("p-local", role="prefill")
+    svc = await ready_router(
+        start_router,
+        nc,
+        load("d0"),
+        holder,
+        tokenizer=str(trained.gpt2_like(tmp_path / "tok")),
+        token_cache_chunk_chars=64,
+        threshold_tokens=64,
+    )
+    sched, tok = svc.scheduler, svc.scheduler.tokenizer
+    document = " ".join(trained.WORDS * 20)
+    texts = [f"{document} Question {i}: where does it live?" for i in range(4)]
+    hashes = [hash_list(tok.encode(text, add_special=True), 64) for text in texts]
+    kinds = ("attn_kv", "linear_state")
+    await Producer(nc, PD, holder.instance).send(*(BlocksStored(block_hashes=h, kind=k) for h in hashes for k in kinds))
+    client = KvIndexClient(nc, timeout_s=2.0)
+
+    async def stored() -> bool:
+        return [(await client.lookup(h)).sites[0].usable_blocks for h in hashes] == list(map(len, hashes))
+
+    await eventually(stored, what="the index holds every prompt's blocks")
+    for i, text in enumerate(texts):
+        if i >= 2:
+            assert sched.token_cache.plan(text, add_special=True).prefix is not None  # the joined start is used
+        prepared = await sched.prepare(text_request(text), f"r{i}", None)
+        assert prepared.index_status == "ok" and prepared.lookup.sites[0].usable_blocks == len(hashes[i])
 
 
 @pytest.mark.parametrize(

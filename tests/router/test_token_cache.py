@@ -1,4 +1,5 @@
-"""The prefix tokenization cache: exact ids (split at safe cuts, reused prefixes), the self-test, verification, bounds."""
+"""The prefix tokenization cache: exact ids (split at safe cuts, reused prefixes, joined starts), block hashes, the
+self-test, verification, bounds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from libs.common.hashing import hash_list
 from services.router.token_cache import TokenCache
 from services.router.tokenization import BytePromptTokenizer, PromptTokenizer, load_tokenizer
 from tests.router import tokenizers_trained as trained
@@ -86,10 +88,65 @@ def test_prompts_sharing_prefixes_get_the_ids_of_the_whole(tokenizers, name, bas
     text = base
     for where, more, special in [(1.0, "", True), *edits]:
         text = text[: int(where * len(text))] + more
-        ids, array = cache.encode(text, add_special=special)
+        encoded = cache.encode(text, add_special=special)
         expected, expected_array = tok.encode_with_array(text, add_special=special)
-        assert ids == expected
-        assert array.dtype == np.int64 and np.array_equal(array, expected_array)
+        assert encoded.ids == expected
+        assert encoded.array.dtype == np.int64 and np.array_equal(encoded.array, expected_array)
+
+
+@pytest.mark.parametrize("name", EXACT)
+@SETTINGS
+@given(
+    base=texts,
+    edits=st.lists(st.tuples(st.floats(0, 1), texts, st.booleans()), min_size=1, max_size=6),
+    block_size=st.sampled_from([1, 2, 5, 16]),
+)
+def test_block_hashes_of_a_prompt_are_those_of_its_ids(tokenizers, name, base, edits, block_size):
+    """Prompts sharing starts, each twice (the second joins the start the first cached): a prompt's block hashes are
+    hash_list of its ids."""
+    tok = tokenizers[name]
+    cache = cache_of(tok)
+    text = base
+    for where, more, special in [(1.0, "", True), *edits]:
+        text = text[: int(where * len(text))] + more
+        for _ in range(2):
+            encoded = cache.encode(text, add_special=special)
+            assert encoded.ids == tok.encode(text, add_special=special)
+            assert cache.block_hashes(encoded, block_size) == hash_list(encoded.ids, block_size)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_a_prompt_continuing_a_shared_start_joins_it_in_one_step(tokenizers, name):
+    """Once two prompts shared a long start, the next one takes that start's joined ids and hashes whole (no walk over
+    its segments), exactly; clearing the cache forgets it."""
+    tok = tokenizers[name]
+    cache = cache_of(tok, chunk_chars=64)
+    document = " ".join(trained.WORDS * 12)
+    prompts = [f"{document} Question {i}: where is it?" for i in range(5)]
+    for prompt in prompts[:2]:
+        cache.encode(prompt, add_special=True)
+    plan = cache.plan(prompts[2], add_special=True)
+    assert plan.prefix is not None and not plan.hits and plan.reused_chars > len(document) - 200
+    for prompt in prompts[2:4]:
+        encoded = cache.encode(prompt, add_special=True)
+        assert encoded.prefix is plan.prefix and encoded.ids == tok.encode(prompt, add_special=True)
+        assert cache.block_hashes(encoded, 4) == hash_list(encoded.ids, 4)
+    cache.clear()
+    assert cache.size_bytes == 0 and cache.plan(prompts[4], add_special=True).reused_chars == 0
+
+
+def test_a_joined_start_is_not_reused_where_its_end_is_no_safe_cut(tokenizers):
+    """A start joined where it ends before " off" is not reused by a prompt in which that space is inside the added
+    token <|end of turn|>: its cuts near the end are judged again in each prompt, and the ids stay exact."""
+    tok = tokenizers["llama3"]
+    cache = cache_of(tok, chunk_chars=1)
+    stem = " ".join(trained.WORDS[:12]) + " <|end"
+    for tail in (" of the fox", " off the fox"):  # the second's walk stops at the stem's end: joined there
+        cache.encode(stem + tail, add_special=True)
+    assert cache.plan(stem + " off a fox", add_special=True).prefix.text == stem
+    trap = stem + " of turn|> the fox"
+    assert cache.plan(trap, add_special=True).reused_chars < len(stem)
+    assert cache.encode(trap, add_special=True).ids == tok.encode(trap, add_special=True)
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -102,7 +159,7 @@ def test_prompts_differing_only_just_before_a_cut_keep_their_own_ids(tokenizers,
     for cut in cache.safe_cuts(text, 8):
         for variant in (text[: cut - 1] + "Z" + text[cut:], text[:cut] + "s" + text[cut:]):
             for prompt in (text, variant):
-                assert cache.encode(prompt, add_special=True)[0] == tok.encode(prompt, add_special=True)
+                assert cache.encode(prompt, add_special=True).ids == tok.encode(prompt, add_special=True)
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -120,7 +177,7 @@ def test_a_conversation_reuses_its_earlier_turns(tokenizers, name):
         plan = cache.plan(prompt, add_special=False)
         if turn:
             assert plan.reused_chars >= len(transcript) - len(content) - 200  # all but the last turn and a chunk or so
-        assert cache.finish(plan)[0] == tok.encode(prompt, add_special=False)
+        assert cache.finish(plan).ids == tok.encode(prompt, add_special=False)
 
 
 def test_metaspace_without_split_is_caught_by_the_self_test(tokenizers, caplog):
@@ -133,7 +190,7 @@ def test_metaspace_without_split_is_caught_by_the_self_test(tokenizers, caplog):
     text = "the quick brown fox <|eot|> jumps over the lazy dog " * 20
     for _ in range(2):
         plan = cache.plan(text, add_special=True)
-        assert plan.reused_chars == 0 and cache.finish(plan)[0] == tok.encode(text, add_special=True)
+        assert plan.reused_chars == 0 and cache.finish(plan).ids == tok.encode(text, add_special=True)
     assert cache.size_bytes == 0
 
 
@@ -161,12 +218,12 @@ def test_runtime_verification_disables_the_cache_on_a_mismatch(caplog):
     assert cache.enabled, cache.disabled_reason
     text = "a prompt that says zq zq somewhere in it"
     with caplog.at_level(logging.ERROR, logger="services.router.token_cache"):
-        first = cache.encode(text, add_special=True)[0]  # split before " zq": the pair is lost
+        first = cache.encode(text, add_special=True).ids  # split before " zq": the pair is lost
         cache.close()  # waits for the verification under way
     assert first != tok.encode(text, add_special=True) and not cache.enabled
     assert registry.get_sample_value("prfaas_router_token_cache_mismatches_total") == 1
     assert any("token cache disabled" in r.getMessage() for r in caplog.records)
-    assert cache.encode(text, add_special=True)[0] == tok.encode(text, add_special=True) and cache.size_bytes == 0
+    assert cache.encode(text, add_special=True).ids == tok.encode(text, add_special=True) and cache.size_bytes == 0
 
 
 def test_memory_is_bounded_and_least_recent_goes_first(tokenizers):
@@ -194,5 +251,5 @@ def test_memory_is_bounded_and_least_recent_goes_first(tokenizers):
     off = cache_of(tok, max_bytes=0)
     for _ in range(2):
         assert off.plan(prompts[0], add_special=True).reused_chars == 0
-        assert off.encode(prompts[0], add_special=True)[0] == tok.encode(prompts[0], add_special=True)
+        assert off.encode(prompts[0], add_special=True).ids == tok.encode(prompts[0], add_special=True)
     assert off.size_bytes == 0
