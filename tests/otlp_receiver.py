@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -21,6 +21,7 @@ class ReceivedSpan:
     trace_id: str
     span_id: str
     parent_span_id: str
+    attributes: dict[str, object] = field(default_factory=dict)  # str, int, float or bool values
 
 
 class OtlpReceiver:
@@ -70,8 +71,11 @@ class OtlpReceiver:
                 service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
                 for ss in rs.scope_spans:
                     for s in ss.spans:
+                        attributes = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in s.attributes}
                         self.spans.append(
-                            ReceivedSpan(service, s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex())
+                            ReceivedSpan(
+                                service, s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), attributes
+                            )
                         )
 
     def take(self) -> list[ReceivedSpan]:

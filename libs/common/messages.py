@@ -416,6 +416,7 @@ class PrefillFinished(_Msg, tag="prefill.finished.v1"):
     cached_tokens: int  # prompt tokens not recomputed (the instance's own prefix cache)
     payload_bytes: int
     sent_bytes: int
+    goodput_gbps: float = 0.0  # KV wire bytes delivered (each once) over transfer_s: within the pair's budget
 
 
 class TokenLogprob(msgspec.Struct, kw_only=True, frozen=True):

@@ -21,6 +21,18 @@ can carry. Two things show that KV waited on the link:
   first part was paced by the prefill counts whole once the link shows in it. A constant extra
   delay (a busy CPU acking late, at either end) shifts acks without spreading them, and a sender
   paced by its budget or by its prefill spreads its sends as much as the acks come.
+
+No goodput of a paced pair is reported above its budget but for the pacer's burst (``burst_s`` of
+budget over the time a figure is over):
+
+- acks handled late and together (a stalled event loop) are counted over the time their chunks were
+  sent when that is longer than the interval (``interval_s`` is then that time), and busy goodput
+  over the busy time they were sent in;
+- the busy time counts the tokens the bucket held when it began to be counted (a transfer starting
+  on an idle link, a new interval) as the time they were saved in: a transfer's first burst does not
+  make a short busy time look fast;
+- a limited rate above the budget shows a link faster than the budget, not one that limits: it is
+  not counted.
 """
 
 from __future__ import annotations
@@ -73,8 +85,14 @@ class _AckRun:
 class LinkCounters:
     """Thread-safe traffic counters of one site pair (``clock``: monotonic seconds)."""
 
-    def __init__(self, rtt_gain: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rtt_gain: float,
+        clock: Callable[[], float] = time.monotonic,
+        held_s: Callable[[], float] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
+        self._held_s = held_s or (lambda: 0.0)  # seconds of budget the pacer holds now (0: unpaced)
         self._gain = rtt_gain
         self._clock = clock
         self.bytes_in_flight = 0
@@ -88,6 +106,11 @@ class LinkCounters:
         self._min_rtt_s = 0.0
         self._busy_since: float | None = None
         self._busy_s = 0.0
+        self._busy_base = 0.0  # the busy clock (busy seconds since start, credits included) at _busy_since
+        self._sent_lo: tuple[float, float] | None = (
+            None  # (wall, busy clock) of the earliest send acked in the interval
+        )
+        self._sent_hi: tuple[float, float] = (0.0, 0.0)  # ... and of the latest
         self._last_acked = 0
         self._last_ts = clock()
         self._window_waits = 0  # sends waiting for room in their transfer's window
@@ -113,6 +136,7 @@ class LinkCounters:
                 self.srtt_s = rtt_s if self.srtt_s == 0 else self.srtt_s + self._gain * (rtt_s - self.srtt_s)
                 self._min_rtt_s = rtt_s if self._min_rtt_s == 0 else min(self._min_rtt_s, rtt_s)
             sent_at = now if rtt_s is None else now - rtt_s
+            self._span_send(now, sent_at)
             if self._window_waits:
                 self._end_run()
                 self._limited_s += now - max(now if self._ack_at is None else self._ack_at, self._waiting_since)
@@ -126,6 +150,16 @@ class LinkCounters:
             else:
                 self._end_run()
             self._ack_at, self._ack_sent_at = now, sent_at
+
+    def _busy_clock(self, now: float) -> float:
+        """Busy seconds since start at ``now`` (lock held)."""
+        return self._busy_base + (now - self._busy_since if self._busy_since is not None else 0.0)
+
+    def _span_send(self, now: float, sent_at: float) -> None:
+        """Widen the interval's span of send times by an acked chunk's (its transfer was busy since; lock held)."""
+        sent = (sent_at, self._busy_clock(now) - (now - sent_at))
+        self._sent_lo = sent if self._sent_lo is None else min(self._sent_lo, sent)
+        self._sent_hi = max(self._sent_hi, sent)
 
     def _end_run(self) -> None:
         """Count what the link spread of the current run and close it (lock held)."""
@@ -168,9 +202,11 @@ class LinkCounters:
 
     def transfer_started(self) -> int:
         """A transfer began using the link; the transfers now active."""
+        held_s = self._held_s()  # the burst it may send at once: saved while the link was idle
         with self._lock:
             if self.active_transfers == 0:
-                self._busy_since = self._clock()
+                self._busy_since = self._clock() - held_s
+                self._busy_base -= held_s  # the busy clock runs on from where it stopped (the credit is busy_s's)
             self.active_transfers += 1
             return self.active_transfers
 
@@ -184,22 +220,30 @@ class LinkCounters:
                 self.transfers_failed_total += 1
             if self.active_transfers == 0 and self._busy_since is not None:
                 self._busy_s += self._clock() - self._busy_since
+                self._busy_base = self._busy_clock(self._clock())
                 self._busy_since = None
             return self.active_transfers
 
     def snapshot(self, src_site: str, dst_site: str, budget_gbps: float, sender: str = "") -> LinkStats:
         """Statistics since the previous snapshot (interval figures reset)."""
+        held_s = self._held_s()
         with self._lock:
             now = self._clock()
-            interval_s = max(now - self._last_ts, 1e-9)
             self._count_run()  # a run that goes on is judged whole again at its next count
             limited_s = self._limited_s
             busy_s = self._busy_s
             if self._busy_since is not None:
                 busy_s += now - self._busy_since
-                self._busy_since = now
+                self._busy_base = self._busy_clock(now) - held_s
+                self._busy_since = now - held_s
+            if self._sent_lo is not None:  # acks handled late: over the time their chunks were sent, if longer
+                busy_s = max(busy_s, self._sent_hi[1] - self._sent_lo[1])
+            interval_s = max(now - self._last_ts, self._sent_hi[0] - self._sent_lo[0] if self._sent_lo else 0.0, 1e-9)
             delta_bits = (self.acked_bytes_total - self._last_acked) * 8
             goodput_gbps = delta_bits / interval_s / 1e9
+            limited_gbps = self._limited_bytes * 8 / limited_s / 1e9 if limited_s > 0 else 0.0
+            if 0 < budget_gbps < limited_gbps:  # acks faster than the budget: the link did not limit
+                limited_s = limited_gbps = 0.0
             stats = LinkStats(
                 src_site=src_site,
                 dst_site=dst_site,
@@ -220,10 +264,11 @@ class LinkCounters:
                 transfers_failed_total=self.transfers_failed_total,
                 sender=sender,
                 limited_s=limited_s,
-                limited_goodput_gbps=self._limited_bytes * 8 / limited_s / 1e9 if limited_s > 0 else 0.0,
+                limited_goodput_gbps=limited_gbps,
             )
             self._last_acked = self.acked_bytes_total
             self._last_ts = now
+            self._sent_lo, self._sent_hi = None, (0.0, 0.0)
             self._busy_s = 0.0
             self._min_rtt_s = 0.0
             self._limited_s = 0.0
@@ -254,12 +299,13 @@ class KvLinks:
             if found is not None:
                 return found
             budget = self.config.budget_gbps(dst_site)
+            bucket = TokenBucket(budget, self.config.burst_s, self.config.min_burst_bytes)
             found = Link(
                 self.src_site,
                 subjects.token(dst_site, "site"),
                 budget,
-                TokenBucket(budget, self.config.burst_s, self.config.min_burst_bytes),
-                LinkCounters(self.config.rtt_gain),
+                bucket,
+                LinkCounters(self.config.rtt_gain, held_s=_held_s(bucket, budget)),
             )
             self._links[dst_site] = found
             share = self._sharing and budget > 0
@@ -310,3 +356,10 @@ class KvLinks:
                     await nc.publish(subjects.link(link.src_site, link.dst_site), encode(link.stats(self.process)))
                 except (nats.errors.Error, OSError) as e:  # telemetry goes on; the client reconnects
                     log.warning("link stats not published", extra={"dst_site": link.dst_site, "error": repr(e)})
+
+
+def _held_s(bucket: TokenBucket, budget_gbps: float) -> Callable[[], float] | None:
+    """Seconds of the pair's budget the bucket holds now (None for an unpaced pair: no burst to count)."""
+    if budget_gbps == 0:
+        return None
+    return lambda: bucket.held_bytes() * 8 / (budget_gbps * 1e9)

@@ -82,6 +82,14 @@ class TokenBucket:
         with self._lock:
             self._lease_until = until
 
+    def held_bytes(self) -> float:
+        """Tokens held now (at most the burst): what the bucket would let out at once, over its rate."""
+        if self.unlimited:
+            return 0.0
+        with self._lock:
+            self._refill(time.monotonic())
+            return max(self._level, 0.0)
+
     def take_limited(self) -> bool:
         """Whether a sender had to wait since the last call (and reset)."""
         with self._lock:

@@ -18,7 +18,7 @@ from opentelemetry.context import Context
 
 from libs.common.errors import NoCapacity, PrfaasError, UpstreamTimeout
 from libs.common.jobs import SHUTDOWN
-from libs.common.messages import ErrorReply, PrefillFinished, PrefillJob, encode
+from libs.common.messages import ErrorReply, KvManifest, PrefillFinished, PrefillJob, encode
 from libs.common.state_parts import PartSpec, StatePart
 from libs.common.telemetry import inject_headers
 from libs.kvwire import Destination, KvSender, SendReport
@@ -182,7 +182,7 @@ async def _prefill_and_send(svc: JobContext, run: PrefillRun) -> PrefillFinished
     compute_task = asyncio.create_task(compute(), name=f"prefill-{job.request_id}")
     run.opened = True
     try:
-        report: SendReport = await sender.send(manifest, parts(), run.destination)
+        report = await _send_traced(svc, run, sender, manifest, parts())
     finally:
         compute_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -193,9 +193,8 @@ async def _prefill_and_send(svc: JobContext, run: PrefillRun) -> PrefillFinished
     m = svc.metrics
     m.queue_seconds.observe(started - run.received_at)
     m.prefill_seconds.observe(compute_end - started)
-    m.transfer_seconds.observe(report.duration_s)
+    _observe_transfer(svc, job, report)
     m.exposed_seconds.observe(done - compute_end)
-    m.sent_bytes.labels(svc.config.site, job.destination.site).inc(report.sent_bytes)
     m.cached_tokens.inc(cached * bs)
     return PrefillFinished(
         request_id=job.request_id,
@@ -209,4 +208,52 @@ async def _prefill_and_send(svc: JobContext, run: PrefillRun) -> PrefillFinished
         cached_tokens=cached * bs,
         payload_bytes=report.payload_bytes,
         sent_bytes=report.sent_bytes,
+        goodput_gbps=report.goodput_gbps,
     )
+
+
+def _observe_transfer(svc: JobContext, job: PrefillJob, report: SendReport) -> None:
+    """The transfer's time, goodput and bytes on the site pair's metrics."""
+    pair = (svc.config.site, job.destination.site)
+    svc.metrics.transfer_seconds.labels(*pair).observe(report.duration_s)
+    svc.metrics.goodput_gbps.labels(*pair).observe(report.goodput_gbps)
+    svc.metrics.sent_bytes.labels(*pair).inc(report.sent_bytes)
+
+
+async def _send_traced(
+    svc: JobContext, run: PrefillRun, sender: KvSender, manifest: KvManifest, parts: AsyncIterator[StatePart]
+) -> SendReport:
+    """The transfer as a span of the job's trace (a child of its job span), with what it carried and how."""
+    job = run.job
+    with tracer.start_as_current_span("prefill_gateway.transfer") as span:
+        span.set_attributes(
+            {
+                "prfaas.request_id": job.request_id,
+                "prfaas.transfer_id": job.transfer_id,
+                "prfaas.kv.transport": job.destination.transport,
+                "prfaas.kv.dst_site": job.destination.site,
+                "prfaas.kv.budget_gbps": sender.links.link(job.destination.site).budget_gbps,
+                "prfaas.kv.skipped_bytes": _held_prefix_bytes(run),
+            }
+        )
+        report = await sender.send(manifest, parts, run.destination)
+        span.set_attributes(
+            {
+                "prfaas.kv.sent_bytes": report.sent_bytes,
+                "prfaas.kv.stripes": report.stripes,
+                "prfaas.kv.goodput_gbps": report.goodput_gbps,
+                "prfaas.kv.pacing_wait_s": report.pacing_wait_s,
+                "prfaas.kv.resumes": report.resumes,
+            }
+        )
+        if report.retransmits is not None:  # the kernel told (direct TCP on Linux)
+            span.set_attribute("prfaas.kv.retransmits", report.retransmits)
+        return report
+
+
+def _held_prefix_bytes(run: PrefillRun) -> int:
+    """Bytes of the K/V the decode side holds (its ``skip_blocks``), left out of the transfer (as planned, uncoded)."""
+    if not run.job.skip_blocks:
+        return 0
+    plan, n = run.instance.backend.plan_parts, len(run.tokens)
+    return sum(s.nbytes for s in plan(n)) - sum(s.nbytes for s in plan(n, run.job.skip_blocks))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+_GBPS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0)
+_PAIR = ("src_site", "dst_site")
 
 
 class PrefillGatewayMetrics:
@@ -24,7 +26,7 @@ class PrefillGatewayMetrics:
         self.sent_bytes = Counter(
             "prfaas_prefill_gateway_sent_bytes",
             "KV bytes put on the wire per site pair",
-            ["src_site", "dst_site"],
+            _PAIR,
             registry=registry,
         )
         self.queue_seconds = Histogram(
@@ -34,7 +36,18 @@ class PrefillGatewayMetrics:
             "prfaas_prefill_gateway_prefill_seconds", "Compute", buckets=_SECONDS, registry=registry
         )
         self.transfer_seconds = Histogram(
-            "prfaas_prefill_gateway_transfer_seconds", "Manifest to verified end", buckets=_SECONDS, registry=registry
+            "prfaas_prefill_gateway_transfer_seconds",
+            "Manifest to verified end, per site pair",
+            _PAIR,
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.goodput_gbps = Histogram(
+            "prfaas_prefill_gateway_goodput_gbps",
+            "A transfer's KV wire bytes delivered (each once) over its whole duration, per site pair",
+            _PAIR,
+            buckets=_GBPS,
+            registry=registry,
         )
         self.exposed_seconds = Histogram(
             "prfaas_prefill_gateway_exposed_transfer_seconds",
