@@ -25,15 +25,17 @@ import time
 from libs.bench import case_study_args
 from libs.bench.case_study_deploy import Deployment, Scales, deployments, running, topology
 from libs.bench.case_study_load import Driver, PromptBank
-from libs.bench.case_study_report import breakdown, config_figures, plot, ratios, table
+from libs.bench.case_study_report import avoidable_wait, breakdown, config_figures, plot, ratios, table
 from libs.bench.case_study_search import SearchPlan, StepContext, StepPlan, Watch, run_step, search
 from libs.bench.targets import conclude
 from libs.common.bus import connect
-from libs.common.errors import BadRequest
+from libs.common.errors import BadRequest, PrfaasError
 from libs.planner.cli_common import CONFIG_NAMES, check_plot_path, inputs_from_args
 from libs.planner.cli_sim import DEFAULT_RATE_RPS
-from libs.planner.scenarios import case_study
+from libs.planner.metrics import summarize
+from libs.planner.scenarios import CONFIG_POLICIES, case_study, plans, spec_for
 from libs.planner.search import PlanInputs
+from libs.planner.simulator import Simulator
 
 LOAD90 = 0.9
 SIM_DURATION_S = 3600.0
@@ -71,14 +73,20 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     print("simulating the planned configurations ...", file=sys.stderr, flush=True)
     sim = case_study(inputs, DEFAULT_RATE_RPS, SIM_DURATION_S, args.seed)
-    configs = {}
+    configs, failed = {}, {}
     for dep in [d for d in deployments(inputs) if d.name in names]:
         print(f"{dep.name}: starting its lab ...", file=sys.stderr, flush=True)
-        configs[dep.name] = asyncio.run(_deployment(dep, inputs, scales, args, sim[dep.name]))
+        try:
+            configs[dep.name] = asyncio.run(_deployment(dep, inputs, scales, args, sim[dep.name]))
+        except PrfaasError as e:  # the lab did not start or stopped answering: the others still run
+            failed[dep.name] = str(e)
+            print(f"{dep.name}: failed: {e}", file=sys.stderr, flush=True)
     link = topology(deployments(inputs)[0], inputs, scales).links[0]
     doc = {
         "configs": configs,
         **ratios(configs),
+        "failed": failed,
+        "deployments_failed": len(failed),
         "settings": {
             "time_scale": scales.time_scale,
             "byte_scale": scales.byte_scale,
@@ -121,7 +129,21 @@ async def _deployment(dep: Deployment, inputs: PlanInputs, scales: Scales, args,
     figures["breakdown_light"] = breakdown(light.outcomes, scales, inputs.model, hardware) if light else {}
     load90 = steps.get("load90")
     figures["breakdown_90pct"] = breakdown(load90.outcomes, scales, inputs.model, hardware) if load90 else {}
+    figures["queue_light"] = avoidable_wait(light, scales) if light else {}
+    figures["queue_90pct"] = avoidable_wait(load90, scales) if load90 else {}
+    if load90:
+        at90 = simulate(inputs, dep.name, load90.plan.rate_rps, args.seed)
+        figures |= {
+            "simulator_ttft_mean_at_90pct_s": at90["ttft_mean_s"],
+            "simulator_ttft_p90_at_90pct_s": at90["ttft_p90_s"],
+        }
     return figures
+
+
+def simulate(inputs: PlanInputs, name: str, rate_rps: float, seed: int) -> dict:
+    """The simulator's figures for deployment ``name`` at ``rate_rps`` (one simulated hour, as ``prfaas sim``)."""
+    spec = spec_for(inputs, plans(inputs)[name], CONFIG_POLICIES[name], rate_rps, SIM_DURATION_S, seed)
+    return summarize(Simulator(spec).run())
 
 
 async def _steps(ctx: StepContext, dep: Deployment, args) -> dict:

@@ -1,7 +1,7 @@
 """The case study's three deployments as labs: the planner's configurations, scaled in time and bytes, run one at a time.
 
 Each configuration ``prfaas plan --case-study`` chose (PrfaaS-PD, homogeneous PD, naive heterogeneous)
-becomes a topology built in code: simulated H200 PrfaaS instances at ``dc-a`` (if any), simulated H20
+becomes a topology built in code: simulated H200 PrfaaS instances at ``dc-a`` (none for homogeneous), simulated H20
 prefill and decode instances at ``dc-b``, the router at ``dc-b`` with the configuration's policy
 (``static-threshold`` with the planned t, ``local-only``, ``remote-only``). Every modelled duration is
 multiplied by ``time_scale`` and every size by ``byte_scale``; the relay's link is scaled to match
@@ -140,18 +140,20 @@ def topology(dep: Deployment, inputs: PlanInputs, scales: Scales) -> Topology:
             "decode_chunk": scales.decode_chunk,
         }
     )
-    sites = {PD_SITE: {"clusters": {"pd": {"kind": "pd", "instances": pd}}}}
-    links = []
-    if dep.n_prfaas:
-        prfaas = [_prefill_group(dep.n_prfaas, inputs.prfaas_hw.name, scales)]
-        sites = {PRFAAS_SITE: {"clusters": {"prfaas": {"kind": "prfaas", "instances": prfaas}}}} | sites
-        links.append(
-            {
-                "sites": [PRFAAS_SITE, PD_SITE],
-                "gbps": scales.link_gbps(inputs.link_gbps),
-                "rtt_ms": SIM_LINK_RTT_S * 1e3 * scales.time_scale,
-            }
-        )
+    # Homogeneous PD keeps an empty PrfaaS site: a lab's NATS server alone (JetStream in a one-node cluster)
+    # never becomes healthy, so every lab has two sites.
+    prfaas = [_prefill_group(dep.n_prfaas, inputs.prfaas_hw.name, scales)] if dep.n_prfaas else []
+    sites = {
+        PRFAAS_SITE: {"clusters": {"prfaas": {"kind": "prfaas", "instances": prfaas}} if prfaas else {}},
+        PD_SITE: {"clusters": {"pd": {"kind": "pd", "instances": pd}}},
+    }
+    links = [
+        {
+            "sites": [PRFAAS_SITE, PD_SITE],
+            "gbps": scales.link_gbps(inputs.link_gbps),
+            "rtt_ms": SIM_LINK_RTT_S * 1e3 * scales.time_scale,
+        }
+    ]
     raw = {
         "name": f"case-study-{dep.name.replace('_', '-')}",
         "description": f"{dep.name}: {dep.n_prfaas} PrfaaS + {dep.n_p}/{dep.n_d} PD, time x{scales.time_scale:g}",

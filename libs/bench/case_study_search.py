@@ -178,9 +178,9 @@ def _measure(step: Step, in_window: list[Sent], w0: float, w1: float, sc: Scales
     step.served_rps = step.first_tokens / window_paper
     step.completed_rps = step.completions / window_paper
     step.waiting_growth = waiting_growth(records, w0, w1)
-    step.kept_up = step.first_tokens >= KEEP_UP * step.arrivals and step.waiting_growth <= GROWTH * max(
-        1, step.arrivals
-    )
+    served = step.first_tokens >= KEEP_UP * step.arrivals
+    bounded = step.waiting_growth <= GROWTH * max(1, step.arrivals)
+    step.kept_up = served and bounded
     step.ttfts_s = [sc.paper_s(r.ttft_s) for r in in_window if r.ttft_s is not None]
 
 

@@ -45,7 +45,7 @@ def test_each_deployment_is_the_planners_configuration_scaled() -> None:
     assert link.gbps == pytest.approx(100 * 0.0001 / 0.25) and link.rtt_ms == pytest.approx(5.0 * 0.25)
     assert (pd.router.policy, pd.router.threshold_tokens) == ("static-threshold", 19_392)
     homogeneous = topology(deps["homogeneous"], _inputs(), sc)
-    assert [s.name for s in homogeneous.sites] == ["dc-b"] and homogeneous.links == []
+    assert [(s.name, len(s.clusters)) for s in homogeneous.sites] == [("dc-a", 0), ("dc-b", 1)]
     processes = plan(homogeneous, NativeAddresses(Path("/tmp/unused")))
     decode = [p for p in processes if p.role == "decode_gateway"]
     prefill = [p for p in processes if p.role == "prefill_gateway"]
@@ -111,13 +111,20 @@ def _step(records) -> Step:
 
 
 def test_a_rate_keeps_up_when_first_tokens_match_arrivals_and_waiting_stays_flat() -> None:
-    """100 arrivals served 0.05 s later keep up; 90% served does not; 99% served while a queue builds does not."""
+    """100 arrivals served 0.05 s later keep up; 90% served (a tenth refused) does not; 99% served while a queue builds does not."""
     steady = [Sent(i, 1000, i / 10, i / 10 + 0.05, i / 10 + 5, "ok") for i in range(100)]
     step = _step(steady)
     assert (step.arrivals, step.first_tokens, step.kept_up) == (100, 100, True)
     assert abs(step.waiting_growth) < 1 and step.served_rps == pytest.approx(10.0)
-    short = [Sent(i, 1000, i / 10, i / 10 + 0.05 if i % 10 else None) for i in range(100)]
-    assert _step(short).first_tokens == 90 and not _step(short).kept_up
+    # Every tenth request refused at once (no capacity): nothing piles up, but a tenth is not served.
+    refused = [
+        Sent(i, 1000, i / 10, i / 10 + 0.05, i / 10 + 5, "ok")
+        if i % 10
+        else Sent(i, 1000, i / 10, None, i / 10, "error")
+        for i in range(100)
+    ]
+    step = _step(refused)
+    assert (step.first_tokens, step.failures, step.kept_up) == (90, 10, False) and abs(step.waiting_growth) < 1
     # A backlog from before the window served early in it, while the window's own requests wait ever longer:
     # the counts look fine (99 first tokens for 100 arrivals), the waiting requests pile up (+9).
     backlog = [Sent(j, 1000, -3 + j / 10, 0.02 + j / 10) for j in range(30)]
@@ -171,3 +178,35 @@ def test_prfaas_pd_sustains_more_than_homogeneous_on_the_lab(capsys, tmp_path) -
     assert code == 1 and "configs.prfaas_pd.throughput_vs_planner" in doc["missed"]  # 2.7 is 0.83 of 3.235
     assert (tmp_path / "cs.png").stat().st_size > 0
     assert set(pd["cpu_seconds"]) >= {"router-dc-b", "prefill-prfaas-0", "decode-pd-d0", "bench"}
+
+
+def test_avoidable_wait_is_the_queue_another_instance_of_the_pool_would_have_saved() -> None:
+    """Two jobs of 1 s on p0 while p1 idles: the second waited 1 s, all of it avoidable; spread out, none waits."""
+    from libs.bench.case_study_report import avoidable_wait
+    from libs.common.messages import OutcomeEvent
+
+    def outcome(i: int, instance: str, queue_s: float) -> OutcomeEvent:
+        return OutcomeEvent(
+            request_id=f"r{i}", ts=0.0, site="dc-b", router="r", model="m", route="local", attempts=1,
+            status="ok", prefill_instance=instance, queue_s=queue_s, prefill_s=1.0,
+        )  # fmt: skip
+
+    records = [Sent(i, 1000, 0.1 * i, request_id=f"r{i}") for i in range(2)]
+    herded = Step(
+        StepPlan("light", 1.0, 0, 1, 0), records=records, outcomes=[outcome(0, "p0", 0.0), outcome(1, "p0", 0.9)]
+    )
+    herded.outcomes.append(outcome(2, "p1", 0.0))
+    herded.records.append(Sent(2, 1000, 5.0, request_id="r2"))  # p1 exists, idle until then
+    figures = avoidable_wait(herded, Scales(time_scale=0.5))
+    assert figures["local"]["queue_s"] == pytest.approx(0.9 / 3 / 0.5)
+    assert figures["local"]["avoidable_s"] == pytest.approx(0.9 / 3 / 0.5)
+    spread = Step(
+        StepPlan("light", 1.0, 0, 1, 0), records=records, outcomes=[outcome(0, "p0", 0.0), outcome(1, "p1", 0.0)]
+    )
+    assert avoidable_wait(spread, Scales(time_scale=0.5))["local"] == {"queue_s": 0.0, "avoidable_s": 0.0}
+    both_busy = Step(
+        StepPlan("light", 1.0, 0, 1, 0),
+        records=[Sent(i, 1000, at, request_id=f"r{i}") for i, at in enumerate((0.0, 0.0, 0.1))],
+        outcomes=[outcome(0, "p0", 0.0), outcome(1, "p1", 0.0), outcome(2, "p0", 0.9)],
+    )
+    assert avoidable_wait(both_busy, Scales(time_scale=1.0))["local"]["avoidable_s"] == pytest.approx(0.0)
