@@ -9,6 +9,13 @@ inside the PD site at ``intra_dc_gbps`` without contention.
 The policy sees the link only as a live router does: the LinkStats each sending process publishes
 (:mod:`libs.planner.sim_telemetry`), delivered after a lag and combined by
 :class:`libs.policy.LinkTelemetry`; the slow timescale re-plans from that view too.
+
+Connection setup and TCP slow start are not charged. A transfer on a cold pair (kvwire's pooled
+connections closed after ``pool_idle_s`` unused) pays a handshake and slow-start rounds, but it
+streams while its prefill runs, and on this path (``link_rtt_s``) new connections deliver all of a
+case-study prompt's KV before its prefill ends, at 100 Gbps and at 10: the first token comes as on
+warm connections. ``tests/planner/test_cold_link.py`` pins that argument to these defaults and shows
+where it ends (a 40 ms path; a shipped prefix, sent whole, arrives up to ~50 ms later when cold).
 """
 
 from __future__ import annotations
