@@ -56,7 +56,11 @@ def add_parser(subparsers) -> None:
         help="services' log level (their logs are in the run directory; default %(default)s)",
     )
 
-    status = verb("status", "each process's state and the lab's endpoints", run_status)
+    status = verb(
+        "status",
+        "each process's state, the lab's endpoints, and each link direction's live goodput, use and connections",
+        run_status,
+    )
     status.add_argument("--json", action="store_true", help="one JSON object")
 
     verb("down", "stop a detached lab (no process is left)", run_down)
@@ -199,11 +203,9 @@ def run_status(args: argparse.Namespace) -> int:
     for link in status["links"]:
         live = link["live"]
         if live:
-            dirs = "; ".join(
-                f"{d['src']}->{d['dst']} {_gbps(d['gbps'])} {2 * d['delay_ms']:g} ms RTT {d['bytes']:,} B"
-                for d in live["directions"]
-            )
-            print(f"  link     {'-'.join(link['sites']):<12} {live['partition'] or 'up'}; {dirs}")
+            print(f"  link     {'-'.join(link['sites']):<12} {live['partition'] or 'up'}")
+            for d in live["directions"]:
+                print(f"           {d['src'] + '->' + d['dst']:<12} {_direction(d)}")
         else:
             print(
                 f"  link     {'-'.join(link['sites']):<12} {link['gbps']:g} Gbps, {link['rtt_ms']:g} ms RTT (not answering)"
@@ -226,6 +228,15 @@ def run_compose(args: argparse.Namespace) -> int:
     for path in write(files, args.out):
         print(path)
     return 0
+
+
+def _direction(d: dict) -> str:
+    """One direction's settings and live figures, for people."""
+    used = "" if d["utilization"] is None else f" ({d['utilization']:.1%} of it)"
+    return (
+        f"{_gbps(d['gbps'])}, {2 * d['delay_ms']:g} ms RTT: {d['goodput_gbps']:.4g} Gbps now{used}, "
+        f"{d['connections']} connections open, {d['bytes']:,} B carried"
+    )
 
 
 def _gbps(value: float | None) -> str:

@@ -30,6 +30,10 @@ target at site B, and moves the bytes of each direction through that direction o
   10 segments (RFC 5681; Linux halves it per idle RTO down to that), unless
   ``slow_start_after_idle`` is off (a tuned host). :func:`libs.lab.wan_tcp_model.delivery_time_s`
   is the model it is judged against (``prfaas bench wan``).
+- **Figures** (``LinkRelay.figures``, the control endpoint's ``GET /link``): per direction its
+  settings, the bytes it delivered, its live goodput (bytes delivered over the last second,
+  sampled every 0.1 s), its utilisation (that over its bandwidth; null when unlimited) and the
+  connections open from its source site.
 - **Partition**: ``blackhole`` (the default) stops every byte in both directions, as a real cut
   does: connections stay open and silent, new ones are accepted but not carried, and the
   endpoints notice only through their own deadlines and pings (the lab's NATS servers ping every
@@ -49,14 +53,47 @@ than the threads. Unprivileged users get 1 MiB pipes within their pipe budget
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 import threading
+import time
+from collections import deque
 
 from libs.lab.wan_link import DEFAULT_WINDOW_BYTES, Direction, Forward
 from libs.lab.wan_pump import Connection
 
 __all__ = ["Direction", "Forward", "LinkRelay"]
+
+LIVE_WINDOW_S = 1.0  # the live goodput is over the last second
+_SAMPLE_S = 0.1
+
+
+class _Meter:
+    """Bytes each direction delivered, sampled every ``_SAMPLE_S``: their rate over the last ``LIVE_WINDOW_S``."""
+
+    def __init__(self, directions: list[Direction]) -> None:
+        self._directions = directions
+        self._samples: deque[tuple[float, list[int]]] = deque()
+        self._lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        """Sample until stopped (a thread of its own)."""
+        while not self.stop.wait(_SAMPLE_S):
+            self.goodput_gbps()
+
+    def goodput_gbps(self) -> list[float]:
+        """Each direction's Gbps from the sample a window ago (or the oldest one) to now; keeps this sample."""
+        now, delivered = time.monotonic(), [d.bytes for d in self._directions]
+        with self._lock:
+            self._samples.append((now, delivered))
+            while len(self._samples) > 1 and self._samples[1][0] <= now - LIVE_WINDOW_S:
+                self._samples.popleft()
+            then, before = self._samples[0]
+        if now - then <= 0:
+            return [0.0] * len(delivered)
+        return [(b - a) * 8 / (now - then) / 1e9 for a, b in zip(before, delivered, strict=True)]
 
 
 class LinkRelay:
@@ -92,6 +129,7 @@ class LinkRelay:
         self._connections: set[Connection] = set()
         self._lock = threading.Lock()
         self.connections_total = 0
+        self._meter = _Meter(list(self._directions.values()))
 
     def other(self, site: str) -> str:
         """The site at the far end from ``site``."""
@@ -114,6 +152,9 @@ class LinkRelay:
             t = threading.Thread(target=self._accept, args=(s, f), name=f"accept {f}", daemon=True)
             t.start()
             self._threads.append(t)
+        meter = threading.Thread(target=self._meter.run, name="link meter", daemon=True)
+        meter.start()
+        self._threads.append(meter)
         return self
 
     def stop(self) -> None:
@@ -125,6 +166,7 @@ class LinkRelay:
                 pass
             s.close()
         self._listeners.clear()
+        self._meter.stop.set()
         for conn in self._live():
             conn.end("relay stopped")
         for t in self._threads:
@@ -159,14 +201,25 @@ class LinkRelay:
                     conn.end("link reset", reset=True)
 
     def figures(self) -> dict:
-        """Sites, directions (settings and bytes), connections, forwards: JSON-ready."""
+        """Sites, directions (settings, bytes, live goodput and use, open connections), connections, forwards: JSON."""
+        live = self._live()
+        directions = []
+        for d, gbps in zip(self._directions.values(), self._meter.goodput_gbps(), strict=True):
+            directions.append(
+                d.figures()
+                | {
+                    "goodput_gbps": gbps,
+                    "utilization": None if math.isinf(d.gbps) else gbps / d.gbps,
+                    "connections": sum(1 for conn in live if conn.forward.src == d.src),
+                }
+            )
         return {
             "sites": list(self.sites),
-            "directions": [d.figures() for d in self._directions.values()],
+            "directions": directions,
             "partition": None
             if all(d.up for d in self._directions.values())
             else ("reset" if self.refusing else "blackhole"),
-            "connections": len(self._live()),
+            "connections": len(live),
             "connections_total": self.connections_total,
             "forwards": [str(f) for f in self.forwards],
         }

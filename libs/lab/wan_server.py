@@ -1,7 +1,9 @@
 """The link relay as a process (``python -m libs.lab.wan_server``) with a small HTTP control endpoint.
 
 ``GET /health`` answers once every listener is bound; ``GET /link`` returns the link's figures
-(settings and bytes per direction, partition, connections); ``POST /link`` with a JSON object of
+(per direction its settings, bytes carried, live goodput over the last second, its utilisation of
+the bandwidth and the connections open from its source site; partition, connections);
+``POST /link`` with a JSON object of
 ``gbps``, ``rtt_ms``, ``loss_pct``, ``slow_start_after_idle``, ``up`` (with ``reset``), and
 optionally ``src`` (change only the direction leaving that site) changes them at once. :func:`link_figures` and
 :func:`change_link` are the client side.

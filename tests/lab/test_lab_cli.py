@@ -156,6 +156,34 @@ def test_the_nats_gateways_cross_the_relay_and_notice_a_cut_within_seconds(lab: 
     _seconds_until(lambda: _gateways_up(lab), timeout_s=10.0)  # explicit gateways redial every second
 
 
+async def test_status_shows_each_links_live_goodput_use_and_open_connections(lab: dict) -> None:
+    """status: per direction its live goodput (a remote prefill's KV shows on dc-a -> dc-b), use and connections."""
+    run_dir = Path(lab["run_dir"])
+    done = await asyncio.to_thread(_prfaas, run_dir, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    live = {d["src"]: d for d in json.loads(done.stdout)["links"][0]["live"]["directions"]}
+    for d in live.values():  # each site's NATS server keeps its gateway connection to the other through the relay
+        assert d["connections"] >= 1 and d["utilization"] == pytest.approx(d["goodput_gbps"] / d["gbps"]), d
+    text = await asyncio.to_thread(_prfaas, run_dir, "status")
+    assert "dc-a->dc-b" in text.stdout and "Gbps now" in text.stdout and "connections open" in text.stdout, text.stdout
+    seen: list[float] = []
+
+    async def watch() -> None:  # the relay's figures, which status shows, are read over HTTP: poll them
+        while True:
+            figures = await asyncio.to_thread(link_figures, lab["links"][0]["control_url"])
+            seen.append(next(d["goodput_gbps"] for d in figures["directions"] if d["src"] == "dc-a"))
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await check_long_prompt_crosses_the_link(_endpoints(lab))  # >1 MB of KV crosses within a second
+        await asyncio.sleep(0.2)  # a few more readings while the KV is still inside the last second
+    finally:
+        watcher.cancel()
+    # Lower bound: 1 MB in the last second is 0.008 Gbps (NATS chatter is a few kB/s); upper: the 10 Gbps link.
+    assert 0.008 <= max(seen) <= 10.0 * 1.05, seen
+
+
 async def test_a_short_chat_completion_stays_local_and_its_decision_is_published(lab: dict) -> None:
     """The openai client gets tokens; a subscriber at the router's site sees the decision (local) and the outcome."""
     await check_short_chat_stays_local(_endpoints(lab))
