@@ -10,22 +10,26 @@ the relay holds every byte, NATS gateway traffic included) until a decision keep
 naming the open link, and ``_OPEN_WATCH_S`` more; then it is restored (``--up``) until a decision
 sends one remote again. Figures (``breaker.*``):
 
-- ``cut_to_local_s``: from the cut (its control call returned) to the first decision that avoids the
-  link (median of the rounds);
+- ``cut_to_local_s``: from the cut (its control call returned) to the first decision that keeps a
+  prompt local because the link is open (median of the rounds; a round starts once the router's
+  ``/metrics`` shows the breaker closed, the last round's probe back);
 - ``failed_attempts_after_cut``: requests first decided from that decision up to the first remote one
   after the restore (the probe included) that paid a failed remote attempt: one that was decided
   again after it (all rounds; target 0); ``failed_after_cut_reasons``: what those attempts failed on;
 - ``restore_to_remote_s``: from the restore to the first remote decision (median);
 - ``failed_before_open``: requests decided between the cut and that first avoiding decision that paid
-  a failed remote attempt (sent into the cut link before the router could know); ``lost_requests``:
-  requests that failed (a partition loses none); ``requests``; ``open_reasons``: the first avoiding
-  decision's reason per round (which breaker condition opened the link).
+  a failed remote attempt (sent into the cut link before the router could know); ``lost_requests``
+  and ``lost_reasons``: requests that failed, and why (a partition loses none; while the link is open
+  the one local prefill instance carries everything, and on a loaded machine its queue may refuse);
+  ``requests``; ``open_reasons``: the first avoiding decision's reason per round (which breaker
+  condition opened the link).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import tempfile
@@ -103,10 +107,12 @@ async def measure(status: dict, change: LinkChange, rounds: int, interval_s: flo
 
 async def _round(traffic: _Traffic, change: LinkChange, link: str) -> Round:
     """One cut and restore, on the wall clock (the routers' decisions are stamped with it)."""
+    await traffic.closed(link)  # the last round's probe has come back
     await traffic.first(lambda d: d["route"] == "remote", time.time(), traffic.requests)  # the link carries KV
     await change(False)
     cut = time.time()  # the change is in force once its control call returned
-    avoiding = await traffic.first(lambda d: d["route"] == "local" and link in d["decision"]["reason"], cut)
+    opened = f"{link} open since"
+    avoiding = await traffic.first(lambda d: d["route"] == "local" and opened in d["decision"]["reason"], cut)
     await asyncio.sleep(_OPEN_WATCH_S)  # a window of traffic while the link is open, not a precondition
     await change(True)
     restored = time.time()
@@ -140,7 +146,8 @@ def _figures(traffic: _Traffic, marks: list[Round]) -> dict:
         "restore_to_remote_range_s": [min(restore_to_remote), max(restore_to_remote)],
         "failed_before_open": sum(len(paid(cut, avoided - 1e-6)) for cut, avoided, *_ in marks),
         "open_reasons": [reason for *_, reason in marks],
-        "lost_requests": traffic.errors,
+        "lost_requests": len(traffic.errors),
+        "lost_reasons": traffic.errors,
         "requests": len(traffic.requests),
         "rounds": len(marks),
     }
@@ -159,7 +166,7 @@ class _Traffic:
         self.requests: dict[str, list[dict]] = {}  # request id -> its decision events (attempt 0 first)
         self.explained: dict[str, list[dict]] = {}  # the same shape, for the explained decisions
         self.outcomes: dict[str, dict] = {}
-        self.errors = 0  # requests that failed (the client got an error): lost
+        self.errors: list[str] = []  # why requests failed (the client got an error): lost
         self._arrived = asyncio.Condition()
         self._inflight: set[asyncio.Task] = set()
 
@@ -196,7 +203,7 @@ class _Traffic:
             self._arrived.notify_all()
 
     async def _send(self) -> None:
-        for i in range(1_000_000):
+        for i in itertools.count():
             task = asyncio.create_task(self._one(i))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -206,12 +213,12 @@ class _Traffic:
         try:
             await self.client.completions.create(model=self.status["model"], prompt=f"{i} {_PROMPT}", max_tokens=2)
         except openai.APIError as e:
-            self.errors += 1
+            self.errors.append(str(e))
             print(f"breaker: request {i} failed: {e}", file=sys.stderr, flush=True)
 
     async def _explain(self, base: str) -> None:
         """The decision a fresh prompt (no cached prefix anywhere) would get, every ``_EXPLAIN_S``."""
-        for i in range(1_000_000):
+        for i in itertools.count():
             body = {"model": self.status["model"], "prompt": f"explain {i} {_PROMPT}", "max_tokens": 2}
             async with self.http.post(base + "/route/explain", json=body) as resp:
                 event = await resp.json() if resp.status == 200 else None
@@ -230,6 +237,21 @@ class _Traffic:
                 if hits:
                     return min(hits, key=lambda d: d["ts"])
                 await self._arrived.wait()
+
+    async def closed(self, link: str) -> None:
+        """Until the router's ``/metrics`` shows ``link``'s breaker closed (polled: a scrape is its only report)."""
+        src, dst = link.removeprefix("link ").split("->")
+        labels = (f'src_site="{src}"', f'dst_site="{dst}"')
+        async with asyncio.timeout(_PHASE_TIMEOUT_S):
+            while True:
+                async with self.http.get(self.status["router_url"] + "/metrics") as resp:
+                    lines = (await resp.text()).splitlines()
+                gauge = [
+                    ln for ln in lines if ln.startswith("prfaas_router_link_breaker{") and all(x in ln for x in labels)
+                ]
+                if gauge and float(gauge[0].split()[-1]) == 0:
+                    return
+                await asyncio.sleep(_EXPLAIN_S)
 
     async def drain(self) -> None:
         """Stop sending; wait for every request to end and its outcome to arrive."""
