@@ -379,6 +379,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paced-tokens", type=int, default=8192, help="prompt tokens of the pipelining case")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
     parser.add_argument("--keep-logs", action="store_true", help="keep the work directory (kept anyway on failure)")
+    parser.add_argument(
+        "--pool-rtt-ms", default="20,80", help="RTTs of the pool case (libs/bench/gateways_pool.py); '' skips it"
+    )
+    parser.add_argument("--pool-tokens", type=int, default=16384, help="prompt tokens of the pool case")
+    parser.add_argument("--pool-gbps", type=float, default=2.5, help="relay bandwidth and pacing budget, pool case")
+    parser.add_argument(
+        "--pool-byte-scale",
+        type=float,
+        default=0.25,
+        help="KV bytes of the pool case (0.25 at 2.5 Gbps: 10 Gbps's time)",
+    )
 
 
 class _Fleet:
@@ -604,6 +615,16 @@ async def _nats_rtt_ms(caller_nc: NatsClient, prefill_nc: NatsClient, n: int = 5
         await sub.unsubscribe()
 
 
+def _pool(args: argparse.Namespace):
+    """The pool case's module (imported only when ``--pool-rtt-ms`` names RTTs, which it checks), else None."""
+    if not args.pool_rtt_ms.strip():
+        return None
+    from libs.bench import gateways_pool
+
+    gateways_pool.rtts_ms(args)
+    return gateways_pool
+
+
 async def _bench(args: argparse.Namespace, workdir: Path) -> dict:
     cluster = Supercluster([PREFILL_SITE, DECODE_SITE], workdir=workdir / "nats").start()
     fleet = _Fleet(cluster, workdir)
@@ -637,8 +658,13 @@ async def _bench(args: argparse.Namespace, workdir: Path) -> dict:
         **overhead,
     )
     fleet.add("decode_gateway", DECODE_SITE, "ovh-d0", instance="ovh-d0", backend="simulated:h20", **overhead)
+    pool = _pool(args)
+    pool_relay = pool.plan(fleet, args) if pool else None
+    relays = contextlib.ExitStack()
     ncs = {}
     try:
+        if pool_relay is not None:
+            relays.enter_context(pool_relay)
         ncs = {site: await connect(cluster.url(site), name=f"bench-{site}") for site in cluster.sites}
         await fleet.start(ncs)
         async with Caller(ncs[DECODE_SITE], cluster="bench", timeout_s=10.0) as caller:
@@ -648,6 +674,8 @@ async def _bench(args: argparse.Namespace, workdir: Path) -> dict:
             figures["pipelining"] = await _pipelining_case(caller, ncs[PREFILL_SITE], args, budget_gbps)
             figures["prefix_reuse"] = await _prefix_case(caller, args)
             figures["overhead"] = await _overhead_case(caller, args, figures["nats_rtt_ms"]["median"])
+            if pool_relay is not None:
+                figures |= await pool.pool_case(caller, pool_relay, args)
         figures["overhead_p50_ms"] = figures["overhead"]["overhead_ms"]["median"]
         figures["tokens_identical"] = (
             all(figures["reference"][t]["tokens_identical"] for t in ("tcp", "jetstream"))
@@ -658,6 +686,7 @@ async def _bench(args: argparse.Namespace, workdir: Path) -> dict:
         for nc in ncs.values():
             await nc.close()
         fleet.stop()
+        relays.close()
         cluster.stop()
 
 
@@ -701,6 +730,8 @@ def _text(args: argparse.Namespace, figures: dict) -> str:
         _line(key, o[key], " ms")
         for key in ("overhead_ms", "ttft_ms", "prefill_ms", "transfer_exposed_ms", "decode_first_step_ms")
     ]
+    if "warm_pool" in figures:
+        rows += _pool(args).text(figures)
     return "\n".join(rows)
 
 
@@ -708,6 +739,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its figures with their verdicts; exit status 1 if a target was missed."""
     if min(args.repeats, args.overhead_requests, args.max_tokens) < 1 or min(args.ref_tokens, args.prefix_tokens) < 128:
         raise ConfigError("--repeats, --overhead-requests and --max-tokens must be >= 1; prompts >= 128 tokens")
+    _pool(args)  # its flags are checked before anything starts
     work = Path(tempfile.mkdtemp(prefix="prfaas-bench-gateways-"))
     try:
         figures = asyncio.run(_bench(args, work))

@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keepalive-mib", type=float, default=16.0, help="transfer after the keepalives (default %(default)s)"
     )
+    parser.add_argument(
+        "--host-mib", type=float, default=16.0, help="kvwire transfer of the host-settings cases; 0 skips them"
+    )
+    parser.add_argument("--host-gbps", type=float, default=2.5, help="relay bandwidth of the host-settings cases")
+    parser.add_argument("--host-window-mib", type=float, default=1.0, help="receive window of the narrow-window case")
     wan_breaker.add_arguments(parser)
 
 
@@ -89,8 +94,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--gbps > 0, --rtt-ms >= 0, --rounds >= 1 and --connections >= 1")
     if min(rtts_ms + sizes_mib + keepalive_ms) <= 0 or args.tcp_gbps <= 0 or args.tcp_rounds < 1 or args.tcp_idle_s < 0:
         raise ConfigError("--tcp-rtt-ms, --tcp-sizes-mib, --keepalive-ms and --tcp-gbps > 0, --tcp-rounds >= 1")
+    if args.host_mib < 0 or args.host_gbps <= 0 or args.host_window_mib <= 0:
+        raise ConfigError("--host-mib >= 0, --host-gbps and --host-window-mib > 0")
     figures = _bench(args, set_gbps)
     figures |= _tcp(args, rtts_ms, [int(m * 2**20) for m in sorted(sizes_mib)], sorted(keepalive_ms))
+    host = _host() if args.host_mib else None
+    if host is not None:
+        figures |= host.host_cases(args, rtts_ms)
     figures |= wan_breaker.figures(args)
     base = figures["baseline"]
     rows = [
@@ -115,7 +125,16 @@ def run(args: argparse.Namespace) -> int:
             f"  {c['rtt_ms']:g} ms {c['case']:<34} {c['size_mib']:6g} MiB  {c['measured_ms']:8.1f} ms  "
             f"range {_range(c['range_ms'], 1)}  model {c['model_ms']:8.1f} ms  error {c['error']:+.3f}"
         )
+    if host is not None:
+        rows += host.text(figures)
     return conclude(args, figures, "\n".join(rows))
+
+
+def _host():
+    """The host-settings cases' module (imported only when they run: it imports this one)."""
+    from libs.bench import wan_host
+
+    return wan_host
 
 
 def _numbers(args: argparse.Namespace, flag: str) -> list[float]:
@@ -325,9 +344,9 @@ class _Sink:
 
 
 class LinkRelay:
-    """A link relay process carrying site a -> b to ``target_port``."""
+    """A link relay process carrying site a -> b to ``target_port`` (``window_mib``: each connection's receive window)."""
 
-    def __init__(self, target_port: int, *, gbps: float | None, rtt_ms: float) -> None:
+    def __init__(self, target_port: int, *, gbps: float | None, rtt_ms: float, window_mib: float | None = None) -> None:
         self.port, control = free_port(), free_port()
         self.control_url = f"http://127.0.0.1:{control}"
         self.argv = [
@@ -344,6 +363,8 @@ class LinkRelay:
         ]
         if gbps is not None:
             self.argv += ["--gbps", str(gbps)]
+        if window_mib is not None:
+            self.argv += ["--window-mib", str(window_mib)]
 
     def __enter__(self) -> LinkRelay:
         self.proc = subprocess.Popen(self.argv)

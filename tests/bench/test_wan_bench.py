@@ -39,6 +39,12 @@ def test_wan_benchmark_meets_a_small_link_and_exits_1_on_an_impossible_target(ca
         "100,300",
         "--keepalive-mib",
         "4",
+        "--host-mib",
+        "4",
+        "--host-gbps",
+        "1",
+        "--host-window-mib",
+        "0.25",
         "--target",
         "delay.error_ms=0.0001",
         # The benchmark's 10% is for a machine it has to itself; beside the rest of the suite on 2 cores a
@@ -65,3 +71,11 @@ def test_wan_benchmark_meets_a_small_link_and_exits_1_on_an_impossible_target(ca
     kept, restarted = figures["keepalive"]["cases"]  # 100 ms is under the 220 ms RTO, 300 ms is over it
     assert (kept["case"], restarted["case"]) == ("keepalive 100 ms, window kept", "keepalive 300 ms, slow start")
     assert kept["measured_ms"] < 0.5 * restarted["measured_ms"]  # 4 MiB at line rate vs 8 slow-start rounds
+    # kvwire over the relay, 4 MiB over 4 stripes at 1 Gbps / 20 ms, 0.3 s idle (the RTO is 220 ms): a kept window
+    # (keepalives, or slow start after idle off) takes the begin's round trip and line rate (~64 ms); a restart or
+    # new connections pay ~6 slow-start rounds (~155, ~175 ms); a 256 KiB window, 4 windows per stripe (~110 ms).
+    host = {c["case"]: c["measured_ms"] for c in figures["host_settings"]["cases"]}
+    assert host["warm, keepalive"] < 0.6 * min(host["warm, slow start after idle"], host["new connections"])
+    assert host["warm, no slow start after idle"] < 0.6 * host["warm, slow start after idle"]
+    assert host["warm, keepalive"] < 0.8 * host["warm, receive window"]
+    assert not {v["binding"] for v in figures["verdicts"] if v["figure"] == "host_settings.max_error"} - {False}
