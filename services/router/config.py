@@ -14,8 +14,25 @@ from libs.common.hashing import DEFAULT_BLOCK_SIZE
 from libs.common.messages import TRANSPORTS
 from libs.engine.profiles import HARDWARE, MODELS
 from libs.policy import POLICIES
+from libs.policy.breaker import BreakerConfig
 
 _FIRST_TOKEN_GRACE_S = 5.0  # past the job deadline: time for the decode side's typed failure to arrive
+
+
+def _breaker(r: EnvReader, d: BreakerConfig) -> BreakerConfig:
+    """``BREAKER_FAILURES``, ``BREAKER_WINDOW_S``, ``BREAKER_SILENCE_S``, ``BREAKER_HOLD_S``, ``BREAKER_MAX_HOLD_S``,
+    ``BREAKER_RECOVER_S``."""
+    try:
+        return BreakerConfig(
+            failures=r.int("BREAKER_FAILURES", d.failures, minimum=1),
+            window_s=r.float("BREAKER_WINDOW_S", d.window_s, minimum=0.001),
+            silence_s=r.float("BREAKER_SILENCE_S", d.silence_s, minimum=0.001),
+            hold_s=r.float("BREAKER_HOLD_S", d.hold_s, minimum=0.001),
+            max_hold_s=r.float("BREAKER_MAX_HOLD_S", d.max_hold_s, minimum=0.001),
+            recover_s=r.float("BREAKER_RECOVER_S", d.recover_s, minimum=0.0),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"ROUTER_BREAKER_*: {e.message}") from None
 
 
 def _pairs(key: str, items: tuple[str, ...], known) -> dict[str, str]:
@@ -105,6 +122,7 @@ class RouterConfig:
         5.0  # each step of a stop (HTTP requests in flight, subscriptions, owned tasks) gets this long
     )
     ready_timeout_s: float = 1.0  # /readyz: how long the KV index may take to answer its probe lookup
+    breaker: BreakerConfig = BreakerConfig()  # when a link's breaker opens and how it comes back
     settle_wait_s: float = 1.0  # after the last token: how long the outcome waits for a trailing prefill status
     log_level: str = "INFO"
 
@@ -193,5 +211,6 @@ class RouterConfig:
             stop_timeout_s=r.float("STOP_TIMEOUT_S", d.stop_timeout_s, minimum=0.1),
             ready_timeout_s=r.float("READY_TIMEOUT_S", d.ready_timeout_s, minimum=0.01),
             settle_wait_s=r.float("SETTLE_WAIT_S", d.settle_wait_s, minimum=0.0),
+            breaker=_breaker(r, d.breaker),
             log_level=r.log_level(d.log_level),
         )

@@ -51,6 +51,7 @@ class RouterService(BusService):
             default_hardware=config.default_hardware,
             link_capacities=dict(config.link_capacities),
             default_link_capacity_gbps=config.default_link_capacity_gbps,
+            breaker=config.breaker,
         )
         self.metrics.watch_links(self.view.link_states)
         tokenizer = load_tokenizer(config.tokenizer)

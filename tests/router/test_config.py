@@ -51,3 +51,12 @@ def test_the_first_token_wait_follows_the_job_deadline():
     base = {"ROUTER_THRESHOLD_TOKENS": "100"}
     assert RouterConfig.from_env(base | {"ROUTER_JOB_TIMEOUT_S": "300"}).first_token_wait_s == 305.0
     assert RouterConfig.from_env(base | {"ROUTER_FIRST_TOKEN_TIMEOUT_S": "20"}).first_token_wait_s == 20.0
+
+
+def test_breaker_settings_are_read_and_checked():
+    """ROUTER_BREAKER_* reach the link breakers; an inconsistent pair is refused naming the breaker."""
+    base = {"ROUTER_THRESHOLD_TOKENS": "100"}
+    cfg = RouterConfig.from_env(base | {"ROUTER_BREAKER_FAILURES": "3", "ROUTER_BREAKER_SILENCE_S": "2.5"})
+    assert (cfg.breaker.failures, cfg.breaker.silence_s) == (3, 2.5)
+    with pytest.raises(ConfigError, match="ROUTER_BREAKER_.*max_hold_s"):
+        RouterConfig.from_env(base | {"ROUTER_BREAKER_HOLD_S": "60"})
