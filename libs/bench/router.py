@@ -532,12 +532,14 @@ def _text(figures: dict) -> str:
     ]
     for name in ("decision_1k", "decision_32k"):
         f = figures[name]
-        floor = f["floor"]
+        floor, cold = f["floor"], f["cold"]
         rows.append(
             f"{name} ({f['prompt_tokens']} tokens, {f['held_blocks']} blocks held, index late {f['index_late']}): "
             f"p50 {f['p50_ms']:.2f} ms  "
             f"p99 {f['p99_ms']:.2f} ms  ({f['n']} decisions) = {f['vs_floor']:.2f}x the lookup alone "
             f"(p50 {floor['lookup_nats']['p50_ms']:.2f} ms over NATS, Lua walk {floor['lua_walk']['p50_ms']:.2f} ms); "
+            f"cold (a prompt the router has not seen) p50 {cold['p50_ms']:.2f} ms  p99 {cold['p99_ms']:.2f} ms = "
+            f"{cold['vs_floor']:.2f}x, index late {cold['index_late']}; "
             f"tokenizing alone p50 {f['tokenize']['p50_ms']:.2f} ms"
         )
     counts = figures["decisions"]

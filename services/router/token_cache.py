@@ -394,9 +394,12 @@ class TokenCache:
     def clear(self) -> None:
         """Forget every segment and joined prefix."""
         with self._lock:
-            self._entries.clear()
-            self._prefixes.clear()
-            self.size_bytes = 0
+            self._forget()
+
+    def _forget(self) -> None:
+        self._entries.clear()
+        self._prefixes.clear()
+        self.size_bytes = 0
 
     # --- exactness ----------------------------------------------------------------------
 
@@ -455,9 +458,7 @@ class TokenCache:
         with self._lock:
             self.enabled = False
             self.disabled_reason = reason
-            self._entries.clear()
-            self._prefixes.clear()
-            self.size_bytes = 0
+            self._forget()
         log.error("token cache disabled: %s", reason, extra={"reason": reason})
 
     def close(self) -> None:

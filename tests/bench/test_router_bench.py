@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from libs.bench import router as router_bench
 from libs.cli import main
 
 REQUESTS, C50 = 6, 60
@@ -66,11 +67,16 @@ def test_each_case_went_where_it_claims(figures) -> None:
 
 
 def test_decisions_are_timed_against_their_floor_on_a_populated_index(figures) -> None:
-    """A 32K-token prompt of the tokenizer.json hits 511 held blocks; vs_floor is its median over the lookup's."""
+    """A 32K-token prompt of the tokenizer.json hits 511 held blocks; vs_floor is its median over the lookup's; the
+    cold decision (a prompt the router has not seen) is timed and printed beside the warm one."""
     d = figures["decision_32k"]
     assert 32_768 <= d["prompt_tokens"] < 32_768 + 64 and d["held_blocks"] == 511 and d["n"] == 10
-    floor = d["floor"]
+    floor, cold = d["floor"], d["cold"]
     assert d["vs_floor"] == pytest.approx(d["p50_ms"] / floor["lookup_nats"]["p50_ms"])
+    assert cold["n"] == 10 and cold["vs_floor"] == pytest.approx(cold["p50_ms"] / floor["lookup_nats"]["p50_ms"])
+    # a cold decision tokenizes the whole prompt (nothing of it is cached: not the joined start either)
+    assert cold["p50_ms"] > d["p50_ms"] + d["tokenize"]["p50_ms"] / 2
+    assert f"cold (a prompt the router has not seen) p50 {cold['p50_ms']:.2f} ms" in router_bench._text(figures)
     # the lookup over NATS includes the Lua walk; the decision includes the lookup and the tokenizer
     assert floor["lua_walk"]["p50_ms"] < floor["lookup_nats"]["p50_ms"] < d["p50_ms"]
     assert d["tokenize"]["p50_ms"] > 0 and figures["decision_1k"]["held_blocks"] >= 15

@@ -102,8 +102,8 @@ def test_prompts_sharing_prefixes_get_the_ids_of_the_whole(tokenizers, name, bas
     block_size=st.sampled_from([1, 2, 5, 16]),
 )
 def test_block_hashes_of_a_prompt_are_those_of_its_ids(tokenizers, name, base, edits, block_size):
-    """Prompts sharing starts, each twice (the second joins the start the first cached): a prompt's block hashes are
-    hash_list of its ids."""
+    """Prompts sharing starts, each twice (the second joins the start the first cached): a prompt's block hashes, at
+    each block size, are hash_list of its ids."""
     tok = tokenizers[name]
     cache = cache_of(tok)
     text = base
@@ -112,7 +112,8 @@ def test_block_hashes_of_a_prompt_are_those_of_its_ids(tokenizers, name, base, e
         for _ in range(2):
             encoded = cache.encode(text, add_special=special)
             assert encoded.ids == tok.encode(text, add_special=special)
-            assert cache.block_hashes(encoded, block_size) == hash_list(encoded.ids, block_size)
+            for size in (block_size, 2 * block_size + 1):  # several models' block sizes: each its own hashes
+                assert cache.block_hashes(encoded, size) == hash_list(encoded.ids, size)
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -133,6 +134,21 @@ def test_a_prompt_continuing_a_shared_start_joins_it_in_one_step(tokenizers, nam
         assert cache.block_hashes(encoded, 4) == hash_list(encoded.ids, 4)
     cache.clear()
     assert cache.size_bytes == 0 and cache.plan(prompts[4], add_special=True).reused_chars == 0
+
+
+@pytest.mark.parametrize("name", [n for n in EXACT if n != "byte"])
+def test_a_joined_start_is_not_reused_where_the_word_it_ends_with_goes_on(tokenizers, name):
+    """A start joined where it ends with "pre" (a space followed) is not reused by a prompt in which "pre" goes on as
+    "prefill": the ids stay those of the whole word."""
+    tok = tokenizers[name]
+    cache = cache_of(tok, chunk_chars=1)
+    stem = " ".join(trained.WORDS[:12]) + " pre"
+    for tail in (" of the fox", " off the fox"):  # the second's walk stops at the stem's end: joined there
+        cache.encode(stem + tail, add_special=True)
+    assert cache.plan(stem + " off a fox", add_special=True).prefix.text == stem
+    longer = stem + "fill the fox"
+    assert cache.plan(longer, add_special=True).reused_chars < len(stem)
+    assert cache.encode(longer, add_special=True).ids == tok.encode(longer, add_special=True)
 
 
 def test_a_joined_start_is_not_reused_where_its_end_is_no_safe_cut(tokenizers):
@@ -227,8 +243,8 @@ def test_runtime_verification_disables_the_cache_on_a_mismatch(caplog):
 
 
 def test_memory_is_bounded_and_least_recent_goes_first(tokenizers):
-    """The cache holds at most its bytes; a prefix used again stays while older ones go, a text's start outlives its
-    end; 0 bytes caches nothing."""
+    """The cache holds at most its bytes; a prefix used again stays while older ones go (segments and joined starts),
+    a text's start outlives its end; 0 bytes caches nothing."""
     tok = tokenizers["gpt2"]
     rng = random.Random(2)
     prompts = [" ".join(rng.choice(trained.WORDS) for _ in range(400)) for _ in range(30)]
@@ -237,7 +253,8 @@ def test_memory_is_bounded_and_least_recent_goes_first(tokenizers):
     per_prompt = one.size_bytes
     cache = cache_of(tok, chunk_chars=64, max_bytes=5 * per_prompt)
     for prompt in prompts:
-        cache.encode(prompt, add_special=True)
+        for _ in range(2):  # the second time joins its start
+            cache.encode(prompt, add_special=True)
         cache.encode(prompts[0], add_special=True)  # kept warm
         assert 0 < cache.size_bytes <= 5 * per_prompt
         assert cache.plan(prompts[0], add_special=True).reused_chars > len(prompts[0]) - 200
