@@ -9,9 +9,10 @@ event loop, which keeps the books: the chunks in flight, a window of unacknowled
 of chunks the receiver rejected, RTT samples from acks. The end marker follows the last chunk on
 the first stripe without waiting for the acks (the receiver answers once every chunk is there).
 A broken or stalled connection breaks the session (``TransportBroken``); the sender reopens it and
-the receiver's resume state says what not to send again. A reused connection that breaks before
-the receiver answered on it is ``StaleConnection``: the pool drops its idle connections to that
-destination and the sender tries again on fresh ones without counting an attempt.
+the receiver's resume state says what not to send again. A reused connection found closed or reset
+before the receiver answered on it is ``StaleConnection``: the pool drops its idle connections to
+that destination and the sender tries again on fresh ones without counting an attempt (a stalled
+one counts: a fresh connection over the same path would stall too).
 """
 
 from __future__ import annotations
@@ -298,7 +299,7 @@ class _TcpSession:
         self._progress.set()
 
     def _on_broken(self, conn: PooledConnection, exc: BaseException) -> None:
-        if conn.reused and conn not in self._answered:
+        if conn.reused and conn not in self._answered and not isinstance(exc, TimeoutError):  # gone, not stalled
             self.pool.flush(conn.endpoint)
             exc = StaleConnection(
                 f"transfer {self.manifest.transfer_id}: a pooled connection to {conn.endpoint[0]}:{conn.endpoint[1]} "
