@@ -91,10 +91,7 @@ def _error(reply: ErrorReply) -> PrfaasError:
 
 
 class TcpTransport:
-    """Sends transfers to ``TcpReceiverServer``s (a destination's ``host``/``port``) over pooled connections.
-
-    ``pool`` may be shared by transports of different stripe counts (one pool per process).
-    """
+    """Sends transfers to ``TcpReceiverServer``s over pooled connections (``pool``: shareable by stripe counts)."""
 
     def __init__(self, config: TcpConfig | None = None, pool: ConnectionPool | None = None) -> None:
         self.config = config or TcpConfig()
