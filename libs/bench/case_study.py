@@ -25,7 +25,7 @@ import time
 from libs.bench import case_study_args
 from libs.bench.case_study_deploy import Deployment, Scales, deployments, running, topology
 from libs.bench.case_study_load import Driver, PromptBank
-from libs.bench.case_study_report import avoidable_wait, breakdown, config_figures, plot, ratios, table
+from libs.bench.case_study_report import Units, config_figures, plot, ratios, table
 from libs.bench.case_study_search import SearchPlan, StepContext, StepPlan, Watch, run_step, search
 from libs.bench.targets import conclude
 from libs.common.bus import connect
@@ -119,18 +119,14 @@ async def _deployment(dep: Deployment, inputs: PlanInputs, scales: Scales, args,
             watch = Watch(nc)
             await watch.start()
             async with Driver(lab.router_url, bank) as driver:
-                ctx = StepContext(lab, driver, watch, scales, instances)
+                context = inputs.model.max_prompt_tokens - inputs.output_tokens
+                ctx = StepContext(lab, driver, watch, scales, instances, context)
                 steps = await _steps(ctx, dep, args)
         finally:
             await nc.close()
-    figures = config_figures(dep, sim, steps, steps["throughput"], scales)
     hardware = {"remote": inputs.prfaas_hw, "local": inputs.pd_hw}
-    light = steps.get("light")
-    figures["breakdown_light"] = breakdown(light.outcomes, scales, inputs.model, hardware) if light else {}
+    figures = config_figures(dep, sim, steps, steps["throughput"], Units(scales, inputs.model, hardware))
     load90 = steps.get("load90")
-    figures["breakdown_90pct"] = breakdown(load90.outcomes, scales, inputs.model, hardware) if load90 else {}
-    figures["queue_light"] = avoidable_wait(light, scales) if light else {}
-    figures["queue_90pct"] = avoidable_wait(load90, scales) if load90 else {}
     if load90:
         at90 = simulate(inputs, dep.name, load90.plan.rate_rps, args.seed)
         figures |= {

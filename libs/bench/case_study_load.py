@@ -119,6 +119,17 @@ class Driver:
             batch.append(self.send(int(length)))
         return batch
 
+    async def router_metric(self, histogram: str) -> tuple[float, int]:
+        """A histogram's sum and count from the router's ``/metrics`` ((0, 0) if absent)."""
+        async with self._session.get(self.router_url + "/metrics") as resp:
+            text = await resp.text()
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in (f"{histogram}_sum", f"{histogram}_count"):
+                values[name] = float(value)
+        return values.get(f"{histogram}_sum", 0.0), int(values.get(f"{histogram}_count", 0))
+
     def send(self, length: int) -> Sent:
         """Start one request now."""
         record = Sent(len(self.sent), length, time.monotonic())

@@ -3,12 +3,15 @@
 Where the time goes is read from the router's outcome events: per route, the prefill queue, the
 prefill, the exposed transfer, the first decode step, and the rest of the TTFT (router, bus, decode
 reservation: ``overhead_s``); ``prefill_stretch`` is the measured prefill over the profile's time
-for the same prompt (1.0: the simulated chip kept its modelled time).
+for the same prompt (1.0: the simulated chip kept its modelled time); ``occupancy_stretch`` adds the
+exposed transfer, during which the prefill gateway still holds the instance.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,7 +22,8 @@ from libs.engine.profiles import HardwareProfile, ModelProfile
 from libs.planner.cli_common import CONFIG_NAMES, PAPER
 
 TOKEN_BYTES = 4  # a transfer's tokens part: the prompt's ids as int32
-CPU_BOUND_CORES = 0.9  # a process using this much of a core over a step is CPU-bound there
+CPU_BOUND_CORES = 0.9
+_ERROR_CHARS = 120  # errors are counted by their first characters  # a process using this much of a core over a step is CPU-bound there
 
 
 def _mean(values: list[float]) -> float | None:
@@ -34,8 +38,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def step_summary(step: Step) -> dict:
-    """One step's figures (paper units) and the CPU each process used, in cores."""
+@dataclass(frozen=True)
+class Units:
+    """What turns a step's live figures into the paper's: the scales, the model and each route's prefill hardware."""
+
+    scales: Scales
+    model: ModelProfile
+    hardware: dict[str, HardwareProfile]  # "remote" and "local"
+
+
+def step_summary(step: Step, units: Units) -> dict:
+    """One step's figures (paper units), where its TTFT went, its prefill queues, the CPU each process used (cores)."""
     return {
         "kind": step.plan.kind,
         "rate_rps": step.plan.rate_rps,
@@ -52,30 +65,35 @@ def step_summary(step: Step) -> dict:
         "ttft_p90_s": _p90(step.ttfts_s),
         "wall_s": step.wall_s,
         "cpu_cores": {name: cpu / step.wall_s for name, cpu in step.cpu_s.items()} if step.wall_s else {},
+        "router_decision_ms": step.router_decision_ms,
+        "errors": dict(Counter(r.error[:_ERROR_CHARS] for r in step.records if r.status == "error").most_common(5)),
+        "breakdown": breakdown(step.outcomes, units),
+        "queue": avoidable_wait(step, units.scales),
     }
 
 
-def breakdown(
-    outcomes: list[OutcomeEvent], scales: Scales, model: ModelProfile, hw: dict[str, HardwareProfile]
-) -> dict:
+def breakdown(outcomes: list[OutcomeEvent], units: Units) -> dict:
     """Per route: mean TTFT and its parts (paper s), the prefill over the profile's, and how many requests."""
     out = {}
     for route in sorted({o.route for o in outcomes}):
         group = [o for o in outcomes if o.route == route and o.ttft_s is not None and o.prefill_s is not None]
         if not group:
             continue
+        scales = units.scales
         parts = {k: [scales.paper_s(getattr(o, k) or 0.0) for o in group] for k in ("queue_s", "prefill_s")}
         parts |= {k: [scales.paper_s(getattr(o, k) or 0.0) for o in group] for k in ("transfer_s", "first_step_s")}
         ttft = [scales.paper_s(o.ttft_s) for o in group]
         rest = [t - sum(p[i] for p in parts.values()) for i, t in enumerate(ttft)]
-        hardware = hw["remote" if route == "remote" else "local"]
-        modelled = [model.prefill_time_s(o.prompt_tokens - o.cached_tokens, hardware) for o in group]
+        hardware = units.hardware["remote" if route == "remote" else "local"]
+        modelled = [units.model.prefill_time_s(o.prompt_tokens - o.cached_tokens, hardware) for o in group]
         out[route] = {
             "requests": len(group),
             "ttft_s": _mean(ttft),
             **{k: _mean(v) for k, v in parts.items()},
             "overhead_s": _mean(rest),
             "prefill_stretch": float(np.sum(parts["prefill_s"]) / np.sum(modelled)),
+            # The instance is held until its transfer is verified: what one job costs it, over the model's prefill.
+            "occupancy_stretch": float((np.sum(parts["prefill_s"]) + np.sum(parts["transfer_s"])) / np.sum(modelled)),
         }
     return out
 
@@ -113,11 +131,12 @@ def avoidable_wait(step: Step, scales: Scales) -> dict:
     return out
 
 
-def config_figures(dep: Deployment, sim: dict | None, steps: dict, throughput: float | None, scales: Scales) -> dict:
+def config_figures(dep: Deployment, sim: dict | None, steps: dict, throughput: float | None, units: Units) -> dict:
     """One deployment's JSON figures: throughput, TTFT, offload, egress, CPU, the steps, against the model and sim."""
     light, load90, probes = steps.get("light"), steps.get("load90"), steps["probes"]
     every = [s for s in [light, *probes, load90] if s is not None]
     outcomes = [o for s in every for o in s.outcomes]
+    scales = units.scales
     kept = [s for s in probes if s.kept_up and s.plan.rate_rps == throughput]
     egress = None
     if kept:
@@ -128,7 +147,7 @@ def config_figures(dep: Deployment, sim: dict | None, steps: dict, throughput: f
     for s in every:
         for name, seconds in s.cpu_s.items():
             cpu[name] = cpu.get(name, 0.0) + seconds
-    summaries = [step_summary(s) for s in every]
+    summaries = [step_summary(s, units) for s in every]
     busiest = max(((n, c) for x in summaries for n, c in x["cpu_cores"].items() if n != "bench"), key=lambda x: x[1])
     light_ttft = light.ttfts_s if light else []
     sim = sim or {}
@@ -153,9 +172,9 @@ def config_figures(dep: Deployment, sim: dict | None, steps: dict, throughput: f
         "cpu_seconds": cpu,
         "cpu_busiest": {"process": busiest[0], "cores": busiest[1]},
         "cpu_bound": sorted({n for x in summaries for n, c in x["cpu_cores"].items() if c >= CPU_BOUND_CORES}),
-        "light": step_summary(light) if light else None,
-        "probes": [step_summary(s) for s in probes],
-        "load90": step_summary(load90) if load90 else None,
+        "light": step_summary(light, units) if light else None,
+        "probes": [step_summary(s, units) for s in probes],
+        "load90": step_summary(load90, units) if load90 else None,
     }
     for key in ("mean", "p90"):
         value = _ratio(figures[f"ttft_{key}_s"], figures[f"simulator_ttft_{key}_s"])

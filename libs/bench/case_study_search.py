@@ -35,6 +35,7 @@ from libs.common import subjects
 from libs.common.errors import UpstreamTimeout
 from libs.common.messages import InstanceLoad, OutcomeEvent, instance_load_decoder
 
+DECISION_METRIC = "prfaas_router_decision_seconds"  # router arrival to the first decision (prepare + decide)
 KEEP_UP = 0.95  # completions over the window at least this share of arrivals
 GROWTH = 0.05  # in-flight requests grew by at most this share of the window's arrivals
 UP, DOWN = 1.10, 0.95  # the search's steps before it has a bracket
@@ -127,6 +128,7 @@ class Step:
     outcomes: list[OutcomeEvent] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
+    router_decision_ms: float | None = None  # the router's mean prepare + decide over the step (live ms)
 
 
 @dataclass
@@ -138,6 +140,7 @@ class StepContext:
     watch: Watch
     scales: Scales
     instances: int  # instances that heartbeat
+    max_prompt_tokens: int  # the model's context less the completion: a longer prompt is refused (400)
 
 
 async def run_step(ctx: StepContext, plan: StepPlan) -> Step:
@@ -147,8 +150,9 @@ async def run_step(ctx: StepContext, plan: StepPlan) -> Step:
     rng = np.random.default_rng(plan.seed)
     warm, window = sc.live_s(plan.warmup_s), sc.live_s(plan.window_s)
     times = poisson_times(sc.live_rps(plan.rate_rps), warm + window, rng)
-    lengths = stratified_lengths(len(times), rng)
+    lengths = np.minimum(stratified_lengths(len(times), rng), ctx.max_prompt_tokens)
     cpu0 = _cpu(ctx)
+    decisions0 = await ctx.driver.router_metric(DECISION_METRIC)
     start = time.monotonic()
     records = await ctx.driver.offer(lengths, times, start)
     await asyncio.sleep(max(0.0, start + warm + window - time.monotonic()))
@@ -160,6 +164,9 @@ async def run_step(ctx: StepContext, plan: StepPlan) -> Step:
     await ctx.driver.cancel_all()
     step.wall_s = time.monotonic() - start
     step.cpu_s = {name: after - cpu0.get(name, 0.0) for name, after in _cpu(ctx).items()}
+    decisions1 = await ctx.driver.router_metric(DECISION_METRIC)
+    if decisions1[1] > decisions0[1]:
+        step.router_decision_ms = 1e3 * (decisions1[0] - decisions0[0]) / (decisions1[1] - decisions0[1])
     await ctx.watch.outcomes_of(in_window)
     _measure(step, in_window, w0, w1, sc)
     step.outcomes = [ctx.watch.outcomes[r.request_id] for r in in_window if r.request_id in ctx.watch.outcomes]
