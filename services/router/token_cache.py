@@ -14,14 +14,16 @@ and logged).
 
 A text is cut into segments of at least ``chunk_chars`` characters; each segment's ids are kept under the key
 (previous segment's node, segment text), so a lookup walks a prompt's segments from its start, hashing each once,
-and the dictionary's own equality check compares the text: a hit is exact, not probable. The segments a walk found are
-also kept joined, as a *joined prefix* (its text, ids, int64 array, and its whole blocks' hashes once asked for): a
-later text that starts with that text, and in which the prefix's cuts within ``context_chars`` of its end are still safe
-(what follows them may differ), takes its ids in one comparison and one copy, is cut and walked only after it, and
-hashes only the blocks after the prefix's last whole one. Least recently used segments and joined prefixes go first
-once the cache holds more than ``max_bytes`` (at most ``_MAX_PREFIXES`` joined prefixes: each text is compared with
-them all); each use refreshes a prompt's segments deepest first, its start last, so a prefix's deepest segments go
-before its shared start.
+and the dictionary's own equality check compares the text: a hit is exact, not probable. A text's cached segments are
+also kept joined, as a *joined prefix* (their texts and where each ends, the ids as one list and one int64 array, and
+the hashes of their whole blocks once asked for), when the text has none or reaches a quarter further than the one it
+went on from. A later text is compared with the joined prefixes piece by piece (``str.startswith`` at an offset: no
+cutting, slicing or hashing); through the furthest piece it starts with whose end is still a safe cut in it (ends
+within ``context_chars`` of it are judged again: what follows may differ), it takes the prefix's ids in one copy,
+is cut and walked only after it, and hashes only the blocks after the prefix's whole ones it reuses. Least recently
+used segments and joined prefixes go first once the cache holds more than ``max_bytes`` (at most ``_MAX_PREFIXES``
+joined prefixes, each at most a quarter of it); each use refreshes a prompt's segments deepest first, its start
+last, so a prefix's deepest segments go before its shared start.
 
 Threading: ``plan``, ``finish`` and ``block_hashes`` may run on any thread (the dictionaries are guarded by a lock);
 verification runs on one worker thread of its own, at most one text at a time (a sample drawn while it is busy is
@@ -53,8 +55,8 @@ _ENTRY_OVERHEAD_BYTES = 300  # key tuple, dictionary slot, segment object, list 
 _INT_BYTES = 32  # an int object a cached list points to
 _LAST_SHARED_INT = 256  # CPython keeps one object for each int up to this
 _HASH_BYTES = 40  # a block hash in a list: its pointer and its int object
-_MAX_PREFIXES = 64  # joined prefixes kept (each text is compared with all of them)
-_MARK_CHARS = 32  # a joined prefix's last characters, compared first: a text that does not continue it differs there
+_MAX_PREFIXES = 64  # joined prefixes kept (a text's first characters are compared with each)
+_MAX_WALKS = 8  # joined prefixes a text is compared with piece by piece (the most recent that share its first piece)
 _SAMPLE_WORDS = (
     "the",
     "Quick",
@@ -111,16 +113,17 @@ class _Segment:
 
 @dataclass(eq=False, slots=True)
 class _Prefix:
-    """The ids of a text's start through its cached segments, joined, and its whole blocks' hashes once asked for."""
+    """A text's start through its cached segments, joined: their texts, where each ends, the ids and, once asked for,
+    the hashes of their whole blocks."""
 
-    text: str
     add_special: bool
-    node: int  # its deepest segment's node: a walk goes on from there
-    near_cuts: tuple[int, ...]  # its cuts within ``context_chars`` of its end: what follows it decides if they are safe
-    ids: list[int]  # with the head the tokenizer adds when ``add_special``
+    pieces: tuple[str, ...]  # the segments' texts (the objects their keys hold)
+    ends: tuple[int, ...]  # characters through each piece
+    counts: tuple[int, ...]  # ids through each piece, the head the tokenizer adds (when ``add_special``) included
+    nodes: tuple[int, ...]  # each piece's segment node: a walk goes on from there
+    ids: list[int]
     array: np.ndarray  # the same ids, int64
     size_bytes: int
-    mark: str = ""  # its last characters
     hashes: dict[int, list[int]] = field(default_factory=dict)  # block size -> hashes of its whole blocks
 
 
@@ -131,22 +134,25 @@ class Encoded:
     ids: list[int]
     array: np.ndarray
     prefix: _Prefix | None = None
+    prefix_ids: int = 0  # how many of the ids are the prefix's
 
 
 @dataclass
 class Plan:
-    """How one text becomes ids: a joined prefix, the cached segments after it, then the pieces still to tokenize."""
+    """How one text becomes ids: a joined prefix's first pieces, the cached segments after them, then the pieces still
+    to tokenize."""
 
     text: str
     add_special: bool
-    prefix: _Prefix | None  # the longest joined prefix the text continues
-    pieces: list[str]  # the text between its cuts after the prefix; the last (to the text's end) is never cached
+    prefix: _Prefix | None  # the joined prefix the text goes on from
+    depth: int  # how many of its pieces the text starts with (through a safe cut)
+    pieces: list[str]  # the text between its cuts after those; the last (to the text's end) is never cached
     hits: list[_Segment]  # cached ids of the first ``len(hits)`` pieces
 
     @property
     def start(self) -> int:
         """Characters whose ids come from the joined prefix."""
-        return 0 if self.prefix is None else len(self.prefix.text)
+        return self.prefix.ends[self.depth - 1] if self.depth else 0
 
     @property
     def todo_chars(self) -> int:
@@ -248,84 +254,93 @@ class TokenCache:
         return self.finish(self.plan(text, add_special))
 
     def plan(self, text: str, add_special: bool) -> Plan:
-        """Find the longest joined prefix ``text`` continues, cut the rest and find its cached segments (the whole text
-        is one piece while the cache is off)."""
+        """Find the joined prefix ``text`` goes on from furthest, cut the rest and find its cached segments (the whole
+        text is one piece while the cache is off)."""
         if not self.enabled:
-            return Plan(text, add_special, None, [text], [])
+            return Plan(text, add_special, None, 0, [text], [])
         with self._lock:
-            prefix = self._longest_prefix(text, add_special)
-        start, parent = (0, 0) if prefix is None else (len(prefix.text), prefix.node)
-        bounds = [start, *self.safe_cuts(text, self.chunk_chars, start), len(text)]
-        pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
-        hits = []
+            prefix, depth = self._furthest_prefix(text, add_special)
+        plan = Plan(text, add_special, prefix, depth, [], [])
+        bounds = [plan.start, *self.safe_cuts(text, self.chunk_chars, plan.start), len(text)]
+        plan.pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
+        parent = prefix.nodes[depth - 1] if depth else 0
         with self._lock:
-            for piece in pieces[:-1]:
+            for piece in plan.pieces[:-1]:
                 segment = self._entries.get((parent, piece))
                 if segment is None:
                     break
-                hits.append(segment)
+                plan.hits.append(segment)
                 parent = segment.node
-        return Plan(text, add_special, prefix, pieces, hits)
+        return plan
 
-    def _longest_prefix(self, text: str, add_special: bool) -> _Prefix | None:
-        """The longest joined prefix that ``text`` starts with and whose cuts near its end are safe in ``text``."""
-        best = None
-        for prefix in self._prefixes:
-            end = len(prefix.text)
-            if (
-                prefix.add_special == add_special
-                and (best is None or end > len(best.text))
-                and text.startswith(prefix.mark, end - len(prefix.mark))
-                and text.startswith(prefix.text)
-                and all(self._is_cut(text, cut) for cut in prefix.near_cuts)
-            ):
-                best = prefix
-        return best
+    def _furthest_prefix(self, text: str, add_special: bool) -> tuple[_Prefix | None, int]:
+        """The joined prefix whose pieces ``text`` starts with furthest (through a safe cut), and how many (the most
+        recent ``_MAX_WALKS`` prefixes that share its first piece are compared)."""
+        best, best_depth, best_end, walks = None, 0, 0, 0
+        for prefix in reversed(self._prefixes):
+            if prefix.add_special != add_special or not text.startswith(prefix.pieces[0]):
+                continue
+            depth = self._depth(prefix, text)
+            if depth and prefix.ends[depth - 1] > best_end:
+                best, best_depth, best_end = prefix, depth, prefix.ends[depth - 1]
+            walks += 1
+            if walks == _MAX_WALKS:
+                break
+        return best, best_depth
+
+    def _depth(self, prefix: _Prefix, text: str) -> int:
+        """How many of ``prefix``'s pieces ``text`` starts with, through the last of their ends that is a safe cut in
+        ``text``."""
+        depth, end = 0, 0
+        for piece in prefix.pieces:
+            if not text.startswith(piece, end):
+                break
+            depth, end = depth + 1, end + len(piece)
+        while depth and not self._safe_through(prefix, depth, text):
+            depth -= 1
+        return depth
+
+    def _safe_through(self, prefix: _Prefix, depth: int, text: str) -> bool:
+        """Whether ``prefix``'s first ``depth`` pieces end at safe cuts in ``text``: those ends further than
+        ``context_chars`` from the last one are, as in the text they were cut from (the characters around them are
+        the same); the others are judged again."""
+        last = prefix.ends[depth - 1]
+        near = itertools.takewhile(lambda end: end > last - self.context_chars, reversed(prefix.ends[:depth]))
+        return all(self._is_cut(text, end) for end in near)
 
     def finish(self, plan: Plan) -> Encoded:
-        """Tokenize what ``plan`` did not find, keep its segments (and those it found, joined), and join the ids (maybe
-        verified in the background)."""
+        """Tokenize what ``plan`` did not find, keep its segments (joined too, when they reach well past the prefix it
+        went on from), and join the ids (maybe verified in the background)."""
         if plan.prefix is None and len(plan.pieces) == 1:
             self._from_tokenizer.inc(len(plan.text))
             return Encoded(*self._tok.encode_with_array(plan.text, add_special=plan.add_special))
         todo = plan.pieces[len(plan.hits) :]
         *fresh, last = self._tok.encode_batch(todo, add_special=False)
         head, tail = (self._head, self._tail) if plan.add_special else ([], [])
-        prefix = self._join(plan, head) if plan.hits else plan.prefix
-        rest_ids = list(itertools.chain(*fresh, last, tail))
-        rest = np.asarray(rest_ids, dtype=np.int64)  # one conversion: the worker holds the GIL as briefly as it can
+        used = plan.prefix.counts[plan.depth - 1] if plan.depth else len(head)
+        ids = plan.prefix.ids[:used] if plan.depth else list(head)
+        for segment in plan.hits:
+            ids += segment.ids
+        found = len(ids)
+        ids += itertools.chain(*fresh, last, tail)
+        rest = np.asarray(ids[found:], dtype=np.int64)  # one conversion: the worker holds the GIL as briefly as it can
         bounds = itertools.accumulate(map(len, fresh), initial=0)
         segments = [
             self._segment(piece, piece_ids, rest[a:b])
             for piece, piece_ids, (a, b) in zip(todo, fresh, itertools.pairwise(bounds), strict=False)
         ]
-        self._keep(plan, segments, prefix)
+        starting = plan.prefix.array[:used] if plan.depth else np.asarray(head, dtype=np.int64)
+        array = np.concatenate([starting, *(s.array for s in plan.hits), rest], dtype=np.int64)
+        encoded = Encoded(ids, array, plan.prefix, used)
+        nodes = self._keep(plan, segments)
+        if nodes and len(nodes) >= plan.depth // 4:  # joined once more only a long way past the prefix it went on from
+            counts = itertools.accumulate((len(s.ids) for s in plan.hits + segments), initial=used)
+            joined = self._join(plan, nodes, list(counts)[1:], ids, array)
+            encoded = Encoded(ids, array, joined, joined.counts[-1])
         self._from_cache.inc(plan.reused_chars)
         self._from_tokenizer.inc(plan.todo_chars)
-        if prefix is None:
-            ids, array = head + rest_ids, np.concatenate([np.asarray(head, dtype=np.int64), rest])
-        else:
-            ids, array = prefix.ids + rest_ids, np.concatenate([prefix.array, rest])
         self._maybe_verify(plan, ids)
-        return Encoded(ids, array, prefix)
-
-    def _join(self, plan: Plan, head: list[int]) -> _Prefix:
-        """The text's start through the segments ``plan`` found, joined."""
-        old = plan.prefix
-        ids = list(head if old is None else old.ids)
-        for segment in plan.hits:
-            ids += segment.ids
-        starting = np.asarray(head, dtype=np.int64) if old is None else old.array
-        array = np.concatenate([starting, *(s.array for s in plan.hits)], dtype=np.int64)
-        ends = list(itertools.accumulate(map(len, plan.pieces[: len(plan.hits)]), initial=plan.start))
-        end = ends[-1]
-        near = tuple(
-            cut for cut in (*(() if old is None else old.near_cuts), *ends[1:]) if cut > end - self.context_chars
-        )
-        text = plan.text[:end]
-        ints = int(np.count_nonzero(array > _LAST_SHARED_INT))  # counted as if it held them alone
-        size = sys.getsizeof(text) + sys.getsizeof(ids) + _INT_BYTES * ints + array.nbytes + _ENTRY_OVERHEAD_BYTES
-        return _Prefix(text, plan.add_special, plan.hits[-1].node, near, ids, array, size, text[-_MARK_CHARS:])
+        return encoded
 
     def _segment(self, piece: str, ids: list[int], array: np.ndarray) -> _Segment:
         kept = array.astype(np.int32)
@@ -333,13 +348,13 @@ class TokenCache:
         size = sys.getsizeof(piece) + sys.getsizeof(ids) + _INT_BYTES * ints + kept.nbytes + _ENTRY_OVERHEAD_BYTES
         return _Segment(next(self._nodes), ids, kept, size)
 
-    def _keep(self, plan: Plan, segments: list[_Segment], prefix: _Prefix | None) -> None:
-        """Store the fresh segments after the cached ones (those already held stay) and a newly joined prefix; refresh
-        what the text used, its deepest segments first, its start last; evict past the bounds."""
-        keys, parent = [], 0 if plan.prefix is None else plan.prefix.node
+    def _keep(self, plan: Plan, segments: list[_Segment]) -> list[int]:
+        """Store the fresh segments after the cached ones (those already held stay); refresh what the text used, its
+        deepest segments first, its start last; evict past the bound. The nodes of the text's cached pieces."""
+        keys, nodes, parent = [], [], plan.prefix.nodes[plan.depth - 1] if plan.depth else 0
         with self._lock:
             if not self.enabled:
-                return
+                return []
             for piece, segment in zip(plan.pieces, plan.hits + segments, strict=False):
                 key = (parent, piece)
                 kept = self._entries.get(key)
@@ -347,20 +362,59 @@ class TokenCache:
                     self._entries[key] = kept = segment
                     self.size_bytes += segment.size_bytes
                 keys.append(key)
-                parent = kept.node
+                nodes.append(parent := kept.node)
             for key in reversed(keys):
                 self._entries.move_to_end(key)
-            if prefix is not plan.prefix:
-                self._entries[prefix] = prefix
-                self._prefixes[prefix] = None
-                self.size_bytes += prefix.size_bytes
+            self._touch(plan.prefix)
+            self._evict()
+        return nodes
+
+    def _join(self, plan: Plan, nodes: list[int], counts: list[int], ids: list[int], array: np.ndarray) -> _Prefix:
+        """Keep the text's start through its cached pieces joined, unless that takes over a quarter of the cache's memory
+        (it replaces the prefix the text went on from, when it went on from all of it)."""
+        old, depth = plan.prefix, plan.depth
+        before = (old.pieces[:depth], old.ends[:depth], old.counts[:depth], old.nodes[:depth]) if depth else ((),) * 4
+        cached = plan.pieces[: len(nodes)]
+        ends = itertools.accumulate(map(len, cached), initial=plan.start)
+        n = counts[-1]
+        joined_ids, joined_array = ids[:n], array[:n].copy()
+        pieces = (*before[0], *cached)
+        ints = int(np.count_nonzero(joined_array > _LAST_SHARED_INT))  # counted as if it held them alone
+        size = (
+            sum(map(sys.getsizeof, pieces))
+            + sys.getsizeof(joined_ids)
+            + _INT_BYTES * ints
+            + joined_array.nbytes
+            + 4 * sys.getsizeof(pieces)
+            + _ENTRY_OVERHEAD_BYTES
+        )
+        joined = _Prefix(
+            plan.add_special,
+            pieces,
+            (*before[1], *list(ends)[1:]),
+            (*before[2], *counts),
+            (*before[3], *nodes),
+            joined_ids,
+            joined_array,
+            size,
+        )
+        with self._lock:
+            if self.enabled and size <= self.max_bytes // 4:  # a larger one would evict most of what it was joined from
+                self._entries[joined] = joined
+                self._prefixes[joined] = None
+                self.size_bytes += size
+                if old is not None and depth == len(old.pieces) and old in self._prefixes:
+                    self._drop(old)
+                self._touch(old)  # the shorter start last
                 if len(self._prefixes) > _MAX_PREFIXES:
                     self._drop(next(iter(self._prefixes)))
-            for used in (prefix, plan.prefix):
-                if used in self._prefixes:
-                    self._entries.move_to_end(used)
-                    self._prefixes.move_to_end(used)
-            self._evict()
+                self._evict()
+        return joined
+
+    def _touch(self, prefix: _Prefix | None) -> None:
+        if prefix in self._prefixes:
+            self._entries.move_to_end(prefix)
+            self._prefixes.move_to_end(prefix)
 
     def _drop(self, prefix: _Prefix) -> None:
         del self._entries[prefix], self._prefixes[prefix]
@@ -374,8 +428,8 @@ class TokenCache:
                 del self._prefixes[old]
 
     def block_hashes(self, encoded: Encoded, block_size: int) -> list[int]:
-        """``hash_list(encoded.array, block_size)``, the whole blocks of its joined prefix hashed once for all its
-        texts."""
+        """``hash_list(encoded.array, block_size)``, the whole blocks of its joined prefix hashed once for all the
+        texts that go on from it."""
         prefix = encoded.prefix
         if prefix is None:
             return hash_list(encoded.array, block_size)
@@ -389,7 +443,7 @@ class TokenCache:
                     prefix.size_bytes += size
                     self.size_bytes += size
                     self._evict()
-        return extend_hash_list(known, encoded.array, block_size)
+        return extend_hash_list(known[: encoded.prefix_ids // block_size], encoded.array, block_size)
 
     def clear(self) -> None:
         """Forget every segment and joined prefix."""
