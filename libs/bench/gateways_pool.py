@@ -10,8 +10,8 @@ prompt three times, each with a first block of its own (nothing cached anywhere)
   a start): the connects, the begin and slow start of every stripe;
 - **warm**: after an idle gap of ``GAP_S`` (longer than the RTO: without keepalives the relay would
   restart slow start; shorter than the pool's timeout) on the connections the cold one opened;
-- **baseline**: the relay set to 0 ms, the same warm connections: the paced transfer with no WAN
-  delay (bytes serialised at the same link rate).
+- **baseline**: the relay set to 0 ms, after the same idle gap on the same warm connections: the
+  paced transfer with no WAN delay (bytes serialised at the same link rate).
 
 ``exposed_rtts``: the part of TTFT the KV path holds up (TTFT less the prefill as its gateway
 measured it and less the decode side's restore of the verified state, its ``queue_s``: the simulated
@@ -147,6 +147,7 @@ async def pool_case(caller: Caller, relay: LinkRelay, args: argparse.Namespace) 
             await asyncio.sleep(GAP_S)  # the idle gap under test
             run["warm"].append(await requests.ttft_s())
             await requests.set_rtt(0.0)
+            await asyncio.sleep(GAP_S)  # the same idle gap: everything but the path's delay as for the warm one
             run["baseline"].append(await requests.ttft_s())
     opened = {kind: [r.opened for run in runs.values() for r in run[kind]] for kind in ("cold", "warm")}
     return {
