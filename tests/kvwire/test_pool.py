@@ -7,6 +7,8 @@ import socket
 import threading
 import time
 
+from nats.aio.client import Client as NatsClient
+
 from libs.common.messages import KvBegin, KvChunk, KvChunkAck, KvEnd, KvResumeState, encode, kv_sender_frame_decoder
 from libs.common.state_parts import StatePart
 from libs.kvwire.format import FRAME_PREFIX, frame
@@ -14,6 +16,8 @@ from libs.kvwire.linkstats import KvLinks
 from libs.kvwire.sender import KvSender, SenderConfig
 from libs.kvwire.sockets import Closed, read_frame, recv_exact
 from libs.kvwire.tcp_send import TcpConfig, TcpTransport
+from services.prefill_gateway.config import PrefillGatewayConfig
+from services.prefill_gateway.senders import Senders
 from tests.kvwire.support import (
     CHUNK,
     DST,
@@ -183,3 +187,23 @@ async def test_acks_arriving_after_the_receivers_answer_are_awaited_and_the_conn
         finally:
             await transport.close()
             peer.listener.close()
+
+
+async def test_the_prefill_gateways_settings_reach_one_pool_shared_by_its_tcp_senders():
+    """PREFILL_GATEWAY_TCP_POOL / _TCP_POOL_IDLE_S / _TCP_KEEPALIVE_S configure the pool that the striped and the
+    one-connection sender share; closing the senders closes it."""
+    env = {
+        "PREFILL_GATEWAY_TCP_POOL": "false",
+        "PREFILL_GATEWAY_TCP_POOL_IDLE_S": "7.5",
+        "PREFILL_GATEWAY_TCP_KEEPALIVE_S": "0",
+    }
+    config = PrefillGatewayConfig.from_env(env)
+    async with KvLinks(SRC) as links:
+        senders = Senders(NatsClient(), links, config)  # never connected: only the TCP senders are used
+        striped, small = senders.pick("tcp", config.tcp_small_bytes), senders.pick("tcp", 0)
+        assert striped.transport.config.connections == 4 and small.transport.config.connections == 1
+        assert striped.transport.pool is small.transport.pool
+        pool_config = striped.transport.pool.config
+        assert (pool_config.pool, pool_config.pool_idle_s, pool_config.keepalive_s) == (False, 7.5, 0.0)
+        await senders.close()
+    assert PrefillGatewayConfig().tcp_pool and PrefillGatewayConfig().tcp_keepalive_s == 0.1
