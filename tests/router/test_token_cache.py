@@ -138,7 +138,7 @@ def test_a_prompt_continuing_a_seen_start_joins_it_in_one_step(tokenizers, name)
 @pytest.mark.parametrize("name", [n for n in EXACT if n != "byte"])
 def test_a_joined_start_is_not_reused_where_the_word_it_ends_with_goes_on(tokenizers, name):
     """A joined start is not reused through the cut after "pre" in a prompt in which "pre" goes on as "prefill": the
-    ids stay those of the whole word."""
+    ids stay those of the whole word, and the hashes those of the ids."""
     tok = tokenizers[name]
     cache = cache_of(tok, chunk_chars=1)
     stem = " ".join(trained.WORDS[:12]) + " pre"
@@ -146,7 +146,9 @@ def test_a_joined_start_is_not_reused_where_the_word_it_ends_with_goes_on(tokeni
     assert cache.plan(stem + " off a fox", add_special=True).start == len(stem)  # " of" goes on: not past the stem
     longer = stem + "fill the fox"
     assert cache.plan(longer, add_special=True).reused_chars < len(stem)
-    assert cache.encode(longer, add_special=True).ids == tok.encode(longer, add_special=True)
+    encoded = cache.encode(longer, add_special=True)  # the joined start taken partway: so are its hashes
+    assert encoded.ids == tok.encode(longer, add_special=True) and 0 < encoded.prefix_ids < len(encoded.prefix.ids)
+    assert cache.block_hashes(encoded, 1) == hash_list(encoded.ids, 1)
 
 
 def test_a_joined_start_is_not_reused_where_its_end_is_no_safe_cut(tokenizers):
