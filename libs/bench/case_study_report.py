@@ -63,6 +63,12 @@ def step_summary(step: Step, units: Units) -> dict:
         "kept_up": step.kept_up,
         "ttft_mean_s": _mean(step.ttfts_s),
         "ttft_p90_s": _p90(step.ttfts_s),
+        "decode_mean_s": _mean(
+            [units.scales.paper_s(r.done_at - r.first_at) for r in step.records if r.status == "ok" and r.first_at]
+        ),
+        # Tokens streamed per completed request, and what the responses' usage said (DECODE_CHUNK > 1: see the report).
+        "tokens_mean": _mean([r.completion_tokens for r in step.records if r.status == "ok"]),
+        "usage_tokens_mean": _mean([r.usage_tokens for r in step.records if r.status == "ok"]),
         "wall_s": step.wall_s,
         "cpu_cores": {name: cpu / step.wall_s for name, cpu in step.cpu_s.items()} if step.wall_s else {},
         "router_decision_ms": step.router_decision_ms,

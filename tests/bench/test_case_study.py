@@ -211,3 +211,11 @@ def test_avoidable_wait_is_the_queue_another_instance_of_the_pool_would_have_sav
         outcomes=[outcome(0, "p0", 0.0), outcome(1, "p1", 0.0), outcome(2, "p0", 0.9)],
     )
     assert avoidable_wait(both_busy, Scales(time_scale=1.0))["local"]["avoidable_s"] == pytest.approx(0.0)
+
+
+def test_the_lab_verb_names_the_planners_configurations() -> None:
+    """The lab verb's light flag module lists the same configurations as the planner (it cannot import them)."""
+    from libs.bench import case_study_args
+    from libs.planner.cli_common import CONFIG_NAMES
+
+    assert case_study_args.CONFIG_NAMES == CONFIG_NAMES
