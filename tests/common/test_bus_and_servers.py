@@ -6,6 +6,8 @@ import asyncio
 import os
 import time
 
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.js import api
 
@@ -38,7 +40,7 @@ async def test_supercluster_carries_messages_and_jetstream_between_sites(supercl
 
         stream = api.StreamConfig(name="XSITE", subjects=["xsite.>"], placement=api.Placement(cluster=b))
         await ensure_stream(nc_a.jetstream(), stream)
-        ack = await nc_a.jetstream().publish("xsite.one", b"x", timeout=5)
+        ack = await _publish_once_stream_answers(nc_a.jetstream(), "xsite.one", b"x")
         assert ack.stream == "XSITE"
         info = await nc_b.jetstream().stream_info("XSITE")
         assert info.cluster.name == b and info.state.messages == 1
@@ -46,6 +48,18 @@ async def test_supercluster_carries_messages_and_jetstream_between_sites(supercl
     finally:
         await nc_a.drain()
         await nc_b.drain()
+
+
+async def _publish_once_stream_answers(js, subject: str, data: bytes, deadline_s: float = 10.0):
+    """Publish with a message id until the stream answers: its subjects reach the other site a moment after creation."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return await js.publish(subject, data, timeout=1, headers={"Nats-Msg-Id": subject})
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError, nats.errors.TimeoutError):
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def test_stream_and_consumer_setup_is_idempotent_and_updates(nats_url):
