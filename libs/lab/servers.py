@@ -29,6 +29,7 @@ from libs.common.errors import ConfigError, MissingBinary, UpstreamTimeout
 
 _PR_SET_PDEATHSIG = 1
 _LIVE: weakref.WeakSet[_Process] = weakref.WeakSet()
+_GIVEN: set[int] = set()  # ports free_port handed out in this process: none is handed out twice
 
 
 def _ephemeral_low() -> int:
@@ -45,20 +46,31 @@ def free_port() -> int:
     A port from ``bind(0)`` lies in the range the kernel also gives every outgoing connection, so
     between the choice and the server's bind another process's connection could take it (seen:
     a nats-server monitor port "already in use"). Below the range only another explicit listener
-    could, and a random choice among thousands makes that rare.
+    could, and a random choice among thousands makes that rare. A port is never handed out twice
+    in one process: two choices made before either server binds would otherwise be free alike.
     """
     high = _ephemeral_low()
     for _ in range(100):
         port = random.randrange(max(1024, high - 20000), high)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if port not in _GIVEN and _bindable(port):
+            _GIVEN.add(port)
             return port
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def ensure_port_free(port: int, what: str) -> None:
