@@ -22,8 +22,8 @@ from libs.engine.profiles import HardwareProfile, ModelProfile
 from libs.planner.cli_common import CONFIG_NAMES, PAPER
 
 TOKEN_BYTES = 4  # a transfer's tokens part: the prompt's ids as int32
-CPU_BOUND_CORES = 0.9
-_ERROR_CHARS = 120  # errors are counted by their first characters  # a process using this much of a core over a step is CPU-bound there
+CPU_BOUND_CORES = 0.9  # a process using this much of a core over a step is CPU-bound there
+_ERROR_CHARS = 120  # errors are counted by their first characters
 
 
 def _mean(values: list[float]) -> float | None:

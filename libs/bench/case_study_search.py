@@ -36,7 +36,7 @@ from libs.common.errors import UpstreamTimeout
 from libs.common.messages import InstanceLoad, OutcomeEvent, instance_load_decoder
 
 DECISION_METRIC = "prfaas_router_decision_seconds"  # router arrival to the first decision (prepare + decide)
-KEEP_UP = 0.95  # completions over the window at least this share of arrivals
+KEEP_UP = 0.95  # first tokens over the window at least this share of arrivals
 GROWTH = 0.05  # in-flight requests grew by at most this share of the window's arrivals
 UP, DOWN = 1.10, 0.95  # the search's steps before it has a bracket
 _IDLE_TIMEOUT_S = 60.0
