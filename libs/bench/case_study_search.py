@@ -1,6 +1,7 @@
 """One deployment's sustainable throughput: rate steps through the router, and the search over them.
 
-A *step* offers Poisson arrivals at one rate (paper req/s) for a warm-up and then a steady window,
+A *step* offers Poisson arrivals at one rate (paper req/s; the warm-up and the window each hold exactly
+their expected count, ``poisson_times``) for a warm-up and then a steady window,
 starting from an idle lab (every instance's heartbeat shows an empty queue). Over the window it
 counts arrivals A, first tokens F and completions C. A request gets its first token once its
 prefill is done and it holds a decode slot (the router reserves the slot before the prefill, so a
@@ -149,7 +150,7 @@ async def run_step(ctx: StepContext, plan: StepPlan) -> Step:
     sc = ctx.scales
     rng = np.random.default_rng(plan.seed)
     warm, window = sc.live_s(plan.warmup_s), sc.live_s(plan.window_s)
-    times = poisson_times(sc.live_rps(plan.rate_rps), warm + window, rng)
+    times = poisson_times(sc.live_rps(plan.rate_rps), (warm, window), rng)
     lengths = np.minimum(stratified_lengths(len(times), rng), ctx.max_prompt_tokens)
     cpu0 = _cpu(ctx)
     decisions0 = await ctx.driver.router_metric(DECISION_METRIC)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from libs.bench.case_study_deploy import Scales, deployments, topology
-from libs.bench.case_study_load import VOCAB, PromptBank, Sent, stratified_lengths
+from libs.bench.case_study_load import VOCAB, PromptBank, Sent, poisson_times, stratified_lengths
 from libs.bench.case_study_search import GROWTH, KEEP_UP, Step, StepPlan, _measure, next_rate
 from libs.cli import main
 from libs.common.errors import ConfigError
@@ -108,6 +108,17 @@ def _step(records) -> Step:
     step = Step(StepPlan("probe", 1.0, 0.0, 10.0, 0), records=records)
     _measure(step, [r for r in records if 0 <= r.sent_at < 10], 0.0, 10.0, Scales(time_scale=1.0))
     return step
+
+
+def test_each_span_offers_exactly_its_rate_with_exponential_gaps() -> None:
+    """A warm-up and a window hold round(rate x span) arrivals each, sorted, inside their span; the gaps stay
+    random (coefficient of variation ~1, as a Poisson process's exponential gaps)."""
+    rng = np.random.default_rng(7)
+    times = poisson_times(2.2, (40.0, 100.0), rng)
+    assert np.all(np.diff(times) >= 0) and times[0] >= 0 and times[-1] < 140.0
+    assert np.sum(times < 40.0) == 88 and np.sum(times >= 40.0) == 220
+    gaps = np.diff(poisson_times(5.0, (2000.0,), rng))
+    assert 0.95 < np.std(gaps) / np.mean(gaps) < 1.05
 
 
 def test_a_rate_keeps_up_when_first_tokens_match_arrivals_and_waiting_stays_flat() -> None:
