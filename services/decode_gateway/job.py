@@ -107,7 +107,7 @@ async def _serve(svc: JobContext, res: Reservation) -> DecodeFinished:
         if first_at is None:
             first_at = time.monotonic()
             svc.metrics.first_token_seconds.observe(first_at - res.reserved_at)
-        res.generated += 1
+        res.generated += len(out.token_ids)
         if out.token_ids:
             await _publish(
                 svc,

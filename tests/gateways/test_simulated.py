@@ -36,7 +36,8 @@ def _step_s(batch: int) -> float:
 
 @pytest.fixture(scope="module")
 def simulated(module_gateways):
-    """Eight simulated H200 prefill instances in one process (unpaced), one paced to the decode site, one H20 decode."""
+    """Eight simulated H200 prefill instances in one process (unpaced), one paced to the decode site, two H20 decode
+    instances (one stepping 8 tokens per wake-up)."""
     common = {"backend": "simulated:h200", "model": MODEL, "byte_scale": BYTE_SCALE, "time_scale": 1.0}
 
     async def start() -> None:
@@ -50,6 +51,15 @@ def simulated(module_gateways):
                 byte_scale=BYTE_SCALE,
                 time_scale=DECODE_SCALE,
                 kv_memory_bytes=256 << 20,
+            ),
+            module_gateways.decode(
+                "sim-d8",
+                backend="simulated:h20",
+                model=MODEL,
+                byte_scale=BYTE_SCALE,
+                time_scale=DECODE_SCALE,
+                kv_memory_bytes=256 << 20,
+                decode_chunk=8,
             ),
         )
 
@@ -112,6 +122,13 @@ async def test_decode_steps_follow_the_profile_and_batch(simulated, sites):
     # between step(8) (~55 ms) and eight unbatched steps (~235 ms).
     assert _step_s(1) * 0.98 <= alone <= _step_s(1) * 1.3
     assert _step_s(8) * 0.98 <= together <= _step_s(8) * 1.3
+
+
+async def test_a_chunked_decode_counts_its_tokens_not_its_messages(simulated, sites):
+    """Up to eight steps per message: all 20 tokens arrive, and the final count says 20 (not the messages)."""
+    async with caller_for(sites, "sim") as caller:
+        out = await caller.request([9] * 256, "sim-d8", model=MODEL, max_tokens=20)
+    assert len(out.tokens) == 20 and out.final.completion_tokens == 20
 
 
 async def test_paced_transfer_is_hidden_behind_the_prefill(simulated, sites):
