@@ -48,7 +48,7 @@ class PrefillGatewayConfig:
     instances: tuple[str, ...] = ("prefill-0",)
     nats_url: str = "nats://127.0.0.1:4222"
     backend: BackendSpec = BackendSpec()
-    queue_limit: int = 16  # jobs queued or running per instance; more are refused with no_capacity
+    queue_limit: int = 16  # jobs queued or computing per instance; more are refused with no_capacity
     codec: str = "raw"  # attn_kv codec when the job names none (float parts only)
     layerwise: bool = True  # stream each layer's parts as it is done (False: the whole state after the prefill)
     budgets_gbps: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # per destination site

@@ -16,6 +16,7 @@ from libs.engine.profiles import hardware_profile
 from services.prefill_gateway.layer_time import LayerClock, LayerTimes
 
 _CALIBRATION_TOKENS = 1024  # a reference instance times one prefill this long before it predicts anything
+KV_HELD_JOBS = 2  # the job computing and the one draining its transfer behind it
 
 
 @dataclass
@@ -27,7 +28,7 @@ class QueuedJob:
 
 
 class PrefillInstance:
-    """A backend that prefills one job at a time; later jobs queue behind it up to the queue limit."""
+    """A backend that prefills one job at a time while the previous one's KV drains; later jobs queue up to the limit."""
 
     def __init__(self, nc: NatsClient, site: str, cluster: str, name: str, backend: Backend, spec: BackendSpec) -> None:
         self.site = site
@@ -36,8 +37,11 @@ class PrefillInstance:
         self.backend = backend
         self.spec = spec
         self.events = KvEventPublisher(nc, site, name, backend.cache)
-        self.slot = asyncio.Semaphore(1)
-        self.queue: list[QueuedJob] = []  # accepted and not finished, in arrival order
+        self.compute = asyncio.Semaphore(1)  # one prefill computes at a time
+        # Jobs holding their KV: the one computing and one whose transfer still drains after its compute
+        # (the instance computes the next prefill meanwhile, as an engine whose KV memory holds both).
+        self.kv_held = asyncio.Semaphore(KV_HELD_JOBS)
+        self.queue: list[QueuedJob] = []  # accepted and not yet computed, in arrival order
         time_scale = spec.time_scale if spec.simulated else 1.0
         self.times = LayerTimes(spec.model_profile, hardware_profile(spec.hardware_name), time_scale)
 
@@ -51,12 +55,12 @@ class PrefillInstance:
             return
         clock = LayerClock(self.times, _CALIBRATION_TOKENS, 0)
         tokens = [i % 256 for i in range(_CALIBRATION_TOKENS)]
-        async with self.slot:
+        async with self.compute:
             async for parts in self.backend.prefill("calibration", tokens, use_cache=False):
                 clock.lap(parts[0].layer)
 
     def expected_wait_s(self) -> float:
-        """Seconds until a job accepted now would start (the predicted prefills of the jobs ahead)."""
+        """Seconds until a job accepted now would start (the predicted prefills of the jobs ahead, the computing one's whole)."""
         return sum(self.times.prefill_s(job.uncached_tokens, job.cached_tokens) for job in self.queue)
 
     def load(self) -> InstanceLoad:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -87,7 +87,7 @@ async def run_prefill(svc: JobContext, run: PrefillRun) -> None:
         span.set_attribute("prfaas.instance", run.instance.name)
         try:
             async with asyncio.timeout_at(run.deadline):
-                async with run.instance.slot:
+                async with run.instance.kv_held:
                     final = await _prefill_and_send(svc, run)
         except asyncio.CancelledError:
             if not run.cancel_reason:
@@ -102,9 +102,7 @@ async def run_prefill(svc: JobContext, run: PrefillRun) -> None:
         except PrfaasError as e:
             final = ErrorReply(code=e.code, message=e.message)
         finally:
-            with contextlib.suppress(ValueError):
-                run.instance.queue.remove(run.queued)
-            svc.metrics.queue_depth.labels(run.instance.name).set(len(run.instance.queue))
+            _dequeue(svc, run)
         failed = isinstance(final, ErrorReply)
         svc.metrics.jobs.labels(final.code if failed else "ok").inc()
         if failed:
@@ -123,6 +121,13 @@ async def run_prefill(svc: JobContext, run: PrefillRun) -> None:
         await run.instance.events.flush()
 
 
+def _dequeue(svc: JobContext, run: PrefillRun) -> None:
+    """Take the job off its instance's queue (its compute is over, or it ended before), once."""
+    with contextlib.suppress(ValueError):
+        run.instance.queue.remove(run.queued)
+    svc.metrics.queue_depth.labels(run.instance.name).set(len(run.instance.queue))
+
+
 async def _abort(svc: JobContext, run: PrefillRun, reason: str) -> None:
     """Tell the receiver to drop the transfer and free its memory (best effort, bounded)."""
     sender = run.sender or svc.senders.of(run.job.destination.transport)
@@ -132,7 +137,33 @@ async def _abort(svc: JobContext, run: PrefillRun, reason: str) -> None:
 
 
 async def _prefill_and_send(svc: JobContext, run: PrefillRun) -> PrefillFinished:
-    """Compute and transfer at once: each layer's parts go out as soon as the layer is done."""
+    """Compute and transfer at once: each layer's parts go out as soon as the layer is done.
+
+    The instance computes one prefill at a time and is free for the next once this one's compute
+    ends; what is left of the transfer drains meanwhile.
+    """
+    await run.instance.compute.acquire()
+    computed = _once(lambda: (run.instance.compute.release(), _dequeue(svc, run)))
+    try:
+        return await _compute_and_send(svc, run, computed)
+    finally:
+        computed()
+
+
+def _once(action: Callable[[], object]) -> Callable[[], None]:
+    """``action`` the first time the result is called; nothing after."""
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return call
+
+
+async def _compute_and_send(svc: JobContext, run: PrefillRun, computed_hook: Callable[[], None]) -> PrefillFinished:
     job, instance = run.job, run.instance
     backend, bs = instance.backend, instance.backend.block_size
     started = time.monotonic()
@@ -172,6 +203,7 @@ async def _prefill_and_send(svc: JobContext, run: PrefillRun) -> PrefillFinished
             queue.put_nowait(e)
         finally:
             clock.stop()
+            computed_hook()
 
     async def parts() -> AsyncIterator[StatePart]:
         while (item := await queue.get()) is not _END:

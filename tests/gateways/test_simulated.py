@@ -36,14 +36,15 @@ def _step_s(batch: int) -> float:
 
 @pytest.fixture(scope="module")
 def simulated(module_gateways):
-    """Eight simulated H200 prefill instances in one process (unpaced), one paced to the decode site, two H20 decode
-    instances (one stepping 8 tokens per wake-up)."""
+    """Eight simulated H200 prefill instances in one process (unpaced), one paced to the decode site so the transfer
+    takes as long as the prefill, one at half that budget, two H20 decode instances (one stepping 8 tokens at once)."""
     common = {"backend": "simulated:h200", "model": MODEL, "byte_scale": BYTE_SCALE, "time_scale": 1.0}
 
     async def start() -> None:
         await asyncio.gather(
             module_gateways.prefill("sim", PREFILL_INSTANCES, **common),
             module_gateways.prefill("sim-paced", "sim-paced-p0", budgets=f"dc-pd={PACED_GBPS}", **common),
+            module_gateways.prefill("sim-slow", "sim-slow-p0", budgets=f"dc-pd={PACED_GBPS / 2}", **common),
             module_gateways.decode(
                 "sim-d0",
                 backend="simulated:h20",
@@ -141,3 +142,18 @@ async def test_paced_transfer_is_hidden_behind_the_prefill(simulated, sites):
     exposed = out.first_token_s - status.prefill_s - _step_s(1)
     # Without layer-wise overlap the exposed part would be the whole transfer (~0.7 s).
     assert exposed <= 0.5 * link_s
+
+
+async def test_an_instance_computes_the_next_prefill_while_the_last_ones_kv_drains(simulated, sites):
+    """On a link half as fast as the prefill, two prompts sent together: the second starts computing when the first's
+    compute ends, not when its transfer does (an engine's compute is free while the KV drains from its memory)."""
+    async with caller_for(sites, "sim-slow") as caller:
+        first = asyncio.create_task(caller.request([1] * PACED_TOKENS, "sim-d0", model=MODEL, max_tokens=2))
+        await asyncio.sleep(0.05)  # the first is accepted first (one instance: it computes first)
+        second = await caller.request([2] * PACED_TOKENS, "sim-d0", model=MODEL, max_tokens=2)
+        first = await first
+    a, b = first.status, second.status
+    assert isinstance(a, PrefillFinished) and isinstance(b, PrefillFinished)
+    assert a.transfer_exposed_s > 0.3 * a.prefill_s  # the link left much of the first transfer after its compute
+    # Waiting for the first's compute alone: its prefill less the 50 ms head start, plus scheduling.
+    assert b.queue_s < a.prefill_s + 0.3 * a.transfer_exposed_s, (b.queue_s, a.prefill_s, a.transfer_exposed_s)
