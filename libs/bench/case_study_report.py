@@ -4,7 +4,8 @@ Where the time goes is read from the router's outcome events: per route, the pre
 prefill, the exposed transfer, the first decode step, and the rest of the TTFT (router, bus, decode
 reservation: ``overhead_s``); ``prefill_stretch`` is the measured prefill over the profile's time
 for the same prompt (1.0: the simulated chip kept its modelled time); ``occupancy_stretch`` adds the
-exposed transfer, during which the prefill gateway still holds the instance.
+exposed transfer (what an instance held until its transfer was verified would lose; the gateway
+computes the next prefill meanwhile, unless two jobs already hold KV there).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def breakdown(outcomes: list[OutcomeEvent], units: Units) -> dict:
             **{k: _mean(v) for k, v in parts.items()},
             "overhead_s": _mean(rest),
             "prefill_stretch": float(np.sum(parts["prefill_s"]) / np.sum(modelled)),
-            # The instance is held until its transfer is verified: what one job costs it, over the model's prefill.
+            # What one job would cost an instance held until its transfer is verified, over the model's prefill.
             "occupancy_stretch": float((np.sum(parts["prefill_s"]) + np.sum(parts["transfer_s"])) / np.sum(modelled)),
         }
     return out
