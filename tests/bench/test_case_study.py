@@ -230,3 +230,25 @@ def test_the_lab_verb_names_the_planners_configurations() -> None:
     from libs.planner.cli_common import CONFIG_NAMES
 
     assert case_study_args.CONFIG_NAMES == CONFIG_NAMES
+
+
+def test_egress_is_the_served_rate_times_the_remote_share_times_a_finished_transfers_bytes() -> None:
+    """Three of four requests remote, two of them finished with 1 MB of KV each, one cut short at the step's end
+    (100 KB): egress counts the finished transfers' bytes at the step's first-token rate, not the cut one."""
+    from libs.bench.case_study_report import TOKEN_BYTES, egress_gbps
+    from libs.common.messages import OutcomeEvent
+
+    def outcome(i: int, route: str, kv_bytes: int, ttft_s: float | None) -> OutcomeEvent:
+        return OutcomeEvent(
+            request_id=f"r{i}", ts=0.0, site="dc-b", router="r", model="m", route=route, attempts=1, status="ok",
+            prompt_tokens=1000, bytes_moved=kv_bytes + TOKEN_BYTES * 1000, ttft_s=ttft_s,
+        )  # fmt: skip
+
+    outcomes = [outcome(0, "remote", 10**6, 1.0), outcome(1, "remote", 10**6, 2.0), outcome(2, "remote", 10**5, None)]
+    step = Step(StepPlan("probe", 2.0, 0, 10.0, 0), outcomes=[*outcomes, outcome(3, "local", 0, 1.0)])
+    step.first_tokens = 20  # 2 per paper second over the 10 s window
+    scales = Scales(time_scale=0.5, byte_scale=0.001)
+    live_rps = 20 / scales.live_s(10.0)
+    assert egress_gbps(step, scales) == pytest.approx(scales.paper_gbps(live_rps * 0.75 * 10**6 * 8 / 1e9))
+    step.outcomes = [outcome(3, "local", 0, 1.0)]
+    assert egress_gbps(step, scales) is None
