@@ -39,29 +39,21 @@ def simulated(module_gateways):
     """Eight simulated H200 prefill instances in one process (unpaced), one paced to the decode site so the transfer
     takes as long as the prefill, one at half that budget, two H20 decode instances (one stepping 8 tokens at once)."""
     common = {"backend": "simulated:h200", "model": MODEL, "byte_scale": BYTE_SCALE, "time_scale": 1.0}
+    decode = {
+        "backend": "simulated:h20",
+        "model": MODEL,
+        "byte_scale": BYTE_SCALE,
+        "time_scale": DECODE_SCALE,
+        "kv_memory_bytes": 256 << 20,
+    }
 
     async def start() -> None:
         await asyncio.gather(
             module_gateways.prefill("sim", PREFILL_INSTANCES, **common),
             module_gateways.prefill("sim-paced", "sim-paced-p0", budgets=f"dc-pd={PACED_GBPS}", **common),
             module_gateways.prefill("sim-slow", "sim-slow-p0", budgets=f"dc-pd={PACED_GBPS / 2}", **common),
-            module_gateways.decode(
-                "sim-d0",
-                backend="simulated:h20",
-                model=MODEL,
-                byte_scale=BYTE_SCALE,
-                time_scale=DECODE_SCALE,
-                kv_memory_bytes=256 << 20,
-            ),
-            module_gateways.decode(
-                "sim-d8",
-                backend="simulated:h20",
-                model=MODEL,
-                byte_scale=BYTE_SCALE,
-                time_scale=DECODE_SCALE,
-                kv_memory_bytes=256 << 20,
-                decode_chunk=8,
-            ),
+            module_gateways.decode("sim-d0", **decode),
+            module_gateways.decode("sim-d8", decode_chunk=8, **decode),
         )
 
     asyncio.run(start())
