@@ -155,12 +155,14 @@ async def check_partition_loses_nothing(ep: Endpoints, change: LinkChange) -> No
     async with Events(ep) as events:
         before = await asyncio.to_thread(forward_bytes, ep)
         in_flight: list[asyncio.Future] = []
+        reasons: list[str] = []
         while True:  # the adaptive policy may keep a prompt local while it sees pressure: send another
-            assert len(in_flight) < 5, "none of five long prompts was sent to the remote site"
+            assert len(in_flight) < 8, f"none of eight long prompts was sent to the remote site: {reasons}"
             in_flight.append(asyncio.ensure_future(chat(ep, f"{len(in_flight)} {LONG_PROMPT}")))
             remote = await events.next_decision()
             if remote["route"] == "remote":
                 break
+            reasons.append(remote["decision"].get("reason", ""))
         await until_kv_moves(ep, before)
         assert remote["request_id"] not in events.outcomes, "the remote request ended before the cut"
         await change(False)
