@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import json
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import nats
@@ -19,6 +24,7 @@ import openai
 
 from libs.common import subjects
 from libs.common.bus import settle
+from libs.lab.runstate import alive
 from libs.lab.wan_server import link_figures
 
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 45  # ~2,000 tokens: above the 1,212 threshold
@@ -214,3 +220,24 @@ async def check_a_slower_link_offloads_less(ep: Endpoints, set_gbps: LinkSpeed, 
             await set_gbps(fast_gbps)
     assert fast >= 2, f"only {fast} of 6 long prompts went remote on the fast link"
     assert slow < fast, f"{slow} of 6 went remote on the slow link, {fast} on the fast one"
+
+
+LAB_CLI = [sys.executable, "-m", "libs.cli", "lab"]
+
+
+def lab_cli(run_dir: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """``prfaas lab <args> --run-dir <run_dir>``, its output captured."""
+    return subprocess.run([*LAB_CLI, *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def detached_lab(run_dir: Path) -> Iterator[dict]:
+    """The default lab, detached, as its status; ``lab down`` afterwards leaves none of its processes."""
+    up = lab_cli(run_dir, "up", "--detach", timeout=120)
+    assert up.returncode == 0, up.stderr + up.stdout
+    info = json.loads(lab_cli(run_dir, "status", "--json").stdout)
+    try:
+        yield info
+    finally:
+        assert lab_cli(run_dir, "down").returncode == 0
+        assert not [p for p in info["processes"] if alive(p["pid"], p["start_ticks"])]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -17,37 +16,23 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import nats
 import pytest
 
 from libs.common import subjects
 from libs.common.messages import LinkStats, link_stats_decoder
-from libs.lab.runstate import alive
-from tests.lab.e2e import LONG_PROMPT, Endpoints, Events, chat
+from tests.lab.e2e import LONG_PROMPT, Endpoints, Events, chat, detached_lab
 
-PRFAAS = [sys.executable, "-m", "libs.cli", "lab"]
 BUSY_LOOPS = 3
 STOPPED_S, RUNNING_S = 0.08, 0.02  # the receiver runs 20% of the time: its acks wait up to 80 ms
-
-
-def _lab(run_dir: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([*PRFAAS, *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The default lab, detached; ``lab down`` afterwards leaves none of its processes."""
-    run_dir = tmp_path_factory.mktemp("idle-link-lab")
-    up = _lab(run_dir, "up", "--detach", timeout=120)
-    assert up.returncode == 0, up.stderr + up.stdout
-    info = json.loads(_lab(run_dir, "status", "--json").stdout)
-    try:
+    with detached_lab(tmp_path_factory.mktemp("idle-link-lab")) as info:
         yield info
-    finally:
-        assert _lab(run_dir, "down").returncode == 0
-        assert not [p for p in info["processes"] if alive(p["pid"], p["start_ticks"])]
 
 
 @contextlib.contextmanager

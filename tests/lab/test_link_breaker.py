@@ -8,43 +8,29 @@ traffic of prompts above the lab's threshold, one cut and restore through the CL
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from libs.bench.wan_breaker import measure
-from libs.lab.runstate import alive
-
-PRFAAS = [sys.executable, "-m", "libs.cli", "lab"]
-
-
-def _lab(run_dir: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([*PRFAAS, *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=timeout)
+from tests.lab.e2e import detached_lab, lab_cli
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The default lab, detached; ``lab down`` afterwards leaves none of its processes."""
-    run_dir = tmp_path_factory.mktemp("breaker-lab")
-    up = _lab(run_dir, "up", "--detach", timeout=120)
-    assert up.returncode == 0, up.stderr + up.stdout
-    info = json.loads(_lab(run_dir, "status", "--json").stdout)
-    try:
+    with detached_lab(tmp_path_factory.mktemp("breaker-lab")) as info:
         yield info
-    finally:
-        assert _lab(run_dir, "down").returncode == 0
-        assert not [p for p in info["processes"] if alive(p["pid"], p["start_ticks"])]
 
 
 async def test_a_cut_link_is_routed_around_at_once_and_used_again_after_its_restore(lab: dict) -> None:
     """Cut: local decisions naming the link within ~1-2 s, none paying a failed attempt after; restored: remote again."""
 
     async def change(up: bool) -> None:
-        done = await asyncio.to_thread(_lab, Path(lab["run_dir"]), "link", "dc-a", "dc-b", "--up" if up else "--down")
+        done = await asyncio.to_thread(
+            lab_cli, Path(lab["run_dir"]), "link", "dc-a", "dc-b", "--up" if up else "--down"
+        )
         assert done.returncode == 0, done.stderr
 
     figures = await measure(lab, change, rounds=1, interval_s=1.0)
