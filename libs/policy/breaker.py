@@ -17,6 +17,10 @@ KV arriving closes the breaker; the link failing it opens it again; any other en
 decode side, a client gone) frees the probe for the next request. Attempts placed before the breaker
 last changed say nothing about the link since: their verdicts are ignored.
 
+The KV path of a pair is down while its breaker is open, or once ``failures`` remote attempts failed
+on the link with none crossing since (a half-open breaker no request probes says nothing new):
+``path_down``, what the router's readiness and its ``kv_path_up`` gauge read.
+
 Pure: the caller passes every time (the router its wall clock, the simulator its own).
 """
 
@@ -73,7 +77,18 @@ class LinkState:
 class _Pair:
     """What one pair's breaker knows."""
 
-    __slots__ = ("last_heard", "heard_since", "failures", "tripped_at", "why", "trips", "probing", "closed_at")
+    __slots__ = (
+        "last_heard",
+        "heard_since",
+        "failures",
+        "tripped_at",
+        "why",
+        "trips",
+        "probing",
+        "closed_at",
+        "failed_since_ok",
+        "last_failure",
+    )
 
     def __init__(self) -> None:
         self.last_heard: float | None = None
@@ -84,6 +99,8 @@ class _Pair:
         self.trips = 0  # since the last close
         self.probing = False
         self.closed_at = -math.inf
+        self.failed_since_ok = 0  # link failures since an attempt's KV last crossed (none ignored)
+        self.last_failure = ""
 
 
 class LinkBreakers:
@@ -132,6 +149,16 @@ class LinkBreakers:
         """The breaker of every pair heard from."""
         return [self.state(site, now) for site in self._pairs]
 
+    def path_down(self, site: str, now: float) -> str:
+        """Why no KV transfer from ``site`` can succeed now ("" while its path is up)."""
+        state = self.state(site, now)
+        if state.state == OPEN:
+            return f"breaker open: {state.why}"
+        pair = self._pairs.get(site)
+        if pair is not None and pair.failed_since_ok >= self.config.failures:
+            return f"{pair.failed_since_ok} transfers failed and none crossed since: {pair.last_failure}"
+        return ""
+
     def attempt_started(self, site: str, now: float) -> bool:
         """A remote attempt was placed over ``site``'s pair; True when it is the half-open link's probe."""
         pair = self._pairs.get(site)
@@ -150,6 +177,9 @@ class LinkBreakers:
             return
         if probe:
             pair.probing = False
+        if ok is not None:
+            pair.failed_since_ok = 0 if ok else pair.failed_since_ok + 1
+            pair.last_failure = why if not ok else pair.last_failure
         changed_at = pair.closed_at if pair.tripped_at is None else pair.tripped_at
         if ok is None or not (probe or started_at >= changed_at):
             return

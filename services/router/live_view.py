@@ -15,10 +15,16 @@ Each pair into this site has a breaker (``libs.policy.breaker``): heartbeats and
 site is heard, and each remote placement gives its verdict on the link (its KV crossed, the link
 failed it, or neither) once; a PrfaaS site whose breaker does not admit an attempt now is left out of
 the view, which carries the breaker's note for the decision's reason.
+
+The KV path of each pair into this site (``kv_paths``: the pairs with a configured capacity into it
+and those heard from) is down while its breaker says so (``LinkBreakers.path_down``) or while no
+LinkStats of the pair arrived for ``linkstats_silence_s`` (its senders publish every second while
+they run): the router's readiness and its ``prfaas_router_kv_path_up`` gauge.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +35,22 @@ from libs.common.messages import InstanceLoad, LinkStats
 from libs.engine.profiles import HARDWARE, ModelProfile
 from libs.policy import ClusterView, LinkTelemetry, TelemetryConfig
 from libs.policy.breaker import BreakerConfig, LinkBreakers, LinkState
+
+LINKSTATS_SILENCE_S = 5.0  # a pair whose senders published nothing this long has no KV path (they publish every 1 s)
+
+
+@dataclass(frozen=True, slots=True)
+class KvPath:
+    """One pair's KV path into the router's site now: up, or why no transfer can succeed."""
+
+    src_site: str
+    dst_site: str
+    down_why: str = ""
+
+    @property
+    def up(self) -> bool:
+        """True while a transfer on the pair may succeed."""
+        return not self.down_why
 
 
 @dataclass(slots=True)
@@ -108,8 +130,10 @@ class LiveView:
         default_link_capacity_gbps: float | None = None,
         telemetry: TelemetryConfig | None = None,
         breaker: BreakerConfig | None = None,
+        linkstats_silence_s: float = LINKSTATS_SILENCE_S,
     ) -> None:
         self.decode_site = decode_site
+        self.linkstats_silence_s = linkstats_silence_s
         self.instance_ttl_s = instance_ttl_s
         self.pending_ttl_s = pending_ttl_s
         self.default_hardware = default_hardware
@@ -117,12 +141,18 @@ class LiveView:
         self.breakers = LinkBreakers(decode_site, breaker)  # on the wall clock, as decisions are stamped
         self._loads: dict[str, tuple[InstanceLoad, float]] = {}  # instance -> (heartbeat, received at, monotonic)
         self._legs: dict[str, dict[str, _Leg]] = {}  # instance -> job id -> this router's leg there
+        self._started = time.monotonic()
+        self._linkstats_at: dict[str, float] = dict.fromkeys(  # PrfaaS site -> its pair's last LinkStats (monotonic)
+            (src for src, dst in (link_capacities or {}) if dst == decode_site and src != decode_site), -math.inf
+        )
 
     # --- intake ---------------------------------------------------------------------------
 
     def ingest_load(self, load: InstanceLoad) -> None:
         """Take a heartbeat; legs that ended before it was stamped need no correcting any more."""
         self._loads[load.instance] = (load, time.monotonic())
+        if load.role == "prefill" and load.site != self.decode_site:
+            self._linkstats_at.setdefault(load.site, -math.inf)
         self.breakers.heard(load.site, time.time())
         legs = self._legs.get(load.instance)
         if legs:
@@ -134,6 +164,7 @@ class LiveView:
         self.links.ingest(stats, time.monotonic(), sender)
         if stats.dst_site == self.decode_site:
             self.breakers.heard(stats.src_site, time.time())
+            self._linkstats_at[stats.src_site] = time.monotonic()
 
     def place(
         self, job_id: str, decode_instance: str, prefill_instance: str, prefill_s: float, remote: bool
@@ -227,6 +258,19 @@ class LiveView:
     def link_states(self) -> list[LinkState]:
         """The breaker of every pair into this site, now."""
         return self.breakers.states(time.time())
+
+    def kv_paths(self) -> list[KvPath]:
+        """The KV path of every pair into this site (configured or heard from), now."""
+        now, mono = time.time(), time.monotonic()
+        out = []
+        for src, heard_at in self._linkstats_at.items():
+            why = self.breakers.path_down(src, now)
+            silent_s = mono - max(heard_at, self._started)
+            if not why and silent_s > self.linkstats_silence_s:
+                heard = "no LinkStats heard" if heard_at == -math.inf else "no LinkStats"
+                why = f"{heard} from {src} for {silent_s:.1f}s"
+            out.append(KvPath(src, self.decode_site, why))
+        return out
 
     def link_gbps(self, src_site: str) -> float | None:
         """The deliverable bandwidth from ``src_site`` to the decode site (None if unknown)."""

@@ -46,6 +46,24 @@ class _LinkBreakers:
         yield family
 
 
+class _KvPaths:
+    """``prfaas_router_kv_path_up{src_site,dst_site}``: 1 while a KV transfer on the pair may succeed, 0 when none can."""
+
+    def __init__(self, paths: Callable[[], list]) -> None:
+        self.paths = paths
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per pair into the router's site (configured or heard from)."""
+        family = GaugeMetricFamily(
+            "prfaas_router_kv_path_up",
+            "Cross-site KV path per pair: 1 up, 0 broken (breaker open, transfers failing, or no LinkStats heard)",
+            labels=["src_site", "dst_site"],
+        )
+        for path in self.paths():
+            family.add_metric([path.src_site, path.dst_site], 1 if path.up else 0)
+        yield family
+
+
 class RouterMetrics:
     """Counters and histograms the router updates."""
 
@@ -88,3 +106,7 @@ class RouterMetrics:
     def watch_links(self, states: Callable[[], list[LinkState]]) -> None:
         """Publish the link breakers ``states()`` gives, read at each scrape."""
         self.registry.register(_LinkBreakers(states))
+
+    def watch_kv_paths(self, paths: Callable[[], list]) -> None:
+        """Publish the KV paths ``paths()`` gives (``LiveView.kv_paths``), read at each scrape."""
+        self.registry.register(_KvPaths(paths))

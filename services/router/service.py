@@ -39,9 +39,17 @@ log = logging.getLogger(__name__)
 class RouterService(BusService):
     """Serves the HTTP API on ``config.host:config.port`` and routes each request over the bus."""
 
-    def __init__(self, nc: NatsClient, config: RouterConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        config: RouterConfig,
+        registry: CollectorRegistry | None = None,
+        *,
+        require_kv_path: bool = False,
+    ) -> None:
         super().__init__(nc, stop_timeout_s=config.stop_timeout_s)
         self.config = config
+        self.require_kv_path = require_kv_path  # strict readiness: not ready while no KV transfer can cross
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RouterMetrics(self.registry, config)
         self.view = LiveView(
@@ -54,6 +62,7 @@ class RouterService(BusService):
             breaker=config.breaker,
         )
         self.metrics.watch_links(self.view.link_states)
+        self.metrics.watch_kv_paths(self.view.kv_paths)
         tokenizer = load_tokenizer(config.tokenizer)
         template = load_chat_template(
             config.chat_template, tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
@@ -118,8 +127,21 @@ class RouterService(BusService):
         await self.events.close()
         self.scheduler.token_cache.close()
 
+    def kv_path(self) -> dict:
+        """The cross-site KV path: ``up`` unless every pair into this site is down (no pair: up), and each pair's why."""
+        paths = self.view.kv_paths()
+        return {
+            "up": not paths or any(p.up for p in paths),
+            "pairs": {f"{p.src_site}->{p.dst_site}": p.down_why or "up" for p in paths},
+        }
+
     async def readiness(self) -> dict[str, bool]:
-        """What ``/readyz`` checks: the bus, the KV index (a lookup answered in time), live decode and prefill instances."""
+        """What ``/readyz`` checks: the bus, the KV index (a lookup answered in time), live decode and prefill instances.
+
+        With ``require_kv_path``, also the cross-site KV path (``kv_path``). Without it a broken path leaves the
+        router ready: every router of the site sees the same link, and taking them all out of a load balancer
+        would stop the local serving that still works; the ``prfaas_router_kv_path_up`` gauge is what alerts.
+        """
         index_ok = False
         if self.nc.is_connected:
             try:
@@ -130,12 +152,15 @@ class RouterService(BusService):
         alive = self.view.alive()
         decode = any(ld.role == "decode" and ld.site == self.config.site for ld in alive)
         prefill = any(ld.role == "prefill" for ld in alive)
-        return {
+        checks = {
             "bus": self.nc.is_connected,
             "index": index_ok,
             "decode_instances": decode,
             "prefill_instances": prefill,
         }
+        if self.require_kv_path:
+            checks["kv_path"] = self.kv_path()["up"]
+        return checks
 
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
