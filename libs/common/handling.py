@@ -4,13 +4,18 @@ A client asks with ``ask``: the reply, or the typed error the service answered, 
 nobody listens, ``UpstreamTimeout`` past the deadline. A request (a message with a reply inbox) is
 answered by ``answer``: the handler's reply, or the
 ``ErrorReply`` of the ``PrfaasError`` it raised, so typed errors cross the bus intact. A message
-that fails to decode is a client error: ``decoded`` counts it and raises ``BadRequest`` (which
-``answer`` sends back); ``decoded_or_none`` counts and logs it and the subscription goes on.
+that fails to decode, or decodes to numbers no sender makes (negative, not finite, past 2**63), is
+a client error: ``decoded`` counts it and raises ``BadRequest`` (which ``answer`` sends back);
+``decoded_or_none`` counts it and the subscription goes on. Both log a refused kind at most once
+per ``LOG_EVERY_S`` (with how many went unlogged), so a flood cannot fill the disk. ``guarded``
+keeps a handler's unexpected failure inside it: logged the same way, a request answered ``internal``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -51,37 +56,117 @@ async def ask(
     return reply
 
 
-def decoded(decoder: msgspec.msgpack.Decoder, msg: Msg, what: str, bad_messages: Counter) -> T:
-    """``msg``'s payload as ``decoder``'s type, or ``BadRequest`` (counted under ``bad_messages{what}``)."""
-    try:
-        return decoder.decode(msg.data)
-    except (msgspec.DecodeError, ValueError) as e:
-        bad_messages.labels(what).inc()
-        raise BadRequest(f"malformed {what}: {e}") from None
+LOG_EVERY_S = 10.0  # one log line per refused kind this often at most (the counters count every message)
+_MAX_NUMBER = 2**63 - 1  # a bus number past this is no count, size or time (and overflows Redis and numpy)
+_MAX_SUBJECT_CHARS = 512  # far under the server's 4 KiB control line, which a longer subject breaks
+_PUBLISHABLE = re.compile(r"[^\s.*>\x00-\x1f\x7f]+(\.[^\s.*>\x00-\x1f\x7f]+)*")
 
 
-def decoded_or_none(decoder: msgspec.msgpack.Decoder, msg: Msg, what: str, bad_messages: Counter) -> T | None:
-    """``msg``'s payload decoded, or None for a malformed one (counted and logged; the subscription goes on)."""
+class _Throttled:
+    """Logs one line per kind at most every ``every_s``, saying how many of that kind went unlogged."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def warning(self, kind: str, text: str, subject: str, error: str) -> None:
+        """Log ``text`` for ``kind`` now, or count it until the next line of that kind."""
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.every_s) < self.every_s:
+            self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        unlogged = self._unlogged.pop(kind, 0)
+        log.warning(text, extra={"kind": kind, "subject": subject[:200], "error": error[:300], "unlogged": unlogged})
+
+
+_throttled = _Throttled(LOG_EVERY_S)
+
+
+def own_bad_messages(name: str, label: str) -> Counter:
+    """A bad-message counter in no registry, for a part its service built without passing its own."""
+    return Counter(name, "Malformed bus messages", [label], registry=None)
+
+
+def refuse(subject: str, what: str, error: str, bad_messages: Counter) -> None:
+    """Count a refused message under ``bad_messages{what}`` and log it (throttled)."""
+    bad_messages.labels(what).inc()
+    _throttled.warning(what, "malformed message refused", subject, error)
+
+
+def check_numbers(message: msgspec.Struct, path: str = "") -> None:
+    """``BadRequest`` unless every number of ``message`` (and of the Structs it holds) lies in [0, 2**63)."""
+    for name in message.__struct_fields__:
+        value = getattr(message, name)
+        if isinstance(value, msgspec.Struct):
+            check_numbers(value, f"{path}{name}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and not 0 <= value <= _MAX_NUMBER:
+            raise BadRequest(f"{path}{name} must be a finite number in [0, 2**63), got {value!r}")
+
+
+def check_subject(value: str, what: str) -> None:
+    """``BadRequest`` unless ``value`` is a subject this service may publish to (no wildcard, space, or 4 KiB line)."""
+    if len(value) > _MAX_SUBJECT_CHARS or not _PUBLISHABLE.fullmatch(value):
+        raise BadRequest(f"{what} {value[:80]!r} is not a publishable subject")
+
+
+def decoded(
+    decoder: msgspec.msgpack.Decoder,
+    msg: Msg,
+    what: str,
+    bad_messages: Counter,
+    check: Callable[[T], None] | None = None,
+) -> T:
+    """``msg``'s payload as ``decoder``'s type, numbers and ``check`` passed; else ``BadRequest`` (counted, logged)."""
     try:
-        return decoded(decoder, msg, what, bad_messages)
-    except BadRequest as e:
-        log.warning("malformed message dropped", extra={"subject": msg.subject, "error": e.message})
+        message = decoder.decode(msg.data)
+        check_numbers(message)
+        if check is not None:
+            check(message)
+    except (msgspec.DecodeError, ValueError, BadRequest) as e:
+        error = e.message if isinstance(e, BadRequest) else str(e)
+        refuse(msg.subject, what, error, bad_messages)
+        raise BadRequest(f"malformed {what}: {error[:300]}") from None
+    return message
+
+
+def decoded_or_none(
+    decoder: msgspec.msgpack.Decoder,
+    msg: Msg,
+    what: str,
+    bad_messages: Counter,
+    check: Callable[[T], None] | None = None,
+) -> T | None:
+    """``msg``'s payload as ``decoded`` gives it, or None for a malformed one (counted, logged; the subscription goes on)."""
+    try:
+        return decoded(decoder, msg, what, bad_messages, check)
+    except BadRequest:
         return None
+
+
+def _named_instance(load: InstanceLoad) -> None:
+    """``ValueError`` unless the heartbeat's site and instance are subject tokens."""
+    subjects.token(load.site, "site")
+    subjects.token(load.instance, "instance")
 
 
 def decoded_load(msg: Msg, bad_messages: Counter) -> InstanceLoad | None:
     """An ``InstanceLoad`` heartbeat whose site and instance are subject tokens, or None (counted, logged)."""
-    load = decoded_or_none(instance_load_decoder, msg, "load", bad_messages)
-    if load is None:
-        return None
-    try:
-        subjects.token(load.site, "site")
-        subjects.token(load.instance, "instance")
-    except ValueError as e:
-        bad_messages.labels("load").inc()
-        log.warning("malformed message dropped", extra={"subject": msg.subject, "error": str(e)})
-        return None
-    return load
+    return decoded_or_none(instance_load_decoder, msg, "load", bad_messages, _named_instance)
+
+
+def guarded(handler: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
+    """``handler`` that raises nothing: a failure is logged (throttled) and a request is answered ``internal``."""
+
+    async def handle(msg: Msg) -> None:
+        try:
+            await handler(msg)
+        except Exception as e:  # a handler's bug must not leave its requester waiting out a deadline
+            _throttled.warning("unhandled", "message handler failed", msg.subject, repr(e))
+            await respond(msg, ErrorReply(code="internal", message=f"the handler failed: {type(e).__name__}"))
+
+    return handle
 
 
 async def answer(

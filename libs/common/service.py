@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 from prometheus_client import CollectorRegistry
 
 from libs.common.bus import settle
+from libs.common.handling import guarded
 from libs.common.messages import encode
 from libs.common.telemetry import start_metrics_server
 
@@ -98,8 +99,9 @@ class BusService:
             await self.nc.flush(timeout=self.stop_timeout_s)
 
     async def subscribe(self, subject: str, handler: Callable[[Msg], Awaitable[None]], *, queue: str = "") -> None:
-        """Deliver ``subject``'s messages to ``handler`` until the stop (counted once ``start`` settles)."""
-        self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=handler))
+        """Deliver ``subject``'s messages to ``handler`` until the stop (counted once ``start`` settles); a failure
+        of ``handler`` is logged and a request answered ``internal``, and the next message is still handled."""
+        self._subs.append(await self.nc.subscribe(subject, queue=queue, cb=guarded(handler)))
 
     def spawn(self, coro: Awaitable) -> asyncio.Task:
         """Run ``coro`` as a task this service owns (cancelled and awaited at the stop)."""

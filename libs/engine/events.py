@@ -3,7 +3,8 @@
 Batches are numbered from the publisher's start time in microseconds, then one by one, so a
 restarted instance continues above its previous sequence; its first batch is a snapshot, which
 resets what the index knew of it. A batch lost on the way is a gap the index repairs by asking
-for a snapshot, which this publisher answers.
+for a snapshot, which this publisher answers (a request that is not a ``KvSnapshotRequest`` for
+this instance is counted and dropped: garbage costs no snapshot).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from prometheus_client import Counter
 
 from libs.common import subjects
-from libs.common.messages import KvEvent, KvEventBatch, encode
+from libs.common.errors import BadRequest
+from libs.common.handling import decoded_or_none, own_bad_messages
+from libs.common.messages import KvEvent, KvEventBatch, KvSnapshotRequest, encode, kv_snapshot_request_decoder
 from libs.engine.cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -26,7 +30,9 @@ log = logging.getLogger(__name__)
 class KvEventPublisher:
     """Publishes what one instance's cache stores and evicts, and a snapshot when the index asks."""
 
-    def __init__(self, nc: NatsClient, site: str, instance: str, cache: PrefixCache) -> None:
+    def __init__(
+        self, nc: NatsClient, site: str, instance: str, cache: PrefixCache, bad_messages: Counter | None = None
+    ) -> None:
         self.nc = nc
         self.site = subjects.token(site, "site")
         self.instance = subjects.token(instance, "instance")
@@ -34,6 +40,8 @@ class KvEventPublisher:
         self.subject = subjects.kv_events(site, instance)
         self.seq = time.time_ns() // 1000 - 1  # last number used
         self.published_batches = 0
+        # counted under {subject="snapshot_request"}: the gateway's counter once it passes it, else the publisher's own
+        self.bad_messages = bad_messages or own_bad_messages("prfaas_kv_events_bad_messages", "subject")
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -64,7 +72,14 @@ class KvEventPublisher:
         self.cache.drain_events()  # the snapshot already reflects them
         await self._publish([self.cache.snapshot()])
 
+    def _for_me(self, req: KvSnapshotRequest) -> None:
+        if (req.site, req.instance) != (self.site, self.instance):
+            raise BadRequest(f"a snapshot request for {req.site[:80]}/{req.instance[:80]}")
+
     async def _on_request(self, msg: Msg) -> None:
+        req = decoded_or_none(kv_snapshot_request_decoder, msg, "snapshot_request", self.bad_messages, self._for_me)
+        if req is None:
+            return
         log.info("snapshot requested", extra={"site": self.site, "instance": self.instance})
         await self.publish_snapshot()
 

@@ -25,17 +25,17 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
+from prometheus_client import Counter
 
 from libs.common import subjects
 from libs.common.bus import ensure_stream
 from libs.common.errors import BadRequest, PrfaasError, TransferFailed
+from libs.common.handling import answer, decoded, guarded, own_bad_messages
 from libs.common.messages import (
-    ErrorReply,
     KvAbort,
     KvBegin,
     KvResumeState,
     KvStatusRequest,
-    encode,
     kv_chunk_decoder,
     kv_control_request_decoder,
     kv_end_decoder,
@@ -57,12 +57,16 @@ class JetStreamReceiverConfig:
     placement_cluster: str = ""  # "": the cluster this connection's server belongs to
     max_stream_bytes: int = 512 << 20  # full: publishes are refused and retried (back-pressure)
     duplicate_window_s: float = 120.0
+    # a message nobody reads (garbage on a transfer subject no consumer filters, an abandoned transfer's) leaves
+    # the stream after this, so it cannot fill it; every transfer ends (its timeout) well before
+    max_message_age_s: float = 600.0
     pull_batch: int = 8  # messages per pull request (two requests outstanding)
     pull_max_bytes: int = 16 << 20  # bytes per pull request (well under the server's 64 MB client buffer)
     pull_expires_s: float = 5.0
     trim_bytes: int = 16 << 20  # purge consumed messages from the stream after this many bytes
     setup_timeout_s: float = 15.0
     api_timeout_s: float = 5.0
+    max_status_wait_s: float = 5.0  # a status long-poll asking longer waits this long (it holds the control subject)
 
 
 class JetStreamReceiver:
@@ -75,6 +79,7 @@ class JetStreamReceiver:
         site: str,
         instance: str,
         config: JetStreamReceiverConfig | None = None,
+        bad_messages: Counter | None = None,
     ) -> None:
         self.nc = nc
         self.receiver = receiver
@@ -87,6 +92,8 @@ class JetStreamReceiver:
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._progress: dict[str, asyncio.Event] = {}  # pulsed when an end marker was processed
         self._end_round: dict[str, int] = {}
+        # counted under {subject="kv_control"}: the gateway's counter once it passes it, else the receiver's own
+        self.bad_messages = bad_messages or own_bad_messages("prfaas_kv_control_bad_messages", "subject")
 
     async def start(self) -> None:
         """Ensure the stream at this site and serve the control subject."""
@@ -102,11 +109,14 @@ class JetStreamReceiver:
                 discard=api.DiscardPolicy.NEW,
                 max_bytes=cfg.max_stream_bytes,
                 duplicate_window=cfg.duplicate_window_s,
+                max_age=cfg.max_message_age_s,
                 placement=placement,
             ),
             deadline_s=cfg.setup_timeout_s,
         )
-        self._control = await self.nc.subscribe(subjects.kv_control(self.site, self.instance), cb=self._on_control)
+        self._control = await self.nc.subscribe(
+            subjects.kv_control(self.site, self.instance), cb=guarded(self._on_control)
+        )
 
     async def stop(self) -> None:
         """Stop serving and pulling (idempotent); transfers stay in the receiver."""
@@ -132,16 +142,11 @@ class JetStreamReceiver:
     # --- control ----------------------------------------------------------------------------
 
     async def _on_control(self, msg: Msg) -> None:
-        try:
-            request = kv_control_request_decoder.decode(msg.data)
-            reply = await self._handle(request)
-        except msgspec.DecodeError as e:
-            reply = ErrorReply(code="bad_request", message=f"undecodable control request: {e}")
-        except PrfaasError as e:
-            reply = ErrorReply(code=e.code, message=e.message)
-        if msg.reply:
-            with contextlib.suppress(nats.errors.Error):
-                await msg.respond(encode(reply))
+        async def handle() -> KvResumeState:
+            request = decoded(kv_control_request_decoder, msg, "kv_control", self.bad_messages)
+            return await self._handle(request)
+
+        await answer(msg, handle)
 
     async def _handle(self, request: KvBegin | KvStatusRequest | KvAbort) -> KvResumeState:
         if isinstance(request, KvBegin):
@@ -177,7 +182,7 @@ class JetStreamReceiver:
         event = self._progress.get(tid)
         if event is not None and request.wait_s > 0:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(request.wait_s):
+                async with asyncio.timeout(min(request.wait_s, self.config.max_status_wait_s)):
                     while not self.receiver.status(tid).complete and self._end_round.get(tid, -1) < request.round:
                         event.clear()
                         await event.wait()

@@ -34,11 +34,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from libs.common import subjects
+from libs.common.errors import BadRequest
+from libs.common.handling import decoded_or_none, own_bad_messages
 from libs.common.messages import LinkShareAnnounce, encode, link_share_announce_decoder
 from libs.kvwire.link import Link, LinkConfig
 
@@ -179,7 +180,7 @@ class SiteShares:
         self.process = process
         self.config = config
         self.pairs: dict[str, PairShare] = {}
-        self.bad_messages = 0
+        self.bad_messages = own_bad_messages("prfaas_link_share_bad_messages", "subject")
         self._heard: dict[str, dict[str, _Peer]] = {}  # peers of pairs this process does not use yet
         self._warned: set[tuple[str, str]] = set()  # (peer, pair) announced with a budget other than ours
         self._listening_since = 0.0
@@ -237,14 +238,15 @@ class SiteShares:
         if pair.activity():
             self._wake.set()
 
+    def _sane(self, announce: LinkShareAnnounce) -> None:
+        """``BadRequest`` for an announcement no process of this site sends."""
+        if announce.src_site != self.src_site or not announce.process or not announce.interval_s > 0:
+            raise BadRequest("an announcement needs this site as its source, a process and an interval > 0")
+        subjects.token(announce.dst_site, "site")
+
     async def _on_announce(self, msg) -> None:
-        try:
-            announce = link_share_announce_decoder.decode(msg.data)
-        except msgspec.DecodeError as e:  # ValidationError included
-            self.bad_messages += 1
-            log.warning("bad link share announcement", extra={"subject": msg.subject, "error": str(e)})
-            return
-        if announce.process == self.process:
+        announce = decoded_or_none(link_share_announce_decoder, msg, "link_share", self.bad_messages, self._sane)
+        if announce is None or announce.process == self.process:
             return
         now = time.monotonic()
         pair = self.pairs.get(announce.dst_site)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from libs.common.handling import answer, counted_refusal, decoded
-from libs.common.messages import DecodeReservation, KvDestination, decode_job_decoder
+from libs.common.handling import answer, check_subject, counted_refusal, decoded
+from libs.common.messages import DecodeJob, DecodeReservation, KvDestination, decode_job_decoder
 from libs.common.telemetry import extract_context
 from services.decode_gateway.job import run_job
 
@@ -20,11 +20,16 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 
+def _publishable_reply(job: DecodeJob) -> None:
+    """``BadRequest`` unless the job's token stream can be published where it asks."""
+    check_subject(job.reply_subject, "reply_subject")
+
+
 async def handle_job(svc: DecodeGatewayService, msg: Msg) -> None:
     """Answer a ``DecodeJob`` at once: a ``DecodeReservation``, or ``ErrorReply`` (no_capacity, bad_request)."""
 
     async def reserve() -> DecodeReservation:
-        job = decoded(decode_job_decoder, msg, "decode_job", svc.metrics.bad_messages)
+        job = decoded(decode_job_decoder, msg, "decode_job", svc.metrics.bad_messages, _publishable_reply)
         span.set_attribute("prfaas.request_id", job.request_id)
         res, new = await svc.book.reserve(job, draining=svc.draining)
         if new:

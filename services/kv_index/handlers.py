@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from libs.common import subjects
 from libs.common.errors import BadRequest, IndexUnavailable, PrfaasError
-from libs.common.handling import answer, decoded, decoded_load
+from libs.common.handling import answer, check_numbers, decoded, decoded_load
 from libs.common.messages import (
     AllBlocksCleared,
     BlocksEvicted,
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+
+MAX_LOOKUP_BLOCKS = 1 << 16  # a million tokens in blocks of 16: a longer lookup is refused before Redis sees it
+MAX_LOOKUP_SITES = 64
 
 
 def _packed(hashes: list[int]) -> bytes:
@@ -70,6 +73,7 @@ def decode_batch(data: bytes) -> KvEventBatch:
         batch = kv_event_batch_decoder.decode(data)
     except msgspec.DecodeError as e:
         raise BadRequest(f"malformed KV event batch: {e}") from None
+    check_numbers(batch)
     try:
         subjects.token(batch.site, "site")
         subjects.token(batch.instance, "instance")
@@ -147,6 +151,17 @@ def _reply(prefixes: list[SlotPrefix], names: dict[int, tuple[str, str]], req: K
     return KvLookupReply(blocks_total=len(req.block_hashes), instances=instances, sites=list(best.values()))
 
 
+def _bounded(req: KvLookupRequest) -> None:
+    """``BadRequest`` for a lookup longer than ``MAX_LOOKUP_BLOCKS`` or naming sites that are not subject tokens."""
+    if len(req.block_hashes) > MAX_LOOKUP_BLOCKS:
+        raise BadRequest(f"{len(req.block_hashes)} block hashes, over the limit {MAX_LOOKUP_BLOCKS}")
+    if req.sites is not None:
+        if len(req.sites) > MAX_LOOKUP_SITES:
+            raise BadRequest(f"{len(req.sites)} sites, over the limit {MAX_LOOKUP_SITES}")
+        for site in req.sites:
+            subjects.token(site, "site")
+
+
 async def lookup(svc: KvIndexService, req: KvLookupRequest) -> KvLookupReply:
     """Answer a lookup from the store within the configured deadline."""
     packed = _packed(req.block_hashes)
@@ -168,7 +183,7 @@ async def handle_lookup(svc: KvIndexService, msg: Msg) -> None:
     outcome = "ok"
 
     async def answer_lookup() -> KvLookupReply:
-        req = decoded(kv_lookup_request_decoder, msg, "lookup", svc.metrics.bad_messages)
+        req = decoded(kv_lookup_request_decoder, msg, "lookup", svc.metrics.bad_messages, _bounded)
         span.set_attribute("prfaas.blocks", len(req.block_hashes))
         return await lookup(svc, req)
 

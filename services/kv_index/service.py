@@ -22,6 +22,7 @@ from libs.common import subjects
 from libs.common.bus import connect, ensure_consumer, ensure_stream
 from libs.common.entrypoint import run_service
 from libs.common.errors import BadRequest, UpstreamTimeout
+from libs.common.handling import refuse
 from libs.common.messages import KvSnapshotRequest, encode
 from libs.common.service import BusService, serve
 from services.kv_index.config import KvIndexConfig
@@ -194,10 +195,9 @@ class KvIndexService(BusService):
                 await handle_kv_batch(self, msg.data)
                 await msg.ack()
                 return
-            except BadRequest as e:
-                self.metrics.bad_messages.labels("event").inc()
-                log.warning("malformed KV event batch dropped", extra={"subject": msg.subject, "error": e.message})
-                await msg.term()
+            except (BadRequest, redis.exceptions.ResponseError) as e:  # a batch the store refuses is no outage
+                refuse(msg.subject, "event", str(e), self.metrics.bad_messages)
+                await msg.term()  # never redelivered: a poison batch must not stall the stream
                 return
             except self.store_errors as e:
                 self.metrics.store_errors.labels("apply").inc()

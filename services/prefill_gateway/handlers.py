@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from libs.common.handling import answer, counted_refusal, decoded
-from libs.common.messages import PrefillAccepted, prefill_job_decoder
+from libs.common.handling import answer, check_subject, counted_refusal, decoded
+from libs.common.messages import PrefillAccepted, PrefillJob, prefill_job_decoder
 from libs.common.telemetry import extract_context
 from services.prefill_gateway.intake import admit
 from services.prefill_gateway.job import run_prefill
@@ -21,11 +21,17 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 
+def _publishable_status(job: PrefillJob) -> None:
+    """``BadRequest`` unless the job's status, if asked for, can be published where it asks."""
+    if job.status_subject:
+        check_subject(job.status_subject, "status_subject")
+
+
 async def handle_job(svc: PrefillGatewayService, msg: Msg, named: str | None = None) -> None:
     """Answer a ``PrefillJob`` at once with ``PrefillAccepted`` or an ``ErrorReply`` (no_capacity, bad_request)."""
 
     async def accept() -> PrefillAccepted:
-        job = decoded(prefill_job_decoder, msg, "prefill_job", svc.metrics.bad_messages)
+        job = decoded(prefill_job_decoder, msg, "prefill_job", svc.metrics.bad_messages, _publishable_status)
         span.set_attribute("prfaas.request_id", job.request_id)
         run, accepted = await admit(
             job,

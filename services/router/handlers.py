@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
+from libs.common import subjects
 from libs.common.handling import decoded_load, decoded_or_none
-from libs.common.messages import link_stats_decoder
+from libs.common.messages import LinkStats, link_stats_decoder
 
 if TYPE_CHECKING:
     from services.router.service import RouterService
@@ -23,8 +24,14 @@ async def handle_load(svc: RouterService, msg: Msg) -> None:
         svc.view.ingest_load(load)
 
 
+def _named_sites(stats: LinkStats) -> None:
+    """``ValueError`` unless the sample's sites are subject tokens."""
+    subjects.token(stats.src_site, "site")
+    subjects.token(stats.dst_site, "site")
+
+
 async def handle_link_stats(svc: RouterService, msg: Msg) -> None:
     """Take a ``LinkStats`` sample into the link telemetry (malformed ones are counted and dropped)."""
-    stats = decoded_or_none(link_stats_decoder, msg, "link", svc.metrics.bad_messages)
+    stats = decoded_or_none(link_stats_decoder, msg, "link", svc.metrics.bad_messages, _named_sites)
     if stats is not None:
         svc.view.ingest_link(stats, stats.sender)

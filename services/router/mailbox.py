@@ -12,7 +12,9 @@ import asyncio
 import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from prometheus_client import Counter
 
+from libs.common.handling import own_bad_messages, refuse
 from libs.common.messages import DecodeFinished, ErrorReply, PrefillFinished, TokenChunk
 
 StreamItem = TokenChunk | DecodeFinished | PrefillFinished | ErrorReply
@@ -23,11 +25,12 @@ TOKENS, STATUS = "tokens", "status"
 class Mailbox:
     """Routes ``<prefix>.tokens.<job>`` and ``<prefix>.status.<job>`` messages to the job's queue."""
 
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: NatsClient, bad_messages: Counter | None = None) -> None:
         self.prefix = nc.new_inbox()
         self.subject = f"{self.prefix}.>"  # what the router subscribes ``handle`` to
         self._queues: dict[str, asyncio.Queue[tuple[str, StreamItem]]] = {}
-        self.undecodable = 0
+        # counted under {source="mailbox"}: the router's own counter once it passes it, else one of the mailbox's
+        self.bad_messages = bad_messages or own_bad_messages("prfaas_router_bad_messages", "source")
 
     def tokens_subject(self, job_id: str) -> str:
         """Where the decode side sends ``job_id``'s tokens."""
@@ -47,12 +50,17 @@ class Mailbox:
         self._queues.pop(job_id, None)
 
     async def handle(self, msg: Msg) -> None:
-        """Put a job's message on its queue (a message for a job no longer collected is dropped)."""
+        """Put a job's message on its queue (one for a job no longer collected is dropped, a malformed one counted)."""
         kind, _, job_id = msg.subject[len(self.prefix) + 1 :].partition(".")
         queue = self._queues.get(job_id)
         if queue is None:
             return
         try:
-            queue.put_nowait((kind, _decoder.decode(msg.data)))
-        except msgspec.DecodeError:
-            self.undecodable += 1
+            item = _decoder.decode(msg.data)
+        except msgspec.DecodeError as e:
+            refuse(msg.subject, "mailbox", str(e), self.bad_messages)
+            return
+        if kind not in (TOKENS, STATUS):
+            refuse(msg.subject, "mailbox", f"no stream {kind!r}", self.bad_messages)
+            return
+        queue.put_nowait((kind, item))
