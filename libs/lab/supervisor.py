@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.common.errors import UpstreamTimeout
-from libs.lab.plan import PYTHON, LabSettings, ProcessSpec, plan
+from libs.lab import nats_auth
+from libs.lab.plan import PYTHON, LabSettings, ProcessSpec, plan, router_name
 from libs.lab.readiness import Probes
 from libs.lab.runstate import start_ticks, write_status
 from libs.lab.servers import die_with_parent, find_nats_server, find_redis_server
@@ -148,12 +149,39 @@ class Lab:
         await asyncio.to_thread(shutil.rmtree, self.run_dir / "data", True)
         await self._save()
 
+    def signal(self, name: str, signum: int) -> None:
+        """Send ``signum`` to the running child ``name`` (kill -9, SIGSTOP, SIGCONT); the status shows a death later."""
+        proc = self.children[name].proc
+        if proc is None or proc.returncode is not None:
+            raise ProcessLookupError(f"{name} is not running")
+        proc.send_signal(signum)
+
+    async def restart(self, name: str, timeout_s: float) -> None:
+        """Stop child ``name`` if it runs (SIGTERM, then SIGKILL), start it again, return once it serves."""
+        child = self.children[name]
+        await self._stop_child(child)
+        child.ready = False
+        await self._save()
+        probes = Probes()
+        try:
+            await self._launch(child)
+            child.exit_code = None
+            async with asyncio.timeout(timeout_s):
+                await self._until_ready(child, probes)
+        except TimeoutError:
+            raise UpstreamTimeout(f"{name} not ready {timeout_s:g}s after its restart" + _tail(child)) from None
+        finally:
+            await probes.close()
+        child.ready = True
+        await self._save()
+
     def status(self) -> dict:
         """The status file's content."""
         by_role = {}
         for s in self.specs:
             by_role.setdefault(s.role, []).append(s)
-        routers = {s.site: f"http://{_LOCAL}:{s.ports['http']}" for s in by_role.get("router", [])}
+        router_urls = {s.name: f"http://{_LOCAL}:{s.ports['http']}" for s in by_role.get("router", [])}
+        routers = {site: router_urls[router_name(site)] for site in self.topology.services.routers}
         first_router = self.topology.services.routers[0]
         return {
             "state": self.state,
@@ -166,11 +194,12 @@ class Lab:
             "supervisor": {"pid": os.getpid(), "start_ticks": start_ticks(os.getpid())},
             "router_url": routers.get(first_router),
             "routers": routers,
+            "router_urls": router_urls,  # every router process (replicas too) by name
             "api_key": self.settings.api_key,
             "sites": {
                 s.site: {
                     "name": s.site,
-                    "nats_url": f"nats://{_LOCAL}:{s.ports['client']}",
+                    "nats_url": nats_auth.client_url(_LOCAL, s.ports["client"], self.settings.nats_passwords),
                     "monitor_url": f"http://{_LOCAL}:{s.ports['monitor']}",
                 }
                 for s in by_role.get("nats", [])

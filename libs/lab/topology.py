@@ -68,11 +68,12 @@ class Link(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True
 
 
 class Placement(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Which site runs Redis, the KV index and the routers."""
+    """Which site runs Redis, the KV index and the routers (``router_replicas`` processes at each router site)."""
 
     redis: str
     kv_index: str
     routers: list[str]
+    router_replicas: Count = 1  # routers per site, as behind a load balancer (a replica may die while one serves)
 
 
 class RouterSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
