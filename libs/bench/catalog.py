@@ -5,6 +5,20 @@ from __future__ import annotations
 from libs.bench.targets import Benchmark, Target
 
 MS, US, S = " ms", " us", " s"
+CHAOS_FAULTS = (  # libs.bench.chaos_faults.FAULT_NAMES (a test checks; the catalog imports no benchmark)
+    "prefill_kill_dc-a",
+    "prefill_kill_dc-b",
+    "decode_kill",
+    "kv_index_kill",
+    "redis_restart",
+    "nats_restart_dc-a",
+    "nats_restart_dc-b",
+    "partition",
+    "router_kill",
+    "link_loss",
+    "prefill_stop",
+    "overload",
+)
 
 BENCHMARKS: dict[str, Benchmark] = {
     "kvindex": Benchmark(
@@ -118,6 +132,26 @@ BENCHMARKS: dict[str, Benchmark] = {
             Target("repaired.vs_baseline", at_most=2.0),
             Target("reset.vs_baseline", at_most=2.0),
             Target("first_contact_replay.vs_baseline", at_most=1.0),
+        ),
+    ),
+    "chaos": Benchmark(
+        "libs.bench.chaos",
+        "faults under steady load on the default lab with two router replicas, one at a time (kill -9 of each "
+        "gateway, kv_index, a router; Redis and nats-server restarts; a partition; 1% loss; a hung prefill; a 3x "
+        "burst): requests sent, completed, failed with a clear error, lost, seconds to recover",
+        (
+            Target("lost_total", at_most=0.0),
+            *(
+                target
+                for name in CHAOS_FAULTS
+                for target in (
+                    Target(f"faults.{name}.lost", at_most=0.0, optional=True),
+                    Target(f"faults.{name}.unexpected_errors", at_most=0.0, optional=True),
+                    Target(f"faults.{name}.recovered", at_least=1.0, must_be_true=True, optional=True),
+                    Target(f"faults.{name}.recovery_s", at_most=30.0, unit=S, optional=True, binding=False),
+                )
+            ),
+            Target("faults.overload.last_503_after_s", at_most=5.0, unit=S, optional=True),
         ),
     ),
 }
