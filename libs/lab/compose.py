@@ -69,8 +69,7 @@ class ComposeAddresses:
 
 def render(topology: Topology, *, topology_arg: str) -> dict[str, str]:
     """File name -> text: the compose file and each NATS config, for ``topology``."""
-    api_key = API_KEY_VARIABLE if topology.router.api_key else None
-    specs = plan(topology, ComposeAddresses(), LabSettings(api_key=api_key, otlp_endpoint=OTLP_ENDPOINT))
+    specs = plan(topology, ComposeAddresses(), LabSettings(otlp_endpoint=OTLP_ENDPOINT))
     files: dict[str, str] = {}
     services: dict[str, dict] = {}
     published: dict[str, int] = {}
@@ -78,6 +77,8 @@ def render(topology: Topology, *, topology_arg: str) -> dict[str, str]:
     for spec in specs:
         host_port = _next_host_port(spec.role, published)
         services[spec.name] = _service(spec, files, host_port)
+        if spec.role == "router" and topology.router.api_key:  # compose substitutes the key; the router hashes it
+            services[spec.name]["environment"]["ROUTER_API_KEYS"] = API_KEY_VARIABLE
         if host_port is not None:
             reached.append(_reaches(spec, host_port))
     services["jaeger"] = {
@@ -152,8 +153,8 @@ def _service(spec: ProcessSpec, files: dict[str, str], host_port: int | None) ->
 
 
 def _escape(value: str) -> str:
-    """Compose interpolates ``$``: keep the API key variable, escape every other dollar."""
-    return value if value == API_KEY_VARIABLE else value.replace("$", "$$")
+    """Compose interpolates ``$``: escape every dollar of a planned value."""
+    return value.replace("$", "$$")
 
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")

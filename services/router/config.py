@@ -15,6 +15,8 @@ from libs.common.messages import TRANSPORTS
 from libs.engine.profiles import HARDWARE, MODELS
 from libs.policy import POLICIES
 from libs.policy.breaker import BreakerConfig
+from services.router.auth import load_digests
+from services.router.schemas import RequestLimits
 
 _FIRST_TOKEN_GRACE_S = 5.0  # past the job deadline: time for the decode side's typed failure to arrive
 
@@ -33,6 +35,15 @@ def _breaker(r: EnvReader, d: BreakerConfig) -> BreakerConfig:
         )
     except ConfigError as e:
         raise ConfigError(f"ROUTER_BREAKER_*: {e.message}") from None
+
+
+def _request_limits(r: EnvReader, d: RequestLimits) -> RequestLimits:
+    """``MAX_STOP_SEQUENCES``, ``MAX_STOP_CHARS``, ``MAX_TOKENS_LIMIT``."""
+    return RequestLimits(
+        max_stop_sequences=r.int("MAX_STOP_SEQUENCES", d.max_stop_sequences, minimum=0),
+        max_stop_chars=r.int("MAX_STOP_CHARS", d.max_stop_chars, minimum=1),
+        max_tokens=r.int("MAX_TOKENS_LIMIT", d.max_tokens, minimum=1),
+    )
 
 
 def _pairs(key: str, items: tuple[str, ...], known) -> dict[str, str]:
@@ -76,7 +87,10 @@ class RouterConfig:
     router_id: str = "router"
     host: str = "0.0.0.0"
     port: int = 8000
-    api_keys: tuple[str, ...] = ()  # empty: no key required
+    api_key_digests: tuple[bytes, ...] = ()  # SHA-256 digests of the accepted API keys (empty: no key required)
+    rate_limit_rps: float = 0.0  # requests per second per API key (per client address without keys); 0: no limit
+    rate_limit_burst: int = 20  # requests a client may send at once before the rate applies
+    rate_limit_clients: int = 10_000  # clients whose buckets are kept (the least recently seen is dropped)
     models: tuple[str, ...] = ()  # served even before an instance heartbeats
     model_profiles: Mapping[str, str] = field(default_factory=dict)  # model -> libs.engine profile
     default_model_profile: str = "reference"
@@ -112,7 +126,12 @@ class RouterConfig:
     replan_interval_s: float = 300.0  # 0: no slow timescale
     replan_history: int = 2000
     max_body_bytes: int = 4 << 20
+    max_line_bytes: int = 8190  # the request line (method, path and query)
+    max_header_bytes: int = 8190  # one header line
+    max_headers: int = 128
+    idle_timeout_s: float = 30.0  # a connection that has not sent a whole request head this long is closed
     read_timeout_s: float = 30.0
+    request_limits: RequestLimits = RequestLimits()  # caps on request fields that cost work
     write_timeout_s: float = 30.0  # a streaming client that takes no data this long is treated as gone
     retry_after_s: int = 1
     decisions_max_age_s: float = 7 * 24 * 3600.0
@@ -164,7 +183,10 @@ class RouterConfig:
             router_id=r.name("ID", f"router-{socket.gethostname().split('.')[0]}-{os.getpid()}"),
             host=r.str("HOST", d.host),
             port=r.int("PORT", d.port, minimum=0),
-            api_keys=r.list("API_KEYS"),
+            api_key_digests=load_digests(r.list("API_KEYS"), r.list("API_KEY_HASHES"), r.str("API_KEYS_FILE", "")),
+            rate_limit_rps=r.float("RATE_LIMIT_RPS", d.rate_limit_rps, minimum=0.0),
+            rate_limit_burst=r.int("RATE_LIMIT_BURST", d.rate_limit_burst, minimum=1),
+            rate_limit_clients=r.int("RATE_LIMIT_CLIENTS", d.rate_limit_clients, minimum=1),
             models=r.list("MODELS"),
             model_profiles=_pairs("MODEL_PROFILES", r.list("MODEL_PROFILES"), MODELS),
             default_model_profile=r.choice("DEFAULT_MODEL_PROFILE", d.default_model_profile, tuple(sorted(MODELS))),
@@ -202,6 +224,10 @@ class RouterConfig:
             replan_interval_s=r.float("REPLAN_INTERVAL_S", d.replan_interval_s, minimum=0.0),
             replan_history=r.int("REPLAN_HISTORY", d.replan_history, minimum=1),
             max_body_bytes=r.int("MAX_BODY_BYTES", d.max_body_bytes, minimum=1024),
+            max_line_bytes=r.int("MAX_LINE_BYTES", d.max_line_bytes, minimum=256),
+            max_header_bytes=r.int("MAX_HEADER_BYTES", d.max_header_bytes, minimum=256),
+            max_headers=r.int("MAX_HEADERS", d.max_headers, minimum=8),
+            idle_timeout_s=r.float("IDLE_TIMEOUT_S", d.idle_timeout_s, minimum=0.1),
             read_timeout_s=r.float("READ_TIMEOUT_S", d.read_timeout_s, minimum=0.01),
             write_timeout_s=r.float("WRITE_TIMEOUT_S", d.write_timeout_s, minimum=0.01),
             retry_after_s=r.int("RETRY_AFTER_S", d.retry_after_s, minimum=0),
@@ -212,5 +238,6 @@ class RouterConfig:
             ready_timeout_s=r.float("READY_TIMEOUT_S", d.ready_timeout_s, minimum=0.01),
             settle_wait_s=r.float("SETTLE_WAIT_S", d.settle_wait_s, minimum=0.0),
             breaker=_breaker(r, d.breaker),
+            request_limits=_request_limits(r, d.request_limits),
             log_level=r.log_level(d.log_level),
         )

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from libs.common.errors import PrfaasError, Unauthorized
+from libs.common.errors import BadRequest, PrfaasError, Unauthorized
 from libs.common.messages import json_encoder
 from services.router import lifecycle, responses
+from services.router.auth import RateLimited, RateLimiter, matching_digest
 from services.router.config import RouterConfig
 from services.router.ids import new_id
 from services.router.schemas import parse_chat, parse_completion, parse_explain
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SERVICE: web.AppKey[RouterService] = web.AppKey("router_service")
 CONFIG = web.AppKey("router_config", RouterConfig)
+LIMITER = web.AppKey("router_rate_limiter", RateLimiter)
 _REQUEST_ID = web.RequestKey("prfaas_request_id", str)
 
 _HTTP_ERRORS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -38,7 +42,7 @@ def _error_response(
 ) -> web.Response:
     status = status or responses.status_of(error)
     headers = {lifecycle.REQUEST_ID_HEADER: request[_REQUEST_ID]} if _REQUEST_ID in request else {}
-    if status in (503, 504):
+    if status in (429, 503, 504):
         headers["Retry-After"] = str(retry_after_s)
     return _json(responses.error_body(error, status), status, headers)
 
@@ -50,6 +54,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     svc = request.app[SERVICE]
     try:
         response = await handler(request)
+    except RateLimited as e:
+        response = _error_response(e, request, e.retry_after_s, 429)
     except PrfaasError as e:
         response = _error_response(e, request, config.retry_after_s)
     except web.HTTPException as e:
@@ -72,32 +78,43 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     return response
 
 
-def _check_key(request: web.Request, keys: tuple[str, ...]) -> None:
-    """401 unless the bearer key is one of ``keys`` (compared in constant time against each)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
+def _key_digest(request: web.Request, digests: tuple[bytes, ...]) -> bytes:
+    """The digest of the request's bearer key, 401 unless it is one of ``digests``."""
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
+        request.app[SERVICE].metrics.refused.labels("missing_key").inc()
         raise Unauthorized("no API key given: send 'Authorization: Bearer <key>'")
-    given = presented.strip().encode()
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key.encode())
-    if not matched:
+    found = matching_digest(presented.strip(), digests)
+    if found is None:
+        request.app[SERVICE].metrics.refused.labels("wrong_key").inc()
         raise Unauthorized("incorrect API key")
+    return found
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """API keys (when configured) guard ``/v1/``; health and metrics stay open."""
-    keys = request.app[CONFIG].api_keys
-    if keys and request.path.startswith("/v1/"):
-        _check_key(request, keys)
+    """On ``/v1/``: the API key (when keys are configured), then its rate (per key, else per client address).
+
+    Health and metrics stay open and unlimited.
+    """
+    if request.path.startswith("/v1/"):
+        digests = request.app[CONFIG].api_key_digests
+        client = _key_digest(request, digests) if digests else request.remote
+        limiter = request.app.get(LIMITER)
+        if limiter is not None:
+            try:
+                limiter.check(client, time.monotonic())
+            except RateLimited:
+                request.app[SERVICE].metrics.refused.labels("rate_limited").inc()
+                raise
     return await handler(request)
 
 
 async def _body(request: web.Request) -> bytes:
-    """The request body within the read deadline (413 past the size limit, via aiohttp)."""
+    """The request body within the read deadline (413 past the size limit: at once when declared, else via aiohttp)."""
     config = request.app[CONFIG]
+    if (request.content_length or 0) > config.max_body_bytes:
+        raise web.HTTPRequestEntityTooLarge(max_size=config.max_body_bytes, actual_size=request.content_length)
     try:
         async with asyncio.timeout(config.read_timeout_s):
             return await request.read()
@@ -105,11 +122,13 @@ async def _body(request: web.Request) -> bytes:
         raise PrfaasError(
             f"request body not received within {config.read_timeout_s}s", code="request_timeout"
         ) from None
+    except (HttpProcessingError, RequestPayloadError) as e:  # a malformed chunked or compressed body
+        raise BadRequest(f"malformed request body: {e}") from None
 
 
 async def _generate(request: web.Request, parse) -> web.StreamResponse:
     request_id = request[_REQUEST_ID] = new_id()
-    req = parse(await _body(request))
+    req = parse(await _body(request), request.app[CONFIG].request_limits)
     return await lifecycle.serve(request.app[SERVICE], request, req, request_id)
 
 
@@ -126,7 +145,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def explain(request: web.Request) -> web.Response:
     """``POST /v1/route/explain``: the decision this request would get now, without running it."""
     request_id = request[_REQUEST_ID] = new_id()
-    req = parse_explain(await _body(request))
+    req = parse_explain(await _body(request), request.app[CONFIG].request_limits)
     svc = request.app[SERVICE]
     prepared = await svc.scheduler.prepare(req, request_id, lifecycle.ttft_slo_s(request))
     event = svc.scheduler.decide(prepared)
@@ -170,10 +189,25 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(service: RouterService, config: RouterConfig) -> web.Application:
-    """The aiohttp application of one router service."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware, auth_middleware])
+    """The aiohttp application of one router service, with the configured limits on what a client may send.
+
+    A request line, header line or header count past its limit is answered 400 by aiohttp's parser and the
+    connection closed; a connection without a whole request head for ``idle_timeout_s`` is closed.
+    """
+    limits = {
+        "max_line_size": config.max_line_bytes,
+        "max_field_size": config.max_header_bytes,
+        "max_headers": config.max_headers,
+        "keepalive_timeout": config.idle_timeout_s,
+        "lingering_time": config.read_timeout_s,  # how long the unread rest of a refused body is drained
+    }
+    app = web.Application(
+        client_max_size=config.max_body_bytes, handler_args=limits, middlewares=[error_middleware, auth_middleware]
+    )
     app[SERVICE] = service
     app[CONFIG] = config
+    if config.rate_limit_rps > 0:
+        app[LIMITER] = RateLimiter(config.rate_limit_rps, config.rate_limit_burst, config.rate_limit_clients)
     app.add_routes(
         [
             web.post("/v1/chat/completions", chat_completions),

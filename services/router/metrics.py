@@ -87,6 +87,12 @@ class RouterMetrics:
             registry=registry,
         )
         self.cancelled = Counter("prfaas_router_cancelled", "Requests whose client went away", registry=registry)
+        self.refused = Counter(
+            "prfaas_router_refused",
+            "Requests refused before any work: missing_key, wrong_key, rate_limited",
+            ["reason"],
+            registry=registry,
+        )
         self.decision_seconds = Histogram(
             "prfaas_router_decision_seconds",
             "Tokenize, hash, index lookup, view and policy",

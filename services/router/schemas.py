@@ -4,7 +4,8 @@ A field of the wrong type, a value out of range, a feature the router does not s
 ``echo``, tools, penalties, …) or a field only the router may set (engine transfer parameters,
 routing hints) is a 400 that names the field. Log probabilities are served (chat ``logprobs`` with
 ``top_logprobs`` up to 20; completions ``logprobs`` up to 20, as vLLM allows), and so is vLLM's
-``ignore_eos``.
+``ignore_eos``. Fields that cost work past a cap (stop sequences, ``max_tokens``) are bounded by
+:class:`RequestLimits`; ``seed`` must fit the engines' unsigned 64-bit generators.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ import msgspec
 
 from libs.common.errors import BadRequest
 from libs.common.messages import MAX_TOP_LOGPROBS, Sampling
+
+_SEED_END = 1 << 64  # seeds are unsigned 64-bit
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on request fields that cost work; past one, a 400 naming the field."""
+
+    max_stop_sequences: int = 16  # stop strings per request (each is matched against every generated token)
+    max_stop_chars: int = 256  # characters of one stop string
+    max_tokens: int = 1 << 20  # the most tokens one request may ask for (the model's context bounds it too)
 
 
 def invalid(param: str | None, message: str) -> BadRequest:
@@ -183,7 +195,21 @@ def _top_logprobs(param: str, value: int | None) -> int | None:
     return value
 
 
-def _common(body: _Body, max_tokens: int | None, logprobs: int | None) -> tuple[Sampling, int | None, bool, bool]:
+def _check_limits(body: _Body, max_tokens: int | None, stop: tuple[str, ...], limits: RequestLimits) -> None:
+    """400 for a field past its cap: stop sequences, max_tokens, an out-of-range seed."""
+    if len(stop) > limits.max_stop_sequences:
+        raise invalid("stop", f"at most {limits.max_stop_sequences} stop sequences, got {len(stop)}")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise invalid("stop", f"a stop sequence may have at most {limits.max_stop_chars} characters")
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise invalid("max_tokens", f"max_tokens must be at most {limits.max_tokens}, got {max_tokens}")
+    if body.seed is not None and not 0 <= body.seed < _SEED_END:
+        raise invalid("seed", f"seed must be in [0, 2**64), got {body.seed}")
+
+
+def _common(
+    body: _Body, max_tokens: int | None, logprobs: int | None, limits: RequestLimits
+) -> tuple[Sampling, int | None, bool, bool]:
     """Sampling, max_tokens, stream and include_usage from the shared fields (400 naming a bad one)."""
     _refuse_internal(body)
     if body.n not in (None, 1):
@@ -206,6 +232,7 @@ def _common(body: _Body, max_tokens: int | None, logprobs: int | None) -> tuple[
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(s == "" for s in stop):
         raise invalid("stop", "stop sequences must not be empty strings")
+    _check_limits(body, max_tokens, stop, limits)
     stream = bool(body.stream)
     if body.stream_options is not None and not stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
@@ -237,12 +264,12 @@ def _message_text(index: int, message: ChatMessage) -> str:
 _ROLES = ("system", "developer", "user", "assistant")
 
 
-def parse_chat(body: bytes) -> GenerationRequest:
+def parse_chat(body: bytes, limits: RequestLimits = RequestLimits()) -> GenerationRequest:
     """Check a chat completion body."""
-    return _check_chat(_decode(_chat_decoder, body))
+    return _check_chat(_decode(_chat_decoder, body), limits)
 
 
-def _check_chat(req: ChatCompletionRequest) -> GenerationRequest:
+def _check_chat(req: ChatCompletionRequest, limits: RequestLimits) -> GenerationRequest:
     if not req.messages:
         raise invalid("messages", "messages must contain at least one message")
     if req.top_logprobs is not None and not req.logprobs:
@@ -264,7 +291,7 @@ def _check_chat(req: ChatCompletionRequest) -> GenerationRequest:
             raise invalid(f"messages[{i}].role", f"role must be one of {', '.join(_ROLES)}, got '{m.role}'")
         messages.append({"role": m.role, "content": _message_text(i, m)})
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    sampling, max_tokens, stream, include_usage = _common(req, max_tokens, logprobs)
+    sampling, max_tokens, stream, include_usage = _common(req, max_tokens, logprobs, limits)
     if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
         raise invalid("max_completion_tokens", f"max_completion_tokens must be at least 1, got {max_tokens}")
     return GenerationRequest("chat", req.model, None, None, messages, max_tokens, sampling, stream, include_usage)
@@ -283,29 +310,30 @@ def _prompt(value: Any) -> tuple[str | None, list[int] | None]:
     raise invalid("prompt", "prompt must be a string, a non-empty list of token ids, or a one-element list of either")
 
 
-def parse_completion(body: bytes) -> GenerationRequest:
+def parse_completion(body: bytes, limits: RequestLimits = RequestLimits()) -> GenerationRequest:
     """Check a text completion body."""
-    return _check_completion(_decode(_completion_decoder, body))
+    return _check_completion(_decode(_completion_decoder, body), limits)
 
 
-def _check_completion(req: CompletionRequest) -> GenerationRequest:
+def _check_completion(req: CompletionRequest, limits: RequestLimits) -> GenerationRequest:
     if req.echo:
         raise _refuse("echo", "the prompt is not echoed")
     if req.suffix:
         raise _refuse("suffix", "insertion after a suffix is not served")
     text, ids = _prompt(req.prompt)
-    sampling, max_tokens, stream, include_usage = _common(req, req.max_tokens, _top_logprobs("logprobs", req.logprobs))
+    logprobs = _top_logprobs("logprobs", req.logprobs)
+    sampling, max_tokens, stream, include_usage = _common(req, req.max_tokens, logprobs, limits)
     return GenerationRequest("text", req.model, text, ids, None, max_tokens, sampling, stream, include_usage)
 
 
-def parse_explain(body: bytes) -> GenerationRequest:
+def parse_explain(body: bytes, limits: RequestLimits = RequestLimits()) -> GenerationRequest:
     """An explain body is a chat body (has ``messages``) or a completion body (has ``prompt``); decoded once."""
     try:
         obj = msgspec.json.decode(body, type=dict[str, Any])
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise invalid(None, f"request body must be a JSON object: {e}") from None
     if "messages" in obj:
-        return _check_chat(_convert(obj, ChatCompletionRequest))
+        return _check_chat(_convert(obj, ChatCompletionRequest), limits)
     if "prompt" in obj:
-        return _check_completion(_convert(obj, CompletionRequest))
+        return _check_completion(_convert(obj, CompletionRequest), limits)
     raise invalid("messages", "give 'messages' (as for chat completions) or 'prompt' (as for completions)")
