@@ -47,6 +47,7 @@ from libs.common.messages import (
     encode,
     kv_lookup_result_decoder,
 )
+from libs.common.service import BusService
 from libs.engine.backends import ReferenceBackend
 from libs.lab.servers import NatsServer, RedisServer
 from services.decode_gateway.config import DecodeGatewayConfig
@@ -420,3 +421,23 @@ async def test_garbage_is_counted_and_refused_and_the_service_still_serves(deplo
     await eventually(lambda: _true(_counts(counters) == expected), what=f"{len(payloads)} refusals counted")
     await listener.served(d)
     assert _counts(counters) == expected, "a good message was counted as bad"
+
+
+async def test_a_failing_handler_answers_internal_and_its_subscription_goes_on(deployment: Deployment):
+    """A handler's unexpected failure is answered ``internal`` at once, and the subscription's next message is served."""
+    handled: list[bytes] = []
+
+    async def flaky(msg) -> None:
+        if msg.data == b"boom":
+            raise RuntimeError("a handler bug")
+        handled.append(msg.data)
+        await msg.respond(b"ok")
+
+    nc = deployment.nc
+    async with BusService(nc, stop_timeout_s=5) as service:
+        await service.subscribe("garbage.flaky", flaky)
+        await settle(nc)
+        reply = msgspec.msgpack.decode((await nc.request("garbage.flaky", b"boom", timeout=5)).data)
+        assert (reply["type"], reply["code"]) == ("error.v1", "internal")
+        assert (await nc.request("garbage.flaky", b"fine", timeout=5)).data == b"ok"
+        assert handled == [b"fine"]
