@@ -13,6 +13,7 @@ the chunk's ``length`` payload bytes.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -21,13 +22,16 @@ import numpy as np
 
 from libs.common import subjects
 from libs.common.errors import BadRequest
-from libs.common.messages import ChecksumAlgo, KvManifest, KvPartHeld, KvPartSpec
+from libs.common.messages import ChecksumAlgo, KvChunk, KvManifest, KvPartHeld, KvPartSpec
 from libs.common.state_parts import PartSpec
 from libs.kvwire.codecs import check_codec
 
 FRAME_PREFIX = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 20  # a manifest of thousands of parts still fits; anything larger is garbage
 DEFAULT_CHUNK_BYTES = 4 << 20
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4096, 64 << 20
+MAX_DIMS = 16  # of a part's shape
+_ARRAY_KINDS = "biufc"  # plain numbers: no objects, records or sub-arrays
 
 
 def _fast_crc32() -> Callable[..., int] | None:
@@ -126,7 +130,7 @@ def validate_manifest(manifest: KvManifest) -> None:
         subjects.token(manifest.dst_site, "site")
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    if manifest.chunk_bytes < 4096 or manifest.chunk_bytes > 64 << 20:
+    if not MIN_CHUNK_BYTES <= manifest.chunk_bytes <= MAX_CHUNK_BYTES:
         raise BadRequest(f"chunk_bytes {manifest.chunk_bytes} outside [4 KiB, 64 MiB]")
     checksum_fn(manifest.checksum)
     seen: set[str] = set()
@@ -139,11 +143,20 @@ def validate_manifest(manifest: KvManifest) -> None:
             dtype = np.dtype(spec.dtype)
         except TypeError as e:
             raise BadRequest(f"part {key}: bad dtype {spec.dtype!r}") from e
-        if dtype.hasobject or any(d < 0 for d in spec.shape):
+        if dtype.kind not in _ARRAY_KINDS or len(spec.shape) > MAX_DIMS or any(d < 0 for d in spec.shape):
             raise BadRequest(f"part {key}: unsupported dtype {spec.dtype} or shape {spec.shape}")
-        if int(np.prod(spec.shape, dtype=np.int64)) * dtype.itemsize != spec.nbytes:
+        if math.prod(spec.shape) * dtype.itemsize != spec.nbytes:  # exact: no int64 wrap-around to a small size
             raise BadRequest(f"part {key}: nbytes {spec.nbytes} does not match {spec.dtype}{spec.shape}")
         check_codec(spec.codec, spec.kind, dtype, key)
+
+
+def check_chunk(chunk: KvChunk, chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
+    """Reject a chunk header whose numbers no layout allows: negative, or a payload longer than ``chunk_bytes``."""
+    if min(chunk.part, chunk.offset, chunk.part_wire_bytes) < 0 or not 0 <= chunk.length <= chunk_bytes:
+        raise BadRequest(
+            f"chunk {chunk.part}@{chunk.offset}+{chunk.length} of {chunk.part_wire_bytes} wire bytes: "
+            f"negative, or over {chunk_bytes} bytes"
+        )
 
 
 def chunk_count(wire_bytes: int, chunk_bytes: int) -> int:

@@ -9,7 +9,11 @@ connection; a frame that arrives while nobody does is dropped). A writer with no
 (RTT + 200 ms, Linux's ``tcp_slow_start_after_idle``) never sees the connection idle; a connection
 nobody claimed for ``pool_idle_s`` is closed by its writer. A connection whose peer goes away
 (reset, close, a failed write) is closed and leaves the pool; the transfer holding it learns it from
-``on_broken``. Threading: ``claim`` on the event loop; the rest from any thread.
+``on_broken``. With ``TcpConfig.tls`` (``pki.client_context``) every new connection completes a TLS
+handshake before it is handed out, all of a claim's at once (one round trip for all of them), and
+the receiver's certificate must be signed by the CA and name the host dialled; a warm connection
+pays neither the connect nor the handshake again. Threading: ``claim`` on the event loop; the rest
+from any thread.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 from libs.common.errors import PrfaasError
 from libs.common.messages import kv_receiver_frame_decoder
 from libs.kvwire.format import FRAME_PREFIX
-from libs.kvwire.sockets import KEEPALIVE, Closed, read_frame, set_deadline
+from libs.kvwire.sockets import KEEPALIVE, Closed, Stream, TlsStream, handshake, read_frame, set_deadline
 
 if TYPE_CHECKING:
     from libs.kvwire.tcp_send import TcpConfig
@@ -49,14 +53,14 @@ class Holder(Protocol):
 class Outgoing(Protocol):
     """Something a writer thread sends besides plain frames (a paced chunk)."""
 
-    def write(self, sock: socket.socket, stopping: threading.Event) -> bool:
+    def write(self, sock: Stream, stopping: threading.Event) -> bool:
         """Send it on ``sock``; False if ``stopping`` was set first."""
 
 
 class PooledConnection:
     """One connection to a receiver, its writer and reader threads, and the transfers it carried."""
 
-    def __init__(self, sock: socket.socket, endpoint: Endpoint, pool: ConnectionPool) -> None:
+    def __init__(self, sock: Stream, endpoint: Endpoint, pool: ConnectionPool) -> None:
         self.sock = sock
         self.endpoint = endpoint
         self.holder: Holder | None = None
@@ -174,7 +178,7 @@ class ConnectionPool:
             for conn in conns:
                 conn.holder = holder
         try:
-            socks = await asyncio.to_thread(self._connect, endpoint, count - len(conns)) if len(conns) < count else []
+            socks = await asyncio.to_thread(self.connect, endpoint, count - len(conns)) if len(conns) < count else []
         except BaseException:
             self.release(conns)
             raise
@@ -236,12 +240,13 @@ class ConnectionPool:
         for conn in conns:
             await asyncio.to_thread(conn.join)
 
-    def _connect(self, endpoint: Endpoint, count: int) -> list[socket.socket]:
-        """``count`` connections, their handshakes in flight at once (one round trip, not one each)."""
+    def connect(self, endpoint: Endpoint, count: int) -> list[Stream]:
+        """``count`` new connections (TLS ones when configured), their handshakes in flight at once (blocking)."""
         host, port = endpoint
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         socks: list[socket.socket] = []
         try:
+            started = time.monotonic()
             for _ in range(count):
                 sock = socket.socket(family, kind, proto)
                 socks.append(sock)
@@ -252,7 +257,11 @@ class ConnectionPool:
             for sock in socks:
                 set_deadline(sock, self.config.io_timeout_s)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return socks
+            if self.config.tls is None:
+                return list(socks)
+            streams = [TlsStream(sock, self.config.tls, server_hostname=host) for sock in socks]
+            handshake(streams, max(0.0, started + self.config.connect_timeout_s - time.monotonic()))
+            return list(streams)
         except BaseException:
             for sock in socks:
                 sock.close()

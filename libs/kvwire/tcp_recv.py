@@ -11,6 +11,17 @@ binds it to the next transfer) and ignores keepalive frames. The end marker trav
 sender's last chunk on one connection, ahead of chunks still on their way on the others: it is
 answered at once when every chunk is there, else by the connection whose chunk completes the
 transfer. A chunk resent while its transfer completed is acknowledged as held.
+
+Hostile input costs a bounded header buffer and is counted (``prfaas_kv_tcp_refused_total`` by
+reason, a log line per reason at most every ``LOG_EVERY_S``): a frame that does not decode, a chunk
+that does not fit its transfer's layout (checked before its payload is read) and a transfer the
+receiver refuses (no reservation, over it: before any memory is taken) end the connection with a
+typed error. A watchdog on the event loop cuts a connection silent between frames for
+``io_timeout_s``, one whose frame header is still incomplete ``header_timeout_s`` after its first
+byte (a slow sender), and one stalled ``io_timeout_s`` in a payload or reply; past
+``max_connections`` new connections are closed at once. With ``tls`` (mutual: ``pki.server_context``)
+every connection completes a TLS handshake within ``header_timeout_s`` before any frame is read;
+a peer without a certificate signed by the CA is refused.
 """
 
 from __future__ import annotations
@@ -18,12 +29,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
+import ssl
 import struct
 import threading
+import time
+from collections import Counter as Tally
 from dataclasses import dataclass
 
 import msgspec
+from prometheus_client import CollectorRegistry, Counter
 
 from libs.common.errors import BadRequest, PrfaasError, TransferFailed
 from libs.common.messages import (
@@ -39,14 +55,18 @@ from libs.common.messages import (
     kv_sender_frame_decoder,
 )
 from libs.kvwire.assembly import TransferAssembly
-from libs.kvwire.format import FRAME_PREFIX, frame
+from libs.kvwire.format import FRAME_PREFIX, MAX_CHUNK_BYTES, check_chunk, frame
 from libs.kvwire.receiver import KvReceiver
-from libs.kvwire.sockets import Closed, read_frame, recv_exact, set_deadline
+from libs.kvwire.sockets import Closed, Stream, TlsStream, handshake, read_frame, recv_exact, set_deadline
 
 log = logging.getLogger(__name__)
 
 _TCPI_BYTES_RECEIVED = struct.Struct("@Q")  # tcpi_bytes_received, at offset 128 of Linux's struct tcp_info
 _TCPI_BYTES_RECEIVED_AT = 128
+
+
+LOG_EVERY_S = 10.0  # refusals of one reason are logged at most this often (the counter counts every one)
+_REFUSED_BY_STAGE = {"frame": "bad_frame", "chunk": "bad_chunk", "transfer": "transfer_refused"}
 
 
 def _tcp_bytes_received(sock: socket.socket) -> int:
@@ -96,24 +116,58 @@ class _PendingEnds:
 
 @dataclass(frozen=True)
 class TcpServerConfig:
-    """Where the decode gateway listens for KV, and how long a connection may stall."""
+    """Where the decode gateway listens for KV, how long a connection may stall, how many may be open, TLS."""
 
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port (see ``TcpReceiverServer.address``)
-    io_timeout_s: float = 60.0  # a connection silent this long is dropped
+    io_timeout_s: float = 60.0  # silent this long between frames, or stalled this long in a payload or reply: cut
+    header_timeout_s: float = 5.0  # a frame header (or a TLS handshake) not complete this long after it began: cut
+    max_connections: int = 256  # open at once; more are closed as soon as they are accepted
     backlog: int = 64
+    tls: ssl.SSLContext | None = None  # mutual TLS (``pki.server_context``); None: plain TCP
+
+
+class _Refusals:
+    """Connections refused or cut, by reason: a Prometheus counter and a log line per reason at most every ``LOG_EVERY_S``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.counter = Counter(
+            "prfaas_kv_tcp_refused", "KV TCP connections refused or cut, by reason", ["reason"], registry=registry
+        )
+        self._lock = threading.Lock()
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: Tally[str] = Tally()
+
+    def count(self, reason: str, peer: tuple, error: object) -> None:
+        """Count one refusal; log it unless its reason was logged within ``LOG_EVERY_S``."""
+        self.counter.labels(reason=reason).inc()
+        now = time.monotonic()
+        with self._lock:
+            if now - self._logged_at.get(reason, -math.inf) < LOG_EVERY_S:
+                self._unlogged[reason] += 1
+                return
+            self._logged_at[reason] = now
+            unlogged = self._unlogged.pop(reason, 0)
+        log.warning(
+            "kv connection refused",
+            extra={"reason": reason, "peer": peer, "error": str(error), "unlogged_since_last": unlogged},
+        )
 
 
 class TcpReceiverServer:
     """Listens for senders and feeds their chunks to a ``KvReceiver``."""
 
-    def __init__(self, receiver: KvReceiver, config: TcpServerConfig | None = None) -> None:
+    def __init__(
+        self, receiver: KvReceiver, config: TcpServerConfig | None = None, registry: CollectorRegistry | None = None
+    ) -> None:
         self.receiver = receiver
         self.config = config or TcpServerConfig()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._refusals = _Refusals(self.registry)
         self._listener: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._lock = threading.Lock()
-        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._conns: dict[_Connection, threading.Thread] = {}
         self._ends = _PendingEnds(receiver)
         self._closed_wire_bytes = 0
         self.accepted_total = 0  # connections accepted since the start
@@ -132,6 +186,11 @@ class TcpReceiverServer:
         host, port = self._listener.getsockname()[:2]
         return host, port
 
+    def refused(self, reason: str) -> int:
+        """Connections refused or cut for ``reason`` since the start."""
+        value = self.registry.get_sample_value("prfaas_kv_tcp_refused_total", {"reason": reason})
+        return int(value or 0)
+
     def wire_bytes_received(self) -> int:
         """Bytes the kernel has received on every connection so far, closed ones included (Linux ``TCP_INFO``).
 
@@ -139,35 +198,38 @@ class TcpReceiverServer:
         """
         with self._lock:
             total = self._closed_wire_bytes
-            for sock in self._conns:
+            for conn in self._conns:
                 with contextlib.suppress(OSError):  # closing under us: counted when closed
-                    total += _tcp_bytes_received(sock)
+                    total += _tcp_bytes_received(conn.sock)
             return total
 
     async def start(self) -> None:
-        """Bind, listen and start accepting."""
+        """Bind, listen, start accepting and watching deadlines."""
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.config.host, self.config.port))
         listener.listen(self.config.backlog)
         listener.setblocking(False)
         self._listener = listener
-        self._accept_task = asyncio.create_task(self._accept_loop(listener), name="kv-tcp-accept")
+        self._tasks = [
+            asyncio.create_task(self._accept_loop(listener), name="kv-tcp-accept"),
+            asyncio.create_task(self._watch_loop(), name="kv-tcp-watchdog"),
+        ]
 
     async def stop(self) -> None:
         """Stop accepting, drop every connection and join their threads (idempotent)."""
-        task, self._accept_task = self._accept_task, None
-        if task is not None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._listener is not None:
             self._listener.close()
         with self._lock:
             conns = dict(self._conns)
-        for sock in conns:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        for conn in conns:
+            conn.cut("")
         for thread in conns.values():
             await asyncio.to_thread(thread.join)
 
@@ -182,55 +244,109 @@ class TcpReceiverServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, peer = await loop.sock_accept(listener)
+            if self.open_connections >= self.config.max_connections:
+                sock.close()
+                self._refusals.count("too_many_connections", peer, f"{self.config.max_connections} open")
+                continue
             set_deadline(sock, self.config.io_timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=self._serve, args=(sock, peer), name=f"kv-tcp-{peer[1]}", daemon=True)
+            conn = _Connection(self.receiver, sock, self._ends, self.config)
+            thread = threading.Thread(target=self._serve, args=(conn, peer), name=f"kv-tcp-{peer[1]}", daemon=True)
             with self._lock:
-                self._conns[sock] = thread
+                self._conns[conn] = thread
                 self.accepted_total += 1
             thread.start()
 
-    def _serve(self, sock: socket.socket, peer: tuple) -> None:
+    async def _watch_loop(self) -> None:
+        """Cut connections past their deadline (their threads are blocked in a receive)."""
+        period_s = min(0.25, self.config.header_timeout_s / 4, self.config.io_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            with self._lock:
+                conns = list(self._conns)
+            for conn in conns:
+                deadline, reason = conn.deadline
+                if now > deadline:
+                    conn.cut(reason)
+
+    def _serve(self, conn: _Connection, peer: tuple) -> None:
         """One connection's loop (in its own thread)."""
-        conn = _Connection(self.receiver, sock, self._ends)
+        handshaking = self.config.tls is not None
         try:
+            if self.config.tls is not None:
+                conn.secure(self.config.tls)
+                handshaking = False
             conn.run()
-        except (Closed, OSError) as e:
-            log.debug("kv connection closed", extra={"peer": peer, "error": repr(e)})
         except PrfaasError as e:
-            log.info("kv connection refused", extra={"peer": peer, "error": str(e)})
+            self._refusals.count(_REFUSED_BY_STAGE[conn.stage], peer, e)
             with contextlib.suppress(OSError):
-                sock.sendall(frame(encode(ErrorReply(code=e.code, message=e.message))))
+                conn.stream.sendall(frame(encode(ErrorReply(code=e.code, message=e.message))))
+        except (Closed, OSError) as e:
+            tls = handshaking or isinstance(e, ssl.SSLError)
+            reason = conn.cut_reason or ("tls" if tls else "idle" if isinstance(e, TimeoutError) else "")
+            if reason:
+                self._refusals.count(reason, peer, repr(e))
+            else:
+                log.debug("kv connection closed", extra={"peer": peer, "error": repr(e)})
         finally:
             with self._lock:
                 with contextlib.suppress(OSError):
-                    self._closed_wire_bytes += _tcp_bytes_received(sock)
-                self._conns.pop(sock, None)
-            sock.close()
+                    self._closed_wire_bytes += _tcp_bytes_received(conn.sock)
+                self._conns.pop(conn, None)
+            conn.sock.close()
 
 
 class _Connection:
-    """Frame handling of one connection (bound to one transfer by its begin or join)."""
+    """Frame handling of one connection (bound to one transfer by its begin or join), under a watchdog's deadline."""
 
-    def __init__(self, receiver: KvReceiver, sock: socket.socket, ends: _PendingEnds) -> None:
+    def __init__(self, receiver: KvReceiver, sock: socket.socket, ends: _PendingEnds, config: TcpServerConfig) -> None:
         self.receiver = receiver
         self.sock = sock
+        self.stream: Stream = sock
         self.ends = ends
+        self.config = config
         self.prefix = bytearray(FRAME_PREFIX.size)
         self.assembly: TransferAssembly | None = None
         self.scratch = bytearray()
+        self.stage = "frame"  # what a refusal is about: "frame", "chunk" or "transfer"
+        self.deadline = (time.monotonic() + config.header_timeout_s, "tls")  # (monotonic s, reason to cut)
+        self.cut_reason = ""
+
+    def watch(self, seconds: float, reason: str) -> None:
+        """The watchdog cuts the connection for ``reason`` unless it moves on within ``seconds``."""
+        self.deadline = (time.monotonic() + seconds, reason)
+
+    def cut(self, reason: str) -> None:
+        """Shut the socket down under the thread blocked on it (from the watchdog, or "" when stopping)."""
+        self.cut_reason = self.cut_reason or reason
+        self.deadline = (math.inf, "")
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def secure(self, context: ssl.SSLContext) -> None:
+        """Complete the TLS handshake (the client's certificate is verified against the CA)."""
+        stream = TlsStream(self.sock, context)
+        handshake([stream], self.config.header_timeout_s)
+        self.stream = stream
 
     def reply(self, msg: msgspec.Struct) -> None:
         """Send one frame back to the sender."""
-        self.sock.sendall(frame(encode(msg)))
+        self.stream.sendall(frame(encode(msg)))
 
     def run(self) -> None:
         """Serve frames until the peer closes or aborts (a keepalive reads as None: none of them)."""
         while True:
-            msg = read_frame(self.sock, self.prefix, kv_sender_frame_decoder)
+            self.stage = "frame"
+            self.watch(self.config.io_timeout_s, "idle")
+            msg = read_frame(self.stream, self.prefix, kv_sender_frame_decoder, self.frame_started)
+            self.watch(self.config.io_timeout_s, "stalled")
             if isinstance(msg, KvChunk):
+                self.stage = "chunk"
                 self.chunk(msg)
-            elif isinstance(msg, KvBegin):
+                continue
+            self.stage = "transfer"
+            if isinstance(msg, KvBegin):
                 state = self.receiver.begin(msg.manifest)
                 self.assembly = self.receiver.assembly(msg.manifest.transfer_id) if not state.complete else None
                 self.reply(state)
@@ -246,9 +362,14 @@ class _Connection:
                 self.receiver.abort(msg.transfer_id, msg.reason or "aborted by sender")
                 return
 
+    def frame_started(self) -> None:
+        """A frame's first bytes are in: the rest of its header has ``header_timeout_s``."""
+        self.watch(self.config.header_timeout_s, "slow_frame")
+
     def chunk(self, header: KvChunk) -> None:
-        """Receive one chunk's payload in place, verify it and acknowledge it."""
+        """Receive one chunk's payload in place, verify it and acknowledge it (a lying header is refused unread)."""
         assembly = self.assembly
+        check_chunk(header, assembly.manifest.chunk_bytes if assembly is not None else MAX_CHUNK_BYTES)
         if assembly is None or header.transfer_id != assembly.manifest.transfer_id:
             self.discard(header.length)
             raise BadRequest(f"chunk of {header.transfer_id} on a connection not joined to it")
@@ -263,7 +384,7 @@ class _Connection:
             ok = target
         else:
             try:
-                recv_exact(self.sock, target)
+                recv_exact(self.stream, target)
             except BaseException:
                 assembly.abandon(header)
                 raise
@@ -287,5 +408,5 @@ class _Connection:
         view = memoryview(self.scratch)
         while nbytes:
             step = min(nbytes, len(view))
-            recv_exact(self.sock, view[:step])
+            recv_exact(self.stream, view[:step])
             nbytes -= step

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -41,7 +41,7 @@ from libs.kvwire.format import DEFAULT_CHUNK_BYTES, frame, held_map
 from libs.kvwire.link import Link
 from libs.kvwire.pool import ConnectionPool, PooledConnection
 from libs.kvwire.sender import Destination, MissingChunks, OutChunk, StaleConnection, TransportBroken
-from libs.kvwire.sockets import send_all, set_deadline, tcp_retransmits
+from libs.kvwire.sockets import Stream, send_all, tcp_retransmits
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class TcpConfig:
     pool: bool = True  # keep connections open between transfers, per destination (host, port)
     pool_idle_s: float = 60.0  # a pooled connection unused this long is closed
     keepalive_s: float = 0.1  # a connection with nothing to send for this long sends a keepalive frame (0: never)
+    tls: ssl.SSLContext | None = None  # mutual TLS (``pki.client_context``), the receiver's host checked; None: plain
 
 
 class _Flight:
@@ -73,7 +74,7 @@ class _Flight:
         self.session = session
         self.sent_at = 0.0  # set by the writer thread once the bytes are in the socket
 
-    def write(self, sock: socket.socket, stopping: threading.Event) -> bool:
+    def write(self, sock: Stream, stopping: threading.Event) -> bool:
         """Pace, then send header and payload; False if the connection is stopping."""
         link, transfer_id = self.session.link, self.session.manifest.transfer_id
         # Checksummed here, in parallel with the other connections, just before the socket copies it.
@@ -123,10 +124,12 @@ class TcpTransport:
 
     def _abort(self, transfer_id: str, dest: Destination, reason: str) -> None:
         try:
-            with socket.create_connection((dest.host, dest.port), timeout=self.config.connect_timeout_s) as sock:
-                set_deadline(sock, self.config.io_timeout_s)
-                sock.sendall(frame(encode(KvAbort(transfer_id=transfer_id, reason=reason))))
-                sock.recv(1)  # the receiver closes once the transfer is dropped
+            (stream,) = self.pool.connect((dest.host, dest.port), 1)
+            try:
+                stream.sendall(frame(encode(KvAbort(transfer_id=transfer_id, reason=reason))))
+                stream.recv_into(memoryview(bytearray(1)))  # the receiver closes once the transfer is dropped
+            finally:
+                stream.close()
         except OSError as e:
             raise TransferFailed(f"abort of {transfer_id} not delivered to {dest.host}:{dest.port}: {e!r}") from e
 

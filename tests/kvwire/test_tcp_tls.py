@@ -1,0 +1,130 @@
+"""Direct TCP over mutual TLS: a transfer restores the same bytes on warm connections; peers without a valid
+certificate are refused (and counted by the receiver), and a sender refuses a receiver it cannot verify."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from libs.common.errors import TransferFailed
+from libs.common.messages import KvBegin, encode
+from libs.common.pki import CertFiles, CertificateAuthority, client_context, server_context
+from libs.kvwire.format import frame
+from libs.kvwire.linkstats import KvLinks
+from libs.kvwire.receiver import KvReceiver, ReceiverConfig
+from libs.kvwire.sender import KvSender, SenderConfig
+from libs.kvwire.tcp_recv import TcpReceiverServer, TcpServerConfig
+from libs.kvwire.tcp_send import TcpConfig, TcpTransport
+from tests.kvwire.support import CHUNK, DST, SRC, assert_restored, eventually, hybrid_parts, specs_of, tcp_dest
+
+HOST = "127.0.0.1"
+
+
+class _Pki:
+    """The lab's CA with a certificate per service, and a stranger's CA."""
+
+    def __init__(self, directory: Path) -> None:
+        ca = CertificateAuthority(directory / "lab")
+        self.decode = ca.issue("decode", [HOST, "localhost"])
+        self.prefill = ca.issue("prefill", [HOST])
+        self.elsewhere = ca.issue("decode-elsewhere", ["decode.example"])  # the lab's CA, another host
+        stranger = CertificateAuthority(directory / "stranger", common_name="another CA")
+        self.rogue = stranger.issue("rogue", [HOST])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> _Pki:
+    return _Pki(tmp_path_factory.mktemp("pki"))
+
+
+@contextlib.asynccontextmanager
+async def _tls_receiver(files: CertFiles) -> AsyncIterator[tuple[KvReceiver, TcpReceiverServer]]:
+    receiver = KvReceiver(ReceiverConfig(max_total_bytes=64 << 20, transfer_timeout_s=30.0))
+    config = TcpServerConfig(tls=server_context(files), header_timeout_s=2.0)
+    async with receiver, TcpReceiverServer(receiver, config) as server:
+        yield receiver, server
+
+
+def _sender(links: KvLinks, files: CertFiles, attempts: int = 4) -> KvSender:
+    tcp = TcpConfig(connections=2, chunk_bytes=CHUNK, tls=client_context(files), connect_timeout_s=3.0)
+    return KvSender(TcpTransport(tcp), links, SenderConfig(max_attempts=attempts, retry_backoff_s=0.01))
+
+
+def _manifest(sender: KvSender, tid: str, parts):
+    return sender.manifest(
+        transfer_id=tid, dst_site=DST, model="ref", block_size=64, num_tokens=512, specs=specs_of(parts)
+    )
+
+
+def _attempt(address: tuple[str, int], context: ssl.SSLContext | None, manifest) -> str:
+    """Connect (over TLS when ``context`` is given), send a begin and read: how the receiver answered."""
+    with socket.create_connection(address, timeout=5.0) as raw:
+        try:
+            sock = context.wrap_socket(raw, server_hostname=HOST) if context is not None else raw
+            sock.sendall(frame(encode(KvBegin(manifest=manifest))))
+            return "answered" if sock.recv(1 << 16) else "closed"
+        except ssl.SSLError as e:
+            return f"refused: {e.reason}"
+        except OSError as e:
+            return f"refused: {e!r}"
+
+
+def _context_with(cert: CertFiles | None, ca: Path) -> ssl.SSLContext:
+    """A client context trusting ``ca`` and presenting ``cert`` (None: no certificate)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert.cert), str(cert.key))
+    return context
+
+
+async def test_a_transfer_over_mutual_tls_restores_the_same_bytes_and_reuses_its_warm_connections(pki):
+    """Both ends verify each other; the parts arrive byte for byte; a second transfer pays no new handshake."""
+    async with _tls_receiver(pki.decode) as (receiver, server), KvLinks(SRC) as links:
+        sender = _sender(links, pki.prefill)
+        for i in range(2):
+            parts = hybrid_parts(seed=70 + i)
+            manifest = _manifest(sender, f"t-tls-{i}", parts)
+            waiter = asyncio.create_task(receiver.wait(manifest.transfer_id, timeout_s=10))
+            report = await sender.send(manifest, parts, tcp_dest(server))
+            with await waiter as done:
+                assert_restored(parts, done.parts, [s.codec for s in manifest.parts])
+            assert report.attempts == 1 and report.chunks_resent == 0
+        assert server.accepted_total == 2  # the two stripes of the first transfer, kept warm for the second
+        assert server.refused("tls") == 0
+        await sender.transport.close()
+
+
+async def test_peers_without_a_certificate_of_the_lab_ca_are_refused_before_any_frame_and_counted(pki):
+    """No certificate, one from another CA, plain TCP: each connection is refused at the handshake, none begins."""
+    parts = hybrid_parts(seed=75)
+    async with _tls_receiver(pki.decode) as (receiver, server), KvLinks(SRC) as links:
+        manifest = _manifest(_sender(links, pki.prefill), "t-intruder", parts)
+        intruders = {
+            "no certificate": _context_with(None, pki.decode.ca),
+            "another CA's certificate": _context_with(pki.rogue, pki.decode.ca),
+            "plain TCP": None,
+        }
+        for name, context in intruders.items():
+            answer = await asyncio.to_thread(_attempt, server.address, context, manifest)
+            assert answer != "answered", name
+        await eventually(lambda: server.refused("tls") == len(intruders) and server.open_connections == 0)
+        assert receiver.totals.transfers_refused == 0 and receiver.active_transfers == 0  # none got to the receiver
+        assert receiver.used_bytes == 0
+
+
+@pytest.mark.parametrize("holder", ["rogue", "elsewhere"])
+async def test_a_sender_refuses_a_receiver_whose_certificate_it_cannot_verify(pki, holder):
+    """A receiver certificate from another CA, or from the lab's CA for another host: no transfer, no bytes held."""
+    parts = hybrid_parts(seed=76)
+    async with _tls_receiver(getattr(pki, holder)) as (receiver, server), KvLinks(SRC) as links:
+        sender = _sender(links, pki.prefill, attempts=1)
+        with pytest.raises(TransferFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await sender.send(_manifest(sender, f"t-untrusted-{holder}", parts), parts, tcp_dest(server))
+        await sender.transport.close()
+        assert receiver.active_transfers == 0 and receiver.used_bytes == 0
