@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
 import pytest_asyncio
@@ -63,7 +65,7 @@ from tests.router.conftest import router_config
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 PREFILL, DECODE, JOB = "garbage-p0", "garbage-d0", "garbage-job"
-MODEL = ReferenceBackend().model_name
+MODEL = "reference"  # what ReferenceBackend serves
 PROMPT = list(range(40, 140))
 _probes = itertools.count()
 
@@ -102,7 +104,9 @@ async def deployment(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         backends = ReferenceBackend(), ReferenceBackend()
         try:
             async with (
-                RouterService(router_nc, router_config(nats.url)) as router,
+                RouterService(
+                    router_nc, router_config(nats.url, policy="static-threshold", threshold_tokens=0)
+                ) as router,
                 DecodeGatewayService(decode_nc, backends[0], decode_cfg) as decode,
                 PrefillGatewayService(prefill_nc, {PREFILL: backends[1]}, prefill_cfg) as prefill,
                 Caller(nc, cluster=CLUSTER) as caller,
@@ -266,7 +270,13 @@ LISTENERS = {
     "router+index load": Listener(
         lambda d: subjects.load(DECODE_SITE, "garbage-load"),
         LOAD,
-        ({"site": "a.b"}, {"queue_depth": -1}, {"expected_wait_s": NAN}, {"tcp_port": 2**64 - 1}),
+        (
+            {"site": "a.b"},
+            {"queue_depth": -1},
+            {"expected_wait_s": NAN},
+            {"tcp_port": 2**64 - 1},
+            {"model": "m" * 100_000},
+        ),
         lambda d: [d.router.metrics.bad_messages.labels("load"), d.index.metrics.bad_messages.labels("load")],
         _heartbeat_taken,
     ),
@@ -318,7 +328,7 @@ LISTENERS = {
     "gateways cancel": Listener(
         lambda d: subjects.JOB_CANCEL,
         JobCancel(request_id="garbage"),
-        (),
+        ({"reason": "r" * 5000},),
         lambda d: [d.decode.metrics.bad_messages.labels("cancel"), d.prefill.metrics.bad_messages.labels("cancel")],
         _request_served(),
     ),
@@ -400,10 +410,13 @@ def _counts(counters: list) -> list[float]:
 
 
 @pytest.mark.parametrize("name", list(LISTENERS))
-async def test_garbage_is_counted_and_refused_and_the_service_still_serves(deployment: Deployment, name: str):
+async def test_garbage_is_counted_and_refused_and_the_service_still_serves(
+    deployment: Deployment, name: str, caplog: pytest.LogCaptureFixture
+):
     """Every malformed, mistyped, wrong-version, lying or oversized message is counted once (a request is answered
-    ``bad_request``), nothing dies, and a good message after them is served."""
+    ``bad_request``) and logged at most once per kind, nothing dies, and a good message after them is served."""
     d, listener = deployment, LISTENERS[name]
+    caplog.set_level(logging.WARNING, logger="libs.common.handling")
     payloads = garbage(listener, d.nc.max_payload)
     subject = listener.subject(d)
     counters = listener.counters(d)
@@ -421,6 +434,8 @@ async def test_garbage_is_counted_and_refused_and_the_service_still_serves(deplo
     await eventually(lambda: _true(_counts(counters) == expected), what=f"{len(payloads)} refusals counted")
     await listener.served(d)
     assert _counts(counters) == expected, "a good message was counted as bad"
+    lines = [r for r in caplog.records if r.getMessage() == "malformed message refused"]
+    assert len(lines) <= len(counters), f"{len(lines)} log lines for {len(payloads)} refusals: not throttled"
 
 
 async def test_a_failing_handler_answers_internal_and_its_subscription_goes_on(deployment: Deployment):
@@ -441,3 +456,34 @@ async def test_a_failing_handler_answers_internal_and_its_subscription_goes_on(d
         assert (reply["type"], reply["code"]) == ("error.v1", "internal")
         assert (await nc.request("garbage.flaky", b"fine", timeout=5)).data == b"ok"
         assert handled == [b"fine"]
+
+
+async def test_a_newer_sender_s_extra_fields_are_read_as_v1(deployment: Deployment):
+    """Schemas grow by fields with defaults: a v1 message carrying a field this reader does not know is served."""
+    newer = msgspec.to_builtins(KvLookupRequest(block_hashes=[1, 2])) | {"added_later": [1, "x"]}
+    reply = await deployment.nc.request(subjects.KV_LOOKUP, msgspec.msgpack.encode(newer), timeout=5)
+    assert isinstance(kv_lookup_result_decoder.decode(reply.data), KvLookupReply)
+
+
+async def test_garbage_on_a_transfer_subject_nobody_reads_leaves_jetstream_transfers_alone(deployment: Deployment):
+    """Garbage in the decode site's KV stream, on a transfer no receiver pulls, ages out and blocks no transfer."""
+    d = deployment
+    subject = subjects.kv_transfer(DECODE_SITE, DECODE, "tnobody")
+    for data in garbage(LISTENERS["decode KV control"], d.nc.max_payload):
+        await d.nc.jetstream().publish(subject, data, timeout=10)
+    info = await d.nc.jetstream().stream_info(subjects.kv_transfer_stream(DECODE_SITE))
+    assert info.config.max_age == d.decode.jetstream.config.max_message_age_s
+    await _request_served("jetstream")(d)
+
+
+async def test_the_router_serves_a_completion_end_to_end_after_the_garbage(deployment: Deployment):
+    """After every subject's garbage, a completion through the router's HTTP API runs both legs and streams tokens."""
+    d = deployment
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+        http.post(f"{d.router.url}/v1/completions", json=body) as resp,
+    ):
+        out = await resp.json()
+    assert resp.status == 200, out
+    assert out["usage"]["completion_tokens"] == 4

@@ -2,13 +2,14 @@
 
 A client asks with ``ask``: the reply, or the typed error the service answered, ``Unreachable`` when
 nobody listens, ``UpstreamTimeout`` past the deadline. A request (a message with a reply inbox) is
-answered by ``answer``: the handler's reply, or the
-``ErrorReply`` of the ``PrfaasError`` it raised, so typed errors cross the bus intact. A message
-that fails to decode, or decodes to numbers no sender makes (negative, not finite, past 2**63), is
-a client error: ``decoded`` counts it and raises ``BadRequest`` (which ``answer`` sends back);
-``decoded_or_none`` counts it and the subscription goes on. Both log a refused kind at most once
-per ``LOG_EVERY_S`` (with how many went unlogged), so a flood cannot fill the disk. ``guarded``
-keeps a handler's unexpected failure inside it: logged the same way, a request answered ``internal``.
+answered by ``answer``: the handler's reply, or the ``ErrorReply`` of the ``PrfaasError`` it raised,
+so typed errors cross the bus intact. A message that fails to decode, or decodes to numbers no
+sender makes (negative, not finite, past 2**63) or to strings longer than any name
+(``MAX_STRING_CHARS``), is a client error: ``decoded`` counts it and raises ``BadRequest`` (which
+``answer`` sends back); ``decoded_or_none`` counts it and the subscription goes on. Both log a
+refused kind at most once per ``LOG_EVERY_S`` (with how many went unlogged), so a flood cannot fill
+the disk. ``guarded`` keeps a handler's unexpected failure inside it: logged the same way, a request
+answered ``internal``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ async def ask(
 
 
 LOG_EVERY_S = 10.0  # one log line per refused kind this often at most (the counters count every message)
+MAX_STRING_CHARS = 1024  # a name, id or subject on the bus; a longer one would be kept (a heartbeat's) or logged
 _MAX_NUMBER = 2**63 - 1  # a bus number past this is no count, size or time (and overflows Redis and numpy)
 _MAX_SUBJECT_CHARS = 512  # far under the server's 4 KiB control line, which a longer subject breaks
 _PUBLISHABLE = re.compile(r"[^\s.*>\x00-\x1f\x7f]+(\.[^\s.*>\x00-\x1f\x7f]+)*")
@@ -95,14 +97,17 @@ def refuse(subject: str, what: str, error: str, bad_messages: Counter) -> None:
     _throttled.warning(what, "malformed message refused", subject, error)
 
 
-def check_numbers(message: msgspec.Struct, path: str = "") -> None:
-    """``BadRequest`` unless every number of ``message`` (and of the Structs it holds) lies in [0, 2**63)."""
+def check_fields(message: msgspec.Struct, path: str = "") -> None:
+    """``BadRequest`` unless every number of ``message`` (and of the Structs it holds) lies in [0, 2**63) and
+    every string is at most ``MAX_STRING_CHARS`` long (names, ids and subjects, never payloads)."""
     for name in message.__struct_fields__:
         value = getattr(message, name)
         if isinstance(value, msgspec.Struct):
-            check_numbers(value, f"{path}{name}.")
+            check_fields(value, f"{path}{name}.")
         elif isinstance(value, int | float) and not isinstance(value, bool) and not 0 <= value <= _MAX_NUMBER:
             raise BadRequest(f"{path}{name} must be a finite number in [0, 2**63), got {value!r}")
+        elif isinstance(value, str) and len(value) > MAX_STRING_CHARS:
+            raise BadRequest(f"{path}{name} is {len(value)} characters long, over {MAX_STRING_CHARS}")
 
 
 def check_subject(value: str, what: str) -> None:
@@ -121,7 +126,7 @@ def decoded(
     """``msg``'s payload as ``decoder``'s type, numbers and ``check`` passed; else ``BadRequest`` (counted, logged)."""
     try:
         message = decoder.decode(msg.data)
-        check_numbers(message)
+        check_fields(message)
         if check is not None:
             check(message)
     except (msgspec.DecodeError, ValueError, BadRequest) as e:

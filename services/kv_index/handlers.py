@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from libs.common import subjects
 from libs.common.errors import BadRequest, IndexUnavailable, PrfaasError
-from libs.common.handling import answer, check_numbers, decoded, decoded_load
+from libs.common.handling import answer, check_fields, decoded, decoded_load
 from libs.common.messages import (
     AllBlocksCleared,
     BlocksEvicted,
@@ -73,7 +73,7 @@ def decode_batch(data: bytes) -> KvEventBatch:
         batch = kv_event_batch_decoder.decode(data)
     except msgspec.DecodeError as e:
         raise BadRequest(f"malformed KV event batch: {e}") from None
-    check_numbers(batch)
+    check_fields(batch)
     try:
         subjects.token(batch.site, "site")
         subjects.token(batch.instance, "instance")

@@ -22,7 +22,7 @@ from libs.common import subjects
 from libs.common.bus import connect, ensure_consumer, ensure_stream
 from libs.common.entrypoint import run_service
 from libs.common.errors import BadRequest, UpstreamTimeout
-from libs.common.handling import refuse
+from libs.common.handling import guarded, refuse
 from libs.common.messages import KvSnapshotRequest, encode
 from libs.common.service import BusService, serve
 from services.kv_index.config import KvIndexConfig
@@ -237,7 +237,7 @@ class KvIndexService(BusService):
     # --- subscriptions --------------------------------------------------------------------
 
     async def _on_lookup(self, msg: Msg) -> None:
-        self.spawn(self._lookup(msg))
+        self.spawn(guarded(self._lookup)(msg))  # off the subscription, still answered if it fails
 
     async def _lookup(self, msg: Msg) -> None:
         async with self._lookup_slots:
