@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import nats
@@ -17,6 +18,12 @@ log = logging.getLogger(__name__)
 
 # JetStream API errors that mean "the meta leader or stream leader is not ready yet".
 _NOT_READY = (ServiceUnavailableError, asyncio.TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError)
+_USERINFO = re.compile(r"://([^/@:]*)(?::[^/@]*)?@")
+
+
+def redact(url: str) -> str:
+    """``url`` without its credentials (``nats://user:password@host`` -> ``nats://user:***@host``)."""
+    return _USERINFO.sub(lambda m: f"://{m.group(1)}:***@", url)
 
 
 async def connect(
@@ -28,7 +35,10 @@ async def connect(
     max_reconnect_attempts: int = -1,
 ) -> NatsClient:
     """Connect to NATS: the first connection must succeed within ``connect_timeout_s`` (retrying
-    meanwhile); later disconnections reconnect ``max_reconnect_attempts`` times (-1: forever)."""
+    meanwhile); later disconnections reconnect ``max_reconnect_attempts`` times (-1: forever).
+
+    A URL may carry a user and password (``nats://user:password@host:port``, as
+    ``EnvReader.nats_url`` builds it); errors show it redacted."""
     servers = [url] if isinstance(url, str) else list(url)
     connected = False
     first_errors: list[Exception] = []
@@ -59,9 +69,10 @@ async def connect(
                 reconnected_cb=_reconnected_cb,
             )
     except (OSError, nats.errors.Error, TimeoutError) as e:
-        cause = first_errors[-1] if first_errors else e
+        refused = [err for err in first_errors if "authorization violation" in str(err).lower()]
+        cause = refused[-1] if refused else first_errors[-1] if first_errors else e  # a refused login says so
         raise UpstreamTimeout(
-            f"cannot connect to NATS at {', '.join(servers)} within {connect_timeout_s}s: {cause!r}"
+            f"cannot connect to NATS at {', '.join(map(redact, servers))} within {connect_timeout_s}s: {cause!r}"
         ) from e
     connected = True
     return nc

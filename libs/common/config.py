@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from libs.common import subjects
 from libs.common.errors import ConfigError
@@ -11,6 +13,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_URL_SAFE = re.compile(r"^[A-Za-z0-9._~-]+$")  # what a NATS URL's user and password may hold unescaped
 
 
 class EnvReader:
@@ -103,8 +106,36 @@ class EnvReader:
         return value
 
     def nats_url(self, default: str) -> str:
-        """``NATS_URL``: the NATS server(s) to connect to."""
-        return self.url("NATS_URL", default, NATS_SCHEMES)
+        """``NATS_URL``: the NATS server(s) to connect to, as ``NATS_USER`` when set (``scheme://user:password@``).
+
+        The password is read from the file ``NATS_PASSWORD_FILE`` or, where a file is awkward (compose),
+        from ``NATS_PASSWORD``; never both. User and password must be URL-safe (nats-py does not unescape).
+        """
+        url = self.url("NATS_URL", default, NATS_SCHEMES)
+        user = self._raw("NATS_USER")
+        if user is None:
+            return url
+        if not _URL_SAFE.match(user):
+            raise self._bad("NATS_USER", user, "letters, digits, '.', '_', '~' or '-'")
+        password = self._nats_password()
+        return ",".join(u.strip().replace("://", f"://{user}:{password}@", 1) for u in url.split(",") if u.strip())
+
+    def _nats_password(self) -> str:
+        """``NATS_PASSWORD_FILE``'s content (stripped), or ``NATS_PASSWORD``."""
+        path, inline = self._raw("NATS_PASSWORD_FILE"), self._raw("NATS_PASSWORD")
+        if path is not None and inline is not None:
+            raise self.error("NATS_PASSWORD_FILE", path, f"and {self.prefix}NATS_PASSWORD are both set: choose one")
+        if path is None and inline is None:
+            raise self.error("NATS_USER", self._raw("NATS_USER"), f"needs {self.prefix}NATS_PASSWORD_FILE")
+        if path is not None:
+            try:
+                inline = Path(path).read_text().strip()
+            except OSError as e:
+                raise self.error("NATS_PASSWORD_FILE", path, f"cannot read it ({e.strerror})") from None
+        if not _URL_SAFE.match(inline):
+            key = "NATS_PASSWORD_FILE" if path is not None else "NATS_PASSWORD"
+            raise self.error(key, path or "(hidden)", "the password must be letters, digits, '.', '_', '~' or '-'")
+        return inline
 
     def log_level(self, default: str) -> str:
         """``LOG_LEVEL``: one of ``LOG_LEVELS``, any case."""

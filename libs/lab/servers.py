@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs.common.errors import ConfigError, MissingBinary, UpstreamTimeout
+from libs.common.pki import CertFiles, CertificateAuthority
+from libs.lab import nats_auth
 
 _PR_SET_PDEATHSIG = 1
 _LIVE: weakref.WeakSet[_Process] = weakref.WeakSet()
@@ -129,10 +131,11 @@ def find_redis_server() -> str:
 class _Process:
     """One child server process with a log file and a bounded stop."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -144,6 +147,7 @@ class _Process:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+                env={**os.environ, **self.env},
             )
         _LIVE.add(self)
 
@@ -196,7 +200,11 @@ def _http_json(url: str) -> dict:
 
 @dataclass
 class NatsServer:
-    """One nats-server (one site) with JetStream, ``max_payload: 8MB`` and a monitoring port."""
+    """One nats-server (one site) with JetStream, ``max_payload: 8MB`` and a monitoring port.
+
+    ``passwords`` (user -> password) turns authorization on, each user limited to ``permissions[user]``;
+    ``gateway_tls`` makes the gateways to other sites mutually authenticated TLS.
+    """
 
     name: str = "site-a"
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="prfaas-nats-")))
@@ -206,12 +214,19 @@ class NatsServer:
     gateway_port: int = field(default_factory=free_port)
     gateways: dict[str, int] = field(default_factory=dict)
     max_payload: str = "8MB"
+    passwords: dict[str, str] = field(default_factory=dict)
+    permissions: dict[str, nats_auth.Permissions] = field(default_factory=dict)
+    gateway_tls: CertFiles | None = None
     _process: _Process | None = None
 
     @property
     def url(self) -> str:
-        """Client URL."""
+        """Client URL (without credentials)."""
         return f"nats://127.0.0.1:{self.port}"
+
+    def user_url(self, user: str) -> str:
+        """Client URL logging in as ``user`` (one of ``passwords``)."""
+        return f"nats://{user}:{self.passwords[user]}@127.0.0.1:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -228,6 +243,8 @@ class NatsServer:
             f"max_payload: {self.max_payload}",
             f'jetstream {{ store_dir: "{store}", max_memory_store: 1GB, max_file_store: 20GB }}',
         ]
+        if self.passwords:
+            lines += nats_auth.authorization_block({user: self.permissions[user] for user in self.passwords})
         if self.gateways:
             # JetStream in a supercluster needs a (one-node) cluster whose name is the gateway's.
             lines.append(
@@ -237,9 +254,12 @@ class NatsServer:
             remotes = ", ".join(
                 f"{{ name: {gw}, urls: [nats://127.0.0.1:{port}] }}" for gw, port in sorted(self.gateways.items())
             )
-            lines.append(
-                f"gateway {{ name: {self.name}, listen: 127.0.0.1:{self.gateway_port}, gateways: [{remotes}] }}"
-            )
+            tls = self.gateway_tls
+            lines += [
+                f"gateway {{ name: {self.name}, listen: 127.0.0.1:{self.gateway_port}, gateways: [{remotes}]",
+                *(nats_auth.gateway_tls_lines(str(tls.cert), str(tls.key), str(tls.ca)) if tls else []),
+                "}",
+            ]
         return "\n".join(lines) + "\n"
 
     def start(self, timeout_s: float = 15.0) -> NatsServer:
@@ -258,7 +278,10 @@ class NatsServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / f"{self.name}.conf"
         conf.write_text(self.config_text())
-        self._process = _Process(self.name, [find_nats_server(), "-c", str(conf)], self.workdir / f"{self.name}.log")
+        env = nats_auth.server_env(self.passwords)
+        self._process = _Process(
+            self.name, [find_nats_server(), "-c", str(conf)], self.workdir / f"{self.name}.log", env
+        )
         self._process.start()
 
     def wait_healthy(self, timeout_s: float) -> None:
@@ -291,23 +314,38 @@ class NatsServer:
 
 @dataclass
 class Supercluster:
-    """One nats-server per site, joined by gateways (a NATS supercluster)."""
+    """One nats-server per site, joined by gateways (a NATS supercluster).
+
+    ``auth``: the lab's users (``libs.lab.nats_auth``) with fresh passwords at every site, ``url(site)``
+    logging in as the ``lab`` user; ``tls``: gateways over TLS with certificates of one CA (``ca``).
+    Both are off by default: tests of services need neither, and a plain server starts quicker.
+    """
 
     sites: list[str]
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="prfaas-super-")))
     servers: dict[str, NatsServer] = field(default_factory=dict)
+    auth: bool = False
+    tls: bool = False
+    ca: CertificateAuthority | None = None
 
     def start(self, timeout_s: float = 30.0) -> Supercluster:
         """Start every site and wait until all gateways are connected both ways."""
         if len(set(self.sites)) != len(self.sites) or not self.sites:
             raise ValueError(f"sites must be distinct and non-empty, got {self.sites}")
         gw_ports = {site: free_port() for site in self.sites}
+        permissions = nats_auth.role_permissions(self.sites)
+        passwords = nats_auth.new_passwords(list(permissions)) if self.auth else {}
+        if self.tls:
+            self.ca = CertificateAuthority(self.workdir / "tls")
         for site in self.sites:
             self.servers[site] = NatsServer(
                 name=site,
                 workdir=self.workdir / site,
                 gateway_port=gw_ports[site],
                 gateways={other: port for other, port in gw_ports.items() if other != site},
+                passwords=passwords,
+                permissions=permissions,
+                gateway_tls=self.ca.issue(f"nats-{site}", ["127.0.0.1", "localhost"]) if self.ca else None,
             )
         try:
             for server in self.servers.values():
@@ -325,8 +363,13 @@ class Supercluster:
         return self
 
     def url(self, site: str) -> str:
-        """Client URL of ``site``'s server."""
-        return self.servers[site].url
+        """Client URL of ``site``'s server (as the ``lab`` user when ``auth``)."""
+        server = self.servers[site]
+        return server.user_url(nats_auth.LAB_USER) if self.auth else server.url
+
+    def user_url(self, site: str, user: str) -> str:
+        """Client URL of ``site``'s server logging in as ``user`` (``auth`` only)."""
+        return self.servers[site].user_url(user)
 
     def stop(self) -> None:
         """Stop every site (idempotent)."""
