@@ -180,7 +180,16 @@ class RequestRun:
     async def _decide(
         self, attempt: int, gone: frozenset[str], avoid: frozenset[str], local_only: bool, fallback_of: str
     ) -> DecisionEvent:
-        """Decide avoiding what failed; if that leaves nothing, wait a moment and allow the busy ones again."""
+        """Decide avoiding what failed; if that leaves nothing, wait a moment and allow the busy ones again.
+
+        With no decode or no prefill instance in the view at all, wait for one as long as for a reservation (for
+        every attempt's while the router's bus is down): the view is empty while the router starts (heartbeats
+        come every 0.5 s) and while its NATS server restarts (every instance expires meanwhile), and a 503 then
+        would be no instance's doing.
+        """
+        cfg = self.config
+        bus_down = not self.ctx.nc.is_connected
+        await self.view.until_serving(cfg.reserve_timeout_s * (cfg.max_attempts if bus_down else 1))
         decide = self.ctx.scheduler.decide
         try:
             event = decide(

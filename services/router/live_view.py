@@ -24,6 +24,8 @@ they run): the router's readiness and its ``prfaas_router_kv_path_up`` gauge.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Iterable
@@ -142,6 +144,7 @@ class LiveView:
         self._loads: dict[str, tuple[InstanceLoad, float]] = {}  # instance -> (heartbeat, received at, monotonic)
         self._legs: dict[str, dict[str, _Leg]] = {}  # instance -> job id -> this router's leg there
         self._started = time.monotonic()
+        self._heard = asyncio.Event()  # set by each heartbeat
         self._linkstats_at: dict[str, float] = dict.fromkeys(  # PrfaaS site -> its pair's last LinkStats (monotonic)
             (src for src, dst in (link_capacities or {}) if dst == decode_site and src != decode_site), -math.inf
         )
@@ -151,6 +154,7 @@ class LiveView:
     def ingest_load(self, load: InstanceLoad) -> None:
         """Take a heartbeat; legs that ended before it was stamped need no correcting any more."""
         self._loads[load.instance] = (load, time.monotonic())
+        self._heard.set()
         if load.role == "prefill" and load.site != self.decode_site:
             self._linkstats_at.setdefault(load.site, -math.inf)
         self.breakers.heard(load.site, time.time())
@@ -190,6 +194,20 @@ class LiveView:
         """Heartbeats younger than the instance TTL (of ``model`` if given)."""
         horizon = time.monotonic() - self.instance_ttl_s
         return [load for load, at in self._loads.values() if at >= horizon and (model is None or load.model == model)]
+
+    def serving(self) -> bool:
+        """True while a decode instance at this site and a prefill instance heartbeat within the instance TTL."""
+        alive = self.alive()
+        decode = any(load.role == "decode" and load.site == self.decode_site for load in alive)
+        return decode and any(load.role == "prefill" for load in alive)
+
+    async def until_serving(self, timeout_s: float) -> None:
+        """Return once :meth:`serving` holds, or after ``timeout_s``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while not self.serving():
+                    self._heard.clear()
+                    await self._heard.wait()
 
     def is_alive(self, instance: str) -> bool:
         """True while ``instance`` heartbeats within the instance TTL."""
