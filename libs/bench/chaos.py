@@ -8,7 +8,8 @@ each fault is injected, held, healed, and the bench waits until the system has r
 sent after the heal answered 2xx, one offloaded to dc-a and one with cached tokens. Per fault,
 ``faults.<name>``: ``sent``, ``completed``, ``failed_with_error`` (the client got a clear error),
 ``excused`` (of those, the ones the fault leaves no way around), ``unexpected_errors``, ``lost`` (no
-answer and no error by ``--deadline``), ``recovery_s`` (heal to recovered), ``kv_path_down_seen``
+answer and no error by ``--deadline``), ``in_flight_at_fault`` and ``slowest_in_flight_s`` (the fault
+to the end of the slowest of them), ``recovery_s`` (heal to recovered), ``kv_path_down_seen``
 (a router's ``prfaas_router_kv_path_up`` said 0 during the fault); the burst adds
 ``burst_503s`` and ``last_503_after_s`` (its end to the last 503 answered). Requests are counted in
 the window of the fault they were sent in, each ended by the deadline.
@@ -85,8 +86,8 @@ def chosen_faults(text: str) -> list[Fault]:
     """The faults named in ``--faults``, in its order (BadRequest naming an unknown one)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in FAULT_NAMES]
-    if unknown or not names:
-        raise BadRequest(f"--faults: expected names among {', '.join(FAULT_NAMES)}, got {text!r}")
+    if unknown or not names or len(set(names)) < len(names):
+        raise BadRequest(f"--faults: expected distinct names among {', '.join(FAULT_NAMES)}, got {text!r}")
     return [next(f for f in FAULTS if f.name == n) for n in names]
 
 
@@ -253,6 +254,7 @@ def _firsts(calls: list[Call], outcomes: Outcomes, phase: str, since: float) -> 
 def _figures(fault: Fault, w: Window, calls: list[Call], outcomes: Outcomes, recovery_s: float, kv_down: bool) -> dict:
     mine = [c for c in calls if c.phase == fault.name]
     failed = [c for c in mine if c.status == "error"]
+    caught = [c for c in mine if c.sent_at < w.injected_at < c.done_at]  # in flight when the fault came
     excused = []
     for c in failed:
         outcome = outcomes.of(c)
@@ -265,6 +267,8 @@ def _figures(fault: Fault, w: Window, calls: list[Call], outcomes: Outcomes, rec
         "excused": len(excused),
         "unexpected_errors": len(failed) - len(excused),
         "lost": sum(c.status == "lost" for c in mine),
+        "in_flight_at_fault": len(caught),
+        "slowest_in_flight_s": max((c.done_at - w.injected_at for c in caught), default=0.0),
         "recovery_s": recovery_s,
         "recovered": not math.isnan(recovery_s),
         "fault_s": w.healed_at - w.injected_at,
@@ -283,12 +287,16 @@ def _short(error: str) -> str:
 
 def table(doc: dict) -> str:
     """The per-fault figures as a table."""
-    head = f"{'fault':<20} {'sent':>5} {'done':>5} {'error':>6} {'excused':>8} {'lost':>5} {'recovery_s':>11} {'kv_down':>8}"
+    head = (
+        f"{'fault':<20} {'sent':>5} {'done':>5} {'error':>6} {'excused':>8} {'lost':>5} {'in_flight':>9} "
+        f"{'slowest_s':>9} {'recovery_s':>11} {'kv_down':>8}"
+    )
     lines = [head]
     for name, f in doc["faults"].items():
         lines.append(
             f"{name:<20} {f['sent']:>5} {f['completed']:>5} {f['failed_with_error']:>6} {f['excused']:>8} "
-            f"{f['lost']:>5} {f['recovery_s']:>11.1f} {'yes' if f['kv_path_down_seen'] else 'no':>8}"
+            f"{f['lost']:>5} {f['in_flight_at_fault']:>9} {f['slowest_in_flight_s']:>9.1f} "
+            f"{f['recovery_s']:>11.1f} {'yes' if f['kv_path_down_seen'] else 'no':>8}"
         )
         lines += [f"    unexpected: {e}" for e in f["errors"]]
     return "\n".join(lines)
