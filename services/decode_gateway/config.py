@@ -11,7 +11,9 @@ from libs.common import subjects
 from libs.common.config import EnvReader
 from libs.common.errors import ConfigError
 from libs.common.messages import TRANSPORTS
+from libs.common.pki import CertFiles
 from libs.engine.build import BackendSpec
+from libs.kvwire.sockets import tls_files
 
 PREFIX = "DECODE_GATEWAY_"
 
@@ -72,6 +74,10 @@ class DecodeGatewayConfig:
     tcp_host: str = "127.0.0.1"
     tcp_port: int = 0  # 0: any free port (announced in reservations and heartbeats)
     advertise_host: str = ""  # host senders connect to ("": tcp_host)
+    kv_tls: CertFiles | None = None  # KV_TLS_CERT, _KEY, _CA: mutual TLS on the KV listener (all three, or none)
+    kv_io_timeout_s: float = 60.0  # a KV connection silent between frames, or stalled in a payload, this long is cut
+    kv_header_timeout_s: float = 5.0  # a KV frame header (or TLS handshake) still incomplete this long is cut
+    kv_max_connections: int = 256  # KV connections open at once; more are closed as soon as accepted
     # Where senders of one prefill site reach the receiver (a relay or NAT in between), else advertise_host:port.
     advertise_by_site: Mapping[str, tuple[str, int]] = field(default_factory=lambda: MappingProxyType({}))
     transports: tuple[str, ...] = TRANSPORTS
@@ -113,6 +119,10 @@ class DecodeGatewayConfig:
             tcp_host=r.str("TCP_HOST", d.tcp_host),
             tcp_port=r.int("TCP_PORT", d.tcp_port, minimum=0),
             advertise_host=r.str("ADVERTISE_HOST", d.advertise_host),
+            kv_tls=tls_files(r),
+            kv_io_timeout_s=r.float("KV_IO_TIMEOUT_S", d.kv_io_timeout_s, minimum=0.1),
+            kv_header_timeout_s=r.float("KV_HEADER_TIMEOUT_S", d.kv_header_timeout_s, minimum=0.1),
+            kv_max_connections=r.int("KV_MAX_CONNECTIONS", d.kv_max_connections, minimum=1),
             advertise_by_site=_advertise_by_site(r.list("ADVERTISE_BY_SITE")),
             transports=transports,
             kv_memory_bytes=kv_memory,

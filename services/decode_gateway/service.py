@@ -15,6 +15,7 @@ from libs.common.bus import connect
 from libs.common.entrypoint import run_service
 from libs.common.jobs import JobTable
 from libs.common.messages import InstanceLoad
+from libs.common.pki import server_context
 from libs.common.service import BusService, heartbeat, serve
 from libs.engine.backends import Backend
 from libs.engine.build import build_backend
@@ -52,7 +53,15 @@ class DecodeGatewayService(BusService):
             ),
             admit=lambda manifest, bytes_needed: self.book.admit(manifest, bytes_needed),
         )
-        self.tcp = TcpReceiverServer(self.receiver, TcpServerConfig(host=config.tcp_host, port=config.tcp_port))
+        tcp = TcpServerConfig(
+            host=config.tcp_host,
+            port=config.tcp_port,
+            io_timeout_s=config.kv_io_timeout_s,
+            header_timeout_s=config.kv_header_timeout_s,
+            max_connections=config.kv_max_connections,
+            tls=server_context(config.kv_tls) if config.kv_tls is not None else None,
+        )
+        self.tcp = TcpReceiverServer(self.receiver, tcp, self.registry)
         self.jetstream = (
             JetStreamReceiver(nc, self.receiver, config.site, config.instance)
             if "jetstream" in config.transports

@@ -10,7 +10,9 @@ from types import MappingProxyType
 from libs.common import subjects
 from libs.common.config import EnvReader
 from libs.common.errors import ConfigError
+from libs.common.pki import CertFiles
 from libs.engine.build import BackendSpec
+from libs.kvwire.sockets import tls_files
 
 PREFIX = "PREFILL_GATEWAY_"
 CODECS = ("raw", "zstd", "int8")
@@ -58,6 +60,7 @@ class PrefillGatewayConfig:
     tcp_pool: bool = True  # keep KV connections open between transfers, per decode endpoint (host, port)
     tcp_pool_idle_s: float = 60.0  # a kept connection no transfer claimed for this long is closed
     tcp_keepalive_s: float = 0.1  # a KV connection with nothing to send for this long sends 4 bytes (0: never)
+    kv_tls: CertFiles | None = None  # KV_TLS_CERT, _KEY, _CA: mutual TLS to decode sites' KV listeners (all, or none)
     send_attempts: int = 4  # sessions per transfer: the first and the resumes after broken connections
     abort_timeout_s: float = 2.0  # telling a receiver to drop a transfer
     link_stats_s: float = 1.0
@@ -98,6 +101,7 @@ class PrefillGatewayConfig:
             tcp_pool=r.bool("TCP_POOL", d.tcp_pool),
             tcp_pool_idle_s=r.float("TCP_POOL_IDLE_S", d.tcp_pool_idle_s, minimum=0.01),
             tcp_keepalive_s=r.float("TCP_KEEPALIVE_S", d.tcp_keepalive_s, minimum=0.0),
+            kv_tls=tls_files(r),
             send_attempts=r.int("SEND_ATTEMPTS", d.send_attempts, minimum=1),
             abort_timeout_s=r.float("ABORT_TIMEOUT_S", d.abort_timeout_s, minimum=0.01),
             link_stats_s=r.float("LINK_STATS_S", d.link_stats_s, minimum=0.01),

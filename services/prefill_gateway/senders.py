@@ -6,6 +6,7 @@ import dataclasses
 
 from nats.aio.client import Client as NatsClient
 
+from libs.common.pki import client_context
 from libs.kvwire import JetStreamTransport, KvLinks, KvSender, SenderConfig, TcpConfig, TcpTransport
 from services.prefill_gateway.config import PrefillGatewayConfig
 
@@ -20,6 +21,7 @@ class Senders:
             pool=config.tcp_pool,
             pool_idle_s=config.tcp_pool_idle_s,
             keepalive_s=config.tcp_keepalive_s,
+            tls=client_context(config.kv_tls) if config.kv_tls is not None else None,
         )
         self._tcp = TcpTransport(tcp)
         self._by_transport = {

@@ -11,16 +11,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NatsClient
 
-from libs.common.errors import TransferFailed
+from libs.common.errors import BadRequest, ConfigError, TransferFailed
 from libs.common.messages import KvBegin, encode
 from libs.common.pki import CertFiles, CertificateAuthority, client_context, server_context
+from libs.engine.build import build_backend
 from libs.kvwire.format import frame
 from libs.kvwire.linkstats import KvLinks
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
 from libs.kvwire.sender import KvSender, SenderConfig
 from libs.kvwire.tcp_recv import TcpReceiverServer, TcpServerConfig
 from libs.kvwire.tcp_send import TcpConfig, TcpTransport
+from services.decode_gateway.config import DecodeGatewayConfig
+from services.decode_gateway.service import DecodeGatewayService
+from services.prefill_gateway.config import PrefillGatewayConfig
+from services.prefill_gateway.senders import Senders
 from tests.kvwire.support import CHUNK, DST, SRC, assert_restored, eventually, hybrid_parts, specs_of, tcp_dest
 
 HOST = "127.0.0.1"
@@ -128,3 +134,55 @@ async def test_a_sender_refuses_a_receiver_whose_certificate_it_cannot_verify(pk
             await sender.send(_manifest(sender, f"t-untrusted-{holder}", parts), parts, tcp_dest(server))
         await sender.transport.close()
         assert receiver.active_transfers == 0 and receiver.used_bytes == 0
+
+
+def _tls_env(prefix: str, files: CertFiles) -> dict[str, str]:
+    return {
+        f"{prefix}KV_TLS_CERT": str(files.cert),
+        f"{prefix}KV_TLS_KEY": str(files.key),
+        f"{prefix}KV_TLS_CA": str(files.ca),
+    }
+
+
+@pytest.mark.parametrize("config", [PrefillGatewayConfig, DecodeGatewayConfig])
+def test_a_gateway_takes_all_three_kv_tls_files_or_none(pki, config, tmp_path):
+    """<PREFIX>KV_TLS_CERT, _KEY and _CA: all three turn TLS on, none leaves it off, a partial set or a missing file
+    is a ConfigError naming the key."""
+    prefix = "PREFILL_GATEWAY_" if config is PrefillGatewayConfig else "DECODE_GATEWAY_"
+    env = _tls_env(prefix, pki.decode)
+    assert config.from_env(env).kv_tls == pki.decode
+    assert config.from_env({}).kv_tls is None
+    partial = {k: v for k, v in env.items() if not k.endswith("_KEY")}
+    with pytest.raises(ConfigError, match=f"{prefix}KV_TLS_KEY=''.*TLS needs all of"):
+        config.from_env(partial)
+    with pytest.raises(ConfigError, match=f"{prefix}KV_TLS_CA=.*no such file"):
+        config.from_env({**env, f"{prefix}KV_TLS_CA": str(tmp_path / "missing.pem")})
+
+
+async def test_the_gateways_kv_tls_settings_reach_the_decode_listener_and_the_prefill_pool(pki):
+    """The decode gateway listens with mutual TLS and counts refusals in its registry; the prefill gateway's senders
+    dial it over TLS (the decode side's typed refusal of an unreserved transfer comes back through the tunnel)."""
+    decode_env = {
+        **_tls_env("DECODE_GATEWAY_", pki.decode),
+        "DECODE_GATEWAY_BACKEND": "simulated:h20",
+        "DECODE_GATEWAY_MODEL": "kimi-linear-1t",
+        "DECODE_GATEWAY_BYTE_SCALE": "0.001",
+        "DECODE_GATEWAY_TRANSPORTS": "tcp",
+    }
+    decode_config = DecodeGatewayConfig.from_env(decode_env)
+    nc = NatsClient()  # never connected: only the KV listener runs here
+    service = DecodeGatewayService(nc, build_backend(decode_config.backend), decode_config)
+    prefill_config = PrefillGatewayConfig.from_env(_tls_env("PREFILL_GATEWAY_", pki.prefill))
+    parts = hybrid_parts(seed=77)
+    async with service.receiver, service.tcp, KvLinks(SRC) as links:
+        senders = Senders(nc, links, prefill_config)
+        sender = senders.pick("tcp", 0)
+        assert sender.transport.config.tls is not None and sender.transport.config.tls.check_hostname
+        with pytest.raises(BadRequest, match="t-unreserved has no reservation"):
+            await sender.send(_manifest(sender, "t-unreserved", parts), parts, tcp_dest(service.tcp))
+        await senders.close()
+        answer = await asyncio.to_thread(_attempt, service.tcp.address, None, _manifest(sender, "t-plain", parts))
+        assert answer != "answered"
+        refused = "prfaas_kv_tcp_refused_total"
+        await eventually(lambda: service.registry.get_sample_value(refused, {"reason": "tls"}) == 1)
+        assert service.registry.get_sample_value(refused, {"reason": "transfer_refused"}) == 1
