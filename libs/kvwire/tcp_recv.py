@@ -16,9 +16,10 @@ Hostile input costs a bounded header buffer and is counted (``prfaas_kv_tcp_refu
 reason, a log line per reason at most every ``LOG_EVERY_S``): a frame that does not decode, a chunk
 that does not fit its transfer's layout (checked before its payload is read) and a transfer the
 receiver refuses (no reservation, over it: before any memory is taken) end the connection with a
-typed error. A watchdog on the event loop cuts a connection silent between frames for
-``io_timeout_s``, one whose frame header is still incomplete ``header_timeout_s`` after its first
-byte (a slow sender), and one stalled ``io_timeout_s`` in a payload or reply; past
+typed error. Sockets block without kernel deadlines: a watchdog on the event loop cuts a
+connection silent between frames for ``io_timeout_s``, one whose frame header is still incomplete
+``header_timeout_s`` after its first byte (a slow sender), and one stalled ``io_timeout_s`` in a
+payload or a reply; past
 ``max_connections`` new connections are closed at once. With ``tls`` (mutual: ``pki.server_context``)
 every connection completes a TLS handshake within ``header_timeout_s`` before any frame is read;
 a peer without a certificate signed by the CA is refused.
@@ -57,7 +58,7 @@ from libs.common.messages import (
 from libs.kvwire.assembly import TransferAssembly
 from libs.kvwire.format import FRAME_PREFIX, MAX_CHUNK_BYTES, check_chunk, frame
 from libs.kvwire.receiver import KvReceiver
-from libs.kvwire.sockets import Closed, Stream, TlsStream, handshake, read_frame, recv_exact, set_deadline
+from libs.kvwire.sockets import Closed, Stream, TlsStream, handshake, read_frame, recv_exact
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class TcpReceiverServer:
                 sock.close()
                 self._refusals.count("too_many_connections", peer, f"{self.config.max_connections} open")
                 continue
-            set_deadline(sock, self.config.io_timeout_s)
+            sock.settimeout(None)  # blocking, without kernel deadlines: the watchdog keeps them
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Connection(self.receiver, sock, self._ends, self.config)
             thread = threading.Thread(target=self._serve, args=(conn, peer), name=f"kv-tcp-{peer[1]}", daemon=True)
@@ -284,7 +285,7 @@ class TcpReceiverServer:
                 conn.stream.sendall(frame(encode(ErrorReply(code=e.code, message=e.message))))
         except (Closed, OSError) as e:
             tls = handshaking or isinstance(e, ssl.SSLError)
-            reason = conn.cut_reason or ("tls" if tls else "idle" if isinstance(e, TimeoutError) else "")
+            reason = conn.cut_reason or ("tls" if tls else "")
             if reason:
                 self._refusals.count(reason, peer, repr(e))
             else:
