@@ -55,8 +55,11 @@ def load_digests(plain: Iterable[str], hashed: Iterable[str], file: str) -> tupl
 
 
 def matching_digest(presented: str, digests: tuple[bytes, ...]) -> bytes | None:
-    """The configured digest ``presented`` hashes to, or None; every digest is compared (no early exit)."""
-    given = hashlib.sha256(presented.encode()).digest()
+    """The configured digest ``presented`` hashes to, or None; every digest is compared (no early exit).
+
+    A header's bytes that are not UTF-8 come back as they were sent (aiohttp decodes with ``surrogateescape``).
+    """
+    given = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
     found = None
     for candidate in digests:
         if hmac.compare_digest(given, candidate):

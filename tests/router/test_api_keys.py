@@ -90,13 +90,26 @@ async def test_a_digest_configured_router_takes_the_right_key_only(start_router)
     async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         assert (await get_models(http, svc, KEY_TWO)).status == 200
         assert (await get_models(http, svc, KEY_ONE)).status == 200
-        for key in ("wrong", KEY_ONE + "x", digest(KEY_ONE), None):
+        for key in ("wrong", KEY_ONE + "x", digest(KEY_ONE), "\u00ff\u00fe", None):
             r = await get_models(http, svc, key)
             assert r.status == 401, key
         async with http.get(svc.url + "/healthz") as r:
             assert r.status == 200
-        assert await metric(http, svc, 'prfaas_router_refused_total{reason="wrong_key"}') == 3
+        assert await metric(http, svc, 'prfaas_router_refused_total{reason="wrong_key"}') == 4
         assert await metric(http, svc, 'prfaas_router_refused_total{reason="missing_key"}') == 1
+
+
+async def test_a_key_of_raw_bytes_is_a_401(start_router):
+    """A bearer key of bytes that are not UTF-8 is compared like any other: 401, not a server error."""
+    svc = await start_router(models=("reference",), api_key_digests=(sha(KEY_ONE),))
+    reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+    writer.write(
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\x80\r\nConnection: close\r\n\r\n"
+    )
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
 
 
 async def test_a_key_past_its_rate_gets_429_with_retry_after(start_router):
