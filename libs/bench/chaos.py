@@ -29,7 +29,7 @@ import aiohttp
 import msgspec
 
 from libs.bench.case_study_deploy import running
-from libs.bench.chaos_faults import FAULT_NAMES, FAULTS, PD_SITE, PRFAAS_SITE, Fault, Window
+from libs.bench.chaos_faults import CAUGHT_WAIT_S, FAULT_NAMES, FAULTS, PD_SITE, PRFAAS_SITE, Fault, Window
 from libs.bench.chaos_load import Call, ChaosClient, Outcomes
 from libs.bench.targets import conclude
 from libs.common.bus import connect
@@ -154,6 +154,7 @@ async def measure(faults: list[Fault], args, say=progress) -> dict:
                         pace.phase = fault.name
                         await asyncio.sleep(args.lead)
                         w = windows[fault.name] = Window()
+                        await _until_caught(client, outcomes, fault)
                         watch = asyncio.create_task(_kv_path_down(http, urls))
                         w.injected_at = time.monotonic()
                         await fault.inject(lab_faults, w)
@@ -223,6 +224,20 @@ async def _kv_path_down(http: aiohttp.ClientSession, urls: list[str]) -> bool:
     except asyncio.CancelledError:
         return down
     return down
+
+
+async def _until_caught(client: ChaosClient, outcomes: Outcomes, fault: Fault) -> None:
+    """Until a request the fault should catch runs (at most ``CAUGHT_WAIT_S``; at once when it asks for none)."""
+    end = time.monotonic() + CAUGHT_WAIT_S
+    while (fault.mid_stream_on or fault.mid_prefill_on) and time.monotonic() < end:
+        if fault.mid_stream_on and any(
+            c.stream and c.first_at is not None and c.done_at is None and outcomes.decode_of(c) == fault.mid_stream_on
+            for c in client.calls[-50:]
+        ):
+            return
+        if fault.mid_prefill_on and outcomes.prefilling_on(fault.mid_prefill_on):
+            return
+        await asyncio.sleep(0.02)
 
 
 async def _recovered(client: ChaosClient, outcomes: Outcomes, phase: str, since: float, timeout_s: float) -> float:

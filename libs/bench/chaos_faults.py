@@ -17,6 +17,7 @@ from libs.bench.chaos_load import Call
 from libs.lab.faults import LabFaults
 
 PRFAAS_SITE, PD_SITE = "dc-a", "dc-b"
+CAUGHT_WAIT_S = 10.0
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Fault:
     hold_s: float
     excuse: Excuse | None = None
     burst: bool = False  # the overload burst: the bench sends at 3x capacity while it holds
+    mid_stream_on: str = ""  # inject once a stream runs on this decode instance (at most CAUGHT_WAIT_S) ...
+    mid_prefill_on: str = ""  # ... or once a request waits for its first token from this prefill instance
 
 
 def _kill(role: str, site: str | None, index: int = 0) -> Step:
@@ -89,9 +92,11 @@ def _link(changes: dict) -> Step:
 
 
 def _streams_on_killed_decode(call: Call, w: Window, decode_instance: str) -> bool:
-    """A stream that had its first token before the kill, on the killed instance (if the outcome says)."""
+    """A stream that had its first token before the kill, on the killed instance (if the outcome says), ended by an
+    error event (not cut short)."""
     running = call.stream and call.first_at is not None and call.first_at < w.injected_at <= (call.done_at or 0)
-    return running and decode_instance in ("", w.target.removeprefix("decode-"))
+    on_killed = decode_instance in ("", w.target.removeprefix("decode-"))
+    return running and on_killed and call.error.startswith("error event")
 
 
 def _in_flight_on_killed_router(call: Call, w: Window, decode_instance: str) -> bool:
@@ -111,6 +116,7 @@ FAULTS: tuple[Fault, ...] = (
         _kill("prefill_gateway", PRFAAS_SITE),
         _restart_target,
         5.0,
+        mid_prefill_on="prfaas-p0",
     ),
     Fault(
         "prefill_kill_dc-b",
@@ -118,6 +124,7 @@ FAULTS: tuple[Fault, ...] = (
         _kill("prefill_gateway", PD_SITE),
         _restart_target,
         5.0,
+        mid_prefill_on="pd-p0",
     ),
     Fault(
         "decode_kill",
@@ -126,6 +133,7 @@ FAULTS: tuple[Fault, ...] = (
         _restart_target,
         5.0,
         _streams_on_killed_decode,
+        mid_stream_on="pd-d0",
     ),
     Fault(
         "kv_index_kill", "kill -9 of kv_index, restarted after the hold", _kill("kv_index", None), _restart_target, 5.0
@@ -159,6 +167,7 @@ FAULTS: tuple[Fault, ...] = (
         _stop_prefill,
         _continue,
         15.0,
+        mid_prefill_on="prfaas-p0",
     ),
     Fault(
         "overload", "a burst at 3x capacity for 5 s, then the steady rate", _nothing, _nothing, 5.0, _burst_503, True

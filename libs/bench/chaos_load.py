@@ -24,12 +24,12 @@ from nats.aio.client import Client as NatsClient
 
 from libs.bench.case_study_load import VOCAB
 from libs.common import subjects
-from libs.common.messages import OutcomeEvent
+from libs.common.messages import DecisionEvent, OutcomeEvent
 
 LONG_TOKENS = 2_000  # above the default lab's 1,212-token threshold: offloaded to dc-a
 SHORT_PREFIX_TOKENS, SHORT_TAIL_TOKENS = 256, 32  # four shared blocks: a cache hit at the prefill instance
 PREFIXES = 3
-OUTPUT_TOKENS = {"long": 24, "short": 12}
+OUTPUT_TOKENS = {"stream": 96, "whole": 16}  # a stream lasts ~0.5 s on the reference model: a fault finds some running
 REQUEST_ID_HEADER = "x-prfaas-request-id"
 _REFUSED_PAUSE_S = 0.25  # every router refused the connection: wait this long before the next round
 
@@ -54,19 +54,38 @@ class Call:
 
 
 class Outcomes:
-    """The router site's outcome events by request id."""
+    """The router site's outcome events by request id, and the instances each request's last decision chose."""
 
     def __init__(self, nc: NatsClient, site: str) -> None:
         self.nc, self.site = nc, site
         self.by_id: dict[str, OutcomeEvent] = {}
+        self.decided: dict[str, tuple[str, str, float]] = {}  # request id -> the last decision's prefill, decode, when
 
     async def start(self) -> None:
-        """Subscribe to the site's outcomes."""
+        """Subscribe to the site's outcomes and decisions."""
         await self.nc.subscribe(subjects.outcomes(self.site), cb=self._take)
+        await self.nc.subscribe(subjects.decisions(self.site), cb=self._decided)
 
     async def _take(self, msg) -> None:
         event = msgspec.json.decode(msg.data, type=OutcomeEvent)
         self.by_id[event.request_id] = event
+
+    async def _decided(self, msg) -> None:
+        event = msgspec.json.decode(msg.data, type=DecisionEvent)
+        d = event.decision
+        self.decided[event.request_id] = (d.prefill_instance, d.decode_instance, time.monotonic())
+
+    def decode_of(self, call: Call) -> str:
+        """The decode instance ``call``'s last decision chose ("" if none is known)."""
+        return self.decided.get(call.request_id, ("", "", 0.0))[1]
+
+    def prefilling_on(self, instance: str, within_s: float = 0.5) -> bool:
+        """A request was decided onto prefill ``instance`` in the last ``within_s`` and has not ended."""
+        since = time.monotonic() - within_s
+        return any(
+            p == instance and at >= since and rid not in self.by_id
+            for rid, (p, _, at) in list(self.decided.items())[-20:]
+        )
 
     def of(self, call: Call) -> OutcomeEvent | None:
         """The outcome the router published for ``call`` (None if none arrived)."""
@@ -114,7 +133,7 @@ class ChaosClient:
             {
                 "model": self.model,
                 "prompt": ids.tolist(),
-                "max_tokens": OUTPUT_TOKENS[kind],
+                "max_tokens": OUTPUT_TOKENS["stream" if stream else "whole"],
                 "ignore_eos": True,
                 "temperature": 0,
                 "stream": stream,
