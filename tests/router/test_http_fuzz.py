@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from urllib.parse import quote, quote_from_bytes
 
 import aiohttp
 import pytest
+import yarl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -248,6 +250,16 @@ async def test_random_json_bodies_get_client_errors(router, http, batch):
     answers = await asyncio.gather(*(post(http, router, path, json.dumps(body).encode()) for path, body in batch))
     for (status, answer), sent in zip(answers, batch, strict=True):
         assert_client_error_or_served(status, answer, sent)
+
+
+@SETTINGS
+@given(name=st.text(max_size=40).map(lambda t: quote(t, safe="")) | st.binary(max_size=20).map(quote_from_bytes))
+async def test_random_model_names_get_200_or_4xx(router, http, name):
+    """GET /v1/models/{any text or bytes, percent-encoded}: the model (200) or a 4xx; a wrong method is a 405."""
+    async with http.get(yarl.URL(router.url + "/v1/models/" + name, encoded=True)) as r:
+        assert_client_error_or_served(r.status, await r.read(), name)
+    async with http.delete(router.url + "/v1/models/reference") as r:
+        assert r.status == 405, await r.text()
 
 
 RAW = [
