@@ -30,7 +30,10 @@ from libs.bench.gateways import CLUSTER, DECODE_SITE, PREFILL_SITE, Caller, gate
 from libs.common import subjects
 from libs.common.bus import connect, settle
 from libs.common.messages import (
+    MAX_BATCH_EVENTS,
+    MAX_BATCH_HASHES,
     AllBlocksCleared,
+    BlocksEvicted,
     BlocksStored,
     DecodeJob,
     ErrorReply,
@@ -40,17 +43,20 @@ from libs.common.messages import (
     KvEventBatch,
     KvLookupReply,
     KvLookupRequest,
+    KvSnapshot,
     KvSnapshotRequest,
     KvStatusRequest,
     LinkShareAnnounce,
     LinkStats,
     PrefillJob,
     TokenChunk,
+    batch_size,
     encode,
     kv_lookup_result_decoder,
 )
 from libs.common.service import BusService
 from libs.engine.backends import ReferenceBackend
+from libs.engine.events import within_limits
 from libs.lab.servers import NatsServer, RedisServer
 from services.decode_gateway.config import DecodeGatewayConfig
 from services.decode_gateway.service import DecodeGatewayService
@@ -305,7 +311,14 @@ LISTENERS = {
     "index KV events": Listener(
         lambda d: subjects.kv_events(PREFILL_SITE, "garbage-events"),
         KvEventBatch(site=PREFILL_SITE, instance="garbage-events", seq=1, ts=1.0, events=[AllBlocksCleared()]),
-        ({"seq": 0}, {"seq": 2**64 - 1}, {"instance": "a.b"}, {"ts": NAN}),
+        (
+            {"seq": 0},
+            {"seq": 2**64 - 1},
+            {"instance": "a.b"},
+            {"ts": NAN},
+            {"events": [{"type": "kv.cleared.v1"}] * (MAX_BATCH_EVENTS + 1)},
+            {"events": [{"type": "kv.snapshot.v1", "stored": [{"block_hashes": [1] * (MAX_BATCH_HASHES + 1)}]}]},
+        ),
         lambda d: [d.index.metrics.bad_messages.labels("event")],
         _batch_applied,
         stream=True,
@@ -487,3 +500,17 @@ async def test_the_router_serves_a_completion_end_to_end_after_the_garbage(deplo
         out = await resp.json()
     assert resp.status == 200, out
     assert out["usage"]["completion_tokens"] == 4
+
+
+async def test_a_large_snapshot_is_published_as_batches_the_index_takes():
+    """A snapshot over the batch limits leaves as a reset and its chains, in order, every batch within the limits."""
+    chains = [BlocksStored(block_hashes=list(range(1, 40_001)), parent_hash=7)]
+    chains += [BlocksStored(block_hashes=[10**6 + i]) for i in range(5000)]
+    batches = within_limits([AllBlocksCleared(), KvSnapshot(stored=chains), BlocksEvicted(block_hashes=[3])])
+    assert len(batches) > 1 and all(batch_size(b) <= (MAX_BATCH_EVENTS, MAX_BATCH_HASHES) for b in batches)
+    flat = [event for batch in batches for event in batch]
+    assert flat[:2] == [AllBlocksCleared(), KvSnapshot(stored=[])] and flat[-1] == BlocksEvicted(block_hashes=[3])
+    stored = [event for event in flat if isinstance(event, BlocksStored)]
+    assert [h for event in stored for h in event.block_hashes] == [h for c in chains for h in c.block_hashes]
+    assert [e.parent_hash for e in stored[:4]] == [7, MAX_BATCH_HASHES, 2 * MAX_BATCH_HASHES, None]
+    assert within_limits([KvSnapshot(stored=chains[1:3])]) == [[KvSnapshot(stored=chains[1:3])]]  # small: unchanged

@@ -62,6 +62,12 @@ class KvSnapshot(_Msg, tag="kv.snapshot.v1"):
 KvEvent = BlocksStored | BlocksEvicted | AllBlocksCleared | KvSnapshot
 
 
+# The index applies a batch in one Redis script (about 16 us a stored hash, which blocks Redis meanwhile):
+# a batch over these limits is refused, so publishers split theirs (``libs.engine.events``).
+MAX_BATCH_HASHES = 1 << 14  # block hashes in one batch
+MAX_BATCH_EVENTS = 1 << 12  # events in one batch, each chain of a snapshot counted
+
+
 class KvEventBatch(_Msg, tag="kv.batch.v1"):
     """Events of one instance, numbered by a per-instance sequence (gaps mark it stale)."""
 
@@ -70,6 +76,19 @@ class KvEventBatch(_Msg, tag="kv.batch.v1"):
     seq: int
     ts: float
     events: list[KvEvent]
+
+
+def batch_size(events: list[KvEvent]) -> tuple[int, int]:
+    """What ``events`` weigh against the batch limits: events (a snapshot's chains counted too), block hashes."""
+    count = hashes = 0
+    for event in events:
+        if isinstance(event, KvSnapshot):
+            count += 1 + len(event.stored)
+            hashes += sum(len(chain.block_hashes) for chain in event.stored)
+        else:
+            count += 1
+            hashes += len(event.block_hashes) if isinstance(event, BlocksStored | BlocksEvicted) else 0
+    return count, hashes
 
 
 class KvSnapshotRequest(_Msg, tag="kv.snapshot_request.v1"):

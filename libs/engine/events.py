@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -21,7 +22,19 @@ from prometheus_client import Counter
 from libs.common import subjects
 from libs.common.errors import BadRequest
 from libs.common.handling import decoded_or_none, own_bad_messages
-from libs.common.messages import KvEvent, KvEventBatch, KvSnapshotRequest, encode, kv_snapshot_request_decoder
+from libs.common.messages import (
+    MAX_BATCH_EVENTS,
+    MAX_BATCH_HASHES,
+    BlocksEvicted,
+    BlocksStored,
+    KvEvent,
+    KvEventBatch,
+    KvSnapshot,
+    KvSnapshotRequest,
+    batch_size,
+    encode,
+    kv_snapshot_request_decoder,
+)
 from libs.engine.cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -63,14 +76,14 @@ class KvEventPublisher:
 
     async def flush(self) -> None:
         """Publish the cache's events since the last call (nothing if there are none)."""
-        events = self.cache.drain_events()
-        if events:
+        for events in within_limits(self.cache.drain_events()):
             await self._publish(events)
 
     async def publish_snapshot(self) -> None:
         """Publish everything the cache holds (replaces the index's view of this instance)."""
         self.cache.drain_events()  # the snapshot already reflects them
-        await self._publish([self.cache.snapshot()])
+        for events in within_limits([self.cache.snapshot()]):
+            await self._publish(events)
 
     def _for_me(self, req: KvSnapshotRequest) -> None:
         if (req.site, req.instance) != (self.site, self.instance):
@@ -91,3 +104,41 @@ class KvEventPublisher:
             self.published_batches += 1
         except (nats.errors.Error, OSError) as e:  # a gap the index will repair with a snapshot request
             log.warning("KV events not published", extra={"instance": self.instance, "seq": self.seq, "error": repr(e)})
+
+
+def _pieces(event: KvEvent) -> list[KvEvent]:
+    """``event`` as events of at most ``MAX_BATCH_HASHES`` hashes each: a snapshot as an empty one (the reset) and
+    its chains, a long chain as pieces each continuing from the last."""
+    if isinstance(event, KvSnapshot):
+        return [KvSnapshot(stored=[]), *(piece for chain in event.stored for piece in _pieces(chain))]
+    if not isinstance(event, BlocksStored | BlocksEvicted):
+        return [event]
+    hashes, step = event.block_hashes, MAX_BATCH_HASHES
+    if isinstance(event, BlocksEvicted):
+        return [
+            msgspec.structs.replace(event, block_hashes=hashes[i : i + step])
+            for i in range(0, max(len(hashes), 1), step)
+        ]
+    return [
+        msgspec.structs.replace(
+            event, block_hashes=hashes[i : i + step], parent_hash=hashes[i - 1] if i else event.parent_hash
+        )
+        for i in range(0, max(len(hashes), 1), step)
+    ]
+
+
+def within_limits(events: list[KvEvent]) -> list[list[KvEvent]]:
+    """``events`` as batches the index takes (``MAX_BATCH_EVENTS``, ``MAX_BATCH_HASHES``), in order; one if they fit."""
+    count, hashes = batch_size(events)
+    if count <= MAX_BATCH_EVENTS and hashes <= MAX_BATCH_HASHES:
+        return [events] if events else []
+    batches: list[list[KvEvent]] = [[]]
+    count = hashes = 0
+    for piece in (piece for event in events for piece in _pieces(event)):
+        size = batch_size([piece])[1]
+        if batches[-1] and (count + 1 > MAX_BATCH_EVENTS or hashes + size > MAX_BATCH_HASHES):
+            batches.append([])
+            count = hashes = 0
+        batches[-1].append(piece)
+        count, hashes = count + 1, hashes + size
+    return batches

@@ -15,6 +15,8 @@ from libs.common import subjects
 from libs.common.errors import BadRequest, IndexUnavailable, PrfaasError
 from libs.common.handling import answer, check_fields, decoded, decoded_load
 from libs.common.messages import (
+    MAX_BATCH_EVENTS,
+    MAX_BATCH_HASHES,
     AllBlocksCleared,
     BlocksEvicted,
     BlocksStored,
@@ -25,6 +27,7 @@ from libs.common.messages import (
     KvSnapshot,
     KvSnapshotRequest,
     SitePrefix,
+    batch_size,
     kv_event_batch_decoder,
     kv_lookup_request_decoder,
 )
@@ -81,6 +84,9 @@ def decode_batch(data: bytes) -> KvEventBatch:
         raise BadRequest(str(e)) from None
     if batch.seq < 1:
         raise BadRequest(f"seq must be >= 1, got {batch.seq}")
+    events, hashes = batch_size(batch.events)
+    if events > MAX_BATCH_EVENTS or hashes > MAX_BATCH_HASHES:
+        raise BadRequest(f"{events} events of {hashes} block hashes: over {MAX_BATCH_EVENTS} or {MAX_BATCH_HASHES}")
     return batch
 
 
