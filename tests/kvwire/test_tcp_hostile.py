@@ -33,7 +33,7 @@ from libs.common.messages import (
 from libs.common.state_parts import PartSpec, StatePart
 from libs.engine.build import BackendSpec, build_backend
 from libs.kvwire.assembly import required_bytes
-from libs.kvwire.format import FRAME_PREFIX, build_manifest, frame
+from libs.kvwire.format import FRAME_PREFIX, MAX_HEADER_BYTES, build_manifest, frame
 from libs.kvwire.linkstats import KvLinks
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
 from libs.kvwire.sender import KvSender
@@ -174,7 +174,8 @@ async def _peak_bytes_of(action: Callable[[], object]) -> int:
 
 
 async def test_random_bytes_and_undecodable_frames_are_refused_at_the_first_frame_with_a_bounded_buffer():
-    """Random bytes, a prefix claiming a 4 GiB header, garbage msgpack and a frame of the wrong side: all bad frames."""
+    """Random bytes, a prefix claiming a 4 GiB header, garbage msgpack and a frame of the wrong side: all bad frames;
+    prefixes claiming the largest header allowed, then stalling, cost what arrived and are cut at the header deadline."""
     rng = random.Random(19)
     garbage = rng.randbytes(1000)
     payloads = [rng.randbytes(256 << 10) for _ in range(4)]
@@ -186,13 +187,18 @@ async def test_random_bytes_and_undecodable_frames_are_refused_at_the_first_fram
     async with _site() as site:
         answers: list[list] = []
 
+        stalled = [FRAME_PREFIX.pack(MAX_HEADER_BYTES) + rng.randbytes(100) for _ in range(8)]  # 8 MiB claimed
+
         async def attack() -> None:
-            answers.extend(await _visits(site.server.address, payloads))
+            stalls = [asyncio.to_thread(_visit, site.server.address, p, 0.0, True) for p in stalled]
+            results = await asyncio.gather(_visits(site.server.address, payloads), *stalls)
+            answers.extend(results[0])
+            assert all(frames == [] for frames, _ in results[1:])
 
         peak = await _peak_bytes_of(attack)
         assert all(_error(a).code == "bad_request" for a in answers)
         await eventually(lambda: site.server.open_connections == 0)
-        assert site.refusals() == {"bad_frame": len(payloads)}
+        assert site.refusals() == {"bad_frame": len(payloads), "slow_frame": len(stalled)}
         assert site.receiver.used_bytes == 0
         assert peak < BOUNDED_BYTES, peak
 
