@@ -514,3 +514,21 @@ async def test_a_large_snapshot_is_published_as_batches_the_index_takes():
     assert [h for event in stored for h in event.block_hashes] == [h for c in chains for h in c.block_hashes]
     assert [e.parent_hash for e in stored[:4]] == [7, MAX_BATCH_HASHES, 2 * MAX_BATCH_HASHES, None]
     assert within_limits([KvSnapshot(stored=chains[1:3])]) == [[KvSnapshot(stored=chains[1:3])]]  # small: unchanged
+
+
+async def test_a_lookup_that_fails_unexpectedly_is_answered_internal(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+):
+    """A lookup task that raises what no handler expects (a store bug) answers ``internal`` at once; the next is served."""
+    d, real = deployment, deployment.index.store.lookup
+
+    async def broken_once(*args, **kwargs):
+        monkeypatch.setattr(d.index.store, "lookup", real)
+        raise RuntimeError("a store bug")
+
+    monkeypatch.setattr(d.index.store, "lookup", broken_once)
+    reply = await d.nc.request(subjects.KV_LOOKUP, encode(KvLookupRequest(block_hashes=[1, 2])), timeout=5)
+    assert kv_lookup_result_decoder.decode(reply.data) == ErrorReply(
+        code="internal", message="the handler failed: RuntimeError"
+    )
+    await _lookup_answered(d)
