@@ -532,3 +532,15 @@ async def test_a_lookup_that_fails_unexpectedly_is_answered_internal(
         code="internal", message="the handler failed: RuntimeError"
     )
     await _lookup_answered(d)
+
+
+async def test_a_message_on_no_stream_of_the_mailbox_is_counted_not_queued(deployment: Deployment):
+    """A well-formed message under the router's inbox but on neither a token nor a status stream is refused."""
+    d = deployment
+    counter = d.router.mailbox.bad_messages.labels("mailbox")
+    before = counter._value.get()
+    chunk = encode(TokenChunk(request_id=JOB, index=0, token_ids=[7]))
+    await d.nc.publish(f"{d.router.mailbox.prefix}.bogus.{JOB}", chunk)
+    await settle(d.nc)
+    await eventually(lambda: _true(counter._value.get() == before + 1), what="the message counted")
+    assert d.job_queue.empty()
