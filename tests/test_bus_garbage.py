@@ -56,7 +56,7 @@ from libs.common.messages import (
 )
 from libs.common.service import BusService
 from libs.engine.backends import ReferenceBackend
-from libs.engine.events import within_limits
+from libs.engine.events import SNAPSHOT_EVERY_S, within_limits
 from libs.lab.servers import NatsServer, RedisServer
 from services.decode_gateway.config import DecodeGatewayConfig
 from services.decode_gateway.service import DecodeGatewayService
@@ -544,3 +544,17 @@ async def test_a_message_on_no_stream_of_the_mailbox_is_counted_not_queued(deplo
     await settle(d.nc)
     await eventually(lambda: _true(counter._value.get() == before + 1), what="the message counted")
     assert d.job_queue.empty()
+
+
+async def test_a_flood_of_snapshot_requests_costs_one_snapshot_a_second(deployment: Deployment):
+    """Valid snapshot requests as fast as they come are answered by at most one snapshot per SNAPSHOT_EVERY_S."""
+    d, publisher = deployment, deployment.decode.events
+    request = encode(_snapshot_request(publisher.site, publisher.instance))
+    subject = subjects.kv_snapshot_request(publisher.site, publisher.instance)
+    before, start = publisher.published_batches, time.monotonic()
+    for _ in range(200):
+        await d.nc.publish(subject, request)
+    await settle(d.nc)
+    await eventually(lambda: _true(publisher._deferred is not None and publisher._deferred.done()), what="answered")
+    snapshots = publisher.published_batches - before  # the cache is small: one batch a snapshot
+    assert 1 <= snapshots <= 2 + (time.monotonic() - start) / SNAPSHOT_EVERY_S, snapshots

@@ -3,13 +3,17 @@
 Batches are numbered from the publisher's start time in microseconds, then one by one, so a
 restarted instance continues above its previous sequence; its first batch is a snapshot, which
 resets what the index knew of it. A batch lost on the way is a gap the index repairs by asking
-for a snapshot, which this publisher answers (a request that is not a ``KvSnapshotRequest`` for
-this instance is counted and dropped: garbage costs no snapshot).
+for a snapshot, which this publisher answers: at most one every ``SNAPSHOT_EVERY_S`` (a request
+sooner is answered then, once for all that came meanwhile), and a request that is not a
+``KvSnapshotRequest`` for this instance is counted and dropped, so a flood costs no more snapshots.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import math
 import time
 
 import msgspec
@@ -39,6 +43,8 @@ from libs.engine.cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_EVERY_S = 1.0  # requested snapshots at most this often (the index asks an instance at most every 5 s)
+
 
 class KvEventPublisher:
     """Publishes what one instance's cache stores and evicts, and a snapshot when the index asks."""
@@ -56,6 +62,8 @@ class KvEventPublisher:
         # counted under {subject="snapshot_request"}: the gateway's counter once it passes it, else the publisher's own
         self.bad_messages = bad_messages or own_bad_messages("prfaas_kv_events_bad_messages", "subject")
         self._sub: Subscription | None = None
+        self._snapshot_at = -math.inf  # monotonic time of the last snapshot published
+        self._deferred: asyncio.Task[None] | None = None  # the snapshot that answers requests that came too soon
 
     async def start(self) -> None:
         """Announce the cache as it is (a snapshot) and answer snapshot requests."""
@@ -73,6 +81,11 @@ class KvEventPublisher:
                 await sub.unsubscribe()
             except nats.errors.Error:
                 pass
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            deferred.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deferred
 
     async def flush(self) -> None:
         """Publish the cache's events since the last call (nothing if there are none)."""
@@ -82,6 +95,7 @@ class KvEventPublisher:
     async def publish_snapshot(self) -> None:
         """Publish everything the cache holds (replaces the index's view of this instance)."""
         self.cache.drain_events()  # the snapshot already reflects them
+        self._snapshot_at = time.monotonic()
         for events in within_limits([self.cache.snapshot()]):
             await self._publish(events)
 
@@ -91,9 +105,17 @@ class KvEventPublisher:
 
     async def _on_request(self, msg: Msg) -> None:
         req = decoded_or_none(kv_snapshot_request_decoder, msg, "snapshot_request", self.bad_messages, self._for_me)
-        if req is None:
+        if req is None or (self._deferred is not None and not self._deferred.done()):
             return
         log.info("snapshot requested", extra={"site": self.site, "instance": self.instance})
+        wait_s = self._snapshot_at + SNAPSHOT_EVERY_S - time.monotonic()
+        if wait_s > 0:
+            self._deferred = asyncio.create_task(self._snapshot_after(wait_s))
+        else:
+            await self.publish_snapshot()
+
+    async def _snapshot_after(self, wait_s: float) -> None:
+        await asyncio.sleep(wait_s)
         await self.publish_snapshot()
 
     async def _publish(self, events: list[KvEvent]) -> None:
