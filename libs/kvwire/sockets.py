@@ -36,6 +36,7 @@ _TOTAL_RETRANS = struct.Struct("@I")  # struct tcp_info's tcpi_total_retrans (__
 _TOTAL_RETRANS_OFFSET = 100  # after 8 bytes of __u8 fields and 23 __u32 ones (linux/tcp.h, stable ABI)
 _HEADER_STEP_BYTES = 64 << 10  # a frame header's buffer grows by what arrived, never by what its prefix claims
 _TLS_READ_BYTES = 256 << 10  # ciphertext read from the socket at a time
+_TLS_SLICE_BYTES = 256 << 10  # plaintext encrypted and sent at a time
 
 
 KEEPALIVE = FRAME_PREFIX.pack(0)  # a frame with an empty header: keeps a quiet connection's window, ignored by readers
@@ -61,6 +62,7 @@ class TlsStream:
         self._lock = threading.Lock()  # every OpenSSL call
         self._send_lock = threading.Lock()  # ciphertext leaves in the order it was made
         self._unsent = b""  # handshake bytes the socket did not take yet
+        self._ciphertext = bytearray(_TLS_READ_BYTES)  # read from the socket (reader thread only)
 
     def recv_into(self, view: memoryview, nbytes: int = 0, flags: int = 0) -> int:
         """Decrypted bytes into ``view`` (at least one; 0 at the end of the stream)."""
@@ -72,22 +74,22 @@ class TlsStream:
                     pass
                 except ssl.SSLZeroReturnError:
                     return 0
-            data = self.sock.recv(_TLS_READ_BYTES)
+            n = self.sock.recv_into(self._ciphertext)
+            if not n:
+                return 0  # frames delimit themselves: an end of stream needs no close-notify
             with self._lock:
-                if data:
-                    self._incoming.write(data)
-                else:
-                    self._incoming.write_eof()
+                self._incoming.write(memoryview(self._ciphertext)[:n])
 
     def sendall(self, *buffers: bytes | memoryview) -> None:
-        """Encrypt ``buffers`` and send them, with whatever OpenSSL had left to send."""
+        """Encrypt ``buffers`` and send them, with whatever OpenSSL had left to send (in slices: little memory)."""
         with self._send_lock:
-            with self._lock:
-                for data in buffers:
-                    if len(data):
-                        self._tls.write(data)
-                ciphertext = self._outgoing.read()
-            self.sock.sendall(ciphertext)
+            for data in buffers:
+                view = memoryview(data)
+                for start in range(0, len(view), _TLS_SLICE_BYTES):
+                    with self._lock:
+                        self._tls.write(view[start : start + _TLS_SLICE_BYTES])
+                        ciphertext = self._outgoing.read()
+                    self.sock.sendall(ciphertext)
 
     def getsockopt(self, *args):
         """The socket's option (``TCP_INFO`` and the like)."""
