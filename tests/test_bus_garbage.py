@@ -29,6 +29,8 @@ from nats.aio.client import Client as NatsClient
 from libs.bench.gateways import CLUSTER, DECODE_SITE, PREFILL_SITE, Caller, gateway_env
 from libs.common import subjects
 from libs.common.bus import connect, settle
+from libs.common.errors import PrfaasError
+from libs.common.handling import ask
 from libs.common.messages import (
     MAX_BATCH_EVENTS,
     MAX_BATCH_HASHES,
@@ -558,3 +560,19 @@ async def test_a_flood_of_snapshot_requests_costs_one_snapshot_a_second(deployme
     await eventually(lambda: _true(publisher._deferred is not None and publisher._deferred.done()), what="answered")
     snapshots = publisher.published_batches - before  # the cache is small: one batch a snapshot
     assert 1 <= snapshots <= 2 + (time.monotonic() - start) / SNAPSHOT_EVERY_S, snapshots
+
+
+async def test_a_malformed_reply_is_a_typed_error_for_the_caller(deployment: Deployment):
+    """A client asking over the bus gets a typed ``internal`` error for a reply that does not decode, not a crash."""
+    nc = deployment.nc
+
+    async def garbled(msg) -> None:
+        await msg.respond(b"\xc1 no msgpack")
+
+    sub = await nc.subscribe("garbage.garbled", cb=garbled)
+    try:
+        with pytest.raises(PrfaasError) as caught:
+            await ask(nc, "garbage.garbled", KvLookupRequest(block_hashes=[1]), kv_lookup_result_decoder, 5, "garbled")
+        assert caught.value.code == "internal" and "malformed reply" in caught.value.message
+    finally:
+        await sub.unsubscribe()

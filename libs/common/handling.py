@@ -44,14 +44,18 @@ async def ask(
     timeout_s: float,
     where: str,
 ) -> msgspec.Struct:
-    """Send ``request`` to ``subject`` (trace context in its headers) and return the reply, or raise its typed error."""
+    """Send ``request`` to ``subject`` (trace context in its headers) and return the reply, or raise its typed error
+    (a reply that does not decode is an ``internal`` one)."""
     try:
         msg = await nc.request(subject, encode(request), timeout=timeout_s, headers=inject_headers())
     except nats.errors.NoRespondersError as e:
         raise Unreachable(f"{where} is not listening") from e
     except nats.errors.TimeoutError as e:
         raise UpstreamTimeout(f"{where} did not answer within {timeout_s}s") from e
-    reply = reply_decoder.decode(msg.data)
+    try:
+        reply = reply_decoder.decode(msg.data)
+    except msgspec.DecodeError as e:  # a broken or hostile answer: no reply, and nothing the caller did wrong
+        raise PrfaasError(f"{where} answered a malformed reply: {str(e)[:200]}") from None
     if isinstance(reply, ErrorReply):
         raise error_from_code(reply.code, reply.message)
     return reply
