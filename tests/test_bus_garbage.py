@@ -30,7 +30,7 @@ from libs.bench.gateways import CLUSTER, DECODE_SITE, PREFILL_SITE, Caller, gate
 from libs.common import subjects
 from libs.common.bus import connect, settle
 from libs.common.errors import PrfaasError
-from libs.common.handling import ask
+from libs.common.handling import MAX_STRING_CHARS, ask
 from libs.common.messages import (
     MAX_BATCH_EVENTS,
     MAX_BATCH_HASHES,
@@ -283,7 +283,7 @@ LISTENERS = {
             {"queue_depth": -1},
             {"expected_wait_s": NAN},
             {"tcp_port": 2**64 - 1},
-            {"model": "m" * 100_000},
+            {"model": "m" * (MAX_STRING_CHARS + 1)},
         ),
         lambda d: [d.router.metrics.bad_messages.labels("load"), d.index.metrics.bad_messages.labels("load")],
         _heartbeat_taken,
@@ -343,7 +343,7 @@ LISTENERS = {
     "gateways cancel": Listener(
         lambda d: subjects.JOB_CANCEL,
         JobCancel(request_id="garbage"),
-        ({"reason": "r" * 5000},),
+        ({"reason": "r" * (MAX_STRING_CHARS + 1)},),
         lambda d: [d.decode.metrics.bad_messages.labels("cancel"), d.prefill.metrics.bad_messages.labels("cancel")],
         _request_served(),
     ),

@@ -62,7 +62,7 @@ async def ask(
 
 
 LOG_EVERY_S = 10.0  # one log line per refused kind this often at most (the counters count every message)
-MAX_STRING_CHARS = 1024  # a name, id or subject on the bus; a longer one would be kept (a heartbeat's) or logged
+MAX_STRING_CHARS = 16384  # a name, id, subject or error text on the bus; a longer one would be kept or logged
 _MAX_NUMBER = 2**63 - 1  # a bus number past this is no count, size or time (and overflows Redis and numpy)
 _MAX_SUBJECT_CHARS = 512  # far under the server's 4 KiB control line, which a longer subject breaks
 _PUBLISHABLE = re.compile(r"[^\s.*>\x00-\x1f\x7f]+(\.[^\s.*>\x00-\x1f\x7f]+)*")
@@ -103,7 +103,7 @@ def refuse(subject: str, what: str, error: str, bad_messages: Counter) -> None:
 
 def check_fields(message: msgspec.Struct, path: str = "") -> None:
     """``BadRequest`` unless every number of ``message`` (and of the Structs it holds) lies in [0, 2**63) and
-    every string is at most ``MAX_STRING_CHARS`` long (names, ids and subjects, never payloads)."""
+    every string is at most ``MAX_STRING_CHARS`` long (names, ids, subjects and error texts, never payloads)."""
     for name in message.__struct_fields__:
         value = getattr(message, name)
         if isinstance(value, msgspec.Struct):
@@ -127,7 +127,8 @@ def decoded(
     bad_messages: Counter,
     check: Callable[[T], None] | None = None,
 ) -> T:
-    """``msg``'s payload as ``decoder``'s type, numbers and ``check`` passed; else ``BadRequest`` (counted, logged)."""
+    """``msg``'s payload as ``decoder``'s type, ``check_fields`` and ``check`` passed; else ``BadRequest`` (counted,
+    logged)."""
     try:
         message = decoder.decode(msg.data)
         check_fields(message)
