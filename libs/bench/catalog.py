@@ -65,6 +65,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         (
             Target("tcp_vs_raw_sockets.median", at_least=0.7, optional=True),
             Target("jetstream_vs_core_nats.median", at_least=0.6, optional=True),
+            Target("tls_vs_plain.median", at_least=0.2, optional=True),  # --tls: both ends' crypto on loopback
             Target("achieved_vs_budget.median", at_least=0.95, at_most=1.05, optional=True),
             Target("max_window_vs_budget", at_most=1.05, optional=True),
             Target("alone_vs_budget.median", at_least=0.95, at_most=1.05, optional=True),
@@ -146,6 +147,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 for name in CHAOS_FAULTS
                 for target in (
                     Target(f"faults.{name}.lost", at_most=0.0, optional=True),
+                    Target(f"faults.{name}.cut", at_most=0.0, optional=True),
                     Target(f"faults.{name}.unexpected_errors", at_most=0.0, optional=True),
                     Target(f"faults.{name}.recovered", at_least=1.0, must_be_true=True, optional=True),
                     Target(f"faults.{name}.recovery_s", at_most=30.0, unit=S, optional=True, binding=False),

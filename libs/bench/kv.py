@@ -12,7 +12,10 @@ With ``--budget-gbps`` the site pair is paced: the bench reports the achieved ra
 rate over any window of at least one second, read from the receiver's kernel byte counters (TCP;
 JetStream: the sender's acknowledged bytes). ``--processes N`` runs N sender processes at the same
 site sharing the pair budget over NATS: all sending at once, then one alone. ``--load N`` runs N
-busy processes beside them. Each target is printed met or missed; the exit status is 1 on a miss.
+busy processes beside them. With ``--tls`` (direct TCP, unpaced) each round also sends the same
+transfer over mutual TLS (a CA and two certificates made for the run) to a second listener of the
+receiver process, and the bench reports TLS goodput and its ratio to the plain transfer of the round.
+Each target is printed met or missed; the exit status is 1 on a miss.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from libs.bench.kv_procs import (
 )
 from libs.bench.targets import conclude
 from libs.common.errors import ConfigError, TransferFailed
+from libs.common.pki import CertificateAuthority
 from libs.kvwire.js_send import JetStreamConfig
 from libs.kvwire.tcp_send import TcpConfig
 from libs.lab.servers import NatsServer, Supercluster
@@ -64,6 +68,7 @@ class Options:
     load: int
     keep_logs: bool
     json: bool
+    tls: bool
 
 
 def parse_size(text: str, flag: str = "--size") -> int:
@@ -96,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", default="1", help="sender processes sharing the budget (needs a budget)")
     parser.add_argument("--load", default="0", help="busy processes running beside the bench (CPU contention)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the work directory (kept anyway on failure)")
+    parser.add_argument("--tls", action="store_true", help="also send each round over mutual TLS (tcp, unpaced)")
 
 
 def options(args: argparse.Namespace) -> Options:
@@ -113,6 +119,7 @@ def options(args: argparse.Namespace) -> Options:
         load=_number(args.load, "--load", int, 0),
         keep_logs=args.keep_logs,
         json=args.json,
+        tls=args.tls,
     )
     if opts.size_bytes < MIN_SIZE:
         raise ConfigError(f"--size must be at least {MIN_SIZE >> 20} MiB, got {args.size}")
@@ -120,6 +127,8 @@ def options(args: argparse.Namespace) -> Options:
         raise ConfigError(f"--chunk must be within [4KiB, 64MiB], got {args.chunk}")
     if opts.budget_gbps == float("inf"):
         raise ConfigError(f"--budget-gbps must be finite, got {args.budget_gbps}")
+    if opts.tls and (opts.transport != "tcp" or opts.budget_gbps != 0):
+        raise ConfigError("--tls needs --transport tcp and no --budget-gbps (it measures unpaced throughput)")
     if opts.processes > 1 and (opts.budget_gbps == 0 or opts.transport != "tcp"):
         raise ConfigError(f"--processes {opts.processes} needs --transport tcp and a --budget-gbps")
     return opts
@@ -201,11 +210,18 @@ async def _bench(opts: Options, workdir: Path) -> dict:
             await asyncio.to_thread(servers.start)
         capacity = opts.processes * 2 * opts.size_bytes + (64 << 20)
         receiver_url = servers.url(DST_SITE) if isinstance(servers, Supercluster) else ""
+        ca = CertificateAuthority(workdir / "pki") if opts.tls else None
         receiver = Child(
-            "receiver process", receiver_process, opts.transport, capacity, receiver_url, workdir / "receiver.log"
+            "receiver process",
+            receiver_process,
+            opts.transport,
+            capacity,
+            receiver_url,
+            workdir / "receiver.log",
+            ca.issue("receiver", ["127.0.0.1"]) if ca is not None else None,
         )
         children.append(receiver)
-        _, port, raw_port = await receiver.recv()
+        _, port, raw_port, tls_port = await receiver.recv()
         if isinstance(servers, Supercluster):
             nats_url = servers.url(SRC_SITE)
         elif servers is not None:
@@ -222,6 +238,8 @@ async def _bench(opts: Options, workdir: Path) -> dict:
                 nats_url,
                 port,
                 workdir / f"sender-{i}.log",
+                ca.issue(f"sender-{i}", ["127.0.0.1"]) if ca is not None else None,
+                tls_port,
             )
             senders.append(Child(f"sender process {i}", sender_process, spec))
             children.append(senders[-1])
@@ -247,12 +265,15 @@ async def _bench(opts: Options, workdir: Path) -> dict:
             await asyncio.to_thread(servers.stop)
 
 
-async def _transfer(opts, r: int, receiver: Child, senders: list[Child], expected, tag: str) -> tuple[list, list]:
-    """Every given sender sends one transfer at once; their reports and the receiver's wire samples."""
+async def _transfer(
+    opts, r: int, receiver: Child, senders: list[Child], expected, tag: str, tls: bool = False
+) -> tuple[list, list]:
+    """Every given sender sends one transfer at once (over mutual TLS if ``tls``); their reports and the receiver's
+    wire samples (of its plain listener)."""
     ids = [f"bench-{r}-{tag}-{i}" for i in range(len(senders))]
     receiver.pipe.send(("wait", ids))
     for sender, tid in zip(senders, ids, strict=True):
-        sender.pipe.send(("send", tid))
+        sender.pipe.send(("send", tid, tls))
     reports = [(await sender.recv())[1] for sender in senders]
     _, sums, samples = await receiver.recv()
     if opts.codec != "int8" and any(sums[tid] != expected for tid in ids):
@@ -278,12 +299,18 @@ async def _throughput_round(opts, r, receiver: Child, sender: Child, raw_port, c
         await receiver.recv()
     _progress(f"round {r + 1}/{opts.repeat}: {opts.size_bytes / 2**20:.0f} MiB over kvwire {opts.transport} ...")
     reports, _ = await _transfer(opts, r, receiver, [sender], expected, "unpaced")
-    return {
+    result = {
         "baseline_gbps": baseline,
         "goodput_gbps": reports[0]["goodput_gbps"],
         "ratio": reports[0]["goodput_gbps"] / baseline,
         "chunks_resent": reports[0]["chunks_resent"],
     }
+    if opts.tls:
+        _progress(f"round {r + 1}/{opts.repeat}: the same over mutual TLS ...")
+        reports, _ = await _transfer(opts, r, receiver, [sender], expected, "tls", tls=True)
+        result["tls_goodput_gbps"] = reports[0]["goodput_gbps"]
+        result["tls_vs_plain"] = reports[0]["goodput_gbps"] / result["goodput_gbps"]
+    return result
 
 
 async def _paced_round(opts, r, receiver: Child, senders: list[Child], expected) -> dict:
@@ -358,6 +385,9 @@ def _figures(opts: Options, chunk: int, rounds: list[dict]) -> dict:
         figures["goodput_gbps"] = _spread([r["goodput_gbps"] for r in rounds])
         figures["baseline_gbps"] = _spread([r["baseline_gbps"] for r in rounds])
         figures[name] = _spread([r["ratio"] for r in rounds])
+        if opts.tls:
+            figures["tls_goodput_gbps"] = _spread([r["tls_goodput_gbps"] for r in rounds])
+            figures["tls_vs_plain"] = _spread([r["tls_vs_plain"] for r in rounds])
     else:
         budget = opts.budget_gbps
         figures["budget_gbps"] = budget
@@ -394,6 +424,11 @@ def _text(f: dict) -> str:
             f"kvwire {f['transport']:<11} {_range(f['goodput_gbps'])} Gbps",
             f"{name:<18} {_range(f[name])}  per round",
         ]
+        if "tls_vs_plain" in f:
+            lines += [
+                f"kvwire tcp + TLS   {_range(f['tls_goodput_gbps'])} Gbps  (mutual TLS, same transfer)",
+                f"tls_vs_plain       {_range(f['tls_vs_plain'])}  per round",
+            ]
     else:
         together = " (all senders together)" if f["processes"] > 1 else ""
         source = "receiver's kernel byte counts" if f["transport"] == "tcp" else "sender's acknowledged bytes"

@@ -3,14 +3,17 @@
 The bench only orchestrates: every byte moves between spawned processes driven over pipes.
 Receiver: ``("wait", ids)`` answers with every restored part's checksum per transfer and the
 kernel's count of bytes received over time (``TCP_INFO``, so a starved process cannot blur it);
-``("raw", nbytes, connections)`` and ``("core", subject, nbytes)`` receive a baseline. Sender:
-``("send", id)``, ``("raw", port, connections, chunk)``, ``("core", subject, chunk, window)``.
+``("raw", nbytes, connections)`` and ``("core", subject, nbytes)`` receive a baseline. Given
+certificate files, the receiver also listens with mutual TLS (a second port), where the sender sends
+on ``("send", id, True)``. Sender: ``("send", id)``, ``("raw", port, connections, chunk)``,
+``("core", subject, chunk, window)``.
 Both end on ``("stop",)`` or when the bench's end of the pipe closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import struct
@@ -25,6 +28,7 @@ import nats
 import numpy as np
 
 from libs.common.bus import connect, settle
+from libs.common.pki import CertFiles, client_context, server_context
 from libs.common.state_parts import PartSpec, StatePart
 from libs.common.telemetry import setup_logging
 from libs.kvwire.format import DEFAULT_CHECKSUM, checksum_fn
@@ -35,7 +39,7 @@ from libs.kvwire.linkstats import KvLinks
 from libs.kvwire.receiver import KvReceiver, ReceiverConfig
 from libs.kvwire.sender import Destination, KvSender
 from libs.kvwire.sockets import recv_exact, set_deadline
-from libs.kvwire.tcp_recv import TcpReceiverServer
+from libs.kvwire.tcp_recv import TcpReceiverServer, TcpServerConfig
 from libs.kvwire.tcp_send import TcpConfig, TcpTransport
 
 SRC_SITE, DST_SITE, INSTANCE = "dc-prfaas", "dc-pd", "bench-decode"
@@ -255,13 +259,17 @@ class WireSampler:
                 self.samples.append(((before + after) / 2, received))
 
 
-def receiver_process(pipe: Connection, transport: str, capacity_bytes: int, nats_url: str, log_path: Path) -> None:
-    """Entry point of the receiver process."""
+def receiver_process(
+    pipe: Connection, transport: str, capacity_bytes: int, nats_url: str, log_path: Path, tls: CertFiles | None = None
+) -> None:
+    """Entry point of the receiver process (``tls``: also a mutual-TLS listener)."""
     _log_to(log_path)
-    asyncio.run(_receiver_main(pipe, transport, capacity_bytes, nats_url))
+    asyncio.run(_receiver_main(pipe, transport, capacity_bytes, nats_url, tls))
 
 
-async def _receiver_main(pipe: Connection, transport: str, capacity_bytes: int, nats_url: str) -> None:
+async def _receiver_main(
+    pipe: Connection, transport: str, capacity_bytes: int, nats_url: str, tls: CertFiles | None
+) -> None:
     config = ReceiverConfig(
         max_total_bytes=capacity_bytes, max_transfer_bytes=capacity_bytes, prefault=True, transfer_timeout_s=DEADLINE_S
     )
@@ -272,9 +280,13 @@ async def _receiver_main(pipe: Connection, transport: str, capacity_bytes: int, 
             server = TcpReceiverServer(receiver)
         else:
             server = JetStreamReceiver(nc, receiver, DST_SITE, INSTANCE)
+        secure = TcpReceiverServer(receiver, TcpServerConfig(tls=server_context(tls))) if tls is not None else None
         with socket.create_server(("127.0.0.1", 0)) as raw_listener:
             await server.start()
-            pipe.send(("ready", server.address[1] if transport == "tcp" else 0, raw_listener.getsockname()[1]))
+            if secure is not None:
+                await secure.start()
+            ports = (server.address[1] if transport == "tcp" else 0, raw_listener.getsockname()[1])
+            pipe.send(("ready", *ports, secure.address[1] if secure is not None else 0))
             try:
                 while True:
                     try:
@@ -298,6 +310,8 @@ async def _receiver_main(pipe: Connection, transport: str, capacity_bytes: int, 
                         pipe.send(("done",))
             finally:
                 await server.stop()
+                if secure is not None:
+                    await secure.stop()
                 if nc is not None:
                     await nc.close()
 
@@ -334,6 +348,8 @@ class SenderSpec:
     nats_url: str  # "" without NATS
     port: int  # the receiver's TCP port
     log_path: Path
+    tls: CertFiles | None = None  # the sender's certificate files: it also sends over mutual TLS
+    tls_port: int = 0  # the receiver's mutual-TLS port
 
 
 def sender_process(pipe: Connection, spec: SenderSpec) -> None:
@@ -345,9 +361,13 @@ def sender_process(pipe: Connection, spec: SenderSpec) -> None:
 async def _sender_main(pipe: Connection, spec: SenderSpec) -> None:
     specs, parts = synthetic_parts(spec.size_bytes, spec.codec)
     nc = await connect(spec.nats_url, name=f"bench-sender-{os.getpid()}") if spec.nats_url else None
+    secure: TcpTransport | None = None
     if spec.transport == "tcp":
-        transport = TcpTransport(TcpConfig(connections=spec.connections, chunk_bytes=spec.chunk_bytes))
+        config = TcpConfig(connections=spec.connections, chunk_bytes=spec.chunk_bytes)
+        transport = TcpTransport(config)
         dest = Destination(DST_SITE, INSTANCE, "127.0.0.1", spec.port)
+        if spec.tls is not None:
+            secure = TcpTransport(dataclasses.replace(config, tls=client_context(spec.tls)))
     else:
         transport = JetStreamTransport(nc, JetStreamConfig(chunk_bytes=spec.chunk_bytes))
         dest = Destination(DST_SITE, INSTANCE)
@@ -356,6 +376,8 @@ async def _sender_main(pipe: Connection, spec: SenderSpec) -> None:
         config = LinkConfig(default_budget_gbps=spec.budget_gbps)
         async with KvLinks(SRC_SITE, config, nc=nc) as links:
             sender = KvSender(transport, links)
+            secure_sender = KvSender(secure, links) if secure is not None else None
+            secure_dest = Destination(DST_SITE, INSTANCE, "127.0.0.1", spec.tls_port)
             if nc is not None:  # measure shares, not the start-up hold of a process that just joined its site
                 await asyncio.sleep(config.share_hold_intervals * config.share_interval_s)
             pipe.send(("ready", part_checksums(parts, DEFAULT_CHECKSUM), sender.chunk_bytes(DST_SITE)))
@@ -367,7 +389,11 @@ async def _sender_main(pipe: Connection, spec: SenderSpec) -> None:
                 if command[0] == "stop":
                     return
                 if command[0] == "send":
-                    pipe.send(("done", await _send(sender, links, specs, parts, dest, command[1])))
+                    tid, tls = command[1], command[2:] == (True,)
+                    if tls and secure_sender is not None:
+                        pipe.send(("done", await _send(secure_sender, links, specs, parts, secure_dest, tid)))
+                    else:
+                        pipe.send(("done", await _send(sender, links, specs, parts, dest, tid)))
                     continue
                 if payload is None:  # baselines carry every part's bytes back to back
                     payload = memoryview(np.concatenate([p.array.reshape(-1).view(np.uint8) for p in parts]))

@@ -3,6 +3,7 @@ certificate are refused (and counted by the receiver), and a sender refuses a re
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import socket
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from libs.bench import kv as kv_bench
+from libs.cli import main
 from libs.common.errors import BadRequest, ConfigError, TransferFailed
 from libs.common.messages import KvBegin, encode
 from libs.common.pki import CertFiles, CertificateAuthority, client_context, server_context
@@ -137,6 +140,14 @@ async def test_a_sender_refuses_a_receiver_whose_certificate_it_cannot_verify(pk
         assert receiver.active_transfers == 0 and receiver.used_bytes == 0
 
 
+def kv_bench_args(argv: list[str]) -> argparse.Namespace:
+    """``prfaas bench kv`` flags parsed as the command line does."""
+    parser = argparse.ArgumentParser()
+    kv_bench.add_arguments(parser)
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
+
+
 def _tls_env(prefix: str, files: CertFiles) -> dict[str, str]:
     return {
         f"{prefix}KV_TLS_CERT": str(files.cert),
@@ -187,3 +198,28 @@ async def test_the_gateways_kv_tls_settings_reach_the_decode_listener_and_the_pr
         refused = "prfaas_kv_tcp_refused_total"
         await eventually(lambda: service.registry.get_sample_value(refused, {"reason": "tls"}) == 1)
         assert service.registry.get_sample_value(refused, {"reason": "transfer_refused"}) == 1
+
+
+def test_the_kv_bench_reports_tls_goodput_and_its_ratio_to_the_plain_transfer_of_each_round(capsys):
+    """``prfaas bench kv --tls`` needs unpaced direct TCP; its figures are the TLS goodput and the per-round ratio to
+    the plain transfer, median and range, printed beside the plain figure (a run takes ~15 s: measured by hand)."""
+    assert main(["bench", "kv", "--tls", "--transport", "jetstream"]) == 2
+    assert "--tls needs --transport tcp" in capsys.readouterr().err
+    opts = kv_bench.options(kv_bench_args(["--tls", "--json"]))
+    rounds = [
+        {
+            "baseline_gbps": 10.0,
+            "goodput_gbps": g,
+            "ratio": g / 10.0,
+            "chunks_resent": 0,
+            "tls_goodput_gbps": t,
+            "tls_vs_plain": t / g,
+        }
+        for g, t in ((8.0, 2.0), (6.0, 3.0), (9.0, 2.7))
+    ]
+    figures = kv_bench._figures(opts, 4 << 20, rounds)
+    assert figures["tls_goodput_gbps"] == {"median": 2.7, "min": 2.0, "max": 3.0}
+    assert figures["tls_vs_plain"] == pytest.approx({"median": 0.3, "min": 0.25, "max": 0.5})
+    text = kv_bench._text(figures)
+    assert "kvwire tcp + TLS   median 2.70 (range 2.00-3.00) Gbps" in text
+    assert "tls_vs_plain       median 0.30 (range 0.25-0.50)" in text and "kvwire tcp         median 8.00" in text
