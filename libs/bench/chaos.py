@@ -7,8 +7,9 @@ streamed and not) alternating between the two routers. Then, one at a time (``ch
 each fault is injected, held, healed, and the bench waits until the system has recovered: a request
 sent after the heal answered 2xx, one offloaded to dc-a and one with cached tokens. Per fault,
 ``faults.<name>``: ``sent``, ``completed``, ``failed_with_error`` (the client got a clear error),
-``excused`` (of those, the ones the fault leaves no way around), ``unexpected_errors``, ``lost`` (no
-answer and no error by ``--deadline``), ``in_flight_at_fault`` and ``slowest_in_flight_s`` (the fault
+``excused`` (of those, the ones the fault leaves no way around), ``unexpected_errors``, ``cut`` (streams
+that ended without ``[DONE]`` or an error event: silence), ``lost`` (no answer and no error by ``--deadline``,
+by default past the router's own job deadline), ``in_flight_at_fault`` and ``slowest_in_flight_s`` (the fault
 to the end of the slowest of them), ``recovery_s`` (heal to recovered), ``kv_path_down_seen``
 (a router's ``prfaas_router_kv_path_up`` said 0 during the fault); the burst adds
 ``burst_503s`` and ``last_503_after_s`` (its end to the last 503 answered). Requests are counted in
@@ -30,7 +31,7 @@ import msgspec
 
 from libs.bench.case_study_deploy import running
 from libs.bench.chaos_faults import CAUGHT_WAIT_S, FAULT_NAMES, FAULTS, PD_SITE, PRFAAS_SITE, Fault, Window
-from libs.bench.chaos_load import Call, ChaosClient, Outcomes
+from libs.bench.chaos_load import CUT, Call, ChaosClient, Outcomes
 from libs.bench.targets import conclude
 from libs.common.bus import connect
 from libs.common.errors import BadRequest
@@ -40,6 +41,7 @@ from libs.lab.topology import Topology, load_topology
 _POLL_S = 0.2
 _WARM_TIMEOUT_S = 90.0  # the lab serves, offloads and hits its cache before the first fault
 BURST_FACTOR = 3.0
+DEADLINE_S = 130.0  # the router ends a request within its job deadline (ROUTER_JOB_TIMEOUT_S, 120 s) at the latest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--deadline",
         type=float,
-        default=60.0,
-        help="a request with no answer and no error by then is lost (default 60)",
+        default=DEADLINE_S,
+        help=f"a request with no answer and no error by then is lost (default {DEADLINE_S:g}: past the router's job "
+        "deadline)",
     )
     parser.add_argument("--seed", type=int, default=0, help="prompts (default 0)")
 
@@ -282,13 +285,14 @@ def _figures(fault: Fault, w: Window, calls: list[Call], outcomes: Outcomes, rec
         "excused": len(excused),
         "unexpected_errors": len(failed) - len(excused),
         "lost": sum(c.status == "lost" for c in mine),
+        "cut": sum(c.error == CUT for c in mine),
         "in_flight_at_fault": len(caught),
         "slowest_in_flight_s": max((c.done_at - w.injected_at for c in caught), default=0.0),
         "recovery_s": recovery_s,
         "recovered": not math.isnan(recovery_s),
         "fault_s": w.healed_at - w.injected_at,
         "kv_path_down_seen": kv_down,
-        "errors": sorted({_short(c.error) for c in failed if c not in excused})[:5],
+        "errors": [_explained(c, outcomes) for c in failed if c not in excused][:5],
     }
     if fault.burst:
         late = [c.done_at - w.healed_at for c in mine if c.http_status == 503 and c.done_at >= w.healed_at]
@@ -296,8 +300,10 @@ def _figures(fault: Fault, w: Window, calls: list[Call], outcomes: Outcomes, rec
     return out
 
 
-def _short(error: str) -> str:
-    return error[:160]
+def _explained(call: Call, outcomes: Outcomes) -> str:
+    """A failure as the client saw it, then the router's decisions for it."""
+    trail = " / ".join(outcomes.trail.get(call.request_id, []))
+    return f"{call.error[:160]}" + (f" | decisions: {trail[:400]}" if trail else "")
 
 
 def table(doc: dict) -> str:

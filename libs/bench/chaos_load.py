@@ -31,6 +31,7 @@ SHORT_PREFIX_TOKENS, SHORT_TAIL_TOKENS = 256, 32  # four shared blocks: a cache 
 PREFIXES = 3
 OUTPUT_TOKENS = {"stream": 96, "whole": 16}  # a stream lasts ~0.5 s on the reference model: a fault finds some running
 REQUEST_ID_HEADER = "x-prfaas-request-id"
+CUT = "the stream ended without [DONE] or an error event"
 _REFUSED_PAUSE_S = 0.25  # every router refused the connection: wait this long before the next round
 
 
@@ -60,6 +61,7 @@ class Outcomes:
         self.nc, self.site = nc, site
         self.by_id: dict[str, OutcomeEvent] = {}
         self.decided: dict[str, tuple[str, str, float]] = {}  # request id -> the last decision's prefill, decode, when
+        self.trail: dict[str, list[str]] = {}  # request id -> each decision's route, instances and why it fell back
 
     async def start(self) -> None:
         """Subscribe to the site's outcomes and decisions."""
@@ -74,6 +76,10 @@ class Outcomes:
         event = msgspec.json.decode(msg.data, type=DecisionEvent)
         d = event.decision
         self.decided[event.request_id] = (d.prefill_instance, d.decode_instance, time.monotonic())
+        step = f"{event.route} {d.prefill_instance}>{d.decode_instance}" + (
+            f" ({d.fallback_of})" if d.fallback_of else ""
+        )
+        self.trail.setdefault(event.request_id, []).append(step)
 
     def decode_of(self, call: Call) -> str:
         """The decode instance ``call``'s last decision chose ("" if none is known)."""
@@ -211,7 +217,7 @@ class ChaosClient:
         elif events.done:
             call.status = "ok"
         else:
-            call.status, call.error = "error", "the stream ended without [DONE] or an error event"
+            call.status, call.error = "error", CUT
 
 
 class _Events:
