@@ -311,7 +311,7 @@ class _Connection:
         self.assembly: TransferAssembly | None = None
         self.scratch = bytearray()
         self.stage = "frame"  # what a refusal is about: "frame", "chunk" or "transfer"
-        self.deadline = (time.monotonic() + config.header_timeout_s, "tls")  # (monotonic s, reason to cut)
+        self.deadline = (math.inf, "")  # (monotonic s, reason to cut); a TLS handshake keeps its own
         self.cut_reason = ""
 
     def watch(self, seconds: float, reason: str) -> None:

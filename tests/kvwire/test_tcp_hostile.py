@@ -173,7 +173,7 @@ async def _peak_bytes_of(action: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
-async def test_random_bytes_and_undecodable_frames_are_refused_at_the_first_frame_with_a_bounded_buffer():
+async def test_random_bytes_and_undecodable_frames_are_refused_at_the_first_frame_with_a_bounded_buffer(caplog):
     """Random bytes, a prefix claiming a 4 GiB header, garbage msgpack and a frame of the wrong side: all bad frames;
     prefixes claiming the largest header allowed, then stalling, cost what arrived and are cut at the header deadline."""
     rng = random.Random(19)
@@ -199,6 +199,8 @@ async def test_random_bytes_and_undecodable_frames_are_refused_at_the_first_fram
         assert all(_error(a).code == "bad_request" for a in answers)
         await eventually(lambda: site.server.open_connections == 0)
         assert site.refusals() == {"bad_frame": len(payloads), "slow_frame": len(stalled)}
+        logged = [r.reason for r in caplog.records if r.getMessage() == "kv connection refused"]
+        assert sorted(logged) == ["bad_frame", "slow_frame"]  # one line per reason per LOG_EVERY_S: no flood
         assert site.receiver.used_bytes == 0
         assert peak < BOUNDED_BYTES, peak
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +31,17 @@ from services.decode_gateway.config import DecodeGatewayConfig
 from services.decode_gateway.service import DecodeGatewayService
 from services.prefill_gateway.config import PrefillGatewayConfig
 from services.prefill_gateway.senders import Senders
-from tests.kvwire.support import CHUNK, DST, SRC, assert_restored, eventually, hybrid_parts, specs_of, tcp_dest
+from tests.kvwire.support import (
+    CHUNK,
+    DST,
+    SRC,
+    Proxy,
+    assert_restored,
+    eventually,
+    hybrid_parts,
+    specs_of,
+    tcp_dest,
+)
 
 HOST = "127.0.0.1"
 
@@ -53,15 +64,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> _Pki:
 
 
 @contextlib.asynccontextmanager
-async def _tls_receiver(files: CertFiles) -> AsyncIterator[tuple[KvReceiver, TcpReceiverServer]]:
+async def _tls_receiver(
+    files: CertFiles, header_timeout_s: float = 2.0
+) -> AsyncIterator[tuple[KvReceiver, TcpReceiverServer]]:
     receiver = KvReceiver(ReceiverConfig(max_total_bytes=64 << 20, transfer_timeout_s=30.0))
-    config = TcpServerConfig(tls=server_context(files), header_timeout_s=2.0)
+    config = TcpServerConfig(tls=server_context(files), header_timeout_s=header_timeout_s)
     async with receiver, TcpReceiverServer(receiver, config) as server:
         yield receiver, server
 
 
-def _sender(links: KvLinks, files: CertFiles, attempts: int = 4) -> KvSender:
-    tcp = TcpConfig(connections=2, chunk_bytes=CHUNK, tls=client_context(files), connect_timeout_s=3.0)
+def _sender(links: KvLinks, files: CertFiles, attempts: int = 4, **tcp_settings) -> KvSender:
+    tcp = TcpConfig(connections=2, chunk_bytes=CHUNK, tls=client_context(files), connect_timeout_s=3.0, **tcp_settings)
     return KvSender(TcpTransport(tcp), links, SenderConfig(max_attempts=attempts, retry_backoff_s=0.01))
 
 
@@ -126,6 +139,47 @@ async def test_peers_without_a_certificate_of_the_lab_ca_are_refused_before_any_
         await eventually(lambda: server.refused("tls") == len(intruders) and server.open_connections == 0)
         assert receiver.totals.transfers_refused == 0 and receiver.active_transfers == 0  # none got to the receiver
         assert receiver.used_bytes == 0
+
+
+async def test_cut_tls_connections_resume_without_resending_acknowledged_chunks(pki):
+    """Every TLS connection reset mid-transfer: new handshakes, and only what the receiver lacks is sent again."""
+    parts = hybrid_parts(seed=74, tokens=2048)
+    async with _tls_receiver(pki.decode) as (receiver, server), KvLinks(SRC) as links:
+        proxy = Proxy(server.address, cut_after=sum(p.nbytes for p in parts) // 2)  # forwards the TLS bytes as they are
+        try:
+            sender = _sender(links, pki.prefill, window_bytes=8 * CHUNK)
+            manifest = _manifest(sender, "t-tls-cut", parts)
+            waiter = asyncio.create_task(receiver.wait(manifest.transfer_id, timeout_s=20))
+            report = await sender.send(manifest, parts, tcp_dest(proxy))
+            with await waiter as done:
+                assert_restored(parts, done.parts, ["raw"] * len(parts))
+            await sender.transport.close()
+        finally:
+            proxy.close()
+        assert proxy.cuts == 1 and report.attempts == 2 and receiver.totals.duplicate_chunks == 0
+        total_chunks = sum(-(-p.nbytes // CHUNK) for p in parts)
+        assert total_chunks <= report.chunks_sent <= total_chunks + 8  # at most the window goes twice
+
+
+async def test_a_peer_that_never_finishes_its_handshake_is_cut_at_the_header_deadline(pki):
+    """A connection that sends half a ClientHello, or nothing, is cut after header_timeout_s and counted."""
+    timeout_s = 0.3
+    async with _tls_receiver(pki.decode, header_timeout_s=timeout_s) as (receiver, server):
+
+        def stall(data: bytes) -> float:
+            with socket.create_connection(server.address, timeout=10.0) as sock:
+                started = time.monotonic()
+                sock.sendall(data)
+                while sock.recv(1 << 16):
+                    pass
+                return time.monotonic() - started
+
+        hello_start = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01])  # a handshake record of 512 bytes, 1 of them sent
+        elapsed = await asyncio.gather(*(asyncio.to_thread(stall, data) for data in (hello_start, b"")))
+        # Lower bound: the deadline; upper: plus the selector's wake-up and a descheduled thread on a loaded machine.
+        assert all(timeout_s <= s < timeout_s + 1.5 for s in elapsed), elapsed
+        await eventually(lambda: server.refused("tls") == 2 and server.open_connections == 0)
+        assert receiver.active_transfers == 0
 
 
 @pytest.mark.parametrize("holder", ["rogue", "elsewhere"])
