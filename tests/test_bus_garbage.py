@@ -51,6 +51,7 @@ from libs.common.messages import (
     LinkShareAnnounce,
     LinkStats,
     PrefillJob,
+    Sampling,
     TokenChunk,
     batch_size,
     encode,
@@ -576,3 +577,11 @@ async def test_a_malformed_reply_is_a_typed_error_for_the_caller(deployment: Dep
         assert caught.value.code == "internal" and "malformed reply" in caught.value.message
     finally:
         await sub.unsubscribe()
+
+
+async def test_the_largest_seed_a_client_may_send_is_not_refused(deployment: Deployment):
+    """The number check stops at msgpack's end: a seed of 2**64 - 1 (the router's HTTP limit) still decodes."""
+    out = await deployment.caller.request(
+        PROMPT, DECODE, model=MODEL, max_tokens=4, sampling=Sampling(temperature=1.0, seed=2**64 - 1), timeout_s=20
+    )
+    assert len(out.tokens) == 4 and not isinstance(out.final, ErrorReply), out.final

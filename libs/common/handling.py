@@ -4,7 +4,7 @@ A client asks with ``ask``: the reply, or the typed error the service answered, 
 nobody listens, ``UpstreamTimeout`` past the deadline. A request (a message with a reply inbox) is
 answered by ``answer``: the handler's reply, or the ``ErrorReply`` of the ``PrfaasError`` it raised,
 so typed errors cross the bus intact. A message that fails to decode, or decodes to numbers no
-sender makes (negative, not finite, past 2**63) or to strings longer than any name
+sender makes (negative or not finite) or to strings longer than any name
 (``MAX_STRING_CHARS``), is a client error: ``decoded`` counts it and raises ``BadRequest`` (which
 ``answer`` sends back); ``decoded_or_none`` counts it and the subscription goes on. Both log a
 refused kind at most once per ``LOG_EVERY_S`` (with how many went unlogged), so a flood cannot fill
@@ -63,7 +63,7 @@ async def ask(
 
 LOG_EVERY_S = 10.0  # one log line per refused kind this often at most (the counters count every message)
 MAX_STRING_CHARS = 16384  # a name, id, subject or error text on the bus; a longer one would be kept or logged
-_MAX_NUMBER = 2**63 - 1  # a bus number past this is no count, size or time (and overflows Redis and numpy)
+_NUMBER_END = 2**64  # msgpack's integers end here (a seed may use them all); a float past it is no size or time
 _MAX_SUBJECT_CHARS = 512  # far under the server's 4 KiB control line, which a longer subject breaks
 _PUBLISHABLE = re.compile(r"[^\s.*>\x00-\x1f\x7f]+(\.[^\s.*>\x00-\x1f\x7f]+)*")
 
@@ -102,14 +102,14 @@ def refuse(subject: str, what: str, error: str, bad_messages: Counter) -> None:
 
 
 def check_fields(message: msgspec.Struct, path: str = "") -> None:
-    """``BadRequest`` unless every number of ``message`` (and of the Structs it holds) lies in [0, 2**63) and
+    """``BadRequest`` unless every number of ``message`` (and of the Structs it holds) lies in [0, 2**64) and
     every string is at most ``MAX_STRING_CHARS`` long (names, ids, subjects and error texts, never payloads)."""
     for name in message.__struct_fields__:
         value = getattr(message, name)
         if isinstance(value, msgspec.Struct):
             check_fields(value, f"{path}{name}.")
-        elif isinstance(value, int | float) and not isinstance(value, bool) and not 0 <= value <= _MAX_NUMBER:
-            raise BadRequest(f"{path}{name} must be a finite number in [0, 2**63), got {value!r}")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and not 0 <= value < _NUMBER_END:
+            raise BadRequest(f"{path}{name} must be a finite number in [0, 2**64), got {value!r}")
         elif isinstance(value, str) and len(value) > MAX_STRING_CHARS:
             raise BadRequest(f"{path}{name} is {len(value)} characters long, over {MAX_STRING_CHARS}")
 
@@ -155,15 +155,17 @@ def decoded_or_none(
         return None
 
 
-def _named_instance(load: InstanceLoad) -> None:
-    """``ValueError`` unless the heartbeat's site and instance are subject tokens."""
+def _sane_load(load: InstanceLoad) -> None:
+    """``ValueError`` unless the heartbeat's site and instance are subject tokens and its port is one."""
     subjects.token(load.site, "site")
     subjects.token(load.instance, "instance")
+    if load.tcp_port > 65535:
+        raise ValueError(f"tcp_port {load.tcp_port} is no port")
 
 
 def decoded_load(msg: Msg, bad_messages: Counter) -> InstanceLoad | None:
     """An ``InstanceLoad`` heartbeat whose site and instance are subject tokens, or None (counted, logged)."""
-    return decoded_or_none(instance_load_decoder, msg, "load", bad_messages, _named_instance)
+    return decoded_or_none(instance_load_decoder, msg, "load", bad_messages, _sane_load)
 
 
 def guarded(handler: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:

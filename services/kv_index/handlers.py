@@ -82,8 +82,8 @@ def decode_batch(data: bytes) -> KvEventBatch:
         subjects.token(batch.instance, "instance")
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    if batch.seq < 1:
-        raise BadRequest(f"seq must be >= 1, got {batch.seq}")
+    if not 1 <= batch.seq < 2**63:  # Redis holds it as a signed 64-bit integer
+        raise BadRequest(f"seq must lie in [1, 2**63), got {batch.seq}")
     events, hashes = batch_size(batch.events)
     if events > MAX_BATCH_EVENTS or hashes > MAX_BATCH_HASHES:
         raise BadRequest(f"{events} events of {hashes} block hashes: over {MAX_BATCH_EVENTS} or {MAX_BATCH_HASHES}")
