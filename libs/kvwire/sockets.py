@@ -1,9 +1,9 @@
 """Blocking-socket framing shared by both ends of direct TCP (used from worker threads only), with optional TLS.
 
-Sockets stay in blocking mode with their deadline kept by the kernel (``SO_RCVTIMEO``,
-``SO_SNDTIMEO``): a chunk's payload is one ``recv_into`` with ``MSG_WAITALL`` and one ``sendmsg``.
-A Python-level socket timeout would instead make the descriptor non-blocking and put a ``poll``
-and a GIL hand-off before every partial read or write. ``tcp_retransmits`` reads what the kernel
+Sockets stay in blocking mode, the sender's with their deadline kept by the kernel (``SO_RCVTIMEO``,
+``SO_SNDTIMEO``; the receiver's are cut by its watchdog): a chunk's payload is one ``recv_into``
+with ``MSG_WAITALL`` and one ``sendmsg``. A Python-level socket timeout would instead make the
+descriptor non-blocking and put a ``poll`` and a GIL hand-off before every partial read or write. ``tcp_retransmits`` reads what the kernel
 counts of a connection (Linux ``TCP_INFO``): a cheap system call, also safe on the event loop.
 
 TLS (``TlsStream``) runs OpenSSL on memory buffers over the same blocking socket: a sender's

@@ -19,10 +19,10 @@ receiver refuses (no reservation, over it: before any memory is taken) end the c
 typed error. Sockets block without kernel deadlines: a watchdog on the event loop cuts a
 connection silent between frames for ``io_timeout_s``, one whose frame header is still incomplete
 ``header_timeout_s`` after its first byte (a slow sender), and one stalled ``io_timeout_s`` in a
-payload or a reply; past
-``max_connections`` new connections are closed at once. With ``tls`` (mutual: ``pki.server_context``)
-every connection completes a TLS handshake within ``header_timeout_s`` before any frame is read;
-a peer without a certificate signed by the CA is refused.
+payload or a reply. Past ``max_connections`` new connections are closed at once. With ``tls``
+(mutual: ``pki.server_context``) every connection completes a TLS handshake within
+``header_timeout_s`` before any frame is read; a peer without a certificate signed by the CA is
+refused.
 """
 
 from __future__ import annotations
