@@ -8,7 +8,8 @@ each fault is injected, held, healed, and the bench waits until the system has r
 sent after the heal answered 2xx, one offloaded to dc-a and one with cached tokens. Per fault,
 ``faults.<name>``: ``sent``, ``completed``, ``failed_with_error`` (the client got a clear error),
 ``excused`` (of those, the ones the fault leaves no way around), ``unexpected_errors``, ``cut`` (streams
-that ended without ``[DONE]`` or an error event: silence), ``lost`` (no answer and no error by ``--deadline``,
+that ended without ``[DONE]`` or an error event: silence), ``lease_expired`` (requests retried because a decode
+reservation's lease ran out: nothing noticed a dead prefill sooner), ``lost`` (no answer and no error by ``--deadline``,
 by default past the router's own job deadline), ``in_flight_at_fault`` and ``slowest_in_flight_s`` (the fault
 to the end of the slowest of them), ``recovery_s`` (heal to recovered), ``kv_path_down_seen``
 (a router's ``prfaas_router_kv_path_up`` said 0 during the fault); the burst adds
@@ -286,6 +287,9 @@ def _figures(fault: Fault, w: Window, calls: list[Call], outcomes: Outcomes, rec
         "unexpected_errors": len(failed) - len(excused),
         "lost": sum(c.status == "lost" for c in mine),
         "cut": sum(c.error == CUT for c in mine),
+        "lease_expired": sum(
+            any("lease expired" in step for step in outcomes.trail.get(c.request_id, [])) for c in mine
+        ),
         "in_flight_at_fault": len(caught),
         "slowest_in_flight_s": max((c.done_at - w.injected_at for c in caught), default=0.0),
         "recovery_s": recovery_s,

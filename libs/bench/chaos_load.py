@@ -85,7 +85,7 @@ class Outcomes:
         """The decode instance ``call``'s last decision chose ("" if none is known)."""
         return self.decided.get(call.request_id, ("", "", 0.0))[1]
 
-    def prefilling_on(self, instance: str, within_s: float = 0.5) -> bool:
+    def prefilling_on(self, instance: str, within_s: float = 0.1) -> bool:
         """A request was decided onto prefill ``instance`` in the last ``within_s`` and has not ended."""
         since = time.monotonic() - within_s
         return any(

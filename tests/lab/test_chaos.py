@@ -35,4 +35,6 @@ async def test_killed_gateways_lose_no_request_and_the_system_recovers():
         # runs or the error event goes out: 2-4.5 s measured here; 15 s is 3x that. Without the router noticing, the
         # decode side's lease (10 s, then a retry: 27 s measured) or the token timeout (30 s) ends them later.
         assert f["slowest_in_flight_s"] <= 15.0, (name, f["errors"], f)
+    for name in ("prefill_kill_dc-a", "prefill_kill_dc-b"):  # the router noticed the silence, not a decode lease
+        assert figures["faults"][name]["lease_expired"] == 0, (name, figures["faults"][name])
     assert figures["faults"]["prefill_kill_dc-a"]["kv_path_down_seen"], figures  # no LinkStats from dc-a for 5 s
