@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from prometheus_client import Counter
 
 from libs.common import subjects
 from libs.common.messages import LinkStats, encode
@@ -279,7 +280,13 @@ class LinkCounters:
 class KvLinks:
     """Pacing and telemetry of KV traffic from ``src_site`` to every destination site."""
 
-    def __init__(self, src_site: str, config: LinkConfig | None = None, nc: NatsClient | None = None) -> None:
+    def __init__(
+        self,
+        src_site: str,
+        config: LinkConfig | None = None,
+        nc: NatsClient | None = None,
+        bad_messages: Counter | None = None,
+    ) -> None:
         self.src_site = subjects.token(src_site, "site")
         self.config = config or LinkConfig()
         self.process = process_id()
@@ -288,7 +295,9 @@ class KvLinks:
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._shares = (
-            SiteShares(nc, self.src_site, self.process, self.config) if nc and self.config.share_site else None
+            SiteShares(nc, self.src_site, self.process, self.config, bad_messages)
+            if nc and self.config.share_site
+            else None
         )
         self._sharing = False
 

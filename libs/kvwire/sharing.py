@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from prometheus_client import Counter
 
 from libs.common import subjects
 from libs.common.errors import BadRequest
@@ -174,13 +175,15 @@ class PairShare:
 class SiteShares:
     """Announces and applies this process's shares of every shared pair (owned by ``KvLinks``)."""
 
-    def __init__(self, nc: NatsClient, src_site: str, process: str, config: LinkConfig) -> None:
+    def __init__(
+        self, nc: NatsClient, src_site: str, process: str, config: LinkConfig, bad_messages: Counter | None = None
+    ) -> None:
         self.nc = nc
         self.src_site = src_site
         self.process = process
         self.config = config
         self.pairs: dict[str, PairShare] = {}
-        self.bad_messages = own_bad_messages("prfaas_link_share_bad_messages", "subject")
+        self.bad_messages = bad_messages or own_bad_messages("prfaas_link_share_bad_messages", "subject")
         self._heard: dict[str, dict[str, _Peer]] = {}  # peers of pairs this process does not use yet
         self._warned: set[tuple[str, str]] = set()  # (peer, pair) announced with a budget other than ours
         self._listening_since = 0.0

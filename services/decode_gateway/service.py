@@ -63,11 +63,11 @@ class DecodeGatewayService(BusService):
         )
         self.tcp = TcpReceiverServer(self.receiver, tcp, self.registry)
         self.jetstream = (
-            JetStreamReceiver(nc, self.receiver, config.site, config.instance)
+            JetStreamReceiver(nc, self.receiver, config.site, config.instance, bad_messages=self.metrics.bad_messages)
             if "jetstream" in config.transports
             else None
         )
-        self.events = KvEventPublisher(nc, config.site, config.instance, backend.cache)
+        self.events = KvEventPublisher(nc, config.site, config.instance, backend.cache, self.metrics.bad_messages)
         self.book = ReservationBook(backend, self.receiver, backend.load().max_batch, config, self.metrics)
         self.jobs: JobTable[Reservation] = JobTable()
         self.job_context = JobContext(

@@ -21,7 +21,15 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from libs.common import subjects
-from libs.common.messages import BlocksEvicted, BlocksStored, KvEvent, KvEventBatch, encode, kv_event_batch_decoder
+from libs.common.messages import (
+    MAX_BATCH_EVENTS,
+    BlocksEvicted,
+    BlocksStored,
+    KvEvent,
+    KvEventBatch,
+    encode,
+    kv_event_batch_decoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +37,23 @@ MAX_HASHES_PER_BATCH = 4096  # ~37 KB of msgpack; Redis applies it in ~10 ms, so
 
 
 def split_events(events: list[KvEvent], max_hashes: int = MAX_HASHES_PER_BATCH) -> list[list[KvEvent]]:
-    """The events cut into consecutive lists of at most ``max_hashes`` block hashes each (order kept)."""
+    """The events cut into consecutive lists of at most ``max_hashes`` block hashes and ``MAX_BATCH_EVENTS`` events."""
     chunks: list[list[KvEvent]] = [[]]
     room = max_hashes
     for event in events:
         if isinstance(event, BlocksStored | BlocksEvicted):
             hashes = event.block_hashes
             while hashes:
-                if room == 0:
+                if room == 0 or len(chunks[-1]) >= MAX_BATCH_EVENTS:
                     chunks.append([])
                     room = max_hashes
                 piece, hashes = hashes[:room], hashes[room:]
                 chunks[-1].append(msgspec.structs.replace(event, block_hashes=piece))
                 room -= len(piece)
         else:
+            if len(chunks[-1]) >= MAX_BATCH_EVENTS:
+                chunks.append([])
+                room = max_hashes
             chunks[-1].append(event)
     return chunks
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NatsClient
+from prometheus_client import Counter
 
 from libs.common.messages import InstanceLoad
 from libs.engine.backends import Backend
@@ -30,13 +31,22 @@ class QueuedJob:
 class PrefillInstance:
     """A backend that prefills one job at a time while the previous one's KV drains; later jobs queue up to the limit."""
 
-    def __init__(self, nc: NatsClient, site: str, cluster: str, name: str, backend: Backend, spec: BackendSpec) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        site: str,
+        cluster: str,
+        name: str,
+        backend: Backend,
+        spec: BackendSpec,
+        bad_messages: Counter | None = None,
+    ) -> None:
         self.site = site
         self.cluster = cluster
         self.name = name
         self.backend = backend
         self.spec = spec
-        self.events = KvEventPublisher(nc, site, name, backend.cache)
+        self.events = KvEventPublisher(nc, site, name, backend.cache, bad_messages)
         self.compute = asyncio.Semaphore(1)  # one prefill computes at a time
         # Jobs holding their KV: the one computing and one whose transfer still drains after its compute
         # (the instance computes the next prefill meanwhile, as an engine whose KV memory holds both).

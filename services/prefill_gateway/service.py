@@ -43,7 +43,9 @@ class PrefillGatewayService(BusService):
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = PrefillGatewayMetrics(self.registry)
         self.instances = {
-            name: PrefillInstance(nc, config.site, config.cluster, name, backend, config.backend)
+            name: PrefillInstance(
+                nc, config.site, config.cluster, name, backend, config.backend, self.metrics.bad_messages
+            )
             for name, backend in backends.items()
         }
         self.links = KvLinks(
@@ -54,6 +56,7 @@ class PrefillGatewayService(BusService):
                 publish_interval_s=config.link_stats_s,
             ),
             nc=nc,
+            bad_messages=self.metrics.bad_messages,
         )
         self.senders = Senders(nc, self.links, config)
         self.runs: JobTable[PrefillRun] = JobTable()

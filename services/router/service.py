@@ -75,7 +75,7 @@ class RouterService(BusService):
             nc, config.site, max_age_s=config.decisions_max_age_s, max_bytes=config.decisions_max_bytes
         )
         self.replanner = Replanner(config, self.scheduler, self.view, self.events, self.metrics.threshold)
-        self.mailbox = Mailbox(nc)
+        self.mailbox = Mailbox(nc, self.metrics.bad_messages)
         self.dispatch = DispatchContext(
             nc,
             config,
