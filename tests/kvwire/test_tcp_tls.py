@@ -161,6 +161,33 @@ async def test_cut_tls_connections_resume_without_resending_acknowledged_chunks(
         assert total_chunks <= report.chunks_sent <= total_chunks + 8  # at most the window goes twice
 
 
+async def test_an_abort_over_tls_frees_the_receivers_memory(pki):
+    """The sender's abort dials its own TLS connection: the transfer is dropped and its memory freed."""
+    parts = hybrid_parts(seed=73)
+    async with _tls_receiver(pki.decode) as (receiver, server), KvLinks(SRC) as links:
+        sender = _sender(links, pki.prefill)
+        manifest = _manifest(sender, "t-tls-abort", parts)
+        waiter = asyncio.create_task(receiver.wait(manifest.transfer_id, timeout_s=10))
+        stalled = asyncio.Event()  # never set: the parts after the first wait for it
+
+        async def first_part_then_wait():
+            yield parts[0]
+            await stalled.wait()
+
+        task = asyncio.create_task(sender.send(manifest, first_part_then_wait(), tcp_dest(server)))
+        await eventually(lambda: receiver.active_transfers == 1)
+        await sender.abort(manifest.transfer_id, tcp_dest(server), "router chose local prefill")
+        assert receiver.used_bytes == 0 and receiver.active_transfers == 0
+        with pytest.raises(TransferFailed, match="local prefill"):
+            await waiter
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await sender.transport.close()
+        await eventually(lambda: server.open_connections == 0)
+        assert server.refused("tls") == 0
+
+
 async def test_a_peer_that_never_finishes_its_handshake_is_cut_at_the_header_deadline(pki):
     """A connection that sends half a ClientHello, or nothing, is cut after header_timeout_s and counted."""
     timeout_s = 0.3
