@@ -61,7 +61,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     ),
     "kv": Benchmark(
         "libs.bench.kv",
-        "KV transfer between processes against raw sockets / plain NATS of the same shape; pacing against its budget",
+        "KV transfer between processes against raw sockets / plain NATS of the same shape; pacing against its budget; "
+        "with --tls, the same transfer over mutual TLS against plain",
         (
             Target("tcp_vs_raw_sockets.median", at_least=0.7, optional=True),
             Target("jetstream_vs_core_nats.median", at_least=0.6, optional=True),
