@@ -9,12 +9,23 @@ import argparse
 import math
 
 from libs.bench.catalog import CHAOS_FAULTS
-from libs.bench.chaos import DEADLINE_S, chosen_faults, measure
+from libs.bench.chaos import DEADLINE_S, chaos_topology, chosen_faults, measure
 from libs.bench.chaos_faults import FAULT_NAMES
+from libs.lab.plan import plan
+from libs.lab.supervisor import NativeAddresses
 
 # Steady 1 req/s, below what the lab serves on a 2-core machine beside the suite; a request with no answer and no error
 # past the router's own job deadline (120 s) is lost.
 ARGS = argparse.Namespace(rate=1.0, capacity=4.0, lead=1.0, recovery_window=30.0, deadline=DEADLINE_S, seed=1)
+
+
+def test_the_chaos_lab_has_two_router_replicas_and_two_decode_instances(tmp_path):
+    """The default lab with ``router_replicas = 2`` and a second decode instance: two routers on two ports."""
+    specs = plan(chaos_topology(), NativeAddresses(tmp_path))
+    routers = [s for s in specs if s.role == "router"]
+    assert [s.name for s in routers] == ["router-dc-b", "router-dc-b-1"]
+    assert len({s.ports["http"] for s in routers}) == 2 and len({s.env["ROUTER_ID"] for s in routers}) == 2
+    assert [s.name for s in specs if s.role == "decode_gateway"] == ["decode-pd-d0", "decode-pd-d1"]
 
 
 def test_the_catalog_names_every_fault():
