@@ -56,7 +56,7 @@ from libs.common.messages import (
     kv_sender_frame_decoder,
 )
 from libs.kvwire.assembly import TransferAssembly
-from libs.kvwire.format import FRAME_PREFIX, MAX_CHUNK_BYTES, check_chunk, frame
+from libs.kvwire.format import FRAME_PREFIX, check_chunk, frame
 from libs.kvwire.receiver import KvReceiver
 from libs.kvwire.sockets import Closed, Stream, TlsStream, handshake, read_frame, recv_exact
 
@@ -370,10 +370,9 @@ class _Connection:
     def chunk(self, header: KvChunk) -> None:
         """Receive one chunk's payload in place, verify it and acknowledge it (a lying header is refused unread)."""
         assembly = self.assembly
-        check_chunk(header, assembly.manifest.chunk_bytes if assembly is not None else MAX_CHUNK_BYTES)
         if assembly is None or header.transfer_id != assembly.manifest.transfer_id:
-            self.discard(header.length)
-            raise BadRequest(f"chunk of {header.transfer_id} on a connection not joined to it")
+            raise BadRequest(f"chunk of {header.transfer_id} on a connection not joined to it")  # payload unread
+        check_chunk(header, assembly.manifest.chunk_bytes)
         try:
             target = assembly.target(header)
         except TransferFailed:
