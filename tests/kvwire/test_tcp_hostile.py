@@ -246,7 +246,9 @@ async def test_chunks_that_lie_are_refused_before_their_payload_is_read():
     """Chunk headers longer than their layout, past the last chunk, negative or huge: refused at once, payload unsent."""
     async with _site() as site:
         await site.reserve("t-honest")
-        manifest = site.manifest("t-honest")
+        zstd = [msgspec.structs.replace(s, codec="zstd") if s.kind == "attn_kv" else s for s in site.specs]
+        manifest = site.manifest("t-honest", zstd)  # an encoded part's wire size comes with its first chunk
+        encoded = next(i for i, s in enumerate(manifest.parts) if s.codec == "zstd")
         frames, _ = await asyncio.to_thread(_visit, site.server.address, frame(encode(KvBegin(manifest=manifest))))
         assert frames == [KvResumeState(transfer_id="t-honest", complete=False)]
         held = site.receiver.used_bytes
@@ -267,6 +269,7 @@ async def test_chunks_that_lie_are_refused_before_their_payload_is_read():
             msgspec.structs.replace(chunk, part=len(manifest.parts)),  # a part the manifest does not have
             msgspec.structs.replace(chunk, part_wire_bytes=-1),
             msgspec.structs.replace(chunk, length=1 << 40),
+            msgspec.structs.replace(chunk, part=encoded, offset=0, length=-5, part_wire_bytes=-5),  # a negative size
         ]
         join = frame(encode(KvJoin(transfer_id="t-honest", conn=1)))
         payloads = [join + frame(encode(lie)) for lie in lies]
