@@ -492,10 +492,27 @@ class JobCancel(_Msg, tag="job.cancel.v1"):
     reason: str = ""
 
 
+class ResendTokens(_Msg, tag="decode.resend.v1"):
+    """Ask a decode instance for a request's token chunks again, from ``from_index`` (some were lost on the way)."""
+
+    request_id: str
+    from_index: int
+
+
+class ResentTokens(_Msg, tag="decode.resent.v1"):
+    """A request's token chunks from the asked index on, and its stream's last message once the chunks reach it."""
+
+    request_id: str
+    chunks: tuple[TokenChunk, ...] = ()
+    final: DecodeFinished | ErrorReply | None = None  # the stream's last message, when it was sent and nothing follows
+    more: bool = False  # further chunks exist past these (the reply is bounded): ask again from the next index
+
+
 DecodeJobReply = DecodeReservation | ErrorReply
 PrefillJobReply = PrefillAccepted | ErrorReply
 DecodeStreamMessage = TokenChunk | DecodeFinished | ErrorReply
 PrefillStatus = PrefillFinished | ErrorReply
+ResendTokensReply = ResentTokens | ErrorReply
 
 
 # --- KV transfer (libs/kvwire) --------------------------------------------------------------
@@ -682,6 +699,8 @@ decode_job_reply_decoder = msgspec.msgpack.Decoder(DecodeJobReply)
 prefill_job_decoder = msgspec.msgpack.Decoder(PrefillJob)
 prefill_job_reply_decoder = msgspec.msgpack.Decoder(PrefillJobReply)
 decode_stream_decoder = msgspec.msgpack.Decoder(DecodeStreamMessage)
+resend_tokens_decoder = msgspec.msgpack.Decoder(ResendTokens)
+resend_tokens_reply_decoder = msgspec.msgpack.Decoder(ResendTokensReply)
 prefill_status_decoder = msgspec.msgpack.Decoder(PrefillStatus)
 job_cancel_decoder = msgspec.msgpack.Decoder(JobCancel)
 analytics_event_decoder = msgspec.json.Decoder(AnalyticsEvent)

@@ -68,6 +68,11 @@ def decode_jobs(site: str, instance: str) -> str:
     return f"{PREFIX}.decode.{token(site, 'site')}.{token(instance, 'instance')}"
 
 
+def decode_resend(site: str, instance: str) -> str:
+    """Request/reply subject on which ``site/instance`` sends a request's token chunks again (``ResendTokens``)."""
+    return f"{decode_jobs(site, instance)}.resend"
+
+
 def prefill_jobs(site: str, cluster: str) -> str:
     """Request/reply subject of ``site/cluster``'s prefill jobs (served by a queue group)."""
     return f"{PREFIX}.prefill.{token(site, 'site')}.{token(cluster, 'cluster')}"

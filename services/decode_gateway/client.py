@@ -1,4 +1,5 @@
-"""Client of decode gateways: reserve a decode slot for a job (its tokens come on the job's reply subject)."""
+"""Client of decode gateways: reserve a decode slot for a job (its tokens come on the job's reply subject), and ask
+for a job's token chunks again when some were lost on the way."""
 
 from __future__ import annotations
 
@@ -6,11 +7,18 @@ from nats.aio.client import Client as NatsClient
 
 from libs.common import subjects
 from libs.common.handling import ask
-from libs.common.messages import DecodeJob, DecodeReservation, decode_job_reply_decoder
+from libs.common.messages import (
+    DecodeJob,
+    DecodeReservation,
+    ResendTokens,
+    ResentTokens,
+    decode_job_reply_decoder,
+    resend_tokens_reply_decoder,
+)
 
 
 class DecodeGatewayClient:
-    """Send ``DecodeJob``s over NATS request/reply."""
+    """Send ``DecodeJob``s and ``ResendTokens`` over NATS request/reply."""
 
     def __init__(self, nc: NatsClient, timeout_s: float = 2.0) -> None:
         self.nc = nc
@@ -24,6 +32,18 @@ class DecodeGatewayClient:
             subjects.decode_jobs(site, instance),
             job,
             decode_job_reply_decoder,
+            self.timeout_s,
+            f"decode instance {site}/{instance}",
+        )
+
+    async def resend(self, site: str, instance: str, request_id: str, from_index: int) -> ResentTokens:
+        """``request_id``'s token chunks from ``from_index`` again; ``NotFound`` when the instance no longer keeps
+        them, ``Unreachable`` if nobody listens, ``UpstreamTimeout`` past the deadline."""
+        return await ask(
+            self.nc,
+            subjects.decode_resend(site, instance),
+            ResendTokens(request_id=request_id, from_index=from_index),
+            resend_tokens_reply_decoder,
             self.timeout_s,
             f"decode instance {site}/{instance}",
         )

@@ -88,6 +88,7 @@ class DecodeGatewayConfig:
     progress_poll_s: float = 0.01  # how often reservations are checked for progress and leases
     transfer_timeout_s: float = 120.0  # receiver-side deadline from a transfer's begin to its end
     heartbeat_s: float = 0.5
+    resend_keep_s: float = 30.0  # how long a request's sent tokens are kept after it ended, to send again if lost
     drain_timeout_s: float = 30.0  # on SIGTERM: in-flight requests get this long to finish
     connect_timeout_s: float = 5.0
     stop_timeout_s: float = 5.0  # each step of a stop (subscriptions, owned tasks, the final flush) gets this long
@@ -132,6 +133,7 @@ class DecodeGatewayConfig:
             progress_poll_s=r.float("PROGRESS_POLL_S", d.progress_poll_s, minimum=0.001),
             transfer_timeout_s=r.float("TRANSFER_TIMEOUT_S", d.transfer_timeout_s, minimum=0.1),
             heartbeat_s=r.float("HEARTBEAT_S", d.heartbeat_s, minimum=0.01),
+            resend_keep_s=r.float("RESEND_KEEP_S", d.resend_keep_s, minimum=0.0),
             drain_timeout_s=r.float("DRAIN_TIMEOUT_S", d.drain_timeout_s, minimum=0.0),
             connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
             stop_timeout_s=r.float("STOP_TIMEOUT_S", d.stop_timeout_s, minimum=0.1),

@@ -1,4 +1,4 @@
-"""One coroutine per subject: decode jobs (answered with a reservation at once) and cancellations."""
+"""One coroutine per subject: decode jobs (answered with a reservation at once), resends and cancellations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from libs.common.handling import answer, check_subject, counted_refusal, decoded
-from libs.common.messages import DecodeJob, DecodeReservation, KvDestination, decode_job_decoder
+from libs.common.messages import (
+    DecodeJob,
+    DecodeReservation,
+    KvDestination,
+    ResentTokens,
+    decode_job_decoder,
+    resend_tokens_decoder,
+)
 from libs.common.telemetry import extract_context
 from services.decode_gateway.job import run_job
 
@@ -49,6 +56,16 @@ async def handle_job(svc: DecodeGatewayService, msg: Msg) -> None:
 
     with tracer.start_as_current_span("decode_gateway.reserve", context=extract_context(msg.headers)) as span:
         await answer(msg, reserve, counted_refusal(svc.metrics.jobs, "decode job"))
+
+
+async def handle_resend(svc: DecodeGatewayService, msg: Msg) -> None:
+    """Answer a ``ResendTokens``: the request's chunks from the asked index, or ``not_found`` once it is forgotten."""
+
+    async def resend() -> ResentTokens:
+        ask = decoded(resend_tokens_decoder, msg, "resend", svc.metrics.bad_messages)
+        return svc.job_context.tokens.since(ask.request_id, ask.from_index)
+
+    await answer(msg, resend)
 
 
 async def handle_cancel(svc: DecodeGatewayService, msg: Msg) -> None:

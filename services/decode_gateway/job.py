@@ -23,6 +23,7 @@ from libs.engine.events import KvEventPublisher
 from libs.kvwire import KvReceiver
 from services.decode_gateway.metrics import DecodeGatewayMetrics
 from services.decode_gateway.reservations import Reservation, ReservationBook
+from services.decode_gateway.token_log import TokenLog
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -30,7 +31,8 @@ tracer = trace.get_tracer(__name__)
 
 @dataclass(frozen=True)
 class JobContext:
-    """What a decode job touches: the bus, its instance's names, receiver, backend, reservations, KV events, metrics."""
+    """What a decode job touches: the bus, its instance's names, receiver, backend, reservations, KV events, metrics,
+    and the log of the tokens it sent."""
 
     nc: NatsClient
     site: str
@@ -40,6 +42,7 @@ class JobContext:
     book: ReservationBook
     events: KvEventPublisher
     metrics: DecodeGatewayMetrics
+    tokens: TokenLog
 
 
 async def run_job(svc: JobContext, res: Reservation) -> None:
@@ -50,6 +53,7 @@ async def run_job(svc: JobContext, res: Reservation) -> None:
     """
     job = res.job
     final: msgspec.Struct | None = None
+    svc.tokens.open(job.request_id)
     with tracer.start_as_current_span("decode_gateway.job", context=res.trace_context) as span:
         span.set_attribute("prfaas.request_id", job.request_id)
         try:
@@ -84,6 +88,7 @@ async def run_job(svc: JobContext, res: Reservation) -> None:
             log.info(
                 "decode job failed", extra={"request_id": job.request_id, "code": final.code, "error": final.message}
             )
+        svc.tokens.end(job.request_id, final)
         await _publish(svc, job.reply_subject, final, inject_headers())
         if kv_pending and res.cancel_reason in ("", SHUTDOWN):  # not a JobCancel: tell the prefill side to stop
             reason = final.message if isinstance(final, ErrorReply) else "the decode side ended the request"
@@ -109,11 +114,9 @@ async def _serve(svc: JobContext, res: Reservation) -> DecodeFinished:
             svc.metrics.first_token_seconds.observe(first_at - res.reserved_at)
         res.generated += len(out.token_ids)
         if out.token_ids:
-            await _publish(
-                svc,
-                job.reply_subject,
-                TokenChunk(request_id=job.request_id, index=index, token_ids=out.token_ids, logprobs=out.logprobs),
-            )
+            chunk = TokenChunk(request_id=job.request_id, index=index, token_ids=out.token_ids, logprobs=out.logprobs)
+            svc.tokens.add(chunk)
+            await _publish(svc, job.reply_subject, chunk)
             index += 1
             svc.metrics.tokens.inc(len(out.token_ids))
         if out.finish_reason is not None:

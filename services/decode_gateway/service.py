@@ -22,10 +22,11 @@ from libs.engine.build import build_backend
 from libs.engine.events import KvEventPublisher
 from libs.kvwire import JetStreamReceiver, KvReceiver, ReceiverConfig, TcpReceiverServer, TcpServerConfig
 from services.decode_gateway.config import DecodeGatewayConfig
-from services.decode_gateway.handlers import handle_cancel, handle_job
+from services.decode_gateway.handlers import handle_cancel, handle_job, handle_resend
 from services.decode_gateway.job import JobContext
 from services.decode_gateway.metrics import DecodeGatewayMetrics
 from services.decode_gateway.reservations import Reservation, ReservationBook
+from services.decode_gateway.token_log import TokenLog
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,15 @@ class DecodeGatewayService(BusService):
         self.book = ReservationBook(backend, self.receiver, backend.load().max_batch, config, self.metrics)
         self.jobs: JobTable[Reservation] = JobTable()
         self.job_context = JobContext(
-            nc, config.site, config.instance, self.receiver, backend, self.book, self.events, self.metrics
+            nc,
+            config.site,
+            config.instance,
+            self.receiver,
+            backend,
+            self.book,
+            self.events,
+            self.metrics,
+            TokenLog(config.resend_keep_s),
         )
         self.tcp_port = 0
 
@@ -85,6 +94,7 @@ class DecodeGatewayService(BusService):
         await self.events.start()
         cfg = self.config
         await self.subscribe(subjects.decode_jobs(cfg.site, cfg.instance), functools.partial(handle_job, self))
+        await self.subscribe(subjects.decode_resend(cfg.site, cfg.instance), functools.partial(handle_resend, self))
         await self.subscribe(subjects.JOB_CANCEL, functools.partial(handle_cancel, self))
         self.spawn(heartbeat(self.nc, subjects.load(cfg.site, cfg.instance), self.load, cfg.heartbeat_s))
         self.spawn(self._watch_leases())

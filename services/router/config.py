@@ -117,6 +117,7 @@ class RouterConfig:
         0.0  # 0: the job's deadline (job_timeout_s) and a grace: the decode side's leases catch stalls
     )
     token_timeout_s: float = 30.0
+    resend_after_s: float = 2.0  # a stream silent this long after its first token asks the decode side for what it lost
     job_timeout_s: float = 120.0
     lease_min_s: float = 10.0  # the least reservation lease sent with a decode job
     lease_margin: float = 2.0  # the lease is this many times the predicted wait for the first KV (queue + first layer)
@@ -215,6 +216,7 @@ class RouterConfig:
             accept_timeout_s=r.float("ACCEPT_TIMEOUT_S", d.accept_timeout_s, minimum=0.01),
             first_token_timeout_s=r.float("FIRST_TOKEN_TIMEOUT_S", d.first_token_timeout_s, minimum=0.0),
             token_timeout_s=r.float("TOKEN_TIMEOUT_S", d.token_timeout_s, minimum=0.01),
+            resend_after_s=r.float("RESEND_AFTER_S", d.resend_after_s, minimum=0.01),
             job_timeout_s=r.float("JOB_TIMEOUT_S", d.job_timeout_s, minimum=0.1),
             lease_min_s=r.float("LEASE_MIN_S", d.lease_min_s, minimum=0.01),
             lease_margin=r.float("LEASE_MARGIN", d.lease_margin, minimum=1.0),

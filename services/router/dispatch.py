@@ -15,6 +15,10 @@ lease, it is not retried at all. A transfer that never began is retried as any o
 
 A failed attempt's jobs are cancelled on ``jobs.cancel`` so the gateways free what they hold. After
 the first token a failure cannot be hidden: it ends the stream with an error (``DecodeFailed``).
+Token chunks lost on the way (the router's connection came back after a server restart) are asked
+for again (``stream_repair.py``); a gap that cannot be repaired is such a failure, never a silent one.
+Heartbeats are judged only once the router's connection has been up an instance TTL (what was sent
+while it was down is lost, not late).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from services.router.ids import new_id
 from services.router.live_view import LiveView, Placement
 from services.router.mailbox import STATUS, Mailbox
 from services.router.scheduler import Prepared, Scheduler
+from services.router.stream_repair import StreamGap, StreamRepair
 
 log = logging.getLogger(__name__)
 _RETRY_BACKOFF_S = 0.1  # per attempt, before trying an instance that refused or failed once more
@@ -351,18 +356,24 @@ class RequestRun:
         d = event.decision
         rec = self.record
         rec.prefill = rec.finished = None
-        next_index = 0
+        repair = StreamRepair(
+            self.ctx.decode,
+            self.mailbox,
+            d.decode_site,
+            d.decode_instance,
+            placement.job_id,
+            self.config.resend_after_s,
+        )
         batch: list[int] = []
         while True:
-            if batch and queue.empty():
+            if batch and queue.empty() and not repair.replay:
                 yield batch
                 batch = []
             started = rec.first_token_at is not None
-            kind, item = await self._next(queue, d, started, placement)
+            kind, item = await self._next(queue, repair, d, started, placement)
             if isinstance(item, TokenChunk):
-                if item.index < next_index:
-                    continue  # a duplicate
-                next_index = item.index + 1
+                if not repair.admit(item):
+                    continue  # a duplicate, or past a gap (asked for again)
                 now = time.monotonic()
                 if rec.first_token_at is None and item.token_ids:
                     rec.first_token_at = now
@@ -373,6 +384,8 @@ class RequestRun:
                 rec.logprobs += item.logprobs
                 batch += item.token_ids
             elif isinstance(item, DecodeFinished):
+                if not self._complete(repair, item, started, d.decode_instance):
+                    continue  # tokens are missing: asked for again, the final comes with them
                 rec.finished = item
                 if batch:
                     yield batch
@@ -389,20 +402,49 @@ class RequestRun:
                     item, event, rec.first_token_at is not None, prefill_failed=kind == STATUS, placement=placement
                 )
 
-    async def _next(self, queue: asyncio.Queue, d, started: bool, placement: Placement):
-        """The job's next message; a silent stream or a leg whose instance stopped heartbeating is a failure."""
+    def _complete(self, repair: StreamRepair, finished: DecodeFinished, started: bool, instance: str) -> bool:
+        """Whether the stream holds every token ``finished`` counts (else they are asked for); an unrepairable gap
+        fails the attempt."""
+        try:
+            return repair.complete(finished)
+        except StreamGap as e:
+            raise self._gap_failure(e, started, instance) from None
+
+    @staticmethod
+    def _gap_failure(gap: StreamGap, started: bool, instance: str) -> Exception:
+        """After the first token a lost stretch ends the stream with an error; before it, another decode instance."""
+        if started:
+            return DecodeFailed(f"decode instance {instance}: {gap.message}")
+        return _Retry(f"decode instance {instance} lost tokens", gap, exclude=frozenset({instance}))
+
+    async def _next(self, queue: asyncio.Queue, repair: StreamRepair, d, started: bool, placement: Placement):
+        """The job's next message (a resend's first); a silent stream or a leg whose instance stopped heartbeating
+        is a failure."""
         timeout_s = self.config.token_timeout_s if started else self.config.first_token_wait_s
         end = time.monotonic() + timeout_s
         where, remote = placement.where, placement.remote
         while True:
+            if repair.replay:
+                return repair.replay.popleft()
+            if repair.due(started):
+                try:
+                    await repair.ask()
+                except StreamGap as e:
+                    raise self._gap_failure(e, started, d.decode_instance) from None
+                continue
             if not queue.empty():  # already here (most messages of a busy stream): no timer to arm
+                repair.heard_at = time.monotonic()
                 return queue.get_nowait()
             try:
                 async with asyncio.timeout(min(_LIVENESS_CHECK_S, max(0.0, end - time.monotonic()))):
-                    return await queue.get()
+                    item = await queue.get()
+                    repair.heard_at = time.monotonic()
+                    return item
             except TimeoutError:
                 pass
-            decode_alive = self.view.is_alive(d.decode_instance)
+            # heartbeats sent while the router's connection was down are lost: judge them once new ones had time
+            steady = self.mailbox.up_for_s() >= self.config.instance_ttl_s
+            decode_alive = not steady or self.view.is_alive(d.decode_instance)
             if started and (not decode_alive or time.monotonic() >= end):
                 why = "stopped heartbeating" if not decode_alive else f"went silent for {timeout_s}s"
                 raise DecodeFailed(f"decode instance {d.decode_instance} {why} after the first token")
@@ -411,7 +453,7 @@ class RequestRun:
             if not decode_alive:
                 err = NoCapacity(f"decode instance {d.decode_instance} stopped heartbeating")
                 raise _Retry(f"decode instance {d.decode_instance} silent", err, frozenset({d.decode_instance}))
-            if self.record.prefill is None and not self.view.is_alive(d.prefill_instance):
+            if steady and self.record.prefill is None and not self.view.is_alive(d.prefill_instance):
                 err = NoCapacity(f"{where}: the instance stopped heartbeating")
                 raise _Retry(f"{where} silent", err, frozenset({d.prefill_instance}), local_only=remote)
             if time.monotonic() >= end:

@@ -2,12 +2,16 @@
 
 Subscribing once (``<inbox>.>``) instead of per request means the interest is known at every site
 of the supercluster before the first request, so a status published at a remote site is never
-dropped while a fresh subscription's interest is still propagating.
+dropped while a fresh subscription's interest is still propagating. What is published while the
+router's connection is coming back (its server restarted) is lost all the same: the mailbox says
+how often the connection came back and how long it has been up, so a stream asks for what it missed
+and judges heartbeats only once they had time to arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 from nats.aio.client import Client as NatsClient
@@ -26,11 +30,36 @@ class Mailbox:
     """Routes ``<prefix>.tokens.<job>`` and ``<prefix>.status.<job>`` messages to the job's queue."""
 
     def __init__(self, nc: NatsClient, bad_messages: Counter | None = None) -> None:
+        self._nc = nc
+        self._reconnects = nc.stats["reconnects"]
+        self._up_since: float | None = time.monotonic()
         self.prefix = nc.new_inbox()
         self.subject = f"{self.prefix}.>"  # what the router subscribes ``handle`` to
         self._queues: dict[str, asyncio.Queue[tuple[str, StreamItem]]] = {}
         # counted under {source="mailbox"}: the router's own counter once it passes it, else one of the mailbox's
         self.bad_messages = bad_messages or own_bad_messages("prfaas_router_bad_messages", "source")
+
+    @property
+    def connected(self) -> bool:
+        """True while the router's connection is up."""
+        return self._nc.is_connected
+
+    def reconnects(self) -> int:
+        """How many times the router's connection came back (after each, the inbox missed what was published
+        meanwhile)."""
+        return self._nc.stats["reconnects"]
+
+    def up_for_s(self) -> float:
+        """Seconds the connection has been up since it last came back (0 while it is down); seen by polling, so a
+        short outage is seen at the next call."""
+        now = time.monotonic()
+        reconnects = self._nc.stats["reconnects"]
+        if not self._nc.is_connected:
+            self._up_since = None
+            return 0.0
+        if self._up_since is None or reconnects != self._reconnects:
+            self._reconnects, self._up_since = reconnects, now
+        return now - self._up_since
 
     def tokens_subject(self, job_id: str) -> str:
         """Where the decode side sends ``job_id``'s tokens."""
