@@ -20,9 +20,9 @@ _CALIBRATION_TOKENS = 1024  # a reference instance times one prefill this long b
 KV_HELD_JOBS = 2  # the job computing and the one draining its transfer behind it
 
 
-@dataclass
+@dataclass(eq=False)
 class QueuedJob:
-    """What the queue knows of a job ahead: its uncached tokens and the cached ones they follow."""
+    """What the queue knows of a job ahead: its uncached tokens and the cached ones they follow (one per job: by identity)."""
 
     uncached_tokens: int
     cached_tokens: int = 0

@@ -64,11 +64,12 @@ async def admit(
         if existing.job.transfer_id != job.transfer_id:
             raise BadRequest(f"request {job.request_id} already runs with transfer {existing.job.transfer_id}")
         instance = existing.instance
+        queued = [i for i, q in enumerate(instance.queue) if q is existing.queued]  # none once its compute began
         return existing, PrefillAccepted(
             request_id=job.request_id,
             site=config.site,
             instance=instance.name,
-            queue_position=instance.queue.index(existing.queued),
+            queue_position=queued[0] if queued else 0,
             expected_wait_s=0.0,
             cached_blocks=0,
         )

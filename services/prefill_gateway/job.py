@@ -102,7 +102,7 @@ async def run_prefill(svc: JobContext, run: PrefillRun) -> None:
         except PrfaasError as e:
             final = ErrorReply(code=e.code, message=e.message)
         finally:
-            _dequeue(svc, run)
+            dequeue(svc, run)
         failed = isinstance(final, ErrorReply)
         svc.metrics.jobs.labels(final.code if failed else "ok").inc()
         if failed:
@@ -121,7 +121,7 @@ async def run_prefill(svc: JobContext, run: PrefillRun) -> None:
         await run.instance.events.flush()
 
 
-def _dequeue(svc: JobContext, run: PrefillRun) -> None:
+def dequeue(svc: JobContext, run: PrefillRun) -> None:
     """Take the job off its instance's queue (its compute is over, or it ended before), once."""
     with contextlib.suppress(ValueError):
         run.instance.queue.remove(run.queued)
@@ -143,7 +143,7 @@ async def _prefill_and_send(svc: JobContext, run: PrefillRun) -> PrefillFinished
     ends; what is left of the transfer drains meanwhile.
     """
     await run.instance.compute.acquire()
-    computed = _once(lambda: (run.instance.compute.release(), _dequeue(svc, run)))
+    computed = _once(lambda: (run.instance.compute.release(), dequeue(svc, run)))
     try:
         return await _compute_and_send(svc, run, computed)
     finally:

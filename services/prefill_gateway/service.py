@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Coroutine, Mapping
 
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
@@ -21,7 +21,7 @@ from libs.kvwire import KvLinks, LinkConfig
 from services.prefill_gateway.config import PrefillGatewayConfig
 from services.prefill_gateway.handlers import handle_cancel, handle_job
 from services.prefill_gateway.instance import PrefillInstance
-from services.prefill_gateway.job import JobContext, PrefillRun
+from services.prefill_gateway.job import JobContext, PrefillRun, dequeue
 from services.prefill_gateway.metrics import PrefillGatewayMetrics
 from services.prefill_gateway.senders import Senders
 
@@ -102,10 +102,16 @@ class PrefillGatewayService(BusService):
         await self.links.stop()
         await self.senders.close()
 
-    def queue(self, run: PrefillRun, coro: Awaitable[None]) -> None:
-        """Queue an accepted job on its instance and run it as an owned task."""
+    def queue(self, run: PrefillRun, coro: Coroutine[object, object, None]) -> None:
+        """Queue an accepted job on its instance and run it as an owned task, off the queue when the task ends.
+
+        A task cancelled before its first step (a job and its cancel read at once, as a resumed
+        process does) never runs its coroutine, so the task itself takes the job off the queue.
+        """
         run.instance.queue.append(run.queued)
-        self.runs.start(run.job.request_id, run, coro)
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda _: dequeue(self.job_context, run))
+        self.runs.start(run.job.request_id, run, task)
         self.metrics.queue_depth.labels(run.instance.name).set(len(run.instance.queue))
 
 
