@@ -16,7 +16,10 @@ import aiohttp
 
 from libs.bench.gateways import GatewayProcess, gateway_env
 from libs.common.bus import connect
+from libs.common.messages import DecodeFinished
 from libs.engine.simulated import _TEXT
+from services.decode_gateway.client import DecodeGatewayClient
+from services.router.lifecycle import REQUEST_ID_HEADER
 from tests.router.conftest import HTTP_TIMEOUT, router_starter, until
 from tests.router.deployment import PD
 
@@ -60,6 +63,7 @@ async def test_a_stream_across_a_nats_server_restart_completes_whole(nats_server
             async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
                 async with http.post(svc.url + "/v1/completions", json=body) as resp:
                     assert resp.status == 200
+                    request_id = resp.headers[REQUEST_ID_HEADER]
                     async for raw in resp.content:
                         line = raw.decode().strip()
                         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -74,6 +78,8 @@ async def test_a_stream_across_a_nats_server_restart_completes_whole(nats_server
                             await asyncio.to_thread(nats_server.start)
                             restarted_at = time.monotonic()
             ended_s = time.monotonic() - restarted_at
+            # what the router would have been sent again: every chunk it was sent, then the final message
+            resent = await DecodeGatewayClient(svc.nc).resend(PD, "rs-d0", request_id, 0)
     finally:
         for proc in procs:
             proc.stop(timeout_s=10)
@@ -81,3 +87,5 @@ async def test_a_stream_across_a_nats_server_restart_completes_whole(nats_server
     assert len(text) == TOKENS and text in _TEXT.decode() * (TOKENS // len(_TEXT) + 2)  # no chunk lost or repeated
     # the decode's remaining ~4 s and a reconnect; far under the token timeout a lost tail used to wait out
     assert ended_s < TOKEN_TIMEOUT_S / 2
+    assert bytes(t for c in resent.chunks for t in c.token_ids).decode() == text
+    assert isinstance(resent.final, DecodeFinished) and resent.final.completion_tokens == TOKENS
