@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+from libs.lab import nats_auth
 from libs.lab.plan import PYTHON, LabSettings, ProcessSpec, plan
 from libs.lab.topology import Topology
 
@@ -67,9 +68,15 @@ class ComposeAddresses:
         return f"/etc/prfaas/{process}.conf" if what == "conf" else "/data"
 
 
-def render(topology: Topology, *, topology_arg: str) -> dict[str, str]:
-    """File name -> text: the compose file and each NATS config, for ``topology``."""
-    specs = plan(topology, ComposeAddresses(), LabSettings(otlp_endpoint=OTLP_ENDPOINT))
+def render(topology: Topology, *, topology_arg: str, nats_users: bool = False) -> dict[str, str]:
+    """File name -> text: the compose file and each NATS config, for ``topology``.
+
+    ``nats_users``: NATS authorization as in the native lab (``libs.lab.nats_auth``), each user's password
+    from the compose variable ``PRFAAS_NATS_<USER>_PASSWORD``, which compose then requires.
+    """
+    passwords = {user: _password_reference(user) for user in nats_auth.role_permissions([])} if nats_users else {}
+    settings = LabSettings(otlp_endpoint=OTLP_ENDPOINT, nats_passwords=passwords)
+    specs = plan(topology, ComposeAddresses(), settings)
     files: dict[str, str] = {}
     services: dict[str, dict] = {}
     published: dict[str, int] = {}
@@ -77,6 +84,7 @@ def render(topology: Topology, *, topology_arg: str) -> dict[str, str]:
     for spec in specs:
         host_port = _next_host_port(spec.role, published)
         services[spec.name] = _service(spec, files, host_port)
+        _keep_references(services[spec.name].get("environment", {}), passwords.values())
         if spec.role == "router" and topology.router.api_key:  # compose substitutes the key; the router hashes it
             services[spec.name]["environment"]["ROUTER_API_KEYS"] = API_KEY_VARIABLE
         if host_port is not None:
@@ -95,6 +103,20 @@ def render(topology: Topology, *, topology_arg: str) -> dict[str, str]:
     )
     files[COMPOSE_FILE] = header + _yaml({"services": services})
     return files
+
+
+def _password_reference(user: str) -> str:
+    """The compose variable holding ``user``'s NATS password, required once NATS users are on."""
+    variable = nats_auth.password_variable(user)
+    return f"${{{variable}:?set {variable}: this project has NATS users}}"
+
+
+def _keep_references(environment: dict[str, str], references) -> None:
+    """Undo the escaping of ``references`` (compose variables) in ``environment``'s values, so compose fills them in."""
+    for key, value in environment.items():
+        for reference in references:
+            value = value.replace(reference.replace("$", "$$"), reference)
+        environment[key] = value
 
 
 def _reaches(spec: ProcessSpec, host_port: int) -> str:

@@ -98,7 +98,7 @@ def role_permissions(sites: list[str]) -> dict[str, Permissions]:
                 *_consumers(subjects.KV_EVENTS_STREAM),
                 f"$JS.ACK.{subjects.KV_EVENTS_STREAM}.>",
             ),
-            subscribe=(subjects.KV_LOOKUP, subjects.LOAD_ALL, INBOX),
+            subscribe=(subjects.KV_LOOKUP, subjects.LOAD_ALL, f"{P}.kv.snapshot_request.>", INBOX),  # + the bridge's
             responses=True,
         ),
         "analytics": Permissions(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from libs.common import subjects
+from libs.lab import nats_auth
 from libs.lab.topology import Cluster, InstanceGroup, Topology, instance_names
 
 Role = Literal["nats", "redis", "wan", "kv_index", "prefill_gateway", "decode_gateway", "router"]
@@ -90,6 +91,14 @@ class LabSettings:
     api_key: str | None = None
     log_level: str = "INFO"
     otlp_endpoint: str = ""  # OTEL_EXPORTER_OTLP_ENDPOINT for every service ("": inherited / none)
+    nats_passwords: Mapping[str, str] = field(default_factory=dict)  # NATS user -> password (empty: no authorization)
+    secrets_dir: str | None = None  # services read `<user>.password` there (None: the password itself is in env)
+    tls_dir: str | None = None  # the lab CA and a certificate per NATS server and gateway (None: no TLS between sites)
+
+
+def cert_files(tls_dir: str, holder: str) -> tuple[str, str, str]:
+    """Certificate, key and CA paths of ``holder`` in ``tls_dir`` (``libs.common.pki.CertificateAuthority.issue``'s)."""
+    return f"{tls_dir}/{holder}.pem", f"{tls_dir}/{holder}-key.pem", f"{tls_dir}/ca.pem"
 
 
 def nats_name(site: str) -> str:
@@ -156,6 +165,19 @@ class _Planner:
     def nats_url(self, site: str) -> str:
         name = nats_name(site)
         return f"nats://{self.a.host(name)}:{self.a.port(name, 'client')}"
+
+    def probe_url(self, site: str) -> str:
+        """``site``'s NATS URL for the lab's readiness probes (as the ``lab`` user)."""
+        name = nats_name(site)
+        return nats_auth.client_url(self.a.host(name), self.a.port(name, "client"), self.s.nats_passwords)
+
+    def nats_login(self, user: str) -> dict[str, str]:
+        """The env (unprefixed) a service needs to log in as ``user``: none without authorization."""
+        if not self.s.nats_passwords:
+            return {}
+        if self.s.secrets_dir is None:
+            return {"NATS_USER": user, "NATS_PASSWORD": self.s.nats_passwords[user]}
+        return {"NATS_USER": user, "NATS_PASSWORD_FILE": str(nats_auth.password_file(self.s.secrets_dir, user))}
 
     def _relay_of(self, a: str, b: str) -> str:
         link = self.t.link(a, b)
@@ -232,6 +254,12 @@ class _Planner:
             f"cluster {{ name: {site}, listen: {self.a.bind(name)}:{ports['cluster']}, "
             f"routes: [nats-route://{self.a.host(name)}:{ports['cluster']}] }}",
         ]
+        env = {}
+        if self.s.nats_passwords:
+            permissions = nats_auth.role_permissions(self.site_names)
+            lines += ["# One user per role, each limited to its subjects; passwords come from the environment."]
+            lines += nats_auth.authorization_block({user: permissions[user] for user in self.s.nats_passwords})
+            env = nats_auth.server_env(self.s.nats_passwords)
         if others:
             remotes = []
             for other in others:
@@ -246,6 +274,7 @@ class _Planner:
                 f"  name: {site}",
                 f"  listen: {self.a.bind(name)}:{ports['gateway']}",
                 f'  advertise: "{adv_host}:{adv_port}"',
+                *(nats_auth.gateway_tls_lines(*cert_files(self.s.tls_dir, name)) if self.s.tls_dir else []),
                 "  gateways: [",
                 *remotes,
                 "  ]",
@@ -257,7 +286,7 @@ class _Planner:
             name,
             "nats",
             ("nats-server", "-c", conf),
-            {},
+            env,
             site,
             site,
             Ready("nats", monitor, tuple(others)),
@@ -303,6 +332,7 @@ class _Planner:
             "KV_INDEX_BLOCK_SIZE": str(self.t.block_size),
             "KV_INDEX_LOG_LEVEL": self.s.log_level,
         }
+        env |= {f"KV_INDEX_{k}": v for k, v in self.nats_login("kv_index").items()}
         return ProcessSpec(
             "kv-index",
             "kv_index",
@@ -310,7 +340,7 @@ class _Planner:
             env,
             site,
             site,
-            Ready("reply", self.nats_url(site), (subjects.KV_LOOKUP,)),
+            Ready("reply", self.probe_url(site), (subjects.KV_LOOKUP,)),
             after=(*map(nats_name, self.site_names), "redis"),
         )
 
@@ -328,6 +358,11 @@ class _Planner:
             "DRAIN_TIMEOUT_S": _num(DRAIN_TIMEOUT_S),
             "LOG_LEVEL": self.s.log_level,
         }
+        env |= self.nats_login(f"{g.role}_gateway")
+        if self.s.tls_dir:  # direct-TCP KV between sites: this gateway's certificate, trusting the lab CA
+            env |= dict(
+                zip(("KV_TLS_CERT", "KV_TLS_KEY", "KV_TLS_CA"), cert_files(self.s.tls_dir, g.name), strict=True)
+            )
         ports: dict[str, int] = {}
         if g.role == "prefill":
             env["INSTANCES"] = ",".join(g.instances)
@@ -357,7 +392,7 @@ class _Planner:
             env,
             g.site,
             g.site,
-            Ready("heartbeats", self.nats_url(g.site), heartbeats),
+            Ready("heartbeats", self.probe_url(g.site), heartbeats),
             after=(*map(nats_name, self.site_names), "kv-index"),
             ports=ports,
         )
@@ -381,6 +416,7 @@ class _Planner:
             "ROUTER_LINK_CAPACITIES": ",".join(capacities),
             "ROUTER_LOG_LEVEL": self.s.log_level,
         }
+        env |= {f"ROUTER_{k}": v for k, v in self.nats_login("router").items()}
         if self.s.api_key:
             env["ROUTER_API_KEYS"] = self.s.api_key
         gws = tuple(g.name for g in gateways(self.t))

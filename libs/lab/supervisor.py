@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.common.errors import UpstreamTimeout
+from libs.lab import nats_auth
 from libs.lab.plan import PYTHON, LabSettings, ProcessSpec, plan, router_name
 from libs.lab.readiness import Probes
 from libs.lab.runstate import start_ticks, write_status
@@ -198,7 +199,7 @@ class Lab:
             "sites": {
                 s.site: {
                     "name": s.site,
-                    "nats_url": f"nats://{_LOCAL}:{s.ports['client']}",
+                    "nats_url": nats_auth.client_url(_LOCAL, s.ports["client"], self.settings.nats_passwords),
                     "monitor_url": f"http://{_LOCAL}:{s.ports['monitor']}",
                 }
                 for s in by_role.get("nats", [])

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from libs.common.errors import ConfigError, UpstreamTimeout
 from libs.common.hashing import DEFAULT_BLOCK_SIZE
+from libs.common.pki import CertificateAuthority
 from libs.common.telemetry import setup_logging
 from libs.engine.profiles import model_profile
+from libs.lab import nats_auth
 from libs.lab.plan import LabSettings
 from libs.lab.runstate import STATUS, SUPERVISOR_LOG, default_run_dir, read_status, running_status
 from libs.lab.supervisor import Lab
@@ -38,6 +40,9 @@ DEMO_PREFIX_TEXT = ChatTemplate(PLAIN_TEMPLATE).render(
 )
 _BASH_ESCAPES = {"\n": "\\n", "\t": "\\t", "\\": "\\\\", "'": "\\'"}  # inside bash's $'...'
 _DETACH_GRACE_S = 15.0  # a detached supervisor gets this long beyond the readiness deadline
+SECRETS = "secrets"  # the run's NATS passwords, one file per user (0600)
+TLS = "tls"  # the run's CA and a certificate per NATS server and gateway
+_TLS_ROLES = ("nats", "prefill_gateway", "decode_gateway")  # what speaks TLS to another site
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -57,10 +62,17 @@ def run_up(args: argparse.Namespace) -> int:
         return 0
     _clear(run_dir, keep=(SUPERVISOR_LOG,))
     setup_logging(args.log_level)
+    passwords = nats_auth.new_passwords(list(nats_auth.role_permissions([])))
+    nats_auth.write_password_files(run_dir / SECRETS, passwords)
     settings = LabSettings(
-        api_key=secrets.token_urlsafe(24) if topology.router.api_key else None, log_level=args.log_level
+        api_key=secrets.token_urlsafe(24) if topology.router.api_key else None,
+        log_level=args.log_level,
+        nats_passwords=passwords,
+        secrets_dir=str(run_dir / SECRETS),
+        tls_dir=str(run_dir / TLS),
     )
     lab = Lab(topology, run_dir, settings)
+    _issue_certificates(run_dir / TLS, lab)
     lab.prepare()
     print(
         f"starting lab {topology.name!r} ({len(lab.specs)} processes, logs in {run_dir / 'logs'}) ...",
@@ -228,9 +240,18 @@ def _bash_quote(text: str) -> str:
     return "$'" + "".join(_BASH_ESCAPES.get(c, c if c.isprintable() else f"\\U{ord(c):08x}") for c in text) + "'"
 
 
+def _issue_certificates(directory: Path, lab: Lab) -> None:
+    """A new CA in ``directory`` and a certificate for each process that speaks TLS to another site (all on loopback)."""
+    ca = CertificateAuthority(directory)
+    for spec in lab.specs:
+        if spec.role in _TLS_ROLES:
+            ca.issue(spec.name, ["127.0.0.1", "localhost"])
+
+
 def _clear(run_dir: Path, keep: tuple[str, ...]) -> None:
-    """Empty the run directory (create it if needed), keeping the names in ``keep``."""
+    """Empty the run directory (create it if needed, readable by its owner only), keeping the names in ``keep``."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)
     for entry in run_dir.iterdir():
         if entry.name in keep:
             continue

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -115,10 +116,10 @@ def _link_cli(lab: dict):
 
 
 def test_status_names_the_endpoints_and_every_process(lab: dict) -> None:
-    """status --json: router URL, each site's NATS URL, no API key, the run dir, every process alive."""
+    """status --json: router URL, each site's NATS URL (as the lab's tools' user), no API key, the run dir, every process alive."""
     assert lab["router_url"].startswith("http://127.0.0.1:")
     assert set(lab["sites"]) == {"dc-a", "dc-b"}
-    assert all(site["nats_url"].startswith("nats://127.0.0.1:") for site in lab["sites"].values())
+    assert all(re.match(r"nats://lab:[\w-]+@127\.0\.0\.1:\d+$", site["nats_url"]) for site in lab["sites"].values())
     assert lab["api_key"] is None and Path(lab["run_dir"]).is_dir()
     roles = sorted(p["role"] for p in lab["processes"])
     assert roles == sorted(

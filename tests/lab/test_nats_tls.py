@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 
 import nats
 import pytest
@@ -15,18 +14,13 @@ from libs.common.bus import settle
 from libs.common.pki import CertFiles, CertificateAuthority
 from libs.lab.servers import NatsServer, Supercluster
 
-SITES = ["dc-a", "dc-b"]
 DEADLINE_S = 15.0  # the site's TLS handshake timeout is 3 s (a silent peer is refused after it); 5x that
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supercluster]:
-    """Two sites whose gateways speak mutually authenticated TLS (certificates of the cluster's CA)."""
-    sc = Supercluster(SITES, workdir=tmp_path_factory.mktemp("tls"), tls=True).start()
-    try:
-        yield sc
-    finally:
-        sc.stop()
+@pytest.fixture
+def cluster(secure_cluster: Supercluster) -> Supercluster:
+    """Two sites whose gateways speak mutually authenticated TLS (certificates of the cluster's CA), with users."""
+    return secure_cluster
 
 
 def _varz(server: NatsServer) -> dict:
