@@ -95,6 +95,11 @@ class StreamRepair:
         except PrfaasError as e:
             log.info("resend not answered", extra={"request_id": self.job_id, "error": f"{e.code}: {e.message}"})
             return
+        if reply.chunks or reply.final is not None:
+            log.info(
+                "tokens sent again",
+                extra={"request_id": self.job_id, "from_index": self.next_index, "chunks": len(reply.chunks)},
+            )
         self.wanted = reply.more
         self.replay.extend((TOKENS, chunk) for chunk in reply.chunks)
         if reply.final is not None:
