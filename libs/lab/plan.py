@@ -19,6 +19,7 @@ from typing import Literal, Protocol
 from libs.common import subjects
 from libs.lab import nats_auth
 from libs.lab.topology import Cluster, InstanceGroup, Topology, instance_names
+from services.router.auth import digest
 
 Role = Literal["nats", "redis", "wan", "kv_index", "prefill_gateway", "decode_gateway", "router"]
 PYTHON = "python"  # argv[0] of every Python process; the launcher substitutes the interpreter
@@ -417,8 +418,8 @@ class _Planner:
             "ROUTER_LOG_LEVEL": self.s.log_level,
         }
         env |= {f"ROUTER_{k}": v for k, v in self.nats_login("router").items()}
-        if self.s.api_key:
-            env["ROUTER_API_KEYS"] = self.s.api_key
+        if self.s.api_key:  # the router is given the key's digest; the plain key stays in the lab's status
+            env["ROUTER_API_KEY_HASHES"] = digest(self.s.api_key)
         gws = tuple(g.name for g in gateways(self.t))
         return ProcessSpec(
             name,
