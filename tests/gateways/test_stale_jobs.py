@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 
 from libs.bench.gateways import gateway_env
@@ -20,6 +21,7 @@ from libs.common.bus import connect, settle
 from libs.common.messages import InstanceLoad, JobCancel, KvDestination, PrefillJob, encode, instance_load_decoder
 from libs.engine.build import build_backend
 from libs.lab.servers import free_port
+from services.prefill_gateway.client import PrefillGatewayClient
 from services.prefill_gateway.config import PrefillGatewayConfig
 from services.prefill_gateway.service import PrefillGatewayService
 
@@ -46,6 +48,7 @@ async def gateway(nats_url: str) -> AsyncIterator[PrefillGatewayService]:
             model=MODEL,
             byte_scale=1e-2,
             time_scale=4.0,
+            drain_timeout_s=0,
         )
     )
     backend = build_backend(config.backend)
@@ -70,14 +73,14 @@ def _job(i: int, port: int) -> PrefillJob:
     )
 
 
-async def _drained(nc, timeout_s: float) -> InstanceLoad:
-    """The first heartbeat with an empty queue, within ``timeout_s``."""
+async def _drained(nc, timeout_s: float, after: float = 0.0) -> InstanceLoad:
+    """The first heartbeat with an empty queue stamped after wall time ``after``, within ``timeout_s``."""
     sub = await nc.subscribe(subjects.load(SITE, INSTANCE))
     try:
         async with asyncio.timeout(timeout_s):
             while True:
                 load = instance_load_decoder.decode((await sub.next_msg(timeout=timeout_s)).data)
-                if load.queue_depth == 0:
+                if load.queue_depth == 0 and load.ts > after:
                     return load
     finally:
         await sub.unsubscribe()
@@ -120,6 +123,24 @@ async def test_jobs_whose_cancels_were_lost_and_whose_decode_side_is_silent_leav
         # Each job ends at its own deadline, counted from its receipt; 3x is safe on a loaded 2-core machine.
         await _drained(nc, 3 * JOB_TIMEOUT_S)
         assert time.monotonic() - started < 3 * JOB_TIMEOUT_S
+    finally:
+        silent.close()
+        await nc.close()
+
+
+async def test_a_job_resent_after_its_compute_ended_is_accepted_again(nats_url, gateway):
+    """A resend of a job held past its compute (its transfer unanswered) gets its acceptance, not an error."""
+    nc = await connect(nats_url, name="stale-caller")
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        await settle(nc)
+        client = PrefillGatewayClient(nc, timeout_s=5.0)
+        job = msgspec.structs.replace(_job(0, silent.getsockname()[1]), timeout_s=30.0)
+        await client.submit(SITE, CLUSTER, job, instance=INSTANCE)
+        await _drained(nc, 3 * JOB_TIMEOUT_S, after=time.time())  # computed: off the queue, its transfer waits
+        assert gateway.runs.get(job.request_id) is not None
+        again = await client.submit(SITE, CLUSTER, job, instance=INSTANCE)
+        assert (again.instance, again.queue_position) == (INSTANCE, 0)
     finally:
         silent.close()
         await nc.close()
