@@ -71,6 +71,7 @@ from services.router.stream_repair import StreamGap, StreamRepair
 
 log = logging.getLogger(__name__)
 _RETRY_BACKOFF_S = 0.1  # per attempt, before trying an instance that refused or failed once more
+_NOT_BACK = "not listening yet after the router's connection came back"
 _LIVENESS_CHECK_S = 0.25  # while waiting on a job: how often the instances' heartbeats are checked
 tracer = trace.get_tracer(__name__)
 
@@ -270,6 +271,18 @@ class RequestRun:
         cfg = self.config
         return min(cfg.job_timeout_s, max(cfg.lease_min_s, self.lease_floor_s, cfg.lease_margin * first_kv_s))
 
+    async def _reconnecting(self, e: PrfaasError) -> bool:
+        """True when ``e`` says nobody listens while the router's own connection came back under an instance TTL ago
+        (the instance may be reconnecting still: not gone), once that TTL has passed, so the next decision sees only
+        instances heard since (a gateway's subscriptions are back before its first heartbeat)."""
+        if not isinstance(e, Unreachable):
+            return False
+        settling_s = self.config.instance_ttl_s - self.mailbox.up_for_s()
+        if settling_s <= 0:
+            return False
+        await asyncio.sleep(settling_s)
+        return True
+
     async def _reserve(self, event: DecisionEvent, placement: Placement) -> DecodeReservation:
         """The decode instance's reservation; a refusal or silence is a retry elsewhere (a bad request is final)."""
         d, p = event.decision, self.prepared
@@ -293,6 +306,8 @@ class RequestRun:
             except BadRequest:
                 raise
             except PrfaasError as e:
+                if await self._reconnecting(e):
+                    raise _Retry(f"decode instance {d.decode_instance} {_NOT_BACK}: {e.message}", e) from None
                 gone = isinstance(e, Unreachable)
                 raise _Retry(
                     f"decode instance {d.decode_instance} {'unreachable' if gone else 'refused'}: {e.code}: "
@@ -332,6 +347,8 @@ class RequestRun:
             except BadRequest:
                 raise
             except PrfaasError as e:
+                if await self._reconnecting(e):
+                    raise _Retry(f"{where} {_NOT_BACK}: {e.message}", e) from None
                 gone = isinstance(e, Unreachable)
                 if isinstance(e, UpstreamTimeout):  # unanswered: the job crosses the link to a remote site
                     placement.link_verdict(False, f"prefill job unanswered: {e.code}")

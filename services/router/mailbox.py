@@ -11,6 +11,7 @@ and judges heartbeats only once they had time to arrive.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import msgspec
@@ -32,7 +33,7 @@ class Mailbox:
     def __init__(self, nc: NatsClient, bad_messages: Counter | None = None) -> None:
         self._nc = nc
         self._reconnects = nc.stats["reconnects"]
-        self._up_since: float | None = time.monotonic()
+        self._up_since: float | None = -math.inf  # up since long enough: nothing was missed before the start
         self.prefix = nc.new_inbox()
         self.subject = f"{self.prefix}.>"  # what the router subscribes ``handle`` to
         self._queues: dict[str, asyncio.Queue[tuple[str, StreamItem]]] = {}

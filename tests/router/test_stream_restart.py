@@ -21,7 +21,8 @@ from libs.common.messages import DecodeFinished
 from libs.engine.simulated import _TEXT
 from services.decode_gateway.client import DecodeGatewayClient
 from services.router.lifecycle import REQUEST_ID_HEADER
-from tests.router.conftest import HTTP_TIMEOUT, router_starter, until
+from services.router.service import RouterService
+from tests.router.conftest import HTTP_TIMEOUT, router_config, router_starter, until
 from tests.router.deployment import PD
 
 TOKENS = 150
@@ -95,3 +96,27 @@ async def test_a_stream_across_a_nats_server_restart_completes_whole(nats_server
     assert ended_s < TOKEN_TIMEOUT_S / 2
     assert bytes(t for c in resent.chunks for t in c.token_ids).decode() == text
     assert isinstance(resent.final, DecodeFinished) and resent.final.completion_tokens == TOKENS
+
+
+async def test_a_request_as_the_router_reconnects_first_waits_for_the_gateways(nats_server, tmp_path):
+    """The router back before the gateways (their heartbeats from before the restart still fresh): a job nobody
+    answers yet is tried again once an instance TTL passed, and the request is served, not refused with a 503."""
+    procs = await _gateways(nats_server.url, tmp_path)
+    client = await connect(nats_server.url, name="router", reconnect_wait_s=0.05)  # back ~10x sooner than gateways
+    svc = RouterService(client, router_config(nats_server.url, instance_ttl_s=3.0))
+    await svc.start()
+    try:
+        await until(lambda: {"rs-l0", "rs-d0"} <= {ld.instance for ld in svc.view.alive()}, what="heartbeats")
+        await asyncio.to_thread(nats_server.stop)
+        await asyncio.to_thread(nats_server.start)
+        await until(lambda: client.is_connected and client.stats["reconnects"] == 1, what="the router reconnected")
+        body = {"model": "reference", "prompt": [7] * 128, "max_tokens": 4}
+        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+            async with http.post(svc.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["usage"]["completion_tokens"] == 4
+    finally:
+        await svc.stop()
+        await client.close()
+        for proc in procs:
+            proc.stop(timeout_s=10)
