@@ -131,6 +131,7 @@ class RouterConfig:
     max_header_bytes: int = 8190  # one header line
     max_headers: int = 128
     idle_timeout_s: float = 30.0  # a connection that has not sent a whole request head this long is closed
+    max_connections: int = 1024  # open HTTP connections; past it a new one is closed at once
     read_timeout_s: float = 30.0
     request_limits: RequestLimits = RequestLimits()  # caps on request fields that cost work
     write_timeout_s: float = 30.0  # a streaming client that takes no data this long is treated as gone
@@ -142,6 +143,7 @@ class RouterConfig:
         5.0  # each step of a stop (HTTP requests in flight, subscriptions, owned tasks) gets this long
     )
     ready_timeout_s: float = 1.0  # /readyz: how long the KV index may take to answer its probe lookup
+    ready_requires_kv_path: bool = False  # /readyz: 503 (not only "degraded") while no KV transfer can cross
     breaker: BreakerConfig = BreakerConfig()  # when a link's breaker opens and how it comes back
     settle_wait_s: float = 1.0  # after the last token: how long the outcome waits for a trailing prefill status
     log_level: str = "INFO"
@@ -230,6 +232,7 @@ class RouterConfig:
             max_header_bytes=r.int("MAX_HEADER_BYTES", d.max_header_bytes, minimum=256),
             max_headers=r.int("MAX_HEADERS", d.max_headers, minimum=8),
             idle_timeout_s=r.float("IDLE_TIMEOUT_S", d.idle_timeout_s, minimum=0.1),
+            max_connections=r.int("MAX_CONNECTIONS", d.max_connections, minimum=1),
             read_timeout_s=r.float("READ_TIMEOUT_S", d.read_timeout_s, minimum=0.01),
             write_timeout_s=r.float("WRITE_TIMEOUT_S", d.write_timeout_s, minimum=0.01),
             retry_after_s=r.int("RETRY_AFTER_S", d.retry_after_s, minimum=0),
@@ -238,6 +241,7 @@ class RouterConfig:
             connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
             stop_timeout_s=r.float("STOP_TIMEOUT_S", d.stop_timeout_s, minimum=0.1),
             ready_timeout_s=r.float("READY_TIMEOUT_S", d.ready_timeout_s, minimum=0.01),
+            ready_requires_kv_path=r.bool("READY_REQUIRES_KV_PATH", d.ready_requires_kv_path),
             settle_wait_s=r.float("SETTLE_WAIT_S", d.settle_wait_s, minimum=0.0),
             breaker=_breaker(r, d.breaker),
             request_limits=_request_limits(r, d.request_limits),

@@ -176,10 +176,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: 200 only when the bus, the KV index, a decode instance and a prefill instance answer."""
-    checks = await request.app[SERVICE].readiness()
+    """``GET /readyz``: 200 only when the bus, the KV index, a decode instance and a prefill instance answer.
+
+    The body also says whether KV can cross sites (``kv_path``); a broken path alone is 200 ``degraded``
+    (503 with ``ROUTER_READY_REQUIRES_KV_PATH``).
+    """
+    svc = request.app[SERVICE]
+    checks = await svc.readiness()
+    kv_path = svc.kv_path()
     ready = all(checks.values())
-    return _json({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)
+    status = "not ready" if not ready else "ready" if kv_path["up"] else "degraded"
+    return _json({"status": status, "checks": checks, "kv_path": kv_path}, 200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

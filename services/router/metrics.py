@@ -89,7 +89,7 @@ class RouterMetrics:
         self.cancelled = Counter("prfaas_router_cancelled", "Requests whose client went away", registry=registry)
         self.refused = Counter(
             "prfaas_router_refused",
-            "Requests refused before any work: missing_key, wrong_key, rate_limited",
+            "Requests and connections refused before any work: missing_key, wrong_key, rate_limited, too_many_connections",
             ["reason"],
             registry=registry,
         )

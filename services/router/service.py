@@ -24,6 +24,7 @@ from services.kv_index.client import KvIndexClient
 from services.prefill_gateway.client import PrefillGatewayClient
 from services.router.chat_template import load_chat_template
 from services.router.config import RouterConfig
+from services.router.connections import CappedSite
 from services.router.dispatch import DispatchContext
 from services.router.events import DecisionLog
 from services.router.handlers import handle_link_stats, handle_load
@@ -46,12 +47,9 @@ class RouterService(BusService):
         nc: NatsClient,
         config: RouterConfig,
         registry: CollectorRegistry | None = None,
-        *,
-        require_kv_path: bool = False,
     ) -> None:
         super().__init__(nc, stop_timeout_s=config.stop_timeout_s)
         self.config = config
-        self.require_kv_path = require_kv_path  # strict readiness: not ready while no KV transfer can cross
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RouterMetrics(self.registry, config)
         self.view = LiveView(
@@ -113,7 +111,9 @@ class RouterService(BusService):
             access_log=None,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        site = CappedSite(
+            self._runner, self.config.host, self.config.port, self.config.max_connections, self.metrics.refused
+        )
         await site.start()
         self.port = self._runner.addresses[0][1]
         log.info("router started", extra={"site": self.config.site, "url": self.url, "policy": self.config.policy})
@@ -140,7 +140,7 @@ class RouterService(BusService):
     async def readiness(self) -> dict[str, bool]:
         """What ``/readyz`` checks: the bus, the KV index (a lookup answered in time), live decode and prefill instances.
 
-        With ``require_kv_path``, also the cross-site KV path (``kv_path``). Without it a broken path leaves the
+        With ``ready_requires_kv_path``, also the cross-site KV path (``kv_path``). Without it a broken path leaves the
         router ready: every router of the site sees the same link, and taking them all out of a load balancer
         would stop the local serving that still works; the ``prfaas_router_kv_path_up`` gauge is what alerts.
         """
@@ -160,7 +160,7 @@ class RouterService(BusService):
             "decode_instances": decode,
             "prefill_instances": prefill,
         }
-        if self.require_kv_path:
+        if self.config.ready_requires_kv_path:
             checks["kv_path"] = self.kv_path()["up"]
         return checks
 

@@ -43,6 +43,7 @@ ROUTER = dict(
     max_headers=32,
     idle_timeout_s=1.0,
     read_timeout_s=1.0,
+    max_connections=256,  # above the slow-client test's 200 idle connections
     request_limits=LIMITS,
     reserve_timeout_s=10.0,  # generous deadlines downstream: on a loaded machine a late gateway must not be a 5xx
     accept_timeout_s=10.0,
@@ -441,4 +442,26 @@ async def test_slow_and_idle_clients_are_cut_off_while_a_request_is_served(route
     assert closed == [b""] * len(idle)
     for _, w in idle:
         w.close()
+    await assert_normal_request_served(http, router)
+
+
+async def test_connections_past_the_cap_are_closed_at_once(router, http):
+    """Past ``ROUTER_MAX_CONNECTIONS`` a new connection is closed unanswered and counted; the open ones still serve."""
+    cap = ROUTER["max_connections"]
+    held = [await asyncio.open_connection("127.0.0.1", router.port) for _ in range(cap)]
+    server = router._runner.server  # the kernel completes a handshake before the router accepts it
+    await until(lambda: len(server.connections) >= cap, 10, "every held connection accepted")
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    writer.write(request("Content-Length: 2\r\n") + b"{}")
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+    assert router.metrics.refused.labels("too_many_connections")._value.get() >= 1
+    held_reader, held_writer = held[0]
+    held_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(5):
+        assert status_of(await held_reader.read()) == 200
+    for _, w in held:
+        w.close()
+    await until(lambda: len(server.connections) < cap, 10, "held connections closed")
     await assert_normal_request_served(http, router)

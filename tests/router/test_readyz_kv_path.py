@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import aiohttp
@@ -79,16 +80,17 @@ async def _metric(http: aiohttp.ClientSession, url: str) -> str:
     return next(line for line in text.splitlines() if line.startswith("prfaas_router_kv_path_up{"))
 
 
-async def _readyz(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
+async def _readyz(http: aiohttp.ClientSession, url: str) -> tuple[int, str, dict]:
     async with http.get(url + "/readyz") as r:
-        return r.status, (await r.json())["checks"]
+        body = await r.json()
+        return r.status, body["status"], body["checks"]
 
 
 async def test_gauge_and_strict_readiness_follow_the_kv_path(nats_url, nc, kv_index):
-    """No LinkStats: kv_path_up 0 and a strict router not ready (a default one stays ready); LinkStats: 1 and ready."""
+    """No LinkStats: kv_path_up 0, a strict router not ready, a default one "degraded"; LinkStats: 1 and ready."""
     config = router_config(nats_url, link_capacities={(PRFAAS, PD): 10.0})
     clients = [await connect(nats_url, name=f"router-{i}") for i in range(2)]
-    strict = RouterService(clients[0], config, require_kv_path=True)
+    strict = RouterService(clients[0], dataclasses.replace(config, ready_requires_kv_path=True))
     lenient = RouterService(clients[1], config)
     for svc in (strict, lenient):
         svc.view.linkstats_silence_s = SILENCE_S
@@ -99,10 +101,10 @@ async def test_gauge_and_strict_readiness_follow_the_kv_path(nats_url, nc, kv_in
             await until(lambda: not strict.kv_path()["up"], what="kv path down without LinkStats")
             await heartbeat(nc, *loads)
             await until(lambda: len(strict.view.alive()) == len(lenient.view.alive()) == 2, what="heartbeats")
-            status, checks = await _readyz(http, strict.url)
-            assert status == 503 and checks["kv_path"] is False and checks["decode_instances"]
-            status, checks = await _readyz(http, lenient.url)
-            assert status == 200 and "kv_path" not in checks
+            status, word, checks = await _readyz(http, strict.url)
+            assert status == 503 and word == "not ready" and checks["kv_path"] is False and checks["decode_instances"]
+            status, word, checks = await _readyz(http, lenient.url)
+            assert status == 200 and word == "degraded" and "kv_path" not in checks
             assert (
                 await _metric(http, lenient.url)
                 == f'prfaas_router_kv_path_up{{dst_site="{PD}",src_site="{PRFAAS}"}} 0.0'
@@ -112,8 +114,9 @@ async def test_gauge_and_strict_readiness_follow_the_kv_path(nats_url, nc, kv_in
             await heartbeat(nc, *loads)
             await settle(nc)
             await until(lambda: strict.kv_path()["up"], what="kv path up after LinkStats")
-            status, checks = await _readyz(http, strict.url)
-            assert status == 200 and checks["kv_path"] is True
+            status, word, checks = await _readyz(http, strict.url)
+            assert status == 200 and word == "ready" and checks["kv_path"] is True
+            assert (await _readyz(http, lenient.url))[:2] == (200, "ready")
             assert (await _metric(http, strict.url)).endswith(" 1.0")
     finally:
         for svc, client in zip((strict, lenient), clients, strict=True):
