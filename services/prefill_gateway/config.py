@@ -65,6 +65,7 @@ class PrefillGatewayConfig:
     abort_timeout_s: float = 2.0  # telling a receiver to drop a transfer
     link_stats_s: float = 1.0
     heartbeat_s: float = 0.5
+    suspended_s: float = 5.0  # the process did not run this long (stopped): jobs received before end (0: never)
     drain_timeout_s: float = 30.0  # on SIGTERM: jobs in flight get this long to finish
     connect_timeout_s: float = 5.0
     stop_timeout_s: float = 5.0  # each step of a stop (subscriptions, owned tasks, the final flush) gets this long
@@ -106,6 +107,7 @@ class PrefillGatewayConfig:
             abort_timeout_s=r.float("ABORT_TIMEOUT_S", d.abort_timeout_s, minimum=0.01),
             link_stats_s=r.float("LINK_STATS_S", d.link_stats_s, minimum=0.01),
             heartbeat_s=r.float("HEARTBEAT_S", d.heartbeat_s, minimum=0.01),
+            suspended_s=r.float("SUSPENDED_S", d.suspended_s, minimum=0.0),
             drain_timeout_s=r.float("DRAIN_TIMEOUT_S", d.drain_timeout_s, minimum=0.0),
             connect_timeout_s=r.float("CONNECT_TIMEOUT_S", d.connect_timeout_s, minimum=0.1),
             stop_timeout_s=r.float("STOP_TIMEOUT_S", d.stop_timeout_s, minimum=0.1),

@@ -24,6 +24,7 @@ from services.prefill_gateway.instance import PrefillInstance
 from services.prefill_gateway.job import JobContext, PrefillRun, dequeue
 from services.prefill_gateway.metrics import PrefillGatewayMetrics
 from services.prefill_gateway.senders import Senders
+from services.prefill_gateway.suspension import end_held_jobs, watch_suspensions
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class PrefillGatewayService(BusService):
             )
             self.spawn(heartbeat(self.nc, subjects.load(cfg.site, name), instance.load, cfg.heartbeat_s))
         await self.subscribe(subjects.JOB_CANCEL, functools.partial(handle_cancel, self))
+        if cfg.suspended_s > 0:
+            held = functools.partial(end_held_jobs, self.runs)
+            self.spawn(watch_suspensions(min(cfg.heartbeat_s, cfg.suspended_s / 4), cfg.suspended_s, held))
         log.info(
             "prefill gateway started",
             extra={

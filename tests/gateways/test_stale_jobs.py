@@ -18,11 +18,20 @@ import pytest
 from libs.bench.gateways import gateway_env
 from libs.common import subjects
 from libs.common.bus import connect, settle
-from libs.common.messages import InstanceLoad, JobCancel, KvDestination, PrefillJob, encode, instance_load_decoder
+from libs.common.messages import (
+    InstanceLoad,
+    JobCancel,
+    KvDestination,
+    PrefillJob,
+    encode,
+    instance_load_decoder,
+    prefill_status_decoder,
+)
 from libs.engine.build import build_backend
 from libs.lab.servers import free_port
 from services.prefill_gateway.client import PrefillGatewayClient
 from services.prefill_gateway.config import PrefillGatewayConfig
+from services.prefill_gateway.job import CANCELLED
 from services.prefill_gateway.service import PrefillGatewayService
 
 SITE, CLUSTER, INSTANCE = "dc-prfaas", "stale", "stale-p0"
@@ -31,6 +40,7 @@ JOBS = 4
 PROMPT = list(range(4096))
 SUSPENDED_S = 0.3  # the gateway's loop is blocked this long: every job and cancel is in its socket when it resumes
 JOB_TIMEOUT_S = 2.0
+SUSPENSION_LIMIT_S = 1.0  # the gateway's PREFILL_GATEWAY_SUSPENDED_S: over 3x the suspension above
 
 
 @pytest.fixture
@@ -49,6 +59,7 @@ async def gateway(nats_url: str) -> AsyncIterator[PrefillGatewayService]:
             byte_scale=1e-2,
             time_scale=4.0,
             drain_timeout_s=0,
+            suspended_s=SUSPENSION_LIMIT_S,
         )
     )
     backend = build_backend(config.backend)
@@ -142,5 +153,31 @@ async def test_a_job_resent_after_its_compute_ended_is_accepted_again(nats_url, 
         again = await client.submit(SITE, CLUSTER, job, instance=INSTANCE)
         assert (again.instance, again.queue_position) == (INSTANCE, 0)
     finally:
+        silent.close()
+        await nc.close()
+
+
+async def test_a_gateway_suspended_past_its_limit_ends_the_jobs_it_held(nats_url, gateway):
+    """Jobs held through a suspension longer than ``SUSPENDED_S`` end (``cancelled``) on resuming, not at their deadline."""
+    nc = await connect(nats_url, name="stale-caller")
+    silent = socket.create_server(("127.0.0.1", 0))
+    statuses = await nc.subscribe("stale.status.*")
+    try:
+        await settle(nc)
+        client = PrefillGatewayClient(nc, timeout_s=5.0)
+        for i in range(JOBS):
+            job = msgspec.structs.replace(
+                _job(i, silent.getsockname()[1]), timeout_s=60.0, status_subject=f"stale.status.{i}"
+            )
+            await client.submit(SITE, CLUSTER, job, instance=INSTANCE)
+        time.sleep(2 * SUSPENSION_LIMIT_S)  # noqa: ASYNC251 -- the gateway's loop does not run: a stopped process
+        resumed = time.time()
+        # Ended as the loop runs again; the bound is far below the jobs' 60 s deadline and 3x safe.
+        await _drained(nc, 3 * JOB_TIMEOUT_S, after=resumed)
+        async with asyncio.timeout(3 * JOB_TIMEOUT_S):
+            codes = [prefill_status_decoder.decode((await statuses.next_msg()).data).code for _ in range(JOBS)]
+        assert codes == [CANCELLED] * JOBS
+    finally:
+        await statuses.unsubscribe()
         silent.close()
         await nc.close()
