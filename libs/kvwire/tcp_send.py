@@ -41,7 +41,7 @@ from libs.kvwire.format import DEFAULT_CHUNK_BYTES, frame, held_map
 from libs.kvwire.link import Link
 from libs.kvwire.pool import ConnectionPool, PooledConnection
 from libs.kvwire.sender import Destination, MissingChunks, OutChunk, StaleConnection, TransportBroken
-from libs.kvwire.sockets import Stream, send_all, tcp_retransmits
+from libs.kvwire.sockets import Stream, TlsStream, send_all, set_deadline, tcp_retransmits
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ class TcpTransport:
     def _abort(self, transfer_id: str, dest: Destination, reason: str) -> None:
         try:
             (stream,) = self.pool.connect((dest.host, dest.port), 1)
+            # Within the connect's deadline, not a transfer's: a silent receiver must not hold a worker thread long.
+            set_deadline(stream.sock if isinstance(stream, TlsStream) else stream, self.config.connect_timeout_s)
             try:
                 stream.sendall(frame(encode(KvAbort(transfer_id=transfer_id, reason=reason))))
                 stream.recv_into(memoryview(bytearray(1)))  # the receiver closes once the transfer is dropped

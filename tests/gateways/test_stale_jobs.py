@@ -18,6 +18,7 @@ import pytest
 from libs.bench.gateways import gateway_env
 from libs.common import subjects
 from libs.common.bus import connect, settle
+from libs.common.errors import TransferFailed
 from libs.common.messages import (
     InstanceLoad,
     JobCancel,
@@ -28,6 +29,8 @@ from libs.common.messages import (
     prefill_status_decoder,
 )
 from libs.engine.build import build_backend
+from libs.kvwire import Destination, TcpTransport
+from libs.kvwire.tcp_send import TcpConfig
 from libs.lab.servers import free_port
 from services.prefill_gateway.client import PrefillGatewayClient
 from services.prefill_gateway.config import PrefillGatewayConfig
@@ -181,3 +184,17 @@ async def test_a_gateway_suspended_past_its_limit_ends_the_jobs_it_held(nats_url
         await statuses.unsubscribe()
         silent.close()
         await nc.close()
+
+
+async def test_an_abort_to_a_silent_receiver_gives_up_within_the_connect_deadline():
+    """An abort's thread waits for a receiver that never answers no longer than the connect deadline."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    transport = TcpTransport(TcpConfig(connect_timeout_s=0.5, io_timeout_s=30.0))
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransferFailed):
+            await transport.abort("stale-t0", Destination("dc-pd", "gone-d0", *silent.getsockname()[:2]), "test")
+        assert time.monotonic() - started < 3 * 0.5  # not the 30 s of a transfer's io deadline
+    finally:
+        await transport.close()
+        silent.close()
