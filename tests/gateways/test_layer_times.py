@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from libs.common.hashing import hash_list
@@ -49,9 +51,14 @@ def test_a_layer_stopped_past_its_prediction_raises_it():
 def test_a_prefill_stopped_mid_layer_teaches_the_layer_under_way():
     """A clock stopped after layer 0 finished reports layer 1 as running at least until then; a finished prefill does not."""
     times = LayerTimes(MODEL, CPU, time_scale=1e-9)  # any elapsed time is far past these predictions
+    started = time.perf_counter()
     clock = LayerClock(times, 1024, 0)
     clock.lap(0)
+    layer_0_s = time.perf_counter() - started
     linear = times.ratio[False]
+    lapped = time.perf_counter()
+    while time.perf_counter() - lapped < 2 * layer_0_s:  # layer 1 runs longer than layer 0 took (a busy host
+        pass  # may have stretched layer 0), so stopping now teaches more than layer 0 did
     clock.stop()
     assert times.ratio[False] > linear and times.ratio[True] == 1.0
     done = LayerTimes(MODEL, CPU, time_scale=1e-9)
