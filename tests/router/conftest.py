@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -19,6 +20,14 @@ from tests.kv_index.conftest import index_config, start_index
 from tests.router.deployment import PD, PRFAAS, Fleet
 
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)  # no test request waits longer for the router
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON events of a streamed answer, up to ``data: [DONE]``."""
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[len("data: ") :])
 
 
 def router_config(nats_url: str, **overrides) -> RouterConfig:

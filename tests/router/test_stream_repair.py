@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 
 import aiohttp
 
@@ -27,7 +26,7 @@ from libs.common.messages import (
     resend_tokens_decoder,
 )
 from services.decode_gateway.token_log import TokenLog
-from tests.router.conftest import HTTP_TIMEOUT, heartbeat, load
+from tests.router.conftest import HTTP_TIMEOUT, heartbeat, load, sse_events
 from tests.router.deployment import PD
 
 DECODE, PREFILL = "sr-d0", "sr-l0"
@@ -123,11 +122,7 @@ async def _stream(svc) -> tuple[str, list[dict]]:
         async with http.post(svc.url + "/v1/completions", json=body) as resp:
             if resp.status != 200:  # failed before the stream's first write
                 return text, [(await resp.json())["error"]]
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: ") :])
+            async for event in sse_events(resp):
                 if "error" in event:
                     errors.append(event["error"])
                 else:

@@ -9,7 +9,6 @@ for them again once its connection is back, instead of passing a gap or waiting 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
@@ -22,7 +21,7 @@ from libs.engine.simulated import _TEXT
 from services.decode_gateway.client import DecodeGatewayClient
 from services.router.lifecycle import REQUEST_ID_HEADER
 from services.router.service import RouterService
-from tests.router.conftest import HTTP_TIMEOUT, router_config, router_starter, until
+from tests.router.conftest import HTTP_TIMEOUT, router_config, router_starter, sse_events, until
 from tests.router.deployment import PD
 
 TOKENS = 150
@@ -69,11 +68,7 @@ async def test_a_stream_across_a_nats_server_restart_completes_whole(nats_server
                 async with http.post(svc.url + "/v1/completions", json=body) as resp:
                     assert resp.status == 200
                     request_id = resp.headers[REQUEST_ID_HEADER]
-                    async for raw in resp.content:
-                        line = raw.decode().strip()
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line[len("data: ") :])
+                    async for event in sse_events(resp):
                         if "error" in event:
                             errors.append(event["error"])
                             continue
