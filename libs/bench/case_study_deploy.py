@@ -22,9 +22,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from libs.common.errors import UpstreamTimeout
-from libs.lab.plan import LabSettings
 from libs.lab.supervisor import Lab
 from libs.lab.topology import Topology, topology_from_dict
+from libs.lab.up import secured_lab
 from libs.planner.scenarios import CONFIG_POLICIES, plans
 from libs.planner.search import PlanInputs
 from libs.planner.simulator import SimSpec
@@ -182,7 +182,7 @@ async def running(topo: Topology, run_dir: Path | None = None) -> AsyncIterator[
     """Start the lab (a second try on a fresh port plan if the first one fails), yield it, stop every process."""
     base = Path(tempfile.mkdtemp(prefix="prfaas-case-study-")) if run_dir is None else run_dir
     for attempt in range(_START_ATTEMPTS):
-        lab = Lab(topo, base / f"{topo.name}-{attempt}", LabSettings(log_level="WARNING"))
+        lab = secured_lab(topo, base / f"{topo.name}-{attempt}", "WARNING")
         lab.prepare()
         try:
             with _inherited_env(CHILD_ENV):

@@ -62,17 +62,7 @@ def run_up(args: argparse.Namespace) -> int:
         return 0
     _clear(run_dir, keep=(SUPERVISOR_LOG,))
     setup_logging(args.log_level)
-    passwords = nats_auth.new_passwords(list(nats_auth.role_permissions([])))
-    nats_auth.write_password_files(run_dir / SECRETS, passwords)
-    settings = LabSettings(
-        api_key=secrets.token_urlsafe(24) if topology.router.api_key else None,
-        log_level=args.log_level,
-        nats_passwords=passwords,
-        secrets_dir=str(run_dir / SECRETS),
-        tls_dir=str(run_dir / TLS),
-    )
-    lab = Lab(topology, run_dir, settings)
-    _issue_certificates(run_dir / TLS, lab)
+    lab = secured_lab(topology, run_dir, args.log_level)
     lab.prepare()
     print(
         f"starting lab {topology.name!r} ({len(lab.specs)} processes, logs in {run_dir / 'logs'}) ...",
@@ -238,6 +228,22 @@ def _bash_quote(text: str) -> str:
     if text.isprintable():
         return shlex.quote(text)
     return "$'" + "".join(_BASH_ESCAPES.get(c, c if c.isprintable() else f"\\U{ord(c):08x}") for c in text) + "'"
+
+
+def secured_lab(topology: Topology, run_dir: Path, log_level: str) -> Lab:
+    """The lab as ``lab up`` runs it: NATS users per role (passwords in ``run_dir/secrets``), TLS between sites."""
+    passwords = nats_auth.new_passwords(list(nats_auth.role_permissions([])))
+    nats_auth.write_password_files(run_dir / SECRETS, passwords)
+    settings = LabSettings(
+        api_key=secrets.token_urlsafe(24) if topology.router.api_key else None,
+        log_level=log_level,
+        nats_passwords=passwords,
+        secrets_dir=str(run_dir / SECRETS),
+        tls_dir=str(run_dir / TLS),
+    )
+    lab = Lab(topology, run_dir, settings)
+    _issue_certificates(run_dir / TLS, lab)
+    return lab
 
 
 def _issue_certificates(directory: Path, lab: Lab) -> None:
