@@ -33,6 +33,7 @@ OUTPUT_TOKENS = {"stream": 96, "whole": 16}  # a stream lasts ~0.5 s on the refe
 REQUEST_ID_HEADER = "x-prfaas-request-id"
 CUT = "the stream ended without [DONE] or an error event"
 _REFUSED_PAUSE_S = 0.25  # every router refused the connection: wait this long before the next round
+_CONNECTION_RETRIES = 2  # a connection cut before the answer is sent again, as the OpenAI client does
 
 
 @dataclass
@@ -175,14 +176,15 @@ class ChaosClient:
 
     async def _post(self, call: Call, body: bytes) -> None:
         n = len(self.router_urls)
-        attempt = 0
+        attempt = broken = 0
         while True:
             url = self.router_urls[(call.index + attempt) % n]
+            answered = False
             try:
                 async with self._session.post(
                     url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
                 ) as resp:
-                    call.router = url
+                    call.router, answered = url, True
                     await self._answer(call, resp)
                     return
             except aiohttp.ClientConnectorError as e:  # refused before anything was sent: the next router
@@ -192,6 +194,11 @@ class ChaosClient:
                     await asyncio.sleep(_REFUSED_PAUSE_S)
                 call.error = repr(e)
             except (aiohttp.ClientError, OSError) as e:
+                if not answered and broken < _CONNECTION_RETRIES:  # cut before the answer's head: the OpenAI
+                    broken += 1  # client sends it again (max_retries), here to the other router
+                    attempt += 1
+                    call.error = repr(e)
+                    continue
                 call.router = url
                 call.status, call.error = "error", repr(e)
                 return
