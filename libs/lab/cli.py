@@ -143,6 +143,11 @@ def add_parser(subparsers) -> None:
         "--topology", default="default", help="a shipped topology name or a .toml file (default %(default)s)"
     )
     compose.add_argument("--out", type=Path, required=True, help="directory to write into (e.g. compose/)")
+    compose.add_argument(
+        "--nats-users",
+        action="store_true",
+        help="NATS users per role as in `lab up`: each password from $PRFAAS_NATS_<USER>_PASSWORD, which compose requires",
+    )
     compose.set_defaults(func=run_compose)
 
 
@@ -224,7 +229,7 @@ def run_compose(args: argparse.Namespace) -> int:
     from libs.lab.compose import render, write
     from libs.lab.topology import load_topology
 
-    files = render(load_topology(args.topology), topology_arg=args.topology)
+    files = render(load_topology(args.topology), topology_arg=args.topology, nats_users=args.nats_users)
     for path in write(files, args.out):
         print(path)
     return 0

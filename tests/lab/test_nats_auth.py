@@ -14,12 +14,13 @@ import pytest
 import yaml
 from nats.js import api
 
+from libs.cli import main
 from libs.common import subjects
 from libs.common.bus import connect, ensure_stream, settle
 from libs.common.config import EnvReader
 from libs.common.errors import ConfigError, UpstreamTimeout
 from libs.lab import nats_auth
-from libs.lab.compose import COMPOSE_FILE, render, write
+from libs.lab.compose import COMPOSE_FILE, render
 from libs.lab.plan import LabSettings, plan
 from libs.lab.servers import Supercluster
 from libs.lab.supervisor import NativeAddresses
@@ -289,9 +290,10 @@ def test_the_lab_plan_logs_every_service_in_as_its_role_and_writes_no_password(t
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
 def test_the_compose_project_with_nats_users_takes_every_password_from_its_variable(tmp_path: Path) -> None:
-    """`render(nats_users=True)`: compose requires PRFAAS_NATS_<USER>_PASSWORD and puts it where the lab would."""
-    files = render(load_topology("default"), topology_arg="default", nats_users=True)
-    write(files, tmp_path)
+    """`prfaas lab compose --nats-users`: compose requires PRFAAS_NATS_<USER>_PASSWORD and puts it where the lab would."""
+    assert main(["lab", "compose", "--nats-users", "--out", str(tmp_path)]) == 0
+    files = {path.name: path.read_text() for path in tmp_path.iterdir() if path.is_file()}
+    assert files == render(load_topology("default"), topology_arg="default", nats_users=True)
     passwords = nats_auth.new_passwords(list(nats_auth.role_permissions([])))
     variables = {nats_auth.password_variable(user): pw for user, pw in passwords.items()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRFAAS_")} | variables
