@@ -9,11 +9,13 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from libs.common.errors import PrfaasError
+from libs.common.service import end_leftovers
 from libs.common.telemetry import setup_logging, setup_tracing
 
 
 class _ServiceConfig(Protocol):
     log_level: str
+    stop_timeout_s: float
 
 
 C = TypeVar("C", bound=_ServiceConfig)
@@ -42,4 +44,15 @@ async def _until_signalled(serve: Callable[[C, asyncio.Event], Awaitable[None]],
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await serve(config, stop)
+    await serve_to_the_end(serve, config, stop)
+
+
+async def serve_to_the_end(
+    serve: Callable[[C, asyncio.Event], Awaitable[None]], config: C, stop: asyncio.Event
+) -> None:
+    """``serve(config, stop)``, then every task it started ended (the NATS client's too), within the stop timeout."""
+    before = asyncio.all_tasks()
+    try:
+        await serve(config, stop)
+    finally:
+        await end_leftovers(before, config.stop_timeout_s)

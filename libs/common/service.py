@@ -130,8 +130,22 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task], timeout_s: float | None
     return len(pending)
 
 
+async def end_leftovers(before: set[asyncio.Task], timeout_s: float) -> None:
+    """Cancel what is left of the tasks started since ``before``, again while one ignores it, within ``timeout_s``.
+
+    With its server gone a NATS client redials in a loop that can lose a cancellation (``asyncio.wait_for`` around
+    its connect swallows one arriving as the connect ends, Python 3.11); ``asyncio.run`` cancels each task once at
+    exit and would wait on it forever, so the process would not exit on SIGTERM.
+    """
+    leftovers = asyncio.all_tasks() - before - {asyncio.current_task()}
+    stuck = await cancel_and_wait(leftovers, timeout_s)
+    if stuck:
+        log.warning("tasks still running at exit", extra={"tasks": stuck})
+
+
 async def serve(service: BusService, stop: asyncio.Event, *, metrics_port: int, registry: CollectorRegistry) -> None:
-    """Run ``service`` (its Prometheus endpoint on ``metrics_port`` unless 0) until ``stop`` is set, then drain its connection."""
+    """Run ``service`` (its Prometheus endpoint on ``metrics_port`` unless 0) until ``stop`` is set, then drain its
+    connection (closed within the stop timeout if the drain fails, e.g. with the server gone)."""
     if metrics_port:
         start_metrics_server(metrics_port, registry=registry)
     try:
@@ -140,6 +154,10 @@ async def serve(service: BusService, stop: asyncio.Event, *, metrics_port: int, 
     finally:
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await service.nc.drain()
+        if not service.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                async with asyncio.timeout(service.stop_timeout_s):
+                    await service.nc.close()
 
 
 async def heartbeat(nc: NatsClient, subject: str, make: Callable[[], msgspec.Struct], every_s: float) -> None:

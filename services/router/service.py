@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import logging
 import time
 
-import nats.errors
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
@@ -18,7 +16,7 @@ from libs.common import subjects
 from libs.common.bus import connect
 from libs.common.entrypoint import run_service
 from libs.common.errors import PrfaasError
-from libs.common.service import BusService, cancel_and_wait, serve
+from libs.common.service import BusService, serve
 from services.decode_gateway.client import DecodeGatewayClient
 from services.kv_index.client import KvIndexClient
 from services.prefill_gateway.client import PrefillGatewayClient
@@ -166,31 +164,11 @@ class RouterService(BusService):
 
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
-    """Connect, serve until ``stop`` is set, then drain; end every task started meanwhile (the NATS client's too)."""
-    before = asyncio.all_tasks()
+    """Connect, serve until ``stop`` is set, then drain."""
     nc = await connect(config.nats_url, name=f"router-{config.router_id}", connect_timeout_s=config.connect_timeout_s)
     service = RouterService(nc, config)
     gc.freeze()  # what start-up made (tokenizer, template, policy) lives as long as the process: collections skip it
-    try:
-        await serve(service, stop, metrics_port=0, registry=service.registry)  # /metrics is on the router's own port
-    finally:
-        await _end_leftovers(nc, before, config.stop_timeout_s)
-
-
-async def _end_leftovers(nc: NatsClient, before: set[asyncio.Task], timeout_s: float) -> None:
-    """Close the NATS client and cancel what is left of the tasks started since ``before``, again while one ignores it.
-
-    With its server gone the client redials in a loop that can lose a cancellation (``asyncio.wait_for`` around its
-    connect swallows one arriving as the connect ends, Python 3.11) and goes on forever: ``asyncio.run`` cancels each
-    task once at exit and then waited on it, so the router never exited on SIGTERM.
-    """
-    with contextlib.suppress(nats.errors.Error, TimeoutError):
-        async with asyncio.timeout(timeout_s):
-            await nc.close()
-    leftovers = asyncio.all_tasks() - before - {asyncio.current_task()}
-    stuck = await cancel_and_wait(leftovers, timeout_s)
-    if stuck:
-        log.warning("tasks still running at exit", extra={"tasks": stuck})
+    await serve(service, stop, metrics_port=0, registry=service.registry)  # /metrics is on the router's own port
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
-"""The router's ``run`` ends every task started while it ran, a task that swallows a cancellation included (the NATS
+"""A service's ``run``, served as ``main()`` serves it, ends every task started while it ran, a task that swallows a cancellation included (the NATS
 client's redial loop does, its server gone), so ``asyncio.run`` does not wait on one forever at exit."""
 
 from __future__ import annotations
 
 import asyncio
 
+from libs.common.entrypoint import serve_to_the_end
 from services.router.service import run
 from tests.router.conftest import router_config, until
 
@@ -24,7 +25,7 @@ async def test_run_ends_a_task_that_swallowed_its_cancellation(nats_url):
     """Stopped, run returns with the stubborn task ended (cancelled again), within its stop timeout."""
     stop = asyncio.Event()
     before = len(asyncio.all_tasks())
-    runner = asyncio.ensure_future(run(router_config(nats_url, stop_timeout_s=5.0), stop))
+    runner = asyncio.ensure_future(serve_to_the_end(run, router_config(nats_url, stop_timeout_s=5.0), stop))
     await until(lambda: len(asyncio.all_tasks()) > before + 3, timeout_s=20, what="router started")  # NATS, HTTP
     swallowed: list[int] = []
     stubborn = asyncio.ensure_future(_redials(swallowed))
